@@ -9,9 +9,8 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from engine.errors import ModelConfigError
 
-class ModelConfigError(ValueError):
-    """A model directory or config that is not a usable OPT model."""
 
 
 @dataclass(frozen=True, kw_only=True)

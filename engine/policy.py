@@ -9,9 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from engine.errors import PolicyError
 
-class PolicyError(ValueError):
-    """A policy that cannot be run (bad percents, bad batch sizes)."""
 
 
 @dataclass(frozen=True, kw_only=True)

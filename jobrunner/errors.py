@@ -1,0 +1,7 @@
+"""Errors a user can fix, shown by the CLI as one line plus a hint (the traceback only with --debug)."""
+
+
+class UserError(Exception):
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint
