@@ -1,10 +1,10 @@
 """`flexjob make-model`: a random-weight OPT of any published size, as a normal HF model directory.
 
 Weights are seeded and written shard by shard (a few layers at a time), so sizes larger than RAM
-never sit whole in memory. Initialisation follows OPT's (normal, std 0.02) with two changes that
-make greedy comparisons meaningful: LayerNorm gains and biases are perturbed (so those code paths
-are exercised), and the final LayerNorm gain is raised so top-1 logit margins sit far above float
-noise.
+never sit whole in memory. Initialisation is normal, like OPT's, with changes that make greedy comparisons meaningful: the
+decoder's matrices are scaled by fan-in so attention and MLP both shape the output (a bug in the
+KV cache changes the tokens), LayerNorm gains and biases are perturbed (so those code paths are
+exercised), and the final LayerNorm gain is raised so top-1 logit margins sit far above float noise.
 """
 from __future__ import annotations
 
@@ -49,6 +49,11 @@ def layer_tensor_shapes(cfg: OPTConfig) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def _random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    if name.endswith(".weight") and len(shape) == 2 and "layers." in name:
+        # Scaled by fan-in so every layer matters: peaked attention (q.k ~ 2 std) and attention
+        # and MLP outputs of unit scale; with OPT's flat 0.02 the residual stream ignores attention.
+        gain = 1.5 if ("q_proj" in name or "k_proj" in name) else 1.0
+        return gain / shape[1] ** 0.5 * torch.randn(shape, generator=gen)
     if name.endswith("layer_norm.weight"):
         gain = FINAL_LN_GAIN if name == "model.decoder.final_layer_norm.weight" else 1.0
         return gain * (1.0 + 0.1 * torch.randn(shape, generator=gen))

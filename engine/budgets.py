@@ -1,0 +1,140 @@
+"""Memory budgets: what a policy needs per tier, checked before anything is allocated, and the
+measured peak (process RSS sampled while generating; the CUDA allocator's peak).
+
+On a host without CUDA the GPU tier is RAM, so everything counts against the CPU budget (and the
+GPU budget is not used). The CPU figure includes the process as it already is (Python, torch,
+tokenizer), because `--cpu-mem` is a promise about the whole process's resident memory.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from engine.errors import BudgetError
+from engine.model_config import OPTConfig
+from engine.placement import slot_tier
+from engine.policy import Policy
+from engine.tiers import Tier
+from engine.weights import WeightStore
+
+GIB = 1024**3
+
+
+@dataclass
+class MemoryEstimate:
+    gpu: dict[str, int]
+    cpu: dict[str, int]
+
+    @property
+    def gpu_total(self) -> int:
+        return sum(self.gpu.values())
+
+    @property
+    def cpu_total(self) -> int:
+        return sum(self.cpu.values())
+
+
+def estimate_memory(cfg: OPTConfig, store: WeightStore, policy: Policy, device: torch.device,
+                    dtype: torch.dtype, *, prompt_len: int, gen_len: int) -> MemoryEstimate:
+    from engine.placed_weights import PlacedWeights
+
+    on_gpu = device.type == "cuda"
+    size = torch.empty((), dtype=dtype).element_size()
+    tiers = PlacedWeights.plan_tiers(store, cfg, policy)
+    weights = {t: 0 for t in Tier}
+    streamed = 0
+    for layer, layer_tiers in tiers.items():
+        layer_disk = 0
+        for entry in store.layers[layer]:
+            nbytes = entry.nbytes // 2 * size
+            weights[layer_tiers[entry.name]] += nbytes
+            layer_disk += nbytes if layer_tiers[entry.name] == Tier.DISK else 0
+        streamed = max(streamed, layer_disk)
+    # Two layers in flight (one computing, one prefetched), each as read (fp16) plus converted.
+    stream_buffers = 2 * (streamed + streamed // size * 2)
+
+    B, K, L, h = policy.gpu_batch_size, policy.num_gpu_batches, cfg.num_layers, cfg.hidden_size
+    max_len = prompt_len + max(gen_len - 1, 0)
+    slot = max_len * 2 * B * h * size
+    cache = {t: 0 for t in Tier}
+    for j in range(L):
+        for k in range(K):
+            cache[slot_tier(j, k, L, K, policy.cache_gpu_percent, policy.cache_cpu_percent)] += slot
+    disk_cache_buffers = 3 * slot if cache[Tier.DISK] else 0  # prefetched read, in use, concatenated
+    act = prompt_len * B * h * size
+    acts = {t: 0 for t in Tier}
+    for j in range(L + 2):
+        for k in range(K):
+            acts[slot_tier(j, k, L + 2, K, policy.activations_gpu_percent, policy.activations_cpu_percent)] = \
+                max(acts[slot_tier(j, k, L + 2, K, policy.activations_gpu_percent,
+                                   policy.activations_cpu_percent)], act * K)
+    # Transient compute memory of one micro-batch's prefill: q/k/v/out, the MLP's intermediate,
+    # the mask, and float32 logits of the last position.
+    working = (prompt_len * B * (4 * h + cfg.ffn_dim) * size + B * prompt_len * max_len
+               + B * cfg.vocab_size * 4 * 2) if prompt_len else 0
+    process = psutil.Process().memory_info().rss
+    if on_gpu:
+        gpu = {"weights": weights[Tier.GPU], "streamed weights": stream_buffers, "kv cache": cache[Tier.GPU],
+               "activations": acts[Tier.GPU], "working": working}
+        cpu = {"weights": weights[Tier.CPU], "kv cache": cache[Tier.CPU] + disk_cache_buffers,
+               "activations": acts[Tier.CPU] + (act if acts[Tier.DISK] else 0), "process": process}
+        return MemoryEstimate(gpu=gpu, cpu=cpu)
+    cpu = {"weights": weights[Tier.GPU] + weights[Tier.CPU], "streamed weights": stream_buffers,
+           "kv cache": cache[Tier.GPU] + cache[Tier.CPU] + disk_cache_buffers,
+           "activations": acts[Tier.GPU] + acts[Tier.CPU] + (2 * act if acts[Tier.DISK] else 0),
+           "working": working, "process": process}
+    return MemoryEstimate(gpu={}, cpu=cpu)
+
+
+def _describe(parts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items() if v)
+
+
+def check_budgets(cfg: OPTConfig, store: WeightStore, policy: Policy, device: torch.device, dtype: torch.dtype,
+                  gpu_mem_gib: float | None, cpu_mem_gib: float | None, *, prompt_len: int | None,
+                  gen_len: int | None) -> MemoryEstimate:
+    est = estimate_memory(cfg, store, policy, device, dtype, prompt_len=prompt_len or 0, gen_len=gen_len or 0)
+    when = (f"for a block of {policy.block_size} rows x {prompt_len}+{gen_len} tokens"
+            if prompt_len else "for the weights alone")
+    if gpu_mem_gib is not None and device.type == "cuda" and est.gpu_total > gpu_mem_gib * GIB:
+        raise BudgetError(f"policy {policy.describe()} needs {est.gpu_total / GIB:.2f} GiB of GPU memory {when} "
+                          f"({_describe(est.gpu)}), but --gpu-mem allows {gpu_mem_gib:g} GiB")
+    if cpu_mem_gib is not None and est.cpu_total > cpu_mem_gib * GIB:
+        raise BudgetError(f"policy {policy.describe()} needs {est.cpu_total / GIB:.2f} GiB of CPU memory {when} "
+                          f"({_describe(est.cpu)}), but --cpu-mem allows {cpu_mem_gib:g} GiB")
+    return est
+
+
+class RssSampler:
+    """Samples the process's resident memory every few milliseconds while active; keeps the peak."""
+
+    def __init__(self, interval_s: float = 0.01) -> None:
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._depth = 0
+
+    def _run(self) -> None:
+        proc = psutil.Process()
+        while not self._stop.is_set():
+            self.peak = max(self.peak, proc.memory_info().rss)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "RssSampler":
+        self._depth += 1
+        if self._depth == 1:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="flexjob-rss", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, psutil.Process().memory_info().rss)

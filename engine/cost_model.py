@@ -1,0 +1,342 @@
+"""Cost model of the zig-zag block schedule: time per layer and peak memory per tier.
+
+Follows the FlexGen paper (Sheng et al. 2023, section 4.2) by idea: for one block of
+B = gpu_batch_size * num_gpu_batches rows, a step (prefill, or one decode token) visits every
+layer once; each layer's weights are loaded once and shared by the block's micro-batches, while
+cache and activations move per micro-batch. Each resource (disk, cpu->gpu link, gpu->cpu link,
+compute) is busy for a time linear in the placement fractions; with overlap a layer costs the max
+of them, without it their sum. Changes from FlexLLMGen's experimental cost model:
+- it works without a GPU: the compute device is then the CPU, the GPU fractions are RAM, the
+  cpu<->gpu links cost nothing (the engine does the same);
+- activations may live on disk; CPU attention (cpu_cache_compute) is modelled; compression
+  shrinks stored and moved bytes and adds a decompression cost;
+- disk reads and writes share one device, so their times add up in one "disk" term;
+- compute is a roofline per micro-batch: max(FLOPs / FLOP/s, weight bytes / memory bandwidth),
+  because a small-batch decode matmul streams its weights and is bound by memory, not FLOPs.
+
+Every quantity here is a sum of fractions times constants, so the same functions evaluate floats,
+numpy arrays (the brute-force grid search) and pulp expressions (the LP). Never call max()/min()
+on a fraction inside this module: `resource_max` and the LP's linearised max do that.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from engine.hardware import HardwareProfile
+from engine.model_config import OPTConfig
+from engine.policy import CompressionConfig, Policy
+
+GB = 1e9
+GIB = 2 ** 30
+FP16 = 2  # bytes per element of weights, cache and activations (fp16 or bf16)
+OPS_PER_LAYER = 24  # kernels one layer launches per micro-batch (LayerNorms, GEMMs, softmax, ...)
+
+RESOURCES = ("disk", "cpu_to_gpu", "gpu_to_cpu", "compute")
+TIERS = ("gpu", "cpu", "disk")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Placement:
+    """The nine fractions (weights w, cache c, activations h on gpu g, cpu c, disk d).
+    Fields may be floats, numpy arrays or pulp expressions."""
+    wg: Any
+    wc: Any
+    wd: Any
+    cg: Any
+    cc: Any
+    cd: Any
+    hg: Any
+    hc: Any
+    hd: Any
+
+    @classmethod
+    def from_policy(cls, policy: Policy) -> "Placement":
+        f = {k: p / 100.0 for k, p in zip(("wg", "wc", "cg", "cc", "hg", "hc"), policy.percents)}
+        return cls(wd=1.0 - f["wg"] - f["wc"], cd=1.0 - f["cg"] - f["cc"],
+                   hd=1.0 - f["hg"] - f["hc"], **f)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Shape:
+    """The discrete part of a policy plus the workload: everything that is not a fraction."""
+    gpu_batch_size: int
+    num_gpu_batches: int
+    prompt_len: int
+    gen_len: int
+    compress_weight: bool = False
+    compress_cache: bool = False
+    cpu_cache_compute: bool = False
+    overlap: bool = True
+    compression: CompressionConfig = CompressionConfig()
+
+    @property
+    def block_size(self) -> int:
+        return self.gpu_batch_size * self.num_gpu_batches
+
+    @classmethod
+    def from_policy(cls, policy: Policy, *, prompt_len: int, gen_len: int) -> "Shape":
+        return cls(gpu_batch_size=policy.gpu_batch_size, num_gpu_batches=policy.num_gpu_batches,
+                   prompt_len=prompt_len, gen_len=gen_len, compress_weight=policy.compress_weight,
+                   compress_cache=policy.compress_cache, cpu_cache_compute=policy.cpu_cache_compute,
+                   overlap=policy.overlap, compression=policy.compression)
+
+
+def compression_factor(comp: CompressionConfig) -> float:
+    """Compressed bytes / fp16 bytes for group-wise quantisation (FlexGen section 5): each element
+    takes num_bits, and each group of group_size elements stores a min and a scale in fp16
+    (2 values * 2 bytes), so bytes = n * (bits/8 + 4/group_size) against n * 2 in fp16:
+    factor = bits/16 + 2/group_size (4 bit, group 64: 0.25 + 0.03125 = 0.28125)."""
+    return comp.num_bits / 16 + 2 / comp.group_size
+
+
+def layer_weight_bytes(cfg: OPTConfig) -> float:
+    return FP16 * cfg.layer_param_count()
+
+
+def head_weight_bytes(cfg: OPTConfig) -> float:
+    """Embedding tables (tied with the output head) and the optional 350m projections."""
+    return FP16 * (cfg.param_count() - cfg.num_layers * cfg.layer_param_count())
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """Bytes per layer of the things that move, for one block (B rows) unless said otherwise."""
+    w: float            # one layer's weights as stored (compressed if compress_weight)
+    w16: float          # one layer's weights in fp16 (what the compute reads)
+    head: float         # embedding/head weights as stored
+    head16: float
+    kv_new_pre: float   # cache written by prefill, per layer, as stored
+    kv_dec: float       # cache read by one decode step, per layer (average context), as stored
+    kv_dec16: float     # the same in fp16 (what attention reads)
+    kv_tok: float       # cache appended per decode step, per layer, as stored
+    kv_total: float     # whole cache of the block, all layers, at full length, as stored
+    kv_mb_full: float   # one micro-batch's cache of one layer at full length, as stored
+    kv_mb_full16: float
+    act_pre: float      # hidden states of the block between two layers, prefill
+    act_dec: float
+
+
+def _sizes(cfg: OPTConfig, sh: Shape) -> _Sizes:
+    B, b, s, n, h = sh.block_size, sh.gpu_batch_size, sh.prompt_len, sh.gen_len, cfg.hidden_size
+    wf = compression_factor(sh.compression) if sh.compress_weight else 1.0
+    cf = compression_factor(sh.compression) if sh.compress_cache else 1.0
+    ctx_avg = s + n / 2  # decode reads a context growing from s to s+n (FlexGen's s + n/2)
+    kv_row_tok = 2 * h * FP16  # k and v of one token of one row, one layer
+    return _Sizes(
+        w=layer_weight_bytes(cfg) * wf, w16=layer_weight_bytes(cfg),
+        head=head_weight_bytes(cfg) * wf, head16=head_weight_bytes(cfg),
+        kv_new_pre=B * s * kv_row_tok * cf,
+        kv_dec=B * ctx_avg * kv_row_tok * cf, kv_dec16=B * ctx_avg * kv_row_tok,
+        kv_tok=B * kv_row_tok * cf,
+        kv_total=cfg.num_layers * B * (s + n) * kv_row_tok * cf,
+        kv_mb_full=b * (s + n) * kv_row_tok * cf, kv_mb_full16=b * (s + n) * kv_row_tok,
+        act_pre=B * s * h * FP16, act_dec=B * h * FP16,
+    )
+
+
+def _compute_bw(hw: HardwareProfile) -> float:
+    return (hw.gpu_mem_gbps if hw.has_gpu else hw.cpu_mem_gbps) * GB
+
+
+def _matmul_time(hw: HardwareProfile, flops: float, weight_bytes_read: float) -> float:
+    """Roofline: the slower of doing the FLOPs and streaming the weights from device memory."""
+    return max(flops / hw.flops(), weight_bytes_read / _compute_bw(hw))
+
+
+def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
+                decode: bool) -> list[tuple[int, dict[str, Any]]]:
+    """Busy time (s) of each resource for one step of the block, as [(count, {resource: time})]:
+    the decoder layer (count = num_layers) and the embedding/output head (count 1)."""
+    z = _sizes(cfg, sh)
+    B, b, nb, s, h = sh.block_size, sh.gpu_batch_size, sh.num_gpu_batches, sh.prompt_len, cfg.hidden_size
+    gpu = hw.has_gpu
+    rd, wr = 1.0 / (hw.disk_read_gbps * GB), 1.0 / (hw.disk_write_gbps * GB)
+    c2g = 1.0 / (hw.cpu_to_gpu_gbps * GB) if gpu else 0.0  # no link without a GPU: RAM is RAM
+    g2c = 1.0 / (hw.gpu_to_cpu_gbps * GB) if gpu else 0.0
+    deq = 1.0 / (hw.dequant_gbps * GB)
+    cpu_attn = sh.cpu_cache_compute and gpu  # without a GPU all attention is on the CPU anyway
+    tokens = 1 if decode else s
+    act = z.act_dec if decode else z.act_pre
+
+    # Weights: loaded once per layer per step and shared by the block (the point of the zig-zag).
+    disk = z.w * x.wd * rd
+    c_to_g = z.w * (x.wc + x.wd) * c2g
+    # Activations: each layer loads its input from and stores its output to their tier.
+    disk = disk + act * x.hd * (rd + wr)
+    c_to_g = c_to_g + act * (x.hc + x.hd) * c2g
+    g_to_c = act * (x.hc + x.hd) * g2c
+
+    dense_flops = 2 * B * tokens * (cfg.layer_param_count())
+    compute = _matmul_time(hw, dense_flops, nb * z.w16) + nb * OPS_PER_LAYER * hw.op_overhead_s
+    if sh.compress_weight:
+        compute = compute + z.w16 * deq
+    if not decode:
+        # Prefill: attention scores over s x s on the compute device; the new cache is stored.
+        compute = compute + 4 * B * s * s * h / hw.flops()
+        g_to_c = g_to_c + z.kv_new_pre * (x.cc + x.cd) * g2c
+        disk = disk + z.kv_new_pre * x.cd * wr
+        if sh.compress_cache:
+            compute = compute + (z.kv_new_pre / compression_factor(sh.compression)) * deq
+    else:
+        disk = disk + z.kv_dec * x.cd * rd + z.kv_tok * x.cd * wr
+        g_to_c = g_to_c + z.kv_tok * (x.cc + x.cd) * g2c
+        if cpu_attn:
+            # The CPU attends over its share (and the disk share, read into RAM): only the query
+            # goes down and the attention output comes back up.
+            compute = compute + z.kv_dec16 * x.cg / _compute_bw(hw) \
+                + z.kv_dec16 * (x.cc + x.cd) / (hw.cpu_attention_gbps * GB)
+            g_to_c = g_to_c + B * h * FP16 * (x.cc + x.cd) * g2c
+            c_to_g = c_to_g + B * h * FP16 * (x.cc + x.cd) * c2g
+        else:
+            c_to_g = c_to_g + z.kv_dec * (x.cc + x.cd) * c2g
+            attn_bw = hw.gpu_mem_gbps if gpu else hw.cpu_attention_gbps
+            compute = compute + z.kv_dec16 / (attn_bw * GB)
+        if sh.compress_cache:
+            compute = compute + z.kv_dec16 * deq
+
+    layer = {"disk": disk, "cpu_to_gpu": c_to_g, "gpu_to_cpu": g_to_c, "compute": compute}
+
+    # Head: the tied embedding / LM head (one position per row), loaded once per step.
+    head_compute = _matmul_time(hw, 2 * B * cfg.embed_dim * cfg.vocab_size, nb * z.head16) \
+        + nb * 4 * hw.op_overhead_s
+    if sh.compress_weight:
+        head_compute = head_compute + z.head16 * deq
+    head = {"disk": z.head * x.wd * rd, "cpu_to_gpu": z.head * (x.wc + x.wd) * c2g,
+            "gpu_to_cpu": 0.0 * x.wd, "compute": head_compute + 0.0 * x.wd}
+    return [(cfg.num_layers, layer), (1, head)]
+
+
+def memory_peaks(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement) -> dict[str, list[Any]]:
+    """Peak bytes per tier, as a list of candidates per tier (the peak is their max: one per phase).
+    Home: what lives on the tier for the whole run. Working: double buffers for what streams in,
+    decompressed copies, and the largest intermediate of one micro-batch."""
+    z = _sizes(cfg, sh)
+    b, s, n, h, f, nh = (sh.gpu_batch_size, sh.prompt_len, sh.gen_len, cfg.hidden_size, cfg.ffn_dim,
+                         cfg.num_heads)
+    W = cfg.num_layers * z.w + z.head
+    act_mb_pre, act_mb_dec = b * s * h * FP16, b * h * FP16
+    # Largest live intermediates of one micro-batch: attention (q,k,v + scores + probs) or MLP.
+    inter_pre = FP16 * b * (max(3 * s * h + 2 * nh * s * s, s * f + s * h) + s * h)
+    inter_dec = FP16 * b * (max(3 * h + 2 * nh * (s + n), f + h) + h) + 4 * b * cfg.vocab_size
+    w_work16 = z.w16 if sh.compress_weight else 0.0
+    kv_work16 = z.kv_mb_full16 if sh.compress_cache else 0.0
+    disk_peak = x.wd * W + x.cd * z.kv_total + x.hd * z.act_pre
+
+    if not hw.has_gpu:
+        # One memory holds the "gpu" and "cpu" shares; weights resident in RAM are used in place,
+        # only what comes from disk needs double buffers.
+        def ram(act: float, act_mb: float, inter: float, decode: bool) -> Any:
+            home = (x.wg + x.wc) * W + (x.cg + x.cc) * z.kv_total + (x.hg + x.hc) * act
+            work = 2 * z.w * x.wd + w_work16 + 2 * act_mb * x.hd + inter
+            if decode:
+                work = work + 2 * z.kv_mb_full * x.cd + kv_work16
+            return home + work
+        return {"gpu": [], "cpu": [ram(z.act_pre, act_mb_pre, inter_pre, False),
+                                    ram(z.act_dec, act_mb_dec, inter_dec, True)],
+                "disk": [disk_peak]}
+
+    cpu_attn = sh.cpu_cache_compute
+    def gpu_peak(act: float, act_mb: float, inter: float, decode: bool) -> Any:
+        home = x.wg * W + x.cg * z.kv_total + x.hg * act
+        work = 2 * z.w * (1 - x.wg) + w_work16 + 2 * act_mb * (1 - x.hg) + inter
+        if decode:
+            moved = x.cg * 0.0 + (0.0 if cpu_attn else 1.0) * (x.cc + x.cd)
+            work = work + 2 * z.kv_mb_full * moved + kv_work16
+        else:
+            work = work + 2 * (z.kv_mb_full * s / (s + n)) * (1 - x.cg)  # new cache waiting to be stored
+        return home + work
+
+    def cpu_peak(act: float, act_mb: float, decode: bool) -> Any:
+        home = x.wc * W + x.cc * z.kv_total + x.hc * act
+        work = 2 * z.w * x.wd + 2 * act_mb * x.hd  # staging buffers for what comes from disk
+        if decode:
+            work = work + 2 * z.kv_mb_full * x.cd
+            if cpu_attn:  # scores of one micro-batch in fp32 on the CPU
+                work = work + 4 * b * nh * (s + n) + kv_work16
+        return home + work
+
+    return {"gpu": [gpu_peak(z.act_pre, act_mb_pre, inter_pre, False),
+                    gpu_peak(z.act_dec, act_mb_dec, inter_dec, True)],
+            "cpu": [cpu_peak(z.act_pre, act_mb_pre, False), cpu_peak(z.act_dec, act_mb_dec, True)],
+            "disk": [disk_peak]}
+
+
+def resource_max(terms: dict[str, Any], overlap: bool) -> Any:
+    """Time of one stage: the busiest resource with overlap, the sum of all without."""
+    values = list(terms.values())
+    if not overlap:
+        return sum(values[1:], values[0])
+    out = values[0]
+    for v in values[1:]:
+        out = np.maximum(out, v)
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class Estimate:
+    tokens_per_s: float
+    total_s: float          # one block: prefill + (gen_len - 1) decode steps
+    prefill_s: float
+    decode_step_s: float
+    peak_gib: dict[str, float]
+    bottleneck: str         # the busiest resource of a decode layer
+    decode_terms_s: dict[str, float]  # per-resource busy time of one decode step (all stages)
+
+    def fits(self, budgets_gib: dict[str, float | None], tol: float = 1e-6) -> bool:
+        return all(lim is None or self.peak_gib[t] <= lim * (1 + tol) + 1e-9
+                   for t, lim in budgets_gib.items())
+
+
+def step_time(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *, decode: bool) -> Any:
+    total = 0.0
+    for count, terms in phase_terms(cfg, hw, sh, x, decode=decode):
+        total = total + count * resource_max(terms, sh.overlap)
+    return total
+
+
+def block_time(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement) -> Any:
+    """Seconds for one block: prefill (yields the first token) then gen_len - 1 decode steps."""
+    return step_time(cfg, hw, sh, x, decode=False) + (sh.gen_len - 1) * step_time(cfg, hw, sh, x, decode=True)
+
+
+def peak_bytes(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement) -> dict[str, Any]:
+    out = {}
+    for tier, cands in memory_peaks(cfg, hw, sh, x).items():
+        out[tier] = resource_max({str(i): c for i, c in enumerate(cands)}, True) if cands else 0.0
+    return out
+
+
+def estimate(cfg: OPTConfig, hw: HardwareProfile, policy: Policy, *, prompt_len: int,
+             gen_len: int) -> Estimate:
+    """Predicted throughput and peak memory of a concrete policy (floats)."""
+    sh = Shape.from_policy(policy, prompt_len=prompt_len, gen_len=gen_len)
+    x = Placement.from_policy(policy)
+    pre = float(step_time(cfg, hw, sh, x, decode=False))
+    dec = float(step_time(cfg, hw, sh, x, decode=True))
+    total = pre + (gen_len - 1) * dec
+    busy = {r: 0.0 for r in RESOURCES}
+    for count, terms in phase_terms(cfg, hw, sh, x, decode=True):
+        for r in RESOURCES:
+            busy[r] += count * float(terms[r])
+    return Estimate(
+        tokens_per_s=sh.block_size * gen_len / total, total_s=total, prefill_s=pre, decode_step_s=dec,
+        peak_gib={t: float(v) / GIB for t, v in peak_bytes(cfg, hw, sh, x).items()},
+        bottleneck=max(busy, key=busy.get), decode_terms_s=busy)
+
+
+def traffic_per_token(cfg: OPTConfig, hw: HardwareProfile, policy: Policy, *, prompt_len: int,
+                      gen_len: int) -> dict[str, float]:
+    """Bytes each link moves per generated token (whole run), for comparing policies by traffic."""
+    slow = hw.replace(disk_read_gbps=1 / GB, disk_write_gbps=1e30, cpu_to_gpu_gbps=1e30,
+                      gpu_to_cpu_gbps=1e30)
+    sh = Shape.from_policy(policy, prompt_len=prompt_len, gen_len=gen_len)
+    x = Placement.from_policy(policy)
+    # With a read bandwidth of 1 byte/s the disk term is the bytes read (writes cost ~0).
+    read = 0.0
+    for decode, times in ((False, 1), (True, gen_len - 1)):
+        for count, terms in phase_terms(cfg, slow, sh, x, decode=decode):
+            read += times * count * float(terms["disk"])
+    return {"disk_read": read / (sh.block_size * gen_len)}

@@ -1,0 +1,162 @@
+"""`Engine`: an OPT model placed on GPU/CPU/disk by a Policy, generating block by block.
+
+    engine = Engine("models/opt-1.3b", Policy(gpu_batch_size=8, num_gpu_batches=4,
+                                              weights_gpu_percent=0, weights_cpu_percent=50))
+    results = engine.generate([RowInput(row_id=0, prompt_ids=ids)], GenerationParams())
+
+Compute dtype defaults: bfloat16 on the CPU (2-4x faster than float32 there, see MACHINE-NOTES),
+float16 on CUDA. Budgets (`gpu_mem_gib`, `cpu_mem_gib`) are checked before anything is loaded;
+peaks are measured while generating (process RSS, CUDA allocator peak).
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from engine.budgets import check_budgets, RssSampler
+from engine.errors import PromptTooLongError
+from engine.model_config import load_config
+from engine.placed_weights import PlacedWeights
+from engine.policy import Policy
+from engine.rows import GenerationParams, RowInput, RowResult, StepUpdate
+from engine.schedule import BlockRow, BlockRunner, ScheduleContext
+from engine.stats import EngineStats
+from engine.tiers import DiskTier, TransferStats
+from engine.weights import WeightStore
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    if name is None:
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    if name not in DTYPES:
+        from engine.errors import EngineInputError
+        raise EngineInputError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+class Engine:
+    def __init__(self, model_dir: str | Path, policy: Policy, *, dtype: str | None = None,
+                 device: str | torch.device | None = None, offload_dir: str | Path | None = None,
+                 gpu_mem_gib: float | None = None, cpu_mem_gib: float | None = None,
+                 bypass_page_cache: bool = True, throttle_gbps: dict[str, float] | None = None,
+                 on_convert: Callable[[str, int, int], None] | None = None) -> None:
+        self.model_dir = Path(model_dir)
+        self.config = load_config(self.model_dir)
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.gpu_mem_gib, self.cpu_mem_gib = gpu_mem_gib, cpu_mem_gib
+        self.offload_dir = Path(offload_dir) if offload_dir else Path(".flexjob")
+        self.transfers = TransferStats()
+        self.disk = DiskTier(self.offload_dir, self.transfers, bypass_page_cache=bypass_page_cache,
+                             throttle_gbps=throttle_gbps)
+        self.stats = EngineStats()
+        self.rss = RssSampler()
+        store = WeightStore.open_or_convert(self.model_dir, self.config, self.offload_dir, on_convert)
+        check_budgets(self.config, store, policy, self.device, self.dtype, gpu_mem_gib, cpu_mem_gib,
+                      prompt_len=None, gen_len=None)
+        self.policy = policy
+        self.weights = PlacedWeights(store, self.config, policy, self.device, self.dtype, self.disk,
+                                     self.transfers)
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="flexjob-io")
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        return self._tokenizer
+
+    def set_policy(self, policy: Policy) -> int:
+        """Apply a new policy between blocks; moves only the weights whose tier changes."""
+        check_budgets(self.config, self.weights.store, policy, self.device, self.dtype, self.gpu_mem_gib,
+                      self.cpu_mem_gib, prompt_len=None, gen_len=None)
+        moved = self.weights.replace(policy)
+        self.policy = policy
+        return moved
+
+    def check_lengths(self, rows: list[RowInput], params: GenerationParams) -> None:
+        limit = self.config.max_positions
+        for row in rows:
+            if len(row.prompt_ids) + params.max_new_tokens > limit:
+                raise PromptTooLongError(
+                    f"row {row.row_id}: prompt of {len(row.prompt_ids)} tokens + {params.max_new_tokens} new "
+                    f"tokens exceeds the model's {limit} positions")
+
+    def generate(self, rows: list[RowInput], params: GenerationParams, *,
+                 on_step: Callable[[StepUpdate], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> list[RowResult]:
+        """Generate for every row, block by block; results are in the order of `rows`."""
+        self.check_lengths(rows, params)
+        stop_ids = set(params.stop_token_ids or (self.config.eos_token_id,))
+        results = [RowResult(row_id=r.row_id, generated_ids=list(r.generated_ids)) for r in rows]
+        pending = []
+        for row, res in zip(rows, results):
+            if not row.prompt_ids:
+                raise PromptTooLongError(f"row {row.row_id}: empty prompt (no tokens)", hint="every prompt "
+                                         "needs at least one token (OPT's BOS is added by the tokenizer)")
+            if res.generated_ids and res.generated_ids[-1] in stop_ids:
+                res.finish_reason = "stop"
+            elif len(res.generated_ids) >= params.max_new_tokens:
+                res.finish_reason = "length"
+            else:
+                pending.append(BlockRow(result=res, context_ids=list(row.prompt_ids) + list(row.generated_ids),
+                                        max_new_tokens=params.max_new_tokens))
+        block = self.policy.block_size
+        with self.rss:
+            for index in range(0, len(pending), block):
+                if self._run_block(pending[index:index + block], params, stop_ids, index // block,
+                                   on_step, should_stop):
+                    break
+        return results
+
+    def _run_block(self, rows: list[BlockRow], params, stop_ids, block_index, on_step, should_stop) -> bool:
+        prompt_len = max(len(r.context_ids) for r in rows)
+        gen_len = max(r.max_new_tokens - len(r.result.generated_ids) for r in rows)
+        check_budgets(self.config, self.weights.store, self.policy, self.device, self.dtype, self.gpu_mem_gib,
+                      self.cpu_mem_gib, prompt_len=prompt_len, gen_len=gen_len)
+        ctx = ScheduleContext(self.config, self.policy, self.device, self.dtype, self.weights, self.disk,
+                              self.transfers, self._io if self.policy.overlap else None)
+        workdir = Path(tempfile.mkdtemp(prefix="block-", dir=self.offload_dir))
+        already = sum(len(r.result.generated_ids) for r in rows)
+        started = time.perf_counter()
+        first_step_s = []
+
+        def step_hook(update: StepUpdate) -> None:
+            if update.step == 0:
+                first_step_s.append(update.elapsed_s)
+            if on_step:
+                on_step(update)
+
+        try:
+            stopped = BlockRunner(ctx, rows, workdir).run(params, stop_ids, block_index, step_hook, should_stop)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        self.stats.record_block(rows=len(rows), prompt_tokens=sum(len(r.context_ids) for r in rows),
+                                generated_tokens=sum(len(r.result.generated_ids) for r in rows) - already,
+                                prefill_s=first_step_s[0] if first_step_s else 0.0,
+                                total_s=time.perf_counter() - started,
+                                transfers=self.transfers.snapshot_and_reset(),
+                                peak_rss=self.rss.peak, device=self.device)
+        return stopped
+
+    def close(self) -> None:
+        self._io.shutdown(wait=True)
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,309 @@
+"""Policy search: FlexGen's linear program over the placement fractions, solved with pulp/CBC.
+
+For each discrete choice (gpu_batch_size x num_gpu_batches x compression x CPU attention) the
+nine placement fractions are continuous and every time and memory term of `engine.cost_model` is
+linear in them, so the best placement is an LP (FlexGen section 4.3): minimise the block's time
+subject to per-tier peak memory <= budget, with the per-stage max(resources) linearised as one
+auxiliary variable >= each resource's time. The outer loop enumerates the discrete choices and
+keeps the best throughput (block rows * gen_len / block time). `grid_search` solves the same
+problem by brute force over the same cost model, to check the LP in tests.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+import pulp
+
+from engine.cost_model import (GIB, Estimate, Placement, Shape, estimate, memory_peaks,
+                               phase_terms, resource_max)
+from engine.errors import BudgetError
+from engine.hardware import HardwareProfile
+from engine.model_config import OPTConfig
+from engine.policy import Policy
+
+DEFAULT_GPU_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+DEFAULT_NUM_GPU_BATCHES = (1, 2, 4, 8, 16, 32)
+FRACTIONS = ("wg", "wc", "wd", "cg", "cc", "cd", "hg", "hc", "hd")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Candidate:
+    policy: Policy
+    estimate: Estimate
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.estimate.tokens_per_s
+
+    def to_dict(self) -> dict:
+        e = self.estimate
+        return {"policy": self.policy.to_dict(), "describe": self.policy.describe(),
+                "tokens_per_s": e.tokens_per_s, "block_s": e.total_s, "prefill_s": e.prefill_s,
+                "decode_step_s": e.decode_step_s, "peak_gib": e.peak_gib, "bottleneck": e.bottleneck}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    policy: Policy
+    tokens_per_s: float
+    peak_gib: dict[str, float]
+    estimate: Estimate
+    budgets_gib: dict[str, float | None]
+    alternatives: tuple[Candidate, ...] = ()
+    lp_objective_s: float = 0.0   # the LP's block time for the chosen shape (before rounding)
+    solved: int = 0               # LPs solved
+    skipped: int = 0              # shapes pruned without an LP (bound, or no room)
+
+    def to_dict(self) -> dict:
+        return {"policy": self.policy.to_dict(), "describe": self.policy.describe(),
+                "tokens_per_s": self.tokens_per_s, "peak_gib": self.peak_gib,
+                "budgets_gib": self.budgets_gib, "bottleneck": self.estimate.bottleneck,
+                "block_s": self.estimate.total_s, "prefill_s": self.estimate.prefill_s,
+                "decode_step_s": self.estimate.decode_step_s,
+                "alternatives": [c.to_dict() for c in self.alternatives],
+                "lps_solved": self.solved, "shapes_pruned": self.skipped}
+
+
+def budgets_bytes(hw: HardwareProfile, gpu_mem_gib: float | None, cpu_mem_gib: float | None,
+                  disk_mem_gib: float | None) -> dict[str, float | None]:
+    """GiB budgets per tier (None = no limit). Without a GPU there is no GPU tier: its share is RAM."""
+    return {"gpu": gpu_mem_gib if hw.has_gpu else None,
+            "cpu": cpu_mem_gib,
+            "disk": disk_mem_gib if disk_mem_gib is not None else hw.disk_free_gib}
+
+
+def shapes(hw: HardwareProfile, *, prompt_len: int, gen_len: int,
+           gpu_batch_sizes=DEFAULT_GPU_BATCH_SIZES, num_gpu_batches=DEFAULT_NUM_GPU_BATCHES,
+           compress_options=(False, True), max_block_size: int | None = None) -> list[Shape]:
+    """The outer enumeration. CPU attention is a choice only when there is a GPU."""
+    cpu_attn = (False, True) if hw.has_gpu else (False,)
+    out = []
+    for gbs, nb, comp, ca in itertools.product(gpu_batch_sizes, num_gpu_batches, compress_options, cpu_attn):
+        if max_block_size is not None and gbs * nb > max_block_size:
+            continue
+        # FlexGen compresses weights and cache together; so do we (one switch, half the shapes).
+        out.append(Shape(gpu_batch_size=gbs, num_gpu_batches=nb, prompt_len=prompt_len, gen_len=gen_len,
+                         compress_weight=comp, compress_cache=comp, cpu_cache_compute=ca))
+    return out
+
+
+def _fixed_gpu_zero(hw: HardwareProfile) -> bool:
+    # Without a GPU the "gpu" fractions would be RAM too; keep them 0 so a plan reads as CPU + disk.
+    return not hw.has_gpu
+
+
+def solve_lp(cfg: OPTConfig, hw: HardwareProfile, sh: Shape,
+             budgets_gib: dict[str, float | None], *, minimise_tier: str | None = None
+             ) -> tuple[float, Placement] | None:
+    """Best placement for one shape: (block seconds, fractions), or None if nothing fits.
+    With minimise_tier, minimise that tier's peak bytes instead (used to name the smallest budget)."""
+    prob = pulp.LpProblem("flexjob_placement", pulp.LpMinimize)
+    v = {k: pulp.LpVariable(k, lowBound=0, upBound=1) for k in FRACTIONS}
+    for kind in "wch":
+        prob += v[kind + "g"] + v[kind + "c"] + v[kind + "d"] == 1
+        if _fixed_gpu_zero(hw):
+            prob += v[kind + "g"] == 0
+    x = Placement(**v)
+    total = 0
+    for phase, repeat in (("pre", 1), ("dec", sh.gen_len - 1)):
+        for i, (count, terms) in enumerate(phase_terms(cfg, hw, sh, x, decode=phase == "dec")):
+            if sh.overlap:  # linearised max: t >= every resource's busy time
+                t = pulp.LpVariable(f"t_{phase}_{i}", lowBound=0)
+                for name, term in terms.items():
+                    prob += t >= term, f"max_{phase}_{i}_{name}"
+            else:
+                t = pulp.lpSum(terms.values())
+            total = total + repeat * count * t
+    peak_vars = {}
+    for tier, cands in memory_peaks(cfg, hw, sh, x).items():
+        limit = budgets_gib.get(tier)
+        if tier == minimise_tier:
+            peak_vars[tier] = pulp.LpVariable(f"peak_{tier}", lowBound=0)
+            for j, c in enumerate(cands):
+                prob += peak_vars[tier] >= c, f"peak_{tier}_{j}"
+        elif limit is not None:
+            for j, c in enumerate(cands):
+                prob += c <= limit * GIB, f"mem_{tier}_{j}"
+    prob += peak_vars[minimise_tier] if minimise_tier else total
+    status = prob.solve(pulp.PULP_CBC_CMD(msg=False))
+    if pulp.LpStatus[status] != "Optimal":
+        return None
+    fr = {k: min(1.0, max(0.0, float(v[k].value() or 0.0))) for k in FRACTIONS}
+    value = pulp.value(prob.objective)
+    return float(value), Placement(**fr)
+
+
+def to_policy(sh: Shape, x: Placement) -> Policy:
+    """Percents from fractions, floored to 0.01 % for the GPU and CPU shares (the crumbs go to disk,
+    so rounding never raises the GPU or CPU peak)."""
+    def pct(f: float) -> float:
+        return max(0.0, np.floor(float(f) * 1e4 + 1e-6) / 100.0)
+    return Policy(gpu_batch_size=sh.gpu_batch_size, num_gpu_batches=sh.num_gpu_batches,
+                  weights_gpu_percent=pct(x.wg), weights_cpu_percent=pct(x.wc),
+                  cache_gpu_percent=pct(x.cg), cache_cpu_percent=pct(x.cc),
+                  activations_gpu_percent=pct(x.hg), activations_cpu_percent=pct(x.hc),
+                  overlap=sh.overlap, cpu_cache_compute=sh.cpu_cache_compute,
+                  compress_weight=sh.compress_weight, compress_cache=sh.compress_cache,
+                  compression=sh.compression)
+
+
+def _lower_bound_s(cfg: OPTConfig, hw: HardwareProfile, sh: Shape) -> float:
+    """Block time if everything sat on the compute device (ignoring memory): no placement beats it."""
+    best = Placement(wg=1.0, wc=0.0, wd=0.0, cg=1.0, cc=0.0, cd=0.0, hg=1.0, hc=0.0, hd=0.0)
+    if not hw.has_gpu:
+        best = Placement(wg=0.0, wc=1.0, wd=0.0, cg=0.0, cc=1.0, cd=0.0, hg=0.0, hc=1.0, hd=0.0)
+    from engine.cost_model import block_time
+    return float(block_time(cfg, hw, sh, best))
+
+
+def plan(config: OPTConfig, hardware: HardwareProfile, *, gpu_mem_gib: float | None,
+         cpu_mem_gib: float | None, disk_mem_gib: float | None = None, prompt_len: int,
+         gen_len: int, compress_options=(False, True), gpu_batch_sizes=DEFAULT_GPU_BATCH_SIZES,
+         num_gpu_batches=DEFAULT_NUM_GPU_BATCHES, max_block_size: int | None = None,
+         num_alternatives: int = 5) -> Plan:
+    """The best policy under the cost model for these budgets (GiB), or BudgetError."""
+    budgets = budgets_bytes(hardware, gpu_mem_gib, cpu_mem_gib, disk_mem_gib)
+    cands: list[tuple[float, Candidate, float]] = []
+    best_tps, solved, skipped = 0.0, 0, 0
+    all_shapes = shapes(hardware, prompt_len=prompt_len, gen_len=gen_len, gpu_batch_sizes=gpu_batch_sizes,
+                        num_gpu_batches=num_gpu_batches, compress_options=compress_options,
+                        max_block_size=max_block_size)
+    # Big blocks first: they usually win, which makes the bound below prune more.
+    for sh in sorted(all_shapes, key=lambda s: -s.block_size):
+        bound_tps = sh.block_size * gen_len / _lower_bound_s(config, hardware, sh)
+        if bound_tps <= best_tps:
+            skipped += 1
+            continue
+        solved += 1
+        res = solve_lp(config, hardware, sh, budgets)
+        if res is None:
+            continue
+        lp_s, x = res
+        pol = to_policy(sh, x)
+        est = estimate(config, hardware, pol, prompt_len=prompt_len, gen_len=gen_len)
+        if not est.fits(budgets):  # rounding can only move crumbs to disk; keep the exact split then
+            pol = _exact_policy(sh, x)
+            est = estimate(config, hardware, pol, prompt_len=prompt_len, gen_len=gen_len)
+        cands.append((est.tokens_per_s, Candidate(policy=pol, estimate=est), lp_s))
+        best_tps = max(best_tps, est.tokens_per_s)
+    if not cands:
+        raise BudgetError(_impossible_message(config, hardware, budgets, prompt_len, gen_len,
+                                              compress_options))
+    cands.sort(key=lambda c: -c[0])
+    best_tps, best, lp_s = cands[0]
+    return Plan(policy=best.policy, tokens_per_s=best.tokens_per_s, peak_gib=best.estimate.peak_gib,
+                estimate=best.estimate, budgets_gib=budgets,
+                alternatives=tuple(c for _, c, _ in cands[1:1 + num_alternatives]),
+                lp_objective_s=lp_s, solved=solved, skipped=skipped)
+
+
+def _exact_policy(sh: Shape, x: Placement) -> Policy:
+    p = to_policy(sh, x)
+    return p.replace(**{f"{kind}_{tier}_percent": float(getattr(x, kind[0] + tier[0])) * 100
+                        for kind in ("weights", "cache", "activations") for tier in ("gpu", "cpu")})
+
+
+def smallest_budgets(config: OPTConfig, hardware: HardwareProfile, budgets: dict[str, float | None],
+                     prompt_len: int, gen_len: int, compress_options=(False, True)) -> dict[str, float]:
+    """For each tier, the smallest budget (GiB) that works with the other budgets as given,
+    at the smallest block (1 x 1) where memory is lowest. A tier that cannot rescue the plan on its
+    own is left out."""
+    out = {}
+    for tier in ("gpu", "cpu", "disk"):
+        if tier == "gpu" and not hardware.has_gpu:
+            continue
+        others = {t: lim for t, lim in budgets.items() if t != tier}
+        best = None
+        for sh in shapes(hardware, prompt_len=prompt_len, gen_len=gen_len, gpu_batch_sizes=(1,),
+                         num_gpu_batches=(1,), compress_options=compress_options):
+            res = solve_lp(config, hardware, sh, others, minimise_tier=tier)
+            if res is not None:
+                need = res[0] / GIB
+                best = need if best is None else min(best, need)
+        if best is not None:
+            out[tier] = best
+    return out
+
+
+def _impossible_message(config: OPTConfig, hardware: HardwareProfile, budgets: dict, prompt_len: int,
+                        gen_len: int, compress_options) -> str:
+    given = ", ".join(f"{t} {v:g} GiB" for t, v in budgets.items() if v is not None)
+    need = smallest_budgets(config, hardware, budgets, prompt_len, gen_len, compress_options)
+    flag = {"gpu": "--gpu-mem", "cpu": "--cpu-mem", "disk": "--disk-mem"}
+    if need:
+        options = " or ".join(f"{flag[t]} {np.ceil(v * 100) / 100:.2f}" for t, v in need.items())
+        return (f"{config.name} (prompt {prompt_len}, gen {gen_len}) does not fit in {given} with any "
+                f"policy; the smallest budget that works: {options} (with the other budgets as given)")
+    total = config.param_count() * 2 / GIB
+    return (f"{config.name} (prompt {prompt_len}, gen {gen_len}) does not fit in {given} with any "
+            f"policy, and raising a single budget is not enough: the fp16 weights alone are {total:.1f} GiB")
+
+
+def grid_search(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, budgets_gib: dict[str, float | None], *,
+                step: float = 0.1, levels: int = 7, keep: int = 8) -> tuple[float, Placement] | None:
+    """Brute force over the same cost model, for tests: evaluate a grid of placements (numpy,
+    vectorised), then repeatedly zoom a finer grid around the best few points. The problem for
+    one shape is convex (a max of linear terms over a polytope), so zooming converges to the
+    optimum up to the last step size."""
+    free = ["wc", "cc", "hc"] if not hw.has_gpu else ["wg", "wc", "cg", "cc", "hg", "hc"]
+    axis = np.round(np.arange(0, 1 + 1e-9, step), 12)
+    pts = np.array(list(itertools.product(axis, repeat=len(free))), dtype=float)
+    best = _grid_eval(cfg, hw, sh, budgets_gib, free, pts, keep)
+    h = step
+    for _ in range(levels):
+        if not best:
+            return None
+        h /= 2
+        offs = np.array(list(itertools.product((-2 * h, -h, 0.0, h, 2 * h), repeat=len(free))))
+        pts = np.concatenate([p + offs for _, p in best])
+        best = _grid_eval(cfg, hw, sh, budgets_gib, free, np.clip(pts, 0.0, 1.0), keep) or best
+    if not best:
+        return None
+    t, p = best[0]
+    return t, _placement(free, p[None, :], index=0)
+
+
+def _placement(free: list[str], pts: np.ndarray, index: int | None = None) -> Placement:
+    vals = {k: np.zeros(len(pts)) for k in FRACTIONS}
+    for i, k in enumerate(free):
+        vals[k] = pts[:, i]
+    for kind in "wch":
+        vals[kind + "d"] = 1.0 - vals[kind + "g"] - vals[kind + "c"]
+    if index is not None:
+        return Placement(**{k: float(v[index]) for k, v in vals.items()})
+    return Placement(**vals)
+
+
+def _grid_eval(cfg, hw, sh, budgets_gib, free, pts, keep) -> list[tuple[float, np.ndarray]]:
+    from engine.cost_model import block_time, peak_bytes
+
+    x = _placement(free, pts)
+    ok = np.ones(len(pts), dtype=bool)
+    for kind in "wch":
+        ok &= getattr(x, kind + "d") >= -1e-12
+    for tier, peak in peak_bytes(cfg, hw, sh, x).items():
+        lim = budgets_gib.get(tier)
+        if lim is not None:
+            ok &= np.asarray(peak) <= lim * GIB * (1 + 1e-9)
+    if not ok.any():
+        return []
+    t = np.broadcast_to(np.asarray(block_time(cfg, hw, sh, x), dtype=float), ok.shape)
+    t = np.where(ok, t, np.inf)
+    order = np.argsort(t)[:keep]
+    return [(float(t[i]), pts[i].copy()) for i in order if np.isfinite(t[i])]
+
+
+def grid_plan(config: OPTConfig, hardware: HardwareProfile, *, gpu_mem_gib, cpu_mem_gib,
+              disk_mem_gib=None, prompt_len: int, gen_len: int, **shape_kw) -> tuple[float, Shape] | None:
+    """Best tokens/s by grid search over the same enumeration as `plan` (no pruning)."""
+    budgets = budgets_bytes(hardware, gpu_mem_gib, cpu_mem_gib, disk_mem_gib)
+    best = None
+    for sh in shapes(hardware, prompt_len=prompt_len, gen_len=gen_len, **shape_kw):
+        res = grid_search(config, hardware, sh, budgets)
+        if res is not None:
+            tps = sh.block_size * gen_len / res[0]
+            if best is None or tps > best[0]:
+                best = (tps, sh)
+    return best

@@ -1,0 +1,162 @@
+"""Where tensors live and how bytes move between tiers: compute device, CPU memory, disk.
+
+The disk tier reads with O_DIRECT into 4 KiB-aligned buffers when the file system allows it, and
+otherwise drops the pages it read or wrote from the page cache (posix_fadvise DONTNEED): with 23 GiB
+of RAM a "disk" tier would else be served from the page cache, and both budgets and bandwidth
+figures would be a lie. Every transfer is counted per link (bytes, seconds) so the planner's
+bandwidth monitor can compare reality with the hardware profile. A throttle caps a link's
+bandwidth (a test knob for re-planning).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import torch
+
+ALIGN = 4096
+
+# Link names shared with the planner's bandwidth monitor.
+DISK_READ = "disk_read"
+DISK_WRITE = "disk_write"
+CPU_TO_GPU = "cpu_to_gpu"
+GPU_TO_CPU = "gpu_to_cpu"
+
+
+class Tier(str, Enum):
+    GPU = "gpu"  # the compute device's memory (RAM itself on a host without CUDA)
+    CPU = "cpu"
+    DISK = "disk"
+
+
+@dataclass
+class LinkCounter:
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class TransferStats:
+    """Bytes and busy seconds per link; `snapshot_and_reset` gives one block's figures."""
+    links: dict[str, LinkCounter] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, link: str, nbytes: int, seconds: float) -> None:
+        with self.lock:
+            c = self.links.setdefault(link, LinkCounter())
+            c.bytes += nbytes
+            c.seconds += seconds
+
+    def snapshot_and_reset(self) -> dict[str, tuple[int, float]]:
+        with self.lock:
+            out = {k: (v.bytes, v.seconds) for k, v in self.links.items() if v.bytes}
+            self.links = {}
+            return out
+
+
+def aligned_empty(nbytes: int, *, pin: bool = False) -> torch.Tensor:
+    """A uint8 tensor of `nbytes` whose data starts at a 4 KiB boundary (O_DIRECT needs it)."""
+    size = (nbytes + ALIGN - 1) // ALIGN * ALIGN
+    raw = torch.empty(size + ALIGN, dtype=torch.uint8, pin_memory=pin)
+    shift = (-raw.data_ptr()) % ALIGN
+    return raw[shift:shift + size]
+
+
+class DiskTier:
+    """Files under one directory; reads and writes that bypass the page cache."""
+
+    def __init__(self, root: Path, stats: TransferStats, *, bypass_page_cache: bool = True,
+                 throttle_gbps: dict[str, float] | None = None) -> None:
+        self.root = root
+        self.stats = stats
+        self.bypass_page_cache = bypass_page_cache
+        self.throttle_gbps = dict(throttle_gbps or {})  # link -> cap in GB/s (test knob)
+        self._direct_ok: bool | None = None
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _throttle(self, link: str, nbytes: int, started: float) -> None:
+        cap = self.throttle_gbps.get(link)
+        if cap:
+            wanted = nbytes / (cap * 1e9)
+            spent = time.perf_counter() - started
+            if wanted > spent:
+                time.sleep(wanted - spent)
+
+    def read_into(self, path: Path, offset: int, out: torch.Tensor) -> None:
+        """Fill the uint8 tensor `out` from `path` at `offset`."""
+        started = time.perf_counter()
+        nbytes = out.numel()
+        view = memoryview(out.numpy()).cast("B")
+        aligned = offset % ALIGN == 0 and nbytes % ALIGN == 0 and out.data_ptr() % ALIGN == 0
+        if self.bypass_page_cache and aligned and self._direct_ok is not False:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            except OSError:
+                self._direct_ok = False  # e.g. tmpfs: fall back to fadvise
+            else:
+                try:
+                    self._read_fully(fd, view, offset)
+                    self._direct_ok = True
+                finally:
+                    os.close(fd)
+                self._account(DISK_READ, nbytes, started)
+                return
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            self._read_fully(fd, view, offset)
+            if self.bypass_page_cache:
+                os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        self._account(DISK_READ, nbytes, started)
+
+    @staticmethod
+    def _read_fully(fd: int, view: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise OSError(f"short read at offset {offset + done}")
+            done += n
+
+    def write(self, path: Path, offset: int, data: torch.Tensor, *, sync: bool = False) -> None:
+        """Write a tensor's bytes at `offset`; with `bypass_page_cache`, the pages are flushed and
+        dropped so that the next read really comes from the disk."""
+        started = time.perf_counter()
+        buf = data.contiguous().reshape(-1).view(torch.uint8).numpy()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            view, done = memoryview(buf).cast("B"), 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + done)
+            if self.bypass_page_cache or sync:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, offset, len(view), os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        self._account(DISK_WRITE, len(buf), started)
+
+    def read(self, path: Path, offset: int, nbytes: int) -> torch.Tensor:
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        self.read_into(path, offset, out)
+        return out
+
+    def _account(self, link: str, nbytes: int, started: float) -> None:
+        self._throttle(link, nbytes, started)
+        self.stats.add(link, nbytes, time.perf_counter() - started)
+
+
+def to_device(t: torch.Tensor, device: torch.device, stats: TransferStats, link: str = CPU_TO_GPU) -> torch.Tensor:
+    """Move to the compute device, counting the bytes when it is a real host->GPU copy."""
+    if t.device == device:
+        return t
+    started = time.perf_counter()
+    out = t.to(device, non_blocking=True)
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    stats.add(link, t.numel() * t.element_size(), time.perf_counter() - started)
+    return out
