@@ -1,0 +1,77 @@
+"""Shared fixtures: a generated two-layer OPT (once per session), SQLite files in tmp dirs, and a
+fresh schema on the real PostgreSQL server per test."""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+PG_SERVER_URL = os.environ.get("FLEXJOB_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random-weight OPT with opt-125m's structure, 2 layers, hidden 64 (plus its tokenizer)."""
+    from engine.model_config import preset
+    from engine.model_maker import make_model
+
+    out = tmp_path_factory.mktemp("models") / "opt-test"
+    make_model(preset("125m", num_layers=2, hidden_size=64), out)
+    return out
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'flexjob.db'}"
+
+
+@pytest.fixture
+def pg_url() -> str:
+    """A URL whose search_path is a schema created for this test (dropped afterwards)."""
+    from sqlalchemy import create_engine, text
+
+    schema = f"fjtest_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_SERVER_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{PG_SERVER_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_db_url(request, tmp_path) -> str:
+    """Runs the test on a SQLite file and on the real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'flexjob.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+def write_prompts(path: Path, prompts: list, *, column: str = "prompt", ids: list | None = None,
+                  row_group_size: int | None = None, prompt_type: pa.DataType | None = None) -> Path:
+    columns = {column: pa.array(prompts, type=prompt_type)}
+    if ids is not None:
+        columns["id"] = pa.array(ids)
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+    return path
+
+
+SAMPLE_PROMPTS = [
+    "def fibonacci(n):", "import os\nimport sys\n", "class Queue:", "# Read the configuration file",
+    "for i in range(10):", "return self._value", "with open(path) as f:", "raise ValueError(",
+    "async def fetch(url):", "if __name__ == '__main__':", "x = [i * i for i in", "try:\n    import",
+]
+
+
+@pytest.fixture
+def prompts_file(tmp_path) -> Path:
+    """Twelve short code prompts in two row groups, with string ids."""
+    return write_prompts(tmp_path / "prompts.parquet", SAMPLE_PROMPTS,
+                         ids=[f"p{i}" for i in range(len(SAMPLE_PROMPTS))], row_group_size=5)
