@@ -39,3 +39,98 @@ def make_model_command(size: str, out_dir: Path, layers: int | None, hidden: int
                    on_tensor=lambda _n, done, total: progress.update(task, completed=done, total=total))
     click.echo(f"wrote {cfg.name} ({cfg.param_count() / 1e9:.3f}B parameters, {cfg.num_layers} layers) "
                f"to {out_dir}")
+
+
+def policy_options(f):
+    """The FlexGen policy flags shared by `generate` and `work`."""
+    options = [
+        click.option("--percent", type=float, nargs=6, default=None,
+                     help="Six numbers: weights GPU CPU, KV cache GPU CPU, activations GPU CPU (the rest of "
+                          "each goes to disk). Without a GPU the GPU share is RAM. Omit to let the planner choose."),
+        click.option("--gpu-batch-size", type=int, default=None, help="Rows per micro-batch."),
+        click.option("--num-gpu-batches", type=int, default=None, help="Micro-batches per block."),
+        click.option("--gpu-mem", type=float, default=None, help="GPU memory budget in GiB."),
+        click.option("--cpu-mem", type=float, default=None, help="CPU memory budget in GiB (whole process RSS)."),
+        click.option("--offload-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Disk tier directory (weight store, spilled cache). Default: $FLEXJOB_HOME or ./.flexjob"),
+        click.option("--overlap/--no-overlap", default=True, show_default=True,
+                     help="Overlap I/O with compute."),
+        click.option("--cpu-cache-compute", is_flag=True, help="Compute attention on the CPU where the cache lives."),
+        click.option("--compress-weight", is_flag=True, help="4-bit group-wise compressed weights."),
+        click.option("--compress-cache", is_flag=True, help="4-bit group-wise compressed KV cache."),
+        click.option("--compress-bits", type=int, default=4, show_default=True),
+        click.option("--compress-group-size", type=int, default=64, show_default=True),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def build_policy(percent, gpu_batch_size, num_gpu_batches, overlap, cpu_cache_compute, compress_weight,
+                 compress_cache, compress_bits, compress_group_size):
+    from engine.policy import CompressionConfig, Policy
+
+    kwargs = dict(overlap=overlap, cpu_cache_compute=cpu_cache_compute, compress_weight=compress_weight,
+                  compress_cache=compress_cache,
+                  compression=CompressionConfig(num_bits=compress_bits, group_size=compress_group_size))
+    if gpu_batch_size is not None:
+        kwargs["gpu_batch_size"] = gpu_batch_size
+    if num_gpu_batches is not None:
+        kwargs["num_gpu_batches"] = num_gpu_batches
+    return Policy.from_percents(percent if percent else (100, 0, 100, 0, 100, 0), **kwargs)
+
+
+def default_offload_dir(offload_dir: Path | None) -> Path:
+    import os
+    return offload_dir or Path(os.environ.get("FLEXJOB_HOME", ".flexjob"))
+
+
+@main.command("generate")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="OPT model directory.")
+@click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt text (repeat for a batch).")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--max-input-length", type=int, default=None, help="Cut prompts to their last N tokens.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Compute dtype. Default: bfloat16 on CPU, float16 on CUDA.")
+@policy_options
+def generate_command(model_dir, prompts, max_new_tokens, max_input_length, temperature, top_p, seed, dtype,
+                     percent, gpu_batch_size, num_gpu_batches, gpu_mem, cpu_mem, offload_dir, overlap,
+                     cpu_cache_compute, compress_weight, compress_cache, compress_bits, compress_group_size):
+    """Generate for one or more prompts with an explicit offloading policy (FlexGen's demo flags).
+
+    \b
+    Example:
+      flexjob generate --model models/opt-1.3b --prompt "Paris is the capital of" \\
+          --percent 0 50 100 0 100 0 --gpu-batch-size 8 --cpu-mem 4
+    """
+    from engine.engine import Engine
+    from engine.model_config import load_config
+    from engine.rows import GenerationParams, RowInput
+
+    load_config(model_dir)  # fail fast with a clear message before anything heavy
+    policy = build_policy(percent, gpu_batch_size, num_gpu_batches, overlap, cpu_cache_compute,
+                          compress_weight, compress_cache, compress_bits, compress_group_size)
+    params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    with Engine(model_dir, policy, dtype=dtype, offload_dir=default_offload_dir(offload_dir),
+                gpu_mem_gib=gpu_mem, cpu_mem_gib=cpu_mem) as engine:
+        rows = []
+        for i, text in enumerate(prompts):
+            ids = engine.tokenizer(text).input_ids
+            if max_input_length is not None:
+                ids = ids[-max_input_length:]
+            rows.append(RowInput(row_id=i, prompt_ids=tuple(ids)))
+        results = engine.generate(rows, params)
+        for text, res in zip(prompts, results):
+            click.echo(text + engine.tokenizer.decode(res.generated_ids, skip_special_tokens=True))
+            click.echo("-" * 40)
+        s = engine.stats
+        click.echo(f"policy: {policy.describe()}  dtype: {str(engine.dtype).removeprefix('torch.')}  "
+                   f"device: {engine.device}")
+        click.echo(f"prefill: {s.prefill_tokens_per_s:.1f} tokens/s  decode: {s.decode_tokens_per_s:.1f} tokens/s  "
+                   f"overall: {s.tokens_per_s:.2f} generated tokens/s")
+        gpu = f"  peak GPU: {s.peak_gpu_bytes / 2**30:.2f} GiB" if engine.device.type == "cuda" else ""
+        click.echo(f"peak RSS: {s.peak_rss_bytes / 2**30:.2f} GiB{gpu}  weights per tier (GiB): " +
+                   ", ".join(f"{t.value} {b / 2**30:.2f}" for t, b in engine.weights.bytes_by_tier().items()))
