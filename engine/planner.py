@@ -242,12 +242,17 @@ def _impossible_message(config: OPTConfig, hardware: HardwareProfile, budgets: d
 
 
 def grid_search(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, budgets_gib: dict[str, float | None], *,
-                step: float = 0.1, levels: int = 7, keep: int = 8) -> tuple[float, Placement] | None:
-    """Brute force over the same cost model, for tests: evaluate a grid of placements (numpy,
-    vectorised), then repeatedly zoom a finer grid around the best few points. The problem for
-    one shape is convex (a max of linear terms over a polytope), so zooming converges to the
-    optimum up to the last step size."""
-    free = ["wc", "cc", "hc"] if not hw.has_gpu else ["wg", "wc", "cg", "cc", "hg", "hc"]
+                step: float = 0.1, levels: int = 12, keep: int = 4, samples: int = 2000,
+                seed: int = 0) -> tuple[float, Placement] | None:
+    """Brute force over the same cost model, for tests. The cache and activation fractions are
+    searched on a grid (numpy, vectorised), zoomed around the best few points level by level
+    with grid and random offsets. Weights need no grid axis: more of them nearer the compute
+    device never costs time or working memory, so for each grid point they fill the GPU budget
+    first and then the CPU budget (found by evaluating the cost model's peaks at two points; they
+    are affine in each fraction). Without that, the grid stalls where two kinds trade one binding
+    budget in a ratio no grid direction follows."""
+    free = ["cc", "hc"] if not hw.has_gpu else ["cg", "cc", "hg", "hc"]
+    rng = np.random.default_rng(seed)
     axis = np.round(np.arange(0, 1 + 1e-9, step), 12)
     pts = np.array(list(itertools.product(axis, repeat=len(free))), dtype=float)
     best = _grid_eval(cfg, hw, sh, budgets_gib, free, pts, keep)
@@ -256,33 +261,69 @@ def grid_search(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, budgets_gib: dic
         if not best:
             return None
         h /= 2
-        offs = np.array(list(itertools.product((-2 * h, -h, 0.0, h, 2 * h), repeat=len(free))))
-        pts = np.concatenate([p + offs for _, p in best])
-        best = _grid_eval(cfg, hw, sh, budgets_gib, free, np.clip(pts, 0.0, 1.0), keep) or best
+        offs = np.concatenate([np.array(list(itertools.product((-2 * h, -h, 0.0, h, 2 * h), repeat=len(free)))),
+                               rng.uniform(-2 * h, 2 * h, size=(samples, len(free)))])
+        pts = np.clip(np.concatenate([p + offs for _, p in best]), 0.0, 1.0)
+        found = _grid_eval(cfg, hw, sh, budgets_gib, free, pts, keep)
+        best = sorted(found + best, key=lambda tp: tp[0])[:keep] if found else best
     if not best:
         return None
     t, p = best[0]
-    return t, _placement(free, p[None, :], index=0)
+    x = _filled(cfg, hw, sh, budgets_gib, free, p[None, :])
+    return t, Placement(**{k: float(np.asarray(getattr(x, k)).reshape(-1)[0]) for k in FRACTIONS})
 
 
-def _placement(free: list[str], pts: np.ndarray, index: int | None = None) -> Placement:
+def _with(x: Placement, **changes) -> Placement:
+    return Placement(**{**{k: getattr(x, k) for k in FRACTIONS}, **changes})
+
+
+def _fill_limit(cfg, hw, sh, tier: str, limit: float | None, x0: Placement, x1: Placement, hi) -> np.ndarray:
+    """Largest t in [0, hi] with every peak candidate of `tier` at x0 + t (x1 - x0) within limit
+    (-inf where none fits)."""
+    if limit is None:
+        return np.asarray(hi, dtype=float)
+    lim = limit * GIB
+    out = np.asarray(hi, dtype=float).copy()
+    for p0, p1 in zip(memory_peaks(cfg, hw, sh, x0)[tier], memory_peaks(cfg, hw, sh, x1)[tier]):
+        p0, p1 = np.broadcast_arrays(np.asarray(p0, dtype=float), np.asarray(p1, dtype=float))
+        slope = p1 - p0  # peak at fraction 1 of the move minus at 0; affine in between
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.where(slope > 0, (lim - p0) / np.where(slope > 0, slope, 1.0),
+                         np.where(p1 <= lim, np.inf, -np.inf))
+        out = np.minimum(out, t)
+    return out
+
+
+def _filled(cfg, hw, sh, budgets_gib, free, pts) -> Placement:
     vals = {k: np.zeros(len(pts)) for k in FRACTIONS}
     for i, k in enumerate(free):
         vals[k] = pts[:, i]
-    for kind in "wch":
+    for kind in "ch":
         vals[kind + "d"] = 1.0 - vals[kind + "g"] - vals[kind + "c"]
-    if index is not None:
-        return Placement(**{k: float(v[index]) for k, v in vals.items()})
-    return Placement(**vals)
+    n = len(pts)
+    x = Placement(**{**vals, "wg": np.zeros(n), "wc": np.zeros(n), "wd": np.ones(n)})
+    wg = np.zeros(n)
+    if hw.has_gpu:
+        t = _fill_limit(cfg, hw, sh, "gpu", budgets_gib.get("gpu"), x,
+                        _with(x, wg=np.ones(n), wd=np.zeros(n)), np.ones(n))
+        wg = np.clip(t, 0.0, 1.0)
+        wg = np.where(t < 0, np.nan, wg)  # nothing fits on the GPU even without weights
+        x = _with(x, wg=wg, wd=1.0 - wg)
+    t = _fill_limit(cfg, hw, sh, "cpu", budgets_gib.get("cpu"), x,
+                    _with(x, wc=1.0 - wg, wd=np.zeros(n)), np.ones(n))
+    wc = np.clip(t, 0.0, 1.0) * (1.0 - wg)
+    wc = np.where(t < 0, np.nan, wc)
+    return _with(x, wc=wc, wd=1.0 - wg - wc)
 
 
 def _grid_eval(cfg, hw, sh, budgets_gib, free, pts, keep) -> list[tuple[float, np.ndarray]]:
     from engine.cost_model import block_time, peak_bytes
 
-    x = _placement(free, pts)
+    x = _filled(cfg, hw, sh, budgets_gib, free, pts)
     ok = np.ones(len(pts), dtype=bool)
-    for kind in "wch":
-        ok &= getattr(x, kind + "d") >= -1e-12
+    for k in FRACTIONS:
+        v = np.asarray(getattr(x, k), dtype=float)
+        ok &= np.isfinite(v) & (v >= -1e-12)
     for tier, peak in peak_bytes(cfg, hw, sh, x).items():
         lim = budgets_gib.get(tier)
         if lim is not None:
