@@ -37,8 +37,8 @@ class InputInfo:
 class InputRow:
     row: int                  # position in the input file (0-based): the row's identity everywhere
     id: object | None         # value of --id-column, if given
-    prompt: str | None        # None when the prompt is unusable (see `problem`)
-    problem: str | None = None
+    prompt: str | None        # None when null or not UTF-8
+    problem: str | None = None  # why the row cannot be generated (it becomes an error row)
 
 
 def _is_text(t: pa.DataType) -> bool:
@@ -104,7 +104,7 @@ def fingerprint_file(path: str | Path) -> str:
 
 
 def prompt_problem(value: bytes | None) -> tuple[str | None, str | None]:
-    """(prompt, problem): exactly one of them is None."""
+    """(prompt, problem): the decoded text (None if it has none) and what makes it unusable."""
     if value is None:
         return None, "prompt is null"
     try:
@@ -112,7 +112,7 @@ def prompt_problem(value: bytes | None) -> tuple[str | None, str | None]:
     except UnicodeDecodeError as exc:
         return None, f"prompt is not valid UTF-8 (byte {exc.start})"
     if text == "":
-        return None, "prompt is empty"
+        return "", "prompt is empty"
     return text, None
 
 

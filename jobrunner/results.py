@@ -122,3 +122,34 @@ def write_results(engine: Engine, job_id: int, out_path: str | Path, *, partial:
 def _value_counts(column: pa.ChunkedArray) -> tuple[list[str], list[int]]:
     counts = column.value_counts()
     return counts.field("values").to_pylist(), counts.field("counts").to_pylist()
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryReport:
+    lines: list[str]
+
+
+def retry(engine: Engine, job_id: int, *, failed_rows: bool = False) -> RetryReport:
+    """`flexjob retry`: drop missing/damaged parts (and with `failed_rows` the parts holding error
+    rows) so their rows are generated again, and reopen a failed or cancelled job."""
+    job = store.get_job(engine, job_id)
+    lines: list[str] = []
+    damaged = damaged_parts(engine, job_id)
+    if damaged:
+        rows = store.drop_parts(engine, job_id, [p.id for p, _ in damaged], reason="missing or damaged parts")
+        lines += [problem for _, problem in damaged]
+        lines.append(f"{rows} rows of {len(damaged)} damaged parts will be generated again")
+    if failed_rows:
+        part_ids = store.failed_row_parts(engine, job_id)
+        if part_ids:
+            rows = store.drop_parts(engine, job_id, part_ids, reason="retry --failed-rows")
+            lines.append(f"{rows} rows of {len(part_ids)} blocks with error rows will be generated again")
+    if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+        store.retry_job(engine, job_id)
+        lines.append(f"job {job_id} was {job.status.value}; its unfinished shards are queued again")
+    if not lines:
+        hint = ("pass --failed-rows to regenerate its error rows" if job.failed_rows
+                else "nothing failed and every part is intact")
+        raise UserError(f"job {job_id} is {job.status.value}; there is nothing to retry", hint)
+    lines.append(f"job {job_id} is queued; run `flexjob work` to finish it")
+    return RetryReport(lines=lines)

@@ -1,0 +1,217 @@
+"""Job commands: `enqueue`, `work`, `results`, `jobs`, `cancel`, `retry`, `demo`.
+
+Each parses options, opens the store and calls the library (jobrunner.enqueue, .worker, .results,
+.store, .demo); nothing here holds logic a test would need to reach without the CLI.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from jobrunner.cli import main
+from jobrunner.cli.engine_commands import build_policy, default_offload_dir, policy_options
+
+db_option = click.option("--db", default=None, envvar="FLEXJOB_DB",
+                         help="Job store: a SQLAlchemy URL or a SQLite file path. [default: sqlite:///flexjob.db]")
+
+
+def _open(db):
+    from jobrunner.db import open_store
+    return open_store(db)
+
+
+@main.command("enqueue")
+@click.argument("input_path", metavar="PROMPTS.parquet", type=click.Path(path_type=Path))
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="OPT model directory.")
+@click.option("--column", default="prompt", show_default=True, help="Column holding the prompts.")
+@click.option("--id-column", default=None, help="Column copied to the results as `id`.")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--stop", "stop", multiple=True, help="Cut the completion at this text (repeatable).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="bfloat16",
+              show_default=True, help="Compute dtype (part of the job: every worker uses it).")
+@click.option("--truncate", type=click.Choice(["error", "left"]), default="error", show_default=True,
+              help="Prompts too long for the model: error rows, or cut from the left.")
+@click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first.")
+@click.option("--shard-rows", type=int, default=1000, show_default=True, help="Rows per shard (unit of claim).")
+@click.option("--name", default=None, help="A name for the job (default: the file name).")
+@click.option("--results-dir", type=click.Path(path_type=Path), default=None,
+              help="Where parts are written (shared by all workers). Default: next to the SQLite file.")
+@click.option("--force", is_flag=True, help="Create a new job even if the same one exists.")
+@db_option
+def enqueue_command(input_path, model_dir, column, id_column, max_new_tokens, temperature, top_p, seed, stop,
+                    dtype, truncate, priority, shard_rows, name, results_dir, force, db):
+    """Create a job from a Parquet file of prompts (idempotent: the same file and parameters
+    return the existing job).
+
+    \b
+    Example:
+      flexjob enqueue prompts.parquet --model models/opt-1.3b --max-new-tokens 64 --seed 1
+    """
+    from jobrunner.enqueue import JobParams, enqueue
+
+    params = JobParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                       stop=tuple(stop), dtype=dtype, truncate=truncate)
+    result = enqueue(_open(db), input_path, model_dir=model_dir, column=column, id_column=id_column,
+                     params=params, priority=priority, shard_rows=shard_rows, name=name,
+                     results_root=results_dir, force=force)
+    job = result.job
+    shards = -(-job.total_rows // job.shard_rows)
+    if not result.created:
+        click.echo(f"job {job.id} already exists for this file and these parameters "
+                   f"({job.status.value}, {job.done_rows}/{job.total_rows} rows); use --force for a new one")
+        return
+    click.echo(f"enqueued job {job.id} ({job.name}): {job.total_rows} rows in {shards} shards")
+    if result.problem_rows:
+        detail = ", ".join(f"{n} {kind.removeprefix('prompt is ')}" for kind, n in sorted(result.problem_rows.items()))
+        click.echo(f"note: {sum(result.problem_rows.values())} rows will be error rows ({detail})")
+
+
+@main.command("work")
+@policy_options
+@click.option("--exit-when-idle", is_flag=True, help="Exit when no shard is claimable.")
+@click.option("--max-jobs", type=int, default=None, help="Exit after working on this many jobs.")
+@click.option("--lease", "lease_s", type=float, default=60.0, show_default=True, help="Lease length in seconds.")
+@click.option("--progress-every", type=int, default=16, show_default=True,
+              help="Save generated tokens of rows in flight every N decode steps.")
+@db_option
+def work_command(percent, gpu_batch_size, num_gpu_batches, gpu_mem, cpu_mem, offload_dir, overlap,
+                 cpu_cache_compute, compress_weight, compress_cache, compress_bits, compress_group_size,
+                 exit_when_idle, max_jobs, lease_s, progress_every, db):
+    """Claim shards and generate until stopped (SIGTERM/Ctrl-C save progress and exit).
+
+    \b
+    Example:
+      flexjob work --gpu-mem 8 --cpu-mem 30 --percent 0 100 100 0 100 0 --gpu-batch-size 16
+    """
+    from jobrunner.worker import PlainReporter, Worker, WorkerConfig
+
+    policy = build_policy(percent, gpu_batch_size, num_gpu_batches, overlap, cpu_cache_compute,
+                          compress_weight, compress_cache, compress_bits, compress_group_size)
+    config = WorkerConfig(policy=policy, gpu_mem_gib=gpu_mem, cpu_mem_gib=cpu_mem,
+                          offload_dir=default_offload_dir(offload_dir), exit_when_idle=exit_when_idle,
+                          max_jobs=max_jobs, lease_s=lease_s, progress_every=progress_every,
+                          device_lock=_gpu_lock_name())
+    reporter = _RichReporter() if sys.stderr.isatty() else PlainReporter()
+    summary = Worker(_open(db), config, reporter=reporter).run()
+    click.echo(f"worker stopped ({summary.stopped_by}): {summary.shards_done} shards, {summary.rows_done} rows, "
+               f"{summary.tokens} tokens", err=True)
+    if summary.stopped_by == "signal":
+        sys.exit(0)
+
+
+def _gpu_lock_name() -> str | None:
+    import torch
+    if not torch.cuda.is_available():
+        return None  # CPU workers may share a host; one worker per GPU is what matters
+    index = torch.cuda.current_device()
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    return f"cuda-{uuid}" if uuid is not None else f"cuda-{index}"
+
+
+class _RichReporter:
+    """A progress bar (rows, tokens/s, ETA) for a terminal."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.console = Console(stderr=True)
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=self.console)
+        self.progress.start()
+        self.task = None
+        self.rows = self.tokens = 0
+        self._window: list[tuple[float, int]] = []
+
+    def message(self, text: str) -> None:
+        self.progress.console.log(text)
+
+    def shard_started(self, *, job, lease, rows, already_done, resumed_tokens) -> None:
+        desc = f"job {job.id} shard {lease.shard_index}"
+        if self.task is None:
+            self.task = self.progress.add_task(desc, total=rows + already_done, completed=already_done, rate="")
+        else:
+            self.progress.reset(self.task, description=desc, total=rows + already_done, completed=already_done)
+
+    def step(self, *, new_tokens: int) -> None:
+        import time
+        self.tokens += new_tokens
+        now = time.monotonic()
+        self._window = [(t, n) for t, n in self._window if now - t < 10] + [(now, new_tokens)]
+        span = now - self._window[0][0]
+        if self.task is not None and span > 0:
+            self.progress.update(self.task, rate=f"{sum(n for _, n in self._window) / span:.1f} tok/s")
+
+    def block_committed(self, *, rows, failed, tokens, seconds) -> None:
+        self.rows += rows
+        if self.task is not None:
+            self.progress.advance(self.task, rows)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+@main.command("results")
+@click.argument("job_id", type=int)
+@click.option("-o", "--output", "out_path", required=True, type=click.Path(path_type=Path),
+              help="Parquet file to write.")
+@click.option("--partial", is_flag=True, help="Write the rows done so far of an unfinished job.")
+@db_option
+def results_command(job_id, out_path, partial, db):
+    """Merge a job's results into one Parquet file in input order (every row checked once)."""
+    from jobrunner.results import write_results
+
+    summary = write_results(_open(db), job_id, out_path, partial=partial)
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary.finish_reasons.items()))
+    missing = f"; {summary.missing_rows} rows not done yet" if summary.missing_rows else ""
+    click.echo(f"wrote {summary.rows} rows to {summary.path} ({reasons}){missing}")
+
+
+@main.command("jobs")
+@click.option("--status", "statuses", multiple=True,
+              type=click.Choice(["queued", "running", "completed", "failed", "cancelling", "cancelled"]))
+@click.option("--limit", type=int, default=50, show_default=True)
+@db_option
+def jobs_command(statuses, limit, db):
+    """List jobs, newest first."""
+    from jobrunner import store
+    from jobrunner.models import JobStatus
+
+    jobs = store.list_jobs(_open(db), statuses=[JobStatus(s) for s in statuses] or None, limit=limit)
+    if not jobs:
+        click.echo("no jobs")
+        return
+    click.echo(f"{'id':>4}  {'status':<10}  {'done':>15}  {'errors':>6}  {'created (UTC)':<19}  name")
+    for job in jobs:
+        click.echo(f"{job.id:>4}  {job.status.value:<10}  {f'{job.done_rows}/{job.total_rows}':>15}  "
+                   f"{job.failed_rows:>6}  {job.created_at:%Y-%m-%d %H:%M:%S}  {job.name}"
+                   + (f"  ({job.error})" if job.error else ""))
+
+
+@main.command("cancel")
+@click.argument("job_id", type=int)
+@db_option
+def cancel_command(job_id, db):
+    """Cancel a job; workers holding its shards stop at their next heartbeat."""
+    from jobrunner import store
+
+    job = store.cancel_job(_open(db), job_id)
+    click.echo(f"job {job.id} is {job.status.value}")
+
+
+@main.command("retry")
+@click.argument("job_id", type=int)
+@click.option("--failed-rows", is_flag=True, help="Also regenerate the blocks that hold error rows.")
+@db_option
+def retry_command(job_id, failed_rows, db):
+    """Reopen a failed or cancelled job, and regenerate the rows of missing or damaged parts."""
+    from jobrunner.results import retry
+
+    report = retry(_open(db), job_id, failed_rows=failed_rows)
+    for line in report.lines:
+        click.echo(line)
