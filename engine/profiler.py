@@ -1,0 +1,264 @@
+"""Measure this host for the cost model: disk, memory, link bandwidths and FLOP/s, in a few seconds.
+
+Every number is what the engine's own operations see, not a datasheet figure:
+- disk read bypasses the page cache (O_DIRECT into page-aligned buffers; if the filesystem
+  refuses O_DIRECT, posix_fadvise(DONTNEED) after fsync), because with tens of GiB of RAM a
+  "disk" tier under the RAM size is otherwise served from memory (MACHINE-NOTES);
+- disk write includes fsync, as the engine's disk tier must not count on dirty pages;
+- "memory bandwidth" is the weight-streaming rate of a batch-1 linear layer in the compute
+  dtype, which is what bounds small-batch decode on a CPU;
+- CPU attention is a decode step's attention over a bf16 KV cache, in cache bytes per second.
+The result is stored as JSON under $FLEXJOB_HOME/profiles (default ./.flexjob) keyed by host,
+device and disk directory, and reused until it is older than MAX_AGE_S or --refresh.
+"""
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from engine.hardware import PROFILE_VERSION, HardwareProfile
+
+MAX_AGE_S = 7 * 24 * 3600
+DEFAULT_DISK_BYTES = 256 * 2 ** 20
+_CHUNK = 8 * 2 ** 20  # O_DIRECT needs offsets, sizes and buffers aligned; 8 MiB is aligned to all
+
+
+def flexjob_home() -> Path:
+    return Path(os.environ.get("FLEXJOB_HOME", ".flexjob"))
+
+
+def profile_path(disk_dir: str | Path, home: Path | None = None) -> Path:
+    disk_dir = str(Path(disk_dir).resolve())
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    key = hashlib.sha1(f"{socket.gethostname()}|{device}|{disk_dir}".encode()).hexdigest()[:12]
+    return (home or flexjob_home()) / "profiles" / f"{socket.gethostname()}-{key}.json"
+
+
+def load_or_measure_profile(disk_dir: str | Path, refresh: bool = False, *,
+                            home: Path | None = None, disk_bytes: int = DEFAULT_DISK_BYTES,
+                            max_age_s: float = MAX_AGE_S) -> HardwareProfile:
+    """The stored profile of this host and disk directory, measured now if missing or stale."""
+    path = profile_path(disk_dir, home)
+    if not refresh and path.is_file():
+        try:
+            prof = HardwareProfile.load(path)
+        except ValueError:
+            prof = None
+        if prof is not None and prof.version == PROFILE_VERSION and prof.age_s() < max_age_s:
+            return prof
+    prof = measure_profile(disk_dir, disk_bytes=disk_bytes)
+    prof.save(path)
+    return prof
+
+
+def measure_profile(disk_dir: str | Path, *, disk_bytes: int = DEFAULT_DISK_BYTES,
+                    seconds_per_test: float = 0.25) -> HardwareProfile:
+    disk_dir = Path(disk_dir)
+    disk_dir.mkdir(parents=True, exist_ok=True)
+    has_gpu = torch.cuda.is_available()
+    dtype = torch.float16 if has_gpu else torch.bfloat16
+    write_gbps, read_gbps, method = measure_disk(disk_dir, disk_bytes)
+    flops = {"cpu": {str(dt).removeprefix("torch."): matmul_flops("cpu", dt, seconds_per_test)
+                     for dt in (torch.float32, torch.bfloat16)}}
+    fields: dict = {}
+    if has_gpu:
+        flops["cuda"] = {str(dt).removeprefix("torch."): matmul_flops("cuda", dt, seconds_per_test)
+                         for dt in (torch.float32, torch.bfloat16, torch.float16)}
+        c2g, g2c = pinned_copy_gbps(seconds_per_test)
+        props = torch.cuda.get_device_properties(0)
+        fields = dict(gpu_name=props.name, cpu_to_gpu_gbps=c2g, gpu_to_cpu_gbps=g2c,
+                      gpu_mem_gbps=device_copy_gbps(seconds_per_test), gpu_mem_gib=props.total_memory / 2 ** 30)
+    device = "cuda" if has_gpu else "cpu"
+    return HardwareProfile(
+        host=socket.gethostname(), source=f"measured by flexjob (torch {torch.__version__})",
+        created_at=time.time(), disk_dir=str(disk_dir.resolve()), disk_read_method=method,
+        compute_dtype=str(dtype).removeprefix("torch."),
+        disk_read_gbps=read_gbps, disk_write_gbps=write_gbps,
+        cpu_mem_gbps=weight_stream_gbps(seconds_per_test),
+        cpu_attention_gbps=cpu_attention_gbps(seconds_per_test),
+        dequant_gbps=dequant_gbps(device, dtype, seconds_per_test),
+        matmul_flops=flops, op_overhead_s=op_overhead_s(device),
+        cpu_mem_gib=psutil.virtual_memory().total / 2 ** 30,
+        disk_free_gib=shutil.disk_usage(disk_dir).free / 2 ** 30, **fields)
+
+
+def _fs_type(path: Path) -> str:
+    """The filesystem type of the mount holding `path` (longest mount-point prefix)."""
+    best, fstype = "", "unknown"
+    try:
+        with open("/proc/mounts") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 3 and str(path).startswith(parts[1]) and len(parts[1]) > len(best):
+                    best, fstype = parts[1], parts[2]
+    except OSError:
+        pass
+    return fstype
+
+
+def measure_disk(disk_dir: Path, nbytes: int = DEFAULT_DISK_BYTES) -> tuple[float, float, str]:
+    """(write GB/s with fsync, read GB/s with the page cache bypassed, how it was bypassed)."""
+    nbytes = max(_CHUNK, nbytes // _CHUNK * _CHUNK)
+    path = disk_dir.resolve() / f".flexjob-disk-probe-{os.getpid()}"
+    buf = mmap.mmap(-1, _CHUNK)  # page-aligned, as O_DIRECT requires
+    buf.write(os.urandom(_CHUNK))  # incompressible
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            t0 = time.perf_counter()
+            for _ in range(nbytes // _CHUNK):
+                os.write(fd, buf)
+            os.fsync(fd)
+            write_s = time.perf_counter() - t0
+        finally:
+            os.close(fd)
+        read_s, method = _read_uncached(path, nbytes, buf)
+        return nbytes / write_s / 1e9, nbytes / read_s / 1e9, method
+    finally:
+        buf.close()
+        path.unlink(missing_ok=True)
+
+
+def _read_uncached(path: Path, nbytes: int, buf: mmap.mmap) -> tuple[float, str]:
+    fstype = _fs_type(path)
+    if fstype in ("tmpfs", "ramfs"):
+        method = f"page-cache ({fstype} is memory)"
+    else:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+            method = "O_DIRECT" if hasattr(os, "O_DIRECT") else "fadvise"
+        except OSError:
+            fd, method = None, "fadvise"
+        if fd is not None:
+            try:
+                t0 = time.perf_counter()
+                done = 0
+                while done < nbytes:
+                    got = os.preadv(fd, [buf], done)
+                    if got <= 0:
+                        break
+                    done += got
+                return time.perf_counter() - t0, method
+            except OSError:
+                method = "fadvise"  # the filesystem accepted the flag at open but not the read
+            finally:
+                os.close(fd)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if method == "fadvise":
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        t0 = time.perf_counter()
+        done = 0
+        while done < nbytes:
+            got = os.preadv(fd, [buf], done)
+            if got <= 0:
+                break
+            done += got
+        return time.perf_counter() - t0, method
+    finally:
+        os.close(fd)
+
+
+def _timed(fn, seconds: float, sync=lambda: None) -> float:
+    """Seconds per call of fn, repeated for about `seconds` after a warm-up call; a call slower
+    than the whole allowance is timed once (keeps the profile bounded on slow paths)."""
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    first = time.perf_counter() - t0
+    if first >= seconds:
+        return first
+    n, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        sync()
+        el = time.perf_counter() - t0
+        if el >= seconds:
+            return el / n
+
+
+def _sync(device: str):
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def matmul_flops(device: str, dtype: torch.dtype, seconds: float = 0.25) -> float:
+    """Dense FLOP/s of a linear layer in the engine's layout (weight [out, in]; F.linear), which on
+    some CPUs is many times faster than a @ b of the same size in bf16."""
+    n = 2048 if device == "cuda" else 1024
+    x = torch.randn(n, n, device=device).to(dtype)
+    w = torch.randn(n, n, device=device).to(dtype)
+    with torch.inference_mode():
+        return 2 * n ** 3 / _timed(lambda: torch.nn.functional.linear(x, w), seconds, _sync(device))
+
+
+def weight_stream_gbps(seconds: float = 0.25) -> float:
+    """Bytes/s a batch-1 bf16 linear layer on the CPU reads its weight at (64 MiB: beyond caches)."""
+    w = torch.randn(8192, 4096).to(torch.bfloat16)
+    x = torch.randn(1, 4096).to(torch.bfloat16)
+    with torch.inference_mode():
+        per = _timed(lambda: torch.nn.functional.linear(x, w), seconds)
+    return w.numel() * w.element_size() / per / 1e9
+
+
+def cpu_attention_gbps(seconds: float = 0.25, *, batch: int = 4, heads: int = 16, ctx: int = 512,
+                       head_dim: int = 64) -> float:
+    """KV-cache bytes/s of one decode attention step on the CPU in bf16 (FlexGen's CPU delegation)."""
+    q = torch.randn(batch, heads, 1, head_dim).to(torch.bfloat16)
+    k = torch.randn(batch, heads, ctx, head_dim).to(torch.bfloat16)
+    v = torch.randn(batch, heads, ctx, head_dim).to(torch.bfloat16)
+
+    def attend():
+        scores = torch.softmax((q @ k.transpose(-1, -2)).float() * head_dim ** -0.5, dim=-1)
+        return scores.to(v.dtype) @ v
+    with torch.inference_mode():
+        per = _timed(attend, seconds)
+    return 2 * k.numel() * k.element_size() / per / 1e9
+
+
+def dequant_gbps(device: str, dtype: torch.dtype, seconds: float = 0.25, *, group: int = 64) -> float:
+    """fp16/bf16 output bytes/s of 4-bit group-wise decompression (unpack, scale, shift)."""
+    n = 2 ** 22
+    packed = torch.randint(0, 256, (n // 2,), dtype=torch.uint8, device=device)
+    scale = torch.rand(n // group, 1, device=device).to(dtype)
+    low = torch.rand(n // group, 1, device=device).to(dtype)
+
+    def dequant():
+        q = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(n // group, group)
+        return q.to(dtype) * scale + low
+    with torch.inference_mode():
+        per = _timed(dequant, seconds, _sync(device))
+    return n * torch.tensor([], dtype=dtype).element_size() / per / 1e9
+
+
+def op_overhead_s(device: str) -> float:
+    """Cost of dispatching one small op: the floor of every kernel at tiny batch sizes."""
+    a = torch.randn(8, 8, device=device)
+    with torch.inference_mode():
+        return _timed(lambda: torch.add(a, a), 0.02, _sync(device))
+
+
+def pinned_copy_gbps(seconds: float = 0.25) -> tuple[float, float]:
+    """Host->device and device->host GB/s with pinned host memory (the engine's staging buffers)."""
+    nbytes = 256 * 2 ** 20
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    c2g = _timed(lambda: dev.copy_(host, non_blocking=True), seconds, torch.cuda.synchronize)
+    g2c = _timed(lambda: host.copy_(dev, non_blocking=True), seconds, torch.cuda.synchronize)
+    return nbytes / c2g / 1e9, nbytes / g2c / 1e9
+
+
+def device_copy_gbps(seconds: float = 0.25) -> float:
+    """Device memory bandwidth: a copy reads and writes each byte once."""
+    nbytes = 512 * 2 ** 20
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    return 2 * nbytes / _timed(lambda: b.copy_(a), seconds, torch.cuda.synchronize) / 1e9
