@@ -215,3 +215,20 @@ def retry_command(job_id, failed_rows, db):
     report = retry(_open(db), job_id, failed_rows=failed_rows)
     for line in report.lines:
         click.echo(line)
+
+
+@main.command("demo")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep everything in this directory (default: a temporary one, deleted afterwards).")
+def demo_command(directory):
+    """The whole path on a generated model: make-model, enqueue, work, status, results."""
+    import tempfile
+
+    from jobrunner.demo import run_demo
+
+    if directory is not None:
+        run_demo(directory, say=click.echo)
+        click.echo(f"everything is in {directory}")
+        return
+    with tempfile.TemporaryDirectory(prefix="flexjob-demo-") as tmp:
+        run_demo(Path(tmp), say=click.echo)
