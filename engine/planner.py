@@ -193,10 +193,20 @@ def plan(config: OPTConfig, hardware: HardwareProfile, *, gpu_mem_gib: float | N
                                               compress_options))
     cands.sort(key=lambda c: -c[0])
     best_tps, best, lp_s = cands[0]
+    # Alternatives: the best of each other block shape (cpu attention on/off alone is not news).
+    seen, alts = {_shape_key(best.policy)}, []
+    for _, cand, _ in cands[1:]:
+        if _shape_key(cand.policy) not in seen and len(alts) < num_alternatives:
+            seen.add(_shape_key(cand.policy))
+            alts.append(cand)
     return Plan(policy=best.policy, tokens_per_s=best.tokens_per_s, peak_gib=best.estimate.peak_gib,
                 estimate=best.estimate, budgets_gib=budgets,
-                alternatives=tuple(c for _, c, _ in cands[1:1 + num_alternatives]),
+                alternatives=tuple(alts),
                 lp_objective_s=lp_s, solved=solved, skipped=skipped)
+
+
+def _shape_key(p: Policy) -> tuple:
+    return p.gpu_batch_size, p.num_gpu_batches, p.compress_weight
 
 
 def _exact_policy(sh: Shape, x: Placement) -> Policy:

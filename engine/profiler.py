@@ -44,7 +44,7 @@ def profile_path(disk_dir: str | Path, home: Path | None = None) -> Path:
 
 def load_or_measure_profile(disk_dir: str | Path, refresh: bool = False, *,
                             home: Path | None = None, disk_bytes: int = DEFAULT_DISK_BYTES,
-                            max_age_s: float = MAX_AGE_S) -> HardwareProfile:
+                            seconds_per_test: float = 0.25, max_age_s: float = MAX_AGE_S) -> HardwareProfile:
     """The stored profile of this host and disk directory, measured now if missing or stale."""
     path = profile_path(disk_dir, home)
     if not refresh and path.is_file():
@@ -54,7 +54,7 @@ def load_or_measure_profile(disk_dir: str | Path, refresh: bool = False, *,
             prof = None
         if prof is not None and prof.version == PROFILE_VERSION and prof.age_s() < max_age_s:
             return prof
-    prof = measure_profile(disk_dir, disk_bytes=disk_bytes)
+    prof = measure_profile(disk_dir, disk_bytes=disk_bytes, seconds_per_test=seconds_per_test)
     prof.save(path)
     return prof
 

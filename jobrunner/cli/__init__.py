@@ -71,6 +71,7 @@ def _register() -> None:
     # Each module adds its commands to `main`; imported here so `flexjob --help` lists them all.
     from jobrunner.cli import engine_commands  # noqa: F401
     from jobrunner.cli import job_commands  # noqa: F401
+    from jobrunner.cli import plan_commands  # noqa: F401
 
 
 _register()

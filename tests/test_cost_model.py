@@ -1,0 +1,112 @@
+"""The cost model: units, compression, overlap, CPU-only folding, and float/numpy agreement."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.cost_model import (GIB, Placement, Shape, block_time, compression_factor, estimate,
+                               head_weight_bytes, layer_weight_bytes, peak_bytes, phase_terms,
+                               traffic_per_token)
+from engine.hardware import HardwareProfile, t4_flexgen
+from engine.model_config import preset
+from engine.policy import CompressionConfig, Policy
+
+CPU_HOST = HardwareProfile(disk_read_gbps=1.1, disk_write_gbps=1.3, cpu_mem_gbps=18.0,
+                           matmul_flops={"cpu": {"bfloat16": 4e11, "float32": 1.4e11}},
+                           cpu_attention_gbps=10.0, dequant_gbps=5.0, cpu_mem_gib=23, disk_free_gib=100)
+
+
+def test_compression_factor_is_bits_over_16_plus_two_bytes_per_group_value():
+    # 4 bit + an fp16 min and scale per 64 elements, against 2 bytes per element.
+    assert compression_factor(CompressionConfig()) == pytest.approx(0.25 + 4 / 64 / 2)
+    assert compression_factor(CompressionConfig(num_bits=8, group_size=32)) == pytest.approx(0.5 + 2 / 32)
+
+
+def test_weight_bytes_add_up_to_the_whole_model():
+    cfg = preset("1.3b")
+    total = cfg.num_layers * layer_weight_bytes(cfg) + head_weight_bytes(cfg)
+    assert total == 2 * cfg.param_count()
+
+
+def test_all_on_disk_peak_is_the_model_plus_cache():
+    cfg = preset("1.3b")
+    pol = Policy.from_percents([0, 0, 0, 0, 0, 0], gpu_batch_size=4, num_gpu_batches=2)
+    est = estimate(cfg, CPU_HOST, pol, prompt_len=64, gen_len=16)
+    cache = cfg.num_layers * 8 * (64 + 16) * 2 * cfg.hidden_size * 2
+    act = 8 * 64 * cfg.hidden_size * 2
+    assert est.peak_gib["disk"] * GIB == pytest.approx(2 * cfg.param_count() + cache + act)
+    assert est.bottleneck == "disk"
+
+
+def test_cpu_host_folds_gpu_share_into_ram_and_links_cost_nothing():
+    cfg = preset("350m")
+    as_gpu = Policy.from_percents([100, 0, 100, 0, 100, 0], gpu_batch_size=8)
+    as_cpu = Policy.from_percents([0, 100, 0, 100, 0, 100], gpu_batch_size=8)
+    a = estimate(cfg, CPU_HOST, as_gpu, prompt_len=32, gen_len=8)
+    b = estimate(cfg, CPU_HOST, as_cpu, prompt_len=32, gen_len=8)
+    assert a.tokens_per_s == pytest.approx(b.tokens_per_s)
+    assert a.peak_gib == pytest.approx(b.peak_gib)
+    assert a.peak_gib["gpu"] == 0 and a.decode_terms_s["cpu_to_gpu"] == 0 and a.decode_terms_s["disk"] == 0
+
+
+def test_overlap_is_max_and_no_overlap_is_sum():
+    cfg = preset("1.3b")
+    pol = Policy.from_percents([0, 50, 0, 100, 0, 100], gpu_batch_size=8, num_gpu_batches=4)
+    over = estimate(cfg, CPU_HOST, pol, prompt_len=128, gen_len=8)
+    serial = estimate(cfg, CPU_HOST, pol.replace(overlap=False), prompt_len=128, gen_len=8)
+    sh = Shape.from_policy(pol, prompt_len=128, gen_len=8)
+    layer = phase_terms(cfg, CPU_HOST, sh, Placement.from_policy(pol), decode=True)[0][1]
+    assert serial.decode_step_s > over.decode_step_s
+    n_layers = cfg.num_layers
+    assert over.decode_step_s >= n_layers * max(layer.values())
+    assert serial.decode_step_s >= n_layers * sum(layer.values())
+
+
+def test_compression_cuts_disk_traffic_by_its_factor():
+    cfg = preset("6.7b")
+    pol = Policy.from_percents([0, 0, 0, 100, 0, 100], gpu_batch_size=4)
+    plain = traffic_per_token(cfg, CPU_HOST, pol, prompt_len=32, gen_len=8)["disk_read"]
+    packed = traffic_per_token(cfg, CPU_HOST, pol.replace(compress_weight=True), prompt_len=32, gen_len=8)["disk_read"]
+    assert packed / plain == pytest.approx(compression_factor(CompressionConfig()))
+
+
+def test_more_on_disk_is_slower_and_uses_less_ram():
+    cfg = preset("1.3b")
+    fast = Policy.from_percents([0, 100, 0, 100, 0, 100], gpu_batch_size=8)
+    slow = Policy.from_percents([0, 40, 0, 100, 0, 100], gpu_batch_size=8)
+    a = estimate(cfg, CPU_HOST, fast, prompt_len=64, gen_len=16)
+    b = estimate(cfg, CPU_HOST, slow, prompt_len=64, gen_len=16)
+    assert b.tokens_per_s < a.tokens_per_s and b.peak_gib["cpu"] < a.peak_gib["cpu"]
+
+
+def test_cpu_attention_removes_cache_traffic_to_the_gpu():
+    cfg = preset("30b")
+    hw = t4_flexgen()
+    pol = Policy.from_percents([100, 0, 0, 100, 100, 0], gpu_batch_size=32, num_gpu_batches=2)
+    moved = estimate(cfg, hw, pol, prompt_len=256, gen_len=16)
+    delegated = estimate(cfg, hw, pol.replace(cpu_cache_compute=True), prompt_len=256, gen_len=16)
+    assert delegated.decode_terms_s["cpu_to_gpu"] < moved.decode_terms_s["cpu_to_gpu"] / 100
+    assert delegated.decode_terms_s["compute"] > moved.decode_terms_s["compute"]
+
+
+def test_numpy_and_float_evaluations_agree():
+    cfg, hw = preset("13b"), t4_flexgen()
+    sh = Shape(gpu_batch_size=8, num_gpu_batches=3, prompt_len=128, gen_len=16, cpu_cache_compute=True)
+    rng = np.random.default_rng(1)
+    raw = rng.dirichlet([1, 1, 1], size=(3, 5))  # 3 kinds x 5 samples x (g, c, d)
+    xs = Placement(wg=raw[0, :, 0], wc=raw[0, :, 1], wd=raw[0, :, 2], cg=raw[1, :, 0], cc=raw[1, :, 1],
+                   cd=raw[1, :, 2], hg=raw[2, :, 0], hc=raw[2, :, 1], hd=raw[2, :, 2])
+    vec_t = block_time(cfg, hw, sh, xs)
+    vec_p = peak_bytes(cfg, hw, sh, xs)
+    for i in range(5):
+        xi = Placement(**{k: float(getattr(xs, k)[i]) for k in ("wg", "wc", "wd", "cg", "cc", "cd", "hg", "hc", "hd")})
+        assert float(block_time(cfg, hw, sh, xi)) == pytest.approx(vec_t[i])
+        for tier, v in peak_bytes(cfg, hw, sh, xi).items():
+            assert float(v) == pytest.approx(np.asarray(vec_p[tier])[i])
+
+
+def test_profile_json_round_trip(tmp_path):
+    hw = t4_flexgen()
+    path = hw.save(tmp_path / "t4.json")
+    assert HardwareProfile.load(path) == hw
+    assert hw.with_links({"disk_read": 0.1}).disk_read_gbps == 0.1
