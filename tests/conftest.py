@@ -75,3 +75,34 @@ def prompts_file(tmp_path) -> Path:
     """Twelve short code prompts in two row groups, with string ids."""
     return write_prompts(tmp_path / "prompts.parquet", SAMPLE_PROMPTS,
                          ids=[f"p{i}" for i in range(len(SAMPLE_PROMPTS))], row_group_size=5)
+
+
+@pytest.fixture(scope="session")
+def offload_dir(tmp_path_factory) -> Path:
+    """One disk-tier directory for in-process workers, so the model is converted once."""
+    return tmp_path_factory.mktemp("offload")
+
+
+@pytest.fixture
+def run_worker(offload_dir):
+    """Run an in-process worker until the store is idle; returns its WorkerSummary."""
+    from engine.policy import Policy
+    from jobrunner.worker import PlainReporter, Worker, WorkerConfig
+
+    def run(db, *, block: int = 4, progress_every: int = 2, lease_s: float = 30.0, **config):
+        cfg = WorkerConfig(policy=Policy(gpu_batch_size=block), offload_dir=offload_dir, exit_when_idle=True,
+                           progress_every=progress_every, lease_s=lease_s, **config)
+        return Worker(db, cfg, reporter=PlainReporter()).run()
+
+    return run
+
+
+def flexjob_command(*args: str) -> list[str]:
+    """`flexjob ARGS` as a real subprocess of this interpreter."""
+    import sys
+
+    return [sys.executable, "-c", "from jobrunner.cli import main; main()", *map(str, args)]
+
+
+def read_results(path: Path) -> list[dict]:
+    return pq.read_table(path).select(["row", "completion", "completion_tokens", "finish_reason", "error"]).to_pylist()

@@ -1,0 +1,151 @@
+"""The worker end to end on a generated two-layer OPT: results equal the engine's own output,
+row problems become error rows, poison rows are isolated, leases are fenced."""
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from engine.engine import Engine
+from engine.policy import Policy
+from engine.rows import GenerationParams, RowInput
+from jobrunner import store, worker_blocks
+from jobrunner.db import open_store
+from jobrunner.enqueue import JobParams, enqueue
+from jobrunner.errors import UserError
+from jobrunner.models import JobStatus
+from jobrunner.results import write_results
+from jobrunner.store import LeaseLost, PartRecord
+from jobrunner.worker import DeviceLock
+from tests.conftest import SAMPLE_PROMPTS, write_prompts
+
+MAX_NEW = 6
+
+
+def engine_reference(model_dir, offload_dir, prompts: list[str], params: GenerationParams, block: int = 4):
+    """The engine called directly, in input order: what the job must reproduce."""
+    with Engine(model_dir, Policy(gpu_batch_size=block), dtype="bfloat16", offload_dir=offload_dir) as engine:
+        rows = [RowInput(row_id=i, prompt_ids=tuple(engine.tokenizer(p).input_ids)) for i, p in enumerate(prompts)]
+        results = engine.generate(rows, params)
+        return [(engine.tokenizer.decode(r.generated_ids, skip_special_tokens=True), len(r.generated_ids),
+                 r.finish_reason) for r in results]
+
+
+def test_results_equal_the_engine_called_directly(tmp_path, tiny_model, offload_dir, prompts_file, run_worker):
+    db = open_store(f"sqlite:///{tmp_path / 'f.db'}")
+    job = enqueue(db, prompts_file, model_dir=tiny_model, id_column="id", shard_rows=5,
+                  params=JobParams(max_new_tokens=MAX_NEW)).job
+    summary = run_worker(db, block=4)
+    assert summary.rows_done == len(SAMPLE_PROMPTS) and summary.stopped_by == "idle"
+    assert store.get_job(db, job.id).status == JobStatus.COMPLETED
+    out = write_results(db, job.id, tmp_path / "out.parquet")
+    table = pq.read_table(out.path)
+    assert table.column("row").to_pylist() == list(range(len(SAMPLE_PROMPTS)))
+    assert table.column("id").to_pylist() == [f"p{i}" for i in range(len(SAMPLE_PROMPTS))]
+    assert table.column("prompt").to_pylist() == SAMPLE_PROMPTS
+    got = list(zip(table.column("completion").to_pylist(), table.column("completion_tokens").to_pylist(),
+                   table.column("finish_reason").to_pylist()))
+    assert got == engine_reference(tiny_model, offload_dir, SAMPLE_PROMPTS, GenerationParams(max_new_tokens=MAX_NEW))
+    assert table.column("error").null_count == len(SAMPLE_PROMPTS)
+
+
+def test_row_problems_become_error_rows_and_nothing_is_lost(tmp_path, tiny_model, run_worker):
+    too_long = "x = 1\n" * 1500  # > 2048 tokens
+    values = [b"def f():", None, b"", too_long.encode(), b"\xff\xfe broken", b"import os"]
+    path = tmp_path / "bad.parquet"
+    # A string column holding invalid UTF-8 (pyarrow writes it unchecked), as files in the wild do.
+    pq.write_table(pa.table({"prompt": pa.array(values, pa.binary()).view(pa.string())}), path)
+    db = open_store(f"sqlite:///{tmp_path / 'f.db'}")
+    job = enqueue(db, path, model_dir=tiny_model, params=JobParams(max_new_tokens=4)).job
+    run_worker(db)
+    rows = pq.read_table(write_results(db, job.id, tmp_path / "out.parquet").path).to_pylist()
+    assert [r["row"] for r in rows] == list(range(6))
+    assert [r["finish_reason"] for r in rows] == ["length", "error", "error", "error", "error", "length"]
+    assert rows[1]["error"] == "prompt is null"
+    assert rows[2]["error"] == "prompt is empty"
+    assert rows[3]["error"].startswith("prompt is too long:") and "2048 positions" in rows[3]["error"]
+    assert rows[4]["error"] == "prompt is not valid UTF-8 (byte 0)"
+    job = store.get_job(db, job.id)
+    assert (job.done_rows, job.failed_rows) == (6, 4)
+
+
+def test_truncate_left_generates_for_over_long_prompts(tmp_path, tiny_model, run_worker):
+    path = write_prompts(tmp_path / "long.parquet", ["x = 1\n" * 1500, "def f():"])
+    db = open_store(f"sqlite:///{tmp_path / 'f.db'}")
+    job = enqueue(db, path, model_dir=tiny_model, params=JobParams(max_new_tokens=2, truncate="left")).job
+    run_worker(db)
+    rows = pq.read_table(write_results(db, job.id, tmp_path / "out.parquet").path).to_pylist()
+    assert [r["finish_reason"] for r in rows] == ["length", "length"]
+    assert rows[0]["prompt_tokens"] == 2048 - 2
+
+
+def test_a_poison_row_is_isolated_by_bisection(tmp_path, tiny_model, prompts_file, run_worker, monkeypatch):
+    monkeypatch.setenv("FLEXJOB_TEST_POISON_ROW", "6")
+    monkeypatch.setattr(worker_blocks, "RETRY_BACKOFF_S", (0.0, 0.0))
+    db = open_store(f"sqlite:///{tmp_path / 'f.db'}")
+    job = enqueue(db, prompts_file, model_dir=tiny_model, shard_rows=12, params=JobParams(max_new_tokens=2)).job
+    run_worker(db, block=4)
+    rows = pq.read_table(write_results(db, job.id, tmp_path / "out.parquet").path).to_pylist()
+    assert [r["row"] for r in rows if r["finish_reason"] == "error"] == [6]
+    assert rows[6]["error"] == "engine error: PoisonRowError: test poison row 6"
+    assert store.get_job(db, job.id).status == JobStatus.COMPLETED
+    tries = [e for e in store.list_events(db, job_id=job.id, kinds=["engine_error"])]
+    assert len(tries) >= 3  # retried before bisecting
+
+
+def test_stop_strings_cut_the_completion(tmp_path, tiny_model, prompts_file, run_worker):
+    db = open_store(f"sqlite:///{tmp_path / 'f.db'}")
+    plain = enqueue(db, prompts_file, model_dir=tiny_model, params=JobParams(max_new_tokens=MAX_NEW)).job
+    run_worker(db)
+    reference = pq.read_table(write_results(db, plain.id, tmp_path / "plain.parquet").path).to_pylist()
+    stop = reference[0]["completion"][3:5]  # some text that occurs in row 0's completion
+    cut = enqueue(db, prompts_file, model_dir=tiny_model, params=JobParams(max_new_tokens=MAX_NEW, stop=(stop,))).job
+    run_worker(db)
+    rows = pq.read_table(write_results(db, cut.id, tmp_path / "cut.parquet").path).to_pylist()
+    for ref, row in zip(reference, rows):
+        if stop in ref["completion"]:
+            assert row["completion"] == ref["completion"][:ref["completion"].index(stop)]
+            assert row["finish_reason"] == "stop"
+        else:
+            assert row["completion"] == ref["completion"]
+    assert rows[0]["finish_reason"] == "stop"
+
+
+def test_an_expired_lease_is_taken_over_and_the_late_commit_rejected(tmp_path, tiny_model, prompts_file,
+                                                                      run_worker):
+    db = open_store(f"sqlite:///{tmp_path / 'f.db'}")
+    job = enqueue(db, prompts_file, model_dir=tiny_model, shard_rows=12, params=JobParams(max_new_tokens=2)).job
+    presumed_dead = store.register_worker(db, device="cpu")
+    stale = store.claim_shard(db, presumed_dead, lease_s=0.5)
+    time.sleep(0.6)
+    run_worker(db)  # takes the shard over and finishes it
+    with pytest.raises(LeaseLost):
+        store.commit_block(db, stale, PartRecord(path="late.parquet", row_ids=(0, 1), failed_rows=0,
+                                                 generated_tokens=2, size_bytes=1, sha256="0" * 64,
+                                                 block_seconds=0.1))
+    rows = pq.read_table(write_results(db, job.id, tmp_path / "out.parquet").path).column("row").to_pylist()
+    assert rows == list(range(12))
+    assert [s.attempt for s in store.list_shards(db, job.id)] == [2]
+    assert any(e.kind == "lease_expired" for e in store.list_events(db, job_id=job.id))
+
+
+def test_a_changed_input_file_fails_the_job_with_a_clear_message(tmp_path, tiny_model, prompts_file, run_worker):
+    db = open_store(f"sqlite:///{tmp_path / 'f.db'}")
+    job = enqueue(db, prompts_file, model_dir=tiny_model, params=JobParams(max_new_tokens=2)).job
+    write_prompts(prompts_file, ["something else entirely"])
+    run_worker(db)
+    job = store.get_job(db, job.id)
+    assert job.status == JobStatus.FAILED
+    assert job.error.startswith(f"input file {prompts_file} changed after enqueue")
+
+
+def test_one_worker_per_device_lock(tmp_path):
+    first = DeviceLock("cuda-GPU-test", lock_dir=tmp_path)
+    first.acquire()
+    with pytest.raises(UserError, match=r"another flexjob worker \(pid \d+\) is using cuda-GPU-test"):
+        DeviceLock("cuda-GPU-test", lock_dir=tmp_path).acquire()
+    DeviceLock("cuda-GPU-other", lock_dir=tmp_path).acquire()
+    first.release()
+    DeviceLock("cuda-GPU-test", lock_dir=tmp_path).acquire()
