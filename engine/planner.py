@@ -100,7 +100,7 @@ def solve_lp(cfg: OPTConfig, hw: HardwareProfile, sh: Shape,
     """Best placement for one shape: (block seconds, fractions), or None if nothing fits.
     With minimise_tier, minimise that tier's peak bytes instead (used to name the smallest budget)."""
     prob = pulp.LpProblem("flexjob_placement", pulp.LpMinimize)
-    v = {k: pulp.LpVariable(k, lowBound=0, upBound=1) for k in FRACTIONS}
+    v = {k: _variable(prob, k, 1) for k in FRACTIONS}
     for kind in "wch":
         prob += v[kind + "g"] + v[kind + "c"] + v[kind + "d"] == 1
         if _fixed_gpu_zero(hw):
@@ -110,7 +110,7 @@ def solve_lp(cfg: OPTConfig, hw: HardwareProfile, sh: Shape,
     for phase, repeat in (("pre", 1), ("dec", sh.gen_len - 1)):
         for i, (count, terms) in enumerate(phase_terms(cfg, hw, sh, x, decode=phase == "dec")):
             if sh.overlap:  # linearised max: t >= every resource's busy time
-                t = pulp.LpVariable(f"t_{phase}_{i}", lowBound=0)
+                t = _variable(prob, f"t_{phase}_{i}")
                 for name, term in terms.items():
                     prob += t >= term, f"max_{phase}_{i}_{name}"
             else:
@@ -120,19 +120,44 @@ def solve_lp(cfg: OPTConfig, hw: HardwareProfile, sh: Shape,
     for tier, cands in memory_peaks(cfg, hw, sh, x).items():
         limit = budgets_gib.get(tier)
         if tier == minimise_tier:
-            peak_vars[tier] = pulp.LpVariable(f"peak_{tier}", lowBound=0)
+            peak_vars[tier] = _variable(prob, f"peak_{tier}")
             for j, c in enumerate(cands):
                 prob += peak_vars[tier] >= c, f"peak_{tier}_{j}"
         elif limit is not None:
             for j, c in enumerate(cands):
                 prob += c <= limit * GIB, f"mem_{tier}_{j}"
     prob += peak_vars[minimise_tier] if minimise_tier else total
-    status = prob.solve(pulp.PULP_CBC_CMD(msg=False))
-    if pulp.LpStatus[status] != "Optimal":
+    if not _optimal(prob.solve(_solver())):
         return None
     fr = {k: min(1.0, max(0.0, float(v[k].value() or 0.0))) for k in FRACTIONS}
     value = pulp.value(prob.objective)
     return float(value), Placement(**fr)
+
+
+def _variable(prob: pulp.LpProblem, name: str, up: float | None = None):
+    # PuLP >= 3.3 creates variables through the problem (the only way in 4.0); older ones directly.
+    if hasattr(prob, "add_variable"):
+        return prob.add_variable(name, lowBound=0, upBound=up)
+    return pulp.LpVariable(name, lowBound=0, upBound=up)
+
+
+def _solver():
+    """CBC: the copy bundled with PuLP < 4, else a `cbc` on PATH (pip install pulp[cbc])."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if hasattr(pulp, "PULP_CBC_CMD"):
+            bundled = pulp.PULP_CBC_CMD(msg=False)
+            if bundled.available():
+                return bundled
+    return pulp.COIN_CMD(msg=False)
+
+
+def _optimal(result) -> bool:
+    status = getattr(result, "status", result)  # PuLP 4: LpSolveStats; before: an int code
+    name = pulp.LpStatus.get(status, str(status)) if isinstance(status, int) else getattr(status, "name", status)
+    return str(name).lower() == "optimal"
 
 
 def to_policy(sh: Shape, x: Placement) -> Policy:
