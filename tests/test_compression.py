@@ -217,3 +217,20 @@ def test_cache_slices_along_the_sequence_axis():
         store.scale[:, :, s:s + 1] = part.scale
         store.minimum[:, :, s:s + 1] = part.minimum
     assert torch.equal(dequantize(store), dequantize(q))
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"),
+                    reason="this torch has no fused CPU int4 matmul")
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4pack_matmul_matches_dequantised_weight(group):
+    from engine.compression import int4pack_for_cpu
+    w = 0.02 * torch.randn(96, 256)  # [out, in]
+    q = quantize(w, group_size=group)
+    packed, scales_and_zeros = int4pack_for_cpu(q)
+    x = torch.randn(5, 256).to(torch.bfloat16)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)
+    ref = x.float() @ dequantize(q, torch.float32).T  # [5, 96]
+    # Only bf16 rounding apart (scale and zero are bf16 in the kernel).
+    assert (y.float() - ref).abs().max() <= 0.02 * ref.abs().max()
+    with pytest.raises(ValueError):
+        int4pack_for_cpu(quantize(w, num_bits=3))
