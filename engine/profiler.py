@@ -43,7 +43,7 @@ def profile_path(disk_dir: str | Path, home: Path | None = None) -> Path:
 
 
 def load_or_measure_profile(disk_dir: str | Path, refresh: bool = False, *,
-                            home: Path | None = None, disk_bytes: int = DEFAULT_DISK_BYTES,
+                            home: Path | None = None, disk_bytes: int | None = None,
                             seconds_per_test: float = 0.25, max_age_s: float = MAX_AGE_S) -> HardwareProfile:
     """The stored profile of this host and disk directory, measured now if missing or stale."""
     path = profile_path(disk_dir, home)
@@ -59,9 +59,10 @@ def load_or_measure_profile(disk_dir: str | Path, refresh: bool = False, *,
     return prof
 
 
-def measure_profile(disk_dir: str | Path, *, disk_bytes: int = DEFAULT_DISK_BYTES,
+def measure_profile(disk_dir: str | Path, *, disk_bytes: int | None = None,
                     seconds_per_test: float = 0.25) -> HardwareProfile:
     disk_dir = Path(disk_dir)
+    disk_bytes = disk_bytes or DEFAULT_DISK_BYTES
     disk_dir.mkdir(parents=True, exist_ok=True)
     has_gpu = torch.cuda.is_available()
     dtype = torch.float16 if has_gpu else torch.bfloat16
@@ -194,16 +195,16 @@ def matmul_flops(device: str, dtype: torch.dtype, seconds: float = 0.25) -> floa
     """Dense FLOP/s of a linear layer in the engine's layout (weight [out, in]; F.linear), which on
     some CPUs is many times faster than a @ b of the same size in bf16."""
     n = 2048 if device == "cuda" else 1024
-    x = torch.randn(n, n, device=device).to(dtype)
-    w = torch.randn(n, n, device=device).to(dtype)
+    x = torch.full((n, n), 0.5, device=device, dtype=dtype)
+    w = torch.full((n, n), 0.01, device=device, dtype=dtype)
     with torch.inference_mode():
         return 2 * n ** 3 / _timed(lambda: torch.nn.functional.linear(x, w), seconds, _sync(device))
 
 
 def weight_stream_gbps(seconds: float = 0.25) -> float:
     """Bytes/s a batch-1 bf16 linear layer on the CPU reads its weight at (64 MiB: beyond caches)."""
-    w = torch.randn(8192, 4096).to(torch.bfloat16)
-    x = torch.randn(1, 4096).to(torch.bfloat16)
+    w = torch.full((8192, 4096), 0.01, dtype=torch.bfloat16)  # values do not matter, filling fast does
+    x = torch.full((1, 4096), 0.5, dtype=torch.bfloat16)
     with torch.inference_mode():
         per = _timed(lambda: torch.nn.functional.linear(x, w), seconds)
     return w.numel() * w.element_size() / per / 1e9
@@ -212,9 +213,9 @@ def weight_stream_gbps(seconds: float = 0.25) -> float:
 def cpu_attention_gbps(seconds: float = 0.25, *, batch: int = 4, heads: int = 16, ctx: int = 512,
                        head_dim: int = 64) -> float:
     """KV-cache bytes/s of one decode attention step on the CPU in bf16 (FlexGen's CPU delegation)."""
-    q = torch.randn(batch, heads, 1, head_dim).to(torch.bfloat16)
-    k = torch.randn(batch, heads, ctx, head_dim).to(torch.bfloat16)
-    v = torch.randn(batch, heads, ctx, head_dim).to(torch.bfloat16)
+    q = torch.full((batch, heads, 1, head_dim), 0.1, dtype=torch.bfloat16)
+    k = torch.full((batch, heads, ctx, head_dim), 0.1, dtype=torch.bfloat16)
+    v = torch.full((batch, heads, ctx, head_dim), 0.1, dtype=torch.bfloat16)
 
     def attend():
         scores = torch.softmax((q @ k.transpose(-1, -2)).float() * head_dim ** -0.5, dim=-1)

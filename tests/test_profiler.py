@@ -1,0 +1,46 @@
+"""The profiler measures this host for real (small sizes) and stores, reuses and refreshes the result."""
+from __future__ import annotations
+
+import json
+
+from engine.hardware import HardwareProfile
+from engine.profiler import load_or_measure_profile, measure_disk, profile_path
+
+FAST = dict(disk_bytes=16 * 2 ** 20, seconds_per_test=0.02)
+
+
+def test_short_real_measurement_is_stored_and_reused(tmp_path):
+    home, disk = tmp_path / "home", tmp_path / "disk"
+    prof = load_or_measure_profile(disk, home=home, **FAST)
+    assert prof.disk_read_gbps > 0 and prof.disk_write_gbps > 0 and prof.cpu_mem_gbps > 0
+    assert prof.cpu_attention_gbps > 0 and prof.dequant_gbps > 0 and prof.op_overhead_s > 0
+    assert all(v > 0 for v in prof.matmul_flops["cpu"].values())
+    assert set(prof.matmul_flops["cpu"]) >= {"float32", "bfloat16"}
+    assert prof.disk_read_method in ("O_DIRECT", "fadvise") or prof.disk_read_method.startswith("page-cache")
+    assert prof.cpu_mem_gib > 0 and prof.disk_free_gib > 0
+    assert prof.disk_dir == str(disk.resolve())
+    assert not list(disk.iterdir())  # the probe file is gone
+
+    path = profile_path(disk, home)
+    assert path.is_file() and HardwareProfile.from_dict(json.loads(path.read_text())) == prof
+    again = load_or_measure_profile(disk, home=home, **FAST)
+    assert again == prof  # reused, not measured again
+    fresh = load_or_measure_profile(disk, refresh=True, home=home, **FAST)
+    assert fresh.created_at > prof.created_at
+    stale = load_or_measure_profile(disk, home=home, max_age_s=0, **FAST)
+    assert stale.created_at > fresh.created_at
+
+
+def test_disk_probe_reports_how_the_page_cache_was_bypassed(tmp_path):
+    write, read, method = measure_disk(tmp_path, 8 * 2 ** 20)
+    assert write > 0 and read > 0
+    assert method in ("O_DIRECT", "fadvise") or method.startswith("page-cache")
+
+
+def test_a_damaged_profile_is_measured_again(tmp_path):
+    home, disk = tmp_path / "home", tmp_path / "disk"
+    path = profile_path(disk, home)
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    prof = load_or_measure_profile(disk, home=home, **FAST)
+    assert HardwareProfile.load(path) == prof
