@@ -187,6 +187,8 @@ def run_block(ctx: ShardContext, block: list[PreparedRow]) -> str:
     if outcome is None:
         return "stopped"
     seconds = time.perf_counter() - started
+    # Save the finished rows too: a crash while writing or committing the part then redoes nothing.
+    save_progress(ctx, [r for r in outcome.values() if not isinstance(r, str)], step=-1)
     results, tokens = [], 0
     for p in block:
         res = outcome[p.row]
