@@ -165,6 +165,6 @@ def read_rows(path: str | Path, column: str, id_column: str | None, start: int, 
         if group_start >= end:
             break
     if len(rows) != end - start:
-        raise UserError(f"{path}: expected rows {start}..{end - 1} but the file has {group_start} rows",
-                        "the input file changed after enqueue; restore it or enqueue again")
+        raise UserError(f"{path}: expected rows {start}..{end - 1} but the file has {group_start} rows "
+                        f"(it changed after enqueue)", "restore the file, or enqueue the new one")
     return rows
