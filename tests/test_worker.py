@@ -2,6 +2,7 @@
 row problems become error rows, poison rows are isolated, leases are fenced."""
 from __future__ import annotations
 
+import threading
 import time
 
 import pyarrow as pa
@@ -18,7 +19,7 @@ from jobrunner.errors import UserError
 from jobrunner.models import JobStatus
 from jobrunner.results import write_results
 from jobrunner.store import LeaseLost, PartRecord
-from jobrunner.worker import DeviceLock
+from jobrunner.worker import DeviceLock, PlainReporter, Worker, WorkerConfig
 from tests.conftest import SAMPLE_PROMPTS, write_prompts
 
 MAX_NEW = 6
@@ -149,3 +150,56 @@ def test_one_worker_per_device_lock(tmp_path):
     DeviceLock("cuda-GPU-other", lock_dir=tmp_path).acquire()
     first.release()
     DeviceLock("cuda-GPU-test", lock_dir=tmp_path).acquire()
+
+
+def test_a_cancel_stops_a_running_worker_at_its_next_heartbeat(tmp_path, tiny_model, prompts_file, offload_dir):
+    db = open_store(f"sqlite:///{tmp_path / 'f.db'}")
+    job = enqueue(db, prompts_file, model_dir=tiny_model, shard_rows=12, params=JobParams(max_new_tokens=200)).job
+    config = WorkerConfig(policy=Policy(gpu_batch_size=12), offload_dir=offload_dir, exit_when_idle=True,
+                          lease_s=5, heartbeat_s=0.2)
+    worker = Worker(db, config, reporter=PlainReporter())
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while store.list_shards(db, job.id)[0].status.value != "leased" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert store.cancel_job(db, job.id).status == JobStatus.CANCELLING
+        started = time.monotonic()
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+        assert time.monotonic() - started < 10
+    finally:
+        worker.stop_signal = worker.stop_signal or 15
+        thread.join(timeout=30)
+    assert store.get_job(db, job.id).status == JobStatus.CANCELLED
+    assert store.list_shards(db, job.id)[0].status.value == "cancelled"
+
+
+def test_a_replan_is_applied_at_a_block_boundary_and_recorded(tmp_path, tiny_model, prompts_file, run_worker):
+    db = open_store(f"sqlite:///{tmp_path / 'f.db'}")
+    job = enqueue(db, prompts_file, model_dir=tiny_model, shard_rows=12, params=JobParams(max_new_tokens=2)).job
+    calls = []
+
+    def replanner(engine):
+        calls.append(engine.policy.gpu_batch_size)
+        return Policy(gpu_batch_size=6) if len(calls) == 1 else None
+
+    config = WorkerConfig(policy=Policy(gpu_batch_size=3), offload_dir=tmp_path / "off", exit_when_idle=True)
+    Worker(db, config, reporter=PlainReporter(), replanner=replanner).run()
+    assert calls == [3, 6]  # asked before each block: switched before the first, kept for the second
+    [event] = store.list_events(db, job_id=job.id, kinds=["replan"])
+    assert event.message == "3x1 [100 0 100 0 100 0] overlap -> 6x1 [100 0 100 0 100 0] overlap"
+    assert len(store.job_parts(db, job.id)) == 2  # 12 rows in blocks of 6
+    assert store.get_job(db, job.id).status == JobStatus.COMPLETED
+
+
+@pytest.mark.postgres
+def test_the_whole_path_on_postgresql(tmp_path, tiny_model, prompts_file, pg_url, run_worker):
+    db = open_store(pg_url)
+    job = enqueue(db, prompts_file, model_dir=tiny_model, shard_rows=5, params=JobParams(max_new_tokens=3),
+                  results_root=tmp_path / "results").job
+    run_worker(db, block=4)
+    rows = pq.read_table(write_results(db, job.id, tmp_path / "out.parquet").path).column("row").to_pylist()
+    assert rows == list(range(len(SAMPLE_PROMPTS)))
+    assert store.get_job(db, job.id).status == JobStatus.COMPLETED
