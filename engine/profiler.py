@@ -18,6 +18,7 @@ import mmap
 import os
 import shutil
 import socket
+import statistics
 import time
 from pathlib import Path
 
@@ -169,22 +170,23 @@ def _read_uncached(path: Path, nbytes: int, buf: mmap.mmap) -> tuple[float, str]
 
 
 def _timed(fn, seconds: float, sync=lambda: None) -> float:
-    """Seconds per call of fn, repeated for about `seconds` after a warm-up call; a call slower
-    than the whole allowance is timed once (keeps the profile bounded on slow paths)."""
+    """Median seconds per call of fn over about `seconds` (at least 3 calls) after a warm-up call;
+    the median, because on a shared host a neighbour's burst should not set the figure. A call
+    slower than the whole allowance is timed once (keeps the profile bounded on slow paths)."""
     t0 = time.perf_counter()
     fn()
     sync()
     first = time.perf_counter() - t0
     if first >= seconds:
         return first
-    n, t0 = 0, time.perf_counter()
-    while True:
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 3 or time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
         fn()
-        n += 1
         sync()
-        el = time.perf_counter() - t0
-        if el >= seconds:
-            return el / n
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def _sync(device: str):
