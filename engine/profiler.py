@@ -130,43 +130,41 @@ def measure_disk(disk_dir: Path, nbytes: int = DEFAULT_DISK_BYTES) -> tuple[floa
 
 
 def _read_uncached(path: Path, nbytes: int, buf: mmap.mmap) -> tuple[float, str]:
+    """Seconds to read the file without the page cache, and how that was achieved."""
     fstype = _fs_type(path)
     if fstype in ("tmpfs", "ramfs"):
         method = f"page-cache ({fstype} is memory)"
     else:
+        method = "O_DIRECT" if hasattr(os, "O_DIRECT") else "fadvise"
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-            method = "O_DIRECT" if hasattr(os, "O_DIRECT") else "fadvise"
         except OSError:
             fd, method = None, "fadvise"
         if fd is not None:
             try:
-                t0 = time.perf_counter()
-                done = 0
-                while done < nbytes:
-                    got = os.preadv(fd, [buf], done)
-                    if got <= 0:
-                        break
-                    done += got
-                return time.perf_counter() - t0, method
+                return _read_all(fd, nbytes, buf), method
             except OSError:
                 method = "fadvise"  # the filesystem accepted the flag at open but not the read
             finally:
                 os.close(fd)
     fd = os.open(path, os.O_RDONLY)
     try:
-        if method == "fadvise":
+        if method == "fadvise":  # the file was fsynced, so its pages are clean and can be dropped
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        t0 = time.perf_counter()
-        done = 0
-        while done < nbytes:
-            got = os.preadv(fd, [buf], done)
-            if got <= 0:
-                break
-            done += got
-        return time.perf_counter() - t0, method
+        return _read_all(fd, nbytes, buf), method
     finally:
         os.close(fd)
+
+
+def _read_all(fd: int, nbytes: int, buf: mmap.mmap) -> float:
+    t0 = time.perf_counter()
+    done = 0
+    while done < nbytes:
+        got = os.preadv(fd, [buf], done)
+        if got <= 0:
+            break
+        done += got
+    return time.perf_counter() - t0
 
 
 def _timed(fn, seconds: float, sync=lambda: None) -> float:

@@ -38,12 +38,15 @@ def test_all_on_disk_peak_is_the_model_plus_cache():
     assert est.bottleneck == "disk"
 
 
+def _both(size: str, first: list, second: list, *, prompt_len: int, gen_len: int, gpu_batch_size: int = 8):
+    """Estimates of two percent settings of the same shape on the CPU host."""
+    cfg = preset(size)
+    return [estimate(cfg, CPU_HOST, Policy.from_percents(pct, gpu_batch_size=gpu_batch_size),
+                     prompt_len=prompt_len, gen_len=gen_len) for pct in (first, second)]
+
+
 def test_cpu_host_folds_gpu_share_into_ram_and_links_cost_nothing():
-    cfg = preset("350m")
-    as_gpu = Policy.from_percents([100, 0, 100, 0, 100, 0], gpu_batch_size=8)
-    as_cpu = Policy.from_percents([0, 100, 0, 100, 0, 100], gpu_batch_size=8)
-    a = estimate(cfg, CPU_HOST, as_gpu, prompt_len=32, gen_len=8)
-    b = estimate(cfg, CPU_HOST, as_cpu, prompt_len=32, gen_len=8)
+    a, b = _both("350m", [100, 0, 100, 0, 100, 0], [0, 100, 0, 100, 0, 100], prompt_len=32, gen_len=8)
     assert a.tokens_per_s == pytest.approx(b.tokens_per_s)
     assert a.peak_gib == pytest.approx(b.peak_gib)
     assert a.peak_gib["gpu"] == 0 and a.decode_terms_s["cpu_to_gpu"] == 0 and a.decode_terms_s["disk"] == 0
@@ -71,11 +74,7 @@ def test_compression_cuts_disk_traffic_by_its_factor():
 
 
 def test_more_on_disk_is_slower_and_uses_less_ram():
-    cfg = preset("1.3b")
-    fast = Policy.from_percents([0, 100, 0, 100, 0, 100], gpu_batch_size=8)
-    slow = Policy.from_percents([0, 40, 0, 100, 0, 100], gpu_batch_size=8)
-    a = estimate(cfg, CPU_HOST, fast, prompt_len=64, gen_len=16)
-    b = estimate(cfg, CPU_HOST, slow, prompt_len=64, gen_len=16)
+    a, b = _both("1.3b", [0, 100, 0, 100, 0, 100], [0, 40, 0, 100, 0, 100], prompt_len=64, gen_len=16)
     assert b.tokens_per_s < a.tokens_per_s and b.peak_gib["cpu"] < a.peak_gib["cpu"]
 
 
