@@ -124,9 +124,9 @@ def quantize(x: torch.Tensor, *, num_bits: int = 4, group_size: int = 64, dim: i
     layout, dim = _layout(x.shape, num_bits, group_size, dim)
     rows, ng, bpg = layout.rows, layout.num_groups, layout.bytes_per_group
     if out is None:
-        data = torch.empty(rows, ng, bpg, dtype=torch.uint8)
-        scale = torch.empty(rows, ng, dtype=torch.float16)
-        minimum = torch.empty(rows, ng, dtype=torch.float16)
+        data = torch.empty(rows, ng, bpg, dtype=torch.uint8, device=x.device)
+        scale = torch.empty(rows, ng, dtype=torch.float16, device=x.device)
+        minimum = torch.empty(rows, ng, dtype=torch.float16, device=x.device)
     else:
         if (out.shape, out.dim, out.num_bits, out.group_size) != (tuple(x.shape), dim, num_bits, group_size):
             raise ValueError("`out` was laid out for another shape, dim, num_bits or group_size")
@@ -169,7 +169,7 @@ def _round_fp16(x: torch.Tensor, *, down: bool) -> torch.Tensor:
     """float32 -> the nearest fp16 at or below (down) / at or above (up) each value."""
     h = x.to(torch.float16)
     wrong = h.float() > x if down else h.float() < x
-    toward = torch.full_like(h, -math.inf if down else math.inf)
+    toward = torch.full_like(h, -math.inf if down else math.inf)  # same device as x
     return torch.where(wrong, torch.nextafter(h, toward), h)
 
 
@@ -214,8 +214,8 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32, *,
         grouped = torch.empty(rows, ng, g, dtype=dtype, device=q.data.device)
     data = q.data.reshape(rows, ng, layout.bytes_per_group)
     scale, minimum = q.scale.reshape(rows, ng, 1), q.minimum.reshape(rows, ng, 1)
-    step = max(1, _CHUNK_ELEMENTS // max(1, ng * g))
-    for r in range(0, rows, step):  # chunks of rows, so the three passes run out of the cache
+    step = max(1, _CHUNK_ELEMENTS // max(1, ng * g)) if q.data.device.type == "cpu" else max(1, rows)
+    for r in range(0, rows, step):  # CPU: chunks of rows, so the three passes run out of the cache
         o = grouped[r:r + step]
         _unpack_into(o, data[r:r + step], layout)
         o.mul_(scale[r:r + step].to(dtype)).add_(minimum[r:r + step].to(dtype))

@@ -234,3 +234,20 @@ def test_int4pack_matmul_matches_dequantised_weight(group):
     assert (y.float() - ref).abs().max() <= 0.02 * ref.abs().max()
     with pytest.raises(ValueError):
         int4pack_for_cpu(quantize(w, num_bits=3))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    x = torch.randn(3, 4, 37, 80)
+    q_cpu = quantize(x)
+    q_gpu = quantize(x.cuda())
+    assert q_gpu.data.is_cuda and q_gpu.scale.is_cuda
+    assert torch.equal(q_gpu.data.cpu(), q_cpu.data) and torch.equal(q_gpu.scale.cpu(), q_cpu.scale)
+    for dtype in (torch.float16, torch.float32):
+        y = dequantize(q_gpu, dtype)
+        assert y.is_cuda
+        tol = round_trip_tolerance(q_cpu, x, y.cpu(), dtype)
+        assert ((y.cpu().float() - x).abs() <= tol).all()
+    blob = to_bytes(q_gpu)
+    assert torch.equal(blob, to_bytes(q_cpu))
