@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from jobrunner.errors import UserError
 
 FINGERPRINT_CHUNK = 1 << 20
+SCAN_BATCH_ROWS = 8192
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,11 +131,17 @@ def _as_bytes(array: pa.Array | pa.ChunkedArray) -> list[bytes | None]:
 
 
 def count_problem_rows(path: str | Path, column: str) -> dict[str, int]:
-    """Stream the prompt column one row group at a time and count rows that will be error rows."""
+    """Stream the prompt column (row group by row group, in batches so that the Python objects of
+    a whole large row group never exist at once) and count rows that will be error rows."""
     pf = open_parquet(path)
     counts: dict[str, int] = {}
-    for i in range(pf.num_row_groups):
-        for value in _as_bytes(pf.read_row_group(i, columns=[column]).column(0)):
+    pool = pa.default_memory_pool()
+    for index, batch in enumerate(pf.iter_batches(batch_size=SCAN_BATCH_ROWS, columns=[column])):
+        if index % 8 == 7:
+            # mimalloc keeps freed row-group buffers and RSS creeps up with the file size; hand
+            # them back so that enqueue's memory is bounded by one row group.
+            pool.release_unused()
+        for value in _as_bytes(batch.column(0)):
             _, problem = prompt_problem(value)
             if problem:
                 kind = problem.split(" (")[0]
