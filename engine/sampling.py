@@ -18,29 +18,31 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def uniform_for(seed: int, row_id: int, position: int) -> float:
-    """A uniform number in [0, 1) that depends only on (seed, row_id, position)."""
+def row_generator(seed: int, row_id: int, position: int) -> torch.Generator:
+    """A generator whose stream depends only on (seed, row_id, position)."""
     x = _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ (row_id & _MASK64)) ^ (position & _MASK64))
-    return (x >> 11) / float(1 << 53)
+    return torch.Generator().manual_seed(x >> 1)
 
 
 def choose_tokens(logits: torch.Tensor, params: GenerationParams, row_ids: list[int],
                   positions: list[int]) -> list[int]:
-    """logits: [B, vocab] float32; positions: index of the token being generated, per row."""
+    """logits: [B, vocab] float32; positions: index of the token being generated, per row.
+
+    Sampling is Gumbel-max: argmax(logits / T + Gumbel noise) draws from softmax(logits / T). Unlike
+    an inverse CDF over 50k cumulative sums, it flips only when two perturbed scores are within
+    float noise of each other, so batch-size-dependent rounding in the logits almost never changes
+    a sampled token.
+    """
     if params.greedy:
         return logits.argmax(dim=-1).tolist()
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    # Sort descending with a stable order so ties resolve the same way in every batch.
-    sorted_probs, sorted_ids = torch.sort(probs, dim=-1, descending=True, stable=True)
-    cumulative = torch.cumsum(sorted_probs, dim=-1)
+    scores = logits.float().cpu() / params.temperature
     if params.top_p < 1.0:
+        probs = torch.softmax(scores, dim=-1)
+        sorted_probs, sorted_ids = torch.sort(probs, dim=-1, descending=True, stable=True)
         # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
-        keep = (cumulative - sorted_probs) < params.top_p
-        sorted_probs = sorted_probs * keep
-        cumulative = torch.cumsum(sorted_probs, dim=-1)
-    u = torch.tensor([uniform_for(params.seed, r, p) for r, p in zip(row_ids, positions)],
-                     dtype=cumulative.dtype, device=cumulative.device)
-    # Inverse CDF: the first token whose cumulative mass exceeds u * total mass.
-    index = torch.searchsorted(cumulative, (u * cumulative[:, -1])[:, None], right=True).squeeze(1)
-    index = index.clamp_max(cumulative.shape[-1] - 1)
-    return sorted_ids.gather(1, index[:, None]).squeeze(1).tolist()
+        outside = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= params.top_p
+        scores = scores.scatter(1, sorted_ids, scores.gather(1, sorted_ids).masked_fill(outside, float("-inf")))
+    noise = torch.stack([torch.rand(scores.shape[1], generator=row_generator(params.seed, r, p))
+                         for r, p in zip(row_ids, positions)])
+    gumbel = -torch.log(-torch.log(noise.clamp(1e-10, 1 - 1e-7)))
+    return (scores + gumbel).argmax(dim=-1).tolist()
