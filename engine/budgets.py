@@ -45,16 +45,19 @@ def estimate_memory(cfg: OPTConfig, store: WeightStore, policy: Policy, device: 
     size = torch.empty((), dtype=dtype).element_size()
     tiers = PlacedWeights.plan_tiers(store, cfg, policy)
     weights = {t: 0 for t in Tier}
-    streamed = 0
+    streamed, largest_read = 0, 0
     for layer, layer_tiers in tiers.items():
         layer_disk = 0
         for entry in store.layers[layer]:
             nbytes = entry.nbytes // 2 * size
             weights[layer_tiers[entry.name]] += nbytes
-            layer_disk += nbytes if layer_tiers[entry.name] == Tier.DISK else 0
+            if layer_tiers[entry.name] == Tier.DISK:
+                layer_disk += nbytes
+                largest_read = max(largest_read, entry.nbytes)
         streamed = max(streamed, layer_disk)
-    # Two layers in flight (one computing, one prefetched), each as read (fp16) plus converted.
-    stream_buffers = 2 * (streamed + streamed // size * 2)
+    # Two layers in flight (one computing, one being prefetched) plus the raw fp16 read buffer of the
+    # tensor being converted.
+    stream_buffers = 2 * streamed + largest_read
 
     B, K, L, h = policy.gpu_batch_size, policy.num_gpu_batches, cfg.num_layers, cfg.hidden_size
     max_len = prompt_len + max(gen_len - 1, 0)
