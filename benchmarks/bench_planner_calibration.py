@@ -47,7 +47,7 @@ def main() -> None:
     model_dir, offload = work / "model", work / "offload"
     cfg = preset("125m", num_layers=args.layers)
     if not (model_dir / "config.json").exists():
-        make_model(cfg, model_dir)
+        make_model(cfg, model_dir, with_tokenizer=False)  # rows are token ids already
     hw = load_or_measure_profile(offload, refresh=True)  # measured now, under today's load
     params = GenerationParams(max_new_tokens=args.gen_len)
     rows_out = []
@@ -65,14 +65,19 @@ def main() -> None:
             blocks = engine.stats.blocks[start:]
             tokens = sum(b.generated_tokens for b in blocks)
             measured = tokens / sum(b.total_s for b in blocks)
+            prefill = sum(b.prefill_s for b in blocks) / len(blocks)
+            step = sum(b.total_s - b.prefill_s for b in blocks) / len(blocks) / max(args.gen_len - 1, 1)
         finally:
             engine.close()
         pred = estimate(cfg, hw, policy, prompt_len=args.prompt_len, gen_len=args.gen_len)
         rows_out.append({"policy": name, "describe": policy.describe(), "predicted_tokens_per_s": pred.tokens_per_s,
                          "measured_tokens_per_s": measured, "ratio": pred.tokens_per_s / measured,
-                         "wall_s": wall, "predicted_bottleneck": pred.bottleneck})
+                         "wall_s": wall, "predicted_bottleneck": pred.bottleneck,
+                         "prefill_s": {"predicted": pred.prefill_s, "measured": prefill},
+                         "decode_step_s": {"predicted": pred.decode_step_s, "measured": step}})
         print(f"{name:36} predicted {pred.tokens_per_s:8.2f}  measured {measured:8.2f}  "
-              f"ratio {pred.tokens_per_s / measured:5.2f}  ({pred.bottleneck})", flush=True)
+              f"ratio {pred.tokens_per_s / measured:5.2f}  ({pred.bottleneck}; prefill {pred.prefill_s:.3f} vs "
+              f"{prefill:.3f} s, decode step {pred.decode_step_s:.4f} vs {step:.4f} s)", flush=True)
     within = sum(0.7 <= r["ratio"] <= 1.3 for r in rows_out)
     print(f"{within}/{len(rows_out)} policies within +-30 % (model {cfg.name} x {args.layers} layers, "
           f"prompt {args.prompt_len}, gen {args.gen_len}, profile {hw.source}, disk read {hw.disk_read_method})")

@@ -32,7 +32,7 @@ from engine.policy import CompressionConfig, Policy
 GB = 1e9
 GIB = 2 ** 30
 FP16 = 2  # bytes per element of weights, cache and activations (fp16 or bf16)
-OPS_PER_LAYER = 24  # kernels one layer launches per micro-batch (LayerNorms, GEMMs, softmax, ...)
+OPS_PER_LAYER = 12  # kernels one layer launches per micro-batch: 6 GEMMs, 2 LayerNorms, attention, ...
 
 RESOURCES = ("disk", "cpu_to_gpu", "gpu_to_cpu", "compute")
 TIERS = ("gpu", "cpu", "disk")
@@ -201,7 +201,7 @@ def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
 
     # Head: the tied embedding / LM head (one position per row), loaded once per step.
     head_compute = _matmul_time(hw, 2 * B * cfg.embed_dim * cfg.vocab_size, nb * z.head16) \
-        + nb * 4 * hw.op_overhead_s
+        + nb * 3 * hw.op_overhead_s  # final LayerNorm, LM head, sampling
     if sh.compress_weight:
         head_compute = head_compute + z.head16 * deq
     head = {"disk": z.head * x.wd * rd, "cpu_to_gpu": z.head * (x.wc + x.wd) * c2g,

@@ -87,7 +87,7 @@ def measure_profile(disk_dir: str | Path, *, disk_bytes: int | None = None,
         cpu_mem_gbps=weight_stream_gbps(seconds_per_test),
         cpu_attention_gbps=cpu_attention_gbps(seconds_per_test),
         dequant_gbps=dequant_gbps(device, dtype, seconds_per_test),
-        matmul_flops=flops, op_overhead_s=op_overhead_s(device),
+        matmul_flops=flops, op_overhead_s=op_overhead_s(device, dtype),
         cpu_mem_gib=psutil.virtual_memory().total / 2 ** 30,
         disk_free_gib=shutil.disk_usage(disk_dir).free / 2 ** 30, **fields)
 
@@ -240,11 +240,13 @@ def dequant_gbps(device: str, dtype: torch.dtype, seconds: float = 0.25, *, grou
     return n * torch.tensor([], dtype=dtype).element_size() / per / 1e9
 
 
-def op_overhead_s(device: str) -> float:
-    """Cost of dispatching one small op: the floor of every kernel at tiny batch sizes."""
-    a = torch.randn(8, 8, device=device)
+def op_overhead_s(device: str, dtype: torch.dtype = torch.float32) -> float:
+    """Cost of one tiny linear layer: dispatch plus waking the kernel's threads. Small-batch decode
+    is made of such calls; on a busy 2-core host the wake-up alone can take milliseconds."""
+    x = torch.full((8, 256), 0.5, device=device, dtype=dtype)
+    w = torch.full((256, 256), 0.01, device=device, dtype=dtype)
     with torch.inference_mode():
-        return _timed(lambda: torch.add(a, a), 0.02, _sync(device))
+        return _timed(lambda: torch.nn.functional.linear(x, w), 0.05, _sync(device))
 
 
 def pinned_copy_gbps(seconds: float = 0.25) -> tuple[float, float]:

@@ -1,6 +1,8 @@
 """The bandwidth monitor: a throttled disk leads to a re-plan that moves bytes off it; noise does not."""
 from __future__ import annotations
 
+import pytest
+
 from engine.cost_model import traffic_per_token
 from engine.hardware import DISK_READ, DISK_WRITE, HardwareProfile
 from engine.model_config import preset
@@ -73,3 +75,46 @@ def test_no_decision_when_the_new_plan_is_not_better_by_the_margin():
     for _ in range(3):
         assert mon.observe(_block(0.2)) is None
     assert mon.last_check is not None and not mon.last_check.apply
+
+
+
+@pytest.mark.slow
+def test_throttled_engine_replans_and_output_stays_identical(tmp_path):
+    """A real engine run, block by block: the disk is capped at the profile's 0.2 GB/s, then at a
+    quarter of it from the third block on. The monitor re-plans, set_policy applies it at the block
+    boundary, the disk reads drop, and greedy output equals that of an unthrottled run."""
+    from engine.engine import Engine
+    from engine.model_maker import make_model
+    from engine.policy import Policy
+    from engine.rows import GenerationParams, RowInput
+
+    cfg = preset("125m", num_layers=4, hidden_size=512)  # 6 MB per layer: disk reads big enough to time
+    model = tmp_path / "model"
+    make_model(cfg, model, with_tokenizer=False)  # rows are token ids already
+    hw = HW.replace(disk_read_gbps=0.2)
+    start = Policy.from_percents([0, 50, 0, 100, 0, 100], gpu_batch_size=2, num_gpu_batches=1)
+    work = dict(prompt_len=8, gen_len=4)
+    params = GenerationParams(max_new_tokens=4)
+    rows = [RowInput(row_id=i, prompt_ids=tuple(2 + (i * 131 + j * 7) % 50000 for j in range(8)))
+            for i in range(10)]
+    mon = BandwidthMonitor(config=cfg, hardware=hw, policy=start, gpu_mem_gib=None, cpu_mem_gib=8, **work,
+                           plan_kwargs=dict(gpu_batch_sizes=(2,), num_gpu_batches=(1,), compress_options=(False,)))
+    decisions, reads, outputs = [], [], []
+    with Engine(model, start, offload_dir=tmp_path / "off", throttle_gbps={DISK_READ: 0.2}) as eng:
+        for k in range(0, len(rows), 2):
+            if k == 4:
+                eng.disk.throttle_gbps[DISK_READ] = 0.05  # the test knob: a slower disk mid-run
+            outputs += eng.generate(rows[k:k + 2], params)
+            transfers = eng.stats.blocks[-1].transfers
+            reads.append(transfers.get(DISK_READ, (0, 0.0))[0])
+            decision = mon.observe(transfers)
+            if decision is not None:
+                decisions.append(decision)
+                eng.set_policy(decision.new_policy)
+    assert len(decisions) == 1 and decisions[0].block_index == 3, [d.to_event() for d in decisions]
+    assert decisions[0].measured_gbps[DISK_READ] < 0.07
+    assert decisions[0].new_policy.weights_cpu_percent > start.weights_cpu_percent
+    assert reads[-1] < reads[0] / 2
+    with Engine(model, start, offload_dir=tmp_path / "off2") as eng:
+        reference = eng.generate(rows, params)
+    assert [r.generated_ids for r in outputs] == [r.generated_ids for r in reference]
