@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sqlalchemy import Engine as DbEngine
 
+from engine.hardware import HardwareProfile
 from engine.policy import Policy
 from jobrunner import store
 from jobrunner.enqueue import JobParams, model_fingerprint
@@ -40,7 +41,8 @@ SHARD_RETRY_AFTER_S = 5.0  # a shard whose run crashed is claimable again after 
 
 @dataclass(frozen=True, kw_only=True)
 class WorkerConfig:
-    policy: Policy = Policy()
+    policy: Policy | None = None       # None: planned from `hardware` if given, else Policy()
+    hardware: HardwareProfile | None = None
     gpu_mem_gib: float | None = None
     cpu_mem_gib: float | None = None
     offload_dir: Path = Path(".flexjob")
@@ -153,7 +155,8 @@ class Worker:
                  replanner: Callable[[object], Policy | None] | None = None) -> None:
         self.db, self.config = db, config
         self.reporter = reporter or PlainReporter()
-        self.replanner = replanner  # called at block boundaries with the engine; a Policy means re-plan
+        # Called at block boundaries with the engine; a Policy (or a ReplanDecision) means re-plan.
+        self.replanner = replanner
         self.stop_signal: int | None = None
         self._wake = threading.Event()
         self._engine = None
@@ -181,7 +184,7 @@ class Worker:
             lock.acquire()
         previous = self._install_signals()
         self.worker_id = store.register_worker(self.db, device=self._device_name(),
-                                               policy=self.config.policy.to_dict())
+                                               policy=self.config.policy.to_dict() if self.config.policy else None)
         jobs_seen: set[int] = set()
         shards = rows = tokens = 0
         stopped_by = "idle"
@@ -316,12 +319,25 @@ class Worker:
             if self._engine is not None:
                 self._engine.close()
                 self._engine = None
-            self.reporter.message(f"loading {job.model_dir} ({params.dtype}, policy {self.config.policy.describe()})")
-            self._engine = Engine(job.model_dir, self.config.policy, dtype=params.dtype,
+            policy = self._policy_for(job, params)
+            self.reporter.message(f"loading {job.model_dir} ({params.dtype}, policy {policy.describe()})")
+            self._engine = Engine(job.model_dir, policy, dtype=params.dtype,
                                   offload_dir=self.config.offload_dir, gpu_mem_gib=self.config.gpu_mem_gib,
                                   cpu_mem_gib=self.config.cpu_mem_gib)
             self._engine_key = key
+            store.worker_seen(self.db, self.worker_id, policy=policy.to_dict())
         return self._engine
+
+    def _policy_for(self, job: Job, params: JobParams) -> Policy:
+        if self.config.policy is not None:
+            return self.config.policy
+        if self.config.hardware is None:
+            return Policy()
+        from engine.model_config import load_config
+        from jobrunner.worker_replan import planned_policy
+
+        return planned_policy(load_config(job.model_dir), self.config.hardware, gpu_mem_gib=self.config.gpu_mem_gib,
+                              cpu_mem_gib=self.config.cpu_mem_gib, gen_len=params.max_new_tokens)
 
     def _id_type(self, job: Job) -> pa.DataType | None:
         if job.id_column is None:
@@ -331,13 +347,15 @@ class Worker:
     def _maybe_replan(self, engine, lease: Lease) -> None:
         if self.replanner is None:
             return
-        new_policy = self.replanner(engine)
+        proposal = self.replanner(engine)
+        new_policy = getattr(proposal, "new_policy", proposal)
         if new_policy is None or new_policy == engine.policy:
             return
         old = engine.policy
         engine.set_policy(new_policy)
         store.worker_seen(self.db, self.worker_id, policy=new_policy.to_dict())
+        data = proposal.to_event() if hasattr(proposal, "to_event") else {}
         store.record_event(self.db, "replan", job_id=lease.job_id, shard_id=lease.shard_id,
                            worker_id=self.worker_id, message=f"{old.describe()} -> {new_policy.describe()}",
-                           data={"old": old.to_dict(), "new": new_policy.to_dict()})
+                           data={"old_policy": old.to_dict(), "new_policy": new_policy.to_dict()} | data)
         self.reporter.message(f"re-planned: {old.describe()} -> {new_policy.describe()}")

@@ -78,10 +78,12 @@ def enqueue_command(input_path, model_dir, column, id_column, max_new_tokens, te
 @click.option("--lease", "lease_s", type=float, default=60.0, show_default=True, help="Lease length in seconds.")
 @click.option("--progress-every", type=int, default=16, show_default=True,
               help="Save generated tokens of rows in flight every N decode steps.")
+@click.option("--replan/--no-replan", default=True, show_default=True,
+              help="Re-plan the policy when measured bandwidth drifts from this host's stored profile.")
 @db_option
 def work_command(percent, gpu_batch_size, num_gpu_batches, gpu_mem, cpu_mem, offload_dir, overlap,
                  cpu_cache_compute, compress_weight, compress_cache, compress_bits, compress_group_size,
-                 exit_when_idle, max_jobs, lease_s, progress_every, db):
+                 exit_when_idle, max_jobs, lease_s, progress_every, replan, db):
     """Claim shards and generate until stopped (SIGTERM/Ctrl-C save progress and exit).
 
     \b
@@ -89,15 +91,21 @@ def work_command(percent, gpu_batch_size, num_gpu_batches, gpu_mem, cpu_mem, off
       flexjob work --gpu-mem 8 --cpu-mem 30 --percent 0 100 100 0 100 0 --gpu-batch-size 16
     """
     from jobrunner.worker import PlainReporter, Worker, WorkerConfig
+    from jobrunner.worker_replan import ProfileReplanner, stored_profile
 
-    policy = build_policy(percent, gpu_batch_size, num_gpu_batches, overlap, cpu_cache_compute,
-                          compress_weight, compress_cache, compress_bits, compress_group_size)
-    config = WorkerConfig(policy=policy, gpu_mem_gib=gpu_mem, cpu_mem_gib=cpu_mem,
-                          offload_dir=default_offload_dir(offload_dir), exit_when_idle=exit_when_idle,
-                          max_jobs=max_jobs, lease_s=lease_s, progress_every=progress_every,
-                          device_lock=_gpu_lock_name())
+    explicit = percent or gpu_batch_size or num_gpu_batches or compress_weight or compress_cache or cpu_cache_compute
+    # Without policy flags the planner chooses, from this host's stored profile (`flexjob profile`).
+    policy = build_policy(percent, gpu_batch_size, num_gpu_batches, overlap, cpu_cache_compute, compress_weight,
+                          compress_cache, compress_bits, compress_group_size) if explicit else None
+    offload_dir = default_offload_dir(offload_dir)
+    hardware = stored_profile(offload_dir)
+    config = WorkerConfig(policy=policy, hardware=hardware, gpu_mem_gib=gpu_mem, cpu_mem_gib=cpu_mem,
+                          offload_dir=offload_dir, exit_when_idle=exit_when_idle, max_jobs=max_jobs,
+                          lease_s=lease_s, progress_every=progress_every, device_lock=_gpu_lock_name())
+    replanner = (ProfileReplanner(hardware, gpu_mem_gib=gpu_mem, cpu_mem_gib=cpu_mem)
+                 if replan and hardware is not None else None)
     reporter = _RichReporter() if sys.stderr.isatty() else PlainReporter()
-    summary = Worker(_open(db), config, reporter=reporter).run()
+    summary = Worker(_open(db), config, reporter=reporter, replanner=replanner).run()
     click.echo(f"worker stopped ({summary.stopped_by}): {summary.shards_done} shards, {summary.rows_done} rows, "
                f"{summary.tokens} tokens", err=True)
     if summary.stopped_by == "signal":
