@@ -53,6 +53,7 @@ class WorkerConfig:
     progress_every: int = 16           # decode steps between KV-free progress saves
     idle_poll_s: float = 2.0
     device_lock: str | None = None     # e.g. "cuda-GPU-<uuid>": one worker per GPU
+    throttle_gbps: dict[str, float] | None = None  # cap engine links (tests and benchmarks of re-planning)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -323,7 +324,7 @@ class Worker:
             self.reporter.message(f"loading {job.model_dir} ({params.dtype}, policy {policy.describe()})")
             self._engine = Engine(job.model_dir, policy, dtype=params.dtype,
                                   offload_dir=self.config.offload_dir, gpu_mem_gib=self.config.gpu_mem_gib,
-                                  cpu_mem_gib=self.config.cpu_mem_gib)
+                                  cpu_mem_gib=self.config.cpu_mem_gib, throttle_gbps=self.config.throttle_gbps)
             self._engine_key = key
             store.worker_seen(self.db, self.worker_id, policy=policy.to_dict())
         return self._engine

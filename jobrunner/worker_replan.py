@@ -47,8 +47,9 @@ class ProfileReplanner:
     """The worker's `replanner` hook around a BandwidthMonitor (one per engine it sees)."""
 
     def __init__(self, hardware: HardwareProfile, *, gpu_mem_gib: float | None, cpu_mem_gib: float | None,
-                 gen_len: int = 32) -> None:
+                 gen_len: int = 32, plan_kwargs: dict | None = None) -> None:
         self.hardware, self.gpu_mem_gib, self.cpu_mem_gib, self.gen_len = hardware, gpu_mem_gib, cpu_mem_gib, gen_len
+        self.plan_kwargs = plan_kwargs or {}  # e.g. a smaller search space for the LP
         self._engine = None
         self._monitor: BandwidthMonitor | None = None
         self._seen_blocks = 0
@@ -58,7 +59,8 @@ class ProfileReplanner:
             self._engine, self._seen_blocks = engine, len(engine.stats.blocks)
             self._monitor = BandwidthMonitor(config=engine.config, hardware=self.hardware, policy=engine.policy,
                                              gpu_mem_gib=self.gpu_mem_gib, cpu_mem_gib=self.cpu_mem_gib,
-                                             prompt_len=PLAN_PROMPT_LEN, gen_len=self.gen_len)
+                                             prompt_len=PLAN_PROMPT_LEN, gen_len=self.gen_len,
+                                             plan_kwargs=self.plan_kwargs)
             return None
         decision = None
         for block in engine.stats.blocks[self._seen_blocks:]:

@@ -20,7 +20,7 @@ from jobrunner.models import JobStatus
 from jobrunner.results import write_results
 from jobrunner.store import LeaseLost, PartRecord
 from jobrunner.worker import DeviceLock, PlainReporter, Worker, WorkerConfig
-from tests.conftest import SAMPLE_PROMPTS, write_prompts
+from tests.conftest import SAMPLE_PROMPTS, read_results, write_prompts
 
 MAX_NEW = 6
 
@@ -203,3 +203,42 @@ def test_the_whole_path_on_postgresql(tmp_path, tiny_model, prompts_file, pg_url
     rows = pq.read_table(write_results(db, job.id, tmp_path / "out.parquet").path).column("row").to_pylist()
     assert rows == list(range(len(SAMPLE_PROMPTS)))
     assert store.get_job(db, job.id).status == JobStatus.COMPLETED
+
+
+@pytest.mark.slow
+def test_a_throttled_disk_makes_the_worker_replan_and_output_stays_the_same(tmp_path, tiny_model, run_worker):
+    """The real bandwidth monitor behind the worker: the disk delivers a quarter of the profiled
+    bandwidth, the LP is re-solved, the new policy is applied at a block boundary and recorded."""
+    import shutil
+
+    from engine.hardware import DISK_READ, HardwareProfile
+    from engine.model_config import preset
+    from engine.model_maker import make_model
+    from jobrunner.worker_replan import ProfileReplanner
+
+    model = tmp_path / "model"  # 6 MB per layer: disk reads big enough to time
+    make_model(preset("125m", num_layers=4, hidden_size=512), model, with_tokenizer=False)
+    for f in tiny_model.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy(f, model / f.name)
+    hardware = HardwareProfile(disk_read_gbps=0.2, disk_write_gbps=1.3, cpu_mem_gbps=18.0,
+                               matmul_flops={"cpu": {"bfloat16": 4e11}}, cpu_attention_gbps=10.0,
+                               dequant_gbps=5.0, cpu_mem_gib=23, disk_free_gib=100)
+    start = Policy.from_percents([0, 50, 0, 100, 0, 100], gpu_batch_size=2)
+    prompts = write_prompts(tmp_path / "p.parquet", SAMPLE_PROMPTS[:10])
+    db = open_store(f"sqlite:///{tmp_path / 'f.db'}")
+    params = JobParams(max_new_tokens=4)
+    job = enqueue(db, prompts, model_dir=model, params=params).job
+    replanner = ProfileReplanner(hardware, gpu_mem_gib=None, cpu_mem_gib=8, gen_len=4,
+                                 plan_kwargs=dict(gpu_batch_sizes=(2,), num_gpu_batches=(1,), compress_options=(False,)))
+    config = WorkerConfig(policy=start, cpu_mem_gib=8, offload_dir=tmp_path / "off", exit_when_idle=True,
+                          throttle_gbps={DISK_READ: 0.05})
+    Worker(db, config, reporter=PlainReporter(), replanner=replanner).run()
+    [event] = store.list_events(db, job_id=job.id, kinds=["replan"])
+    assert event.data["measured_gbps"][DISK_READ] < 0.07 and event.data["profiled_gbps"][DISK_READ] == 0.2
+    assert event.data["new_policy"]["weights_cpu_percent"] > start.weights_cpu_percent
+    replanned = read_results(write_results(db, job.id, tmp_path / "a.parquet").path)
+    plain = enqueue(db, prompts, model_dir=model, params=params, force=True).job
+    Worker(db, WorkerConfig(policy=start, offload_dir=tmp_path / "off", exit_when_idle=True),
+           reporter=PlainReporter()).run()
+    assert read_results(write_results(db, plain.id, tmp_path / "b.parquet").path) == replanned
