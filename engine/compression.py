@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 ALIGN = 64  # byte alignment of each section of the serialised layout (cache line / AVX-512)
-_CHUNK_ELEMENTS = 1 << 21  # dequantise ~2M elements at a time: passes run from the cache, few calls
+_CHUNK_ELEMENTS = 1 << 22  # dequantise 4M elements at a time: passes run from L3, few parallel regions
 
 
 @dataclass(frozen=True, kw_only=True)
