@@ -140,11 +140,12 @@ class _RichReporter:
         self.progress.console.log(text)
 
     def shard_started(self, *, job, lease, rows, already_done, resumed_tokens) -> None:
-        desc = f"job {job.id} shard {lease.shard_index}"
+        # The bar covers the whole job (other workers' rows included, as of this claim).
+        desc = f"job {job.id} ({job.name}) shard {lease.shard_index}"
         if self.task is None:
-            self.task = self.progress.add_task(desc, total=rows + already_done, completed=already_done, rate="")
+            self.task = self.progress.add_task(desc, total=job.total_rows, completed=job.done_rows, rate="")
         else:
-            self.progress.reset(self.task, description=desc, total=rows + already_done, completed=already_done)
+            self.progress.update(self.task, description=desc, total=job.total_rows, completed=job.done_rows)
 
     def step(self, *, new_tokens: int) -> None:
         import time
