@@ -35,6 +35,7 @@ class PartRecord:
     size_bytes: int
     sha256: str
     block_seconds: float
+    engine_stats: dict | None = None  # the block's measured figures (peak memory, transfers), for events
 
 
 def claim_shard(engine: Engine, worker_id: str, *, lease_s: float, now: datetime | None = None) -> Lease | None:
@@ -169,7 +170,8 @@ def commit_block(engine: Engine, lease: Lease, part: PartRecord) -> bool:
             tokens_generated=Worker.tokens_generated + part.generated_tokens))
         add_event(s, "block_committed", job_id=job.id, shard_id=shard.id, worker_id=lease.worker_id,
                   data={"rows": len(part.row_ids), "failed": part.failed_rows,
-                        "tokens": part.generated_tokens, "seconds": part.block_seconds})
+                        "tokens": part.generated_tokens, "seconds": part.block_seconds,
+                        "attempt": lease.attempt} | (part.engine_stats or {}))
         finished = shard.done_rows >= shard.row_end - shard.row_start
         if finished:
             shard.status = ShardStatus.DONE

@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -118,6 +119,18 @@ class DeviceLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+@contextmanager
+def _exclusive(path: Path):
+    """A blocking exclusive flock held for the duration of the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class LeaseKeeper(threading.Thread):
@@ -322,9 +335,12 @@ class Worker:
                 self._engine = None
             policy = self._policy_for(job, params)
             self.reporter.message(f"loading {job.model_dir} ({params.dtype}, policy {policy.describe()})")
-            self._engine = Engine(job.model_dir, policy, dtype=params.dtype,
-                                  offload_dir=self.config.offload_dir, gpu_mem_gib=self.config.gpu_mem_gib,
-                                  cpu_mem_gib=self.config.cpu_mem_gib, throttle_gbps=self.config.throttle_gbps)
+            # Workers sharing a disk directory would convert the checkpoint into the same weight
+            # store files at once; one at a time, the second finds the store complete.
+            with _exclusive(Path(self.config.offload_dir) / "flexjob-engine-load.lock"):
+                self._engine = Engine(job.model_dir, policy, dtype=params.dtype,
+                                      offload_dir=self.config.offload_dir, gpu_mem_gib=self.config.gpu_mem_gib,
+                                      cpu_mem_gib=self.config.cpu_mem_gib, throttle_gbps=self.config.throttle_gbps)
             self._engine_key = key
             store.worker_seen(self.db, self.worker_id, policy=policy.to_dict())
         return self._engine

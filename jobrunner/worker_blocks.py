@@ -125,6 +125,15 @@ def _finished_result(p: PreparedRow, res: RowResult, ctx: ShardContext, seconds:
                      finished_at=_now())
 
 
+def _last_block_stats(engine) -> dict | None:
+    blocks = getattr(engine.stats, "blocks", None)
+    if not blocks:
+        return None
+    b = blocks[-1]
+    return {"peak_rss_bytes": b.peak_rss_bytes, "peak_gpu_bytes": b.peak_gpu_bytes, "prefill_s": b.prefill_s,
+            "transfers": {link: [nbytes, secs] for link, (nbytes, secs) in b.transfers.items()}}
+
+
 def commit_rows(ctx: ShardContext, results: list[ResultRow], *, seconds: float, tokens: int) -> bool:
     """Write one part and register it; returns True when the shard is complete."""
     results = sorted(results, key=lambda r: r.row)
@@ -139,7 +148,8 @@ def commit_rows(ctx: ShardContext, results: list[ResultRow], *, seconds: float, 
     done = store.commit_block(ctx.db, ctx.lease, PartRecord(
         path=name, row_ids=tuple(r.row for r in results),
         failed_rows=sum(r.finish_reason == "error" for r in results), generated_tokens=tokens,
-        size_bytes=written.size_bytes, sha256=written.sha256, block_seconds=seconds))
+        size_bytes=written.size_bytes, sha256=written.sha256, block_seconds=seconds,
+        engine_stats=_last_block_stats(ctx.engine) if tokens else None))
     for r in results:
         ctx.progress.pop(r.row, None)
     ctx.reporter.block_committed(rows=len(results), failed=sum(r.finish_reason == "error" for r in results),

@@ -147,9 +147,9 @@ def test_two_workers_on_one_sqlite_job_lose_and_duplicate_nothing(tmp_path, tiny
     url = f"sqlite:///{tmp_path / 'f.db'}"
     db = open_store(url)
     job = enqueue(db, path, model_dir=tiny_model, params=JobParams(max_new_tokens=4), shard_rows=2).job
-    # Separate disk-tier directories: two processes must not convert the same weight store at once.
-    procs = [subprocess.Popen(work_args(url, tmp_path / f"offload{i}"), cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    # One disk-tier directory for both: the first to load converts the weight store, the other waits.
+    procs = [subprocess.Popen(work_args(url, tmp_path / "offload"), cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=240) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert store.get_job(db, job.id).status == JobStatus.COMPLETED
