@@ -16,6 +16,7 @@ Measurements (all on the held-out files, in float32 arithmetic over the fp16 che
   earlier token through the compressed cache — perplexity is "teacher-forced decoding" (the
   pessimistic case: no token benefits from a full-precision prefill). For greedy generation the
   prompt is prefilled at full precision, then its cache is compressed, as the engine does.
+Windows are at most the training length (128 tokens): later positions were never trained.
 """
 from __future__ import annotations
 
@@ -270,7 +271,7 @@ def agreement(reference: torch.Tensor, other: torch.Tensor) -> dict:
             "identical_rows": round((prefix == reference.shape[1]).float().mean().item(), 4)}
 
 
-VARIANTS = {  # name -> (weight bits?, embeddings too?, cache bits?) as multiples of `bits`
+VARIANTS = {  # name -> (layer weights compressed?, embeddings too?, KV cache compressed?)
     "fp16": (False, False, False),
     "weights": (True, False, False),
     "weights+embeddings": (True, True, False),
@@ -283,6 +284,8 @@ def measure_quality(model_dir: Path, *, bits: int = 4, group_size: int = 64, ppl
                     ppl_length: int = 128, prompts: int = 32, prompt_length: int = 32,
                     new_tokens: int = 16, variants=tuple(VARIANTS)) -> dict:
     """Perplexity on held-out windows and greedy agreement with the uncompressed model, per variant."""
+    if max(ppl_length, prompt_length + new_tokens) > RECIPE["seq"]:
+        raise ValueError(f"windows longer than the training length {RECIPE['seq']} measure untrained positions")
     windows = heldout_windows(model_dir, count=ppl_windows + prompts, length=max(ppl_length, prompt_length))
     ppl_ids, prompt_ids = windows[:ppl_windows, :ppl_length], windows[ppl_windows:, :prompt_length]
     base = load_model(model_dir)
