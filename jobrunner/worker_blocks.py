@@ -28,7 +28,7 @@ from jobrunner.enqueue import JobParams
 from jobrunner.models import Job
 from jobrunner.parquet_input import InputRow, read_rows
 from jobrunner.parts import ResultRow, part_name, rows_to_table, write_part
-from jobrunner.store import Lease, PartRecord, RowProgress
+from jobrunner.store import Lease, LeaseLost, PartRecord, RowProgress
 
 RETRY_BACKOFF_S = (0.5, 2.0)  # waits before the 2nd and 3rd try of a block that crashed the engine
 
@@ -69,6 +69,7 @@ class ShardContext:
     id_type: object = None
     progress: dict[int, RowProgress] = field(default_factory=dict)
     blocks_written: int = 0
+    engine_parts_written: int = 0     # parts with generated rows (the crash-test hooks aim at the first)
     between_blocks: Callable[[], None] | None = None  # re-planning hook, at block boundaries
 
 
@@ -138,11 +139,12 @@ def commit_rows(ctx: ShardContext, results: list[ResultRow], *, seconds: float, 
     """Write one part and register it; returns True when the shard is complete."""
     results = sorted(results, key=lambda r: r.row)
     table = rows_to_table(results, ctx.id_type)
-    first_engine_part = ctx.blocks_written == 0 and any(r.finish_reason != "error" for r in results)
+    first_engine_part = ctx.engine_parts_written == 0 and tokens > 0
     name = part_name(ctx.lease.shard_index, ctx.lease.attempt, ctx.blocks_written)
     written = write_part(table, Path(ctx.job.results_dir) / name,
                          before_rename=(lambda: kill_point("during_part_write")) if first_engine_part else None)
     ctx.blocks_written += 1
+    ctx.engine_parts_written += tokens > 0
     if first_engine_part:
         kill_point("before_commit")
     done = store.commit_block(ctx.db, ctx.lease, PartRecord(
@@ -215,18 +217,20 @@ def _generate_isolating(ctx: ShardContext, block: list[PreparedRow]) -> dict[int
     """Generate a block; if the engine crashes, retry with backoff, then bisect to isolate the
     poison row(s), which become error rows. None when stopped (signal, cancel, lost lease)."""
     last_error: Exception | None = None
-    for attempt in range(len(RETRY_BACKOFF_S) + 1 if len(block) > 1 else 1):
-        if attempt:
-            time.sleep(RETRY_BACKOFF_S[attempt - 1])
+    for try_index in range(len(RETRY_BACKOFF_S) + 1 if len(block) > 1 else 1):
+        if try_index:
+            time.sleep(RETRY_BACKOFF_S[try_index - 1])
         if ctx.should_stop():
             return None
         try:
             results = _generate(ctx, block)
+        except LeaseLost:
+            raise  # a progress save found the shard taken over: not the engine's fault
         except Exception as exc:  # noqa: BLE001 - any engine crash: retry, then isolate
             last_error = exc
             store.record_event(ctx.db, "engine_error", job_id=ctx.job.id, shard_id=ctx.lease.shard_id,
                                worker_id=ctx.lease.worker_id, message=f"{type(exc).__name__}: {exc}",
-                               data={"rows": [p.row for p in block], "try": attempt + 1})
+                               data={"rows": [p.row for p in block], "try": try_index + 1})
             continue
         if any(not r.finished for r in results):
             return None
