@@ -217,6 +217,8 @@ def release_shard(engine: Engine, lease: Lease, *, reason: str, error: str | Non
             if shard.engine_failures >= ENGINE_FAILURE_LIMIT:
                 shard.status = ShardStatus.FAILED
                 _fail_job(s, job, f"shard {shard.shard_index} failed {shard.engine_failures} times: {error}", now)
+        if job.status == JobStatus.RUNNING and job.done_rows == 0 and not _has_leased_shards(s, job.id):
+            job.status = JobStatus.QUEUED  # nothing done and nobody on it: back to waiting
         add_event(s, "shard_released", job_id=job.id, shard_id=shard.id, worker_id=lease.worker_id,
                   message=reason, data={"error": error} if error else None)
 
@@ -235,11 +237,14 @@ def _fail_job(s: Session, job: Job, error: str, now: datetime) -> None:
     add_event(s, "job_failed", job_id=job.id, message=error)
 
 
-def _finish_cancel_if_done(s: Session, job: Job, now: datetime) -> None:
+def _has_leased_shards(s: Session, job_id: int) -> bool:
     s.flush()
-    leased = s.scalars(select(Shard.id).where(Shard.job_id == job.id,
-                                              Shard.status == ShardStatus.LEASED).limit(1)).first()
-    if leased is None:
+    return s.scalars(select(Shard.id).where(Shard.job_id == job_id,
+                                            Shard.status == ShardStatus.LEASED).limit(1)).first() is not None
+
+
+def _finish_cancel_if_done(s: Session, job: Job, now: datetime) -> None:
+    if not _has_leased_shards(s, job.id):
         job.status, job.finished_at, job.updated_at = JobStatus.CANCELLED, now, now
         add_event(s, "job_cancelled", job_id=job.id)
 

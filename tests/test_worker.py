@@ -242,3 +242,15 @@ def test_a_throttled_disk_makes_the_worker_replan_and_output_stays_the_same(tmp_
     Worker(db, WorkerConfig(policy=start, offload_dir=tmp_path / "off", exit_when_idle=True),
            reporter=PlainReporter()).run()
     assert read_results(write_results(db, plain.id, tmp_path / "b.parquet").path) == replanned
+
+
+def test_max_jobs_stops_the_worker_before_a_new_job(tmp_path, tiny_model, prompts_file, run_worker):
+    db = open_store(f"sqlite:///{tmp_path / 'f.db'}")
+    first = enqueue(db, prompts_file, model_dir=tiny_model, params=JobParams(max_new_tokens=1)).job
+    second = enqueue(db, prompts_file, model_dir=tiny_model, params=JobParams(max_new_tokens=2)).job
+    summary = run_worker(db, block=12, max_jobs=1)
+    assert summary.stopped_by == "max-jobs"
+    assert store.get_job(db, first.id).status == JobStatus.COMPLETED
+    assert store.get_job(db, second.id).status == JobStatus.QUEUED  # claimed once, handed back untouched
+    assert [s.status.value for s in store.list_shards(db, second.id)] == ["pending"]
+    assert run_worker(db, block=12).rows_done == len(SAMPLE_PROMPTS)
