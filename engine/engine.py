@@ -4,8 +4,9 @@
                                               weights_gpu_percent=0, weights_cpu_percent=50))
     results = engine.generate([RowInput(row_id=0, prompt_ids=ids)], GenerationParams())
 
-Compute dtype defaults: bfloat16 on the CPU (2-4x faster than float32 there, see MACHINE-NOTES),
-float16 on CUDA. Budgets (`gpu_mem_gib`, `cpu_mem_gib`) are checked before anything is loaded;
+Compute dtype defaults: float16 on CUDA; on the CPU bfloat16 where the CPU has native bf16 matmul
+(AVX512-BF16/AMX: 2-4x faster than float32, see MACHINE-NOTES), else float32 (bf16 is emulated and
+7x slower on AVX2-only CPUs). Budgets (`gpu_mem_gib`, `cpu_mem_gib`) are checked before anything is loaded;
 peaks are measured while generating (process RSS, CUDA allocator peak).
 """
 from __future__ import annotations
@@ -37,9 +38,21 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def cpu_has_fast_bfloat16() -> bool:
+    """bf16 matmul is fast only with AVX512-BF16 or AMX; elsewhere oneDNN emulates it (measured here on
+    an AVX2-only EPYC: 7x slower than float32), so float32 is the better default there."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name is None:
-        return torch.float16 if device.type == "cuda" else torch.bfloat16
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if cpu_has_fast_bfloat16() else torch.float32
     if name not in DTYPES:
         from engine.errors import EngineInputError
         raise EngineInputError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")

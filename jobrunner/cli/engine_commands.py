@@ -94,7 +94,8 @@ def default_offload_dir(offload_dir: Path | None) -> Path:
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
-              help="Compute dtype. Default: bfloat16 on CPU, float16 on CUDA.")
+              help="Compute dtype. Default: float16 on CUDA; bfloat16 on CPUs with native bf16 "
+                   "(AVX512-BF16/AMX), else float32.")
 @policy_options
 def generate_command(model_dir, prompts, max_new_tokens, max_input_length, temperature, top_p, seed, dtype,
                      percent, gpu_batch_size, num_gpu_batches, gpu_mem, cpu_mem, offload_dir, overlap,
