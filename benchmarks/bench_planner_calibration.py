@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 from engine.cost_model import estimate
 from engine.engine import Engine
 from engine.model_config import preset
@@ -39,6 +41,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--gen-len", type=int, default=16)
     ap.add_argument("--blocks", type=int, default=1, help="blocks per measured run")
+    ap.add_argument("--repeats", type=int, default=2, help="measured runs per policy (the best counts)")
     ap.add_argument("--work-dir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/planner_calibration.json"))
     args = ap.parse_args()
@@ -55,18 +58,24 @@ def main() -> None:
         n = policy.block_size * args.blocks
         rows = [RowInput(row_id=i, prompt_ids=tuple(2 + (i * 7 + j) % 50000 for j in range(args.prompt_len)))
                 for i in range(n)]
+        baseline_rss = psutil.Process().memory_info().rss
         engine = Engine(model_dir, policy, offload_dir=offload)
         try:
             engine.generate(rows[:policy.block_size], params)  # warm-up: conversion, allocator, threads
-            start = len(engine.stats.blocks)
-            t0 = time.perf_counter()
-            engine.generate(rows, params)
-            wall = time.perf_counter() - t0
-            blocks = engine.stats.blocks[start:]
-            tokens = sum(b.generated_tokens for b in blocks)
-            measured = tokens / sum(b.total_s for b in blocks)
+            best = None
+            for _ in range(args.repeats):  # the best run: a busy shared host only ever slows a run down
+                start = len(engine.stats.blocks)
+                t0 = time.perf_counter()
+                engine.generate(rows, params)
+                wall = time.perf_counter() - t0
+                blocks = engine.stats.blocks[start:]
+                tps = sum(b.generated_tokens for b in blocks) / sum(b.total_s for b in blocks)
+                if best is None or tps > best[0]:
+                    best = (tps, wall, blocks)
+            measured, wall, blocks = best
             prefill = sum(b.prefill_s for b in blocks) / len(blocks)
             step = sum(b.total_s - b.prefill_s for b in blocks) / len(blocks) / max(args.gen_len - 1, 1)
+            peak_rss = engine.stats.peak_rss_bytes
         finally:
             engine.close()
         pred = estimate(cfg, hw, policy, prompt_len=args.prompt_len, gen_len=args.gen_len)
@@ -74,10 +83,15 @@ def main() -> None:
                          "measured_tokens_per_s": measured, "ratio": pred.tokens_per_s / measured,
                          "wall_s": wall, "predicted_bottleneck": pred.bottleneck,
                          "prefill_s": {"predicted": pred.prefill_s, "measured": prefill},
-                         "decode_step_s": {"predicted": pred.decode_step_s, "measured": step}})
+                         "decode_step_s": {"predicted": pred.decode_step_s, "measured": step},
+                         "cpu_peak_gib": {"predicted_engine_tensors": pred.peak_gib["cpu"],
+                                          "process_before_engine": baseline_rss / 2 ** 30,
+                                          "measured_rss": peak_rss / 2 ** 30}})
         print(f"{name:36} predicted {pred.tokens_per_s:8.2f}  measured {measured:8.2f}  "
               f"ratio {pred.tokens_per_s / measured:5.2f}  ({pred.bottleneck}; prefill {pred.prefill_s:.3f} vs "
-              f"{prefill:.3f} s, decode step {pred.decode_step_s:.4f} vs {step:.4f} s)", flush=True)
+              f"{prefill:.3f} s, decode step {pred.decode_step_s:.4f} vs {step:.4f} s; CPU tensors "
+              f"{pred.peak_gib['cpu']:.2f} GiB + process {baseline_rss / 2**30:.2f}, RSS peak {peak_rss / 2**30:.2f})",
+              flush=True)
     within = sum(0.7 <= r["ratio"] <= 1.3 for r in rows_out)
     print(f"{within}/{len(rows_out)} policies within +-30 % (model {cfg.name} x {args.layers} layers, "
           f"prompt {args.prompt_len}, gen {args.gen_len}, profile {hw.source}, disk read {hw.disk_read_method})")

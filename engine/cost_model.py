@@ -32,6 +32,7 @@ from engine.policy import CompressionConfig, Policy
 GB = 1e9
 GIB = 2 ** 30
 FP16 = 2  # bytes per element of weights, cache and activations (fp16 or bf16)
+TENSORS_PER_LAYER = 16  # q/k/v/out and fc1/fc2 weights and biases, two LayerNorms: one disk read each
 OPS_PER_LAYER = 12  # kernels one layer launches per micro-batch: 6 GEMMs, 2 LayerNorms, attention, ...
 
 RESOURCES = ("disk", "cpu_to_gpu", "gpu_to_cpu", "compute")
@@ -162,7 +163,9 @@ def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
     act = z.act_dec if decode else z.act_pre
 
     # Weights: loaded once per layer per step and shared by the block (the point of the zig-zag).
-    disk = z.w * x.wd * rd
+    # The store is fp16; a bf16/fp32 engine converts what it streams from disk on the I/O thread.
+    convert = 1.0 / (hw.convert_gbps * GB) if hw.convert_gbps and hw.compute_dtype != "float16" else 0.0
+    disk = z.w * x.wd * rd + (0.0 if sh.compress_weight else z.w16 * x.wd * convert)
     c_to_g = z.w * (x.wc + x.wd) * c2g
     # Activations: each layer loads its input from and stores its output to their tier.
     disk = disk + act * x.hd * (rd + wr)
@@ -197,6 +200,11 @@ def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
         if sh.compress_cache:
             compute = compute + z.kv_dec16 * deq
 
+    # Per-request disk latency (linear stand-in for "one request per tensor / micro-batch when any
+    # of it is on disk"): it dominates when small tensors or one-token cache appends go to disk.
+    r_lat, w_lat = hw.disk_read_latency_s, hw.disk_sync_latency_s
+    disk = disk + TENSORS_PER_LAYER * x.wd * r_lat + nb * x.hd * (r_lat + w_lat)
+    disk = disk + nb * x.cd * (w_lat + (r_lat if decode else 0.0))
     layer = {"disk": disk, "cpu_to_gpu": c_to_g, "gpu_to_cpu": g_to_c, "compute": compute}
 
     # Head: the tied embedding / LM head (one position per row), loaded once per step.
@@ -204,7 +212,8 @@ def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
         + nb * 3 * hw.op_overhead_s  # final LayerNorm, LM head, sampling
     if sh.compress_weight:
         head_compute = head_compute + z.head16 * deq
-    head = {"disk": z.head * x.wd * rd, "cpu_to_gpu": z.head * (x.wc + x.wd) * c2g,
+    head = {"disk": z.head * x.wd * rd + (0.0 if sh.compress_weight else z.head16 * x.wd * convert),
+            "cpu_to_gpu": z.head * (x.wc + x.wd) * c2g,
             "gpu_to_cpu": 0.0 * x.wd, "compute": head_compute + 0.0 * x.wd}
     return [(cfg.num_layers, layer), (1, head)]
 

@@ -50,12 +50,15 @@ class HardwareProfile:
     # Bandwidths, GB/s.
     disk_read_gbps: float = 1.0
     disk_write_gbps: float = 1.0
+    disk_read_latency_s: float = 0.0     # one small uncached read: the floor of every disk read
+    disk_sync_latency_s: float = 0.0     # one small write + fdatasync (the engine syncs what it writes)
     cpu_mem_gbps: float = 20.0           # streaming read of weights by a matmul on the CPU
     cpu_to_gpu_gbps: float = 0.0         # pinned host -> device; 0 without a GPU
     gpu_to_cpu_gbps: float = 0.0
     gpu_mem_gbps: float = 0.0            # device memory bandwidth (HBM/GDDR)
     cpu_attention_gbps: float = 10.0     # KV-cache bytes a decode attention on the CPU gets through per s
     dequant_gbps: float = 5.0            # fp16 output bytes/s of 4-bit group-wise decompression on the compute device
+    convert_gbps: float = 0.0            # fp16 -> compute dtype conversion of weights read from disk (0: none)
 
     # matmul FLOP/s by device ("cpu", "cuda") and dtype ("float32", "bfloat16", "float16").
     matmul_flops: dict[str, dict[str, float]] = field(default_factory=dict)

@@ -187,8 +187,12 @@ def plan(config: OPTConfig, hardware: HardwareProfile, *, gpu_mem_gib: float | N
          cpu_mem_gib: float | None, disk_mem_gib: float | None = None, prompt_len: int,
          gen_len: int, compress_options=(False, True), gpu_batch_sizes=DEFAULT_GPU_BATCH_SIZES,
          num_gpu_batches=DEFAULT_NUM_GPU_BATCHES, max_block_size: int | None = None,
-         num_alternatives: int = 5) -> Plan:
-    """The best policy under the cost model for these budgets (GiB), or BudgetError."""
+         num_alternatives: int = 5, cpu_reserved_gib: float = 0.0) -> Plan:
+    """The best policy under the cost model for these budgets (GiB), or BudgetError.
+    cpu_reserved_gib: RAM the process already holds outside the engine's tensors (Python, torch,
+    tokenizer); the engine counts its whole RSS against --cpu-mem, so the caller passes it here."""
+    if cpu_mem_gib is not None and cpu_reserved_gib:
+        cpu_mem_gib = max(0.0, cpu_mem_gib - cpu_reserved_gib)
     budgets = budgets_bytes(hardware, gpu_mem_gib, cpu_mem_gib, disk_mem_gib)
     cands: list[tuple[float, Candidate, float]] = []
     best_tps, solved, skipped = 0.0, 0, 0

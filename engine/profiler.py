@@ -68,6 +68,7 @@ def measure_profile(disk_dir: str | Path, *, disk_bytes: int | None = None,
     has_gpu = torch.cuda.is_available()
     dtype = torch.float16 if has_gpu else torch.bfloat16
     write_gbps, read_gbps, method = measure_disk(disk_dir, disk_bytes)
+    read_lat, sync_lat = measure_disk_latency(disk_dir, seconds_per_test)
     flops = {"cpu": {str(dt).removeprefix("torch."): matmul_flops("cpu", dt, seconds_per_test)
                      for dt in (torch.float32, torch.bfloat16)}}
     fields: dict = {}
@@ -83,10 +84,12 @@ def measure_profile(disk_dir: str | Path, *, disk_bytes: int | None = None,
         host=socket.gethostname(), source=f"measured by flexjob (torch {torch.__version__})",
         created_at=time.time(), disk_dir=str(disk_dir.resolve()), disk_read_method=method,
         compute_dtype=str(dtype).removeprefix("torch."),
-        disk_read_gbps=read_gbps, disk_write_gbps=write_gbps,
+        disk_read_gbps=read_gbps, disk_write_gbps=write_gbps, disk_read_latency_s=read_lat,
+        disk_sync_latency_s=sync_lat,
         cpu_mem_gbps=weight_stream_gbps(seconds_per_test),
         cpu_attention_gbps=cpu_attention_gbps(seconds_per_test),
         dequant_gbps=dequant_gbps(device, dtype, seconds_per_test),
+        convert_gbps=convert_gbps(dtype, seconds_per_test) if dtype != torch.float16 else 0.0,
         matmul_flops=flops, op_overhead_s=op_overhead_s(device, dtype),
         cpu_mem_gib=psutil.virtual_memory().total / 2 ** 30,
         disk_free_gib=shutil.disk_usage(disk_dir).free / 2 ** 30, **fields)
@@ -125,6 +128,43 @@ def measure_disk(disk_dir: Path, nbytes: int = DEFAULT_DISK_BYTES) -> tuple[floa
         read_s, method = _read_uncached(path, nbytes, buf)
         return nbytes / write_s / 1e9, nbytes / read_s / 1e9, method
     finally:
+        buf.close()
+        path.unlink(missing_ok=True)
+
+
+def measure_disk_latency(disk_dir: Path, seconds: float = 0.25) -> tuple[float, float]:
+    """Median seconds of one 4 KiB uncached read and of one 4 KiB write + fdatasync."""
+    path = disk_dir.resolve() / f".flexjob-latency-probe-{os.getpid()}"
+    buf = mmap.mmap(-1, 4096)
+    buf.write(os.urandom(4096))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, buf)
+        os.fsync(fd)
+
+        def write_sync():
+            os.pwrite(fd, buf, 0)
+            os.fdatasync(fd)
+        sync = _timed(write_sync, seconds / 2)
+        try:
+            rfd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+            drop = False
+        except OSError:
+            rfd, drop = os.open(path, os.O_RDONLY), True
+        try:
+            def read():
+                if drop:
+                    os.posix_fadvise(rfd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.preadv(rfd, [buf], 0)
+            try:
+                read_lat = _timed(read, seconds / 2)
+            except OSError:  # O_DIRECT accepted at open, refused at read (some filesystems)
+                read_lat = 0.0
+        finally:
+            os.close(rfd)
+        return read_lat, sync
+    finally:
+        os.close(fd)
         buf.close()
         path.unlink(missing_ok=True)
 
@@ -217,9 +257,8 @@ def cpu_attention_gbps(seconds: float = 0.25, *, batch: int = 4, heads: int = 16
     k = torch.full((batch, heads, ctx, head_dim), 0.1, dtype=torch.bfloat16)
     v = torch.full((batch, heads, ctx, head_dim), 0.1, dtype=torch.bfloat16)
 
-    def attend():
-        scores = torch.softmax((q @ k.transpose(-1, -2)).float() * head_dim ** -0.5, dim=-1)
-        return scores.to(v.dtype) @ v
+    def attend():  # the engine's kernel: a hand-written bf16 bmm + softmax was 60x slower on AVX2
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
     with torch.inference_mode():
         per = _timed(attend, seconds)
     return 2 * k.numel() * k.element_size() / per / 1e9
@@ -238,6 +277,15 @@ def dequant_gbps(device: str, dtype: torch.dtype, seconds: float = 0.25, *, grou
     with torch.inference_mode():
         per = _timed(dequant, seconds, _sync(device))
     return n * torch.tensor([], dtype=dtype).element_size() / per / 1e9
+
+
+def convert_gbps(dtype: torch.dtype, seconds: float = 0.25) -> float:
+    """Output bytes/s of converting fp16 weights (the store's format) to the compute dtype on the
+    CPU; without F16C/AVX-512 paths this is slower than the disk read it follows."""
+    src = torch.full((2 ** 23,), 0.5, dtype=torch.float16)
+    out_bytes = src.numel() * torch.tensor([], dtype=dtype).element_size()
+    with torch.inference_mode():
+        return out_bytes / _timed(lambda: src.to(dtype), seconds) / 1e9
 
 
 def op_overhead_s(device: str, dtype: torch.dtype = torch.float32) -> float:

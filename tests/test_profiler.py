@@ -14,6 +14,8 @@ def test_short_real_measurement_is_stored_and_reused(tmp_path):
     prof = load_or_measure_profile(disk, home=home, **FAST)
     assert prof.disk_read_gbps > 0 and prof.disk_write_gbps > 0 and prof.cpu_mem_gbps > 0
     assert prof.cpu_attention_gbps > 0 and prof.dequant_gbps > 0 and prof.op_overhead_s > 0
+    assert prof.disk_read_latency_s >= 0 and prof.disk_sync_latency_s > 0
+    assert prof.convert_gbps > 0 or prof.compute_dtype == "float16"
     assert all(v > 0 for v in prof.matmul_flops["cpu"].values())
     assert set(prof.matmul_flops["cpu"]) >= {"float32", "bfloat16"}
     assert prof.disk_read_method in ("O_DIRECT", "fadvise") or prof.disk_read_method.startswith("page-cache")
