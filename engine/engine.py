@@ -59,6 +59,11 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def default_dtype_name() -> str:
+    """The compute dtype this machine runs fastest (what a job records when none is given)."""
+    return str(resolve_dtype(None, default_device())).removeprefix("torch.")
+
+
 class Engine:
     def __init__(self, model_dir: str | Path, policy: Policy, *, dtype: str | None = None,
                  device: str | torch.device | None = None, offload_dir: str | Path | None = None,

@@ -32,8 +32,9 @@ def _open(db):
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--stop", "stop", multiple=True, help="Cut the completion at this text (repeatable).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="bfloat16",
-              show_default=True, help="Compute dtype (part of the job: every worker uses it).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Compute dtype (part of the job: every worker uses it). Default: what this machine "
+                   "computes fastest: float16 with CUDA, bfloat16 on CPUs with native bf16, else float32.")
 @click.option("--truncate", type=click.Choice(["error", "left"]), default="error", show_default=True,
               help="Prompts too long for the model: error rows, or cut from the left.")
 @click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first.")
@@ -54,8 +55,10 @@ def enqueue_command(input_path, model_dir, column, id_column, max_new_tokens, te
     """
     from jobrunner.enqueue import JobParams, enqueue
 
+    from engine.engine import default_dtype_name
+
     params = JobParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                       stop=tuple(stop), dtype=dtype, truncate=truncate)
+                       stop=tuple(stop), dtype=dtype or default_dtype_name(), truncate=truncate)
     result = enqueue(_open(db), input_path, model_dir=model_dir, column=column, id_column=id_column,
                      params=params, priority=priority, shard_rows=shard_rows, name=name,
                      results_root=results_dir, force=force)
