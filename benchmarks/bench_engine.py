@@ -1,0 +1,208 @@
+"""Engine throughput vs Hugging Face, side by side in one run (issue 2's benchmark).
+
+    python benchmarks/bench_engine.py --model /work/models/opt-1.3b            # full
+    python benchmarks/bench_engine.py --model DIR --gen-len 8 --quick          # smoke
+
+(a) All weights in RAM: this engine at several block shapes vs transformers `generate` at batch 8,
+    16, 32. Metric: generated tokens/s over the whole run, prefill included (FlexGen's metric).
+(b) Weights on disk under --cpu-mem: this engine (page cache bypassed: O_DIRECT reads) vs
+    transformers + accelerate disk offload (`device_map` with `max_memory`), whose measured peak RSS
+    must fit the same budget. Also the fraction of the roofline reached: per step
+    max(bytes read from disk / measured uncached read bandwidth, FLOPs / measured FLOP/s).
+Every run is a fresh subprocess (honest peak RSS via wait4); runs alternate so machine noise hits
+both sides alike. Page cache is dropped for the model files between disk runs (fadvise).
+Results: benchmarks/results/engine.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+ENGINE_RUN = r"""
+import json, sys, time
+from engine.engine import Engine
+from engine.policy import Policy
+from engine.rows import GenerationParams, RowInput
+args = json.loads(sys.argv[1])
+policy = Policy.from_percents(args["percent"], gpu_batch_size=args["gbs"], num_gpu_batches=args["nb"])
+engine = Engine(args["model"], policy, dtype=args["dtype"], offload_dir=args["offload"], cpu_mem_gib=args["cpu_mem"])
+rows = [RowInput(row_id=i, prompt_ids=tuple(100 + (i * 7 + j) % 5000 for j in range(args["prompt_len"])))
+        for i in range(policy.block_size)]
+stop = (-1,)  # never stop early: every row generates gen_len tokens, as in FlexGen's benchmark
+started = time.perf_counter()
+engine.generate(rows, GenerationParams(max_new_tokens=args["gen_len"], stop_token_ids=stop))
+elapsed = time.perf_counter() - started
+b = engine.stats.blocks[0]
+print(json.dumps({"tokens_per_s": engine.stats.generated_tokens / elapsed, "seconds": elapsed,
+                  "prefill_s": b.prefill_s, "disk_read_bytes": b.transfers.get("disk_read", (0, 0))[0],
+                  "disk_read_s": b.transfers.get("disk_read", (0, 0))[1], "peak_rss": engine.stats.peak_rss_bytes}))
+"""
+
+HF_RUN = r"""
+import json, sys, time, torch
+args = json.loads(sys.argv[1])
+from transformers import OPTForCausalLM
+dtype = getattr(torch, args["dtype"])
+kwargs = {}
+if args.get("offload"):
+    kwargs = dict(device_map="auto", max_memory={"cpu": f"{args['cpu_mem']}GiB"}, offload_folder=args["offload"])
+model = OPTForCausalLM.from_pretrained(args["model"], dtype=dtype, **kwargs).eval()
+B = args["batch"]
+ids = torch.tensor([[100 + (i * 7 + j) % 5000 for j in range(args["prompt_len"])] for i in range(B)])
+with torch.no_grad():
+    started = time.perf_counter()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args["gen_len"],
+                         min_new_tokens=args["gen_len"], do_sample=False, pad_token_id=1)
+    elapsed = time.perf_counter() - started
+print(json.dumps({"tokens_per_s": B * args["gen_len"] / elapsed, "seconds": elapsed}))
+"""
+
+
+def run_child(code: str, args: dict) -> dict:
+    """Run `code` in a fresh Python; returns its JSON line plus the child's peak RSS (wait4)."""
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(args)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out, err = proc.communicate()
+    _, status, usage = os.wait4(proc.pid, 0) if proc.returncode is None else (0, proc.returncode, None)
+    if proc.returncode != 0:
+        return {"error": err.strip().splitlines()[-1] if err.strip() else f"exit {proc.returncode}"}
+    result = json.loads(out.strip().splitlines()[-1])
+    result.setdefault("peak_rss", 0)
+    return result
+
+
+def run_child_rss(code: str, args: dict) -> dict:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    result = run_child(code, args)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    # ru_maxrss of children is the max over all children: only trust it when it grew.
+    result["child_maxrss"] = after * 1024 if after > before else None
+    return result
+
+
+def drop_page_cache(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def main() -> None:
+    from engine.engine import default_dtype_name
+    from engine.model_config import load_config
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, type=Path)
+    ap.add_argument("--work-dir", type=Path, default=Path("/tmp/flexjob-bench-engine"))
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--gen-len", type=int, default=32)
+    ap.add_argument("--dtype", default=default_dtype_name())
+    ap.add_argument("--cpu-mem", type=float, default=2.0, help="Budget for (b), GiB.")
+    ap.add_argument("--hf-batches", default="8,16,32")
+    ap.add_argument("--blocks", default="32x1,32x2,64x2", help="Engine block shapes for (a): GBSxN.")
+    ap.add_argument("--disk-blocks", default="32x4,64x4", help="Engine block shapes for (b).")
+    ap.add_argument("--disk-percent", default="0 10 0 0 100 0", help="Engine placement for (b).")
+    ap.add_argument("--hf-disk-batch", type=int, default=8)
+    ap.add_argument("--skip", default="", help="Comma list of parts to skip: a,b")
+    opts = ap.parse_args()
+    cfg = load_config(opts.model)
+    opts.work_dir.mkdir(parents=True, exist_ok=True)
+    offload = opts.work_dir / "offload"
+    base = dict(model=str(opts.model), dtype=opts.dtype, prompt_len=opts.prompt_len, gen_len=opts.gen_len)
+    rows = []
+
+    if "a" not in opts.skip:
+        hf = [("hf", int(b)) for b in opts.hf_batches.split(",")]
+        ours = [("engine", tuple(int(x) for x in s.split("x"))) for s in opts.blocks.split(",")]
+        for kind, shape in [x for pair in zip(hf, ours) for x in pair] + hf[len(ours):] + ours[len(hf):]:
+            if kind == "hf":
+                r = run_child_rss(HF_RUN, {**base, "batch": shape})
+                rows.append({"part": "a", "system": "transformers", "config": f"batch {shape}", **r})
+            else:
+                r = run_child_rss(ENGINE_RUN, {**base, "percent": [100, 0, 100, 0, 100, 0], "gbs": shape[0],
+                                               "nb": shape[1], "offload": str(offload), "cpu_mem": None})
+                rows.append({"part": "a", "system": "flexjob", "config": f"{shape[0]}x{shape[1]} all RAM", **r})
+            print(rows[-1], flush=True)
+
+    if "b" not in opts.skip:
+        percent = [float(x) for x in opts.disk_percent.split()]
+        flops = read_bw = None
+        for s in opts.disk_blocks.split(","):
+            gbs, nb = (int(x) for x in s.split("x"))
+            drop_page_cache(offload)
+            r = run_child_rss(ENGINE_RUN, {**base, "percent": percent, "gbs": gbs, "nb": nb, "offload": str(offload),
+                                           "cpu_mem": opts.cpu_mem})
+            rows.append({"part": "b", "system": "flexjob", "config": f"{gbs}x{nb} {opts.disk_percent}", **r})
+            print(rows[-1], flush=True)
+        drop_page_cache(opts.model)
+        r = run_child_rss(HF_RUN, {**base, "batch": opts.hf_disk_batch, "offload": str(opts.work_dir / "accel"),
+                                   "cpu_mem": opts.cpu_mem})
+        rows.append({"part": "b", "system": "transformers+accelerate",
+                     "config": f"batch {opts.hf_disk_batch} max_memory {opts.cpu_mem}GiB", **r})
+        print(rows[-1], flush=True)
+        roofline(rows, cfg, opts)
+
+    summarise(rows, opts)
+
+
+def roofline(rows: list[dict], cfg, opts) -> None:
+    """Per-run roofline: max(disk bytes / uncached read bandwidth, FLOPs / FLOP/s), both measured."""
+    from engine.profiler import load_or_measure_profile
+    profile = load_or_measure_profile(opts.work_dir / "offload")
+    flops_per_s = profile.flops("cpu", opts.dtype)
+    read_bw = profile.disk_read_gbps
+    for row in rows:
+        if row["part"] != "b" or row["system"] != "flexjob" or "error" in row:
+            continue
+        tokens = int(row["config"].split("x")[0]) * int(row["config"].split("x")[1].split()[0])
+        flops = 2 * cfg.param_count() * tokens * (opts.gen_len + opts.prompt_len)
+        t_io = row["disk_read_bytes"] / (read_bw * 1e9) if read_bw else 0.0
+        t_compute = flops / flops_per_s if flops_per_s else 0.0
+        row["roofline_s"] = max(t_io, t_compute)
+        row["roofline_fraction"] = row["roofline_s"] / row["seconds"] if row["seconds"] else None
+        row["measured_read_gbps"] = read_bw
+        row["measured_flops"] = flops_per_s
+
+
+def summarise(rows: list[dict], opts) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"engine vs transformers, {opts.model.name}, prompt {opts.prompt_len}, gen {opts.gen_len}, "
+                        f"{opts.dtype}")
+    for col in ("part", "system", "config", "tokens/s", "seconds", "peak RSS GiB", "roofline"):
+        table.add_column(col)
+    for r in rows:
+        rss = r.get("child_maxrss") or r.get("peak_rss") or 0
+        table.add_row(r["part"], r["system"], r["config"], f"{r.get('tokens_per_s', 0):.2f}" if "error" not in r
+                      else r["error"][:40], f"{r.get('seconds', 0):.1f}", f"{rss / 2**30:.2f}",
+                      f"{r['roofline_fraction']:.0%}" if r.get("roofline_fraction") else "")
+    best = {}
+    for r in rows:
+        if "tokens_per_s" in r:
+            key = (r["part"], r["system"] == "flexjob")
+            best[key] = max(best.get(key, 0), r["tokens_per_s"])
+    ratios = {part: best[(part, True)] / best[(part, False)] for part in ("a", "b")
+              if (part, True) in best and best.get((part, False))}
+    Console().print(table)
+    for part, ratio in ratios.items():
+        print(f"({part}) best flexjob / best baseline: {ratio:.2f}x")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "engine.json").write_text(json.dumps({"rows": rows, "ratios": ratios, "args": {
+        k: str(v) for k, v in vars(opts).items()}, "time": time.time()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
