@@ -47,15 +47,16 @@ def estimate_memory(cfg: OPTConfig, store: WeightStore, policy: Policy, device: 
     weights = {t: 0 for t in Tier}
     streamed, largest_read = 0, 0
     for layer, layer_tiers in tiers.items():
-        layer_disk = 0
+        layer_in_flight = 0  # tensors materialised per use: read from disk and/or dequantised
         for entry in store.layers[layer]:
-            nbytes = entry.nbytes // 2 * size
-            weights[layer_tiers[entry.name]] += nbytes
-            if layer_tiers[entry.name] == Tier.DISK:
-                layer_disk += nbytes
+            tier = layer_tiers[entry.name]
+            weights[tier] += entry.held_bytes(size) if tier != Tier.DISK else entry.nbytes
+            if tier == Tier.DISK or entry.compressed:
+                layer_in_flight += entry.compute_bytes(size)
+            if tier == Tier.DISK:
                 largest_read = max(largest_read, entry.nbytes)
-        streamed = max(streamed, layer_disk)
-    # Two layers in flight (one computing, one being prefetched) plus the raw fp16 read buffer of the
+        streamed = max(streamed, layer_in_flight)
+    # Two layers in flight (one computing, one being prefetched) plus the raw read buffer of the
     # tensor being converted.
     stream_buffers = 2 * streamed + largest_read
 

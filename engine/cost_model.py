@@ -31,7 +31,14 @@ from engine.policy import CompressionConfig, Policy
 
 GB = 1e9
 GIB = 2 ** 30
-FP16 = 2  # bytes per element of weights, cache and activations (fp16 or bf16)
+FP16 = 2  # bytes per element in the weight store (fp16), whatever the compute dtype
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+def elem_bytes(hw: HardwareProfile) -> int:
+    """Bytes per element of what the engine holds in memory: resident weights, cache, activations
+    are kept in the compute dtype (float32 on CPUs without native bf16 doubles them)."""
+    return DTYPE_BYTES.get(hw.compute_dtype, 2)
 TENSORS_PER_LAYER = 16  # q/k/v/out and fc1/fc2 weights and biases, two LayerNorms: one disk read each
 OPS_PER_LAYER = 12  # kernels one layer launches per micro-batch: 6 GEMMs, 2 LayerNorms, attention, ...
 
@@ -105,9 +112,11 @@ def head_weight_bytes(cfg: OPTConfig) -> float:
 @dataclass(frozen=True)
 class _Sizes:
     """Bytes per layer of the things that move, for one block (B rows) unless said otherwise."""
-    w: float            # one layer's weights as stored (compressed if compress_weight)
-    w16: float          # one layer's weights in fp16 (what the compute reads)
-    head: float         # embedding/head weights as stored
+    w: float            # one layer's weights as held in memory (compute dtype, or compressed)
+    w_disk: float       # ... as stored on and read from disk (fp16, or compressed)
+    w16: float          # ... in the compute dtype (what the matmuls read)
+    head: float         # embedding/head weights, the same three ways
+    head_disk: float
     head16: float
     kv_new_pre: float   # cache written by prefill, per layer, as stored
     kv_dec: float       # cache read by one decode step, per layer (average context), as stored
@@ -120,21 +129,24 @@ class _Sizes:
     act_dec: float
 
 
-def _sizes(cfg: OPTConfig, sh: Shape) -> _Sizes:
+def _sizes(cfg: OPTConfig, sh: Shape, hw: HardwareProfile) -> _Sizes:
     B, b, s, n, h = sh.block_size, sh.gpu_batch_size, sh.prompt_len, sh.gen_len, cfg.hidden_size
     wf = compression_factor(sh.compression) if sh.compress_weight else 1.0
     cf = compression_factor(sh.compression) if sh.compress_cache else 1.0
     ctx_avg = s + n / 2  # decode reads a context growing from s to s+n (FlexGen's s + n/2)
-    kv_row_tok = 2 * h * FP16  # k and v of one token of one row, one layer
+    el = elem_bytes(hw)
+    kv_row_tok = 2 * h * el  # k and v of one token of one row, one layer
+    lw, hd = layer_weight_bytes(cfg), head_weight_bytes(cfg)  # fp16 bytes
+    held = (lambda fp16: fp16 * wf) if sh.compress_weight else (lambda fp16: fp16 / FP16 * el)
     return _Sizes(
-        w=layer_weight_bytes(cfg) * wf, w16=layer_weight_bytes(cfg),
-        head=head_weight_bytes(cfg) * wf, head16=head_weight_bytes(cfg),
+        w=held(lw), w_disk=lw * wf, w16=lw / FP16 * el,
+        head=held(hd), head_disk=hd * wf, head16=hd / FP16 * el,
         kv_new_pre=B * s * kv_row_tok * cf,
         kv_dec=B * ctx_avg * kv_row_tok * cf, kv_dec16=B * ctx_avg * kv_row_tok,
         kv_tok=B * kv_row_tok * cf,
         kv_total=cfg.num_layers * B * (s + n) * kv_row_tok * cf,
         kv_mb_full=b * (s + n) * kv_row_tok * cf, kv_mb_full16=b * (s + n) * kv_row_tok,
-        act_pre=B * s * h * FP16, act_dec=B * h * FP16,
+        act_pre=B * s * h * el, act_dec=B * h * el,
     )
 
 
@@ -151,7 +163,7 @@ def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
                 decode: bool) -> list[tuple[int, dict[str, Any]]]:
     """Busy time (s) of each resource for one step of the block, as [(count, {resource: time})]:
     the decoder layer (count = num_layers) and the embedding/output head (count 1)."""
-    z = _sizes(cfg, sh)
+    z = _sizes(cfg, sh, hw)
     B, b, nb, s, h = sh.block_size, sh.gpu_batch_size, sh.num_gpu_batches, sh.prompt_len, cfg.hidden_size
     gpu = hw.has_gpu
     rd, wr = 1.0 / (hw.disk_read_gbps * GB), 1.0 / (hw.disk_write_gbps * GB)
@@ -165,7 +177,7 @@ def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
     # Weights: loaded once per layer per step and shared by the block (the point of the zig-zag).
     # The store is fp16; a bf16/fp32 engine converts what it streams from disk on the I/O thread.
     convert = 1.0 / (hw.convert_gbps * GB) if hw.convert_gbps and hw.compute_dtype != "float16" else 0.0
-    disk = z.w * x.wd * rd + (0.0 if sh.compress_weight else z.w16 * x.wd * convert)
+    disk = z.w_disk * x.wd * rd + (0.0 if sh.compress_weight else z.w16 * x.wd * convert)
     c_to_g = z.w * (x.wc + x.wd) * c2g
     # Activations: each layer loads its input from and stores its output to their tier.
     disk = disk + act * x.hd * (rd + wr)
@@ -191,8 +203,8 @@ def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
             # goes down and the attention output comes back up.
             compute = compute + z.kv_dec16 * x.cg / _compute_bw(hw) \
                 + z.kv_dec16 * (x.cc + x.cd) / (hw.cpu_attention_gbps * GB)
-            g_to_c = g_to_c + B * h * FP16 * (x.cc + x.cd) * g2c
-            c_to_g = c_to_g + B * h * FP16 * (x.cc + x.cd) * c2g
+            g_to_c = g_to_c + B * h * elem_bytes(hw) * (x.cc + x.cd) * g2c
+            c_to_g = c_to_g + B * h * elem_bytes(hw) * (x.cc + x.cd) * c2g
         else:
             c_to_g = c_to_g + z.kv_dec * (x.cc + x.cd) * c2g
             attn_bw = hw.gpu_mem_gbps if gpu else hw.cpu_attention_gbps
@@ -212,7 +224,7 @@ def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
         + nb * 3 * hw.op_overhead_s  # final LayerNorm, LM head, sampling
     if sh.compress_weight:
         head_compute = head_compute + z.head16 * deq
-    head = {"disk": z.head * x.wd * rd + (0.0 if sh.compress_weight else z.head16 * x.wd * convert),
+    head = {"disk": z.head_disk * x.wd * rd + (0.0 if sh.compress_weight else z.head16 * x.wd * convert),
             "cpu_to_gpu": z.head * (x.wc + x.wd) * c2g,
             "gpu_to_cpu": 0.0 * x.wd, "compute": head_compute + 0.0 * x.wd}
     return [(cfg.num_layers, layer), (1, head)]
@@ -222,17 +234,18 @@ def memory_peaks(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement) -
     """Peak bytes per tier, as a list of candidates per tier (the peak is their max: one per phase).
     Home: what lives on the tier for the whole run. Working: double buffers for what streams in,
     decompressed copies, and the largest intermediate of one micro-batch."""
-    z = _sizes(cfg, sh)
+    z = _sizes(cfg, sh, hw)
     b, s, n, h, f, nh = (sh.gpu_batch_size, sh.prompt_len, sh.gen_len, cfg.hidden_size, cfg.ffn_dim,
                          cfg.num_heads)
     W = cfg.num_layers * z.w + z.head
-    act_mb_pre, act_mb_dec = b * s * h * FP16, b * h * FP16
+    el = elem_bytes(hw)
+    act_mb_pre, act_mb_dec = b * s * h * el, b * h * el
     # Largest live intermediates of one micro-batch: attention (q,k,v + scores + probs) or MLP.
-    inter_pre = FP16 * b * (max(3 * s * h + 2 * nh * s * s, s * f + s * h) + s * h)
-    inter_dec = FP16 * b * (max(3 * h + 2 * nh * (s + n), f + h) + h) + 4 * b * cfg.vocab_size
+    inter_pre = el * b * (max(3 * s * h + 2 * nh * s * s, s * f + s * h) + s * h)
+    inter_dec = el * b * (max(3 * h + 2 * nh * (s + n), f + h) + h) + 4 * b * cfg.vocab_size
     w_work16 = z.w16 if sh.compress_weight else 0.0
     kv_work16 = z.kv_mb_full16 if sh.compress_cache else 0.0
-    disk_peak = x.wd * W + x.cd * z.kv_total + x.hd * z.act_pre
+    disk_peak = x.wd * (cfg.num_layers * z.w_disk + z.head_disk) + x.cd * z.kv_total + x.hd * z.act_pre
 
     if not hw.has_gpu:
         # One memory holds the "gpu" and "cpu" shares; weights resident in RAM are used in place,

@@ -81,12 +81,14 @@ class Engine:
                              throttle_gbps=throttle_gbps)
         self.stats = EngineStats()
         self.rss = RssSampler()
-        store = WeightStore.open_or_convert(self.model_dir, self.config, self.offload_dir, on_convert)
+        self._on_convert = on_convert
+        store = self._open_store(policy)
         check_budgets(self.config, store, policy, self.device, self.dtype, gpu_mem_gib, cpu_mem_gib,
                       prompt_len=None, gen_len=None)
         self.policy = policy
         self.weights = PlacedWeights(store, self.config, policy, self.device, self.dtype, self.disk,
                                      self.transfers)
+        self.transfers.snapshot_and_reset()  # loading is not part of the first block's figures
         self._io = ThreadPoolExecutor(1, thread_name_prefix="flexjob-io")
         self._tokenizer = None
 
@@ -97,11 +99,24 @@ class Engine:
             self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         return self._tokenizer
 
+    def _open_store(self, policy: Policy) -> WeightStore:
+        return WeightStore.open_or_convert(self.model_dir, self.config, self.offload_dir, self._on_convert,
+                                           policy.compression if policy.compress_weight else None)
+
     def set_policy(self, policy: Policy) -> int:
-        """Apply a new policy between blocks; moves only the weights whose tier changes."""
-        check_budgets(self.config, self.weights.store, policy, self.device, self.dtype, self.gpu_mem_gib,
+        """Apply a new policy between blocks; moves only the weights whose tier changes (a change of
+        weight compression switches to the other weight store and re-places everything)."""
+        same_store = (policy.compress_weight == self.policy.compress_weight and
+                      (not policy.compress_weight or policy.compression == self.policy.compression))
+        store = self.weights.store if same_store else self._open_store(policy)
+        check_budgets(self.config, store, policy, self.device, self.dtype, self.gpu_mem_gib,
                       self.cpu_mem_gib, prompt_len=None, gen_len=None)
-        moved = self.weights.replace(policy)
+        if same_store:
+            moved = self.weights.replace(policy)
+        else:
+            self.weights = PlacedWeights(store, self.config, policy, self.device, self.dtype, self.disk,
+                                         self.transfers)
+            moved = sum(e.nbytes for entries in store.layers.values() for e in entries)
         self.policy = policy
         return moved
 

@@ -1,13 +1,16 @@
 """The model's weights placed on tiers by a Policy, and the per-layer load the schedule calls.
 
 Resident tensors (GPU/CPU tiers) are read once and kept in the compute dtype; disk tensors are
-read every time their layer runs (with O_DIRECT), converted, and dropped after use. `replace`
+read every time their layer runs (with O_DIRECT), converted, and dropped after use. Compressed
+(4-bit) tensors stay packed on every tier, in memory too, and are dequantised on the compute device
+right before their layer runs: memory and link bytes both shrink ~3.5x. `replace`
 re-places the model for a new policy, moving only the tensors whose tier changes.
 """
 from __future__ import annotations
 
 import torch
 
+from engine.compression import dequantize, from_bytes
 from engine.model_config import OPTConfig
 from engine.placement import split_tensors
 from engine.policy import Policy
@@ -50,7 +53,7 @@ class PlacedWeights:
                 elif old in (Tier.GPU, Tier.CPU):
                     resident[entry.name] = self._place(resident[entry.name], new)
                 else:
-                    resident[entry.name] = self._place(self._read(layer, entry), new)
+                    resident[entry.name] = self._place(self._read(layer, entry, ready=False), new)
         self.tiers = new_tiers
         return moved
 
@@ -60,33 +63,40 @@ class PlacedWeights:
         t = t.to("cpu")
         return t.pin_memory() if self.device.type == "cuda" else t
 
-    def _read(self, layer: str, entry: TensorEntry) -> torch.Tensor:
-        """Read one tensor from the store into CPU memory in the compute dtype."""
+    def _read(self, layer: str, entry: TensorEntry, *, ready: bool) -> torch.Tensor:
+        """Read one tensor from the store into CPU memory: fp16 tensors converted to the compute
+        dtype; compressed ones as their packed bytes (dequantised later, by `_ready`)."""
         buf = aligned_empty(align_up(entry.nbytes))
         self.disk.read_into(self.store.path(layer), entry.offset, buf)
+        if entry.compressed:
+            return self._ready(entry, buf) if ready else buf
         fp16 = buf[: entry.nbytes].view(torch.float16).view(entry.shape)
         return fp16.to(self.dtype) if self.dtype != torch.float16 else fp16.clone()
+
+    def _ready(self, entry: TensorEntry, packed: torch.Tensor) -> torch.Tensor:
+        """Dequantise a packed tensor on the compute device (only the packed bytes cross the link)."""
+        packed = to_device(packed, self.device, self.stats, CPU_TO_GPU)
+        q = from_bytes(packed, entry.shape, num_bits=entry.num_bits, group_size=entry.group_size, dim=-1)
+        return dequantize(q, self.dtype)
 
     def load(self, layer: str) -> dict[str, torch.Tensor]:
         """All tensors of `layer` on the compute device, ready for the math (runs on the I/O thread)."""
         out = {}
         for entry in self.store.layers[layer]:
-            tier = self.tiers[layer][entry.name]
-            t = self.resident[layer][entry.name] if tier != Tier.DISK else self._read(layer, entry)
-            out[entry.name] = to_device(t, self.device, self.stats, CPU_TO_GPU)
+            if self.tiers[layer][entry.name] == Tier.DISK:
+                out[entry.name] = to_device(self._read(layer, entry, ready=True), self.device, self.stats)
+            elif entry.compressed:
+                out[entry.name] = self._ready(entry, self.resident[layer][entry.name])
+            else:
+                out[entry.name] = to_device(self.resident[layer][entry.name], self.device, self.stats, CPU_TO_GPU)
         return out
 
     def bytes_by_tier(self) -> dict[Tier, int]:
-        """Bytes of weights per tier, in the compute dtype (what each tier holds)."""
+        """Bytes of weights each tier holds (compute dtype, or packed when compressed)."""
         size = torch.empty((), dtype=self.dtype).element_size()
         totals = {t: 0 for t in Tier}
         for layer, tiers in self.tiers.items():
             for entry in self.store.layers[layer]:
-                totals[tiers[entry.name]] += entry.nbytes // 2 * size
+                tier = tiers[entry.name]
+                totals[tier] += entry.nbytes if tier == Tier.DISK else entry.held_bytes(size)
         return totals
-
-    def max_streamed_layer_bytes(self) -> int:
-        """The largest per-layer disk read, in the compute dtype (the streaming buffer's size)."""
-        size = torch.empty((), dtype=self.dtype).element_size()
-        return max((sum(e.nbytes // 2 * size for e in self.store.layers[layer] if tiers[e.name] == Tier.DISK)
-                    for layer, tiers in self.tiers.items()), default=0)

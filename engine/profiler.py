@@ -60,13 +60,22 @@ def load_or_measure_profile(disk_dir: str | Path, refresh: bool = False, *,
     return prof
 
 
+def _engine_dtype(has_gpu: bool) -> torch.dtype:
+    """The engine's default compute dtype on this host (fp16 on CUDA; bf16 only on CPUs with native
+    bf16 matmul, else fp32): the profile must time what the engine will run."""
+    from engine.engine import resolve_dtype
+
+    return resolve_dtype(None, torch.device("cuda" if has_gpu else "cpu"))
+
+
 def measure_profile(disk_dir: str | Path, *, disk_bytes: int | None = None,
                     seconds_per_test: float = 0.25) -> HardwareProfile:
     disk_dir = Path(disk_dir)
     disk_bytes = disk_bytes or DEFAULT_DISK_BYTES
     disk_dir.mkdir(parents=True, exist_ok=True)
     has_gpu = torch.cuda.is_available()
-    dtype = torch.float16 if has_gpu else torch.bfloat16
+    dtype = _engine_dtype(has_gpu)
+    cpu_dtype = _engine_dtype(False)  # what CPU-side work (attention, RAM weights) runs in
     write_gbps, read_gbps, method = measure_disk(disk_dir, disk_bytes)
     read_lat, sync_lat = measure_disk_latency(disk_dir, seconds_per_test)
     flops = {"cpu": {str(dt).removeprefix("torch."): matmul_flops("cpu", dt, seconds_per_test)
@@ -86,8 +95,8 @@ def measure_profile(disk_dir: str | Path, *, disk_bytes: int | None = None,
         compute_dtype=str(dtype).removeprefix("torch."),
         disk_read_gbps=read_gbps, disk_write_gbps=write_gbps, disk_read_latency_s=read_lat,
         disk_sync_latency_s=sync_lat,
-        cpu_mem_gbps=weight_stream_gbps(seconds_per_test),
-        cpu_attention_gbps=cpu_attention_gbps(seconds_per_test),
+        cpu_mem_gbps=weight_stream_gbps(seconds_per_test, dtype=cpu_dtype),
+        cpu_attention_gbps=cpu_attention_gbps(seconds_per_test, dtype=cpu_dtype),
         dequant_gbps=dequant_gbps(device, dtype, seconds_per_test),
         convert_gbps=convert_gbps(dtype, seconds_per_test) if dtype != torch.float16 else 0.0,
         matmul_flops=flops, op_overhead_s=op_overhead_s(device, dtype),
@@ -207,7 +216,7 @@ def _read_all(fd: int, nbytes: int, buf: mmap.mmap) -> float:
     return time.perf_counter() - t0
 
 
-def _timed(fn, seconds: float, sync=lambda: None) -> float:
+def _timed(fn, seconds: float, sync=lambda: None, *, pick=statistics.median) -> float:
     """Median seconds per call of fn over about `seconds` (at least 3 calls) after a warm-up call;
     the median, because on a shared host a neighbour's burst should not set the figure. A call
     slower than the whole allowance is timed once (keeps the profile bounded on slow paths)."""
@@ -224,7 +233,7 @@ def _timed(fn, seconds: float, sync=lambda: None) -> float:
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return pick(times)
 
 
 def _sync(device: str):
@@ -241,21 +250,21 @@ def matmul_flops(device: str, dtype: torch.dtype, seconds: float = 0.25) -> floa
         return 2 * n ** 3 / _timed(lambda: torch.nn.functional.linear(x, w), seconds, _sync(device))
 
 
-def weight_stream_gbps(seconds: float = 0.25) -> float:
-    """Bytes/s a batch-1 bf16 linear layer on the CPU reads its weight at (64 MiB: beyond caches)."""
-    w = torch.full((8192, 4096), 0.01, dtype=torch.bfloat16)  # values do not matter, filling fast does
-    x = torch.full((1, 4096), 0.5, dtype=torch.bfloat16)
+def weight_stream_gbps(seconds: float = 0.25, *, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Bytes/s a batch-1 linear layer on the CPU reads its weight at (beyond the caches)."""
+    w = torch.full((8192, 4096), 0.01, dtype=dtype)  # values do not matter, filling fast does
+    x = torch.full((1, 4096), 0.5, dtype=dtype)
     with torch.inference_mode():
         per = _timed(lambda: torch.nn.functional.linear(x, w), seconds)
     return w.numel() * w.element_size() / per / 1e9
 
 
 def cpu_attention_gbps(seconds: float = 0.25, *, batch: int = 4, heads: int = 16, ctx: int = 512,
-                       head_dim: int = 64) -> float:
-    """KV-cache bytes/s of one decode attention step on the CPU in bf16 (FlexGen's CPU delegation)."""
-    q = torch.full((batch, heads, 1, head_dim), 0.1, dtype=torch.bfloat16)
-    k = torch.full((batch, heads, ctx, head_dim), 0.1, dtype=torch.bfloat16)
-    v = torch.full((batch, heads, ctx, head_dim), 0.1, dtype=torch.bfloat16)
+                       head_dim: int = 64, dtype: torch.dtype = torch.bfloat16) -> float:
+    """KV-cache bytes/s of one decode attention step on the CPU (FlexGen's CPU delegation)."""
+    q = torch.full((batch, heads, 1, head_dim), 0.1, dtype=dtype)
+    k = torch.full((batch, heads, ctx, head_dim), 0.1, dtype=dtype)
+    v = torch.full((batch, heads, ctx, head_dim), 0.1, dtype=dtype)
 
     def attend():  # the engine's kernel: a hand-written bf16 bmm + softmax was 60x slower on AVX2
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
@@ -294,7 +303,8 @@ def op_overhead_s(device: str, dtype: torch.dtype = torch.float32) -> float:
     x = torch.full((8, 256), 0.5, device=device, dtype=dtype)
     w = torch.full((256, 256), 0.01, device=device, dtype=dtype)
     with torch.inference_mode():
-        return _timed(lambda: torch.nn.functional.linear(x, w), 0.05, _sync(device))
+        # The fastest call: a tiny op's median is set by whichever neighbour holds the other core.
+        return _timed(lambda: torch.nn.functional.linear(x, w), 0.05, _sync(device), pick=min)
 
 
 def pinned_copy_gbps(seconds: float = 0.25) -> tuple[float, float]:

@@ -98,7 +98,8 @@ class BlockRunner:
         self.cache = [[CacheSlot(slot_tier(j, k, L, policy.num_gpu_batches, policy.cache_gpu_percent,
                                            policy.cache_cpu_percent),
                                  (max_len, 2, len(mb.rows), cfg.hidden_size), ctx.dtype, ctx.device, ctx.disk,
-                                 workdir / f"kv-{j}-{k}.bin")
+                                 workdir / f"kv-{j}-{k}.bin", num_heads=cfg.num_heads,
+                                 compression=policy.compression if policy.compress_cache else None)
                        for k, mb in enumerate(self.mbs)] for j in range(L)]
         self.act_tiers = [[slot_tier(j, k, L + 2, policy.num_gpu_batches, policy.activations_gpu_percent,
                                      policy.activations_cpu_percent) for k in range(K)] for j in range(L + 2)]
@@ -174,22 +175,37 @@ class BlockRunner:
             return
         slots = self.cache[j - 1]
         # Disk slots: their reads are prefetched one micro-batch ahead.
-        reads = {0: self.submit(slots[0].read)} if slots[0].tier == Tier.DISK else {}
+        reads = {0: self._prefetch_read(slots[0])} if slots[0].tier == Tier.DISK else {}
         for k, mb in enumerate(self.mbs):
             if k + 1 < len(self.mbs) and slots[k + 1].tier == Tier.DISK:
-                reads[k + 1] = self.submit(slots[k + 1].read)
+                reads[k + 1] = self._prefetch_read(slots[k + 1])
             h = to_device(self.acts[k].result(), self.ctx.device, self.ctx.stats)
             self._store_act(j, k, self._decoder(w, h, slots[k], reads.get(k), mb))
+
+    def _cache_device(self, slot: CacheSlot) -> torch.device:
+        """Where a slot's cache is attended: on the CPU with cpu_cache_compute, else the compute device."""
+        if self.ctx.policy.cpu_cache_compute and slot.tier != Tier.GPU:
+            return torch.device("cpu")
+        return self.ctx.device
+
+    def _prefetch_read(self, slot: CacheSlot) -> Future:
+        return self.submit(slot.read, self._cache_device(slot), self.ctx.stats)
 
     def _decoder(self, w: dict, h: torch.Tensor, slot: CacheSlot, read: Future | None,
                  mb: MicroBatch) -> torch.Tensor:
         cfg, ctx = self.ctx.cfg, self.ctx
         q, k, v = layers.qkv(w, cfg, h)
         new = torch.stack((k, v)).permute(2, 0, 1, 3)  # [s, 2, B, h]
-        if slot.tier == Tier.DISK:
-            prev = read.result()
-            full = new if prev is None else torch.cat((prev.to(new.device), new))
-            self.submit(slot.append, new.contiguous())
+        if slot.tier == Tier.DISK or slot.compression is not None:
+            # The cache read so far plus the new positions in full precision (a compressed slot
+            # must not attend to a quantised copy of the positions it just computed: HF doesn't).
+            where = self._cache_device(slot)
+            prev = read.result() if read is not None else slot.read(where, ctx.stats)
+            full = new.to(where) if prev is None else torch.cat((prev.to(where, new.dtype), new.to(where)))
+            if slot.tier == Tier.DISK:
+                self.submit(slot.append, new.contiguous())
+            else:
+                slot.append(new)
         else:
             slot.append(new)
             full = slot.read()

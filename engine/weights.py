@@ -10,15 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
+from engine.compression import quantize, to_bytes
 from engine.errors import CheckpointError
 from engine.model_config import OPTConfig
 from engine.model_maker import layer_tensor_shapes
+from engine.policy import CompressionConfig
 
 ALIGN = 4096
 STORE_VERSION = 1
@@ -33,7 +36,24 @@ class TensorEntry:
     name: str
     shape: tuple[int, ...]
     offset: int
-    nbytes: int  # unpadded bytes (fp16)
+    nbytes: int  # unpadded bytes as stored (fp16, or the packed 4-bit form)
+    num_bits: int = 16  # 16: plain fp16; else group-wise quantised (engine.compression.to_bytes layout)
+    group_size: int = 0
+
+    @property
+    def compressed(self) -> bool:
+        return self.num_bits < 16
+
+    def compute_bytes(self, element_size: int) -> int:
+        """Bytes of the tensor once ready for the math (dequantised / converted)."""
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * element_size
+
+    def held_bytes(self, element_size: int) -> int:
+        """Bytes a resident copy takes: compressed tensors stay packed in memory."""
+        return self.nbytes if self.compressed else self.compute_bytes(element_size)
 
 
 def layer_names(cfg: OPTConfig) -> list[str]:
@@ -145,7 +165,8 @@ class WeightStore:
     def __init__(self, root: Path, index: dict) -> None:
         self.root = root
         self.layers: dict[str, list[TensorEntry]] = {
-            layer: [TensorEntry(t["name"], tuple(t["shape"]), t["offset"], t["nbytes"]) for t in tensors]
+            layer: [TensorEntry(t["name"], tuple(t["shape"]), t["offset"], t["nbytes"], t.get("num_bits", 16),
+                                t.get("group_size", 0)) for t in tensors]
             for layer, tensors in index["layers"].items()}
 
     def path(self, layer: str) -> Path:
@@ -156,8 +177,10 @@ class WeightStore:
 
     @classmethod
     def open_or_convert(cls, model_dir: Path, cfg: OPTConfig, store_dir: Path,
-                        on_layer: Callable[[str, int, int], None] | None = None) -> "WeightStore":
-        root = store_dir / "weights" / checkpoint_fingerprint(model_dir)
+                        on_layer: Callable[[str, int, int], None] | None = None,
+                        compression: CompressionConfig | None = None) -> "WeightStore":
+        suffix = f"-q{compression.num_bits}g{compression.group_size}" if compression else ""
+        root = store_dir / "weights" / (checkpoint_fingerprint(model_dir) + suffix)
         index_path = root / "index.json"
         if index_path.is_file():
             try:
@@ -166,7 +189,12 @@ class WeightStore:
                     return cls(root, index)
             except (json.JSONDecodeError, KeyError):
                 pass  # a half-written store: convert again
-        return cls(root, convert_checkpoint(model_dir, cfg, root, on_layer))
+        with _conversion_lock(root):
+            if index_path.is_file():  # another process converted it while we waited
+                index = json.loads(index_path.read_text())
+                if index.get("version") == STORE_VERSION and cls._files_complete(root, index):
+                    return cls(root, index)
+            return cls(root, convert_checkpoint(model_dir, cfg, root, on_layer, compression))
 
     @staticmethod
     def _files_complete(root: Path, index: dict) -> bool:
@@ -178,9 +206,34 @@ class WeightStore:
         return True
 
 
+@contextmanager
+def _conversion_lock(root: Path):
+    """Two processes opening the same model at once convert it once (the second waits)."""
+    import fcntl
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _encode(tensor: torch.Tensor, compression: CompressionConfig | None) -> tuple[bytes, dict]:
+    """The stored bytes of one tensor: fp16, or (matrices, with compression) 4-bit group-wise along
+    the input dimension, packed as engine.compression.to_bytes lays it out."""
+    if compression is not None and tensor.dim() == 2:
+        q = quantize(tensor, num_bits=compression.num_bits, group_size=compression.group_size, dim=-1)
+        return to_bytes(q).numpy().tobytes(), {"num_bits": compression.num_bits,
+                                               "group_size": compression.group_size}
+    return tensor.to(torch.float16).contiguous().view(torch.uint8).numpy().tobytes(), {}
+
+
 def convert_checkpoint(model_dir: Path, cfg: OPTConfig, root: Path,
-                       on_layer: Callable[[str, int, int], None] | None = None) -> dict:
-    """Write every layer file (aligned fp16 tensors) and then the index (last: marks completion)."""
+                       on_layer: Callable[[str, int, int], None] | None = None,
+                       compression: CompressionConfig | None = None) -> dict:
+    """Write every layer file (aligned tensors) and then the index (last: marks completion)."""
     reader = CheckpointReader(model_dir)
     root.mkdir(parents=True, exist_ok=True)
     index = {"version": STORE_VERSION, "layers": {}}
@@ -193,10 +246,10 @@ def convert_checkpoint(model_dir: Path, cfg: OPTConfig, root: Path,
                 if tuple(tensor.shape) != shape:
                     raise CheckpointError(f"{model_dir}: tensor {_checkpoint_name(layer, name)} has shape "
                                           f"{tuple(tensor.shape)}, config.json implies {shape}")
-                data = tensor.to(torch.float16).contiguous().view(torch.uint8).numpy().tobytes()
+                data, fmt = _encode(tensor, compression)
                 f.write(data)
                 f.write(b"\0" * (align_up(len(data)) - len(data)))
-                entries.append({"name": name, "shape": list(shape), "offset": offset, "nbytes": len(data)})
+                entries.append({"name": name, "shape": list(shape), "offset": offset, "nbytes": len(data), **fmt})
                 offset += align_up(len(data))
             f.flush()
             os.fsync(f.fileno())
