@@ -216,7 +216,7 @@ def _read_all(fd: int, nbytes: int, buf: mmap.mmap) -> float:
     return time.perf_counter() - t0
 
 
-def _timed(fn, seconds: float, sync=lambda: None, *, pick=statistics.median) -> float:
+def _timed(fn, seconds: float, sync=lambda: None) -> float:
     """Median seconds per call of fn over about `seconds` (at least 3 calls) after a warm-up call;
     the median, because on a shared host a neighbour's burst should not set the figure. A call
     slower than the whole allowance is timed once (keeps the profile bounded on slow paths)."""
@@ -233,7 +233,7 @@ def _timed(fn, seconds: float, sync=lambda: None, *, pick=statistics.median) -> 
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    return pick(times)
+    return statistics.median(times)
 
 
 def _sync(device: str):
@@ -298,13 +298,26 @@ def convert_gbps(dtype: torch.dtype, seconds: float = 0.25) -> float:
 
 
 def op_overhead_s(device: str, dtype: torch.dtype = torch.float32) -> float:
-    """Cost of one tiny linear layer: dispatch plus waking the kernel's threads. Small-batch decode
-    is made of such calls; on a busy 2-core host the wake-up alone can take milliseconds."""
-    x = torch.full((8, 256), 0.5, device=device, dtype=dtype)
+    """Per-op cost of a decode step at a tiny size: a layer's sequence of ops (LayerNorm, q/k/v/out,
+    attention, LayerNorm, fc1, ReLU, fc2) at hidden 256, batch 8, divided by its op count. Run as a
+    sequence, like the engine does, it includes waking the kernels' threads between ops, which on a
+    busy 2-core host costs milliseconds, far more than the dispatch itself."""
+    F = torch.nn.functional
+    x = torch.full((8, 1, 256), 0.5, device=device, dtype=dtype)
     w = torch.full((256, 256), 0.01, device=device, dtype=dtype)
+    w1 = torch.full((1024, 256), 0.01, device=device, dtype=dtype)
+    w2 = torch.full((256, 1024), 0.01, device=device, dtype=dtype)
+    kv = torch.full((8, 4, 64, 64), 0.1, device=device, dtype=dtype)
+    ln = torch.ones(256, device=device, dtype=dtype)
+
+    def layer():
+        h = F.layer_norm(x, (256,), ln, ln)
+        q, _k, _v = F.linear(h, w), F.linear(h, w), F.linear(h, w)
+        a = F.scaled_dot_product_attention(q.view(8, 1, 4, 64).transpose(1, 2), kv, kv)
+        h = x + F.linear(a.transpose(1, 2).reshape(8, 1, 256), w)
+        return h + F.linear(F.relu(F.linear(F.layer_norm(h, (256,), ln, ln), w1)), w2)
     with torch.inference_mode():
-        # The fastest call: a tiny op's median is set by whichever neighbour holds the other core.
-        return _timed(lambda: torch.nn.functional.linear(x, w), 0.05, _sync(device), pick=min)
+        return _timed(layer, 0.1, _sync(device)) / 11
 
 
 def pinned_copy_gbps(seconds: float = 0.25) -> tuple[float, float]:
