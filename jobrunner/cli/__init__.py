@@ -72,6 +72,7 @@ def _register() -> None:
     from jobrunner.cli import engine_commands  # noqa: F401
     from jobrunner.cli import job_commands  # noqa: F401
     from jobrunner.cli import plan_commands  # noqa: F401
+    from jobrunner.cli import status_commands  # noqa: F401
 
 
 _register()
