@@ -64,12 +64,22 @@ def default_dtype_name() -> str:
     return str(resolve_dtype(None, default_device())).removeprefix("torch.")
 
 
+def check_lengths(config, rows: list[RowInput], params: GenerationParams) -> None:
+    """Every row must fit the model's learned positions: prompt + new tokens <= max_positions."""
+    limit = config.max_positions
+    for row in rows:
+        if len(row.prompt_ids) + params.max_new_tokens > limit:
+            raise PromptTooLongError(
+                f"row {row.row_id}: prompt of {len(row.prompt_ids)} tokens + {params.max_new_tokens} new "
+                f"tokens exceeds the model's {limit} positions")
+
+
 class Engine:
     def __init__(self, model_dir: str | Path, policy: Policy, *, dtype: str | None = None,
                  device: str | torch.device | None = None, offload_dir: str | Path | None = None,
                  gpu_mem_gib: float | None = None, cpu_mem_gib: float | None = None,
                  bypass_page_cache: bool = True, throttle_gbps: dict[str, float] | None = None,
-                 on_convert: Callable[[str, int, int], None] | None = None) -> None:
+                 on_convert: Callable[[str, int, int], None] | None = None, tokenizer=None) -> None:
         self.model_dir = Path(model_dir)
         self.config = load_config(self.model_dir)
         self.device = torch.device(device) if device is not None else default_device()
@@ -90,7 +100,7 @@ class Engine:
                                      self.transfers)
         self.transfers.snapshot_and_reset()  # loading is not part of the first block's figures
         self._io = ThreadPoolExecutor(1, thread_name_prefix="flexjob-io")
-        self._tokenizer = None
+        self._tokenizer = tokenizer
 
     @property
     def tokenizer(self):
@@ -98,6 +108,11 @@ class Engine:
             from transformers import AutoTokenizer
             self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         return self._tokenizer
+
+    def set_throttle(self, link_gbps: dict[str, float]) -> None:
+        """Cap links' bandwidth (GB/s; e.g. {"disk_read": 0.2}): a documented test knob that makes a
+        slow disk on demand, so re-planning can be exercised. An empty dict lifts every cap."""
+        self.disk.throttle_gbps = dict(link_gbps)
 
     def _open_store(self, policy: Policy) -> WeightStore:
         return WeightStore.open_or_convert(self.model_dir, self.config, self.offload_dir, self._on_convert,
@@ -121,12 +136,7 @@ class Engine:
         return moved
 
     def check_lengths(self, rows: list[RowInput], params: GenerationParams) -> None:
-        limit = self.config.max_positions
-        for row in rows:
-            if len(row.prompt_ids) + params.max_new_tokens > limit:
-                raise PromptTooLongError(
-                    f"row {row.row_id}: prompt of {len(row.prompt_ids)} tokens + {params.max_new_tokens} new "
-                    f"tokens exceeds the model's {limit} positions")
+        check_lengths(self.config, rows, params)
 
     def generate(self, rows: list[RowInput], params: GenerationParams, *,
                  on_step: Callable[[StepUpdate], None] | None = None,

@@ -37,10 +37,15 @@ def stored_profile(offload_dir: Path) -> HardwareProfile | None:
 
 def planned_policy(config: OPTConfig, hardware: HardwareProfile, *, gpu_mem_gib: float | None,
                    cpu_mem_gib: float | None, gen_len: int) -> Policy:
+    import psutil
+
     from engine.planner import plan
 
+    # Compression changes the output, so the planner may not switch it on by itself; the process's
+    # own memory counts against --cpu-mem like the engine's tensors.
     return plan(config, hardware, gpu_mem_gib=gpu_mem_gib, cpu_mem_gib=cpu_mem_gib,
-                prompt_len=PLAN_PROMPT_LEN, gen_len=gen_len).policy
+                prompt_len=PLAN_PROMPT_LEN, gen_len=gen_len, compress_options=(False,),
+                cpu_reserved_gib=psutil.Process().memory_info().rss / 2**30).policy
 
 
 class ProfileReplanner:

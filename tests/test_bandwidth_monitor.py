@@ -103,7 +103,7 @@ def test_throttled_engine_replans_and_output_stays_identical(tmp_path):
     with Engine(model, start, offload_dir=tmp_path / "off", throttle_gbps={DISK_READ: 0.2}) as eng:
         for k in range(0, len(rows), 2):
             if k == 4:
-                eng.disk.throttle_gbps[DISK_READ] = 0.05  # the test knob: a slower disk mid-run
+                eng.set_throttle({DISK_READ: 0.05})  # the test knob: a slower disk mid-run
             outputs += eng.generate(rows[k:k + 2], params)
             transfers = eng.stats.blocks[-1].transfers
             reads.append(transfers.get(DISK_READ, (0, 0.0))[0])

@@ -104,7 +104,7 @@ from engine.policy import Policy
 from engine.rows import GenerationParams, RowInput
 model, offload, budget = sys.argv[1], sys.argv[2], float(sys.argv[3])
 policy = Policy.from_percents((0, 0, 0, 0, 100, 0), gpu_batch_size=4, num_gpu_batches=2)
-with Engine(model, policy, dtype="bfloat16", offload_dir=offload, cpu_mem_gib=budget) as e:
+with Engine(model, policy, offload_dir=offload, cpu_mem_gib=budget) as e:
     rows = [RowInput(row_id=i, prompt_ids=tuple(range(10, 60 + i))) for i in range(8)]
     e.generate(rows, GenerationParams(max_new_tokens=8))
     print(json.dumps({"peak_rss": e.stats.peak_rss_bytes, "read": e.stats.blocks[0].transfers["disk_read"][0]}))
@@ -130,3 +130,17 @@ def test_disk_policy_peak_rss_under_budget(tmp_path, tmp_path_factory):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["read"] > 100e6  # really streamed from disk
     assert out["peak_rss"] <= budget * 2**30, (out["peak_rss"] / 2**30, budget)
+
+
+def test_generate_without_percent_uses_the_planner(tiny_model, tmp_path):
+    env = {**os.environ, "FLEXJOB_HOME": str(tmp_path / "home")}
+    proc = subprocess.run(FLEXJOB + ["generate", "--model", str(tiny_model), "--prompt", "def f(x):", "--prompt",
+                                     "import os", "--max-new-tokens", "4", "--cpu-mem", "4"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    planned = [l for l in proc.stderr.splitlines() if l.startswith("planner:")]
+    assert planned and "predicted" in planned[0]
+    # The policy the planner printed is the one that ran, and its block fits the two prompts.
+    policy = planned[0].split()[1]
+    assert f"policy: {policy}" in proc.stdout and policy.startswith(("1x", "2x"))
+    assert list((tmp_path / "home").rglob("*.json"))  # the measured profile was stored for reuse

@@ -85,6 +85,27 @@ def default_offload_dir(offload_dir: Path | None) -> Path:
     return offload_dir or Path(os.environ.get("FLEXJOB_HOME", ".flexjob"))
 
 
+def planned_policy(config, offload_dir: Path, gpu_mem, cpu_mem, *, prompt_len: int, gen_len: int,
+                   flags: dict | None = None, max_block_size: int | None = None):
+    """The LP planner's policy for this host (its hardware profile is measured once and stored)."""
+    import psutil
+
+    from engine.planner import plan
+    from engine.profiler import load_or_measure_profile, profile_path
+
+    if not profile_path(offload_dir).is_file():
+        click.echo("measuring this machine once (flexjob profile) ...", err=True)
+    hardware = load_or_measure_profile(offload_dir)
+    flags = flags or {}
+    # Compression changes the output: use it only when asked for.
+    compress = (True,) if flags.get("compress_weight") or flags.get("compress_cache") else (False,)
+    result = plan(config, hardware, gpu_mem_gib=gpu_mem, cpu_mem_gib=cpu_mem, prompt_len=prompt_len,
+                  gen_len=gen_len, compress_options=compress, max_block_size=max_block_size,
+                  cpu_reserved_gib=psutil.Process().memory_info().rss / 2**30)
+    click.echo(f"planner: {result.policy.describe()} (predicted {result.tokens_per_s:.2f} tokens/s)", err=True)
+    return result.policy
+
+
 @main.command("generate")
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="OPT model directory.")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt text (repeat for a batch).")
@@ -107,22 +128,31 @@ def generate_command(model_dir, prompts, max_new_tokens, max_input_length, tempe
       flexjob generate --model models/opt-1.3b --prompt "Paris is the capital of" \\
           --percent 0 50 100 0 100 0 --gpu-batch-size 8 --cpu-mem 4
     """
-    from engine.engine import Engine
+    from transformers import AutoTokenizer
+
+    from engine.engine import Engine, check_lengths
     from engine.model_config import load_config
     from engine.rows import GenerationParams, RowInput
 
-    load_config(model_dir)  # fail fast with a clear message before anything heavy
-    policy = build_policy(percent, gpu_batch_size, num_gpu_batches, overlap, cpu_cache_compute,
-                          compress_weight, compress_cache, compress_bits, compress_group_size)
+    config = load_config(model_dir)  # fail fast with a clear message before anything heavy
+    offload_dir = default_offload_dir(offload_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    rows = []
+    for i, text in enumerate(prompts):
+        ids = tokenizer(text, verbose=False).input_ids
+        if max_input_length is not None:
+            ids = ids[:1] + ids[1:][-(max_input_length - 1):] if max_input_length > 1 else ids[:1]
+        rows.append(RowInput(row_id=i, prompt_ids=tuple(ids)))
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    with Engine(model_dir, policy, dtype=dtype, offload_dir=default_offload_dir(offload_dir),
-                gpu_mem_gib=gpu_mem, cpu_mem_gib=cpu_mem) as engine:
-        rows = []
-        for i, text in enumerate(prompts):
-            ids = engine.tokenizer(text).input_ids
-            if max_input_length is not None:
-                ids = ids[-max_input_length:]
-            rows.append(RowInput(row_id=i, prompt_ids=tuple(ids)))
+    check_lengths(config, rows, params)
+    if percent is None and gpu_batch_size is None and num_gpu_batches is None:
+        policy = planned_policy(config, offload_dir, gpu_mem, cpu_mem, prompt_len=max(len(r.prompt_ids) for r in rows),
+                                gen_len=max_new_tokens, max_block_size=len(rows), flags=dict(compress_weight=compress_weight, compress_cache=compress_cache))
+    else:
+        policy = build_policy(percent, gpu_batch_size, num_gpu_batches, overlap, cpu_cache_compute,
+                              compress_weight, compress_cache, compress_bits, compress_group_size)
+    with Engine(model_dir, policy, dtype=dtype, offload_dir=offload_dir, gpu_mem_gib=gpu_mem,
+                cpu_mem_gib=cpu_mem, tokenizer=tokenizer) as engine:
         results = engine.generate(rows, params)
         for text, res in zip(prompts, results):
             click.echo(text + engine.tokenizer.decode(res.generated_ids, skip_special_tokens=True))
