@@ -40,7 +40,7 @@ def header_line(snapshot: dict) -> Text:
     stale = sum(w["stale"] for w in workers)
     text = Text.assemble(("flexjob status", "bold"), f"  {snapshot['database']}  ",
                          (f"{snapshot['generated_at']}", "dim"),
-                         f"  · {len(jobs)} jobs · {live} workers live")
+                         f"  · {plural(len(jobs), 'job')} · {plural(live, 'worker')} live")
     if stale:
         text.append(f" · {stale} stale", style="bold red")
     return text
@@ -184,6 +184,10 @@ def short_worker(worker_id: str | None) -> str:
     head, _, _suffix = worker_id.rpartition("-")
     host, _, pid = head.rpartition("-")
     return f"{host}:{pid}" if host and pid.isdigit() else worker_id
+
+
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 def format_duration(seconds: float | None) -> str:

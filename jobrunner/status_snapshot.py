@@ -165,7 +165,7 @@ def _worker_rows(s: Session, options: SnapshotOptions, now: datetime, recent: li
         if options.job_id is not None and (current or {}).get("job_id") != options.job_id \
                 and not any(e.worker_id == worker.id and e.job_id == options.job_id for e in recent):
             continue
-        rows.append(_worker_row(s, worker, current, options, now, [e for e in recent if e.worker_id == worker.id]))
+        rows.append(_worker_row(s, worker, current, options, now))
     return rows
 
 
@@ -184,20 +184,20 @@ def _current_work(s: Session, worker: Worker) -> dict | None:
             "lease_expires_at": _iso(shard.lease_expires_at)}
 
 
-def _worker_row(s: Session, worker: Worker, current: dict | None, options: SnapshotOptions, now: datetime,
-                recent: list[Event]) -> dict:
+def _worker_row(s: Session, worker: Worker, current: dict | None, options: SnapshotOptions, now: datetime) -> dict:
     blocks = list(s.scalars(select(Event).where(Event.kind == "block_committed", Event.worker_id == worker.id)
                             .order_by(Event.id.desc()).limit(options.worker_blocks)))
     heartbeat_age = (now - worker.last_seen_at).total_seconds()
     running = worker.status == WorkerStatus.RUNNING
-    span = min(options.recent_window_s, (now - worker.started_at).total_seconds())
+    busy_s = sum(_data(e).get("seconds", 0.0) for e in blocks)
     return {
         "id": worker.id, "hostname": worker.hostname, "pid": worker.pid, "device": worker.device,
         "status": worker.status.value, "started_at": _iso(worker.started_at), "last_seen_at": _iso(worker.last_seen_at),
         "heartbeat_age_s": heartbeat_age, "stale": running and heartbeat_age > options.stale_after_s,
         "current": current, "policy": policy_summary(worker.policy),
         "rows_done": worker.rows_done, "tokens_generated": worker.tokens_generated,
-        "tokens_per_s_recent": sum(_data(e).get("tokens", 0) for e in recent) / span if running and span > 0 else None,
+        # Generation speed over its latest blocks (tokens per second of block time, idle time excluded).
+        "tokens_per_s_recent": sum(_data(e).get("tokens", 0) for e in blocks) / busy_s if running and busy_s else None,
         "bandwidth": _bandwidth(s, worker, blocks),
         "peak_rss_bytes": max((_data(e).get("peak_rss_bytes") or 0 for e in blocks), default=None),
         "peak_gpu_bytes": max((_data(e).get("peak_gpu_bytes") or 0 for e in blocks), default=None),
