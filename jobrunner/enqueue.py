@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import Engine
@@ -28,6 +28,11 @@ DEFAULT_SHARD_ROWS = 1000
 MODEL_SAMPLE_BYTES = 1 << 20
 
 
+def _default_dtype() -> str:
+    from engine.engine import default_dtype_name
+    return default_dtype_name()
+
+
 @dataclass(frozen=True, kw_only=True)
 class JobParams:
     """The output-changing parameters of a job (stored as JSON in jobs.params)."""
@@ -36,7 +41,8 @@ class JobParams:
     top_p: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()          # stop strings: the completion is cut before the first one
-    dtype: str = "bfloat16"             # compute dtype, fixed per job so CPU and GPU workers agree
+    # Compute dtype, fixed per job so every worker agrees; default: what this machine runs fastest.
+    dtype: str = field(default_factory=_default_dtype)
     # Prompts too long for the model's positions: "error" rows, or "left" = cut tokens from the left
     # (keeping BOS), so the end of the prompt, which the completion continues, survives.
     truncate: str = "error"
