@@ -78,8 +78,8 @@ def _watch(console, read, interval: float) -> None:
 
     from jobrunner.dashboard import render_dashboard
 
-    snapshot = read()
     try:
+        snapshot = read()
         with Live(render_dashboard(snapshot), console=console, auto_refresh=False, redirect_stderr=False) as live:
             while True:
                 time.sleep(interval)
