@@ -128,10 +128,13 @@ def write_report(data: ReportData, path: Path) -> Path:
                  f"{data.done_rows}/{data.total_rows} rows · {data.generated_tokens} tokens")
 
     workers = list(dict.fromkeys(b.worker_id for b in data.blocks))
-    for i, worker in enumerate(workers):
+    names = [_short(w) for w in workers]
+    if len(set(names)) < len(names):  # two workers of one process (tests): the full ids tell them apart
+        names = [str(w) for w in workers]
+    for i, (worker, name) in enumerate(zip(workers, names)):
         mine = [b for b in data.blocks if b.worker_id == worker]
         speed.plot([b.t_s / scale for b in mine], [b.tokens_per_s for b in mine], marker="o", markersize=3,
-                   linewidth=1, color=f"C{i % 10}", label=f"worker {_short(worker)}")
+                   linewidth=1, color=f"C{i % 10}", label=f"worker {name}")
     if not data.blocks:
         speed.text(0.5, 0.5, "no blocks committed yet", transform=speed.transAxes, ha="center", color="grey")
     speed.set_ylabel("tokens/s per block")
@@ -146,7 +149,7 @@ def write_report(data: ReportData, path: Path) -> Path:
         memory.plot(*zip(*gpu), drawstyle="steps-post", marker=".", color="C3", label="peak GPU memory")
     memory.set_ylabel("GiB")
     memory.set_ylim(0, max([v for _, v in rss + gpu], default=1.0) * 1.2)
-    memory.set_xlim(left=0)
+    memory.set_xlim(0, max(times, default=1.0) / scale * 1.05 or 1.0)  # markers after the last block too
     memory.set_xlabel(f"{unit} since the job started")
     memory.grid(alpha=0.3)
 
