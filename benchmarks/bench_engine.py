@@ -33,7 +33,8 @@ from engine.engine import Engine
 from engine.policy import Policy
 from engine.rows import GenerationParams, RowInput
 args = json.loads(sys.argv[1])
-policy = Policy.from_percents(args["percent"], gpu_batch_size=args["gbs"], num_gpu_batches=args["nb"])
+policy = Policy.from_percents(args["percent"], gpu_batch_size=args["gbs"], num_gpu_batches=args["nb"],
+                              compress_weight=args.get("compress_weight", False))
 engine = Engine(args["model"], policy, dtype=args["dtype"], offload_dir=args["offload"], cpu_mem_gib=args["cpu_mem"])
 rows = [RowInput(row_id=i, prompt_ids=tuple(100 + (i * 7 + j) % 5000 for j in range(args["prompt_len"])))
         for i in range(policy.block_size)]
@@ -44,7 +45,8 @@ elapsed = time.perf_counter() - started
 b = engine.stats.blocks[0]
 print(json.dumps({"tokens_per_s": engine.stats.generated_tokens / elapsed, "seconds": elapsed,
                   "prefill_s": b.prefill_s, "disk_read_bytes": b.transfers.get("disk_read", (0, 0))[0],
-                  "disk_read_s": b.transfers.get("disk_read", (0, 0))[1], "peak_rss": engine.stats.peak_rss_bytes}))
+                  "disk_read_s": b.transfers.get("disk_read", (0, 0))[1], "peak_rss": engine.stats.peak_rss_bytes,
+                  "dequantize_s": b.transfers.get("dequantize", (0, 0))[1], "steps": args["gen_len"]}))
 """
 
 HF_RUN = r"""

@@ -8,13 +8,15 @@ re-places the model for a new policy, moving only the tensors whose tier changes
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from engine.compression import dequantize, from_bytes
 from engine.model_config import OPTConfig
 from engine.placement import split_tensors
 from engine.policy import Policy
-from engine.tiers import DiskTier, Tier, TransferStats, aligned_empty, to_device, CPU_TO_GPU
+from engine.tiers import CPU_TO_GPU, DEQUANTIZE, DiskTier, Tier, TransferStats, aligned_empty, to_device
 from engine.weights import TensorEntry, WeightStore, align_up, layer_names
 
 
@@ -76,8 +78,12 @@ class PlacedWeights:
     def _ready(self, entry: TensorEntry, packed: torch.Tensor) -> torch.Tensor:
         """Dequantise a packed tensor on the compute device (only the packed bytes cross the link)."""
         packed = to_device(packed, self.device, self.stats, CPU_TO_GPU)
+        started = time.perf_counter()
         q = from_bytes(packed, entry.shape, num_bits=entry.num_bits, group_size=entry.group_size, dim=-1)
-        return dequantize(q, self.dtype)
+        out = dequantize(q, self.dtype)
+        # Counted like a link (output bytes, seconds) so benchmarks can report dequantisation time.
+        self.stats.add(DEQUANTIZE, out.numel() * out.element_size(), time.perf_counter() - started)
+        return out
 
     def load(self, layer: str) -> dict[str, torch.Tensor]:
         """All tensors of `layer` on the compute device, ready for the math (runs on the I/O thread)."""

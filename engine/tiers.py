@@ -25,6 +25,7 @@ DISK_READ = "disk_read"
 DISK_WRITE = "disk_write"
 CPU_TO_GPU = "cpu_to_gpu"
 GPU_TO_CPU = "gpu_to_cpu"
+DEQUANTIZE = "dequantize"  # not a link: time spent decompressing weights, reported the same way
 
 
 class Tier(str, Enum):
