@@ -101,36 +101,37 @@ def job_details(job: dict) -> RenderableType:
 
 # -- workers ------------------------------------------------------------------------------------
 def workers_table(workers: list[dict]) -> RenderableType:
+    """One row per worker, three lines at most, about 115 columns: fits a 120-column terminal."""
     if not workers:
         return Text("no workers running: start one with `flexjob work`", style="dim")
     table = Table(box=box.SIMPLE_HEAD, expand=True, pad_edge=False, show_edge=False)
-    for name, justify in (("Worker", "left"), ("Device", "left"), ("Heartbeat", "right"), ("Working on", "left"),
-                          ("Policy", "left"), ("GB/s measured/profiled", "left"), ("Peak GPU", "right"),
-                          ("Peak RSS", "right"), ("tok/s", "right")):
-        table.add_column(name, justify=justify)
+    for name, justify in (("Worker", "left"), ("Heartbeat", "right"), ("Working on", "left"), ("Policy", "left"),
+                          ("GB/s measured/profiled", "left"), ("Peak memory", "right")):
+        table.add_column(name, justify=justify, no_wrap=True)
     for worker in workers:
-        table.add_row(f"{worker['hostname']}:{worker['pid']}", worker["device"], heartbeat_text(worker),
+        table.add_row(f"{worker['hostname']}:{worker['pid']}\n{worker['device']}", heartbeat_text(worker),
                       current_work_text(worker), policy_text(worker["policy"]), bandwidth_text(worker["bandwidth"]),
-                      format_bytes(worker["peak_gpu_bytes"] or None), format_bytes(worker["peak_rss_bytes"]),
-                      format_rate(worker["tokens_per_s_recent"]))
+                      f"RSS {format_bytes(worker['peak_rss_bytes'])}\nGPU {format_bytes(worker['peak_gpu_bytes'])}")
     return table
 
 
 def heartbeat_text(worker: dict) -> Text:
     age = format_duration(worker["heartbeat_age_s"])
     if worker["status"] != "running":
-        return Text(f"{worker['status']} {age} ago", style="dim")
+        return Text(f"{worker['status']}\n{age} ago", style="dim")
     if worker["stale"]:
         return Text(f"{age} STALE", style="bold red")
     return Text(f"{age} ago", style="green")
 
 
 def current_work_text(worker: dict) -> str:
+    """job/shard/block in progress, the shard's attempt and rows, the worker's generation speed."""
     current = worker["current"]
     if current is None:
         return "-" if worker["status"] != "running" else "idle"
     return (f"job {current['job_id']} shard {current['shard_index']} block {current['block']}\n"
-            f"attempt {current['attempt']} · {current['shard_done_rows']}/{current['shard_rows']} rows")
+            f"attempt {current['attempt']} · {current['shard_done_rows']}/{current['shard_rows']} rows\n"
+            f"{format_rate(worker['tokens_per_s_recent'])} tok/s")
 
 
 def policy_text(policy: dict | None) -> str:

@@ -136,20 +136,21 @@ def test_jobs_table_shows_every_state(populated):
 def test_workers_table_shows_policy_bandwidth_memory_and_staleness(populated):
     db, ids = populated
     text = render_text(read_snapshot(db))
-    live = line_with(text, "job ", " shard 1 block 2")
-    host, pid = short_worker(ids["worker"]).split(":")
-    assert f"{host}:{pid}" in live and "cuda:0" in live and "ago" in live
-    assert "4×2 = 8 rows" in live                       # gpu_batch_size × num_gpu_batches = block
-    assert "disk_read 0.50/1.00" in live                # measured (1 GB in 2 s) / profiled
-    assert "3.0 GiB" in live and "1.5 GiB" in live      # peak GPU, peak RSS
-    block = text[text.index(live):]
-    assert "w 50/50 c 100/0 a 100/0" in block.splitlines()[1]
-    assert "cpu_to_gpu 8.00/10.00" in block.splitlines()[1]
-    assert "4-bit g64: weights" in block.splitlines()[2]
-    assert "attempt 1 · 2/4 rows" in block.splitlines()[1]
+    first = line_with(text, " shard 1 block 2")
+    second, third = text[text.index(first):].splitlines()[1:3]
+    assert short_worker(ids["worker"]) in first and "ago" in first and "STALE" not in first
+    assert "job " in first and "4×2 = 8 rows" in first            # gpu_batch_size × num_gpu_batches = block
+    assert "disk_read 0.50/1.00" in first                          # measured (2 GB in 4 s) / profiled
+    assert "RSS 1.5 GiB" in first and "GPU 3.0 GiB" in second      # peaks over its latest blocks
+    assert "cuda:0" in second and "attempt 1 · 2/4 rows" in second
+    assert "w 50/50 c 100/0 a 100/0" in second and "cpu_to_gpu 8.00/10.00" in second
+    assert "9.6 tok/s" in third and "4-bit g64: weights" in third  # 48 tokens in 5 s of blocks
     stale = [line for line in text.splitlines() if "STALE" in line and "running" not in line]
-    assert len(stale) == 2 and all("9m" in line or "10m" in line for line in stale)
-    assert "stopped" in line_with(text, "stopped ", " ago")
+    assert len(stale) == 2 and all("10m00s STALE" in line or "9m59s STALE" in line for line in stale)
+    assert "idle" in stale[0] or "idle" in stale[1]                # the one whose shard was taken over
+    stopped = [line for line in text.splitlines() if line.split()[1:2] == [short_worker(ids["finisher"])]
+               and "stopped" in line]
+    assert len(stopped) == 1 and "8×1 = 8 rows" in stopped[0]
 
 
 def test_events_show_replans_takeovers_failures_and_cancels(populated):
