@@ -19,13 +19,18 @@ EVENT_STYLES = {"replan": "bold cyan", "lease_expired": "bold yellow", "engine_e
                 "job_cancel": "magenta", "job_cancelled": "magenta", "job_retry": "yellow", "job_completed": "blue",
                 "shard_released": "yellow", "shard_resumed": "cyan"}
 DRIFT_WARN = 0.30  # measured bandwidth this far from the profile is highlighted (the re-planning threshold)
-PERCENT_LABELS = ("w", "c", "a")  # weights, KV cache, activations: GPU/CPU percents (the rest on disk)
+PERCENT_LABELS = ("w", "c", "a")
+NAME_WIDTH = 24
+WIDE = 120  # columns the full layout needs  # weights, KV cache, activations: GPU/CPU percents (the rest on disk)
 
 
-def render_dashboard(snapshot: dict) -> RenderableType:
-    """The whole screen: header, jobs, (focused job's details), workers, recent events."""
+def render_dashboard(snapshot: dict, *, width: int | None = None) -> RenderableType:
+    """The whole screen: header, jobs, (focused job's details), workers, recent events.
+    `width`: the terminal's columns; under WIDE the jobs table is compact."""
     parts: list[RenderableType] = [header_line(snapshot)]
-    parts.append(Panel(jobs_table(snapshot["jobs"]), title="Jobs", title_align="left", box=box.ROUNDED))
+    compact = width is not None and width < WIDE
+    parts.append(Panel(jobs_table(snapshot["jobs"], compact=compact), title="Jobs", title_align="left",
+                       box=box.ROUNDED))
     if snapshot.get("focus_job_id") is not None and snapshot["jobs"]:
         parts.append(Panel(job_details(snapshot["jobs"][0]), title=f"Job {snapshot['focus_job_id']}",
                            title_align="left", box=box.ROUNDED))
@@ -47,19 +52,27 @@ def header_line(snapshot: dict) -> Text:
 
 
 # -- jobs ---------------------------------------------------------------------------------------
-def jobs_table(jobs: list[dict]) -> RenderableType:
+def jobs_table(jobs: list[dict], *, compact: bool = False) -> RenderableType:
+    """One line per job; `compact` (under WIDE columns) drops the model and shortens the bar."""
     if not jobs:
         return Text("no jobs: enqueue one with `flexjob enqueue PROMPTS.parquet --model DIR`", style="dim")
     table = Table(box=box.SIMPLE_HEAD, expand=True, pad_edge=False, show_edge=False)
-    for name, justify in (("ID", "right"), ("Name", "left"), ("Model", "left"), ("Status", "left"),
-                          ("Progress", "left"), ("Failed", "right"), ("tok/s now", "right"),
-                          ("tok/s avg", "right"), ("ETA", "right"), ("Age", "right")):
-        table.add_column(name, justify=justify, no_wrap=name in ("ID", "Progress", "ETA", "Age"))
+    columns = [("ID", "right"), ("Name", "left"), ("Model", "left"), ("Status", "left"), ("Progress", "left"),
+               ("Failed", "right"), ("tok/s now", "right"), ("tok/s avg", "right"), ("ETA", "right"), ("Age", "right")]
+    if compact:
+        columns.remove(("Model", "left"))
+    for name, justify in columns:
+        table.add_column(name, justify=justify, no_wrap=name not in ("Model", "tok/s now", "tok/s avg"))
+    # Names are what people look for: keep them whole up to NAME_WIDTH (then "…"), squeeze the rest first.
+    table.columns[1].min_width = min(max(len(job["name"]) for job in jobs), NAME_WIDTH)
     for job in jobs:
-        table.add_row(str(job["id"]), job["name"], job["model"], job_status_text(job), progress_cell(job),
-                      Text(str(job["failed_rows"]), style="red" if job["failed_rows"] else ""),
-                      format_rate(job["tokens_per_s_recent"]), format_rate(job["tokens_per_s_average"]),
-                      format_duration(job["eta_s"]), format_duration(job["age_s"]))
+        cells = [str(job["id"]), job["name"], job["model"], job_status_text(job), progress_cell(job, compact=compact),
+                 Text(str(job["failed_rows"]), style="red" if job["failed_rows"] else ""),
+                 format_rate(job["tokens_per_s_recent"]), format_rate(job["tokens_per_s_average"]),
+                 format_duration(job["eta_s"]), format_duration(job["age_s"])]
+        if compact:
+            del cells[2]
+        table.add_row(*cells)
     return table
 
 
@@ -70,12 +83,12 @@ def job_status_text(job: dict) -> Text:
     return text
 
 
-def progress_cell(job: dict) -> RenderableType:
+def progress_cell(job: dict, *, compact: bool = False) -> RenderableType:
     grid = Table.grid(padding=(0, 1))
     grid.add_column(no_wrap=True)
     grid.add_column(no_wrap=True)
     style = "red" if job["status"] == "failed" else "green" if job["status"] == "completed" else "cyan"
-    bar = ProgressBar(total=max(job["total_rows"], 1), completed=job["done_rows"], width=16,
+    bar = ProgressBar(total=max(job["total_rows"], 1), completed=job["done_rows"], width=8 if compact else 16,
                       complete_style=style, finished_style=style)
     grid.add_row(bar, f"{job['done_rows']}/{job['total_rows']} {job['progress']:.0%}")
     return grid
@@ -144,7 +157,7 @@ def policy_text(policy: dict | None) -> str:
                   if on]
     compression = (f"{policy['compression_bits']}-bit g{policy['compression_group_size']}: {'+'.join(compressed)}"
                    if compressed else "no compression")
-    return (f"{policy['gpu_batch_size']}×{policy['num_gpu_batches']} = {policy['block_size']} rows\n"
+    return (f"{policy['gpu_batch_size']}×{policy['num_gpu_batches']} = {plural(policy['block_size'], 'row')}\n"
             f"{places}\n{compression}")
 
 

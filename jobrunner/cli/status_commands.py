@@ -63,7 +63,7 @@ def status_command(job_id, watch, as_json, interval, job_limit, event_limit, sta
     wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
     console = Console(width=PRINT_WIDTH if wide else None)
     if not watch:
-        console.print(render_dashboard(read_snapshot(engine, options)))
+        console.print(render_dashboard(read_snapshot(engine, options), width=console.width))
         return
     _watch(console, lambda: read_snapshot(engine, options), interval)
 
@@ -80,15 +80,16 @@ def _watch(console, read, interval: float) -> None:
 
     try:
         snapshot = read()
-        with Live(render_dashboard(snapshot), console=console, auto_refresh=False, redirect_stderr=False) as live:
+        with Live(render_dashboard(snapshot, width=console.width), console=console, auto_refresh=False,
+                  redirect_stderr=False) as live:
             while True:
                 time.sleep(interval)
                 try:
                     snapshot = read()
-                    live.update(render_dashboard(snapshot), refresh=True)
+                    live.update(render_dashboard(snapshot, width=console.width), refresh=True)
                 except DBAPIError as exc:
                     problem = Text(f"cannot read the job store (retrying): {exc.orig}", style="bold red")
-                    live.update(Group(problem, render_dashboard(snapshot)), refresh=True)
+                    live.update(Group(problem, render_dashboard(snapshot, width=console.width)), refresh=True)
     except KeyboardInterrupt:
         pass
 
