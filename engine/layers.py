@@ -12,18 +12,32 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine.compression import QuantizedTensor, dequantize
 from engine.model_config import OPTConfig
 
 POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding reserves the first two rows
 LN_EPS = 1e-5
 
 
-def input_embed(w: dict, cfg: OPTConfig, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def embedding(ids: torch.Tensor, table, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of a lookup table; a 4-bit table (QuantizedTensor, grouped along its rows) is gathered
+    packed and only those rows are dequantised. ids: [B, S] -> [B, S, dim]."""
+    if isinstance(table, QuantizedTensor):
+        rows = QuantizedTensor(data=table.data[ids], scale=table.scale[ids], minimum=table.minimum[ids],
+                               shape=(*ids.shape, table.shape[-1]), dim=ids.dim(),
+                               group_size=table.group_size, num_bits=table.num_bits)
+        return dequantize(rows, dtype)
+    return F.embedding(ids, table)
+
+
+def input_embed(w: dict, cfg: OPTConfig, token_ids: torch.Tensor, positions: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
     # token_ids, positions: [B, S] (positions are -1 at left padding, as in HF) -> [B, S, h]
-    h = F.embedding(token_ids, w["embed_tokens.weight"])
+    h = embedding(token_ids, w["embed_tokens.weight"], dtype)
     if cfg.has_projections:
         h = F.linear(h, w["project_in.weight"])
-    return h + F.embedding(positions + POSITION_OFFSET, w["embed_positions.weight"])
+    return h + embedding(positions + POSITION_OFFSET, w["embed_positions.weight"], h.dtype)
+
 
 
 def output_logits(w: dict, cfg: OPTConfig, h: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,9 @@ from engine.tiers import CPU_TO_GPU, DEQUANTIZE, DiskTier, Tier, TransferStats, 
 from engine.weights import TensorEntry, WeightStore, align_up, layer_names
 
 
+ROW_LOOKUP_TABLES = ("embed_tokens.weight", "embed_positions.weight")
+
+
 class PlacedWeights:
     def __init__(self, store: WeightStore, cfg: OPTConfig, policy: Policy, device: torch.device,
                  dtype: torch.dtype, disk: DiskTier, stats: TransferStats) -> None:
@@ -89,7 +92,15 @@ class PlacedWeights:
         """All tensors of `layer` on the compute device, ready for the math (runs on the I/O thread)."""
         out = {}
         for entry in self.store.layers[layer]:
-            if self.tiers[layer][entry.name] == Tier.DISK:
+            if entry.compressed and entry.name in ROW_LOOKUP_TABLES:
+                # A lookup table reads a few rows per step: hand it over packed, and let the
+                # embedding dequantise only the rows it gathers.
+                packed = (self._read(layer, entry, ready=False) if self.tiers[layer][entry.name] == Tier.DISK
+                          else self.resident[layer][entry.name])
+                packed = to_device(packed, self.device, self.stats, CPU_TO_GPU)
+                out[entry.name] = from_bytes(packed, entry.shape, num_bits=entry.num_bits,
+                                             group_size=entry.group_size, dim=-1)
+            elif self.tiers[layer][entry.name] == Tier.DISK:
                 out[entry.name] = to_device(self._read(layer, entry, ready=True), self.device, self.stats)
             elif entry.compressed:
                 out[entry.name] = self._ready(entry, self.resident[layer][entry.name])

@@ -166,7 +166,8 @@ class BlockRunner:
         L = self.ctx.cfg.num_layers
         if j == 0:
             for k, mb in enumerate(self.mbs):
-                self._store_act(j, k, layers.input_embed(w, self.ctx.cfg, self._step_ids(mb), mb.step_positions))
+                self._store_act(j, k, layers.input_embed(w, self.ctx.cfg, self._step_ids(mb), mb.step_positions,
+                                                        self.ctx.dtype))
             return
         if j == L + 1:
             for k, mb in enumerate(self.mbs):
