@@ -1,7 +1,22 @@
 """The `flexjob` command: a thin click group; each command module parses options and calls the library.
 
-Exit codes: 0 success, 1 a user error (bad input, refused plan), 2 usage error (click),
-3 an internal error (a bug: run again with --debug and report the traceback), 130 interrupted.
+Exit codes (every command):
+  0    success; also Ctrl-C leaving `flexjob status --watch` (the way out), and a worker stopped by
+       SIGTERM/Ctrl-C after saving its progress
+  1    a problem the user can fix (bad input, unknown job, refused plan or budget, unreachable
+       store): one `error:` line and a `hint:` line on stderr
+  2    usage error (unknown option, bad value, conflicting options: click)
+  3    an internal error (a bug: run again with --debug for the traceback, and report it)
+  130  interrupted (Ctrl-C) anywhere else
+
+Environment variables:
+  FLEXJOB_DB     the job store, as for --db: a SQLAlchemy URL (postgresql+psycopg2://user@host/db)
+                 or a SQLite file path; default sqlite:///flexjob.db in the current directory.
+                 Passwords in it are printed masked (jobrunner.db_url_display.mask_url); prefer
+                 ~/.pgpass or PGPASSWORD to a password in the URL.
+  FLEXJOB_HOME   the disk-tier directory (--offload-dir / --disk-dir default) and where
+                 `flexjob profile` stores host profiles; default ./.flexjob
+  COLUMNS        the width `flexjob status` renders at when printing into a pipe (default 160)
 """
 from __future__ import annotations
 
