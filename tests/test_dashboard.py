@@ -4,6 +4,8 @@ real SQLite file (and the same snapshot on PostgreSQL): queued, running (live he
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import threading
 import time
 import uuid
@@ -26,6 +28,7 @@ from jobrunner.models import utcnow
 from jobrunner.status_snapshot import SCHEMA, SnapshotOptions, open_store_for_reading, read_snapshot
 from jobrunner.store import NewJob, PartRecord
 from jobrunner.store_base import write_tx
+from tests.conftest import flexjob_command
 
 GIB = 1 << 30
 LIVE_POLICY = Policy(gpu_batch_size=4, num_gpu_batches=2, weights_gpu_percent=50, weights_cpu_percent=50,
@@ -241,11 +244,18 @@ def test_print_once_when_not_a_terminal(populated, sqlite_url):
 
 
 @pytest.mark.postgres
-def test_snapshot_on_postgresql(pg_url):
-    db = open_store(pg_url)
-    ids = build_store(db)
-    check_schema(json.loads(json.dumps(read_snapshot(open_store_for_reading(pg_url),
-                                                     SnapshotOptions(event_limit=20)))), ids)
+def test_snapshot_on_postgresql_from_another_process_with_the_password_masked(pg_url):
+    ids = build_store(open_store(pg_url))
+    # The test server trusts local connections, so a password in the URL is accepted and ignored.
+    with_password = pg_url.replace("://postgres@", "://postgres:hunter2@")
+    assert with_password != pg_url
+    result = subprocess.run(flexjob_command("status", "--json", "--events", "20"), capture_output=True, text=True,
+                            env={**os.environ, "FLEXJOB_DB": with_password}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "hunter2" not in result.stdout + result.stderr
+    snapshot = json.loads(result.stdout)
+    check_schema(snapshot, ids)
+    assert snapshot["database"].startswith("postgresql+psycopg2://postgres:***@127.0.0.1:5432/test")
 
 
 def test_reading_never_waits_for_a_writer(populated, sqlite_url):
