@@ -214,7 +214,8 @@ def policy_summary(policy: dict | None) -> dict | None:
     gbs, ngb = policy.get("gpu_batch_size", 1), policy.get("num_gpu_batches", 1)
     return {"gpu_batch_size": gbs, "num_gpu_batches": ngb, "block_size": gbs * ngb,
             "percents": [policy.get(n, 0.0) for n in names],
-            "compress_weight": bool(policy.get("compress_weight")), "compress_cache": bool(policy.get("compress_cache")),
+            "compress_weight": bool(policy.get("compress_weight")),
+            "compress_cache": bool(policy.get("compress_cache")),
             "compression_bits": compression.get("num_bits"), "compression_group_size": compression.get("group_size"),
             "overlap": bool(policy.get("overlap")), "cpu_cache_compute": bool(policy.get("cpu_cache_compute"))}
 
@@ -284,7 +285,8 @@ def describe_event(kind: str, message: str, data: dict) -> str:
     if kind == "engine_error":
         return f"engine error (try {data.get('try', '?')}, {len(data.get('rows', []))} rows): {message}"
     if kind == "shard_resumed":
-        return f"resumed {data.get('rows', 0)} rows with {data.get('tokens', 0)} saved tokens (attempt {data.get('attempt')})"
+        return (f"resumed {data.get('rows', 0)} rows with {data.get('tokens', 0)} saved tokens "
+                f"(attempt {data.get('attempt')})")
     if kind == "job_enqueued":
         return f"enqueued {data.get('rows', '?')} rows" + (" (forced)" if data.get("forced") else "")
     if kind == "job_completed":

@@ -186,7 +186,8 @@ def test_focus_on_one_job(populated):
 
 JOB_KEYS = {"id", "name", "model", "model_dir", "status", "priority", "total_rows", "done_rows", "failed_rows",
             "progress", "generated_tokens", "tokens_per_s_recent", "tokens_per_s_average", "eta_s", "age_s",
-            "created_at", "started_at", "finished_at", "error", "shards", "expired_leases", "stale", "workers", "params"}
+            "created_at", "started_at", "finished_at", "error", "shards", "expired_leases", "stale", "workers",
+            "params"}
 WORKER_KEYS = {"id", "hostname", "pid", "device", "status", "started_at", "last_seen_at", "heartbeat_age_s", "stale",
                "current", "policy", "rows_done", "tokens_generated", "tokens_per_s_recent", "bandwidth",
                "peak_rss_bytes", "peak_gpu_bytes"}
@@ -288,7 +289,8 @@ def test_missing_store_is_refused_without_creating_it(tmp_path):
 
 @pytest.mark.parametrize("url, shown", [
     ("postgresql+psycopg2://app:hunter2@db.example:5432/jobs", "postgresql+psycopg2://app:***@db.example:5432/jobs"),
-    ("postgresql://app@db/jobs?sslmode=require&password=hunter2", "postgresql://app@db/jobs?sslmode=require&password=***"),
+    ("postgresql://app@db/jobs?sslmode=require&password=hunter2",
+     "postgresql://app@db/jobs?sslmode=require&password=***"),
     ("postgresql://app:p%40ss:w@db/jobs", "postgresql://app:***@db/jobs"),
     ("sqlite:////var/lib/flexjob/flexjob.db", "sqlite:////var/lib/flexjob/flexjob.db"),
     ("flexjob.db", "flexjob.db"),

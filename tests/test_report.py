@@ -31,9 +31,9 @@ def new_job(db, rows: int = 12):
 def commit(db, lease, rows, *, tokens: int, seconds: float, rss_gib: float = 0.0, gpu_gib: float = 0.0):
     stats = {"peak_rss_bytes": int(rss_gib * GIB), "peak_gpu_bytes": int(gpu_gib * GIB), "prefill_s": 0.1,
              "transfers": {"disk_read": [10**9, 1.0]}} if tokens else None
-    store.commit_block(db, lease, PartRecord(path=f"p{rows[0]}.parquet", row_ids=tuple(rows), failed_rows=0 if tokens else len(rows),
-                                             generated_tokens=tokens, size_bytes=1, sha256="0" * 64,
-                                             block_seconds=seconds, engine_stats=stats))
+    store.commit_block(db, lease, PartRecord(path=f"p{rows[0]}.parquet", row_ids=tuple(rows),
+                                             failed_rows=0 if tokens else len(rows), generated_tokens=tokens,
+                                             size_bytes=1, sha256="0" * 64, block_seconds=seconds, engine_stats=stats))
 
 
 @pytest.fixture
@@ -44,7 +44,8 @@ def job_run(sqlite_url):
     lease = store.claim_shard(db, first, lease_s=60)
     commit(db, lease, [0, 1], tokens=16, seconds=2.0, rss_gib=1.0, gpu_gib=2.0)
     commit(db, lease, [2, 3], tokens=16, seconds=1.0, rss_gib=1.25, gpu_gib=2.0)
-    store.record_event(db, "replan", job_id=job.id, worker_id=first, message=f"{Policy().describe()} -> {NEW_POLICY.describe()}",
+    store.record_event(db, "replan", job_id=job.id, worker_id=first,
+                       message=f"{Policy().describe()} -> {NEW_POLICY.describe()}",
                        data={"old_policy": Policy().to_dict(), "new_policy": NEW_POLICY.to_dict(),
                              "new_describe": NEW_POLICY.describe(), "applied": True})
     store.claim_shard(db, first, lease_s=-1)   # then the first worker dies: its lease is already over

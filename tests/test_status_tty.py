@@ -81,7 +81,7 @@ class Terminal:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)  # includes making the tiny model (~20 s) when this runs first
 def test_watch_shows_a_real_worker_advancing_and_exits_cleanly_on_ctrl_c(tmp_path, tiny_model, offload_dir):
     db_url = f"sqlite:///{tmp_path / 'flexjob.db'}"
     prompts = write_prompts(tmp_path / "prompts.parquet", SAMPLE_PROMPTS * 3)
