@@ -184,7 +184,7 @@ def _legend(axis, *, extra: list[tuple[str, str, str]]) -> None:
         handles.append(Line2D([], [], color=color, linestyle=style))
         labels.append(label)
     if handles:
-        axis.legend(handles, labels, loc="lower right", fontsize=8)
+        axis.legend(handles, labels, loc="best", fontsize=8)
 
 
 def _short(worker_id: str | None) -> str:
