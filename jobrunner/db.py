@@ -42,8 +42,12 @@ def resolve_url(db: str | None = None) -> str:
 
 
 def describe_url(engine_or_url: Engine | str) -> str:
-    url = engine_or_url.url if isinstance(engine_or_url, Engine) else make_url(engine_or_url)
-    return url.render_as_string(hide_password=True)
+    """The URL as it may be printed: password and secret query parameters masked."""
+    from jobrunner.db_url_display import mask_url
+
+    if isinstance(engine_or_url, Engine):
+        return mask_url(engine_or_url.url.render_as_string(hide_password=False))
+    return mask_url(str(engine_or_url))
 
 
 def open_store(db: str | None = None, *, migrate: bool = True) -> Engine:
@@ -52,7 +56,7 @@ def open_store(db: str | None = None, *, migrate: bool = True) -> Engine:
     try:
         url = make_url(url_text)
     except ArgumentError:
-        raise UserError(f"cannot parse database URL {url_text!r}",
+        raise UserError(f"cannot parse database URL {describe_url(url_text)!r}",
                         "use a path, sqlite:///path.db or postgresql+psycopg2://user@host/db") from None
     if url.get_backend_name() == "sqlite":
         engine = _sqlite_engine(url)

@@ -208,6 +208,7 @@ class Worker:
                 if lease is None:
                     if self.config.exit_when_idle:
                         break
+                    store.worker_seen(self.db, self.worker_id)  # idle, not dead: keep the heartbeat fresh
                     self._wake.wait(self.config.idle_poll_s)
                     continue
                 if self.config.max_jobs is not None and lease.job_id not in jobs_seen \

@@ -64,7 +64,16 @@ def _print_error(message: str, hint: str) -> None:
         click.echo(f"hint: {hint}", err=True)
 
 
-@click.group(cls=FlexjobGroup, context_settings={"help_option_names": ["-h", "--help"]})
+EPILOG = """\b
+Environment:
+  FLEXJOB_DB    job store URL (default sqlite:///flexjob.db; postgresql+psycopg2://... for many machines)
+  FLEXJOB_HOME  disk tier, weight store and hardware profiles (default ./.flexjob)
+\b
+Exit codes: 0 ok, 1 user error (one line + hint; --debug for the traceback),
+  2 usage error, 3 internal error, 130 interrupted."""
+
+
+@click.group(cls=FlexjobGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.version_option(package_name="flexjob")
 @click.pass_context

@@ -102,6 +102,9 @@ def work_command(percent, gpu_batch_size, num_gpu_batches, gpu_mem, cpu_mem, off
                           compress_cache, compress_bits, compress_group_size) if explicit else None
     offload_dir = default_offload_dir(offload_dir)
     hardware = stored_profile(offload_dir)
+    if hardware is not None:  # the dashboard shows measured vs profiled bandwidth from the store
+        from jobrunner import store
+        store.save_hardware_profile(_open(db), hardware.to_dict())
     config = WorkerConfig(policy=policy, hardware=hardware, gpu_mem_gib=gpu_mem, cpu_mem_gib=cpu_mem,
                           offload_dir=offload_dir, exit_when_idle=exit_when_idle, max_jobs=max_jobs,
                           lease_s=lease_s, progress_every=progress_every, device_lock=_gpu_lock_name())
@@ -169,13 +172,19 @@ class _RichReporter:
 
 
 @main.command("results")
-@click.argument("job_id", type=int)
+@click.argument("job_id", metavar="JOB", type=int)
 @click.option("-o", "--output", "out_path", required=True, type=click.Path(path_type=Path),
               help="Parquet file to write.")
 @click.option("--partial", is_flag=True, help="Write the rows done so far of an unfinished job.")
 @db_option
 def results_command(job_id, out_path, partial, db):
-    """Merge a job's results into one Parquet file in input order (every row checked once)."""
+    """Merge a job's results into one Parquet file in input order (every row checked once).
+
+    \b
+    Example:
+      flexjob results 1 -o out.parquet
+      flexjob results 1 -o partial.parquet --partial
+    """
     from jobrunner.results import write_results
 
     summary = write_results(_open(db), job_id, out_path, partial=partial)
@@ -190,7 +199,13 @@ def results_command(job_id, out_path, partial, db):
 @click.option("--limit", type=int, default=50, show_default=True)
 @db_option
 def jobs_command(statuses, limit, db):
-    """List jobs, newest first."""
+    """List jobs, newest first.
+
+    \b
+    Example:
+      flexjob jobs
+      FLEXJOB_DB=postgresql+psycopg2://app@db/jobs flexjob jobs
+    """
     from jobrunner import store
     from jobrunner.models import JobStatus
 
@@ -206,10 +221,15 @@ def jobs_command(statuses, limit, db):
 
 
 @main.command("cancel")
-@click.argument("job_id", type=int)
+@click.argument("job_id", metavar="JOB", type=int)
 @db_option
 def cancel_command(job_id, db):
-    """Cancel a job; workers holding its shards stop at their next heartbeat."""
+    """Cancel a job; workers holding its shards stop at their next heartbeat.
+
+    \b
+    Example:
+      flexjob cancel 3
+    """
     from jobrunner import store
 
     job = store.cancel_job(_open(db), job_id)
@@ -217,11 +237,17 @@ def cancel_command(job_id, db):
 
 
 @main.command("retry")
-@click.argument("job_id", type=int)
+@click.argument("job_id", metavar="JOB", type=int)
 @click.option("--failed-rows", is_flag=True, help="Also regenerate the blocks that hold error rows.")
 @db_option
 def retry_command(job_id, failed_rows, db):
-    """Reopen a failed or cancelled job, and regenerate the rows of missing or damaged parts."""
+    """Reopen a failed or cancelled job, and regenerate the rows of missing or damaged parts.
+
+    \b
+    Example:
+      flexjob retry 3
+      flexjob retry 3 --failed-rows
+    """
     from jobrunner.results import retry
 
     report = retry(_open(db), job_id, failed_rows=failed_rows)
@@ -233,7 +259,13 @@ def retry_command(job_id, failed_rows, db):
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep everything in this directory (default: a temporary one, deleted afterwards).")
 def demo_command(directory):
-    """The whole path on a generated model: make-model, enqueue, work, status, results."""
+    """The whole path on a generated model: make-model, enqueue, work, status, results.
+
+    \b
+    Example:
+      flexjob demo
+      flexjob demo --dir demo-run
+    """
     import tempfile
 
     from jobrunner.demo import run_demo

@@ -39,7 +39,7 @@ def _model_config(model_dir: Path | None, size: str | None):
 
 
 @main.command("profile")
-@click.option("--disk-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--offload-dir", "--disk-dir", "disk_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory of the disk tier to measure (default: $FLEXJOB_HOME, else ./.flexjob).")
 @click.option("--refresh", is_flag=True, help="Measure again even if a fresh profile is stored.")
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON (the format --hardware reads).")
@@ -50,7 +50,7 @@ def profile_command(disk_dir: Path | None, refresh: bool, as_json: bool) -> None
 
     \b
     Example:
-      flexjob profile --disk-dir /nvme/flexjob
+      flexjob profile --offload-dir /nvme/flexjob
       flexjob profile --json > mybox.json && flexjob plan --hardware mybox.json --size 30b ...
     """
     from engine.profiler import profile_path
@@ -100,7 +100,7 @@ def profile_command(disk_dir: Path | None, refresh: bool, as_json: bool) -> None
 @click.option("--gen-len", type=int, default=32, show_default=True)
 @click.option("--hardware", default=None,
               help="A profile JSON file (as `flexjob profile --json` writes) or 't4-flexgen'; default: this host.")
-@click.option("--disk-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--offload-dir", "--disk-dir", "disk_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Disk tier directory to profile when --hardware is not given.")
 @click.option("--compression", type=click.Choice(["auto", "off", "on"]), default="auto", show_default=True,
               help="Consider 4-bit compression of weights and cache.")
