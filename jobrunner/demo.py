@@ -1,7 +1,7 @@
 """`flexjob demo`: the whole path on a generated model and an embedded SQLite store.
 
 make a small random-weight OPT ─▶ write sample prompts (with a few bad rows) ─▶ enqueue
-─▶ work until idle ─▶ show the job ─▶ write results ─▶ print a few completions.
+─▶ work until idle ─▶ show the status dashboard ─▶ write results ─▶ print a few completions.
 Everything lives in one directory (a temporary one unless --dir is given), so it is easy to
 inspect and to delete.
 """
@@ -43,7 +43,8 @@ def write_demo_prompts(path: Path, copies: int = 2) -> Path:
 
 
 def run_demo(directory: Path, *, say: Callable[[str], None] = print, model_size: str = "125m",
-             num_layers: int = 2, hidden_size: int = 64, max_new_tokens: int = 16) -> DemoResult:
+             num_layers: int = 2, hidden_size: int = 64, max_new_tokens: int = 16,
+             show_status: Callable[[dict], None] | None = None) -> DemoResult:
     from engine.model_config import preset
     from engine.model_maker import make_model
     from jobrunner import store
@@ -69,6 +70,9 @@ def run_demo(directory: Path, *, say: Callable[[str], None] = print, model_size:
     job = store.get_job(db, job.id)
     say(f"job {job.id} {job.status.value}: {job.done_rows}/{job.total_rows} rows, {job.failed_rows} error rows, "
         f"{summary.tokens} tokens generated")
+    if show_status is not None:  # what `flexjob status` shows for the finished run
+        from jobrunner.status_snapshot import read_snapshot
+        show_status(read_snapshot(db))
     out = directory / "results.parquet"
     written = write_results(db, job.id, out)
     table = pq.read_table(out, columns=["prompt", "completion", "finish_reason"]).to_pylist()

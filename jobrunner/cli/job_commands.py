@@ -268,11 +268,19 @@ def demo_command(directory):
     """
     import tempfile
 
+    from rich.console import Console
+
+    from jobrunner.dashboard import render_dashboard
     from jobrunner.demo import run_demo
 
+    console = Console() if sys.stdout.isatty() else Console(width=160)  # a pipe gets the full table
+
+    def show_status(snapshot: dict) -> None:
+        console.print(render_dashboard(snapshot, width=console.width))
+
     if directory is not None:
-        run_demo(directory, say=click.echo)
+        run_demo(directory, say=click.echo, show_status=show_status)
         click.echo(f"everything is in {directory}")
         return
     with tempfile.TemporaryDirectory(prefix="flexjob-demo-") as tmp:
-        run_demo(Path(tmp), say=click.echo)
+        run_demo(Path(tmp), say=click.echo, show_status=show_status)
