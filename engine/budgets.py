@@ -112,6 +112,29 @@ def check_budgets(cfg: OPTConfig, store: WeightStore, policy: Policy, device: to
     return est
 
 
+def limit_allocator_slack() -> None:
+    """Make glibc hand freed tensor memory back to the OS at once.
+
+    Weight buffers of a few MB churn every layer on two threads (compute and I/O); by default glibc
+    serves them from per-thread heaps that keep freed pages resident (~60 MB of slack measured on
+    opt-125m), which would break a tight --cpu-mem. Above 1 MiB, allocations become private
+    mappings that are unmapped on free.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 class RssSampler:
     """Samples the process's resident memory every few milliseconds while active; keeps the peak."""
 

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from engine.budgets import check_budgets, RssSampler
+from engine.budgets import RssSampler, check_budgets, limit_allocator_slack
 from engine.errors import PromptTooLongError
 from engine.model_config import load_config
 from engine.placed_weights import PlacedWeights
@@ -82,6 +82,7 @@ class Engine:
                  on_convert: Callable[[str, int, int], None] | None = None, tokenizer=None) -> None:
         self.model_dir = Path(model_dir)
         self.config = load_config(self.model_dir)
+        limit_allocator_slack()
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = resolve_dtype(dtype, self.device)
         self.gpu_mem_gib, self.cpu_mem_gib = gpu_mem_gib, cpu_mem_gib
