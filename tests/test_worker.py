@@ -27,7 +27,8 @@ MAX_NEW = 6
 
 def engine_reference(model_dir, offload_dir, prompts: list[str], params: GenerationParams, block: int = 4):
     """The engine called directly, in input order: what the job must reproduce."""
-    with Engine(model_dir, Policy(gpu_batch_size=block), dtype="bfloat16", offload_dir=offload_dir) as engine:
+    # The job's dtype (JobParams' default: the machine's fastest), so both sides compute alike.
+    with Engine(model_dir, Policy(gpu_batch_size=block), dtype=JobParams().dtype, offload_dir=offload_dir) as engine:
         rows = [RowInput(row_id=i, prompt_ids=tuple(engine.tokenizer(p).input_ids)) for i, p in enumerate(prompts)]
         results = engine.generate(rows, params)
         return [(engine.tokenizer.decode(r.generated_ids, skip_special_tokens=True), len(r.generated_ids),
