@@ -72,6 +72,7 @@ class MicroBatch:
                                                       (self.input_ids, self.valid, self.positions))
         self.length = 0  # positions in the cache after this step
         self.mask = None
+        self.next_ids = self.input_ids  # the step's input: the prompt first, then the sampled tokens
 
     def begin_step(self, query_len: int) -> None:
         self.length += query_len
@@ -153,8 +154,8 @@ class BlockRunner:
                     return True
             return False
         finally:
-            weights_next.result() if ctx.io is None else weights_next.cancel()
             if ctx.io is not None:
+                weights_next.cancel()
                 ctx.io.submit(lambda: None).result()  # drain pending stores before deleting files
             for row in self.cache:
                 for slot in row:
@@ -166,7 +167,7 @@ class BlockRunner:
         L = self.ctx.cfg.num_layers
         if j == 0:
             for k, mb in enumerate(self.mbs):
-                self._store_act(j, k, layers.input_embed(w, self.ctx.cfg, self._step_ids(mb), mb.step_positions,
+                self._store_act(j, k, layers.input_embed(w, self.ctx.cfg, mb.next_ids, mb.step_positions,
                                                         self.ctx.dtype))
             return
         if j == L + 1:
@@ -218,11 +219,6 @@ class BlockRunner:
             attn = layers.attend(cfg, q, full[:, 0], full[:, 1], mb.mask)
         h = layers.attention_output(w, cfg, h, attn)
         return layers.mlp(w, cfg, h)
-
-    def _step_ids(self, mb: MicroBatch) -> torch.Tensor:
-        if mb.query_len == self.prompt_len and mb.length == self.prompt_len:
-            return mb.input_ids
-        return mb.next_ids
 
     def _sample(self, mb: MicroBatch, logits: torch.Tensor, params: GenerationParams) -> None:
         results = [r.result for r in mb.rows]
