@@ -30,6 +30,8 @@ class PlacedWeights:
         self.disk, self.stats = disk, stats
         self.tiers: dict[str, dict[str, Tier]] = {}
         self.resident: dict[str, dict[str, torch.Tensor]] = {}
+        self._layer_index = {name: i for i, name in enumerate(layer_names(cfg))}
+        self._dequant_buffers: dict[tuple, torch.Tensor] = {}
         self.replace(policy)
 
     @staticmethod
@@ -74,19 +76,29 @@ class PlacedWeights:
         buf = aligned_empty(align_up(entry.nbytes))
         self.disk.read_into(self.store.path(layer), entry.offset, buf)
         if entry.compressed:
-            return self._ready(entry, buf) if ready else buf
+            return self._ready(entry, buf, self._slot(layer)) if ready else buf
         fp16 = buf[: entry.nbytes].view(torch.float16).view(entry.shape)
         return fp16.to(self.dtype) if self.dtype != torch.float16 else fp16.clone()
 
-    def _ready(self, entry: TensorEntry, packed: torch.Tensor) -> torch.Tensor:
-        """Dequantise a packed tensor on the compute device (only the packed bytes cross the link)."""
+    def _ready(self, entry: TensorEntry, packed: torch.Tensor, slot: int) -> torch.Tensor:
+        """Dequantise a packed tensor on the compute device (only the packed bytes cross the link),
+        into a reused buffer: a fresh multi-MB tensor per use costs page faults worth as much as the
+        dequantisation itself. Two buffer sets alternate by layer (`slot`): the schedule holds at
+        most the layer computing and the one being prefetched."""
         packed = to_device(packed, self.device, self.stats, CPU_TO_GPU)
         started = time.perf_counter()
         q = from_bytes(packed, entry.shape, num_bits=entry.num_bits, group_size=entry.group_size, dim=-1)
-        out = dequantize(q, self.dtype)
+        key = (slot, entry.name, entry.shape)
+        buf = self._dequant_buffers.get(key)
+        if buf is None:
+            buf = self._dequant_buffers[key] = torch.empty(entry.shape, dtype=self.dtype, device=self.device)
+        out = dequantize(q, self.dtype, out=buf)
         # Counted like a link (output bytes, seconds) so benchmarks can report dequantisation time.
         self.stats.add(DEQUANTIZE, out.numel() * out.element_size(), time.perf_counter() - started)
         return out
+
+    def _slot(self, layer: str) -> int:
+        return self._layer_index[layer] % 2
 
     def load(self, layer: str) -> dict[str, torch.Tensor]:
         """All tensors of `layer` on the compute device, ready for the math (runs on the I/O thread)."""
@@ -103,7 +115,7 @@ class PlacedWeights:
             elif self.tiers[layer][entry.name] == Tier.DISK:
                 out[entry.name] = to_device(self._read(layer, entry, ready=True), self.device, self.stats)
             elif entry.compressed:
-                out[entry.name] = self._ready(entry, self.resident[layer][entry.name])
+                out[entry.name] = self._ready(entry, self.resident[layer][entry.name], self._slot(layer))
             else:
                 out[entry.name] = to_device(self.resident[layer][entry.name], self.device, self.stats, CPU_TO_GPU)
         return out
