@@ -140,7 +140,6 @@ def main() -> None:
 
     if "b" not in opts.skip:
         percent = [float(x) for x in opts.disk_percent.split()]
-        flops = read_bw = None
         for s in opts.disk_blocks.split(","):
             gbs, nb = (int(x) for x in s.split("x"))
             drop_page_cache(offload)

@@ -23,7 +23,7 @@ FINAL_LN_GAIN = 6.0
 
 def hf_tensor_shapes(cfg: OPTConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
     """Every tensor of a HF OPTForCausalLM checkpoint (lm_head is tied to embed_tokens)."""
-    h, f, p = cfg.hidden_size, cfg.ffn_dim, "model.decoder."
+    h, p = cfg.hidden_size, "model.decoder."
     yield p + "embed_tokens.weight", (cfg.vocab_size, cfg.embed_dim)
     yield p + "embed_positions.weight", (cfg.max_positions + 2, h)  # OPT offsets positions by 2
     if cfg.has_projections:

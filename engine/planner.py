@@ -11,13 +11,13 @@ problem by brute force over the same cost model, to check the LP in tests.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pulp
 
 from engine.cost_model import (GIB, Estimate, Placement, Shape, estimate, memory_peaks,
-                               phase_terms, resource_max)
+                               phase_terms)
 from engine.errors import BudgetError
 from engine.hardware import HardwareProfile
 from engine.model_config import OPTConfig

@@ -60,7 +60,6 @@ def profile_command(disk_dir: Path | None, refresh: bool, as_json: bool) -> None
     if as_json:
         click.echo(prof.to_json())
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"hardware profile of {prof.host} ({prof.gpu_name or 'no GPU: the compute device is the CPU'})")
@@ -135,7 +134,6 @@ def plan_command(model_dir, size, gpu_mem, cpu_mem, disk_mem, prompt_len, gen_le
 
 
 def _print_plan(cfg, hw, result, prompt_len: int, gen_len: int) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     budgets = ", ".join(f"{t} {v:g} GiB" for t, v in result.budgets_gib.items() if v is not None)
