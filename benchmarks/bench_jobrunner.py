@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 from datetime import UTC, datetime
-from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -32,6 +31,7 @@ import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from tests.pg_scratch import scratch_schema  # noqa: E402
 
 CODE_PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "class LinkedList:", "# Parse the command line",
                 "for index, item in enumerate(", "with open(path) as handle:", "raise ValueError(",
@@ -136,23 +136,6 @@ def bench_commit(work: Path, *, blocks: int, url: str | None = None) -> dict:
             "commit_ms_mean": statistics.mean(commit_s) * 1000}
 
 
-@contextmanager
-def _scratch_schema(server_url: str):
-    """A throw-away schema, so the benchmark never touches the database's own tables."""
-    from sqlalchemy import create_engine, text
-
-    schema = f"bench_{os.getpid()}"
-    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield f"{server_url}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
-
-
 # Runs the measured command as its child and reports that child's peak RSS. The indirection is
 # needed because Linux books the old address space's high-water mark at exec: a command started
 # straight from this process (which has torch loaded) would report this process's peak instead.
@@ -241,7 +224,7 @@ def main() -> None:
         results = [bench_commit(work, blocks=args.commit_blocks)]
         if args.pg:
             try:
-                with _scratch_schema(args.pg) as url:
+                with scratch_schema(args.pg) as url:
                     results.append(bench_commit(work, blocks=args.commit_blocks, url=url))
             except Exception as exc:  # noqa: BLE001 - the server is optional here
                 print(f"  (PostgreSQL skipped: {exc})")

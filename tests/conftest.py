@@ -3,7 +3,6 @@ fresh schema on the real PostgreSQL server per test."""
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -32,18 +31,10 @@ def sqlite_url(tmp_path) -> str:
 @pytest.fixture
 def pg_url() -> str:
     """A URL whose search_path is a schema created for this test (dropped afterwards)."""
-    from sqlalchemy import create_engine, text
+    from tests.pg_scratch import scratch_schema
 
-    schema = f"fjtest_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_SERVER_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield f"{PG_SERVER_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with scratch_schema(PG_SERVER_URL) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
