@@ -69,12 +69,10 @@ def estimate_memory(cfg: OPTConfig, store: WeightStore, policy: Policy, device: 
             cache[slot_tier(j, k, L, K, policy.cache_gpu_percent, policy.cache_cpu_percent)] += slot
     disk_cache_buffers = 3 * slot if cache[Tier.DISK] else 0  # prefetched read, in use, concatenated
     act = prompt_len * B * h * size
-    acts = {t: 0 for t in Tier}
-    for j in range(L + 2):
-        for k in range(K):
-            acts[slot_tier(j, k, L + 2, K, policy.activations_gpu_percent, policy.activations_cpu_percent)] = \
-                max(acts[slot_tier(j, k, L + 2, K, policy.activations_gpu_percent,
-                                   policy.activations_cpu_percent)], act * K)
+    # A tier that holds any activation slot holds one hidden state per micro-batch at a time.
+    act_tiers = {slot_tier(j, k, L + 2, K, policy.activations_gpu_percent, policy.activations_cpu_percent)
+                 for j in range(L + 2) for k in range(K)}
+    acts = {t: act * K if t in act_tiers else 0 for t in Tier}
     # Transient compute memory of one micro-batch's prefill: q/k/v/out, the MLP's intermediate,
     # the mask, and float32 logits of the last position.
     working = (prompt_len * B * (4 * h + cfg.ffn_dim) * size + B * prompt_len * max_len

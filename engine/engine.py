@@ -136,14 +136,11 @@ class Engine:
         self.policy = policy
         return moved
 
-    def check_lengths(self, rows: list[RowInput], params: GenerationParams) -> None:
-        check_lengths(self.config, rows, params)
-
     def generate(self, rows: list[RowInput], params: GenerationParams, *,
                  on_step: Callable[[StepUpdate], None] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> list[RowResult]:
         """Generate for every row, block by block; results are in the order of `rows`."""
-        self.check_lengths(rows, params)
+        check_lengths(self.config, rows, params)
         stop_ids = set(params.stop_token_ids or (self.config.eos_token_id,))
         results = [RowResult(row_id=r.row_id, generated_ids=list(r.generated_ids)) for r in rows]
         pending = []

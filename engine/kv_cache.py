@@ -25,7 +25,6 @@ class Plane:
                  device: torch.device, disk: DiskTier, path: Path) -> None:
         self.row_shape, self.dtype, self.tier, self.disk, self.path = row_shape, dtype, tier, disk, path
         self.row_bytes = math.prod(row_shape) * torch.empty((), dtype=dtype).element_size()
-        self.nbytes = max_len * self.row_bytes
         if tier == Tier.DISK:
             self.buf = None
             path.unlink(missing_ok=True)
@@ -70,10 +69,6 @@ class CacheSlot:
                                  path.with_suffix(f".{name}"))
                            for name, t in (("codes", probe.data), ("scale", probe.scale),
                                            ("min", probe.minimum))]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.planes)
 
     def read(self, device: torch.device | None = None, stats: TransferStats | None = None) -> torch.Tensor | None:
         """The cached positions so far, [T, 2, B, h], on `device` (default: where the slot lives).

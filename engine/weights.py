@@ -181,20 +181,27 @@ class WeightStore:
                         compression: CompressionConfig | None = None) -> "WeightStore":
         suffix = f"-q{compression.num_bits}g{compression.group_size}" if compression else ""
         root = store_dir / "weights" / (checkpoint_fingerprint(model_dir) + suffix)
-        index_path = root / "index.json"
-        if index_path.is_file():
-            try:
-                index = json.loads(index_path.read_text())
-                if index.get("version") == STORE_VERSION and cls._files_complete(root, index):
-                    return cls(root, index)
-            except (json.JSONDecodeError, KeyError):
-                pass  # a half-written store: convert again
+        store = cls._open_complete(root)
+        if store is not None:
+            return store
         with _conversion_lock(root):
-            if index_path.is_file():  # another process converted it while we waited
-                index = json.loads(index_path.read_text())
-                if index.get("version") == STORE_VERSION and cls._files_complete(root, index):
-                    return cls(root, index)
-            return cls(root, convert_checkpoint(model_dir, cfg, root, on_layer, compression))
+            # Another process may have converted it while we waited for the lock.
+            return cls._open_complete(root) or cls(root, convert_checkpoint(model_dir, cfg, root, on_layer,
+                                                                             compression))
+
+    @classmethod
+    def _open_complete(cls, root: Path) -> "WeightStore | None":
+        """The store at `root` if its index and every layer file are complete, else None."""
+        index_path = root / "index.json"
+        if not index_path.is_file():
+            return None
+        try:
+            index = json.loads(index_path.read_text())
+            if index.get("version") == STORE_VERSION and cls._files_complete(root, index):
+                return cls(root, index)
+        except (json.JSONDecodeError, KeyError):
+            pass  # a half-written store: convert again
+        return None
 
     @staticmethod
     def _files_complete(root: Path, index: dict) -> bool:
