@@ -35,17 +35,26 @@ def stored_profile(offload_dir: Path) -> HardwareProfile | None:
         return None
 
 
-def planned_policy(config: OPTConfig, hardware: HardwareProfile, *, gpu_mem_gib: float | None,
-                   cpu_mem_gib: float | None, gen_len: int) -> Policy:
+def plan_for_this_process(config: OPTConfig, hardware: HardwareProfile, *, gpu_mem_gib: float | None,
+                          cpu_mem_gib: float | None, gen_len: int, prompt_len: int = PLAN_PROMPT_LEN,
+                          max_block_size: int | None = None, allow_compression: bool = False):
+    """The LP plan for a run in this process (shared by `work` and `generate`).
+
+    Compression changes the output, so the planner turns it on only when the user asked for it;
+    the process's own memory counts against --cpu-mem like the engine's tensors."""
     import psutil
 
     from engine.planner import plan
 
-    # Compression changes the output, so the planner may not switch it on by itself; the process's
-    # own memory counts against --cpu-mem like the engine's tensors.
-    return plan(config, hardware, gpu_mem_gib=gpu_mem_gib, cpu_mem_gib=cpu_mem_gib,
-                prompt_len=PLAN_PROMPT_LEN, gen_len=gen_len, compress_options=(False,),
-                cpu_reserved_gib=psutil.Process().memory_info().rss / 2**30).policy
+    return plan(config, hardware, gpu_mem_gib=gpu_mem_gib, cpu_mem_gib=cpu_mem_gib, prompt_len=prompt_len,
+                gen_len=gen_len, compress_options=(True,) if allow_compression else (False,),
+                max_block_size=max_block_size, cpu_reserved_gib=psutil.Process().memory_info().rss / 2**30)
+
+
+def planned_policy(config: OPTConfig, hardware: HardwareProfile, *, gpu_mem_gib: float | None,
+                   cpu_mem_gib: float | None, gen_len: int) -> Policy:
+    return plan_for_this_process(config, hardware, gpu_mem_gib=gpu_mem_gib, cpu_mem_gib=cpu_mem_gib,
+                                 gen_len=gen_len).policy
 
 
 class ProfileReplanner:

@@ -88,20 +88,17 @@ def default_offload_dir(offload_dir: Path | None) -> Path:
 def planned_policy(config, offload_dir: Path, gpu_mem, cpu_mem, *, prompt_len: int, gen_len: int,
                    flags: dict | None = None, max_block_size: int | None = None):
     """The LP planner's policy for this host (its hardware profile is measured once and stored)."""
-    import psutil
-
-    from engine.planner import plan
     from engine.profiler import load_or_measure_profile, profile_path
+    from jobrunner.worker_replan import plan_for_this_process
 
     if not profile_path(offload_dir).is_file():
         click.echo("measuring this machine once (flexjob profile) ...", err=True)
     hardware = load_or_measure_profile(offload_dir)
     flags = flags or {}
-    # Compression changes the output: use it only when asked for.
-    compress = (True,) if flags.get("compress_weight") or flags.get("compress_cache") else (False,)
-    result = plan(config, hardware, gpu_mem_gib=gpu_mem, cpu_mem_gib=cpu_mem, prompt_len=prompt_len,
-                  gen_len=gen_len, compress_options=compress, max_block_size=max_block_size,
-                  cpu_reserved_gib=psutil.Process().memory_info().rss / 2**30)
+    result = plan_for_this_process(config, hardware, gpu_mem_gib=gpu_mem, cpu_mem_gib=cpu_mem,
+                                   prompt_len=prompt_len, gen_len=gen_len, max_block_size=max_block_size,
+                                   allow_compression=bool(flags.get("compress_weight") or
+                                                          flags.get("compress_cache")))
     click.echo(f"planner: {result.policy.describe()} (predicted {result.tokens_per_s:.2f} tokens/s)", err=True)
     return result.policy
 
