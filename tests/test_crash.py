@@ -128,12 +128,15 @@ def test_sigterm_saves_progress_releases_the_lease_and_exits_promptly(tmp_path, 
             proc.kill()
     assert proc.returncode == 0, stderr
     assert elapsed < 10
-    assert "SIGTERM: saving progress" in stderr and "lease released" in stderr
+    assert "SIGTERM: saving progress" in stderr
     [shard] = store.list_shards(db, job.id)
     assert shard.status in (ShardStatus.PENDING, ShardStatus.DONE)
     assert shard.worker_id is None
-    if shard.status == ShardStatus.PENDING:
-        assert store.load_progress(db, shard.id)
+    if shard.status == ShardStatus.PENDING:  # (DONE: the signal landed as the shard's last block finished)
+        assert "lease released" in stderr
+        # Work done before the signal survives: as saved progress of the rows in flight, or — when
+        # the signal landed just after a block commit, with nothing in flight — as committed rows.
+        assert store.load_progress(db, shard.id) or store.committed_rows(db, shard.id)
     assert all(w.status == WorkerStatus.STOPPED for w in store.list_workers(db))
     run_worker(db, block=BLOCK, progress_every=PROGRESS_EVERY)
     got = read_results(write_results(db, job.id, tmp_path / "out.parquet").path)
