@@ -38,7 +38,10 @@ class MemoryEstimate:
 
 
 def estimate_memory(cfg: OPTConfig, store: WeightStore, policy: Policy, device: torch.device,
-                    dtype: torch.dtype, *, prompt_len: int, gen_len: int) -> MemoryEstimate:
+                    dtype: torch.dtype, *, prompt_len: int, gen_len: int,
+                    resident_ram_bytes: int = 0) -> MemoryEstimate:
+    """resident_ram_bytes: weights this process already holds in RAM (a loaded engine's); they are
+    part of its RSS, so they are taken out of "process" rather than counted twice."""
     from engine.placed_weights import PlacedWeights
 
     on_gpu = device.type == "cuda"
@@ -77,7 +80,7 @@ def estimate_memory(cfg: OPTConfig, store: WeightStore, policy: Policy, device: 
     # the mask, and float32 logits of the last position.
     working = (prompt_len * B * (4 * h + cfg.ffn_dim) * size + B * prompt_len * max_len
                + B * cfg.vocab_size * 4 * 2) if prompt_len else 0
-    process = psutil.Process().memory_info().rss
+    process = max(0, psutil.Process().memory_info().rss - resident_ram_bytes)
     if on_gpu:
         gpu = {"weights": weights[Tier.GPU], "streamed weights": stream_buffers, "kv cache": cache[Tier.GPU],
                "activations": acts[Tier.GPU], "working": working}
@@ -97,8 +100,9 @@ def _describe(parts: dict[str, int]) -> str:
 
 def check_budgets(cfg: OPTConfig, store: WeightStore, policy: Policy, device: torch.device, dtype: torch.dtype,
                   gpu_mem_gib: float | None, cpu_mem_gib: float | None, *, prompt_len: int | None,
-                  gen_len: int | None) -> MemoryEstimate:
-    est = estimate_memory(cfg, store, policy, device, dtype, prompt_len=prompt_len or 0, gen_len=gen_len or 0)
+                  gen_len: int | None, resident_ram_bytes: int = 0) -> MemoryEstimate:
+    est = estimate_memory(cfg, store, policy, device, dtype, prompt_len=prompt_len or 0, gen_len=gen_len or 0,
+                          resident_ram_bytes=resident_ram_bytes)
     when = (f"for a block of {policy.block_size} rows x {prompt_len}+{gen_len} tokens"
             if prompt_len else "for the weights alone")
     if gpu_mem_gib is not None and device.type == "cuda" and est.gpu_total > gpu_mem_gib * GIB:

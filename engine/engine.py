@@ -126,7 +126,8 @@ class Engine:
                       (not policy.compress_weight or policy.compression == self.policy.compression))
         store = self.weights.store if same_store else self._open_store(policy)
         check_budgets(self.config, store, policy, self.device, self.dtype, self.gpu_mem_gib,
-                      self.cpu_mem_gib, prompt_len=None, gen_len=None)
+                      self.cpu_mem_gib, prompt_len=None, gen_len=None,
+                      resident_ram_bytes=self.weights.ram_bytes())
         if same_store:
             moved = self.weights.replace(policy)
         else:
@@ -167,7 +168,8 @@ class Engine:
         prompt_len = max(len(r.context_ids) for r in rows)
         gen_len = max(r.max_new_tokens - len(r.result.generated_ids) for r in rows)
         check_budgets(self.config, self.weights.store, self.policy, self.device, self.dtype, self.gpu_mem_gib,
-                      self.cpu_mem_gib, prompt_len=prompt_len, gen_len=gen_len)
+                      self.cpu_mem_gib, prompt_len=prompt_len, gen_len=gen_len,
+                      resident_ram_bytes=self.weights.ram_bytes())
         ctx = ScheduleContext(self.config, self.policy, self.device, self.dtype, self.weights, self.disk,
                               self.transfers, self._io if self.policy.overlap else None)
         workdir = Path(tempfile.mkdtemp(prefix="block-", dir=self.offload_dir))

@@ -129,3 +129,8 @@ class PlacedWeights:
                 tier = tiers[entry.name]
                 totals[tier] += entry.nbytes if tier == Tier.DISK else entry.held_bytes(size)
         return totals
+
+    def ram_bytes(self) -> int:
+        """Bytes of weights held in host RAM (the CPU tier, and the GPU tier when the "GPU" is RAM)."""
+        by_tier = self.bytes_by_tier()
+        return by_tier[Tier.CPU] + (by_tier[Tier.GPU] if self.device.type != "cuda" else 0)

@@ -1,0 +1,135 @@
+"""Planner vs hand-written policies, measured: opt-1.3b under one CPU budget (issue 4's benchmark).
+
+    python benchmarks/bench_planner_sweep.py --model /work/models/opt-1.3b --cpu-mem 4
+
+Each policy (at least 8 a user might write, and the planner's) runs one block in a fresh
+subprocess with the engine's budget check on (`cpu_mem_gib`), the page cache of the weight store
+dropped first (the disk tier is a disk, not RAM). The metric is generated tokens/s over the whole
+generate call, prefill included (FlexGen's). Every row also carries the cost model's prediction,
+so the same runs calibrate the model: predicted / measured within +-30 % counts as calibrated.
+Policies are run in alternating order over `--repeats` rounds and the best run of each counts
+(a shared host only ever slows a run down). Results: benchmarks/results/planner_sweep.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import ENGINE_RUN, RESULTS, drop_page_cache, run_child_rss  # noqa: E402
+
+# (name, percents, gpu_batch_size, num_gpu_batches): what a user who read FlexGen's README might try
+# on a CPU-only host: everything in RAM at several batch sizes, weights partly or wholly on disk
+# with bigger blocks to amortise the reads, the cache on disk, and compression.
+HAND_WRITTEN = [
+    ("all RAM 8x1", [0, 100, 0, 100, 0, 100], 8, 1, False),
+    ("all RAM 16x2", [0, 100, 0, 100, 0, 100], 16, 2, False),
+    ("all RAM 32x1", [0, 100, 0, 100, 0, 100], 32, 1, False),
+    ("all RAM 32x2", [0, 100, 0, 100, 0, 100], 32, 2, False),
+    ("weights 80% RAM 32x2", [0, 80, 0, 100, 0, 100], 32, 2, False),
+    ("weights 50% RAM 32x4", [0, 50, 0, 100, 0, 100], 32, 4, False),
+    ("weights on disk 64x4", [0, 0, 0, 100, 0, 100], 64, 4, False),
+    ("cache on disk 32x4", [0, 100, 0, 0, 0, 100], 32, 4, False),
+    ("weights 50% cache 50% 32x4", [0, 50, 0, 50, 0, 100], 32, 4, False),
+    ("4-bit weights in RAM 32x2", [0, 100, 0, 100, 0, 100], 32, 2, True),
+]
+
+
+def main() -> None:
+    from engine.cost_model import estimate
+    from engine.engine import default_dtype_name
+    from engine.model_config import load_config
+    from engine.policy import Policy
+    from engine.profiler import load_or_measure_profile
+    from jobrunner.worker_replan import plan_for_this_process
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, type=Path)
+    ap.add_argument("--work-dir", type=Path, default=Path("/tmp/flexjob-bench-engine"))
+    ap.add_argument("--cpu-mem", type=float, default=4.0, help="CPU budget for every run, GiB")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--gen-len", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=1, help="rounds over all policies (the best run counts)")
+    ap.add_argument("--refresh-profile", action="store_true")
+    ap.add_argument("--only", default="", help="comma list of policy names to run (default: all)")
+    opts = ap.parse_args()
+
+    cfg = load_config(opts.model)
+    offload = opts.work_dir / "offload"
+    offload.mkdir(parents=True, exist_ok=True)
+    dtype = default_dtype_name()
+    hw = load_or_measure_profile(offload, refresh=opts.refresh_profile)
+    planned = plan_for_this_process(cfg, hw, gpu_mem_gib=None, cpu_mem_gib=opts.cpu_mem, gen_len=opts.gen_len,
+                                    prompt_len=opts.prompt_len)
+    pp = planned.policy
+    candidates = [(name, Policy.from_percents(pct, gpu_batch_size=gbs, num_gpu_batches=nb, compress_weight=cw))
+                  for name, pct, gbs, nb, cw in HAND_WRITTEN] + [("planner", pp)]
+    if opts.only:
+        keep = set(opts.only.split(","))
+        candidates = [c for c in candidates if c[0] in keep]
+    print(f"profile {hw.source}: disk read {hw.disk_read_gbps:.2f} GB/s, write {hw.disk_write_gbps:.2f}, "
+          f"memory {hw.cpu_mem_gbps:.1f}, {hw.compute_dtype} {hw.flops() / 1e9:.0f} GFLOP/s", flush=True)
+    print(f"planner: {pp.describe()} predicted {planned.tokens_per_s:.2f} tok/s", flush=True)
+
+    runs: dict[str, list[dict]] = {name: [] for name, _ in candidates}
+    for _ in range(opts.repeats):
+        for name, policy in candidates:
+            drop_page_cache(offload)
+            r = run_child_rss(ENGINE_RUN, {
+                "model": str(opts.model), "dtype": dtype, "prompt_len": opts.prompt_len, "gen_len": opts.gen_len,
+                "percent": list(policy.percents), "gbs": policy.gpu_batch_size, "nb": policy.num_gpu_batches,
+                "compress_weight": policy.compress_weight, "offload": str(offload), "cpu_mem": opts.cpu_mem})
+            runs[name].append(r)
+            print(f"  {name:28} {r.get('tokens_per_s', 0):7.2f} tok/s {r.get('error', '')}", flush=True)
+
+    rows = []
+    for name, policy in candidates:
+        ok = [r for r in runs[name] if "tokens_per_s" in r]
+        best = max(ok, key=lambda r: r["tokens_per_s"]) if ok else runs[name][0]
+        pred = estimate(cfg, hw, policy, prompt_len=opts.prompt_len, gen_len=opts.gen_len)
+        measured = best.get("tokens_per_s")
+        rows.append({"policy": name, "describe": policy.describe(), "measured_tokens_per_s": measured,
+                     "predicted_tokens_per_s": pred.tokens_per_s,
+                     "ratio": pred.tokens_per_s / measured if measured else None,
+                     "predicted_cpu_gib": pred.peak_gib["cpu"], "peak_rss_gib": (best.get("peak_rss") or 0) / 2 ** 30,
+                     "prefill_s": best.get("prefill_s"), "seconds": best.get("seconds"), "error": best.get("error"),
+                     "all_runs": [r.get("tokens_per_s") for r in runs[name]]})
+    summarise(rows, cfg.name, hw, opts)
+
+
+def summarise(rows: list[dict], model: str, hw, opts) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"planner vs hand-written policies: {model}, --cpu-mem {opts.cpu_mem:g} GiB, prompt "
+                        f"{opts.prompt_len}, gen {opts.gen_len}, {hw.compute_dtype}")
+    for col in ("policy", "placement", "measured tok/s", "predicted", "pred/meas", "peak RSS GiB"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["policy"], r["describe"][:60],
+                      f"{r['measured_tokens_per_s']:.2f}" if r["measured_tokens_per_s"] else (r["error"] or "")[:50],
+                      f"{r['predicted_tokens_per_s']:.2f}", f"{r['ratio']:.2f}" if r["ratio"] else "",
+                      f"{r['peak_rss_gib']:.2f}")
+    Console(width=160).print(table)
+    hand = [r["measured_tokens_per_s"] for r in rows if r["policy"] != "planner" and r["measured_tokens_per_s"]]
+    planner = next((r for r in rows if r["policy"] == "planner"), None)
+    summary = {"hand_written_that_ran": len(hand), "best_hand_tokens_per_s": max(hand, default=None)}
+    if planner and planner["measured_tokens_per_s"] and hand:
+        summary["planner_over_best_hand"] = planner["measured_tokens_per_s"] / max(hand)
+        print(f"planner / best of {len(hand)} hand-written policies that ran within the budget: "
+              f"{summary['planner_over_best_hand']:.2f}")
+    ratios = [r["ratio"] for r in rows if r["ratio"]]
+    summary["calibrated_within_30pct"] = sum(0.7 <= x <= 1.3 for x in ratios)
+    print(f"calibration: {summary['calibrated_within_30pct']}/{len(ratios)} policies predicted within +-30 %")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "planner_sweep.json"
+    out.write_text(json.dumps({"rows": rows, "summary": summary, "profile": hw.to_dict(),
+                               "args": {k: str(v) for k, v in vars(opts).items()}, "time": time.time()}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
