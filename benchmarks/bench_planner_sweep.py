@@ -21,19 +21,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import ENGINE_RUN, RESULTS, drop_page_cache, run_child_rss  # noqa: E402
 
-# (name, percents, gpu_batch_size, num_gpu_batches): what a user who read FlexGen's README might try
-# on a CPU-only host: everything in RAM at several batch sizes, weights partly or wholly on disk
-# with bigger blocks to amortise the reads, the cache on disk, and compression.
+# (name, percents, gpu_batch_size, num_gpu_batches, compress_weight): what a user who read FlexGen's README might try
+# on a CPU-only host with 4 GiB: everything in RAM at several batch sizes, the KV cache on disk to
+# afford bigger blocks, weights partly or wholly on disk with big blocks to amortise the reads, and
+# 4-bit weights. (Blocks whose cache cannot fit are refused by the engine's budget check and shown.)
 HAND_WRITTEN = [
     ("all RAM 8x1", [0, 100, 0, 100, 0, 100], 8, 1, False),
+    ("all RAM 16x1", [0, 100, 0, 100, 0, 100], 16, 1, False),
     ("all RAM 16x2", [0, 100, 0, 100, 0, 100], 16, 2, False),
     ("all RAM 32x1", [0, 100, 0, 100, 0, 100], 32, 1, False),
-    ("all RAM 32x2", [0, 100, 0, 100, 0, 100], 32, 2, False),
-    ("weights 80% RAM 32x2", [0, 80, 0, 100, 0, 100], 32, 2, False),
-    ("weights 50% RAM 32x4", [0, 50, 0, 100, 0, 100], 32, 4, False),
-    ("weights on disk 64x4", [0, 0, 0, 100, 0, 100], 64, 4, False),
+    ("cache on disk 32x2", [0, 100, 0, 0, 0, 100], 32, 2, False),
     ("cache on disk 32x4", [0, 100, 0, 0, 0, 100], 32, 4, False),
-    ("weights 50% cache 50% 32x4", [0, 50, 0, 50, 0, 100], 32, 4, False),
+    ("cache on disk 64x2", [0, 100, 0, 0, 0, 100], 64, 2, False),
+    ("weights 50% RAM 32x2", [0, 50, 0, 100, 0, 100], 32, 2, False),
+    ("weights 50% RAM, cache on disk 64x4", [0, 50, 0, 0, 0, 100], 64, 4, False),
+    ("all on disk 64x4", [0, 0, 0, 0, 0, 100], 64, 4, False),
     ("4-bit weights in RAM 32x2", [0, 100, 0, 100, 0, 100], 32, 2, True),
 ]
 

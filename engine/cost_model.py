@@ -154,9 +154,14 @@ def _compute_bw(hw: HardwareProfile) -> float:
     return (hw.gpu_mem_gbps if hw.has_gpu else hw.cpu_mem_gbps) * GB
 
 
-def _matmul_time(hw: HardwareProfile, flops: float, weight_bytes_read: float) -> float:
-    """Roofline: the slower of doing the FLOPs and streaming the weights from device memory."""
-    return max(flops / hw.flops(), weight_bytes_read / _compute_bw(hw))
+def _matmul_time(hw: HardwareProfile, flops: float, weight_bytes: float, *, rows: float, calls: int) -> float:
+    """`calls` linear layers of `rows` input rows over `weight_bytes` (compute dtype) each, `flops` in
+    all: the profile's measured table where there is one, else the roofline (the slower of doing
+    the FLOPs and streaming the weights from device memory)."""
+    measured = hw.linear_seconds(rows, weight_bytes)
+    if measured is not None:
+        return calls * measured
+    return max(flops / hw.flops(), calls * weight_bytes / _compute_bw(hw))
 
 
 def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
@@ -185,7 +190,8 @@ def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
     g_to_c = act * (x.hc + x.hd) * g2c
 
     dense_flops = 2 * B * tokens * (cfg.layer_param_count())
-    compute = _matmul_time(hw, dense_flops, nb * z.w16) + nb * OPS_PER_LAYER * hw.op_overhead_s
+    compute = (_matmul_time(hw, dense_flops, z.w16, rows=b * tokens, calls=nb)
+               + nb * OPS_PER_LAYER * hw.op_overhead_s)
     if sh.compress_weight:
         compute = compute + z.w16 * deq
     if not decode:
@@ -220,7 +226,7 @@ def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
     layer = {"disk": disk, "cpu_to_gpu": c_to_g, "gpu_to_cpu": g_to_c, "compute": compute}
 
     # Head: the tied embedding / LM head (one position per row), loaded once per step.
-    head_compute = _matmul_time(hw, 2 * B * cfg.embed_dim * cfg.vocab_size, nb * z.head16) \
+    head_compute = _matmul_time(hw, 2 * B * cfg.embed_dim * cfg.vocab_size, z.head16, rows=b, calls=nb) \
         + nb * 3 * hw.op_overhead_s  # final LayerNorm, LM head, sampling
     if sh.compress_weight:
         head_compute = head_compute + z.head16 * deq

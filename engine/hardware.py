@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ LINK_FIELDS = {
     GPU_TO_CPU: "gpu_to_cpu_gbps",
 }
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: linear_s_per_byte
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +63,10 @@ class HardwareProfile:
 
     # matmul FLOP/s by device ("cpu", "cuda") and dtype ("float32", "bfloat16", "float16").
     matmul_flops: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Seconds per weight byte (compute dtype) of a linear layer on the compute device, by the number
+    # of input rows ("1", "32", ...), weights beyond the caches. Decode micro-batches sit between the
+    # memory roofline and peak FLOP/s, where kernels reach neither; empty: the cost model's roofline.
+    linear_s_per_byte: dict[str, float] = field(default_factory=dict)
     op_overhead_s: float = 2e-5          # fixed cost of one small kernel launch / op dispatch
 
     # Capacities, GiB.
@@ -89,6 +94,22 @@ class HardwareProfile:
         if by_dtype:  # an unmeasured dtype: assume the slowest measured one
             return min(by_dtype.values())
         return 1e11
+
+    def linear_seconds(self, rows: float, weight_bytes: float) -> float | None:
+        """Seconds of one linear layer over `rows` input rows and `weight_bytes` of weights, from the
+        measured table (log-linear between row counts; beyond the largest, time grows with the rows:
+        compute-bound); None without a table."""
+        if not self.linear_s_per_byte:
+            return None
+        points = sorted((float(m), t) for m, t in self.linear_s_per_byte.items())
+        rows = max(float(rows), points[0][0])
+        if rows >= points[-1][0]:
+            return weight_bytes * points[-1][1] * rows / points[-1][0]
+        for (m0, t0), (m1, t1) in zip(points, points[1:]):
+            if rows <= m1:
+                frac = math.log(rows / m0) / math.log(m1 / m0)
+                return weight_bytes * (t0 + frac * (t1 - t0))
+        raise AssertionError("unreachable")
 
     def link_gbps(self, link: str) -> float:
         return float(getattr(self, LINK_FIELDS[link]))

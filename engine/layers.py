@@ -56,7 +56,9 @@ def _layer_norm(w: dict, name: str, h: torch.Tensor) -> torch.Tensor:
 def qkv(w: dict, cfg: OPTConfig, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The attention block's input projections. h: [B, S, h] -> q (pre-scaled), k, v: [B, S, h]."""
     x = _layer_norm(w, "self_attn_layer_norm", h) if cfg.do_layer_norm_before else h
-    q = F.linear(x, w["self_attn.q_proj.weight"], w["self_attn.q_proj.bias"]) * cfg.head_dim ** -0.5
+    # In-place where the operand is a fresh intermediate: every new multi-MB tensor costs page faults
+    # (the allocator hands big blocks back to the OS at once, see budgets.limit_allocator_slack).
+    q = F.linear(x, w["self_attn.q_proj.weight"], w["self_attn.q_proj.bias"]).mul_(cfg.head_dim ** -0.5)
     k = F.linear(x, w["self_attn.k_proj.weight"], w["self_attn.k_proj.bias"])
     v = F.linear(x, w["self_attn.v_proj.weight"], w["self_attn.v_proj.bias"])
     return q, k, v
@@ -79,15 +81,15 @@ def attend(cfg: OPTConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 
 
 def attention_output(w: dict, cfg: OPTConfig, residual: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    h = residual + F.linear(attn, w["self_attn.out_proj.weight"], w["self_attn.out_proj.bias"])
+    h = F.linear(attn, w["self_attn.out_proj.weight"], w["self_attn.out_proj.bias"]).add_(residual)
     return h if cfg.do_layer_norm_before else _layer_norm(w, "self_attn_layer_norm", h)
 
 
 def mlp(w: dict, cfg: OPTConfig, h: torch.Tensor) -> torch.Tensor:
     # h: [B, S, h] -> [B, S, h]
     x = _layer_norm(w, "final_layer_norm", h) if cfg.do_layer_norm_before else h
-    x = F.relu(F.linear(x, w["fc1.weight"], w["fc1.bias"]))
-    h = h + F.linear(x, w["fc2.weight"], w["fc2.bias"])
+    x = F.linear(x, w["fc1.weight"], w["fc1.bias"]).relu_()
+    h = F.linear(x, w["fc2.weight"], w["fc2.bias"]).add_(h)
     return h if cfg.do_layer_norm_before else _layer_norm(w, "final_layer_norm", h)
 
 

@@ -14,7 +14,7 @@ import torch
 
 from engine.compression import dequantize, from_bytes
 from engine.model_config import OPTConfig
-from engine.placement import split_tensors
+from engine.placement import split_layers
 from engine.policy import Policy
 from engine.tiers import CPU_TO_GPU, DEQUANTIZE, DiskTier, Tier, TransferStats, aligned_empty, to_device
 from engine.weights import TensorEntry, WeightStore, align_up, layer_names
@@ -36,13 +36,11 @@ class PlacedWeights:
 
     @staticmethod
     def plan_tiers(store: WeightStore, cfg: OPTConfig, policy: Policy) -> dict[str, dict[str, Tier]]:
-        out = {}
-        for layer in layer_names(cfg):
-            entries = store.layers[layer]
-            tiers = split_tensors([e.nbytes for e in entries], policy.weights_gpu_percent,
-                                  policy.weights_cpu_percent)
-            out[layer] = {e.name: t for e, t in zip(entries, tiers)}
-        return out
+        names = layer_names(cfg)
+        split = split_layers([[e.nbytes for e in store.layers[layer]] for layer in names],
+                             policy.weights_gpu_percent, policy.weights_cpu_percent)
+        return {layer: {e.name: t for e, t in zip(store.layers[layer], tiers)}
+                for layer, tiers in zip(names, split)}
 
     def replace(self, policy: Policy) -> int:
         """Place for `policy`; returns the bytes whose tier changed."""

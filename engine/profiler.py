@@ -100,6 +100,7 @@ def measure_profile(disk_dir: str | Path, *, disk_bytes: int | None = None,
         dequant_gbps=dequant_gbps(device, dtype, seconds_per_test),
         convert_gbps=convert_gbps(dtype, seconds_per_test) if dtype != torch.float16 else 0.0,
         matmul_flops=flops, op_overhead_s=op_overhead_s(device, dtype),
+        linear_s_per_byte=linear_table(device, dtype, seconds_per_test),
         cpu_mem_gib=psutil.virtual_memory().total / 2 ** 30,
         disk_free_gib=shutil.disk_usage(disk_dir).free / 2 ** 30, **fields)
 
@@ -250,6 +251,30 @@ def matmul_flops(device: str, dtype: torch.dtype, seconds: float = 0.25) -> floa
         return 2 * n ** 3 / _timed(lambda: torch.nn.functional.linear(x, w), seconds, _sync(device))
 
 
+LINEAR_ROWS = (1, 8, 32, 128, 512, 2048)
+
+
+def linear_table(device: str, dtype: torch.dtype, seconds: float = 0.25) -> dict[str, float]:
+    """Seconds per weight byte of F.linear at several row counts, cycling through weights that do
+    not fit in the caches. Measured here (bf16, 2 vCPU Zen4): 17 GB/s of weights at 1 row, 367
+    GFLOP/s at 32 rows, 590 at 128, 1080 at 2048: a single peak FLOP/s and a single bandwidth
+    (the roofline) predict a 32-row decode matmul twice too fast."""
+    k, n = 2048, 8192
+    weights = [torch.full((n, k), 0.01, device=device, dtype=dtype) for _ in range(8)]  # 8 x 32 MiB in bf16
+    table = {}
+    with torch.inference_mode():
+        for rows in LINEAR_ROWS:
+            x = torch.full((rows, k), 0.5, device=device, dtype=dtype)
+            used = weights if rows < 512 else weights[:2]  # big row counts are compute-bound: fewer suffice
+
+            def run(x=x, used=used):
+                for w in used:
+                    torch.nn.functional.linear(x, w)
+            nbytes = sum(w.numel() * w.element_size() for w in used)
+            table[str(rows)] = _timed(run, seconds, _sync(device)) / nbytes
+    return table
+
+
 def weight_stream_gbps(seconds: float = 0.25, *, dtype: torch.dtype = torch.bfloat16) -> float:
     """Bytes/s a batch-1 linear layer on the CPU reads its weight at (beyond the caches)."""
     w = torch.full((8192, 4096), 0.01, dtype=dtype)  # values do not matter, filling fast does
@@ -274,18 +299,15 @@ def cpu_attention_gbps(seconds: float = 0.25, *, batch: int = 4, heads: int = 16
 
 
 def dequant_gbps(device: str, dtype: torch.dtype, seconds: float = 0.25, *, group: int = 64) -> float:
-    """fp16/bf16 output bytes/s of 4-bit group-wise decompression (unpack, scale, shift)."""
-    n = 2 ** 22
-    packed = torch.randint(0, 256, (n // 2,), dtype=torch.uint8, device=device)
-    scale = torch.rand(n // group, 1, device=device).to(dtype)
-    low = torch.rand(n // group, 1, device=device).to(dtype)
+    """Output bytes/s of the engine's own 4-bit group-wise decompression (`compression.dequantize`
+    into a reused buffer, as `PlacedWeights` runs it) of a 2048 x 2048 weight."""
+    from engine.compression import dequantize, quantize
 
-    def dequant():
-        q = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(n // group, group)
-        return q.to(dtype) * scale + low
+    q = quantize(torch.rand(2048, 2048, device=device), num_bits=4, group_size=group)
+    out = torch.empty(q.shape, dtype=dtype, device=device)
     with torch.inference_mode():
-        per = _timed(dequant, seconds, _sync(device))
-    return n * torch.tensor([], dtype=dtype).element_size() / per / 1e9
+        per = _timed(lambda: dequantize(q, dtype, out=out), seconds, _sync(device))
+    return out.numel() * out.element_size() / per / 1e9
 
 
 def convert_gbps(dtype: torch.dtype, seconds: float = 0.25) -> float:

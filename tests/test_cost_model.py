@@ -109,3 +109,26 @@ def test_profile_json_round_trip(tmp_path):
     path = hw.save(tmp_path / "t4.json")
     assert HardwareProfile.load(path) == hw
     assert hw.with_links({"disk_read": 0.1}).disk_read_gbps == 0.1
+
+
+def test_measured_linear_table_interpolates_and_drives_the_compute_term():
+    table = {"1": 1e-10, "32": 2e-10, "2048": 4e-9}
+    hw = HardwareProfile(cpu_mem_gbps=20, matmul_flops={"cpu": {"bfloat16": 1e12}}, linear_s_per_byte=table)
+    assert hw.linear_seconds(1, 1e6) == pytest.approx(1e-4)
+    assert hw.linear_seconds(0.5, 1e6) == pytest.approx(1e-4)  # below the table: its first row
+    assert hw.linear_seconds(32, 1e6) == pytest.approx(2e-4)
+    # Between rows: linear in log(rows) (sqrt(32 * 2048) = 256 is the geometric midpoint).
+    assert hw.linear_seconds(256, 1e6) == pytest.approx((2e-10 + 4e-9) / 2 * 1e6)
+    assert hw.linear_seconds(4096, 1e6) == pytest.approx(8e-3)  # beyond: compute-bound, grows with rows
+    assert HardwareProfile().linear_seconds(32, 1e6) is None
+
+    # The decode compute of an all-RAM layer is num_gpu_batches calls at gpu_batch_size rows over
+    # the layer's weights (plus fixed op costs and attention), and the roofline no longer applies.
+    cfg, policy = preset("1.3b"), Policy.from_percents([0, 100, 0, 100, 0, 100], gpu_batch_size=32,
+                                                       num_gpu_batches=2)
+    sh, x = Shape.from_policy(policy, prompt_len=128, gen_len=8), Placement.from_policy(policy)
+    slow = hw.replace(linear_s_per_byte={k: 2 * v for k, v in table.items()})
+    (_, fast_layer), _ = phase_terms(cfg, hw, sh, x, decode=True)
+    (_, slow_layer), _ = phase_terms(cfg, slow, sh, x, decode=True)
+    weights = 2 * cfg.layer_param_count()  # bf16 bytes
+    assert slow_layer["compute"] - fast_layer["compute"] == pytest.approx(2 * weights * 2e-10)

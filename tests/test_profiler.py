@@ -18,6 +18,9 @@ def test_short_real_measurement_is_stored_and_reused(tmp_path):
     assert prof.convert_gbps > 0 or prof.compute_dtype == "float16"
     assert all(v > 0 for v in prof.matmul_flops["cpu"].values())
     assert set(prof.matmul_flops["cpu"]) >= {"float32", "bfloat16"}
+    table = {int(m): t for m, t in prof.linear_s_per_byte.items()}
+    assert set(table) == {1, 8, 32, 128, 512, 2048} and all(t > 0 for t in table.values())
+    assert table[2048] > 4 * table[1]  # 2048 rows cost more per weight byte than a streaming 1-row matmul
     assert prof.disk_read_method in ("O_DIRECT", "fadvise") or prof.disk_read_method.startswith("page-cache")
     assert prof.cpu_mem_gib > 0 and prof.disk_free_gib > 0
     assert prof.disk_dir == str(disk.resolve())
