@@ -34,8 +34,8 @@ HAND_WRITTEN = [
     ("cache on disk 32x4", [0, 100, 0, 0, 0, 100], 32, 4, False),
     ("cache on disk 64x2", [0, 100, 0, 0, 0, 100], 64, 2, False),
     ("weights 50% RAM 32x2", [0, 50, 0, 100, 0, 100], 32, 2, False),
-    ("weights 50% RAM, cache on disk 64x4", [0, 50, 0, 0, 0, 100], 64, 4, False),
-    ("all on disk 64x4", [0, 0, 0, 0, 0, 100], 64, 4, False),
+    ("weights 50% RAM, cache on disk 32x4", [0, 50, 0, 0, 0, 100], 32, 4, False),
+    ("all on disk 32x4", [0, 0, 0, 0, 0, 100], 32, 4, False),
     ("4-bit weights in RAM 32x2", [0, 100, 0, 100, 0, 100], 32, 2, True),
 ]
 

@@ -181,8 +181,11 @@ def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
 
     # Weights: loaded once per layer per step and shared by the block (the point of the zig-zag).
     # The store is fp16; a bf16/fp32 engine converts what it streams from disk on the I/O thread.
+    # Without a GPU that conversion runs on the cores that compute, so it adds to compute rather
+    # than overlapping with it (the disk read itself is DMA and does overlap).
     convert = 1.0 / (hw.convert_gbps * GB) if hw.convert_gbps and hw.compute_dtype != "float16" else 0.0
-    disk = z.w_disk * x.wd * rd + (0.0 if sh.compress_weight else z.w16 * x.wd * convert)
+    convert_s = 0.0 if sh.compress_weight else z.w16 * x.wd * convert
+    disk = z.w_disk * x.wd * rd + (convert_s if gpu else 0.0)
     c_to_g = z.w * (x.wc + x.wd) * c2g
     # Activations: each layer loads its input from and stores its output to their tier.
     disk = disk + act * x.hd * (rd + wr)
@@ -191,9 +194,7 @@ def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
 
     dense_flops = 2 * B * tokens * (cfg.layer_param_count())
     compute = (_matmul_time(hw, dense_flops, z.w16, rows=b * tokens, calls=nb)
-               + nb * OPS_PER_LAYER * hw.op_overhead_s)
-    if sh.compress_weight:
-        compute = compute + z.w16 * deq
+               + nb * OPS_PER_LAYER * hw.op_overhead_s + (0.0 if gpu else convert_s))
     if not decode:
         # Prefill: attention scores over s x s on the compute device; the new cache is stored.
         compute = compute + 4 * B * s * s * h / hw.flops()
@@ -218,6 +219,11 @@ def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
         if sh.compress_cache:
             compute = compute + z.kv_dec16 * deq
 
+    # The engine's whole layer against the sum of its kernels (measured by the profiler).
+    compute = compute * hw.compute_scale.get("decode" if decode else "prefill", 1.0)
+    if sh.compress_weight:
+        compute = compute + z.w16 * deq
+
     # Per-request disk latency (linear stand-in for "one request per tensor / micro-batch when any
     # of it is on disk"): it dominates when small tensors or one-token cache appends go to disk.
     r_lat, w_lat = hw.disk_read_latency_s, hw.disk_sync_latency_s
@@ -230,9 +236,10 @@ def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
         + nb * 3 * hw.op_overhead_s  # final LayerNorm, LM head, sampling
     if sh.compress_weight:
         head_compute = head_compute + z.head16 * deq
-    head = {"disk": z.head_disk * x.wd * rd + (0.0 if sh.compress_weight else z.head16 * x.wd * convert),
+    head_convert_s = 0.0 if sh.compress_weight else z.head16 * x.wd * convert
+    head = {"disk": z.head_disk * x.wd * rd + (head_convert_s if gpu else 0.0),
             "cpu_to_gpu": z.head * (x.wc + x.wd) * c2g,
-            "gpu_to_cpu": 0.0 * x.wd, "compute": head_compute + 0.0 * x.wd}
+            "gpu_to_cpu": 0.0 * x.wd, "compute": head_compute + (0.0 if gpu else head_convert_s) + 0.0 * x.wd}
     return [(cfg.num_layers, layer), (1, head)]
 
 

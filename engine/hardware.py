@@ -32,7 +32,7 @@ LINK_FIELDS = {
     GPU_TO_CPU: "gpu_to_cpu_gbps",
 }
 
-PROFILE_VERSION = 2  # 2: linear_s_per_byte
+PROFILE_VERSION = 3  # 2: linear_s_per_byte, 3: compute_scale
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +67,9 @@ class HardwareProfile:
     # of input rows ("1", "32", ...), weights beyond the caches. Decode micro-batches sit between the
     # memory roofline and peak FLOP/s, where kernels reach neither; empty: the cost model's roofline.
     linear_s_per_byte: dict[str, float] = field(default_factory=dict)
+    # Measured / predicted compute time of the engine's own decoder layer, by phase ("prefill",
+    # "decode"): what the kernels measured alone leave out (engine.layer_calibration); empty: 1.
+    compute_scale: dict[str, float] = field(default_factory=dict)
     op_overhead_s: float = 2e-5          # fixed cost of one small kernel launch / op dispatch
 
     # Capacities, GiB.

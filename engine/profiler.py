@@ -26,6 +26,7 @@ import psutil
 import torch
 
 from engine.hardware import PROFILE_VERSION, HardwareProfile
+from engine.layer_calibration import measure_compute_scale
 
 MAX_AGE_S = 7 * 24 * 3600
 DEFAULT_DISK_BYTES = 256 * 2 ** 20
@@ -89,7 +90,7 @@ def measure_profile(disk_dir: str | Path, *, disk_bytes: int | None = None,
         fields = dict(gpu_name=props.name, cpu_to_gpu_gbps=c2g, gpu_to_cpu_gbps=g2c,
                       gpu_mem_gbps=device_copy_gbps(seconds_per_test), gpu_mem_gib=props.total_memory / 2 ** 30)
     device = "cuda" if has_gpu else "cpu"
-    return HardwareProfile(
+    prof = HardwareProfile(
         host=socket.gethostname(), source=f"measured by flexjob (torch {torch.__version__})",
         created_at=time.time(), disk_dir=str(disk_dir.resolve()), disk_read_method=method,
         compute_dtype=str(dtype).removeprefix("torch."),
@@ -103,6 +104,8 @@ def measure_profile(disk_dir: str | Path, *, disk_bytes: int | None = None,
         linear_s_per_byte=linear_table(device, dtype, seconds_per_test),
         cpu_mem_gib=psutil.virtual_memory().total / 2 ** 30,
         disk_free_gib=shutil.disk_usage(disk_dir).free / 2 ** 30, **fields)
+    scale = measure_compute_scale(prof, device, dtype, lambda fn: _timed(fn, seconds_per_test, _sync(device)))
+    return prof.replace(compute_scale=scale)
 
 
 def _fs_type(path: Path) -> str:

@@ -79,6 +79,13 @@ def profile_command(disk_dir: Path | None, refresh: bool, as_json: bool) -> None
     for device, by_dtype in prof.matmul_flops.items():
         for dtype, flops in by_dtype.items():
             rows.append((f"matmul {device} {dtype} (GFLOP/s)", f"{flops / 1e9:.1f}"))
+    if prof.linear_s_per_byte:
+        elem = 4 if prof.compute_dtype == "float32" else 2  # FLOPs per weight byte: 2 * rows / elem
+        rows.append((f"linear layer, {prof.compute_dtype} (rows: GFLOP/s)",
+                     "  ".join(f"{m}: {2 * int(m) / elem / t / 1e9:.0f}"
+                               for m, t in sorted(prof.linear_s_per_byte.items(), key=lambda kv: int(kv[0])))))
+    for phase, scale in prof.compute_scale.items():
+        rows.append((f"engine layer / sum of kernels, {phase}", f"{scale:.2f}"))
     rows += [("op dispatch (us)", f"{prof.op_overhead_s * 1e6:.1f}"),
              ("GPU / CPU memory, disk free (GiB)",
               f"{prof.gpu_mem_gib:.1f} / {prof.cpu_mem_gib:.1f} / {prof.disk_free_gib:.0f}")]
