@@ -105,8 +105,11 @@ def layer_weight_bytes(cfg: OPTConfig) -> float:
 
 
 def head_weight_bytes(cfg: OPTConfig) -> float:
-    """Embedding tables (tied with the output head) and the optional 350m projections."""
-    return FP16 * (cfg.param_count() - cfg.num_layers * cfg.layer_param_count())
+    """Embedding tables and the optional 350m projections, plus the output head: tied to the token
+    embedding in the checkpoint, but the engine's store keeps it as its own tensor in the "head"
+    layer (so input and output ends can sit on different tiers), and that copy is held too."""
+    return FP16 * (cfg.param_count() - cfg.num_layers * cfg.layer_param_count()
+                   + cfg.vocab_size * cfg.embed_dim)
 
 
 @dataclass(frozen=True)
@@ -243,11 +246,26 @@ def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
     return [(cfg.num_layers, layer), (1, head)]
 
 
-def memory_peaks(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement) -> dict[str, list[Any]]:
+def memory_peaks(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
+                 exact: bool = False) -> dict[str, list[Any]]:
     """Peak bytes per tier, as a list of candidates per tier (the peak is their max: one per phase).
     Home: what lives on the tier for the whole run. Working: double buffers for what streams in,
-    decompressed copies, and the largest intermediate of one micro-batch."""
+    decompressed copies, and the largest intermediate of one micro-batch.
+
+    The engine moves cache and activations by whole (layer, micro-batch) slots, so any slot on disk
+    needs full-slot staging buffers. That is a step, not linear in the disk fraction: the LP uses
+    the linear relaxation (staging x fraction, optimistic), `exact` (floats only) the step; the
+    planner re-solves with a tighter budget when the exact figure does not fit."""
     z = _sizes(cfg, sh, hw)
+    if exact:  # floats or numpy arrays
+        x_cd, x_hd = np.where(np.asarray(x.cd) > 1e-9, 1.0, 0.0), np.where(np.asarray(x.hd) > 1e-9, 1.0, 0.0)
+        # The engine double-buffers whole streamed layers (the embedding table and the output head
+        # are layers of their own, the biggest) plus one raw read buffer of the largest tensor.
+        largest = max(cfg.vocab_size * cfg.embed_dim, cfg.ffn_dim * cfg.hidden_size) * elem_bytes(hw)
+        w_staging = np.where(np.asarray(x.wd) > 1e-9, 2 * max(z.w, z.head / 2) + largest, 0.0)
+    else:
+        x_cd, x_hd = x.cd, x.hd
+        w_staging = 2 * z.w * x.wd
     b, s, n, h, f, nh = (sh.gpu_batch_size, sh.prompt_len, sh.gen_len, cfg.hidden_size, cfg.ffn_dim,
                          cfg.num_heads)
     W = cfg.num_layers * z.w + z.head
@@ -265,9 +283,9 @@ def memory_peaks(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement) -
         # only what comes from disk needs double buffers.
         def ram(act: float, act_mb: float, inter: float, decode: bool) -> Any:
             home = (x.wg + x.wc) * W + (x.cg + x.cc) * z.kv_total + (x.hg + x.hc) * act
-            work = 2 * z.w * x.wd + w_work16 + 2 * act_mb * x.hd + inter
-            if decode:
-                work = work + 2 * z.kv_mb_full * x.cd + kv_work16
+            work = w_staging + w_work16 + 2 * act_mb * x_hd + inter
+            if decode:  # a slot read ahead, the one in use, and it with the new position appended
+                work = work + 3 * z.kv_mb_full * x_cd + kv_work16
             return home + work
         return {"gpu": [], "cpu": [ram(z.act_pre, act_mb_pre, inter_pre, False),
                                     ram(z.act_dec, act_mb_dec, inter_dec, True)],
@@ -286,9 +304,9 @@ def memory_peaks(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement) -
 
     def cpu_peak(act: float, act_mb: float, decode: bool) -> Any:
         home = x.wc * W + x.cc * z.kv_total + x.hc * act
-        work = 2 * z.w * x.wd + 2 * act_mb * x.hd  # staging buffers for what comes from disk
+        work = 2 * z.w * x.wd + 2 * act_mb * x_hd  # staging buffers for what comes from disk
         if decode:
-            work = work + 2 * z.kv_mb_full * x.cd
+            work = work + 3 * z.kv_mb_full * x_cd
             if cpu_attn:  # scores of one micro-batch in fp32 on the CPU
                 work = work + 4 * b * nh * (s + n) + kv_work16
         return home + work
@@ -337,9 +355,10 @@ def block_time(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement) -> 
     return step_time(cfg, hw, sh, x, decode=False) + (sh.gen_len - 1) * step_time(cfg, hw, sh, x, decode=True)
 
 
-def peak_bytes(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement) -> dict[str, Any]:
+def peak_bytes(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
+               exact: bool = False) -> dict[str, Any]:
     out = {}
-    for tier, cands in memory_peaks(cfg, hw, sh, x).items():
+    for tier, cands in memory_peaks(cfg, hw, sh, x, exact=exact).items():
         out[tier] = resource_max({str(i): c for i, c in enumerate(cands)}, True) if cands else 0.0
     return out
 
@@ -358,7 +377,7 @@ def estimate(cfg: OPTConfig, hw: HardwareProfile, policy: Policy, *, prompt_len:
             busy[r] += count * float(terms[r])
     return Estimate(
         tokens_per_s=sh.block_size * gen_len / total, total_s=total, prefill_s=pre, decode_step_s=dec,
-        peak_gib={t: float(v) / GIB for t, v in peak_bytes(cfg, hw, sh, x).items()},
+        peak_gib={t: float(v) / GIB for t, v in peak_bytes(cfg, hw, sh, x, exact=True).items()},
         bottleneck=max(busy, key=busy.get), decode_terms_s=busy)
 
 

@@ -7,7 +7,7 @@ every layer and the streaming overlaps each layer's compute. A layer has only a 
 then puts 67 % in RAM when asked for 50 or 60 %, and the planner's fractions would be off by up to
 a sixth of the model. `split_layers` carries each layer's rounding error into the next layer's
 split (error diffusion): every layer stays within one tensor of the asked split, and the whole
-model within half a tensor of it. KV cache and activations are split by
+model within one tensor below it (never above: the planner budgets RAM for the asked fraction). KV cache and activations are split by
 slot: one slot per (layer, micro-batch), numbered layer-major, placed by the same midpoint rule, so
 mixed GPU/CPU/disk placements of cache and activations (which FlexGen refuses) are just other splits.
 On a host without CUDA the GPU tier is the same RAM as the CPU tier.
@@ -37,22 +37,27 @@ def split_tensors(sizes: list[int], gpu_percent: float, cpu_percent: float) -> l
 
 def split_layers(layers: list[list[int]], gpu_percent: float, cpu_percent: float) -> list[list[Tier]]:
     """One tier per tensor of every layer (tensor byte sizes, in order), the model's total split as
-    close to the percents as tensor sizes allow."""
+    close to the percents as tensor sizes allow, never above them on the GPU or in RAM (the planner
+    budgets memory for exactly the asked fractions): a tensor goes to the fastest tier whose running
+    total, with it, stays within that tier's share of the bytes seen so far."""
     out: list[list[Tier]] = []
     seen = on_gpu = on_gpu_or_cpu = 0.0  # bytes so far: all, placed on GPU, placed on GPU or CPU
+    eps = 1e-9
     for sizes in layers:
-        total = float(sum(sizes))
-        seen += total
-        if not total:
-            out.append(split_tensors(sizes, gpu_percent, cpu_percent))
-            continue
-        # Percents of this layer that bring the running totals back to the asked fractions.
-        gpu_here = min(100.0, max(0.0, (seen * gpu_percent / 100 - on_gpu) / total * 100))
-        upto_cpu = min(100.0, max(gpu_here, (seen * (gpu_percent + cpu_percent) / 100 - on_gpu_or_cpu)
-                                  / total * 100))
-        tiers = split_tensors(sizes, gpu_here, upto_cpu - gpu_here)
-        on_gpu += sum(s for s, t in zip(sizes, tiers) if t == Tier.GPU)
-        on_gpu_or_cpu += sum(s for s, t in zip(sizes, tiers) if t != Tier.DISK)
+        seen += float(sum(sizes))
+        gpu_cap, ram_cap = seen * gpu_percent / 100, seen * (gpu_percent + cpu_percent) / 100
+        tiers = []
+        for size in sizes:
+            if on_gpu + size <= gpu_cap * (1 + eps):
+                tier = Tier.GPU
+                on_gpu += size
+                on_gpu_or_cpu += size
+            elif on_gpu_or_cpu + size <= ram_cap * (1 + eps):
+                tier = Tier.CPU
+                on_gpu_or_cpu += size
+            else:
+                tier = Tier.DISK
+            tiers.append(tier)
         out.append(tiers)
     return out
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pulp
 
-from engine.cost_model import (GIB, Estimate, Placement, Shape, estimate, memory_peaks,
+from engine.cost_model import (GIB, Estimate, Placement, Shape, estimate, memory_peaks, peak_bytes,
                                phase_terms)
 from engine.errors import BudgetError
 from engine.hardware import HardwareProfile
@@ -206,20 +206,15 @@ def plan(config: OPTConfig, hardware: HardwareProfile, *, gpu_mem_gib: float | N
             skipped += 1
             continue
         solved += 1
-        res = solve_lp(config, hardware, sh, budgets)
-        if res is None:
+        found = _solve_fitting(config, hardware, sh, budgets, prompt_len=prompt_len, gen_len=gen_len)
+        if found is None:
             continue
-        lp_s, x = res
-        pol = to_policy(sh, x)
-        est = estimate(config, hardware, pol, prompt_len=prompt_len, gen_len=gen_len)
-        if not est.fits(budgets):  # rounding can only move crumbs to disk; keep the exact split then
-            pol = _exact_policy(sh, x)
-            est = estimate(config, hardware, pol, prompt_len=prompt_len, gen_len=gen_len)
+        lp_s, pol, est = found
         cands.append((est.tokens_per_s, Candidate(policy=pol, estimate=est), lp_s))
         best_tps = max(best_tps, est.tokens_per_s)
     if not cands:
         raise BudgetError(_impossible_message(config, hardware, budgets, prompt_len, gen_len,
-                                              compress_options))
+                                              compress_options, cpu_reserved_gib))
     cands.sort(key=lambda c: -c[0])
     best_tps, best, lp_s = cands[0]
     # Alternatives: the best of each other block shape (cpu attention on/off alone is not news).
@@ -234,14 +229,43 @@ def plan(config: OPTConfig, hardware: HardwareProfile, *, gpu_mem_gib: float | N
                 lp_objective_s=lp_s, solved=solved, skipped=skipped)
 
 
+def _solve_fitting(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, budgets: dict[str, float | None], *,
+                   prompt_len: int, gen_len: int) -> tuple[float, Policy, Estimate] | None:
+    """The LP's policy for one shape whose exact peaks (whole-slot staging, see memory_peaks) fit:
+    while a tier's exact peak is over, solve again with that tier's budget lowered by the excess."""
+    limits = dict(budgets)
+    for _ in range(4):
+        res = solve_lp(cfg, hw, sh, limits)
+        if res is None:
+            return None
+        lp_s, x = res
+        pol = to_policy(sh, x)
+        est = estimate(cfg, hw, pol, prompt_len=prompt_len, gen_len=gen_len)
+        if not est.fits(budgets):  # rounding can only move crumbs to disk; keep the exact split then
+            pol = _exact_policy(sh, x)
+            est = estimate(cfg, hw, pol, prompt_len=prompt_len, gen_len=gen_len)
+        if est.fits(budgets):
+            return lp_s, pol, est
+        for tier, limit in budgets.items():
+            if limit is not None and est.peak_gib[tier] > limit:
+                limits[tier] = limits[tier] - (est.peak_gib[tier] - limit) * 1.01
+                if limits[tier] <= 0:
+                    return None
+    return None
+
+
 def _shape_key(p: Policy) -> tuple:
     return p.gpu_batch_size, p.num_gpu_batches, p.compress_weight
 
 
 def _exact_policy(sh: Shape, x: Placement) -> Policy:
     p = to_policy(sh, x)
-    return p.replace(**{f"{kind}_{tier}_percent": float(getattr(x, kind[0] + tier[0])) * 100
-                        for kind in ("weights", "cache", "activations") for tier in ("gpu", "cpu")})
+    exact = {}
+    for kind, short in (("weights", "w"), ("cache", "c"), ("activations", "h")):
+        gpu = min(100.0, max(0.0, float(getattr(x, short + "g")) * 100))
+        exact[f"{kind}_gpu_percent"] = gpu
+        exact[f"{kind}_cpu_percent"] = min(100.0 - gpu, max(0.0, float(getattr(x, short + "c")) * 100))
+    return p.replace(**exact)
 
 
 def smallest_budgets(config: OPTConfig, hardware: HardwareProfile, budgets: dict[str, float | None],
@@ -258,8 +282,9 @@ def smallest_budgets(config: OPTConfig, hardware: HardwareProfile, budgets: dict
         for sh in shapes(hardware, prompt_len=prompt_len, gen_len=gen_len, gpu_batch_sizes=(1,),
                          num_gpu_batches=(1,), compress_options=compress_options):
             res = solve_lp(config, hardware, sh, others, minimise_tier=tier)
-            if res is not None:
-                need = res[0] / GIB
+            if res is not None:  # the LP's relaxed staging, or the exact whole-slot figure if larger
+                exact = float(peak_bytes(config, hardware, sh, res[1], exact=True)[tier])
+                need = max(res[0], exact) / GIB
                 best = need if best is None else min(best, need)
         if best is not None:
             out[tier] = best
@@ -267,9 +292,13 @@ def smallest_budgets(config: OPTConfig, hardware: HardwareProfile, budgets: dict
 
 
 def _impossible_message(config: OPTConfig, hardware: HardwareProfile, budgets: dict, prompt_len: int,
-                        gen_len: int, compress_options) -> str:
-    given = ", ".join(f"{t} {v:g} GiB" for t, v in budgets.items() if v is not None)
+                        gen_len: int, compress_options, cpu_reserved_gib: float = 0.0) -> str:
     need = smallest_budgets(config, hardware, budgets, prompt_len, gen_len, compress_options)
+    # Budgets as the user gave them: the process's own memory was taken off --cpu-mem before.
+    shown = {t: (v + cpu_reserved_gib if t == "cpu" and v is not None else v) for t, v in budgets.items()}
+    given = ", ".join(f"{t} {v:.3g} GiB" for t, v in shown.items() if v is not None)
+    if "cpu" in need:
+        need["cpu"] += cpu_reserved_gib
     flag = {"gpu": "--gpu-mem", "cpu": "--cpu-mem", "disk": "--disk-mem"}
     if need:
         options = " or ".join(f"{flag[t]} {np.ceil(v * 100) / 100:.2f}" for t, v in need.items())
@@ -282,7 +311,7 @@ def _impossible_message(config: OPTConfig, hardware: HardwareProfile, budgets: d
 
 def grid_search(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, budgets_gib: dict[str, float | None], *,
                 step: float = 0.1, levels: int = 12, keep: int = 4, samples: int = 2000,
-                seed: int = 0) -> tuple[float, Placement] | None:
+                seed: int = 0, exact: bool = False) -> tuple[float, Placement] | None:
     """Brute force over the same cost model, for tests. The cache and activation fractions are
     searched on a grid (numpy, vectorised), zoomed around the best few points level by level
     with grid and random offsets. Weights need no grid axis: more of them nearer the compute
@@ -294,7 +323,7 @@ def grid_search(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, budgets_gib: dic
     rng = np.random.default_rng(seed)
     axis = np.round(np.arange(0, 1 + 1e-9, step), 12)
     pts = np.array(list(itertools.product(axis, repeat=len(free))), dtype=float)
-    best = _grid_eval(cfg, hw, sh, budgets_gib, free, pts, keep)
+    best = _grid_eval(cfg, hw, sh, budgets_gib, free, pts, keep, exact)
     h = step
     for _ in range(levels):
         if not best:
@@ -303,7 +332,7 @@ def grid_search(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, budgets_gib: dic
         offs = np.concatenate([np.array(list(itertools.product((-2 * h, -h, 0.0, h, 2 * h), repeat=len(free)))),
                                rng.uniform(-2 * h, 2 * h, size=(samples, len(free)))])
         pts = np.clip(np.concatenate([p + offs for _, p in best]), 0.0, 1.0)
-        found = _grid_eval(cfg, hw, sh, budgets_gib, free, pts, keep)
+        found = _grid_eval(cfg, hw, sh, budgets_gib, free, pts, keep, exact)
         best = sorted(found + best, key=lambda tp: tp[0])[:keep] if found else best
     if not best:
         return None
@@ -355,15 +384,15 @@ def _filled(cfg, hw, sh, budgets_gib, free, pts) -> Placement:
     return _with(x, wc=wc, wd=1.0 - wg - wc)
 
 
-def _grid_eval(cfg, hw, sh, budgets_gib, free, pts, keep) -> list[tuple[float, np.ndarray]]:
-    from engine.cost_model import block_time, peak_bytes
+def _grid_eval(cfg, hw, sh, budgets_gib, free, pts, keep, exact) -> list[tuple[float, np.ndarray]]:
+    from engine.cost_model import block_time
 
     x = _filled(cfg, hw, sh, budgets_gib, free, pts)
     ok = np.ones(len(pts), dtype=bool)
     for k in FRACTIONS:
         v = np.asarray(getattr(x, k), dtype=float)
         ok &= np.isfinite(v) & (v >= -1e-12)
-    for tier, peak in peak_bytes(cfg, hw, sh, x).items():
+    for tier, peak in peak_bytes(cfg, hw, sh, x, exact=exact).items():
         lim = budgets_gib.get(tier)
         if lim is not None:
             ok &= np.asarray(peak) <= lim * GIB * (1 + 1e-9)
@@ -381,7 +410,7 @@ def grid_plan(config: OPTConfig, hardware: HardwareProfile, *, gpu_mem_gib, cpu_
     budgets = budgets_bytes(hardware, gpu_mem_gib, cpu_mem_gib, disk_mem_gib)
     best = None
     for sh in shapes(hardware, prompt_len=prompt_len, gen_len=gen_len, **shape_kw):
-        res = grid_search(config, hardware, sh, budgets)
+        res = grid_search(config, hardware, sh, budgets, exact=True)  # what `plan` must satisfy
         if res is not None:
             tps = sh.block_size * gen_len / res[0]
             if best is None or tps > best[0]:

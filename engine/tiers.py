@@ -142,7 +142,9 @@ class DiskTier:
         self._account(DISK_WRITE, len(buf), started)
 
     def read(self, path: Path, offset: int, nbytes: int) -> torch.Tensor:
-        out = torch.empty(nbytes, dtype=torch.uint8)
+        # Page-aligned, so that aligned reads (a cache slot's whole positions) can bypass the page
+        # cache with O_DIRECT instead of a buffered read dropped afterwards.
+        out = aligned_empty(nbytes)[:nbytes]
         self.read_into(path, offset, out)
         return out
 

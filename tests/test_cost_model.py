@@ -22,10 +22,19 @@ def test_compression_factor_is_bits_over_16_plus_two_bytes_per_group_value():
     assert compression_factor(CompressionConfig(num_bits=8, group_size=32)) == pytest.approx(0.5 + 2 / 32)
 
 
-def test_weight_bytes_add_up_to_the_whole_model():
+def stored_fp16_bytes(cfg) -> int:
+    """What the engine's weight store holds (fp16), from its own tensor list."""
+    import math
+
+    from engine.weights import layer_names, layer_tensor_specs
+    return sum(2 * math.prod(shape) for layer in layer_names(cfg) for _, shape in layer_tensor_specs(cfg, layer))
+
+
+def test_weight_bytes_add_up_to_what_the_engine_stores():
     cfg = preset("1.3b")
     total = cfg.num_layers * layer_weight_bytes(cfg) + head_weight_bytes(cfg)
-    assert total == 2 * cfg.param_count()
+    # The checkpoint's parameters plus the store's own copy of the tied output head.
+    assert total == stored_fp16_bytes(cfg) == 2 * (cfg.param_count() + cfg.vocab_size * cfg.embed_dim)
 
 
 def test_all_on_disk_peak_is_the_model_plus_cache():
@@ -34,7 +43,7 @@ def test_all_on_disk_peak_is_the_model_plus_cache():
     est = estimate(cfg, CPU_HOST, pol, prompt_len=64, gen_len=16)
     cache = cfg.num_layers * 8 * (64 + 16) * 2 * cfg.hidden_size * 2
     act = 8 * 64 * cfg.hidden_size * 2
-    assert est.peak_gib["disk"] * GIB == pytest.approx(2 * cfg.param_count() + cache + act)
+    assert est.peak_gib["disk"] * GIB == pytest.approx(stored_fp16_bytes(cfg) + cache + act)
     assert est.bottleneck == "disk"
 
 
@@ -132,3 +141,23 @@ def test_measured_linear_table_interpolates_and_drives_the_compute_term():
     (_, slow_layer), _ = phase_terms(cfg, slow, sh, x, decode=True)
     weights = 2 * cfg.layer_param_count()  # bf16 bytes
     assert slow_layer["compute"] - fast_layer["compute"] == pytest.approx(2 * weights * 2e-10)
+
+
+def test_compute_scale_multiplies_layer_compute_and_cpu_conversion_does_not_overlap():
+    cfg = preset("1.3b")
+    hw = HardwareProfile(cpu_mem_gbps=20, disk_read_gbps=2, convert_gbps=4, compute_dtype="bfloat16",
+                         matmul_flops={"cpu": {"bfloat16": 1e12}})
+    ram = Policy.from_percents([0, 100, 0, 100, 0, 100], gpu_batch_size=32)
+    sh, x = Shape.from_policy(ram, prompt_len=128, gen_len=8), Placement.from_policy(ram)
+    for decode, phase in ((False, "prefill"), (True, "decode")):
+        base = phase_terms(cfg, hw, sh, x, decode=decode)[0][1]["compute"]
+        scaled = phase_terms(cfg, hw.replace(compute_scale={phase: 1.5}), sh, x, decode=decode)[0][1]["compute"]
+        assert scaled == pytest.approx(1.5 * base)
+    # Weights streamed from disk are converted fp16 -> bf16 by the same two cores that compute: on a
+    # CPU-only host that time is compute, not hidden under the disk read.
+    disk = Policy.from_percents([0, 0, 0, 100, 0, 100], gpu_batch_size=32)
+    sh, x = Shape.from_policy(disk, prompt_len=128, gen_len=8), Placement.from_policy(disk)
+    layer = phase_terms(cfg, hw, sh, x, decode=True)[0][1]
+    no_convert = phase_terms(cfg, hw.replace(convert_gbps=0.0), sh, x, decode=True)[0][1]
+    assert layer["disk"] == pytest.approx(no_convert["disk"])
+    assert layer["compute"] - no_convert["compute"] == pytest.approx(2 * cfg.layer_param_count() / 4e9)

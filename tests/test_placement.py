@@ -24,8 +24,11 @@ def test_split_is_close_to_the_percents_overall_and_per_layer(gpu, cpu):
     biggest = max(layer)
     for tier, pct in ((Tier.GPU, gpu), (Tier.CPU, cpu), (Tier.DISK, 100 - gpu - cpu)):
         placed = sum(s for t_layer in tiers for s, t in zip(layer, t_layer) if t == tier)
-        # Whole model: within one tensor of the asked bytes (FlexGen's per-layer rule: a sixth off).
+        # Whole model: within one tensor of the asked bytes (FlexGen's per-layer rule: a sixth off),
+        # and never more than asked on the GPU or in RAM.
         assert abs(placed - total * pct / 100) <= biggest, (tier, placed / total, pct)
+        if tier != Tier.DISK:
+            assert placed <= total * pct / 100 * (1 + 1e-9)
         for t_layer in tiers:  # every layer: within one tensor plus the carried error
             here = sum(s for s, t in zip(layer, t_layer) if t == tier)
             assert abs(here - sum(layer) * pct / 100) <= 2 * biggest
@@ -38,5 +41,6 @@ def test_half_in_ram_alternates_instead_of_rounding_every_layer_up():
     layer = opt_layer_sizes(cfg)
     tiers = split_layers([layer] * 4, 0, 50)
     ram = [sum(s for s, t in zip(layer, tl) if t == Tier.CPU) / sum(layer) for tl in tiers]
-    assert sum(ram) / len(ram) == pytest.approx(0.5, abs=0.02)
+    one_tensor = max(layer) / (4 * sum(layer))
+    assert 0.5 - one_tensor <= sum(ram) / len(ram) <= 0.5
     assert max(ram) - min(ram) < 0.5  # no layer all in RAM while another is all on disk
