@@ -33,9 +33,14 @@ HAND_WRITTEN = [
     ("cache on disk 32x2", [0, 100, 0, 0, 0, 100], 32, 2, False),
     ("cache on disk 32x4", [0, 100, 0, 0, 0, 100], 32, 4, False),
     ("cache on disk 64x2", [0, 100, 0, 0, 0, 100], 64, 2, False),
+    ("cache 50% on disk 32x1", [0, 100, 0, 50, 0, 100], 32, 1, False),
+    ("weights 80% RAM 16x1", [0, 80, 0, 100, 0, 100], 16, 1, False),
+    ("weights 50% RAM 16x1", [0, 50, 0, 100, 0, 100], 16, 1, False),
     ("weights 50% RAM 32x2", [0, 50, 0, 100, 0, 100], 32, 2, False),
     ("weights 50% RAM, cache on disk 32x4", [0, 50, 0, 0, 0, 100], 32, 4, False),
     ("all on disk 32x4", [0, 0, 0, 0, 0, 100], 32, 4, False),
+    ("weights on disk 16x1", [0, 0, 0, 100, 0, 100], 16, 1, False),
+    ("4-bit weights in RAM 16x1", [0, 100, 0, 100, 0, 100], 16, 1, True),
     ("4-bit weights in RAM 32x2", [0, 100, 0, 100, 0, 100], 32, 2, True),
 ]
 
@@ -57,6 +62,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="rounds over all policies (the best run counts)")
     ap.add_argument("--refresh-profile", action="store_true")
     ap.add_argument("--only", default="", help="comma list of policy names to run (default: all)")
+    ap.add_argument("--max-block", type=int, default=None,
+                    help="skip hand-written policies with bigger blocks (they take minutes each)")
     opts = ap.parse_args()
 
     cfg = load_config(opts.model)
@@ -72,6 +79,8 @@ def main() -> None:
     if opts.only:
         keep = set(opts.only.split(","))
         candidates = [c for c in candidates if c[0] in keep]
+    if opts.max_block:
+        candidates = [c for c in candidates if c[0] == "planner" or c[1].block_size <= opts.max_block]
     print(f"profile {hw.source}: disk read {hw.disk_read_gbps:.2f} GB/s, write {hw.disk_write_gbps:.2f}, "
           f"memory {hw.cpu_mem_gbps:.1f}, {hw.compute_dtype} {hw.flops() / 1e9:.0f} GFLOP/s", flush=True)
     print(f"planner: {pp.describe()} predicted {planned.tokens_per_s:.2f} tok/s", flush=True)

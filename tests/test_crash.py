@@ -112,13 +112,16 @@ def test_sigterm_saves_progress_releases_the_lease_and_exits_promptly(tmp_path, 
     try:
         deadline = time.monotonic() + 90
         shard_id = None
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and proc.poll() is None:
             shards = store.list_shards(db, job.id)
             if shards[0].status == ShardStatus.LEASED and store.load_progress(db, shards[0].id):
                 shard_id = shards[0].id
                 break
-            time.sleep(0.05)
-        assert shard_id is not None, "the worker never saved progress"
+            time.sleep(0.005)  # the window between a progress save and the shard's end is short
+        if shard_id is None:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"the worker never showed saved progress (exit {proc.returncode}):\n{err[-3000:]}")
         proc.send_signal(signal.SIGTERM)
         started = time.monotonic()
         _, stderr = proc.communicate(timeout=20)
