@@ -130,7 +130,10 @@ class PlacedWeights:
                 out[entry.name] = from_bytes(packed, entry.shape, num_bits=entry.num_bits,
                                              group_size=entry.group_size, dim=-1)
             elif self.tiers[layer][entry.name] == Tier.DISK:
-                out[entry.name] = to_device(self._read(layer, entry, ready=True, reuse=True), self.device,
+                # Decoder layers share tensor names, so two buffer sets serve them all; the embedding
+                # and head tables are read once a step and would only pin more memory.
+                reuse = layer.startswith("decoder.")
+                out[entry.name] = to_device(self._read(layer, entry, ready=True, reuse=reuse), self.device,
                                             self.stats)
             elif entry.compressed:
                 out[entry.name] = self._ready(entry, self.resident[layer][entry.name], self._slot(layer))
