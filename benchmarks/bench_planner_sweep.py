@@ -128,6 +128,11 @@ def summarise(rows: list[dict], model: str, hw, opts) -> None:
     hand = [r["measured_tokens_per_s"] for r in rows if r["policy"] != "planner" and r["measured_tokens_per_s"]]
     planner = next((r for r in rows if r["policy"] == "planner"), None)
     summary = {"hand_written_that_ran": len(hand), "best_hand_tokens_per_s": max(hand, default=None)}
+    same = [r["policy"] for r in rows if r["policy"] != "planner" and planner
+            and r["describe"] == planner["describe"]]
+    if same:  # then the ratio below compares two runs of one configuration: the host's noise
+        summary["planner_same_as"] = same[0]
+        print(f"the planner's policy is the hand-written {same[0]!r}")
     if planner and planner["measured_tokens_per_s"] and hand:
         summary["planner_over_best_hand"] = planner["measured_tokens_per_s"] / max(hand)
         print(f"planner / best of {len(hand)} hand-written policies that ran within the budget: "
