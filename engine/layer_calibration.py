@@ -17,23 +17,15 @@ import torch
 from engine import layers
 from engine.hardware import HardwareProfile
 from engine.model_config import preset
+from engine.model_maker import layer_tensor_shapes
 
 PREFILL_ROWS, PROMPT_LEN = 8, 128      # one prefill micro-batch: 1024 tokens
 DECODE_ROWS, GEN_LEN = 32, 16           # one decode step attends over prompt + gen/2 = 136 positions
 
 
 def _layer_weights(cfg, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    h, f = cfg.hidden_size, cfg.ffn_dim
-    shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (h, h), "self_attn.v_proj": (h, h),
-              "self_attn.out_proj": (h, h), "fc1": (f, h), "fc2": (h, f)}
-    w = {}
-    for name, shape in shapes.items():
-        w[f"{name}.weight"] = torch.full(shape, 0.01, device=device, dtype=dtype)
-        w[f"{name}.bias"] = torch.zeros(shape[0], device=device, dtype=dtype)
-    for name in ("self_attn_layer_norm", "final_layer_norm"):
-        w[f"{name}.weight"] = torch.ones(h, device=device, dtype=dtype)
-        w[f"{name}.bias"] = torch.zeros(h, device=device, dtype=dtype)
-    return w
+    # Values do not matter for timing (and filling is fast); LayerNorm gains of 0.01 are harmless.
+    return {name: torch.full(shape, 0.01, device=device, dtype=dtype) for name, shape in layer_tensor_shapes(cfg)}
 
 
 def _layer_step(cfg, w, h: torch.Tensor, cache: torch.Tensor, start: int, mask: torch.Tensor) -> torch.Tensor:
@@ -41,7 +33,7 @@ def _layer_step(cfg, w, h: torch.Tensor, cache: torch.Tensor, start: int, mask: 
     position-major cache [T, 2, B, h], attend over it, output projection and MLP."""
     q, k, v = layers.qkv(w, cfg, h)
     s = h.shape[1]
-    cache[start:start + s].copy_(torch.stack((k, v)).permute(2, 0, 1, 3))
+    cache[start:start + s].copy_(layers.cache_rows(k, v))
     full = cache[:start + s]
     attn = layers.attend(cfg, q, full[:, 0], full[:, 1], mask)
     return layers.mlp(w, cfg, layers.attention_output(w, cfg, h, attn))

@@ -64,6 +64,11 @@ def qkv(w: dict, cfg: OPTConfig, h: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return q, k, v
 
 
+def cache_rows(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """k, v: [B, S, h] -> the cache's position-major rows [S, 2, B, h] (a view; see kv_cache)."""
+    return torch.stack((k, v)).permute(2, 0, 1, 3)
+
+
 def attend(cfg: OPTConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Scaled dot-product attention over the cache.
 

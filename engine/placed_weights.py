@@ -91,10 +91,7 @@ class PlacedWeights:
         fp16 = buf[: entry.nbytes].view(torch.float16).view(entry.shape)
         if not reuse:
             return fp16.to(self.dtype) if self.dtype != torch.float16 else fp16.clone()
-        key = (self._slot(layer), entry.name, entry.shape)
-        out = self._stream_buffers.get(key)
-        if out is None:
-            out = self._stream_buffers[key] = torch.empty(entry.shape, dtype=self.dtype)
+        out = self._reused(self._stream_buffers, self._slot(layer), entry, torch.device("cpu"))
         return out.copy_(fp16)
 
     def _ready(self, entry: TensorEntry, packed: torch.Tensor, slot: int) -> torch.Tensor:
@@ -105,17 +102,20 @@ class PlacedWeights:
         packed = to_device(packed, self.device, self.stats, CPU_TO_GPU)
         started = time.perf_counter()
         q = from_bytes(packed, entry.shape, num_bits=entry.num_bits, group_size=entry.group_size, dim=-1)
-        key = (slot, entry.name, entry.shape)
-        buf = self._dequant_buffers.get(key)
-        if buf is None:
-            buf = self._dequant_buffers[key] = torch.empty(entry.shape, dtype=self.dtype, device=self.device)
-        out = dequantize(q, self.dtype, out=buf)
+        out = dequantize(q, self.dtype, out=self._reused(self._dequant_buffers, slot, entry, self.device))
         # Counted like a link (output bytes, seconds) so benchmarks can report dequantisation time.
         self.stats.add(DEQUANTIZE, out.numel() * out.element_size(), time.perf_counter() - started)
         return out
 
     def _slot(self, layer: str) -> int:
         return self._layer_index[layer] % 2
+
+    def _reused(self, buffers: dict, slot: int, entry: TensorEntry, device: torch.device) -> torch.Tensor:
+        """The buffer of `entry`'s shape in the compute dtype for this layer parity, made once."""
+        key = (slot, entry.name, entry.shape)
+        if key not in buffers:
+            buffers[key] = torch.empty(entry.shape, dtype=self.dtype, device=device)
+        return buffers[key]
 
     def load(self, layer: str) -> dict[str, torch.Tensor]:
         """All tensors of `layer` on the compute device, ready for the math (runs on the I/O thread)."""

@@ -1,15 +1,14 @@
 """Which tier holds each tensor, from a Policy's percents.
 
-Weights: within every layer, tensors are laid out in store order and each goes to the tier that
-holds the middle of its byte range (FlexGen's rule), so a 50 % disk policy streams about half of
-every layer and the streaming overlaps each layer's compute. A layer has only a few big tensors
-(OPT: attention, fc1, fc2 a third each), so one layer alone can only be split in thirds; FlexGen
-then puts 67 % in RAM when asked for 50 or 60 %, and the planner's fractions would be off by up to
-a sixth of the model. `split_layers` carries each layer's rounding error into the next layer's
-split (error diffusion): every layer stays within one tensor of the asked split, and the whole
-model within one tensor below it (never above: the planner budgets RAM for the asked fraction). KV cache and activations are split by
-slot: one slot per (layer, micro-batch), numbered layer-major, placed by the same midpoint rule, so
-mixed GPU/CPU/disk placements of cache and activations (which FlexGen refuses) are just other splits.
+Weights: tensors in store order, layer after layer; each goes to the fastest tier whose running
+total stays within its share of the bytes seen so far (`split_layers`). A layer alone can only be
+split at tensor boundaries (OPT: attention, fc1, fc2 a third each): FlexGen's per-layer midpoint
+rule puts 67 % in RAM when asked for 50 or 60 %, which would put the planner's fractions off by up
+to a sixth of the model. Carrying each layer's rounding into the next keeps every layer within one
+tensor of the asked split (so streaming still overlaps each layer's compute) and the whole model
+within one tensor below it, never above (the planner budgets RAM for the asked fraction).
+KV cache and activations are split by slot: one slot per (layer, micro-batch), numbered
+layer-major, each on the tier holding its midpoint, so mixed GPU/CPU/disk placements of cache and activations (which FlexGen refuses) are just other splits.
 On a host without CUDA the GPU tier is the same RAM as the CPU tier.
 """
 from __future__ import annotations
@@ -24,15 +23,6 @@ def tier_by_midpoint(start: float, size: float, total: float, gpu_percent: float
     if mid < gpu_percent + cpu_percent:
         return Tier.CPU
     return Tier.DISK
-
-
-def split_tensors(sizes: list[int], gpu_percent: float, cpu_percent: float) -> list[Tier]:
-    """One tier per tensor of a layer, by the midpoint of its bytes."""
-    total, start, tiers = float(sum(sizes)), 0.0, []
-    for size in sizes:
-        tiers.append(tier_by_midpoint(start, size, total, gpu_percent, cpu_percent))
-        start += size
-    return tiers
 
 
 def split_layers(layers: list[list[int]], gpu_percent: float, cpu_percent: float) -> list[list[Tier]]:

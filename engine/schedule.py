@@ -197,7 +197,7 @@ class BlockRunner:
                  mb: MicroBatch) -> torch.Tensor:
         cfg, ctx = self.ctx.cfg, self.ctx
         q, k, v = layers.qkv(w, cfg, h)
-        new = torch.stack((k, v)).permute(2, 0, 1, 3)  # [s, 2, B, h]
+        new = layers.cache_rows(k, v)  # [s, 2, B, h]
         if slot.tier == Tier.DISK or slot.compression is not None:
             # The cache read so far plus the new positions in full precision (a compressed slot
             # must not attend to a quantised copy of the positions it just computed: HF doesn't).

@@ -80,7 +80,9 @@ def profile_command(disk_dir: Path | None, refresh: bool, as_json: bool) -> None
         for dtype, flops in by_dtype.items():
             rows.append((f"matmul {device} {dtype} (GFLOP/s)", f"{flops / 1e9:.1f}"))
     if prof.linear_s_per_byte:
-        elem = 4 if prof.compute_dtype == "float32" else 2  # FLOPs per weight byte: 2 * rows / elem
+        from engine.cost_model import elem_bytes
+
+        elem = elem_bytes(prof)  # FLOPs per weight byte: 2 * rows / elem
         rows.append((f"linear layer, {prof.compute_dtype} (rows: GFLOP/s)",
                      "  ".join(f"{m}: {2 * int(m) / elem / t / 1e9:.0f}"
                                for m, t in sorted(prof.linear_s_per_byte.items(), key=lambda kv: int(kv[0])))))
