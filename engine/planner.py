@@ -282,12 +282,13 @@ def smallest_budgets(config: OPTConfig, hardware: HardwareProfile, budgets: dict
         for sh in shapes(hardware, prompt_len=prompt_len, gen_len=gen_len, gpu_batch_sizes=(1,),
                          num_gpu_batches=(1,), compress_options=compress_options):
             res = solve_lp(config, hardware, sh, others, minimise_tier=tier)
-            if res is not None:  # the LP's relaxed staging, or the exact whole-slot figure if larger
-                exact = float(peak_bytes(config, hardware, sh, res[1], exact=True)[tier])
-                need = max(res[0], exact) / GIB
-                best = need if best is None else min(best, need)
-        if best is not None:
-            out[tier] = best
+            if res is None:
+                continue
+            exact = float(peak_bytes(config, hardware, sh, res[1], exact=True)[tier])
+            need = max(res[0], exact) / GIB  # the LP's relaxed staging, or the exact whole-slot figure
+            best = need if best is None else min(best, need)
+        if best is not None and (budgets.get(tier) is None or best > budgets[tier]):
+            out[tier] = best  # a tier already given that much is not the fix
     return out
 
 

@@ -110,6 +110,10 @@ def test_impossible_budget_names_the_smallest_budget_that_works():
         plan(cfg, hw, gpu_mem_gib=1, cpu_mem_gib=2, disk_mem_gib=10, prompt_len=512, gen_len=32, **SMALL)
     msg = str(err.value)
     assert "does not fit" in msg and "smallest budget that works" in msg and "--gpu-mem" in msg
+    given = {"--gpu-mem": 1, "--cpu-mem": 2, "--disk-mem": 10}
+    for flag, limit in given.items():  # a budget already given that much is never the suggested fix
+        if flag in msg:
+            assert float(msg.split(flag + " ")[1].split()[0]) > limit, msg
     need = float(msg.split("--gpu-mem ")[1].split()[0])
     ok = plan(cfg, hw, gpu_mem_gib=need, cpu_mem_gib=2, disk_mem_gib=10, prompt_len=512, gen_len=32, **SMALL)
     assert ok.peak_gib["gpu"] <= need + 1e-6

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from engine.cost_model import DTYPE_BYTES
 from engine.engine import default_dtype_name
 from engine.hardware import HardwareProfile
 from engine.model_config import preset
@@ -54,7 +55,8 @@ def test_planned_policy_runs_within_its_cpu_budget(model_and_baseline, tmp_path,
                          compute_dtype=default_dtype_name(),
                          matmul_flops={"cpu": {"bfloat16": 4e11, "float32": 1.4e11}},
                          cpu_attention_gbps=20, cpu_mem_gib=23, disk_free_gib=50)
-    budget = baseline + margin_gib
+    # Margins are for a 2-byte compute dtype; float32 (CPUs without native bf16) holds twice the bytes.
+    budget = baseline + margin_gib * DTYPE_BYTES[default_dtype_name()] / 2
     proc = subprocess.run([sys.executable, "-c", CHILD, str(model), str(tmp_path / "offload"), str(budget),
                            hw.to_json()], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
