@@ -34,7 +34,8 @@ from engine.policy import Policy
 from engine.rows import GenerationParams, RowInput
 args = json.loads(sys.argv[1])
 policy = Policy.from_percents(args["percent"], gpu_batch_size=args["gbs"], num_gpu_batches=args["nb"],
-                              compress_weight=args.get("compress_weight", False))
+                              compress_weight=args.get("compress_weight", False),
+                              compress_cache=args.get("compress_cache", False))
 engine = Engine(args["model"], policy, dtype=args["dtype"], offload_dir=args["offload"], cpu_mem_gib=args["cpu_mem"])
 rows = [RowInput(row_id=i, prompt_ids=tuple(100 + (i * 7 + j) % 5000 for j in range(args["prompt_len"])))
         for i in range(policy.block_size)]

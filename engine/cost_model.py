@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from engine.hardware import HardwareProfile
+from engine.layer_calibration import model_key
 from engine.model_config import OPTConfig
 from engine.policy import CompressionConfig, Policy
 
@@ -223,7 +224,7 @@ def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
             compute = compute + z.kv_dec16 * deq
 
     # The engine's whole layer against the sum of its kernels (measured by the profiler).
-    compute = compute * hw.compute_scale.get("decode" if decode else "prefill", 1.0)
+    compute = compute * hw.scale_for(model_key(cfg), "decode" if decode else "prefill", b)
     if sh.compress_weight:
         compute = compute + z.w16 * deq
 
@@ -237,6 +238,7 @@ def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
     # Head: the tied embedding / LM head (one position per row), loaded once per step.
     head_compute = _matmul_time(hw, 2 * B * cfg.embed_dim * cfg.vocab_size, z.head16, rows=b, calls=nb) \
         + nb * 3 * hw.op_overhead_s  # final LayerNorm, LM head, sampling
+    head_compute = head_compute * hw.scale_for(model_key(cfg), "head", b)
     if sh.compress_weight:
         head_compute = head_compute + z.head16 * deq
     head_convert_s = 0.0 if sh.compress_weight else z.head16 * x.wd * convert

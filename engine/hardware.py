@@ -32,7 +32,7 @@ LINK_FIELDS = {
     GPU_TO_CPU: "gpu_to_cpu_gbps",
 }
 
-PROFILE_VERSION = 3  # 2: linear_s_per_byte, 3: compute_scale
+PROFILE_VERSION = 4  # 2: linear_s_per_byte, 3: compute_scale, 4: per-row-count and per-model scales
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +70,9 @@ class HardwareProfile:
     # Measured / predicted compute time of the engine's own decoder layer, by phase ("prefill",
     # "decode"): what the kernels measured alone leave out (engine.layer_calibration); empty: 1.
     compute_scale: dict[str, float] = field(default_factory=dict)
+    # The same measured for one model's dimensions (`layer_calibration.model_key`), with "decode:R"
+    # and "head:R" per decode micro-batch of R rows: filled in when a model is planned on this host.
+    model_compute_scale: dict[str, dict[str, float]] = field(default_factory=dict)
     op_overhead_s: float = 2e-5          # fixed cost of one small kernel launch / op dispatch
 
     # Capacities, GiB.
@@ -113,6 +116,20 @@ class HardwareProfile:
                 frac = math.log(rows / m0) / math.log(m1 / m0)
                 return weight_bytes * (t0 + frac * (t1 - t0))
         raise AssertionError("unreachable")
+
+    def scale_for(self, model: str, part: str, rows: float) -> float:
+        """Measured / predicted compute of `part` ("prefill", "decode": a decoder layer; "head": the
+        output head) at `rows` rows per micro-batch: the model's own calibration where there is one
+        (log-interpolated between the row counts timed), else the generic one (opt-1.3b's dimensions)."""
+        own = self.model_compute_scale.get(model) or self.compute_scale
+        points = sorted((float(k.split(":")[1]), v) for k, v in own.items() if k.startswith(part + ":"))
+        if points:
+            rows = min(max(float(rows), points[0][0]), points[-1][0])
+            for (m0, s0), (m1, s1) in zip(points, points[1:]):
+                if rows <= m1:
+                    return s0 + math.log(rows / m0) / math.log(m1 / m0) * (s1 - s0)
+            return points[-1][1]
+        return own.get(part, 1.0)
 
     def link_gbps(self, link: str) -> float:
         return float(getattr(self, LINK_FIELDS[link]))

@@ -33,7 +33,7 @@ class PlacedWeights:
         self._layer_index = {name: i for i, name in enumerate(layer_names(cfg))}
         self._dequant_buffers: dict[tuple, torch.Tensor] = {}
         self._stream_buffers: dict[tuple, torch.Tensor] = {}  # converted streamed tensors, by slot
-        self._raw_read: torch.Tensor | None = None  # one aligned read buffer, reused (I/O thread)
+        self._raw_buffers: dict[str, torch.Tensor] = {}  # aligned read buffers of one decoder layer, by tensor
         self.replace(policy)
 
     @staticmethod
@@ -70,29 +70,30 @@ class PlacedWeights:
         t = t.to("cpu")
         return t.pin_memory() if self.device.type == "cuda" else t
 
-    def _read(self, layer: str, entry: TensorEntry, *, ready: bool, reuse: bool = False) -> torch.Tensor:
-        """Read one tensor from the store into CPU memory: fp16 tensors converted to the compute
-        dtype; compressed ones as their packed bytes (dequantised later, by `_ready`).
-
-        `reuse` (streaming a layer for one use): the read goes into one reused aligned buffer and the
-        conversion into a buffer reused by (layer parity, tensor), like `_ready`'s. Fresh multi-MB
-        buffers twice per tensor per step cost page faults: with 50 % of opt-1.3b streamed, a
-        decode step spent more time faulting pages in than reading the disk."""
-        size = align_up(entry.nbytes)
-        if reuse and not entry.compressed:
-            if self._raw_read is None or self._raw_read.numel() < size:
-                self._raw_read = aligned_empty(size)
-            buf = self._raw_read[:size]
-        else:
-            buf = aligned_empty(size)
-        self.disk.read_into(self.store.path(layer), entry.offset, buf)
+    def _read(self, layer: str, entry: TensorEntry, *, ready: bool) -> torch.Tensor:
+        """Read one tensor from the store into fresh CPU memory: fp16 tensors converted to the
+        compute dtype; compressed ones as their packed bytes (dequantised later, by `_ready`)."""
+        buf = self._read_raw(layer, entry, reuse=False)
         if entry.compressed:
             return self._ready(entry, buf, self._slot(layer)) if ready else buf
         fp16 = buf[: entry.nbytes].view(torch.float16).view(entry.shape)
-        if not reuse:
-            return fp16.to(self.dtype) if self.dtype != torch.float16 else fp16.clone()
-        out = self._reused(self._stream_buffers, self._slot(layer), entry, torch.device("cpu"))
-        return out.copy_(fp16)
+        return fp16.to(self.dtype) if self.dtype != torch.float16 else fp16.clone()
+
+    def _read_raw(self, layer: str, entry: TensorEntry, *, reuse: bool) -> torch.Tensor:
+        """The tensor's stored bytes in an aligned buffer (O_DIRECT). `reuse` (streaming a decoder
+        layer for one use): one buffer per tensor name, kept: fresh multi-MB buffers twice per
+        tensor per step cost page faults (with 50 % of opt-1.3b streamed, a decode step spent more
+        time faulting pages in than reading the disk)."""
+        size = align_up(entry.nbytes)
+        if reuse and not entry.compressed:
+            buf = self._raw_buffers.get(entry.name)
+            if buf is None or buf.numel() < size:
+                buf = self._raw_buffers[entry.name] = aligned_empty(size)
+            buf = buf[:size]
+        else:
+            buf = aligned_empty(size)
+        self.disk.read_into(self.store.path(layer), entry.offset, buf)
+        return buf
 
     def _ready(self, entry: TensorEntry, packed: torch.Tensor, slot: int) -> torch.Tensor:
         """Dequantise a packed tensor on the compute device (only the packed bytes cross the link),
@@ -118,23 +119,47 @@ class PlacedWeights:
         return buffers[key]
 
     def load(self, layer: str) -> dict[str, torch.Tensor]:
-        """All tensors of `layer` on the compute device, ready for the math (runs on the I/O thread)."""
+        """All tensors of `layer` on the compute device, ready for the math (both stages at once)."""
+        return self.finish(self.fetch(layer))
+
+    def fetch(self, layer: str) -> tuple[str, dict[str, torch.Tensor], dict | None]:
+        """Stage one, on the I/O thread: the stored bytes of `layer`'s disk tensors. With a GPU it
+        runs stage two too (conversion and dequantisation on the host overlap the GPU's compute).
+        Without one, that work is left to `finish` on the compute thread: beside the compute
+        threads it only oversubscribes the cores (opt-1.3b 4-bit, fp32 on 2 cores: dequantisation ran
+        at 1.3 GB/s on the I/O thread against 2.5 inline, and each decode step took 18 % longer)."""
+        decoder = layer.startswith("decoder.")  # the embedding and head are read once a step: no pinned copies
+        raw = {e.name: self._read_raw(layer, e, reuse=decoder) for e in self.store.layers[layer]
+               if self.tiers[layer][e.name] == Tier.DISK}
+        if self.device.type == "cuda":
+            return layer, {}, self.finish((layer, raw, None))
+        return layer, raw, None
+
+    def finish(self, fetched: tuple[str, dict, dict | None]) -> dict[str, torch.Tensor]:
+        """Stage two: stored bytes and resident tensors made ready on the compute device."""
+        layer, raw, ready = fetched
+        if ready is not None:
+            return ready  # finished on the I/O thread (GPU hosts)
         out = {}
         for entry in self.store.layers[layer]:
+            on_disk = entry.name in raw
             if entry.compressed and entry.name in ROW_LOOKUP_TABLES:
                 # A lookup table reads a few rows per step: hand it over packed, and let the
                 # embedding dequantise only the rows it gathers.
-                packed = (self._read(layer, entry, ready=False) if self.tiers[layer][entry.name] == Tier.DISK
-                          else self.resident[layer][entry.name])
-                packed = to_device(packed, self.device, self.stats, CPU_TO_GPU)
+                packed = to_device(raw[entry.name] if on_disk else self.resident[layer][entry.name], self.device,
+                                   self.stats, CPU_TO_GPU)
                 out[entry.name] = from_bytes(packed, entry.shape, num_bits=entry.num_bits,
                                              group_size=entry.group_size, dim=-1)
-            elif self.tiers[layer][entry.name] == Tier.DISK:
-                # Decoder layers share tensor names, so two buffer sets serve them all; the embedding
-                # and head tables are read once a step and would only pin more memory.
-                reuse = layer.startswith("decoder.")
-                out[entry.name] = to_device(self._read(layer, entry, ready=True, reuse=reuse), self.device,
-                                            self.stats)
+            elif on_disk and entry.compressed:
+                out[entry.name] = self._ready(entry, raw[entry.name], self._slot(layer))
+            elif on_disk:
+                fp16 = raw[entry.name][: entry.nbytes].view(torch.float16).view(entry.shape)
+                if layer.startswith("decoder."):  # into a buffer reused by (layer parity, tensor)
+                    held = self._reused(self._stream_buffers, self._slot(layer), entry, torch.device("cpu"))
+                    held.copy_(fp16)
+                else:
+                    held = fp16.to(self.dtype) if self.dtype != torch.float16 else fp16
+                out[entry.name] = to_device(held, self.device, self.stats)
             elif entry.compressed:
                 out[entry.name] = self._ready(entry, self.resident[layer][entry.name], self._slot(layer))
             else:

@@ -131,16 +131,16 @@ class BlockRunner:
             on_step: Callable[[StepUpdate], None] | None, should_stop: Callable[[], bool] | None) -> bool:
         """Generate until every row is finished; returns True if stopped early by `should_stop`."""
         ctx, names = self.ctx, self.layer_names
-        weights_next = self.submit(ctx.weights.load, names[0])
+        weights_next = self.submit(ctx.weights.fetch, names[0])
         try:
             for step in range(self.steps):
                 started = time.perf_counter()
                 for mb in self.mbs:
                     mb.begin_step(self.prompt_len if step == 0 else 1)
                 for j, name in enumerate(names):
-                    w = weights_next.result()
+                    w = ctx.weights.finish(weights_next.result())
                     # Prefetch the next layer (wrapping to the embedding for the next step).
-                    weights_next = self.submit(ctx.weights.load, names[(j + 1) % len(names)])
+                    weights_next = self.submit(ctx.weights.fetch, names[(j + 1) % len(names)])
                     self._run_layer(j, w, params)
                 del w
                 new_tokens = self._finish_step(stop_ids)

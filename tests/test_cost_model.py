@@ -161,3 +161,14 @@ def test_compute_scale_multiplies_layer_compute_and_cpu_conversion_does_not_over
     no_convert = phase_terms(cfg, hw.replace(convert_gbps=0.0), sh, x, decode=True)[0][1]
     assert layer["disk"] == pytest.approx(no_convert["disk"])
     assert layer["compute"] - no_convert["compute"] == pytest.approx(2 * cfg.layer_param_count() / 4e9)
+
+
+def test_scale_for_interpolates_between_timed_row_counts():
+    hw = HardwareProfile(compute_scale={"prefill": 0.9, "decode": 0.5, "decode:1": 2.0, "decode:64": 0.5},
+                         model_compute_scale={"mine": {"prefill": 1.2, "head:8": 3.0}})
+    assert hw.scale_for("other", "decode", 1) == 2.0 and hw.scale_for("other", "decode", 64) == 0.5
+    assert hw.scale_for("other", "decode", 8) == pytest.approx(2.0 - 0.5 * 1.5)  # half way in log rows
+    assert hw.scale_for("other", "decode", 256) == 0.5 and hw.scale_for("other", "prefill", 99) == 0.9
+    assert hw.scale_for("other", "head", 8) == 1.0  # never timed: the kernels' sum as is
+    assert hw.scale_for("mine", "prefill", 8) == 1.2 and hw.scale_for("mine", "head", 2) == 3.0
+    assert hw.scale_for("mine", "decode", 8) == 1.0  # a model's own entry replaces the generic one whole

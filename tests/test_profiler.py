@@ -23,8 +23,10 @@ def test_short_real_measurement_is_stored_and_reused(tmp_path):
     assert table[2048] > 4 * table[1]  # 2048 rows cost more per weight byte than a streaming 1-row matmul
     # The engine's own layer was timed against the cost model's sum of kernels (a ratio near 1: a
     # layer is mostly its matmuls; far off would mean the model misses a whole kernel).
-    assert set(prof.compute_scale) == {"prefill", "decode"}
+    assert set(prof.compute_scale) == {"prefill", "decode", *(f"{part}:{rows}" for part in ("decode", "head")
+                                                              for rows in (1, 8, 32, 64))}
     assert all(0.2 < v < 5 for v in prof.compute_scale.values()), prof.compute_scale
+    assert prof.model_compute_scale == {}  # no model asked for yet
     method = prof.disk_read_method.removesuffix(", under compute load")  # CPU hosts read beside compute
     assert method in ("O_DIRECT", "fadvise") or method.startswith("page-cache")
     assert prof.cpu_mem_gib > 0 and prof.disk_free_gib > 0
@@ -54,3 +56,29 @@ def test_a_damaged_profile_is_measured_again(tmp_path):
     path.write_text("{not json")
     prof = load_or_measure_profile(disk, home=home, **FAST)
     assert HardwareProfile.load(path) == prof
+
+
+def test_a_planned_model_gets_its_own_calibration_once(tmp_path):
+    """`load_or_measure_profile(model=...)` times that model's own layer and head on this host and
+    stores the result beside the profile; the cost model then uses it for that model only."""
+    from engine.cost_model import estimate
+    from engine.layer_calibration import model_key
+    from engine.model_config import preset
+    from engine.policy import Policy
+
+    home, disk = tmp_path / "home", tmp_path / "disk"
+    small = preset("125m", num_layers=2, hidden_size=128)
+    prof = load_or_measure_profile(disk, home=home, model=small, **FAST)
+    own = prof.model_compute_scale[model_key(small)]
+    assert set(own) == set(prof.compute_scale) and all(0.1 < v < 10 for v in own.values()), own
+    assert load_or_measure_profile(disk, home=home, model=small, **FAST) == prof  # stored, not measured again
+    # The model's figures are the ones its estimates use; another model keeps the generic ones.
+    policy = Policy.from_percents([0, 100, 0, 100, 0, 100], gpu_batch_size=8)
+    mine = estimate(small, prof, policy, prompt_len=32, gen_len=8)
+    generic = estimate(small, prof.replace(model_compute_scale={}), policy, prompt_len=32, gen_len=8)
+    doubled = prof.replace(model_compute_scale={model_key(small): {k: 2 * v for k, v in own.items()}})
+    assert estimate(small, doubled, policy, prompt_len=32, gen_len=8).decode_step_s > 1.5 * mine.decode_step_s
+    other = preset("350m", num_layers=2)
+    assert estimate(other, prof, policy, prompt_len=32, gen_len=8) == estimate(
+        other, prof.replace(model_compute_scale={}), policy, prompt_len=32, gen_len=8)
+    assert mine != generic

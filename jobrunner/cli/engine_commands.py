@@ -93,7 +93,7 @@ def planned_policy(config, offload_dir: Path, gpu_mem, cpu_mem, *, prompt_len: i
 
     if not profile_path(offload_dir).is_file():
         click.echo("measuring this machine once (flexjob profile) ...", err=True)
-    hardware = load_or_measure_profile(offload_dir)
+    hardware = load_or_measure_profile(offload_dir, model=config)
     flags = flags or {}
     result = plan_for_this_process(config, hardware, gpu_mem_gib=gpu_mem, cpu_mem_gib=cpu_mem,
                                    prompt_len=prompt_len, gen_len=gen_len, max_block_size=max_block_size,

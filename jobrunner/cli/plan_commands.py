@@ -16,8 +16,9 @@ def _default_disk_dir() -> Path:
     return Path(os.environ.get("FLEXJOB_HOME", ".flexjob"))
 
 
-def load_hardware(hardware: str | None, disk_dir: Path | None, refresh: bool = False):
-    """A profile file, a built-in machine by name, or this host (measured once, then reused)."""
+def load_hardware(hardware: str | None, disk_dir: Path | None, refresh: bool = False, model=None):
+    """A profile file, a built-in machine by name, or this host (measured once, then reused; with
+    `model`, its own layer is timed once too)."""
     from engine.hardware import HardwareProfile, t4_flexgen
     from engine.profiler import load_or_measure_profile
 
@@ -25,7 +26,7 @@ def load_hardware(hardware: str | None, disk_dir: Path | None, refresh: bool = F
         return t4_flexgen()
     if hardware:
         return HardwareProfile.load(hardware)
-    return load_or_measure_profile(disk_dir or _default_disk_dir(), refresh=refresh)
+    return load_or_measure_profile(disk_dir or _default_disk_dir(), refresh=refresh, model=model)
 
 
 def _model_config(model_dir: Path | None, size: str | None):
@@ -127,7 +128,7 @@ def plan_command(model_dir, size, gpu_mem, cpu_mem, disk_mem, prompt_len, gen_le
     from engine.planner import plan
 
     cfg = _model_config(model_dir, size)
-    hw = load_hardware(hardware, disk_dir)
+    hw = load_hardware(hardware, disk_dir, model=cfg)
     gpu_mem = gpu_mem if gpu_mem is not None else (hw.gpu_mem_gib if hw.has_gpu else None)
     cpu_mem = cpu_mem if cpu_mem is not None else hw.cpu_mem_gib
     options = {"auto": (False, True), "off": (False,), "on": (True,)}[compression]
