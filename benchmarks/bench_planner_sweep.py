@@ -79,7 +79,7 @@ def main() -> None:
     offload = opts.work_dir / "offload"
     offload.mkdir(parents=True, exist_ok=True)
     dtype = default_dtype_name()
-    hw = load_or_measure_profile(offload, refresh=opts.refresh_profile)
+    hw = load_or_measure_profile(offload, refresh=opts.refresh_profile, model=cfg)
     planned = plan_for_this_process(cfg, hw, gpu_mem_gib=None, cpu_mem_gib=opts.cpu_mem, gen_len=opts.gen_len,
                                     prompt_len=opts.prompt_len, max_block_size=opts.max_block,
                                     allow_compression=opts.compression)
