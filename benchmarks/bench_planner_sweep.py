@@ -117,7 +117,8 @@ def main() -> None:
         seen_gbps = best["disk_read_bytes"] / best["disk_read_s"] / 1e9 if best.get("disk_read_s") else None
         at_seen = estimate(cfg, hw.replace(disk_read_gbps=seen_gbps), policy, prompt_len=opts.prompt_len,
                            gen_len=opts.gen_len).tokens_per_s if seen_gbps else pred.tokens_per_s
-        rows.append({"policy": name, "describe": policy.describe(), "lossy": policy.compress_weight, "measured_tokens_per_s": measured,
+        rows.append({"policy": name, "describe": policy.describe(), "lossy": policy.compress_weight,
+                     "policy_dict": policy.to_dict(), "measured_tokens_per_s": measured,
                      "predicted_tokens_per_s": pred.tokens_per_s,
                      "ratio": pred.tokens_per_s / measured if measured else None,
                      "disk_read_gbps_seen": seen_gbps, "predicted_at_seen_disk": at_seen,
