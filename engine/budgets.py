@@ -18,7 +18,7 @@ from engine.model_config import OPTConfig
 from engine.placement import slot_tier
 from engine.policy import Policy
 from engine.tiers import Tier
-from engine.weights import WeightStore
+from engine.weights import WeightStore, align_up
 
 GIB = 1024**3
 
@@ -48,20 +48,25 @@ def estimate_memory(cfg: OPTConfig, store: WeightStore, policy: Policy, device: 
     size = torch.empty((), dtype=dtype).element_size()
     tiers = PlacedWeights.plan_tiers(store, cfg, policy)
     weights = {t: 0 for t in Tier}
-    streamed, largest_read = 0, 0
+    streamed, decoder_read, other_read = 0, 0, 0
     for layer, layer_tiers in tiers.items():
         layer_in_flight = 0  # tensors materialised per use: read from disk and/or dequantised
+        layer_read = 0  # raw bytes of the layer's disk tensors, all read before any is converted
         for entry in store.layers[layer]:
             tier = layer_tiers[entry.name]
             weights[tier] += entry.held_bytes(size) if tier != Tier.DISK else entry.nbytes
             if tier == Tier.DISK or entry.compressed:
                 layer_in_flight += entry.compute_bytes(size)
             if tier == Tier.DISK:
-                largest_read = max(largest_read, entry.nbytes)
+                layer_read += align_up(entry.nbytes)
         streamed = max(streamed, layer_in_flight)
-    # Two layers in flight (one computing, one being prefetched) plus the raw read buffer of the
-    # tensor being converted.
-    stream_buffers = 2 * streamed + largest_read
+        if layer.startswith("decoder."):
+            decoder_read = max(decoder_read, layer_read)
+        else:
+            other_read = max(other_read, layer_read)
+    # Two layers in flight (one computing, one being prefetched) plus the raw read buffers: one
+    # decoder layer's, kept for reuse, and the embedding's or head's while it is converted.
+    stream_buffers = 2 * streamed + decoder_read + other_read
 
     B, K, L, h = policy.gpu_batch_size, policy.num_gpu_batches, cfg.num_layers, cfg.hidden_size
     max_len = prompt_len + max(gen_len - 1, 0)

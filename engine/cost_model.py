@@ -262,9 +262,10 @@ def memory_peaks(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *
     if exact:  # floats or numpy arrays
         x_cd, x_hd = np.where(np.asarray(x.cd) > 1e-9, 1.0, 0.0), np.where(np.asarray(x.hd) > 1e-9, 1.0, 0.0)
         # The engine double-buffers whole streamed layers (the embedding table and the output head
-        # are layers of their own, the biggest) plus one raw read buffer of the largest tensor.
-        largest = max(cfg.vocab_size * cfg.embed_dim, cfg.ffn_dim * cfg.hidden_size) * elem_bytes(hw)
-        w_staging = np.where(np.asarray(x.wd) > 1e-9, 2 * max(z.w, z.head / 2) + largest, 0.0)
+        # are layers of their own, the biggest) plus raw read buffers: one decoder layer's as
+        # stored, and the head's while it is converted.
+        raw = max(cfg.vocab_size * cfg.embed_dim * elem_bytes(hw), z.w_disk + z.head_disk / 2)
+        w_staging = np.where(np.asarray(x.wd) > 1e-9, 2 * max(z.w, z.head / 2) + raw, 0.0)
     else:
         x_cd, x_hd = x.cd, x.hd
         w_staging = 2 * z.w * x.wd
@@ -276,7 +277,9 @@ def memory_peaks(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *
     # Largest live intermediates of one micro-batch: attention (q,k,v + scores + probs) or MLP.
     inter_pre = el * b * (max(3 * s * h + 2 * nh * s * s, s * f + s * h) + s * h)
     inter_dec = el * b * (max(3 * h + 2 * nh * (s + n), f + h) + h) + 4 * b * cfg.vocab_size
-    w_work16 = z.w16 if sh.compress_weight else 0.0
+    # Dequantised copies are made into buffers the engine keeps: two decoder layers' (alternating)
+    # and the output head's (the embedding table dequantises only the rows it gathers).
+    w_work16 = 2 * z.w16 + z.head16 / 2 if sh.compress_weight else 0.0
     kv_work16 = z.kv_mb_full16 if sh.compress_cache else 0.0
     disk_peak = x.wd * (cfg.num_layers * z.w_disk + z.head_disk) + x.cd * z.kv_total + x.hd * z.act_pre
 

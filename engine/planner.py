@@ -11,6 +11,7 @@ problem by brute force over the same cost model, to check the LP in tests.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -286,7 +287,15 @@ def smallest_budgets(config: OPTConfig, hardware: HardwareProfile, budgets: dict
                 continue
             exact = float(peak_bytes(config, hardware, sh, res[1], exact=True)[tier])
             need = max(res[0], exact) / GIB  # the LP's relaxed staging, or the exact whole-slot figure
-            best = need if best is None else min(best, need)
+            # The LP's optimum sits on every binding budget; its policy in rounded percents may
+            # not: a suggestion (as printed, to 0.01 GiB) must be one the planner then accepts.
+            need = math.ceil(need * 100) / 100
+            for _ in range(20):
+                if _solve_fitting(config, hardware, sh, {**budgets, tier: need}, prompt_len=prompt_len,
+                                  gen_len=gen_len) is not None:
+                    best = need if best is None else min(best, need)
+                    break
+                need = math.ceil(need * 100.5) / 100
         if best is not None and (budgets.get(tier) is None or best > budgets[tier]):
             out[tier] = best  # a tier already given that much is not the fix
     return out
