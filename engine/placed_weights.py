@@ -76,8 +76,12 @@ class PlacedWeights:
         buf = self._read_raw(layer, entry, reuse=False)
         if entry.compressed:
             return self._ready(entry, buf, self._slot(layer)) if ready else buf
+        return self._converted(buf, entry)
+
+    def _converted(self, buf: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
+        """A fresh raw buffer's fp16 tensor in the compute dtype (the buffer itself when fp16)."""
         fp16 = buf[: entry.nbytes].view(torch.float16).view(entry.shape)
-        return fp16.to(self.dtype) if self.dtype != torch.float16 else fp16.clone()
+        return fp16.to(self.dtype) if self.dtype != torch.float16 else fp16
 
     def _read_raw(self, layer: str, entry: TensorEntry, *, reuse: bool) -> torch.Tensor:
         """The tensor's stored bytes in an aligned buffer (O_DIRECT). `reuse` (streaming a decoder
@@ -153,12 +157,11 @@ class PlacedWeights:
             elif on_disk and entry.compressed:
                 out[entry.name] = self._ready(entry, raw[entry.name], self._slot(layer))
             elif on_disk:
-                fp16 = raw[entry.name][: entry.nbytes].view(torch.float16).view(entry.shape)
                 if layer.startswith("decoder."):  # into a buffer reused by (layer parity, tensor)
                     held = self._reused(self._stream_buffers, self._slot(layer), entry, torch.device("cpu"))
-                    held.copy_(fp16)
+                    held.copy_(raw[entry.name][: entry.nbytes].view(torch.float16).view(entry.shape))
                 else:
-                    held = fp16.to(self.dtype) if self.dtype != torch.float16 else fp16
+                    held = self._converted(raw[entry.name], entry)
                 out[entry.name] = to_device(held, self.device, self.stats)
             elif entry.compressed:
                 out[entry.name] = self._ready(entry, self.resident[layer][entry.name], self._slot(layer))
