@@ -15,7 +15,7 @@ import torch
 
 from engine.errors import BudgetError
 from engine.model_config import OPTConfig
-from engine.placement import slot_tier
+from engine.placement import cache_pair_split, slot_tier
 from engine.policy import Policy
 from engine.tiers import Tier
 from engine.weights import WeightStore, align_up
@@ -71,11 +71,11 @@ def estimate_memory(cfg: OPTConfig, store: WeightStore, policy: Policy, device: 
     B, K, L, h = policy.gpu_batch_size, policy.num_gpu_batches, cfg.num_layers, cfg.hidden_size
     max_len = prompt_len + max(gen_len - 1, 0)
     slot = max_len * 2 * B * h * size
-    cache = {t: 0 for t in Tier}
-    for j in range(L):
-        for k in range(K):
-            cache[slot_tier(j, k, L, K, policy.cache_gpu_percent, policy.cache_cpu_percent)] += slot
-    disk_cache_buffers = 3 * slot if cache[Tier.DISK] else 0  # prefetched read, in use, concatenated
+    pairs = B * cfg.num_heads  # every slot is split the same way, by (row, head) pairs
+    split = cache_pair_split(pairs, policy.cache_gpu_percent, policy.cache_cpu_percent)
+    cache = {t: L * K * slot * n // pairs for t, n in zip((Tier.GPU, Tier.CPU, Tier.DISK), split)}
+    # The disk part of a slot: read ahead, in use, and it with the new position appended.
+    disk_cache_buffers = 3 * slot * split[2] // pairs
     act = prompt_len * B * h * size
     # A tier that holds any activation slot holds one hidden state per micro-batch at a time.
     act_tiers = {slot_tier(j, k, L + 2, K, policy.activations_gpu_percent, policy.activations_cpu_percent)

@@ -28,6 +28,7 @@ import numpy as np
 from engine.hardware import HardwareProfile
 from engine.layer_calibration import model_key
 from engine.model_config import OPTConfig
+from engine.placement import cache_pair_split
 from engine.policy import CompressionConfig, Policy
 
 GB = 1e9
@@ -62,8 +63,13 @@ class Placement:
     hd: Any
 
     @classmethod
-    def from_policy(cls, policy: Policy) -> "Placement":
+    def from_policy(cls, policy: Policy, num_heads: int | None = None) -> "Placement":
+        """With num_heads, the cache fractions the engine realises: whole (row, head) pairs per slot."""
         f = {k: p / 100.0 for k, p in zip(("wg", "wc", "cg", "cc", "hg", "hc"), policy.percents)}
+        if num_heads:
+            pairs = policy.gpu_batch_size * num_heads
+            gpu, cpu, _ = cache_pair_split(pairs, policy.cache_gpu_percent, policy.cache_cpu_percent)
+            f["cg"], f["cc"] = gpu / pairs, cpu / pairs
         return cls(wd=1.0 - f["wg"] - f["wc"], cd=1.0 - f["cg"] - f["cc"],
                    hd=1.0 - f["hg"] - f["hc"], **f)
 
@@ -254,20 +260,21 @@ def memory_peaks(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *
     Home: what lives on the tier for the whole run. Working: double buffers for what streams in,
     decompressed copies, and the largest intermediate of one micro-batch.
 
-    The engine moves cache and activations by whole (layer, micro-batch) slots, so any slot on disk
-    needs full-slot staging buffers. That is a step, not linear in the disk fraction: the LP uses
-    the linear relaxation (staging x fraction, optimistic), `exact` (floats only) the step; the
-    planner re-solves with a tighter budget when the exact figure does not fit."""
+    The engine moves activations by whole (layer, micro-batch) slots, so any slot on disk needs
+    full-slot staging buffers. That is a step, not linear in the disk fraction: the LP uses the
+    linear relaxation (staging x fraction, optimistic), `exact` (floats only) the step; the planner
+    re-solves with a tighter budget when the exact figure does not fit. The cache is split inside
+    every slot (placement.cache_pair_split), so its staging is linear in the disk fraction."""
     z = _sizes(cfg, sh, hw)
     if exact:  # floats or numpy arrays
-        x_cd, x_hd = np.where(np.asarray(x.cd) > 1e-9, 1.0, 0.0), np.where(np.asarray(x.hd) > 1e-9, 1.0, 0.0)
+        x_hd = np.where(np.asarray(x.hd) > 1e-9, 1.0, 0.0)
         # The engine double-buffers whole streamed layers (the embedding table and the output head
         # are layers of their own, the biggest) plus raw read buffers: one decoder layer's as
         # stored, and the head's while it is converted.
         raw = max(cfg.vocab_size * cfg.embed_dim * elem_bytes(hw), z.w_disk + z.head_disk / 2)
         w_staging = np.where(np.asarray(x.wd) > 1e-9, 2 * max(z.w, z.head / 2) + raw, 0.0)
     else:
-        x_cd, x_hd = x.cd, x.hd
+        x_hd = x.hd
         w_staging = 2 * z.w * x.wd
     b, s, n, h, f, nh = (sh.gpu_batch_size, sh.prompt_len, sh.gen_len, cfg.hidden_size, cfg.ffn_dim,
                          cfg.num_heads)
@@ -290,7 +297,7 @@ def memory_peaks(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *
             home = (x.wg + x.wc) * W + (x.cg + x.cc) * z.kv_total + (x.hg + x.hc) * act
             work = w_staging + w_work16 + 2 * act_mb * x_hd + inter
             if decode:  # a slot read ahead, the one in use, and it with the new position appended
-                work = work + 3 * z.kv_mb_full * x_cd + kv_work16
+                work = work + 3 * z.kv_mb_full * x.cd + kv_work16
             return home + work
         return {"gpu": [], "cpu": [ram(z.act_pre, act_mb_pre, inter_pre, False),
                                     ram(z.act_dec, act_mb_dec, inter_dec, True)],
@@ -311,7 +318,7 @@ def memory_peaks(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *
         home = x.wc * W + x.cc * z.kv_total + x.hc * act
         work = 2 * z.w * x.wd + 2 * act_mb * x_hd  # staging buffers for what comes from disk
         if decode:
-            work = work + 3 * z.kv_mb_full * x_cd
+            work = work + 3 * z.kv_mb_full * x.cd
             if cpu_attn:  # scores of one micro-batch in fp32 on the CPU
                 work = work + 4 * b * nh * (s + n) + kv_work16
         return home + work
@@ -372,7 +379,7 @@ def estimate(cfg: OPTConfig, hw: HardwareProfile, policy: Policy, *, prompt_len:
              gen_len: int) -> Estimate:
     """Predicted throughput and peak memory of a concrete policy (floats)."""
     sh = Shape.from_policy(policy, prompt_len=prompt_len, gen_len=gen_len)
-    x = Placement.from_policy(policy)
+    x = Placement.from_policy(policy, cfg.num_heads)
     pre = float(step_time(cfg, hw, sh, x, decode=False))
     dec = float(step_time(cfg, hw, sh, x, decode=True))
     total = pre + (gen_len - 1) * dec
@@ -392,7 +399,7 @@ def traffic_per_token(cfg: OPTConfig, hw: HardwareProfile, policy: Policy, *, pr
     slow = hw.replace(disk_read_gbps=1 / GB, disk_write_gbps=1e30, cpu_to_gpu_gbps=1e30,
                       gpu_to_cpu_gbps=1e30)
     sh = Shape.from_policy(policy, prompt_len=prompt_len, gen_len=gen_len)
-    x = Placement.from_policy(policy)
+    x = Placement.from_policy(policy, cfg.num_heads)
     # With a read bandwidth of 1 byte/s the disk term is the bytes read (writes cost ~0).
     read = 0.0
     for decode, times in ((False, 1), (True, gen_len - 1)):

@@ -1,10 +1,17 @@
-"""The KV cache of one block, one slot per (decoder layer, micro-batch), each on its own tier.
+"""The KV cache of one block, one slot per (decoder layer, micro-batch), split across tiers.
 
-Layout of a slot: [max_len, 2, B, h] — position-major, so appending a decode step is one contiguous
-write and reading the first T positions is one contiguous read, on every tier (a disk slot is a
-file with the same layout). With `compress_cache` a slot holds three position-major planes instead
-(4-bit codes, fp16 scales, fp16 minimums; groups along head_dim, FlexGen's scheme), written and read
-the same way, and dequantised on the compute device right before attention.
+A slot's keys and values are (row, head) pairs: [max_len, 2, B*H, head_dim]. The policy's cache
+percents split the pairs of every slot the same way (FlexGen splits its cache tensors along the
+batch x heads dimension too): the first pairs on the GPU, the next in RAM, the rest on disk, so
+every layer moves the same share of its cache and the cost model's per-layer fractions hold.
+Attention is independent per pair, so each part is attended on its own and no split cache is
+ever reassembled.
+
+Layout of a part: position-major, so appending a decode step is one contiguous write and reading
+the first T positions is one contiguous read, on every tier (a disk part is a file with the same
+layout). With `compress_cache` a part holds three position-major planes instead (4-bit codes, fp16
+scales, fp16 minimums; groups along head_dim, FlexGen's scheme), written and read the same way,
+and dequantised on the compute device right before attention.
 """
 from __future__ import annotations
 
@@ -14,12 +21,13 @@ from pathlib import Path
 import torch
 
 from engine.compression import QuantizedTensor, dequantize, quantize
+from engine.placement import cache_pair_split
 from engine.policy import CompressionConfig
 from engine.tiers import DiskTier, Tier, TransferStats, to_device
 
 
 class Plane:
-    """One position-major array [max_len, *row_shape] of a slot, in memory or in a file."""
+    """One position-major array [max_len, *row_shape] of a part, in memory or in a file."""
 
     def __init__(self, row_shape: tuple[int, ...], dtype: torch.dtype, max_len: int, tier: Tier,
                  device: torch.device, disk: DiskTier, path: Path) -> None:
@@ -51,28 +59,29 @@ class Plane:
             self.path.unlink(missing_ok=True)
 
 
-class CacheSlot:
-    def __init__(self, tier: Tier, shape: tuple[int, int, int, int], dtype: torch.dtype,
-                 device: torch.device, disk: DiskTier, path: Path, *, num_heads: int,
-                 compression: CompressionConfig | None = None) -> None:
-        self.tier, self.shape, self.dtype, self.device = tier, shape, dtype, device
-        self.compression, self.num_heads = compression, num_heads
-        max_len, two, B, hidden = shape
+class CachePart:
+    """Pairs [first, first + count) of a slot, on one tier: [max_len, 2, count, head_dim]."""
+
+    def __init__(self, tier: Tier, first: int, count: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device, disk: DiskTier, path: Path,
+                 compression: CompressionConfig | None) -> None:
+        self.tier, self.pairs, self.dtype, self.compression = tier, slice(first, first + count), dtype, compression
+        self.count, self.head_dim = count, head_dim
         self.length = 0
         if compression is None:
-            self.planes = [Plane((two, B, hidden), dtype, max_len, tier, device, disk, path)]
+            self.planes = [Plane((2, count, head_dim), dtype, max_len, tier, device, disk, path)]
         else:
             # Learn the planes' row shapes from one quantised position.
-            probe = quantize(torch.zeros(1, two, B, num_heads, hidden // num_heads),
-                             num_bits=compression.num_bits, group_size=compression.group_size)
+            probe = quantize(torch.zeros(1, 2, count, head_dim), num_bits=compression.num_bits,
+                             group_size=compression.group_size)
             self.planes = [Plane(tuple(t.shape[1:]), t.dtype, max_len, tier, device, disk,
                                  path.with_suffix(f".{name}"))
                            for name, t in (("codes", probe.data), ("scale", probe.scale),
                                            ("min", probe.minimum))]
 
     def read(self, device: torch.device | None = None, stats: TransferStats | None = None) -> torch.Tensor | None:
-        """The cached positions so far, [T, 2, B, h], on `device` (default: where the slot lives).
-        Compressed planes are moved first and dequantised there: 4x fewer bytes cross the link."""
+        """The cached positions so far, [T, 2, count, head_dim], on `device` (default: where the part
+        lives). Compressed planes are moved first and dequantised there: 4x fewer bytes cross the link."""
         if self.length == 0:
             return None
         planes = [p.read(self.length) for p in self.planes]
@@ -80,25 +89,45 @@ class CacheSlot:
             planes = [to_device(p, device, stats) for p in planes]
         if self.compression is None:
             return planes[0]
-        T, two, B, hidden = self.length, *self.shape[1:]
         q = QuantizedTensor(data=planes[0], scale=planes[1], minimum=planes[2],
-                            shape=(T, two, B, self.num_heads, hidden // self.num_heads), dim=4,
+                            shape=(self.length, 2, self.count, self.head_dim), dim=3,
                             group_size=self.compression.group_size, num_bits=self.compression.num_bits)
-        return dequantize(q, self.dtype).view(T, two, B, hidden)
+        return dequantize(q, self.dtype)
 
     def append(self, new: torch.Tensor) -> None:
-        """new: [s, 2, B, h] — the keys and values of the positions just computed."""
-        s = new.shape[0]
+        """new: [s, 2, count, head_dim] — this part's keys and values of the positions just computed."""
         if self.compression is None:
             self.planes[0].write(self.length, new)
         else:
-            two, B, hidden = self.shape[1:]
-            q = quantize(new.reshape(s, two, B, self.num_heads, hidden // self.num_heads),
-                         num_bits=self.compression.num_bits, group_size=self.compression.group_size)
+            q = quantize(new, num_bits=self.compression.num_bits, group_size=self.compression.group_size)
             for plane, part in zip(self.planes, (q.data, q.scale, q.minimum)):
                 plane.write(self.length, part)
-        self.length += s
+        self.length += new.shape[0]
 
     def close(self) -> None:
         for p in self.planes:
+            p.close()
+
+
+class CacheSlot:
+    """The cache of one (layer, micro-batch): up to three parts, GPU pairs first, then RAM, then disk."""
+
+    def __init__(self, rows: int, max_len: int, num_heads: int, head_dim: int, gpu_percent: float,
+                 cpu_percent: float, dtype: torch.dtype, device: torch.device, disk: DiskTier, path: Path,
+                 *, compression: CompressionConfig | None = None) -> None:
+        counts = cache_pair_split(rows * num_heads, gpu_percent, cpu_percent)
+        self.parts, first = [], 0
+        for tier, count in zip((Tier.GPU, Tier.CPU, Tier.DISK), counts):
+            if count:
+                self.parts.append(CachePart(tier, first, count, max_len, head_dim, dtype, device, disk,
+                                            path.with_name(f"{path.stem}-{tier.value}{path.suffix}"),
+                                            compression))
+                first += count
+
+    @property
+    def disk_part(self) -> CachePart | None:
+        return next((p for p in self.parts if p.tier == Tier.DISK), None)
+
+    def close(self) -> None:
+        for p in self.parts:
             p.close()

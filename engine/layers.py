@@ -85,6 +85,31 @@ def attend(cfg: OPTConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     return out.transpose(1, 2).reshape(B, S, hidden)
 
 
+def attend_pairs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention for (row, head) pairs, each on its own (a cache part holds a range of them).
+    q: [n, S, D] (pre-scaled); k, v: [T, n, D] (the cache layout); mask: [n, S, T]. Returns [n, S, D]."""
+    return F.scaled_dot_product_attention(q, k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype),
+                                          attn_mask=mask, scale=1.0)
+
+
+def to_pairs(cfg: OPTConfig, x: torch.Tensor) -> torch.Tensor:
+    """[B, S, h] -> [B*H, S, D]: the queries of every (row, head) pair, in the cache's pair order."""
+    B, S, _ = x.shape
+    return x.view(B, S, cfg.num_heads, cfg.head_dim).transpose(1, 2).reshape(B * cfg.num_heads, S, cfg.head_dim)
+
+
+def from_pairs(cfg: OPTConfig, x: torch.Tensor) -> torch.Tensor:
+    """[B*H, S, D] -> [B, S, h]."""
+    n, S, D = x.shape
+    return x.view(n // cfg.num_heads, cfg.num_heads, S, D).transpose(1, 2).reshape(n // cfg.num_heads, S, -1)
+
+
+def pair_mask(cfg: OPTConfig, mask: torch.Tensor) -> torch.Tensor:
+    """[B, 1, S, T] -> [B*H, S, T]."""
+    B, _, S, T = mask.shape
+    return mask.expand(B, cfg.num_heads, S, T).reshape(B * cfg.num_heads, S, T)
+
+
 def attention_output(w: dict, cfg: OPTConfig, residual: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     h = F.linear(attn, w["self_attn.out_proj.weight"], w["self_attn.out_proj.bias"]).add_(residual)
     return h if cfg.do_layer_norm_before else _layer_norm(w, "self_attn_layer_norm", h)

@@ -7,11 +7,15 @@ rule puts 67 % in RAM when asked for 50 or 60 %, which would put the planner's f
 to a sixth of the model. Carrying each layer's rounding into the next keeps every layer within one
 tensor of the asked split (so streaming still overlaps each layer's compute) and the whole model
 within one tensor below it, never above (the planner budgets RAM for the asked fraction).
-KV cache and activations are split by slot: one slot per (layer, micro-batch), numbered
-layer-major, each on the tier holding its midpoint, so mixed GPU/CPU/disk placements of cache and activations (which FlexGen refuses) are just other splits.
+Activations are split by slot: one slot per (layer, micro-batch), numbered layer-major, each on
+the tier holding its midpoint. The KV cache is split inside every slot, by (row, head) pairs
+(`cache_pair_split`): with whole slots per tier, the layers whose cache sat on disk carried all the
+cache traffic while the others left the disk idle, and the LP's per-layer fractions were wrong.
 On a host without CUDA the GPU tier is the same RAM as the CPU tier.
 """
 from __future__ import annotations
+
+import math
 
 from engine.tiers import Tier
 
@@ -57,3 +61,12 @@ def slot_tier(layer: int, micro_batch: int, num_layers: int, num_micro_batches: 
     """Tier of the (layer, micro-batch) slot of the KV cache or of the activations."""
     index = layer * num_micro_batches + micro_batch
     return tier_by_midpoint(index, 1, num_layers * num_micro_batches, gpu_percent, cpu_percent)
+
+
+def cache_pair_split(pairs: int, gpu_percent: float, cpu_percent: float) -> tuple[int, int, int]:
+    """(GPU, RAM, disk) counts of a cache slot's (row, head) pairs: every slot is split the same way,
+    rounded down on the GPU and in RAM like the weights (the planner budgets exactly the percents)."""
+    eps = 1e-6
+    gpu = min(pairs, math.floor(pairs * gpu_percent / 100 + eps))
+    ram = min(pairs, math.floor(pairs * (gpu_percent + cpu_percent) / 100 + eps))
+    return gpu, ram - gpu, pairs - ram

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from engine import layers
-from engine.kv_cache import CacheSlot
+from engine.kv_cache import CachePart, CacheSlot
 from engine.model_config import OPTConfig
 from engine.placed_weights import PlacedWeights
 from engine.placement import slot_tier
@@ -96,12 +96,12 @@ class BlockRunner:
                     for i in range(0, len(rows), gbs)]
         self.layer_names = layer_names(cfg)
         K, L = len(self.mbs), cfg.num_layers
-        self.cache = [[CacheSlot(slot_tier(j, k, L, policy.num_gpu_batches, policy.cache_gpu_percent,
-                                           policy.cache_cpu_percent),
-                                 (max_len, 2, len(mb.rows), cfg.hidden_size), ctx.dtype, ctx.device, ctx.disk,
-                                 workdir / f"kv-{j}-{k}.bin", num_heads=cfg.num_heads,
+        self.cache = [[CacheSlot(len(mb.rows), max_len, cfg.num_heads, cfg.head_dim, policy.cache_gpu_percent,
+                                 policy.cache_cpu_percent, ctx.dtype, ctx.device, ctx.disk,
+                                 workdir / f"kv-{j}-{k}.bin",
                                  compression=policy.compression if policy.compress_cache else None)
                        for k, mb in enumerate(self.mbs)] for j in range(L)]
+        self.cache_reads: dict[tuple[int, int], Future] = {}  # (layer, micro-batch) -> disk part read ahead
         self.act_tiers = [[slot_tier(j, k, L + 2, policy.num_gpu_batches, policy.activations_gpu_percent,
                                      policy.activations_cpu_percent) for k in range(K)] for j in range(L + 2)]
         self.act_path = [workdir / f"act-{k}.bin" for k in range(K)]
@@ -131,16 +131,14 @@ class BlockRunner:
             on_step: Callable[[StepUpdate], None] | None, should_stop: Callable[[], bool] | None) -> bool:
         """Generate until every row is finished; returns True if stopped early by `should_stop`."""
         ctx, names = self.ctx, self.layer_names
-        weights_next = self.submit(ctx.weights.fetch, names[0])
+        self.weights_next = self.submit(ctx.weights.fetch, names[0])
         try:
             for step in range(self.steps):
                 started = time.perf_counter()
                 for mb in self.mbs:
                     mb.begin_step(self.prompt_len if step == 0 else 1)
-                for j, name in enumerate(names):
-                    w = ctx.weights.finish(weights_next.result())
-                    # Prefetch the next layer (wrapping to the embedding for the next step).
-                    weights_next = self.submit(ctx.weights.fetch, names[(j + 1) % len(names)])
+                for j in range(len(names)):
+                    w = ctx.weights.finish(self.weights_next.result())
                     self._run_layer(j, w, params)
                 del w
                 new_tokens = self._finish_step(stop_ids)
@@ -155,7 +153,7 @@ class BlockRunner:
             return False
         finally:
             if ctx.io is not None:
-                weights_next.cancel()
+                self.weights_next.cancel()
                 ctx.io.submit(lambda: None).result()  # drain pending stores before deleting files
             for row in self.cache:
                 for slot in row:
@@ -163,9 +161,26 @@ class BlockRunner:
             for path in self.act_path:
                 path.unlink(missing_ok=True)
 
+    def _prefetch_weights(self, j: int) -> None:
+        """Start loading the layer after j (wrapping to the embedding for the next step)."""
+        self.weights_next = self.submit(self.ctx.weights.fetch, self.layer_names[(j + 1) % len(self.layer_names)])
+
+    def _prefetch_cache(self, j: int, k: int) -> None:
+        """Start reading the disk part of the cache slot used after layer j's micro-batch k: the I/O
+        thread reads in the order the compute thread needs, one slot ahead, across layers."""
+        j, k = (j, k + 1) if k + 1 < len(self.mbs) else (j + 1, 0)
+        if j > self.ctx.cfg.num_layers:
+            return
+        part = self.cache[j - 1][k].disk_part
+        if part is not None:
+            self.cache_reads[j, k] = self.submit(part.read, self._cache_device(part), self.ctx.stats)
+
     def _run_layer(self, j: int, w: dict, params: GenerationParams) -> None:
         L = self.ctx.cfg.num_layers
+        if j == 0 or j == L + 1:
+            self._prefetch_weights(j)
         if j == 0:
+            self._prefetch_cache(0, len(self.mbs) - 1)  # the first decoder layer's first slot
             for k, mb in enumerate(self.mbs):
                 self._store_act(j, k, layers.input_embed(w, self.ctx.cfg, mb.next_ids, mb.step_positions,
                                                         self.ctx.dtype))
@@ -176,49 +191,66 @@ class BlockRunner:
                 self._sample(mb, layers.output_logits(w, self.ctx.cfg, h[:, -1]), params)
             return
         slots = self.cache[j - 1]
-        # Disk slots: their reads are prefetched one micro-batch ahead.
-        reads = {0: self._prefetch_read(slots[0])} if slots[0].tier == Tier.DISK else {}
         for k, mb in enumerate(self.mbs):
-            if k + 1 < len(self.mbs) and slots[k + 1].tier == Tier.DISK:
-                reads[k + 1] = self._prefetch_read(slots[k + 1])
+            # The I/O thread works in the order the compute thread needs things: micro-batch 1's
+            # cache, the next layer's weights, then its first micro-batch's cache.
+            if k == 0 and len(self.mbs) == 1:
+                self._prefetch_weights(j)
+            self._prefetch_cache(j, k)
+            if k == 0 and len(self.mbs) > 1:
+                self._prefetch_weights(j)
             h = to_device(self.acts[k].result(), self.ctx.device, self.ctx.stats)
-            self._store_act(j, k, self._decoder(w, h, slots[k], reads.get(k), mb))
+            self._store_act(j, k, self._decoder(w, h, slots[k], self.cache_reads.pop((j, k), None), mb))
 
-    def _cache_device(self, slot: CacheSlot) -> torch.device:
-        """Where a slot's cache is attended: on the CPU with cpu_cache_compute, else the compute device."""
-        if self.ctx.policy.cpu_cache_compute and slot.tier != Tier.GPU:
+    def _cache_device(self, part: CachePart) -> torch.device:
+        """Where a part of the cache is attended: on the CPU with cpu_cache_compute, else the compute device."""
+        if self.ctx.policy.cpu_cache_compute and part.tier != Tier.GPU:
             return torch.device("cpu")
         return self.ctx.device
 
-    def _prefetch_read(self, slot: CacheSlot) -> Future:
-        return self.submit(slot.read, self._cache_device(slot), self.ctx.stats)
-
     def _decoder(self, w: dict, h: torch.Tensor, slot: CacheSlot, read: Future | None,
                  mb: MicroBatch) -> torch.Tensor:
-        cfg, ctx = self.ctx.cfg, self.ctx
+        cfg = self.ctx.cfg
         q, k, v = layers.qkv(w, cfg, h)
-        new = layers.cache_rows(k, v)  # [s, 2, B, h]
-        if slot.tier == Tier.DISK or slot.compression is not None:
-            # The cache read so far plus the new positions in full precision (a compressed slot
-            # must not attend to a quantised copy of the positions it just computed: HF doesn't).
-            where = self._cache_device(slot)
-            prev = read.result() if read is not None else slot.read(where, ctx.stats)
-            full = new.to(where) if prev is None else torch.cat((prev.to(where, new.dtype), new.to(where)))
-            if slot.tier == Tier.DISK:
-                self.submit(slot.append, new.contiguous())
-            else:
-                slot.append(new)
+        rows = layers.cache_rows(k, v)  # [s, 2, B, h]
+        new = rows.reshape(rows.shape[0], 2, -1, cfg.head_dim)  # [s, 2, B*H, D]: the (row, head) pairs
+        if mb.length == mb.query_len:  # the prefill: nothing cached yet, attend the new positions whole
+            for part in slot.parts:
+                self._append(part, new[:, :, part.pairs])
+            attn = layers.attend(cfg, q, rows[:, 0], rows[:, 1], mb.mask)
         else:
-            slot.append(new)
-            full = slot.read()
-        if ctx.policy.cpu_cache_compute and full.device.type == "cpu" and q.device.type != "cpu":
-            # Attention where the cache lives: ship q (small) instead of the cache (large).
-            attn = layers.attend(cfg, q.cpu(), full[:, 0], full[:, 1], mb.mask.cpu()).to(q.device)
-        else:
-            full = to_device(full, ctx.device, ctx.stats)
-            attn = layers.attend(cfg, q, full[:, 0], full[:, 1], mb.mask)
+            q_pairs, mask = layers.to_pairs(cfg, q), layers.pair_mask(cfg, mb.mask)
+            out = [self._attend_part(part, q_pairs[part.pairs], new[:, :, part.pairs], mask[part.pairs],
+                                     read if part.tier == Tier.DISK else None) for part in slot.parts]
+            attn = layers.from_pairs(cfg, out[0] if len(out) == 1 else torch.cat(out))
         h = layers.attention_output(w, cfg, h, attn)
         return layers.mlp(w, cfg, h)
+
+    def _append(self, part: CachePart, new: torch.Tensor) -> None:
+        if part.tier == Tier.DISK:
+            self.submit(part.append, new.contiguous())
+        else:
+            part.append(new)
+
+    def _attend_part(self, part: CachePart, q: torch.Tensor, new: torch.Tensor, mask: torch.Tensor,
+                     read: Future | None) -> torch.Tensor:
+        """One part's attention for a decode step: q [n, 1, D], new [1, 2, n, D], mask [n, 1, T]."""
+        ctx = self.ctx
+        if part.tier == Tier.DISK or part.compression is not None:
+            # The cache read so far plus the new position in full precision (a compressed part
+            # must not attend to a quantised copy of the position it just computed: HF doesn't).
+            where = self._cache_device(part)
+            prev = read.result() if read is not None else part.read(where, ctx.stats)
+            full = torch.cat((prev.to(where, new.dtype), new.to(where)))
+            self._append(part, new)
+        else:
+            part.append(new)
+            full = part.read()
+        if ctx.policy.cpu_cache_compute and full.device.type == "cpu" and q.device.type != "cpu":
+            # Attention where the cache lives: ship q (small) instead of the cache (large).
+            return layers.attend_pairs(q.cpu(), full[:, 0], full[:, 1], mask.cpu()).to(q.device)
+        full = to_device(full, ctx.device, ctx.stats)
+        return layers.attend_pairs(q, full[:, 0], full[:, 1], mask)
 
     def _sample(self, mb: MicroBatch, logits: torch.Tensor, params: GenerationParams) -> None:
         results = [r.result for r in mb.rows]

@@ -72,7 +72,8 @@ def test_placements_match_hf(tiny_model, tmp_path, name, num_gpu_batches, overla
     assert all(r.finish_reason == "length" for r in results)
 
 
-@pytest.mark.parametrize("percent", [(100, 0, 100, 0, 100, 0), (0, 30, 0, 50, 0, 0)])
+# 3 rows x 12 heads = 36 (row, head) pairs per cache slot: 50 % and 30/30/40 split rows mid-way.
+@pytest.mark.parametrize("percent", [(100, 0, 100, 0, 100, 0), (0, 30, 0, 50, 0, 0), (100, 0, 30, 30, 100, 0)])
 def test_real_dims_125m_match_hf(model_125m, tmp_path, percent):
     prompt_ids = encode(model_125m, PROMPTS)
     policy = Policy.from_percents(percent, gpu_batch_size=3, num_gpu_batches=2)
