@@ -247,7 +247,10 @@ def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
     head_compute = head_compute * hw.scale_for(model_key(cfg), "head", b)
     if sh.compress_weight:
         head_compute = head_compute + z.head16 * deq
-    head_convert_s = 0.0 if sh.compress_weight else z.head16 * x.wd * convert
+    # Streamed lookup tables stay fp16 (the embedding converts the rows it gathers): only the
+    # output head and projections are converted.
+    lookup16 = (cfg.vocab_size * cfg.embed_dim + (cfg.max_positions + 2) * cfg.hidden_size) * elem_bytes(hw)
+    head_convert_s = 0.0 if sh.compress_weight else (z.head16 - lookup16) * x.wd * convert
     head = {"disk": z.head_disk * x.wd * rd + (head_convert_s if gpu else 0.0),
             "cpu_to_gpu": z.head * (x.wc + x.wd) * c2g,
             "gpu_to_cpu": 0.0 * x.wd, "compute": head_compute + (0.0 if gpu else head_convert_s) + 0.0 * x.wd}

@@ -27,7 +27,7 @@ def embedding(ids: torch.Tensor, table, dtype: torch.dtype) -> torch.Tensor:
                                shape=(*ids.shape, table.shape[-1]), dim=ids.dim(),
                                group_size=table.group_size, num_bits=table.num_bits)
         return dequantize(rows, dtype)
-    return F.embedding(ids, table)
+    return F.embedding(ids, table).to(dtype)  # a streamed fp16 table: convert only these rows
 
 
 def input_embed(w: dict, cfg: OPTConfig, token_ids: torch.Tensor, positions: torch.Tensor,
