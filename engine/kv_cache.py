@@ -23,7 +23,7 @@ import torch
 from engine.compression import QuantizedTensor, dequantize, quantize
 from engine.placement import cache_pair_split
 from engine.policy import CompressionConfig
-from engine.tiers import DiskTier, Tier, TransferStats, to_device
+from engine.tiers import DiskTier, Tier, TransferStats, aligned_empty, to_device
 
 
 class Plane:
@@ -32,6 +32,7 @@ class Plane:
     def __init__(self, row_shape: tuple[int, ...], dtype: torch.dtype, max_len: int, tier: Tier,
                  device: torch.device, disk: DiskTier, path: Path) -> None:
         self.row_shape, self.dtype, self.tier, self.disk, self.path = row_shape, dtype, tier, disk, path
+        self.max_len = max_len
         self.row_bytes = math.prod(row_shape) * torch.empty((), dtype=dtype).element_size()
         if tier == Tier.DISK:
             self.buf = None
@@ -47,10 +48,20 @@ class Plane:
         else:
             self.disk.write(self.path, start * self.row_bytes, rows.to("cpu").contiguous())
 
-    def read(self, length: int) -> torch.Tensor:
+    def read(self, length: int, buffers: dict[int, torch.Tensor] | None = None, key: int = 0) -> torch.Tensor:
+        """The first `length` rows. From disk, into `buffers[key]` when given (kept and reused by
+        the caller: a fresh multi-MB buffer per read costs page faults on the I/O thread, which
+        stall the compute thread's own allocations), else into a fresh buffer."""
         if self.buf is not None:
             return self.buf[:length]
-        raw = self.disk.read(self.path, 0, length * self.row_bytes)
+        nbytes = length * self.row_bytes
+        if buffers is None:
+            raw = self.disk.read(self.path, 0, nbytes)
+        else:
+            if key not in buffers or buffers[key].numel() < self.max_len * self.row_bytes:
+                buffers[key] = aligned_empty(self.max_len * self.row_bytes)
+            raw = buffers[key][:nbytes]
+            self.disk.read_into(self.path, 0, raw)
         return raw.view(self.dtype).view(length, *self.row_shape)
 
     def close(self) -> None:
@@ -79,12 +90,14 @@ class CachePart:
                            for name, t in (("codes", probe.data), ("scale", probe.scale),
                                            ("min", probe.minimum))]
 
-    def read(self, device: torch.device | None = None, stats: TransferStats | None = None) -> torch.Tensor | None:
+    def read(self, device: torch.device | None = None, stats: TransferStats | None = None,
+             buffers: dict[int, torch.Tensor] | None = None) -> torch.Tensor | None:
         """The cached positions so far, [T, 2, count, head_dim], on `device` (default: where the part
-        lives). Compressed planes are moved first and dequantised there: 4x fewer bytes cross the link."""
+        lives). Compressed planes are moved first and dequantised there: 4x fewer bytes cross the link.
+        A disk part reads into `buffers` (see Plane.read): the result is valid until they are reused."""
         if self.length == 0:
             return None
-        planes = [p.read(self.length) for p in self.planes]
+        planes = [p.read(self.length, buffers, i) for i, p in enumerate(self.planes)]
         if device is not None and stats is not None:
             planes = [to_device(p, device, stats) for p in planes]
         if self.compression is None:

@@ -102,6 +102,8 @@ class BlockRunner:
                                  compression=policy.compression if policy.compress_cache else None)
                        for k, mb in enumerate(self.mbs)] for j in range(L)]
         self.cache_reads: dict[tuple[int, int], Future] = {}  # (layer, micro-batch) -> disk part read ahead
+        # Two sets of read buffers, alternating by slot: the slot in use and the one read ahead.
+        self.cache_read_buffers: tuple[dict, dict] = ({}, {})
         self.act_tiers = [[slot_tier(j, k, L + 2, policy.num_gpu_batches, policy.activations_gpu_percent,
                                      policy.activations_cpu_percent) for k in range(K)] for j in range(L + 2)]
         self.act_path = [workdir / f"act-{k}.bin" for k in range(K)]
@@ -173,7 +175,8 @@ class BlockRunner:
             return
         part = self.cache[j - 1][k].disk_part
         if part is not None:
-            self.cache_reads[j, k] = self.submit(part.read, self._cache_device(part), self.ctx.stats)
+            buffers = self.cache_read_buffers[(j * len(self.mbs) + k) % 2]
+            self.cache_reads[j, k] = self.submit(part.read, self._cache_device(part), self.ctx.stats, buffers)
 
     def _run_layer(self, j: int, w: dict, params: GenerationParams) -> None:
         L = self.ctx.cfg.num_layers

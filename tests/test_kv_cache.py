@@ -40,3 +40,21 @@ def test_parts_hold_their_pairs_on_their_tiers(tmp_path, compression):
         assert torch.equal(back, whole)
     slot.close()
     assert not list(tmp_path.iterdir())
+
+
+def test_disk_part_reads_into_the_callers_kept_buffer(tmp_path):
+    disk = DiskTier(tmp_path, TransferStats())
+    slot = CacheSlot(2, 8, 2, 16, 0, 0, torch.float32, torch.device("cpu"), disk, tmp_path / "kv.bin")
+    (part,) = slot.parts
+    buffers: dict = {}
+    seen = []
+    for step in range(3):
+        new = torch.randn(1, 2, 4, 16)
+        part.append(new)
+        back = part.read(buffers=buffers)
+        seen.append(new)
+        assert torch.equal(back, torch.cat(seen)) and back.shape[0] == step + 1
+        if step:
+            assert buffers[0].data_ptr() == ptr  # the same buffer, sized for the whole slot once
+        ptr = buffers[0].data_ptr()
+    slot.close()
