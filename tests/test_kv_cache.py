@@ -47,14 +47,14 @@ def test_disk_part_reads_into_the_callers_kept_buffer(tmp_path):
     slot = CacheSlot(2, 8, 2, 16, 0, 0, torch.float32, torch.device("cpu"), disk, tmp_path / "kv.bin")
     (part,) = slot.parts
     buffers: dict = {}
-    seen = []
+    seen, ptr = [], None
     for step in range(3):
         new = torch.randn(1, 2, 4, 16)
         part.append(new)
         back = part.read(buffers=buffers)
         seen.append(new)
         assert torch.equal(back, torch.cat(seen)) and back.shape[0] == step + 1
-        if step:
+        if ptr is not None:
             assert buffers[0].data_ptr() == ptr  # the same buffer, sized for the whole slot once
         ptr = buffers[0].data_ptr()
     slot.close()
