@@ -249,7 +249,7 @@ def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
         head_compute = head_compute + z.head16 * deq
     # Streamed lookup tables stay fp16 (the embedding converts the rows it gathers): only the
     # output head and projections are converted.
-    lookup16 = (cfg.vocab_size * cfg.embed_dim + (cfg.max_positions + 2) * cfg.hidden_size) * elem_bytes(hw)
+    lookup16 = cfg.lookup_table_param_count() * elem_bytes(hw)
     head_convert_s = 0.0 if sh.compress_weight else (z.head16 - lookup16) * x.wd * convert
     head = {"disk": z.head_disk * x.wd * rd + (head_convert_s if gpu else 0.0),
             "cpu_to_gpu": z.head * (x.wc + x.wd) * c2g,

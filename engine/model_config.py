@@ -48,8 +48,12 @@ class OPTConfig:
         h, f = self.hidden_size, self.ffn_dim
         return 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h  # attention, MLP, two LayerNorms
 
+    def lookup_table_param_count(self) -> int:
+        """The token and position embedding tables (rows gathered, not multiplied)."""
+        return self.vocab_size * self.embed_dim + (self.max_positions + 2) * self.hidden_size
+
     def param_count(self) -> int:
-        embed = self.vocab_size * self.embed_dim + (self.max_positions + 2) * self.hidden_size
+        embed = self.lookup_table_param_count()
         proj = 2 * self.embed_dim * self.hidden_size if self.has_projections else 0
         final_ln = 2 * self.hidden_size if self.has_final_layer_norm else 0
         return embed + proj + final_ln + self.num_layers * self.layer_param_count()

@@ -23,6 +23,11 @@ from engine.weights import TensorEntry, WeightStore, align_up, layer_names
 ROW_LOOKUP_TABLES = ("embed_tokens.weight", "embed_positions.weight")
 
 
+def _as_fp16(buf: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
+    """The stored fp16 tensor inside a raw (aligned, padded) read buffer, as a view."""
+    return buf[: entry.nbytes].view(torch.float16).view(entry.shape)
+
+
 class PlacedWeights:
     def __init__(self, store: WeightStore, cfg: OPTConfig, policy: Policy, device: torch.device,
                  dtype: torch.dtype, disk: DiskTier, stats: TransferStats) -> None:
@@ -76,7 +81,7 @@ class PlacedWeights:
         buf = self._read_raw(layer, entry, reuse=False)
         if entry.compressed:
             return self._ready(entry, buf, self._slot(layer)) if ready else buf
-        fp16 = buf[: entry.nbytes].view(torch.float16).view(entry.shape)
+        fp16 = _as_fp16(buf, entry)
         return fp16.to(self.dtype) if self.dtype != torch.float16 else fp16
 
     def _read_raw(self, layer: str, entry: TensorEntry, *, reuse: bool) -> torch.Tensor:
@@ -155,11 +160,10 @@ class PlacedWeights:
             elif on_disk and entry.name in ROW_LOOKUP_TABLES:
                 # Stays fp16: the embedding converts the few rows it gathers. Converting the whole
                 # table (opt-1.3b: 206 MB, into fresh pages) cost 0.4 s of every decode step.
-                fp16 = raw[entry.name][: entry.nbytes].view(torch.float16).view(entry.shape)
-                out[entry.name] = to_device(fp16, self.device, self.stats)
+                out[entry.name] = to_device(_as_fp16(raw[entry.name], entry), self.device, self.stats)
             elif on_disk:  # converted into a buffer kept per (layer parity, tensor): no page faults
                 held = self._reused(self._stream_buffers, self._slot(layer), entry, torch.device("cpu"))
-                held.copy_(raw[entry.name][: entry.nbytes].view(torch.float16).view(entry.shape))
+                held.copy_(_as_fp16(raw[entry.name], entry))
                 out[entry.name] = to_device(held, self.device, self.stats)
             elif entry.compressed:
                 out[entry.name] = self._ready(entry, self.resident[layer][entry.name], self._slot(layer))

@@ -58,7 +58,7 @@ def split_layers(layers: list[list[int]], gpu_percent: float, cpu_percent: float
 
 def slot_tier(layer: int, micro_batch: int, num_layers: int, num_micro_batches: int,
               gpu_percent: float, cpu_percent: float) -> Tier:
-    """Tier of the (layer, micro-batch) slot of the KV cache or of the activations."""
+    """Tier of the (layer, micro-batch) slot of the activations (the KV cache: cache_pair_split)."""
     index = layer * num_micro_batches + micro_batch
     return tier_by_midpoint(index, 1, num_layers * num_micro_batches, gpu_percent, cpu_percent)
 
