@@ -32,7 +32,8 @@ LINK_FIELDS = {
     GPU_TO_CPU: "gpu_to_cpu_gbps",
 }
 
-PROFILE_VERSION = 4  # 2: linear_s_per_byte, 3: compute_scale, 4: per-row-count and per-model scales
+PROFILE_VERSION = 5  # 2: linear_s_per_byte, 3: compute_scale, 4: per-row-count and per-model scales,
+# 5: io_compute_interference, convert_gbps into a kept buffer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,6 +61,9 @@ class HardwareProfile:
     cpu_attention_gbps: float = 10.0     # KV-cache bytes a decode attention on the CPU gets through per s
     dequant_gbps: float = 5.0            # fp16 output bytes/s of 4-bit group-wise decompression on the compute device
     convert_gbps: float = 0.0            # fp16 -> compute dtype conversion of weights read from disk (0: none)
+    # Seconds of compute lost per second the disk tier is busy, on a host without a GPU (the I/O
+    # thread's syscalls, copies and Python share the cores that compute); measured by the profiler.
+    io_compute_interference: float = 0.0
 
     # matmul FLOP/s by device ("cpu", "cuda") and dtype ("float32", "bfloat16", "float16").
     matmul_flops: dict[str, dict[str, float]] = field(default_factory=dict)

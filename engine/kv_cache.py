@@ -48,10 +48,13 @@ class Plane:
         else:
             self.disk.write(self.path, start * self.row_bytes, rows.to("cpu").contiguous())
 
-    def read(self, length: int, buffers: dict[int, torch.Tensor] | None = None, key: int = 0) -> torch.Tensor:
+    def read(self, length: int, buffers: dict[int, torch.Tensor] | None = None, key: int = 0,
+             room: int = 0) -> torch.Tensor:
         """The first `length` rows. From disk, into `buffers[key]` when given (kept and reused by
         the caller: a fresh multi-MB buffer per read costs page faults on the I/O thread, which
-        stall the compute thread's own allocations), else into a fresh buffer."""
+        stall the compute thread's own allocations), else into a fresh buffer. With buffers,
+        `room` more rows follow the ones read (contents undefined): the caller writes the step's
+        new position there instead of concatenating a copy of the whole cache."""
         if self.buf is not None:
             return self.buf[:length]
         nbytes = length * self.row_bytes
@@ -60,8 +63,9 @@ class Plane:
         else:
             if key not in buffers or buffers[key].numel() < self.max_len * self.row_bytes:
                 buffers[key] = aligned_empty(self.max_len * self.row_bytes)
-            raw = buffers[key][:nbytes]
-            self.disk.read_into(self.path, 0, raw)
+            self.disk.read_into(self.path, 0, buffers[key][:nbytes])
+            length = min(length + room, self.max_len)
+            raw = buffers[key][:length * self.row_bytes]
         return raw.view(self.dtype).view(length, *self.row_shape)
 
     def close(self) -> None:
@@ -94,10 +98,12 @@ class CachePart:
              buffers: dict[int, torch.Tensor] | None = None) -> torch.Tensor | None:
         """The cached positions so far, [T, 2, count, head_dim], on `device` (default: where the part
         lives). Compressed planes are moved first and dequantised there: 4x fewer bytes cross the link.
-        A disk part reads into `buffers` (see Plane.read): the result is valid until they are reused."""
+        A disk part reads into `buffers` (see Plane.read): the result is valid until they are reused,
+        and an uncompressed one then has one more row, [T + 1, ...], for the caller's new position."""
         if self.length == 0:
             return None
-        planes = [p.read(self.length, buffers, i) for i, p in enumerate(self.planes)]
+        room = 1 if self.compression is None else 0
+        planes = [p.read(self.length, buffers, i, room) for i, p in enumerate(self.planes)]
         if device is not None and stats is not None:
             planes = [to_device(p, device, stats) for p in planes]
         if self.compression is None:

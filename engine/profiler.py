@@ -100,25 +100,31 @@ def measure_profile(disk_dir: str | Path, *, disk_bytes: int | None = None,
     has_gpu = torch.cuda.is_available()
     dtype = _engine_dtype(has_gpu)
     cpu_dtype = _engine_dtype(False)  # what CPU-side work (attention, RAM weights) runs in
+    fields: dict = {}
     if has_gpu:
         write_gbps, read_gbps, method = measure_disk(disk_dir, disk_bytes)
     else:
         # Without a GPU the engine reads the disk while the same cores compute (virtio and the copy
         # out of the block layer need CPU too): measured here, reads under a matmul load ran at
         # 0.8 GB/s against 1.2-1.3 alone. The cost model needs what the engine will see.
-        with _cpu_busy(dtype):
+        with _cpu_busy(dtype) as burn:
+            burn.wait_for(iterations=4, at_least_s=4 * seconds_per_test)  # its pace with the disk idle
+            alone_s, started = burn.mean_iteration_s(), time.perf_counter()
             write_gbps, read_gbps, method = measure_disk(disk_dir, disk_bytes)
+            beside_disk_s = burn.mean_iteration_s(since=started)
         method += ", under compute load"
+        # What the I/O thread costs the compute beside it: on a 2-core VM ~10-30 % of the time the
+        # disk is busy (syscalls, virtio completions, the copy out of the block layer).
+        fields["io_compute_interference"] = max(0.0, 1.0 - alone_s / beside_disk_s) if alone_s and beside_disk_s else 0.0
     read_lat, sync_lat = measure_disk_latency(disk_dir, seconds_per_test)
     flops = {"cpu": {str(dt).removeprefix("torch."): matmul_flops("cpu", dt, seconds_per_test)
                      for dt in (torch.float32, torch.bfloat16)}}
-    fields: dict = {}
     if has_gpu:
         flops["cuda"] = {str(dt).removeprefix("torch."): matmul_flops("cuda", dt, seconds_per_test)
                          for dt in (torch.float32, torch.bfloat16, torch.float16)}
         c2g, g2c = pinned_copy_gbps(seconds_per_test)
         props = torch.cuda.get_device_properties(0)
-        fields = dict(gpu_name=props.name, cpu_to_gpu_gbps=c2g, gpu_to_cpu_gbps=g2c,
+        fields.update(gpu_name=props.name, cpu_to_gpu_gbps=c2g, gpu_to_cpu_gbps=g2c,
                       gpu_mem_gbps=device_copy_gbps(seconds_per_test), gpu_mem_gib=props.total_memory / 2 ** 30)
     device = "cuda" if has_gpu else "cpu"
     prof = HardwareProfile(
@@ -140,21 +146,39 @@ def measure_profile(disk_dir: str | Path, *, disk_bytes: int | None = None,
     return prof.replace(compute_scale=scale)
 
 
+class _Burn:
+    """End times of a background matmul loop's iterations, to tell its pace in a time window."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def wait_for(self, *, iterations: int, at_least_s: float, at_most_s: float = 3.0) -> None:
+        started = time.perf_counter()
+        while time.perf_counter() - started < at_most_s and (
+                len(self.ends) < iterations or time.perf_counter() - started < at_least_s):
+            time.sleep(0.01)
+
+    def mean_iteration_s(self, since: float = 0.0) -> float:
+        ends = [t for t in self.ends if t >= since]
+        return (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else 0.0
+
+
 @contextlib.contextmanager
 def _cpu_busy(dtype: torch.dtype):
     """A background thread running prefill-sized matmuls, as the engine's compute does."""
-    stop = threading.Event()
+    stop, burn = threading.Event(), _Burn()
 
-    def burn() -> None:
+    def loop() -> None:
         x = torch.full((512, 2048), 0.5, dtype=dtype)
         w = torch.full((8192, 2048), 0.01, dtype=dtype)
         with torch.inference_mode():
             while not stop.is_set():
                 torch.nn.functional.linear(x, w)
-    thread = threading.Thread(target=burn, daemon=True)
+                burn.ends.append(time.perf_counter())
+    thread = threading.Thread(target=loop, daemon=True)
     thread.start()
     try:
-        yield
+        yield burn
     finally:
         stop.set()
         thread.join()
@@ -378,9 +402,13 @@ def convert_gbps(dtype: torch.dtype, seconds: float = 0.25) -> float:
     """Output bytes/s of converting fp16 weights (the store's format) to the compute dtype on the
     CPU; without F16C/AVX-512 paths this is slower than the disk read it follows."""
     src = torch.full((2 ** 23,), 0.5, dtype=torch.float16)
-    out_bytes = src.numel() * torch.tensor([], dtype=dtype).element_size()
+    # Into a kept buffer, as the engine converts (placed_weights: `_stream_buffers`): timing
+    # `src.to(dtype)` counted the page faults of a fresh 32 MB tensor and read 1.8 GB/s where the
+    # engine's copy runs at ~10 (opt-1.3b, fp32, AVX2 host), so streamed weights looked 5x dearer.
+    out = torch.empty(src.shape, dtype=dtype)
+    out_bytes = out.numel() * out.element_size()
     with torch.inference_mode():
-        return out_bytes / _timed(lambda: src.to(dtype), seconds) / 1e9
+        return out_bytes / _timed(lambda: out.copy_(src), seconds) / 1e9
 
 
 def op_overhead_s(device: str, dtype: torch.dtype = torch.float32) -> float:

@@ -244,7 +244,11 @@ class BlockRunner:
             # must not attend to a quantised copy of the position it just computed: HF doesn't).
             where = self._cache_device(part)
             prev = read.result() if read is not None else part.read(where, ctx.stats)
-            full = torch.cat((prev.to(where, new.dtype), new.to(where)))
+            if prev.shape[0] > part.length:  # read with room: write the new position in place
+                full = prev
+                full[part.length:].copy_(new)
+            else:
+                full = torch.cat((prev.to(where, new.dtype), new.to(where)))
             self._append(part, new)
         else:
             part.append(new)

@@ -163,6 +163,25 @@ def test_compute_scale_multiplies_layer_compute_and_cpu_conversion_does_not_over
     assert layer["compute"] - no_convert["compute"] == pytest.approx(2 * cfg.layer_param_count() / 4e9)
 
 
+def test_io_interference_charges_compute_for_disk_time_only_without_a_gpu():
+    cfg = preset("1.3b")
+    hw = HardwareProfile(cpu_mem_gbps=20, disk_read_gbps=2, convert_gbps=4, compute_dtype="bfloat16",
+                         matmul_flops={"cpu": {"bfloat16": 1e12}})
+    pol = Policy.from_percents([0, 50, 0, 0, 0, 100], gpu_batch_size=32)
+    sh, x = Shape.from_policy(pol, prompt_len=128, gen_len=8), Placement.from_policy(pol, cfg.num_heads)
+    for decode in (False, True):
+        base = phase_terms(cfg, hw, sh, x, decode=decode)
+        slowed = phase_terms(cfg, hw.replace(io_compute_interference=0.25), sh, x, decode=decode)
+        for (_, b), (_, s) in zip(base, slowed):  # the decoder layer and the head
+            assert s["disk"] == pytest.approx(b["disk"]) and b["disk"] > 0
+            assert s["compute"] - b["compute"] == pytest.approx(0.25 * b["disk"])
+    # With a GPU the cores that run the I/O thread are not the ones that compute.
+    gpu = hw.replace(gpu_name="x", cpu_to_gpu_gbps=10, gpu_to_cpu_gbps=10, gpu_mem_gbps=500,
+                     matmul_flops={"cuda": {"bfloat16": 1e14}, "cpu": {"bfloat16": 1e12}})
+    base = phase_terms(cfg, gpu, sh, x, decode=True)[0][1]
+    assert phase_terms(cfg, gpu.replace(io_compute_interference=0.25), sh, x, decode=True)[0][1] == base
+
+
 def test_scale_for_interpolates_between_timed_row_counts():
     hw = HardwareProfile(compute_scale={"prefill": 0.9, "decode": 0.5, "decode:1": 2.0, "decode:64": 0.5},
                          model_compute_scale={"mine": {"prefill": 1.2, "head:8": 3.0}})

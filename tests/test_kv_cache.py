@@ -42,7 +42,7 @@ def test_parts_hold_their_pairs_on_their_tiers(tmp_path, compression):
     assert not list(tmp_path.iterdir())
 
 
-def test_disk_part_reads_into_the_callers_kept_buffer(tmp_path):
+def test_disk_part_reads_into_the_callers_kept_buffer_with_room(tmp_path):
     disk = DiskTier(tmp_path, TransferStats())
     slot = CacheSlot(2, 8, 2, 16, 0, 0, torch.float32, torch.device("cpu"), disk, tmp_path / "kv.bin")
     (part,) = slot.parts
@@ -53,7 +53,9 @@ def test_disk_part_reads_into_the_callers_kept_buffer(tmp_path):
         part.append(new)
         back = part.read(buffers=buffers)
         seen.append(new)
-        assert torch.equal(back, torch.cat(seen)) and back.shape[0] == step + 1
+        # The positions read, plus one row of room for the caller's next position, in place.
+        assert torch.equal(back[:step + 1], torch.cat(seen)) and back.shape[0] == step + 2
+        assert back.data_ptr() == buffers[0].data_ptr()
         if ptr is not None:
             assert buffers[0].data_ptr() == ptr  # the same buffer, sized for the whole slot once
         ptr = buffers[0].data_ptr()

@@ -16,6 +16,7 @@ def test_short_real_measurement_is_stored_and_reused(tmp_path):
     assert prof.cpu_attention_gbps > 0 and prof.dequant_gbps > 0 and prof.op_overhead_s > 0
     assert prof.disk_read_latency_s >= 0 and prof.disk_sync_latency_s > 0
     assert prof.convert_gbps > 0 or prof.compute_dtype == "float16"
+    assert 0.0 <= prof.io_compute_interference < 1.0  # share of compute lost while the disk works
     assert all(v > 0 for v in prof.matmul_flops["cpu"].values())
     assert set(prof.matmul_flops["cpu"]) >= {"float32", "bfloat16"}
     table = {int(m): t for m, t in prof.linear_s_per_byte.items()}
