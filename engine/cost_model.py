@@ -239,8 +239,6 @@ def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
     r_lat, w_lat = hw.disk_read_latency_s, hw.disk_sync_latency_s
     disk = disk + TENSORS_PER_LAYER * x.wd * r_lat + nb * x.hd * (r_lat + w_lat)
     disk = disk + nb * x.cd * (w_lat + (r_lat if decode else 0.0))
-    if not gpu:  # the I/O thread runs on the cores that compute: overlap is not free
-        compute = compute + hw.io_compute_interference * disk
     layer = {"disk": disk, "cpu_to_gpu": c_to_g, "gpu_to_cpu": g_to_c, "compute": compute}
 
     # Head: the tied embedding / LM head (one position per row), loaded once per step.
@@ -253,10 +251,12 @@ def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
     # output head and projections are converted.
     lookup16 = cfg.lookup_table_param_count() * elem_bytes(hw)
     head_convert_s = 0.0 if sh.compress_weight else (z.head16 - lookup16) * x.wd * convert
-    head_disk = z.head_disk * x.wd * rd + (head_convert_s if gpu else 0.0)
-    head_compute = head_compute + (0.0 if gpu else head_convert_s + hw.io_compute_interference * head_disk)
-    head = {"disk": head_disk, "cpu_to_gpu": z.head * (x.wc + x.wd) * c2g,
-            "gpu_to_cpu": 0.0 * x.wd, "compute": head_compute + 0.0 * x.wd}
+    head = {"disk": z.head_disk * x.wd * rd + (head_convert_s if gpu else 0.0),
+            "cpu_to_gpu": z.head * (x.wc + x.wd) * c2g,
+            "gpu_to_cpu": 0.0 * x.wd, "compute": head_compute + (0.0 if gpu else head_convert_s) + 0.0 * x.wd}
+    if not gpu:  # the I/O thread runs on the cores that compute: overlap is not free
+        for stage in (layer, head):
+            stage["compute"] = stage["compute"] + hw.io_compute_interference * stage["disk"]
     return [(cfg.num_layers, layer), (1, head)]
 
 

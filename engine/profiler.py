@@ -172,9 +172,7 @@ def measure_io_interference(disk_dir: Path, dtype: torch.dtype, seconds: float =
     buf.write(os.urandom(_CHUNK))
     stop = threading.Event()
     try:
-        with open(path, "wb") as fh:
-            for _ in range(nbytes // _CHUNK):
-                fh.write(buf)
+        _write_probe(path, nbytes, buf)
         reading = [(path, nbytes)] + _settled_files(disk_dir.resolve(), nbytes)
 
         def reader() -> None:
@@ -222,15 +220,7 @@ def measure_disk(disk_dir: Path, nbytes: int = DEFAULT_DISK_BYTES) -> tuple[floa
     buf = mmap.mmap(-1, _CHUNK)  # page-aligned, as O_DIRECT requires
     buf.write(os.urandom(_CHUNK))  # incompressible
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            t0 = time.perf_counter()
-            for _ in range(nbytes // _CHUNK):
-                os.write(fd, buf)
-            os.fsync(fd)
-            write_s = time.perf_counter() - t0
-        finally:
-            os.close(fd)
+        write_s = _write_probe(path, nbytes, buf)
         read_s, method = _read_uncached(path, nbytes, buf)
         read_gbps = nbytes / read_s / 1e9
         settled = _settled_files(disk_dir.resolve(), nbytes)
@@ -245,6 +235,19 @@ def measure_disk(disk_dir: Path, nbytes: int = DEFAULT_DISK_BYTES) -> tuple[floa
     finally:
         buf.close()
         path.unlink(missing_ok=True)
+
+
+def _write_probe(path: Path, nbytes: int, buf: mmap.mmap) -> float:
+    """Write nbytes of `buf` repeated (a multiple of its size) and fsync; returns the seconds taken."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        t0 = time.perf_counter()
+        for _ in range(nbytes // len(buf)):
+            os.write(fd, buf)
+        os.fsync(fd)
+        return time.perf_counter() - t0
+    finally:
+        os.close(fd)
 
 
 def _settled_files(disk_dir: Path, nbytes: int, min_age_s: float = 600.0) -> list[tuple[Path, int]]:

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 
 from engine.hardware import HardwareProfile
-from engine.profiler import load_or_measure_profile, measure_disk, profile_path
+from engine.profiler import _settled_files, load_or_measure_profile, measure_disk, profile_path
 
 FAST = dict(disk_bytes=16 * 2 ** 20, seconds_per_test=0.02)
 
@@ -88,10 +89,6 @@ def test_a_planned_model_gets_its_own_calibration_once(tmp_path):
 def test_disk_read_is_measured_on_files_written_earlier_when_the_directory_has_them(tmp_path):
     """A just-written probe file is still cached below the OS (a VM's host): the read figure comes
     from files that have sat in the directory a while, as the engine's weight store has."""
-    import os
-
-    from engine.profiler import _settled_files
-
     disk = tmp_path / "disk"
     (disk / "weights").mkdir(parents=True)
     old, new = disk / "weights" / "decoder.0.bin", disk / "weights" / "decoder.1.bin"
