@@ -42,7 +42,7 @@ def estimate_memory(cfg: OPTConfig, store: WeightStore, policy: Policy, device: 
                     resident_ram_bytes: int = 0) -> MemoryEstimate:
     """resident_ram_bytes: weights this process already holds in RAM (a loaded engine's); they are
     part of its RSS, so they are taken out of "process" rather than counted twice."""
-    from engine.placed_weights import PlacedWeights
+    from engine.placed_weights import ROW_LOOKUP_TABLES, PlacedWeights, held_element_size
 
     on_gpu = device.type == "cuda"
     size = torch.empty((), dtype=dtype).element_size()
@@ -54,7 +54,10 @@ def estimate_memory(cfg: OPTConfig, store: WeightStore, policy: Policy, device: 
         layer_read = 0  # raw bytes of the layer's disk tensors, all read before any is converted
         for entry in store.layers[layer]:
             tier = layer_tiers[entry.name]
-            weights[tier] += entry.held_bytes(size) if tier != Tier.DISK else entry.nbytes
+            weights[tier] += entry.held_bytes(held_element_size(entry, size)) if tier != Tier.DISK else entry.nbytes
+            if entry.name in ROW_LOOKUP_TABLES:  # rows gathered, never a whole converted copy
+                layer_read += align_up(entry.nbytes) if tier == Tier.DISK and entry.compressed else 0
+                continue
             if tier == Tier.DISK or entry.compressed:
                 layer_in_flight += entry.compute_bytes(size)
             if tier == Tier.DISK:

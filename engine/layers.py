@@ -21,13 +21,16 @@ LN_EPS = 1e-5
 
 def embedding(ids: torch.Tensor, table, dtype: torch.dtype) -> torch.Tensor:
     """Rows of a lookup table; a 4-bit table (QuantizedTensor, grouped along its rows) is gathered
-    packed and only those rows are dequantised. ids: [B, S] -> [B, S, dim]."""
+    packed and only those rows are dequantised; a table that is not in memory comes as a function
+    from ids to their rows. ids: [B, S] -> [B, S, dim]."""
+    if callable(table):
+        return table(ids).to(dtype)
     if isinstance(table, QuantizedTensor):
         rows = QuantizedTensor(data=table.data[ids], scale=table.scale[ids], minimum=table.minimum[ids],
                                shape=(*ids.shape, table.shape[-1]), dim=ids.dim(),
                                group_size=table.group_size, num_bits=table.num_bits)
         return dequantize(rows, dtype)
-    return F.embedding(ids, table).to(dtype)  # a streamed fp16 table: convert only these rows
+    return F.embedding(ids, table).to(dtype)  # an fp16 table: convert only these rows
 
 
 def input_embed(w: dict, cfg: OPTConfig, token_ids: torch.Tensor, positions: torch.Tensor,

@@ -8,19 +8,38 @@ re-places the model for a new policy, moving only the tensors whose tier changes
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
 
 from engine.compression import dequantize, from_bytes
 from engine.model_config import OPTConfig
-from engine.placement import split_layers
+from engine.placement import HEAD, LAYER, LOOKUP, split_weights
 from engine.policy import Policy
 from engine.tiers import CPU_TO_GPU, DEQUANTIZE, DiskTier, Tier, TransferStats, aligned_empty, to_device
 from engine.weights import TensorEntry, WeightStore, align_up, layer_names
 
 
 ROW_LOOKUP_TABLES = ("embed_tokens.weight", "embed_positions.weight")
+
+
+def role(layer: str, name: str) -> str:
+    """What placement does with a tensor (engine.placement.split_weights)."""
+    if layer.startswith("decoder."):
+        return LAYER
+    return LOOKUP if name in ROW_LOOKUP_TABLES else HEAD
+
+
+def held_element_size(entry: TensorEntry, element_size: int) -> int:
+    """Lookup tables are held in fp16 (the embedding converts the rows it gathers); the rest in the
+    compute dtype."""
+    return 2 if entry.name in ROW_LOOKUP_TABLES else element_size
+
+
+def reads_rows(entry: TensorEntry) -> bool:
+    """A plain fp16 lookup table on disk is read by rows when used, never whole."""
+    return entry.name in ROW_LOOKUP_TABLES and not entry.compressed
 
 
 def _as_fp16(buf: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
@@ -44,8 +63,8 @@ class PlacedWeights:
     @staticmethod
     def plan_tiers(store: WeightStore, cfg: OPTConfig, policy: Policy) -> dict[str, dict[str, Tier]]:
         names = layer_names(cfg)
-        split = split_layers([[e.nbytes for e in store.layers[layer]] for layer in names],
-                             policy.weights_gpu_percent, policy.weights_cpu_percent)
+        split = split_weights([[(e.nbytes, role(layer, e.name)) for e in store.layers[layer]] for layer in names],
+                              policy.weights_gpu_percent, policy.weights_cpu_percent)
         return {layer: {e.name: t for e, t in zip(store.layers[layer], tiers)}
                 for layer, tiers in zip(names, split)}
 
@@ -82,7 +101,7 @@ class PlacedWeights:
         if entry.compressed:
             return self._ready(entry, buf, self._slot(layer)) if ready else buf
         fp16 = _as_fp16(buf, entry)
-        return fp16.to(self.dtype) if self.dtype != torch.float16 else fp16
+        return fp16 if entry.name in ROW_LOOKUP_TABLES else fp16.to(self.dtype)
 
     def _read_raw(self, layer: str, entry: TensorEntry, *, reuse: bool) -> torch.Tensor:
         """The tensor's stored bytes in an aligned buffer (O_DIRECT). `reuse` (streaming a decoder
@@ -135,7 +154,7 @@ class PlacedWeights:
         at 1.3 GB/s on the I/O thread against 2.5 inline, and each decode step took 18 % longer)."""
         decoder = layer.startswith("decoder.")  # the embedding and head are read once a step: no pinned copies
         raw = {e.name: self._read_raw(layer, e, reuse=decoder) for e in self.store.layers[layer]
-               if self.tiers[layer][e.name] == Tier.DISK}
+               if self.tiers[layer][e.name] == Tier.DISK and not reads_rows(e)}
         if self.device.type == "cuda":
             return layer, {}, self.finish((layer, raw, None))
         return layer, raw, None
@@ -157,10 +176,13 @@ class PlacedWeights:
                                              group_size=entry.group_size, dim=-1)
             elif on_disk and entry.compressed:
                 out[entry.name] = self._ready(entry, raw[entry.name], self._slot(layer))
-            elif on_disk and entry.name in ROW_LOOKUP_TABLES:
-                # Stays fp16: the embedding converts the few rows it gathers. Converting the whole
-                # table (opt-1.3b: 206 MB, into fresh pages) cost 0.4 s of every decode step.
-                out[entry.name] = to_device(_as_fp16(raw[entry.name], entry), self.device, self.stats)
+            elif reads_rows(entry) and self.tiers[layer][entry.name] == Tier.DISK:
+                # Read by rows when the ids are known (opt-1.3b: 32 rows of 4 KiB for a decode
+                # step, against 206 MB for the whole table).
+                out[entry.name] = functools.partial(self._disk_rows, layer, entry)
+            elif entry.name in ROW_LOOKUP_TABLES and not entry.compressed and self.device.type == "cuda" \
+                    and self.tiers[layer][entry.name] == Tier.CPU:
+                out[entry.name] = functools.partial(self._host_rows, self.resident[layer][entry.name])
             elif on_disk:  # converted into a buffer kept per (layer parity, tensor): no page faults
                 held = self._reused(self._stream_buffers, self._slot(layer), entry, torch.device("cpu"))
                 held.copy_(_as_fp16(raw[entry.name], entry))
@@ -171,6 +193,22 @@ class PlacedWeights:
                 out[entry.name] = to_device(self.resident[layer][entry.name], self.device, self.stats, CPU_TO_GPU)
         return out
 
+    def _disk_rows(self, layer: str, entry: TensorEntry, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of a fp16 lookup table on disk: the distinct rows read one by one, or the
+        whole table when they would add up to more than a quarter of it (a long prompt's prefill)."""
+        unique, inverse = torch.unique(ids.reshape(-1).cpu(), return_inverse=True)
+        row_bytes = entry.nbytes // entry.shape[0]
+        if len(unique) * align_up(row_bytes + 4096) > entry.nbytes // 4:
+            rows = _as_fp16(self._read_raw(layer, entry, reuse=False), entry)[unique]
+        else:
+            raw = self.disk.read_rows(self.store.path(layer), entry.offset, row_bytes, unique.tolist())
+            rows = raw.view(torch.float16).view(len(unique), *entry.shape[1:])
+        return to_device(rows[inverse].view(*ids.shape, *entry.shape[1:]), self.device, self.stats)
+
+    def _host_rows(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of a lookup table held in host RAM, gathered there: only they cross the link."""
+        return to_device(table[ids.cpu()], self.device, self.stats)
+
     def bytes_by_tier(self) -> dict[Tier, int]:
         """Bytes of weights each tier holds (compute dtype, or packed when compressed)."""
         size = torch.empty((), dtype=self.dtype).element_size()
@@ -178,7 +216,7 @@ class PlacedWeights:
         for layer, tiers in self.tiers.items():
             for entry in self.store.layers[layer]:
                 tier = tiers[entry.name]
-                totals[tier] += entry.nbytes if tier == Tier.DISK else entry.held_bytes(size)
+                totals[tier] += entry.nbytes if tier == Tier.DISK else entry.held_bytes(held_element_size(entry, size))
         return totals
 
     def ram_bytes(self) -> int:

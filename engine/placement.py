@@ -1,6 +1,10 @@
 """Which tier holds each tensor, from a Policy's percents.
 
-Weights: tensors in store order, layer after layer; each goes to the fastest tier whose running
+Weights (`split_weights`): the embedding's lookup tables, read by rows (a step needs one row per
+sequence), go to the slowest tier the policy gives weights; the output head and projections, which
+a step reads whole and which cost as much RAM streamed (their converted copy is kept) as held, go to
+the fastest tier with room in its share of the whole model; the decoder layers share what is left.
+Decoder layers: tensors in store order, layer after layer; each goes to the fastest tier whose running
 total stays within its share of the bytes seen so far (`split_layers`). A layer alone can only be
 split at tensor boundaries (OPT: attention, fc1, fc2 a third each): FlexGen's per-layer midpoint
 rule puts 67 % in RAM when asked for 50 or 60 %, which would put the planner's fractions off by up
@@ -54,6 +58,49 @@ def split_layers(layers: list[list[int]], gpu_percent: float, cpu_percent: float
             tiers.append(tier)
         out.append(tiers)
     return out
+
+
+LOOKUP, HEAD, LAYER = "lookup", "head", "layer"  # roles of a weight tensor in placement
+
+
+def split_weights(layers: list[list[tuple[int, str]]], gpu_percent: float, cpu_percent: float
+                  ) -> list[list[Tier]]:
+    """One tier per (bytes, role) tensor of every layer. Bytes per tier stay within the percents of
+    the whole model on the GPU and in RAM, except that lookup tables go to disk whenever the policy
+    streams any weights (then less than asked sits in memory: never more)."""
+    eps = 1e-9
+    total = float(sum(size for layer in layers for size, _ in layer))
+    gpu_share, memory_share = total * gpu_percent / 100, total * (gpu_percent + cpu_percent) / 100
+    slowest = Tier.DISK if gpu_percent + cpu_percent < 100 - 1e-6 else Tier.CPU if cpu_percent > 0 else Tier.GPU
+    out: list[list[Tier | None]] = [[None] * len(layer) for layer in layers]
+    on_gpu = in_memory = 0.0  # bytes placed on the GPU, and on the GPU or in RAM
+    for role in (LOOKUP, HEAD):
+        for i, layer in enumerate(layers):
+            for t, (size, r) in enumerate(layer):
+                if r != role:
+                    continue
+                if role == LOOKUP:
+                    tier = slowest
+                elif on_gpu + size <= gpu_share * (1 + eps):
+                    tier = Tier.GPU
+                elif in_memory + size <= memory_share * (1 + eps):
+                    tier = Tier.CPU
+                else:
+                    tier = Tier.DISK
+                out[i][t] = tier
+                on_gpu += size if tier == Tier.GPU else 0
+                in_memory += size if tier != Tier.DISK else 0
+    decoder = [[size for size, r in layer if r == LAYER] for layer in layers]
+    decoder_total = float(sum(map(sum, decoder)))
+    if decoder_total:
+        gpu_left = max(0.0, gpu_share - on_gpu)
+        cpu_left = max(0.0, memory_share - gpu_share - (in_memory - on_gpu))
+        split = split_layers(decoder, min(100.0, 100 * gpu_left / decoder_total),
+                             min(100.0, 100 * cpu_left / decoder_total))
+        for i, layer in enumerate(layers):
+            tiers = iter(split[i])
+            out[i] = [next(tiers) if r == LAYER else tier for (_, r), tier in zip(layer, out[i])]
+    return out  # type: ignore[return-value]
 
 
 def slot_tier(layer: int, micro_batch: int, num_layers: int, num_micro_batches: int,

@@ -90,9 +90,31 @@ class DiskTier:
     def read_into(self, path: Path, offset: int, out: torch.Tensor) -> None:
         """Fill the uint8 tensor `out` from `path` at `offset`."""
         started = time.perf_counter()
-        nbytes = out.numel()
-        view = memoryview(out.numpy()).cast("B")
-        aligned = offset % ALIGN == 0 and nbytes % ALIGN == 0 and out.data_ptr() % ALIGN == 0
+        self._read_spans(path, [(offset, out)])
+        self._account(DISK_READ, out.numel(), started)
+
+    def read_rows(self, path: Path, offset: int, row_bytes: int, rows: list[int]) -> torch.Tensor:
+        """Rows of a row-major table stored at `offset` (which is page-aligned), as a uint8 tensor
+        [len(rows), row_bytes]: each row's page-aligned span is read on its own (O_DIRECT works
+        in whole pages), through one open file, and the whole gather counts as one disk read."""
+        started = time.perf_counter()
+        out = torch.empty(len(rows), row_bytes, dtype=torch.uint8)
+        spans, starts = [], []
+        for r in rows:
+            start = offset + r * row_bytes
+            first = start - start % ALIGN
+            spans.append((first, aligned_empty(start + row_bytes - first)))
+            starts.append(start - first)
+        self._read_spans(path, spans)
+        for i, ((_, buf), at) in enumerate(zip(spans, starts)):
+            out[i] = buf[at:at + row_bytes]
+        self._account(DISK_READ, sum(buf.numel() for _, buf in spans), started)
+        return out
+
+    def _read_spans(self, path: Path, spans: list[tuple[int, torch.Tensor]]) -> None:
+        """Read (offset, uint8 buffer) spans of one file, with O_DIRECT when all are aligned."""
+        aligned = all(off % ALIGN == 0 and buf.numel() % ALIGN == 0 and buf.data_ptr() % ALIGN == 0
+                      for off, buf in spans)
         if self.bypass_page_cache and aligned and self._direct_ok is not False:
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
@@ -100,20 +122,20 @@ class DiskTier:
                 self._direct_ok = False  # e.g. tmpfs: fall back to fadvise
             else:
                 try:
-                    self._read_fully(fd, view, offset)
+                    for off, buf in spans:
+                        self._read_fully(fd, memoryview(buf.numpy()).cast("B"), off)
                     self._direct_ok = True
                 finally:
                     os.close(fd)
-                self._account(DISK_READ, nbytes, started)
                 return
         fd = os.open(path, os.O_RDONLY)
         try:
-            self._read_fully(fd, view, offset)
-            if self.bypass_page_cache:
-                os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+            for off, buf in spans:
+                self._read_fully(fd, memoryview(buf.numpy()).cast("B"), off)
+                if self.bypass_page_cache:
+                    os.posix_fadvise(fd, off, buf.numel(), os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-        self._account(DISK_READ, nbytes, started)
 
     @staticmethod
     def _read_fully(fd: int, view: memoryview, offset: int) -> None:

@@ -161,3 +161,29 @@ def test_cuda_placements_match_hf(tiny_model, tmp_path, name):
         results = engine.generate([RowInput(row_id=i, prompt_ids=p) for i, p in enumerate(prompt_ids)],
                                   GenerationParams(max_new_tokens=NEW_TOKENS))
     assert_matches_hf(tiny_model, prompt_ids, results)
+
+
+def test_lookup_tables_on_disk_are_read_by_rows(model_125m, tmp_path):
+    """Half the weights streamed: the embedding tables sit on disk and each step reads the rows it
+    gathers (opt-125m rows are 1536 bytes: spans that cross page boundaries), never the 77 MB table;
+    the output head is held in RAM; greedy output is still HF's."""
+    from engine.placed_weights import ROW_LOOKUP_TABLES
+    from engine.tiers import Tier
+    from engine.weights import align_up
+    prompt_ids = encode(model_125m, PROMPTS)
+    policy = Policy.from_percents((0, 50, 0, 100, 0, 100), gpu_batch_size=3, num_gpu_batches=2)
+    engine, results = run_engine(model_125m, policy, prompt_ids, tmp_path)
+    assert_matches_hf(model_125m, prompt_ids, results)
+    tiers, store = engine.weights.tiers, engine.weights.store
+    assert all(tiers["embed"][name] == Tier.DISK for name in ROW_LOOKUP_TABLES)
+    assert tiers["head"]["lm_head.weight"] == Tier.CPU
+    streamed = sum(align_up(e.nbytes) for layer in tiers for e in store.layers[layer]
+                   if tiers[layer][e.name] == Tier.DISK and e.name not in ROW_LOOKUP_TABLES)
+    assert streamed > 0
+    steps = NEW_TOKENS  # the prefill and NEW_TOKENS - 1 decode steps, one block
+    read = engine.stats.blocks[0].transfers["disk_read"][0]
+    rows = read - steps * streamed
+    token_table = next(e for e in store.layers["embed"] if e.name == "embed_tokens.weight").nbytes
+    # Every row gathered is at most two pages; the whole table is never read.
+    max_rows = sum(len(ids) for ids in prompt_ids) + (steps - 1) * len(prompt_ids)
+    assert 0 < rows <= 2 * max_rows * 2 * 4096 < token_table

@@ -44,3 +44,38 @@ def test_half_in_ram_alternates_instead_of_rounding_every_layer_up():
     one_tensor = max(layer) / (4 * sum(layer))
     assert 0.5 - one_tensor <= sum(ram) / len(ram) <= 0.5
     assert max(ram) - min(ram) < 0.5  # no layer all in RAM while another is all on disk
+
+
+def model_layers(cfg) -> list[list[tuple[int, str]]]:
+    """(bytes, role) per tensor of the engine's layers: embedding tables, decoder layers, head."""
+    from engine.placement import HEAD, LAYER, LOOKUP
+    embed = [(2 * cfg.vocab_size * cfg.embed_dim, LOOKUP), (2 * (cfg.max_positions + 2) * cfg.hidden_size, LOOKUP)]
+    return [embed] + [[(s, LAYER) for s in opt_layer_sizes(cfg)]] * cfg.num_layers \
+        + [[(2 * cfg.vocab_size * cfg.embed_dim, HEAD)]]
+
+
+@pytest.mark.parametrize("gpu,cpu", [(0, 50), (0, 60), (0, 95), (30, 30), (20, 70), (0, 100), (100, 0), (0, 0), (10, 0)])
+def test_lookup_tables_take_the_slowest_tier_and_the_head_the_fastest(gpu, cpu):
+    from engine.placement import HEAD, LOOKUP, split_weights
+    cfg = preset("1.3b")
+    layers = model_layers(cfg)
+    tiers = split_weights(layers, gpu, cpu)
+    placed = [(size, role, tier) for layer, t_layer in zip(layers, tiers) for (size, role), tier in zip(layer, t_layer)]
+    total = sum(size for size, _, _ in placed)
+    slowest = Tier.DISK if gpu + cpu < 100 else Tier.CPU if cpu else Tier.GPU
+    assert all(tier == slowest for _, role, tier in placed if role == LOOKUP)
+    head_bytes = sum(size for size, role, _ in placed if role == HEAD)
+    head_tier = next(tier for _, role, tier in placed if role == HEAD)
+    fits = Tier.GPU if head_bytes <= total * gpu / 100 else Tier.CPU if head_bytes <= total * (gpu + cpu) / 100 else Tier.DISK
+    assert head_tier == fits
+    on = {t: sum(size for size, _, tier in placed if tier == t) for t in Tier}
+    # Never more than asked in memory; the rest within one tensor, unless the lookup tables went
+    # to disk beyond the disk share (then memory holds less than asked).
+    assert on[Tier.GPU] <= total * gpu / 100 * (1 + 1e-9)
+    assert on[Tier.GPU] + on[Tier.CPU] <= total * (gpu + cpu) / 100 * (1 + 1e-9)
+    lookup = sum(size for size, role, _ in placed if role == LOOKUP)
+    disk_share = total * (100 - gpu - cpu) / 100
+    biggest = max(opt_layer_sizes(cfg))
+    assert on[Tier.DISK] <= max(disk_share, lookup) + biggest
+    if disk_share >= lookup:
+        assert abs(on[Tier.DISK] - disk_share) <= biggest
