@@ -56,7 +56,6 @@ def estimate_memory(cfg: OPTConfig, store: WeightStore, policy: Policy, device: 
             tier = layer_tiers[entry.name]
             weights[tier] += entry.held_bytes(held_element_size(entry, size)) if tier != Tier.DISK else entry.nbytes
             if entry.name in ROW_LOOKUP_TABLES:  # rows gathered, never a whole converted copy
-                layer_read += align_up(entry.nbytes) if tier == Tier.DISK and entry.compressed else 0
                 continue
             if tier == Tier.DISK or entry.compressed:
                 layer_in_flight += entry.compute_bytes(size)

@@ -103,6 +103,16 @@ def _layout(shape, num_bits: int, group_size: int, dim: int) -> tuple[_Layout, i
                    bytes_per_group=-(-group_size // per_byte)), dim
 
 
+def row_sections(shape, num_bits: int = 4, group_size: int = 64) -> list[tuple[int, int]]:
+    """(offset of the section, bytes per row) of data, scale and minimum in the serialised form of a
+    2-D tensor grouped along its rows (dim=-1): row r of each section starts at offset + r * bytes,
+    so rows can be read without the rest (a lookup table on disk)."""
+    layout, _ = _layout(shape, num_bits, group_size, -1)
+    data_at, scale_at, min_at, _ = layout.sections()
+    groups = layout.num_groups
+    return [(data_at, groups * layout.bytes_per_group), (scale_at, 2 * groups), (min_at, 2 * groups)]
+
+
 def packed_nbytes(shape, num_bits: int = 4, group_size: int = 64, dim: int = -1) -> int:
     """Size of the serialised form (to_bytes) of a tensor of `shape`:
     align(R*ng*ceil(G/p)) + 2 * align(2*R*ng), with R = numel / shape[dim], ng = ceil(shape[dim] / G),

@@ -51,7 +51,11 @@ TIERS = ("gpu", "cpu", "disk")
 @dataclass(frozen=True, kw_only=True)
 class Placement:
     """The nine fractions (weights w, cache c, activations h on gpu g, cpu c, disk d).
-    Fields may be floats, numpy arrays or pulp expressions."""
+    Fields may be floats, numpy arrays or pulp expressions. The weight fractions are of all the
+    stored weight bytes; placement (engine.placement.split_weights) puts the lookup tables on disk
+    first and the output head there last, so the decoder layers' share of the disk and what memory
+    the lookup tables take follow from wd (`weights_on_disk`). The LP, which cannot clip, gives
+    those two as variables of its own."""
     wg: Any
     wc: Any
     wd: Any
@@ -61,6 +65,8 @@ class Placement:
     hg: Any
     hc: Any
     hd: Any
+    wd_layers: Any = None    # LP only: the decoder layers' fraction on disk
+    lookup_held: Any = None  # LP only: the lookup tables' fraction in memory
 
     @classmethod
     def from_policy(cls, policy: Policy, num_heads: int | None = None) -> "Placement":
@@ -111,6 +117,10 @@ def layer_weight_bytes(cfg: OPTConfig) -> float:
     return FP16 * cfg.layer_param_count()
 
 
+def lookup_weight_bytes(cfg: OPTConfig) -> float:
+    return FP16 * cfg.lookup_table_param_count()
+
+
 def head_weight_bytes(cfg: OPTConfig) -> float:
     """Embedding tables and the optional 350m projections, plus the output head: tied to the token
     embedding in the checkpoint, but the engine's store keeps it as its own tensor in the "head"
@@ -119,15 +129,41 @@ def head_weight_bytes(cfg: OPTConfig) -> float:
                    + cfg.vocab_size * cfg.embed_dim)
 
 
+def max_weights_disk_fraction(cfg: OPTConfig) -> float:
+    """Plans never put the output head on disk (streaming it costs as much RAM as holding it: its
+    converted copy is kept), so at most the lookup tables and the decoder layers go there."""
+    total = cfg.num_layers * layer_weight_bytes(cfg) + head_weight_bytes(cfg)
+    return (total - head_weight_bytes(cfg) + lookup_weight_bytes(cfg)) / total
+
+
+def weights_on_disk(cfg: OPTConfig, x: Placement, *, exact: bool = False) -> tuple[Any, Any, Any]:
+    """(decoder layers' fraction on disk, output head's fraction on disk, lookup tables' fraction in
+    memory) for the placement rule of engine.placement.split_weights: the disk share holds the
+    lookup tables first, then decoder layers, then the head. The lookup tables go to disk whenever
+    any weights do, a step at wd = 0; `exact` gives the step, otherwise its convex relaxation (the
+    tables leave memory as the disk share grows to hold them), which the LP uses too."""
+    if x.wd_layers is not None:
+        return x.wd_layers, 0.0, x.lookup_held
+    lookup, head = lookup_weight_bytes(cfg), head_weight_bytes(cfg) - lookup_weight_bytes(cfg)
+    layers = cfg.num_layers * layer_weight_bytes(cfg)
+    disk = x.wd * (lookup + head + layers)
+    on_disk_layers = np.clip((disk - lookup) / layers, 0.0, 1.0)
+    on_disk_head = np.clip((disk - lookup - layers) / head, 0.0, 1.0)
+    held = np.where(np.asarray(x.wd) > 1e-9, 0.0, 1.0) if exact else np.clip(1.0 - disk / lookup, 0.0, 1.0)
+    return on_disk_layers, on_disk_head, held
+
+
 @dataclass(frozen=True)
 class _Sizes:
     """Bytes per layer of the things that move, for one block (B rows) unless said otherwise."""
     w: float            # one layer's weights as held in memory (compute dtype, or compressed)
     w_disk: float       # ... as stored on and read from disk (fp16, or compressed)
     w16: float          # ... in the compute dtype (what the matmuls read)
-    head: float         # embedding/head weights, the same three ways
+    head: float         # output head (and 350m's projections), the same three ways
     head_disk: float
     head16: float
+    lookup: float       # embedding tables: held (fp16, the rows gathered are converted) and stored
+    lookup_disk: float
     kv_new_pre: float   # cache written by prefill, per layer, as stored
     kv_dec: float       # cache read by one decode step, per layer (average context), as stored
     kv_dec16: float     # the same in fp16 (what attention reads)
@@ -146,11 +182,13 @@ def _sizes(cfg: OPTConfig, sh: Shape, hw: HardwareProfile) -> _Sizes:
     ctx_avg = s + n / 2  # decode reads a context growing from s to s+n (FlexGen's s + n/2)
     el = elem_bytes(hw)
     kv_row_tok = 2 * h * el  # k and v of one token of one row, one layer
-    lw, hd = layer_weight_bytes(cfg), head_weight_bytes(cfg)  # fp16 bytes
+    lw, lk = layer_weight_bytes(cfg), lookup_weight_bytes(cfg)  # fp16 bytes
+    hd = head_weight_bytes(cfg) - lk
     held = (lambda fp16: fp16 * wf) if sh.compress_weight else (lambda fp16: fp16 / FP16 * el)
     return _Sizes(
         w=held(lw), w_disk=lw * wf, w16=lw / FP16 * el,
         head=held(hd), head_disk=hd * wf, head16=hd / FP16 * el,
+        lookup=lk * wf, lookup_disk=lk * wf,
         kv_new_pre=B * s * kv_row_tok * cf,
         kv_dec=B * ctx_avg * kv_row_tok * cf, kv_dec16=B * ctx_avg * kv_row_tok,
         kv_tok=B * kv_row_tok * cf,
@@ -181,6 +219,8 @@ def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
     z = _sizes(cfg, sh, hw)
     B, b, nb, s, h = sh.block_size, sh.gpu_batch_size, sh.num_gpu_batches, sh.prompt_len, cfg.hidden_size
     gpu = hw.has_gpu
+    # The lookup tables on disk are read by rows (a decode step: one per sequence), not charged.
+    wd_layers, wd_head, _ = weights_on_disk(cfg, x)
     rd, wr = 1.0 / (hw.disk_read_gbps * GB), 1.0 / (hw.disk_write_gbps * GB)
     c2g = 1.0 / (hw.cpu_to_gpu_gbps * GB) if gpu else 0.0  # no link without a GPU: RAM is RAM
     g2c = 1.0 / (hw.gpu_to_cpu_gbps * GB) if gpu else 0.0
@@ -194,8 +234,8 @@ def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
     # Without a GPU that conversion runs on the cores that compute, so it adds to compute rather
     # than overlapping with it (the disk read itself is DMA and does overlap).
     convert = 1.0 / (hw.convert_gbps * GB) if hw.convert_gbps and hw.compute_dtype != "float16" else 0.0
-    convert_s = 0.0 if sh.compress_weight else z.w16 * x.wd * convert
-    disk = z.w_disk * x.wd * rd + (convert_s if gpu else 0.0)
+    convert_s = 0.0 if sh.compress_weight else z.w16 * wd_layers * convert
+    disk = z.w_disk * wd_layers * rd + (convert_s if gpu else 0.0)
     c_to_g = z.w * (x.wc + x.wd) * c2g
     # Activations: each layer loads its input from and stores its output to their tier.
     disk = disk + act * x.hd * (rd + wr)
@@ -237,21 +277,18 @@ def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
     # Per-request disk latency (linear stand-in for "one request per tensor / micro-batch when any
     # of it is on disk"): it dominates when small tensors or one-token cache appends go to disk.
     r_lat, w_lat = hw.disk_read_latency_s, hw.disk_sync_latency_s
-    disk = disk + TENSORS_PER_LAYER * x.wd * r_lat + nb * x.hd * (r_lat + w_lat)
+    disk = disk + TENSORS_PER_LAYER * wd_layers * r_lat + nb * x.hd * (r_lat + w_lat)
     disk = disk + nb * x.cd * (w_lat + (r_lat if decode else 0.0))
     layer = {"disk": disk, "cpu_to_gpu": c_to_g, "gpu_to_cpu": g_to_c, "compute": compute}
 
-    # Head: the tied embedding / LM head (one position per row), loaded once per step.
+    # Head: the output head (one position per row), loaded once per step.
     head_compute = _matmul_time(hw, 2 * B * cfg.embed_dim * cfg.vocab_size, z.head16, rows=b, calls=nb) \
         + nb * 3 * hw.op_overhead_s  # final LayerNorm, LM head, sampling
     head_compute = head_compute * hw.scale_for(model_key(cfg), "head", b)
     if sh.compress_weight:
         head_compute = head_compute + z.head16 * deq
-    # Streamed lookup tables stay fp16 (the embedding converts the rows it gathers): only the
-    # output head and projections are converted.
-    lookup16 = cfg.lookup_table_param_count() * elem_bytes(hw)
-    head_convert_s = 0.0 if sh.compress_weight else (z.head16 - lookup16) * x.wd * convert
-    head = {"disk": z.head_disk * x.wd * rd + (head_convert_s if gpu else 0.0),
+    head_convert_s = 0.0 if sh.compress_weight else z.head16 * wd_head * convert
+    head = {"disk": z.head_disk * wd_head * rd + (head_convert_s if gpu else 0.0),
             "cpu_to_gpu": z.head * (x.wc + x.wd) * c2g,
             "gpu_to_cpu": 0.0 * x.wd, "compute": head_compute + (0.0 if gpu else head_convert_s) + 0.0 * x.wd}
     if not gpu:  # the I/O thread runs on the cores that compute: overlap is not free

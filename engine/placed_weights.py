@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from engine.compression import dequantize, from_bytes
+from engine.compression import QuantizedTensor, dequantize, from_bytes, row_sections
 from engine.model_config import OPTConfig
 from engine.placement import HEAD, LAYER, LOOKUP, split_weights
 from engine.policy import Policy
@@ -37,9 +37,6 @@ def held_element_size(entry: TensorEntry, element_size: int) -> int:
     return 2 if entry.name in ROW_LOOKUP_TABLES else element_size
 
 
-def reads_rows(entry: TensorEntry) -> bool:
-    """A plain fp16 lookup table on disk is read by rows when used, never whole."""
-    return entry.name in ROW_LOOKUP_TABLES and not entry.compressed
 
 
 def _as_fp16(buf: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
@@ -154,7 +151,7 @@ class PlacedWeights:
         at 1.3 GB/s on the I/O thread against 2.5 inline, and each decode step took 18 % longer)."""
         decoder = layer.startswith("decoder.")  # the embedding and head are read once a step: no pinned copies
         raw = {e.name: self._read_raw(layer, e, reuse=decoder) for e in self.store.layers[layer]
-               if self.tiers[layer][e.name] == Tier.DISK and not reads_rows(e)}
+               if self.tiers[layer][e.name] == Tier.DISK and e.name not in ROW_LOOKUP_TABLES}
         if self.device.type == "cuda":
             return layer, {}, self.finish((layer, raw, None))
         return layer, raw, None
@@ -167,22 +164,20 @@ class PlacedWeights:
         out = {}
         for entry in self.store.layers[layer]:
             on_disk = entry.name in raw
-            if entry.compressed and entry.name in ROW_LOOKUP_TABLES:
-                # A lookup table reads a few rows per step: hand it over packed, and let the
-                # embedding dequantise only the rows it gathers.
-                packed = to_device(raw[entry.name] if on_disk else self.resident[layer][entry.name], self.device,
-                                   self.stats, CPU_TO_GPU)
-                out[entry.name] = from_bytes(packed, entry.shape, num_bits=entry.num_bits,
-                                             group_size=entry.group_size, dim=-1)
-            elif on_disk and entry.compressed:
-                out[entry.name] = self._ready(entry, raw[entry.name], self._slot(layer))
-            elif reads_rows(entry) and self.tiers[layer][entry.name] == Tier.DISK:
+            if entry.name in ROW_LOOKUP_TABLES and self.tiers[layer][entry.name] == Tier.DISK:
                 # Read by rows when the ids are known (opt-1.3b: 32 rows of 4 KiB for a decode
                 # step, against 206 MB for the whole table).
                 out[entry.name] = functools.partial(self._disk_rows, layer, entry)
-            elif entry.name in ROW_LOOKUP_TABLES and not entry.compressed and self.device.type == "cuda" \
-                    and self.tiers[layer][entry.name] == Tier.CPU:
+            elif entry.compressed and entry.name in ROW_LOOKUP_TABLES:
+                # Handed over packed: the embedding dequantises only the rows it gathers.
+                packed = to_device(self.resident[layer][entry.name], self.device, self.stats, CPU_TO_GPU)
+                out[entry.name] = from_bytes(packed, entry.shape, num_bits=entry.num_bits,
+                                             group_size=entry.group_size, dim=-1)
+            elif entry.name in ROW_LOOKUP_TABLES and self.tiers[layer][entry.name] == Tier.CPU \
+                    and self.device.type == "cuda":
                 out[entry.name] = functools.partial(self._host_rows, self.resident[layer][entry.name])
+            elif on_disk and entry.compressed:
+                out[entry.name] = self._ready(entry, raw[entry.name], self._slot(layer))
             elif on_disk:  # converted into a buffer kept per (layer parity, tensor): no page faults
                 held = self._reused(self._stream_buffers, self._slot(layer), entry, torch.device("cpu"))
                 held.copy_(_as_fp16(raw[entry.name], entry))
@@ -194,15 +189,36 @@ class PlacedWeights:
         return out
 
     def _disk_rows(self, layer: str, entry: TensorEntry, ids: torch.Tensor) -> torch.Tensor:
-        """Rows `ids` of a fp16 lookup table on disk: the distinct rows read one by one, or the
-        whole table when they would add up to more than a quarter of it (a long prompt's prefill)."""
+        """Rows `ids` of a lookup table on disk, in the compute dtype: the distinct rows read one
+        by one (a 4-bit table: its codes, scales and minimums), or the whole table when they would
+        add up to more than a quarter of it (a long prompt's prefill)."""
         unique, inverse = torch.unique(ids.reshape(-1).cpu(), return_inverse=True)
-        row_bytes = entry.nbytes // entry.shape[0]
-        if len(unique) * align_up(row_bytes + 4096) > entry.nbytes // 4:
-            rows = _as_fp16(self._read_raw(layer, entry, reuse=False), entry)[unique]
+        path, n = self.store.path(layer), len(unique)
+        if entry.compressed:
+            sections = row_sections(entry.shape, entry.num_bits, entry.group_size)
         else:
-            raw = self.disk.read_rows(self.store.path(layer), entry.offset, row_bytes, unique.tolist())
-            rows = raw.view(torch.float16).view(len(unique), *entry.shape[1:])
+            sections = [(0, entry.nbytes // entry.shape[0])]
+        if n * sum(align_up(row + 4096) for _, row in sections) > entry.nbytes // 4:
+            table = self._read_raw(layer, entry, reuse=False)
+            if entry.compressed:
+                packed = from_bytes(table, entry.shape, num_bits=entry.num_bits, group_size=entry.group_size, dim=-1)
+                rows = dequantize(QuantizedTensor(data=packed.data[unique], scale=packed.scale[unique],
+                                                  minimum=packed.minimum[unique], shape=(n, *entry.shape[1:]),
+                                                  dim=1, group_size=entry.group_size, num_bits=entry.num_bits),
+                                  self.dtype)
+            else:
+                rows = _as_fp16(table, entry)[unique].to(self.dtype)
+        elif entry.compressed:
+            data, scale, minimum = (self.disk.read_rows(path, entry.offset + at, row, unique.tolist())
+                                    for at, row in sections)
+            groups = scale.shape[1] // 2
+            rows = dequantize(QuantizedTensor(data=data.view(n, groups, -1), scale=scale.view(torch.float16),
+                                              minimum=minimum.view(torch.float16), shape=(n, *entry.shape[1:]),
+                                              dim=1, group_size=entry.group_size, num_bits=entry.num_bits),
+                              self.dtype)
+        else:
+            raw = self.disk.read_rows(path, entry.offset, sections[0][1], unique.tolist())
+            rows = raw.view(torch.float16).view(n, *entry.shape[1:]).to(self.dtype)
         return to_device(rows[inverse].view(*ids.shape, *entry.shape[1:]), self.device, self.stats)
 
     def _host_rows(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

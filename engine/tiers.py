@@ -94,7 +94,7 @@ class DiskTier:
         self._account(DISK_READ, out.numel(), started)
 
     def read_rows(self, path: Path, offset: int, row_bytes: int, rows: list[int]) -> torch.Tensor:
-        """Rows of a row-major table stored at `offset` (which is page-aligned), as a uint8 tensor
+        """Rows of a row-major table stored at `offset`, as a uint8 tensor
         [len(rows), row_bytes]: each row's page-aligned span is read on its own (O_DIRECT works
         in whole pages), through one open file, and the whole gather counts as one disk read."""
         started = time.perf_counter()

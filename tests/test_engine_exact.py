@@ -163,17 +163,27 @@ def test_cuda_placements_match_hf(tiny_model, tmp_path, name):
     assert_matches_hf(tiny_model, prompt_ids, results)
 
 
-def test_lookup_tables_on_disk_are_read_by_rows(model_125m, tmp_path):
+@pytest.mark.parametrize("compress", [False, True])
+def test_lookup_tables_on_disk_are_read_by_rows(model_125m, tmp_path, compress):
     """Half the weights streamed: the embedding tables sit on disk and each step reads the rows it
-    gathers (opt-125m rows are 1536 bytes: spans that cross page boundaries), never the 77 MB table;
-    the output head is held in RAM; greedy output is still HF's."""
+    gathers (opt-125m rows are 1536 bytes, 4-bit rows three sections: spans that cross page
+    boundaries), never the whole table; the output head is held in RAM; greedy output is still
+    HF's (on the dequantised weights when compressed)."""
     from engine.placed_weights import ROW_LOOKUP_TABLES
+    from engine.policy import CompressionConfig
     from engine.tiers import Tier
     from engine.weights import align_up
+    from tests.test_engine_compression import hf_on_dequantised_weights
     prompt_ids = encode(model_125m, PROMPTS)
-    policy = Policy.from_percents((0, 50, 0, 100, 0, 100), gpu_batch_size=3, num_gpu_batches=2)
+    comp = CompressionConfig(num_bits=4, group_size=32)
+    policy = Policy.from_percents((0, 50, 0, 100, 0, 100), gpu_batch_size=3, num_gpu_batches=2,
+                                  compress_weight=compress, compression=comp)
     engine, results = run_engine(model_125m, policy, prompt_ids, tmp_path)
-    assert_matches_hf(model_125m, prompt_ids, results)
+    if compress:
+        oracle = hf_on_dequantised_weights(model_125m, prompt_ids, comp)  # its first tokens
+        assert [list(r.generated_ids[:len(o)]) for r, o in zip(results, oracle)] == oracle
+    else:
+        assert_matches_hf(model_125m, prompt_ids, results)
     tiers, store = engine.weights.tiers, engine.weights.store
     assert all(tiers["embed"][name] == Tier.DISK for name in ROW_LOOKUP_TABLES)
     assert tiers["head"]["lm_head.weight"] == Tier.CPU
@@ -184,6 +194,7 @@ def test_lookup_tables_on_disk_are_read_by_rows(model_125m, tmp_path):
     read = engine.stats.blocks[0].transfers["disk_read"][0]
     rows = read - steps * streamed
     token_table = next(e for e in store.layers["embed"] if e.name == "embed_tokens.weight").nbytes
-    # Every row gathered is at most two pages; the whole table is never read.
+    # Every row gathered is at most two pages per section; the whole table is never read.
     max_rows = sum(len(ids) for ids in prompt_ids) + (steps - 1) * len(prompt_ids)
-    assert 0 < rows <= 2 * max_rows * 2 * 4096 < token_table
+    assert 0 < rows <= 2 * max_rows * 3 * 2 * 4096
+    assert rows < token_table
