@@ -54,8 +54,8 @@ class Placement:
     Fields may be floats, numpy arrays or pulp expressions. The weight fractions are of all the
     stored weight bytes; placement (engine.placement.split_weights) puts the lookup tables on disk
     first and the output head there last, so the decoder layers' share of the disk and what memory
-    the lookup tables take follow from wd (`weights_on_disk`). The LP, which cannot clip, gives
-    those two as variables of its own."""
+    the lookup tables take follow from wg and wd (`weight_split`). The LP, which cannot clip, gives
+    that split as expressions of its own."""
     wg: Any
     wc: Any
     wd: Any
@@ -65,8 +65,7 @@ class Placement:
     hg: Any
     hc: Any
     hd: Any
-    wd_layers: Any = None    # LP only: the decoder layers' fraction on disk
-    lookup_held: Any = None  # LP only: the lookup tables' fraction in memory
+    split: "WeightSplit | None" = None  # LP only
 
     @classmethod
     def from_policy(cls, policy: Policy, num_heads: int | None = None) -> "Placement":
@@ -136,21 +135,31 @@ def max_weights_disk_fraction(cfg: OPTConfig) -> float:
     return (total - head_weight_bytes(cfg) + lookup_weight_bytes(cfg)) / total
 
 
-def weights_on_disk(cfg: OPTConfig, x: Placement, *, exact: bool = False) -> tuple[Any, Any, Any]:
-    """(decoder layers' fraction on disk, output head's fraction on disk, lookup tables' fraction in
-    memory) for the placement rule of engine.placement.split_weights: the disk share holds the
-    lookup tables first, then decoder layers, then the head. The lookup tables go to disk whenever
-    any weights do, a step at wd = 0; `exact` gives the step, otherwise its convex relaxation (the
-    tables leave memory as the disk share grows to hold them), which the LP uses too."""
-    if x.wd_layers is not None:
-        return x.wd_layers, 0.0, x.lookup_held
+@dataclass(frozen=True)
+class WeightSplit:
+    """Where each kind of weight is, for engine.placement.split_weights: the disk share holds the
+    lookup tables first, then decoder layers, then the head; the decoder layers and the head share
+    the GPU share (the head goes there first in the engine; here they share it evenly)."""
+    layers_on_disk: Any  # fraction of the decoder layers' bytes on disk
+    head_on_disk: Any
+    lookup_held: Any     # fraction of the lookup tables in memory
+    matmul_on_gpu: Any   # fraction of the decoder layers and head on the GPU tier
+
+
+def weight_split(cfg: OPTConfig, x: Placement, *, exact: bool = False) -> WeightSplit:
+    """The lookup tables go to disk whenever any weights do, a step at wd = 0: `exact` gives the
+    step, otherwise its convex relaxation (the tables leave memory as the disk share grows to hold
+    them). Floats and numpy arrays; the LP passes its own (Placement.split)."""
+    if x.split is not None:
+        return x.split
     lookup, head = lookup_weight_bytes(cfg), head_weight_bytes(cfg) - lookup_weight_bytes(cfg)
     layers = cfg.num_layers * layer_weight_bytes(cfg)
-    disk = x.wd * (lookup + head + layers)
-    on_disk_layers = np.clip((disk - lookup) / layers, 0.0, 1.0)
-    on_disk_head = np.clip((disk - lookup - layers) / head, 0.0, 1.0)
+    total = lookup + head + layers
+    disk = x.wd * total
     held = np.where(np.asarray(x.wd) > 1e-9, 0.0, 1.0) if exact else np.clip(1.0 - disk / lookup, 0.0, 1.0)
-    return on_disk_layers, on_disk_head, held
+    return WeightSplit(layers_on_disk=np.clip((disk - lookup) / layers, 0.0, 1.0),
+                       head_on_disk=np.clip((disk - lookup - layers) / head, 0.0, 1.0),
+                       lookup_held=held, matmul_on_gpu=np.clip(x.wg * total / (layers + head), 0.0, 1.0))
 
 
 @dataclass(frozen=True)
@@ -220,7 +229,8 @@ def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
     B, b, nb, s, h = sh.block_size, sh.gpu_batch_size, sh.num_gpu_batches, sh.prompt_len, cfg.hidden_size
     gpu = hw.has_gpu
     # The lookup tables on disk are read by rows (a decode step: one per sequence), not charged.
-    wd_layers, wd_head, _ = weights_on_disk(cfg, x)
+    ws = weight_split(cfg, x)
+    wd_layers, wd_head = ws.layers_on_disk, ws.head_on_disk
     rd, wr = 1.0 / (hw.disk_read_gbps * GB), 1.0 / (hw.disk_write_gbps * GB)
     c2g = 1.0 / (hw.cpu_to_gpu_gbps * GB) if gpu else 0.0  # no link without a GPU: RAM is RAM
     g2c = 1.0 / (hw.gpu_to_cpu_gbps * GB) if gpu else 0.0
@@ -236,7 +246,7 @@ def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
     convert = 1.0 / (hw.convert_gbps * GB) if hw.convert_gbps and hw.compute_dtype != "float16" else 0.0
     convert_s = 0.0 if sh.compress_weight else z.w16 * wd_layers * convert
     disk = z.w_disk * wd_layers * rd + (convert_s if gpu else 0.0)
-    c_to_g = z.w * (x.wc + x.wd) * c2g
+    c_to_g = z.w * (1 - ws.matmul_on_gpu) * c2g
     # Activations: each layer loads its input from and stores its output to their tier.
     disk = disk + act * x.hd * (rd + wr)
     c_to_g = c_to_g + act * (x.hc + x.hd) * c2g
@@ -289,7 +299,7 @@ def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
         head_compute = head_compute + z.head16 * deq
     head_convert_s = 0.0 if sh.compress_weight else z.head16 * wd_head * convert
     head = {"disk": z.head_disk * wd_head * rd + (head_convert_s if gpu else 0.0),
-            "cpu_to_gpu": z.head * (x.wc + x.wd) * c2g,
+            "cpu_to_gpu": z.head * (1 - ws.matmul_on_gpu) * c2g,
             "gpu_to_cpu": 0.0 * x.wd, "compute": head_compute + (0.0 if gpu else head_convert_s) + 0.0 * x.wd}
     if not gpu:  # the I/O thread runs on the cores that compute: overlap is not free
         for stage in (layer, head):
@@ -309,35 +319,43 @@ def memory_peaks(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *
     re-solves with a tighter budget when the exact figure does not fit. The cache is split inside
     every slot (placement.cache_pair_split), so its staging is linear in the disk fraction."""
     z = _sizes(cfg, sh, hw)
+    ws = weight_split(cfg, x, exact=exact)
+    wd_layers, wd_head, lookup_held = ws.layers_on_disk, ws.head_on_disk, ws.lookup_held
     if exact:  # floats or numpy arrays
         x_hd = np.where(np.asarray(x.hd) > 1e-9, 1.0, 0.0)
-        # The engine double-buffers whole streamed layers (the embedding table and the output head
-        # are layers of their own, the biggest) plus raw read buffers: one decoder layer's as
-        # stored, and the head's while it is converted.
-        raw = max(cfg.vocab_size * cfg.embed_dim * elem_bytes(hw), z.w_disk + z.head_disk / 2)
-        w_staging = np.where(np.asarray(x.wd) > 1e-9, 2 * max(z.w, z.head / 2) + raw, 0.0)
+        # Streamed decoder layers: converted copies kept for two layers (the one computing, the
+        # one read ahead) and raw read buffers for one; a streamed head: its converted copy and
+        # its raw read. Lookup tables on disk need only the rows they gather.
+        w_staging = (np.where(np.asarray(wd_layers) > 1e-9, 2 * z.w + z.w_disk, 0.0)
+                     + np.where(np.asarray(wd_head) > 1e-9, z.head + z.head_disk, 0.0))
     else:
         x_hd = x.hd
-        w_staging = 2 * z.w * x.wd
+        w_staging = 2 * z.w * wd_layers
     b, s, n, h, f, nh = (sh.gpu_batch_size, sh.prompt_len, sh.gen_len, cfg.hidden_size, cfg.ffn_dim,
                          cfg.num_heads)
-    W = cfg.num_layers * z.w + z.head
+    on_gpu = ws.matmul_on_gpu * (cfg.num_layers * z.w + z.head)
+    # What memory (GPU and RAM together) holds of them.
+    held = cfg.num_layers * z.w * (1 - wd_layers) + z.head * (1 - wd_head) + z.lookup * lookup_held
     el = elem_bytes(hw)
     act_mb_pre, act_mb_dec = b * s * h * el, b * h * el
     # Largest live intermediates of one micro-batch: attention (q,k,v + scores + probs) or MLP.
     inter_pre = el * b * (max(3 * s * h + 2 * nh * s * s, s * f + s * h) + s * h)
+    # ... and never below what the engine's own budget check counts (engine.budgets), which a
+    # planned policy must pass: q/k/v/out and the MLP's intermediate, the mask, logits twice.
+    inter_pre = max(inter_pre, el * b * s * (4 * h + f) + b * s * (s + n) + 8 * b * cfg.vocab_size)
     inter_dec = el * b * (max(3 * h + 2 * nh * (s + n), f + h) + h) + 4 * b * cfg.vocab_size
     # Dequantised copies are made into buffers the engine keeps: two decoder layers' (alternating)
     # and the output head's (the embedding table dequantises only the rows it gathers).
-    w_work16 = 2 * z.w16 + z.head16 / 2 if sh.compress_weight else 0.0
+    w_work16 = 2 * z.w16 + z.head16 if sh.compress_weight else 0.0
     kv_work16 = z.kv_mb_full16 if sh.compress_cache else 0.0
-    disk_peak = x.wd * (cfg.num_layers * z.w_disk + z.head_disk) + x.cd * z.kv_total + x.hd * z.act_pre
+    disk_peak = (cfg.num_layers * z.w_disk * wd_layers + z.head_disk * wd_head + z.lookup_disk * (1 - lookup_held)
+                 + x.cd * z.kv_total + x.hd * z.act_pre)
 
     if not hw.has_gpu:
         # One memory holds the "gpu" and "cpu" shares; weights resident in RAM are used in place,
         # only what comes from disk needs double buffers.
         def ram(act: float, act_mb: float, inter: float, decode: bool) -> Any:
-            home = (x.wg + x.wc) * W + (x.cg + x.cc) * z.kv_total + (x.hg + x.hc) * act
+            home = held + (x.cg + x.cc) * z.kv_total + (x.hg + x.hc) * act
             work = w_staging + w_work16 + 2 * act_mb * x_hd + inter
             if decode:  # a slot read ahead, the one in use, and it with the new position appended
                 work = work + 3 * z.kv_mb_full * x.cd + kv_work16
@@ -348,7 +366,7 @@ def memory_peaks(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *
 
     cpu_attn = sh.cpu_cache_compute
     def gpu_peak(act: float, act_mb: float, inter: float, decode: bool) -> Any:
-        home = x.wg * W + x.cg * z.kv_total + x.hg * act
+        home = on_gpu + x.cg * z.kv_total + x.hg * act
         work = 2 * z.w * (1 - x.wg) + w_work16 + 2 * act_mb * (1 - x.hg) + inter
         if decode:
             moved = x.cg * 0.0 + (0.0 if cpu_attn else 1.0) * (x.cc + x.cd)
@@ -358,8 +376,8 @@ def memory_peaks(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *
         return home + work
 
     def cpu_peak(act: float, act_mb: float, decode: bool) -> Any:
-        home = x.wc * W + x.cc * z.kv_total + x.hc * act
-        work = 2 * z.w * x.wd + 2 * act_mb * x_hd  # staging buffers for what comes from disk
+        home = held - on_gpu + x.cc * z.kv_total + x.hc * act
+        work = w_staging + 2 * act_mb * x_hd  # staging buffers for what comes from disk
         if decode:
             work = work + 3 * z.kv_mb_full * x.cd
             if cpu_attn:  # scores of one micro-batch in fp32 on the CPU

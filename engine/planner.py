@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import pulp
 
-from engine.cost_model import (GIB, Estimate, Placement, Shape, estimate, memory_peaks, peak_bytes,
+from engine.cost_model import (GIB, Estimate, Placement, Shape, WeightSplit, estimate, head_weight_bytes, layer_weight_bytes,
+                               lookup_weight_bytes, max_weights_disk_fraction, memory_peaks, peak_bytes,
                                phase_terms)
 from engine.errors import BudgetError
 from engine.hardware import HardwareProfile
@@ -99,14 +100,42 @@ def solve_lp(cfg: OPTConfig, hw: HardwareProfile, sh: Shape,
              budgets_gib: dict[str, float | None], *, minimise_tier: str | None = None
              ) -> tuple[float, Placement] | None:
     """Best placement for one shape: (block seconds, fractions), or None if nothing fits.
-    With minimise_tier, minimise that tier's peak bytes instead (used to name the smallest budget)."""
+    With minimise_tier, minimise that tier's peak bytes instead (used to name the smallest budget).
+
+    Placement puts the lookup tables on disk whenever any weights go there, a step the LP cannot
+    express, so it solves with them on disk (reading their rows is free in the model, so this is
+    never slower while the disk has room for them), and with all weights in memory when that fails
+    or when nothing else would be streamed (then memory is preferred at equal predicted time)."""
+    found = _solve_lp(cfg, hw, sh, budgets_gib, minimise_tier, lookup_on_disk=True)
+    if found is not None and found[1].wd > _weight_shares(cfg)[0] + 1e-9:
+        return found
+    in_memory = _solve_lp(cfg, hw, sh, budgets_gib, minimise_tier, lookup_on_disk=False)
+    if found is None or (in_memory is not None and in_memory[0] <= found[0] * (1 + 1e-9)):
+        return in_memory
+    return found
+
+
+def _solve_lp(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, budgets_gib: dict[str, float | None],
+              minimise_tier: str | None, lookup_on_disk: bool) -> tuple[float, Placement] | None:
     prob = pulp.LpProblem("flexjob_placement", pulp.LpMinimize)
     v = {k: _variable(prob, k, 1) for k in FRACTIONS}
     for kind in "wch":
         prob += v[kind + "g"] + v[kind + "c"] + v[kind + "d"] == 1
         if _fixed_gpu_zero(hw):
             prob += v[kind + "g"] == 0
-    x = Placement(**v)
+    # Where each kind of weight is follows from wg and wd (cost_model.weight_split): linear once
+    # the lookup tables' tier is fixed. The head never goes to disk in a plan.
+    lookup, layers = _weight_shares(cfg)
+    if lookup_on_disk:
+        prob += v["wd"] >= lookup, "lookup_on_disk"
+        prob += v["wd"] <= max_weights_disk_fraction(cfg), "head_in_memory"
+    else:
+        prob += v["wd"] == 0, "all_weights_in_memory"
+    prob += v["wg"] <= 1 - lookup, "lookup_not_on_gpu"
+    split = WeightSplit(layers_on_disk=(v["wd"] - lookup) * (1 / layers) if lookup_on_disk else 0.0 * v["wd"],
+                        head_on_disk=0.0, lookup_held=0.0 if lookup_on_disk else 1.0,
+                        matmul_on_gpu=v["wg"] * (1 / (1 - lookup)))
+    x = Placement(**v, split=split)
     total = 0
     for phase, repeat in (("pre", 1), ("dec", sh.gen_len - 1)):
         for i, (count, terms) in enumerate(phase_terms(cfg, hw, sh, x, decode=phase == "dec")):
@@ -133,6 +162,12 @@ def solve_lp(cfg: OPTConfig, hw: HardwareProfile, sh: Shape,
     fr = {k: min(1.0, max(0.0, float(v[k].value() or 0.0))) for k in FRACTIONS}
     value = pulp.value(prob.objective)
     return float(value), Placement(**fr)
+
+
+def _weight_shares(cfg: OPTConfig) -> tuple[float, float]:
+    """The lookup tables' and the decoder layers' fractions of the stored weight bytes."""
+    total = cfg.num_layers * layer_weight_bytes(cfg) + head_weight_bytes(cfg)
+    return lookup_weight_bytes(cfg) / total, cfg.num_layers * layer_weight_bytes(cfg) / total
 
 
 def _variable(prob: pulp.LpProblem, name: str, up: float | None = None):
@@ -357,19 +392,40 @@ def _with(x: Placement, **changes) -> Placement:
 
 def _fill_limit(cfg, hw, sh, tier: str, limit: float | None, x0: Placement, x1: Placement, hi) -> np.ndarray:
     """Largest t in [0, hi] with every peak candidate of `tier` at x0 + t (x1 - x0) within limit
-    (-inf where none fits)."""
+    (-inf where none fits). Each candidate is affine in t between the knots where wd passes the
+    lookup tables' or the head's share (cost_model.weight_split), with steps at knots and at wd = 0
+    in the exact model: solved per piece, from t = 0 up."""
+    hi = np.asarray(hi, dtype=float)
     if limit is None:
-        return np.asarray(hi, dtype=float)
-    lim = limit * GIB
-    out = np.asarray(hi, dtype=float).copy()
-    for p0, p1 in zip(memory_peaks(cfg, hw, sh, x0)[tier], memory_peaks(cfg, hw, sh, x1)[tier]):
-        p0, p1 = np.broadcast_arrays(np.asarray(p0, dtype=float), np.asarray(p1, dtype=float))
-        slope = p1 - p0  # peak at fraction 1 of the move minus at 0; affine in between
-        with np.errstate(divide="ignore", invalid="ignore"):
-            t = np.where(slope > 0, (lim - p0) / np.where(slope > 0, slope, 1.0),
-                         np.where(p1 <= lim, np.inf, -np.inf))
-        out = np.minimum(out, t)
-    return out
+        return hi
+    lim = limit * GIB * (1 + 1e-12)
+    wd0, wd1 = np.asarray(x0.wd, dtype=float), np.asarray(x1.wd, dtype=float)
+    knots = [np.zeros_like(hi), hi]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for share in (_weight_shares(cfg)[0], max_weights_disk_fraction(cfg)):
+            knots.append(np.clip(np.nan_to_num((share - wd0) / (wd1 - wd0), nan=0.0, posinf=0.0, neginf=0.0), 0.0, hi))
+    knots = np.sort(np.broadcast_arrays(*knots), axis=0)
+
+    def peaks(t: np.ndarray) -> list[np.ndarray]:
+        x = Placement(**{k: getattr(x0, k) + t * (getattr(x1, k) - getattr(x0, k)) for k in FRACTIONS})
+        return [np.broadcast_to(np.asarray(p, dtype=float), hi.shape) for p in memory_peaks(cfg, hw, sh, x)[tier]]
+
+    def fits(t: np.ndarray) -> np.ndarray:
+        return np.logical_and.reduce([p <= lim for p in peaks(t)])
+
+    out = np.where(fits(knots[0]), np.nan, -np.inf)  # nan: not settled yet
+    for a, b in zip(knots[:-1], knots[1:]):
+        span = b - a
+        a_in, b_in = a + 1e-9 * span, b - 1e-9 * span  # inside the piece, off its steps
+        crossing = np.full_like(hi, np.inf)
+        for pa, pb in zip(peaks(a_in), peaks(b_in)):
+            with np.errstate(divide="ignore", invalid="ignore"):
+                t = np.where(pa > lim, a, np.where(pb > lim, a_in + (lim - pa) / (pb - pa) * (b_in - a_in), np.inf))
+            crossing = np.minimum(crossing, t)
+        settle = np.isnan(out) & np.isfinite(crossing)
+        out = np.where(settle, np.maximum(a, crossing), out)
+        out = np.where(np.isnan(out) & ~fits(b), b_in, out)  # a step up at b
+    return np.where(np.isnan(out), hi, out)
 
 
 def _filled(cfg, hw, sh, budgets_gib, free, pts) -> Placement:
@@ -402,6 +458,7 @@ def _grid_eval(cfg, hw, sh, budgets_gib, free, pts, keep, exact) -> list[tuple[f
     for k in FRACTIONS:
         v = np.asarray(getattr(x, k), dtype=float)
         ok &= np.isfinite(v) & (v >= -1e-12)
+    ok &= np.asarray(x.wd, dtype=float) <= max_weights_disk_fraction(cfg) + 1e-9  # as the LP
     for tier, peak in peak_bytes(cfg, hw, sh, x, exact=exact).items():
         lim = budgets_gib.get(tier)
         if lim is not None:

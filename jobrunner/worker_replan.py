@@ -34,6 +34,8 @@ def stored_profile(offload_dir: Path) -> HardwareProfile | None:
     except (ValueError, OSError):
         return None
 
+PROCESS_GROWTH_GIB = 0.03
+
 
 def plan_for_this_process(config: OPTConfig, hardware: HardwareProfile, *, gpu_mem_gib: float | None,
                           cpu_mem_gib: float | None, gen_len: int, prompt_len: int = PLAN_PROMPT_LEN,
@@ -41,14 +43,16 @@ def plan_for_this_process(config: OPTConfig, hardware: HardwareProfile, *, gpu_m
     """The LP plan for a run in this process (shared by `work` and `generate`).
 
     Compression changes the output, so the planner turns it on only when the user asked for it;
-    the process's own memory counts against --cpu-mem like the engine's tensors."""
+    the process's own memory counts against --cpu-mem like the engine's tensors, with room for
+    what opening the model adds to it before the engine checks its budget (5 MB for opt-125m)."""
     import psutil
 
     from engine.planner import plan
 
+    reserved_gib = psutil.Process().memory_info().rss / 2**30 + PROCESS_GROWTH_GIB
     return plan(config, hardware, gpu_mem_gib=gpu_mem_gib, cpu_mem_gib=cpu_mem_gib, prompt_len=prompt_len,
                 gen_len=gen_len, compress_options=(True,) if allow_compression else (False,),
-                max_block_size=max_block_size, cpu_reserved_gib=psutil.Process().memory_info().rss / 2**30)
+                max_block_size=max_block_size, cpu_reserved_gib=reserved_gib)
 
 
 def planned_policy(config: OPTConfig, hardware: HardwareProfile, *, gpu_mem_gib: float | None,

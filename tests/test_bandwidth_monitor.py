@@ -96,7 +96,7 @@ def test_throttled_engine_replans_and_output_stays_identical(tmp_path):
     work = dict(prompt_len=8, gen_len=4)
     params = GenerationParams(max_new_tokens=4)
     rows = [RowInput(row_id=i, prompt_ids=tuple(2 + (i * 131 + j * 7) % 50000 for j in range(8)))
-            for i in range(10)]
+            for i in range(12)]  # six blocks: the last one runs after the re-placement's own reads
     mon = BandwidthMonitor(config=cfg, hardware=hw, policy=start, gpu_mem_gib=None, cpu_mem_gib=8, **work,
                            plan_kwargs=dict(gpu_batch_sizes=(2,), num_gpu_batches=(1,), compress_options=(False,)))
     decisions, reads, outputs = [], [], []
@@ -114,7 +114,7 @@ def test_throttled_engine_replans_and_output_stays_identical(tmp_path):
     assert len(decisions) == 1 and decisions[0].block_index == 3, [d.to_event() for d in decisions]
     assert decisions[0].measured_gbps[DISK_READ] < 0.07
     assert decisions[0].new_policy.weights_cpu_percent > start.weights_cpu_percent
-    assert reads[-1] < reads[0] / 2
+    assert reads[-1] < reads[0] / 2, (reads, decisions[0].new_policy.describe())
     with Engine(model, start, offload_dir=tmp_path / "off2") as eng:
         reference = eng.generate(rows, params)
     assert [r.generated_ids for r in outputs] == [r.generated_ids for r in reference]
