@@ -25,6 +25,7 @@ from engine.errors import PromptTooLongError
 from engine.model_config import load_config
 from engine.placed_weights import PlacedWeights
 from engine.policy import Policy
+from engine.profile_learning import record_block as learn_disk_bandwidth
 from engine.rows import GenerationParams, RowInput, RowResult, StepUpdate
 from engine.schedule import BlockRow, BlockRunner, ScheduleContext
 from engine.stats import EngineStats
@@ -193,6 +194,8 @@ class Engine:
                                 total_s=time.perf_counter() - started,
                                 transfers=self.transfers.snapshot_and_reset(),
                                 peak_rss=self.rss.peak, device=self.device)
+        if not self.disk.throttle_gbps:  # a throttled disk (the test knob) is not this host's disk
+            learn_disk_bandwidth(self.offload_dir, self.stats.blocks[-1].transfers)
         return stopped
 
     def close(self) -> None:

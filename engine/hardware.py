@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +33,9 @@ LINK_FIELDS = {
     GPU_TO_CPU: "gpu_to_cpu_gbps",
 }
 
-PROFILE_VERSION = 5  # 2: linear_s_per_byte, 3: compute_scale, 4: per-row-count and per-model scales,
-# 5: io_compute_interference, convert_gbps into a kept buffer
+PROFILE_VERSION = 6  # 2: linear_s_per_byte, 3: compute_scale, 4: per-row-count and per-model scales,
+# 5: io_compute_interference, convert_gbps into a kept buffer, 6: the head's calibration without the
+# lookup tables (no longer part of its matmul), disk bandwidth learned from runs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,6 +66,10 @@ class HardwareProfile:
     # Seconds of compute lost per second the disk tier is busy, on a host without a GPU (the I/O
     # thread's syscalls, copies and Python share the cores that compute); measured by the profiler.
     io_compute_interference: float = 0.0
+    # Disk figures blend in what the engine measured in finished blocks (engine.profile_learning):
+    # the probe's own figures, by field, and how many blocks were learned from.
+    probed_gbps: dict[str, float] = field(default_factory=dict)
+    learned_blocks: int = 0
 
     # matmul FLOP/s by device ("cpu", "cuda") and dtype ("float32", "bfloat16", "float16").
     matmul_flops: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -173,7 +179,7 @@ class HardwareProfile:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # writers may share a directory
         tmp.write_text(self.to_json())
         tmp.replace(path)
         return path

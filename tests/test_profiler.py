@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from engine.hardware import HardwareProfile
 from engine.profiler import _settled_files, load_or_measure_profile, measure_disk, profile_path
 
@@ -103,3 +105,38 @@ def test_disk_read_is_measured_on_files_written_earlier_when_the_directory_has_t
         assert method == "O_DIRECT, files written earlier"
     assert sorted(p.name for p in disk.rglob("*") if p.is_file()) == ["decoder.0.bin", "decoder.1.bin"]
 
+
+
+def test_engine_runs_teach_the_stored_profile_the_disk_bandwidth_they_saw(tmp_path, monkeypatch):
+    """A real engine run streaming half of opt-125m's weights: each finished block blends its disk
+    read bandwidth into the profile stored for its disk directory (weighted by the bytes it read);
+    the probe's figure is kept; a throttled run teaches nothing; a directory without a stored
+    profile gets none."""
+    from engine.engine import Engine
+    from engine.hardware import DISK_READ
+    from engine.model_config import preset
+    from engine.model_maker import make_model
+    from engine.policy import Policy
+    from engine.profiler import profile_path
+    from engine.rows import GenerationParams, RowInput
+
+    monkeypatch.setenv("FLEXJOB_HOME", str(tmp_path / "home"))
+    model = make_model(preset("125m", num_layers=4), tmp_path / "model", with_tokenizer=False)
+    offload = tmp_path / "offload"
+    path = HardwareProfile(host="test", disk_read_gbps=1000.0, disk_write_gbps=1000.0).save(profile_path(offload))
+    policy = Policy.from_percents([0, 50, 0, 100, 0, 100], gpu_batch_size=4)
+    rows = [RowInput(row_id=i, prompt_ids=tuple(range(10 + i, 30 + i))) for i in range(4)]
+    with Engine(model, policy, offload_dir=offload) as engine:
+        engine.generate(rows, GenerationParams(max_new_tokens=24))
+        nbytes, seconds = engine.stats.blocks[0].transfers[DISK_READ]
+        engine.set_throttle({DISK_READ: 0.5})
+        engine.generate(rows, GenerationParams(max_new_tokens=24))
+    assert nbytes >= 64 * 2**20, nbytes  # enough to count
+    learned = HardwareProfile.load(path)
+    weight = 1 - 0.5 ** (nbytes / 4e9)
+    assert learned.disk_read_gbps == pytest.approx((1 - weight) * 1000 + weight * nbytes / seconds / 1e9)
+    assert learned.disk_read_gbps < 1000 and learned.learned_blocks == 1  # the throttled block: not learned
+    assert learned.probed_gbps == {"disk_read_gbps": 1000.0}  # the engine wrote nothing it could time
+    with Engine(model, policy, offload_dir=tmp_path / "elsewhere") as engine:
+        engine.generate(rows[:1], GenerationParams(max_new_tokens=2))
+    assert not profile_path(tmp_path / "elsewhere").exists()

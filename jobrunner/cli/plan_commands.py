@@ -66,9 +66,13 @@ def profile_command(disk_dir: Path | None, refresh: bool, as_json: bool) -> None
     table = Table(title=f"hardware profile of {prof.host} ({prof.gpu_name or 'no GPU: the compute device is the CPU'})")
     table.add_column("quantity")
     table.add_column("value", justify="right")
+    def learned(field: str) -> str:  # engine.profile_learning: what runs measured, and the probe's figure
+        probe = prof.probed_gbps.get(field)
+        return "" if probe is None else f"  (runs: {prof.learned_blocks} blocks; probe {probe:.3f})"
+
     rows = [
-        ("disk read (GB/s)", f"{prof.disk_read_gbps:.3f}  [{prof.disk_read_method}]"),
-        ("disk write with fsync (GB/s)", f"{prof.disk_write_gbps:.3f}"),
+        ("disk read (GB/s)", f"{prof.disk_read_gbps:.3f}  [{prof.disk_read_method}]{learned('disk_read_gbps')}"),
+        ("disk write with fsync (GB/s)", f"{prof.disk_write_gbps:.3f}{learned('disk_write_gbps')}"),
         ("CPU weight streaming (GB/s)", f"{prof.cpu_mem_gbps:.2f}"),
         ("CPU attention over the KV cache (GB/s)", f"{prof.cpu_attention_gbps:.3f}"),
         ("4-bit dequantisation (GB/s out)", f"{prof.dequant_gbps:.3f}"),
