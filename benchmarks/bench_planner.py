@@ -14,7 +14,8 @@ from engine.cost_model import estimate
 from engine.errors import BudgetError
 from engine.hardware import HardwareProfile, t4_flexgen
 from engine.model_config import preset
-from engine.planner import budgets_bytes, grid_search, plan, shapes, solve_lp
+from engine.planner import budgets_bytes, plan, shapes, solve_lp
+from engine.planner_grid import grid_search
 from engine.policy import Policy
 
 # The 2-vCPU machine of MACHINE-NOTES (bf16 410 GFLOP/s, weight streaming 18 GB/s, O_DIRECT 1.1 GB/s).

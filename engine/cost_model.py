@@ -128,6 +128,12 @@ def head_weight_bytes(cfg: OPTConfig) -> float:
                    + cfg.vocab_size * cfg.embed_dim)
 
 
+def weight_shares(cfg: OPTConfig) -> tuple[float, float]:
+    """The lookup tables' and the decoder layers' fractions of the stored weight bytes."""
+    total = cfg.num_layers * layer_weight_bytes(cfg) + head_weight_bytes(cfg)
+    return lookup_weight_bytes(cfg) / total, cfg.num_layers * layer_weight_bytes(cfg) / total
+
+
 def max_weights_disk_fraction(cfg: OPTConfig) -> float:
     """Plans never put the output head on disk (streaming it costs as much RAM as holding it: its
     converted copy is kept), so at most the lookup tables and the decoder layers go there."""

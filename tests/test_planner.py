@@ -11,7 +11,8 @@ from engine.cost_model import Shape, estimate
 from engine.errors import BudgetError
 from engine.hardware import HardwareProfile, t4_flexgen
 from engine.model_config import preset
-from engine.planner import budgets_bytes, grid_plan, grid_search, plan, solve_lp
+from engine.planner import budgets_bytes, plan, solve_lp
+from engine.planner_grid import grid_plan, grid_search
 from engine.policy import Policy
 
 SMALL = dict(gpu_batch_sizes=(1, 4, 16), num_gpu_batches=(1, 4))
