@@ -37,8 +37,6 @@ def held_element_size(entry: TensorEntry, element_size: int) -> int:
     return 2 if entry.name in ROW_LOOKUP_TABLES else element_size
 
 
-
-
 def _as_fp16(buf: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
     """The stored fp16 tensor inside a raw (aligned, padded) read buffer, as a view."""
     return buf[: entry.nbytes].view(torch.float16).view(entry.shape)
@@ -190,35 +188,27 @@ class PlacedWeights:
 
     def _disk_rows(self, layer: str, entry: TensorEntry, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of a lookup table on disk, in the compute dtype: the distinct rows read one
-        by one (a 4-bit table: its codes, scales and minimums), or the whole table when they would
-        add up to more than a quarter of it (a long prompt's prefill)."""
+        by one (a 4-bit table: each row's codes, scales and minimums), or picked from the whole
+        table when they would add up to more than a quarter of it (a long prompt's prefill)."""
         unique, inverse = torch.unique(ids.reshape(-1).cpu(), return_inverse=True)
-        path, n = self.store.path(layer), len(unique)
-        if entry.compressed:
-            sections = row_sections(entry.shape, entry.num_bits, entry.group_size)
-        else:
-            sections = [(0, entry.nbytes // entry.shape[0])]
+        n, num_rows = len(unique), entry.shape[0]
+        # (offset, bytes per row) of each row-major section of the stored tensor
+        sections = (row_sections(entry.shape, entry.num_bits, entry.group_size) if entry.compressed
+                    else [(0, entry.nbytes // num_rows)])
         if n * sum(align_up(row + 4096) for _, row in sections) > entry.nbytes // 4:
             table = self._read_raw(layer, entry, reuse=False)
-            if entry.compressed:
-                packed = from_bytes(table, entry.shape, num_bits=entry.num_bits, group_size=entry.group_size, dim=-1)
-                rows = dequantize(QuantizedTensor(data=packed.data[unique], scale=packed.scale[unique],
-                                                  minimum=packed.minimum[unique], shape=(n, *entry.shape[1:]),
-                                                  dim=1, group_size=entry.group_size, num_bits=entry.num_bits),
-                                  self.dtype)
-            else:
-                rows = _as_fp16(table, entry)[unique].to(self.dtype)
-        elif entry.compressed:
-            data, scale, minimum = (self.disk.read_rows(path, entry.offset + at, row, unique.tolist())
-                                    for at, row in sections)
-            groups = scale.shape[1] // 2
-            rows = dequantize(QuantizedTensor(data=data.view(n, groups, -1), scale=scale.view(torch.float16),
+            parts = [table[at:at + row * num_rows].view(num_rows, row)[unique] for at, row in sections]
+        else:
+            parts = [self.disk.read_rows(self.store.path(layer), entry.offset + at, row, unique.tolist())
+                     for at, row in sections]
+        if entry.compressed:
+            data, scale, minimum = parts
+            rows = dequantize(QuantizedTensor(data=data.view(n, scale.shape[1] // 2, -1), scale=scale.view(torch.float16),
                                               minimum=minimum.view(torch.float16), shape=(n, *entry.shape[1:]),
                                               dim=1, group_size=entry.group_size, num_bits=entry.num_bits),
                               self.dtype)
         else:
-            raw = self.disk.read_rows(path, entry.offset, sections[0][1], unique.tolist())
-            rows = raw.view(torch.float16).view(n, *entry.shape[1:]).to(self.dtype)
+            rows = parts[0].view(torch.float16).view(n, *entry.shape[1:]).to(self.dtype)
         return to_device(rows[inverse].view(*ids.shape, *entry.shape[1:]), self.device, self.stats)
 
     def _host_rows(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
