@@ -128,17 +128,22 @@ def head_weight_bytes(cfg: OPTConfig) -> float:
                    + cfg.vocab_size * cfg.embed_dim)
 
 
+def _weight_kinds(cfg: OPTConfig) -> tuple[float, float, float]:
+    """Stored (fp16) bytes of the lookup tables, the output head (and projections), the decoder layers."""
+    lookup = lookup_weight_bytes(cfg)
+    return lookup, head_weight_bytes(cfg) - lookup, cfg.num_layers * layer_weight_bytes(cfg)
+
+
 def weight_shares(cfg: OPTConfig) -> tuple[float, float]:
     """The lookup tables' and the decoder layers' fractions of the stored weight bytes."""
-    total = cfg.num_layers * layer_weight_bytes(cfg) + head_weight_bytes(cfg)
-    return lookup_weight_bytes(cfg) / total, cfg.num_layers * layer_weight_bytes(cfg) / total
+    lookup, head, layers = _weight_kinds(cfg)
+    return lookup / (lookup + head + layers), layers / (lookup + head + layers)
 
 
 def max_weights_disk_fraction(cfg: OPTConfig) -> float:
     """Plans never put the output head on disk (streaming it costs as much RAM as holding it: its
     converted copy is kept), so at most the lookup tables and the decoder layers go there."""
-    total = cfg.num_layers * layer_weight_bytes(cfg) + head_weight_bytes(cfg)
-    return (total - head_weight_bytes(cfg) + lookup_weight_bytes(cfg)) / total
+    return sum(weight_shares(cfg))
 
 
 @dataclass(frozen=True)
@@ -158,8 +163,7 @@ def weight_split(cfg: OPTConfig, x: Placement, *, exact: bool = False) -> Weight
     them). Floats and numpy arrays; the LP passes its own (Placement.split)."""
     if x.split is not None:
         return x.split
-    lookup, head = lookup_weight_bytes(cfg), head_weight_bytes(cfg) - lookup_weight_bytes(cfg)
-    layers = cfg.num_layers * layer_weight_bytes(cfg)
+    lookup, head, layers = _weight_kinds(cfg)
     total = lookup + head + layers
     disk = x.wd * total
     held = np.where(np.asarray(x.wd) > 1e-9, 0.0, 1.0) if exact else np.clip(1.0 - disk / lookup, 0.0, 1.0)
