@@ -79,3 +79,37 @@ def test_lookup_tables_take_the_slowest_tier_and_the_head_the_fastest(gpu, cpu):
     assert on[Tier.DISK] <= max(disk_share, lookup) + biggest
     if disk_share >= lookup:
         assert abs(on[Tier.DISK] - disk_share) <= biggest
+
+
+@pytest.mark.parametrize("cpu", [0, 3, 5, 30, 50, 62.5, 80, 93, 100])
+def test_the_cost_models_weight_split_is_what_placement_does(cpu):
+    """cost_model.weight_split (what the LP and the estimates assume) against split_weights (what
+    the engine does) on opt-1.3b's tensors, CPU-only policies: the decoder layers' and the head's
+    fractions on disk within one tensor, and the lookup tables in memory exactly. Plans never go
+    below the head's share of RAM (the LP keeps the head in memory); hand-written policies may."""
+    from engine.cost_model import Placement, weight_split
+    from engine.placement import HEAD, LAYER, LOOKUP, split_weights
+    from engine.policy import Policy
+    cfg = preset("1.3b")
+    layers = model_layers(cfg)
+    tiers = split_weights(layers, 0, cpu)
+    placed = [(size, role, tier) for layer, t_layer in zip(layers, tiers) for (size, role), tier in zip(layer, t_layer)]
+
+    def on_disk(role: str) -> float:
+        return sum(s for s, r, t in placed if r == role and t == Tier.DISK) / sum(s for s, r, _ in placed if r == role)
+
+    policy = Policy.from_percents([0, cpu, 0, 100, 0, 100], gpu_batch_size=1)
+    model = weight_split(cfg, Placement.from_policy(policy, cfg.num_heads), exact=True)
+    assert float(model.lookup_held) == 1 - on_disk(LOOKUP)
+    layer_bytes = sum(s for s, r, _ in placed if r == LAYER)
+    head_bytes = sum(s for s, r, _ in placed if r == HEAD)
+    tolerance = max(opt_layer_sizes(cfg))
+    if not 0 < float(model.head_on_disk) < 1:
+        assert float(model.head_on_disk) == on_disk(HEAD)
+        assert abs(float(model.layers_on_disk) - on_disk(LAYER)) * layer_bytes <= tolerance
+    else:
+        # RAM smaller than the head: the engine cannot place part of a tensor, so the head goes
+        # to disk and the decoder layers take the RAM; the model's relaxation holds the head's
+        # share instead. The bytes on disk agree.
+        model_disk = float(model.layers_on_disk) * layer_bytes + float(model.head_on_disk) * head_bytes
+        assert abs(model_disk - (on_disk(LAYER) * layer_bytes + on_disk(HEAD) * head_bytes)) <= tolerance
