@@ -35,9 +35,12 @@ def blended_gbps(current: float, nbytes: float, seconds: float) -> float | None:
 def record_block(disk_dir: str | Path, transfers: Mapping[str, tuple[float, float]], *,
                  home: Path | None = None) -> HardwareProfile | None:
     """Blend one block's disk figures into the stored profile of this host and disk directory.
-    Returns the updated profile, or None when there is none (or it cannot be read)."""
+    Returns the updated profile, or None when there is none, it cannot be read, or the block moved
+    too little to learn from."""
     from engine.profiler import profile_path
 
+    if not any(transfers.get(link, (0, 0.0))[0] >= MIN_BYTES for link in LEARNED_LINKS):
+        return None  # nothing to learn (weights, cache and activations in memory): no file I/O
     path = profile_path(disk_dir, home)
     if not path.is_file():
         return None
