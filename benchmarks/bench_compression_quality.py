@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.quality_model
-from tests.quality_model import VARIANTS, get_quality_model, measure_quality  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.support.quality_model
+from tests.support.quality_model import VARIANTS, get_quality_model, measure_quality  # noqa: E402
 
 
 def main() -> None:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from engine.compression import dequantize, packed_nbytes, quantize
-from engine.model_config import preset
-from engine.model_maker import layer_tensor_shapes
+from engine.runtime.compression import dequantize, packed_nbytes, quantize
+from engine.model.config import preset
+from engine.model.synthetic import layer_tensor_shapes
 
 
 def best_ms(fn, repeat: int) -> tuple[float, float]:
@@ -58,7 +58,7 @@ def measure_matmul(shape, *, batch: int, group_size: int, repeat: int) -> dict:
     """One linear at `batch` rows, bf16: dense weight; dequantise + dense; torch's fused int4 kernel."""
     import torch.nn.functional as F
 
-    from engine.compression import int4pack_for_cpu
+    from engine.runtime.compression import int4pack_for_cpu
 
     w = (0.02 * torch.randn(shape)).to(torch.bfloat16)  # [out, in]
     x = torch.randn(batch, shape[1], dtype=torch.bfloat16)

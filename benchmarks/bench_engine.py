@@ -29,9 +29,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 ENGINE_RUN = r"""
 import json, sys, time
-from engine.engine import Engine
-from engine.policy import Policy
-from engine.rows import GenerationParams, RowInput
+from engine.runtime.engine import Engine
+from engine.runtime.policy import Policy
+from engine.runtime.rows import GenerationParams, RowInput
 args = json.loads(sys.argv[1])
 policy = Policy.from_percents(args["percent"], gpu_batch_size=args["gbs"], num_gpu_batches=args["nb"],
                               compress_weight=args.get("compress_weight", False),
@@ -103,8 +103,8 @@ def drop_page_cache(directory: Path) -> None:
 
 
 def main() -> None:
-    from engine.engine import default_dtype_name
-    from engine.model_config import load_config
+    from engine.runtime.engine import default_dtype_name
+    from engine.model.config import load_config
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, type=Path)
@@ -161,7 +161,7 @@ def main() -> None:
 
 def roofline(rows: list[dict], cfg, opts) -> None:
     """Per-run roofline: max(disk bytes / uncached read bandwidth, FLOPs / FLOP/s), both measured."""
-    from engine.profiler import load_or_measure_profile
+    from engine.planning.profiler import load_or_measure_profile
     profile = load_or_measure_profile(opts.work_dir / "offload")
     flops_per_s = profile.flops("cpu", opts.dtype)
     read_bw = profile.disk_read_gbps

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.pg_scratch import scratch_schema  # noqa: E402
+from tests.support.pg_scratch import scratch_schema  # noqa: E402
 
 CODE_PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "class LinkedList:", "# Parse the command line",
                 "for index, item in enumerate(", "with open(path) as handle:", "raise ValueError(",
@@ -40,15 +40,15 @@ CODE_PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "class LinkedLis
 
 def bench_path(work: Path, *, size: str, layers: int, rows: int, max_new_tokens: int, block: int,
                dtype: str, repeats: int) -> dict:
-    from engine.engine import Engine
-    from engine.model_config import preset
-    from engine.model_maker import make_model
-    from engine.policy import Policy
-    from engine.rows import GenerationParams, RowInput
-    from jobrunner.db import open_store
-    from jobrunner.enqueue import JobParams, enqueue
-    from jobrunner.results import write_results
-    from jobrunner.worker import PlainReporter, Worker, WorkerConfig
+    from engine.runtime.engine import Engine
+    from engine.model.config import preset
+    from engine.model.synthetic import make_model
+    from engine.runtime.policy import Policy
+    from engine.runtime.rows import GenerationParams, RowInput
+    from jobrunner.store.db import open_store
+    from jobrunner.io.enqueue import JobParams, enqueue
+    from jobrunner.io.results import write_results
+    from jobrunner.worker.loop import PlainReporter, Worker, WorkerConfig
 
     model = work / "model"
     if not (model / "config.json").is_file():
@@ -98,8 +98,8 @@ def bench_path(work: Path, *, size: str, layers: int, rows: int, max_new_tokens:
 
 def bench_commit(work: Path, *, blocks: int, url: str | None = None) -> dict:
     from jobrunner import store
-    from jobrunner.db import open_store
-    from jobrunner.parts import ResultRow, part_name, rows_to_table, write_part
+    from jobrunner.store.db import open_store
+    from jobrunner.io.parts import ResultRow, part_name, rows_to_table, write_part
     from jobrunner.store import PartRecord
 
     db = open_store(url or f"sqlite:///{work / 'commit.db'}")
@@ -169,8 +169,8 @@ def _write_prompts_file(path: Path, rows: int, group: int) -> None:
 
 def bench_enqueue(work: Path, *, rows: int, model: Path | None) -> dict:
     """Peak RSS at rows/10 and at rows: bounded memory means the two are about the same."""
-    from engine.model_config import preset
-    from engine.model_maker import make_model
+    from engine.model.config import preset
+    from engine.model.synthetic import make_model
 
     group = 65_536
     if model is None:
@@ -178,7 +178,7 @@ def bench_enqueue(work: Path, *, rows: int, model: Path | None) -> dict:
         if not (model / "config.json").is_file():
             make_model(preset("tiny"), model)
     cli = [sys.executable, "-c", "from jobrunner.cli import main; main()"]
-    baseline, _, _ = _child_peak_rss([sys.executable, "-c", "import jobrunner.cli, jobrunner.enqueue, pyarrow.parquet"],
+    baseline, _, _ = _child_peak_rss([sys.executable, "-c", "import jobrunner.cli, jobrunner.io.enqueue, pyarrow.parquet"],
                                      work)
     runs = []
     for n in (rows // 10, rows):

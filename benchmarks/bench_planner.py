@@ -10,13 +10,13 @@ import json
 import time
 from pathlib import Path
 
-from engine.cost_model import estimate
+from engine.planning.cost_model import estimate
 from engine.errors import BudgetError
-from engine.hardware import HardwareProfile, t4_flexgen
-from engine.model_config import preset
-from engine.planner import budgets_bytes, plan, shapes, solve_lp
-from engine.planner_grid import grid_search
-from engine.policy import Policy
+from engine.planning.hardware import HardwareProfile, t4_flexgen
+from engine.model.config import preset
+from engine.planning.planner import budgets_bytes, plan, shapes, solve_lp
+from tests.support.planner_grid import grid_search
+from engine.runtime.policy import Policy
 
 # The 2-vCPU machine of MACHINE-NOTES (bf16 410 GFLOP/s, weight streaming 18 GB/s, O_DIRECT 1.1 GB/s).
 NOTES_HOST = HardwareProfile(host="machine-notes-2vcpu", source="MACHINE-NOTES.md figures",

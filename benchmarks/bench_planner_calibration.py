@@ -1,7 +1,7 @@
 """Calibration: the cost model's predicted tokens/s against the engine's measured tokens/s.
 
 Runs a generated OPT (125m dims, 4 layers by default) under several policies on this host, with
-the host's measured profile (`engine.profiler`), and reports predicted / measured per policy.
+the host's measured profile (`engine.planning.profiler`), and reports predicted / measured per policy.
 The disk tier bypasses the page cache, as the profile's disk read does.
 
     python benchmarks/bench_planner_calibration.py [--layers 4] [--rows-blocks 2] [--out FILE.json]
@@ -16,13 +16,13 @@ from pathlib import Path
 
 import psutil
 
-from engine.cost_model import estimate
-from engine.engine import Engine
-from engine.model_config import preset
-from engine.model_maker import make_model
-from engine.policy import Policy
-from engine.profiler import load_or_measure_profile
-from engine.rows import GenerationParams, RowInput
+from engine.planning.cost_model import estimate
+from engine.runtime.engine import Engine
+from engine.model.config import preset
+from engine.model.synthetic import make_model
+from engine.runtime.policy import Policy
+from engine.planning.profiler import load_or_measure_profile
+from engine.runtime.rows import GenerationParams, RowInput
 
 POLICIES = {
     "all RAM 8x1": Policy.from_percents([0, 100, 0, 100, 0, 100], gpu_batch_size=8),

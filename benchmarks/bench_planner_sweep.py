@@ -59,12 +59,12 @@ HAND_WRITTEN = [
 
 
 def main() -> None:
-    from engine.cost_model import estimate
-    from engine.engine import default_dtype_name
-    from engine.model_config import load_config
-    from engine.policy import Policy
-    from engine.profiler import load_or_measure_profile
-    from jobrunner.worker_replan import plan_for_this_process
+    from engine.planning.cost_model import estimate
+    from engine.runtime.engine import default_dtype_name
+    from engine.model.config import load_config
+    from engine.runtime.policy import Policy
+    from engine.planning.profiler import load_or_measure_profile
+    from jobrunner.worker.replan import plan_for_this_process
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, type=Path)

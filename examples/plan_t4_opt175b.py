@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from engine.cost_model import GB, Shape, estimate, traffic_per_token
-from engine.hardware import t4_flexgen
-from engine.model_config import preset
-from engine.planner import budgets_bytes, plan, solve_lp, to_policy
-from engine.policy import Policy
+from engine.planning.cost_model import GB, Shape, estimate, traffic_per_token
+from engine.planning.hardware import t4_flexgen
+from engine.model.config import preset
+from engine.planning.planner import budgets_bytes, plan, solve_lp, to_policy
+from engine.runtime.policy import Policy
 
 PROMPT, GEN = 512, 32
 BUDGETS = dict(gpu_mem_gib=16, cpu_mem_gib=200, disk_mem_gib=1500)

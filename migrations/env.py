@@ -1,4 +1,4 @@
-"""Alembic environment: runs on a connection handed over by jobrunner.db (or a URL from alembic.ini).
+"""Alembic environment: runs on a connection handed over by jobrunner.store.db (or a URL from alembic.ini).
 
 SQLite gets batch mode (ALTER TABLE is limited there, so changes rebuild the table).
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from jobrunner.models import Base
+from jobrunner.store.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+
+from tests.support.jobs import SAMPLE_PROMPTS, write_prompts
 
 PG_SERVER_URL = os.environ.get("FLEXJOB_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 
@@ -15,8 +15,8 @@ PG_SERVER_URL = os.environ.get("FLEXJOB_TEST_PG", "postgresql+psycopg2://postgre
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A random-weight OPT with opt-125m's structure, 2 layers, hidden 64 (plus its tokenizer)."""
-    from engine.model_config import preset
-    from engine.model_maker import make_model
+    from engine.model.config import preset
+    from engine.model.synthetic import make_model
 
     out = tmp_path_factory.mktemp("models") / "opt-test"
     make_model(preset("125m", num_layers=2, hidden_size=64), out)
@@ -31,7 +31,7 @@ def sqlite_url(tmp_path) -> str:
 @pytest.fixture
 def pg_url() -> str:
     """A URL whose search_path is a schema created for this test (dropped afterwards)."""
-    from tests.pg_scratch import scratch_schema
+    from tests.support.pg_scratch import scratch_schema
 
     with scratch_schema(PG_SERVER_URL) as url:
         yield url
@@ -43,22 +43,6 @@ def any_db_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'flexjob.db'}"
     return request.getfixturevalue("pg_url")
-
-
-def write_prompts(path: Path, prompts: list, *, column: str = "prompt", ids: list | None = None,
-                  row_group_size: int | None = None, prompt_type: pa.DataType | None = None) -> Path:
-    columns = {column: pa.array(prompts, type=prompt_type)}
-    if ids is not None:
-        columns["id"] = pa.array(ids)
-    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
-    return path
-
-
-SAMPLE_PROMPTS = [
-    "def fibonacci(n):", "import os\nimport sys\n", "class Queue:", "# Read the configuration file",
-    "for i in range(10):", "return self._value", "with open(path) as f:", "raise ValueError(",
-    "async def fetch(url):", "if __name__ == '__main__':", "x = [i * i for i in", "try:\n    import",
-]
 
 
 @pytest.fixture
@@ -77,8 +61,8 @@ def offload_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def run_worker(offload_dir):
     """Run an in-process worker until the store is idle; returns its WorkerSummary."""
-    from engine.policy import Policy
-    from jobrunner.worker import PlainReporter, Worker, WorkerConfig
+    from engine.runtime.policy import Policy
+    from jobrunner.worker.loop import PlainReporter, Worker, WorkerConfig
 
     def run(db, *, block: int = 4, progress_every: int = 2, lease_s: float = 30.0, **config):
         cfg = WorkerConfig(policy=Policy(gpu_batch_size=block), offload_dir=offload_dir, exit_when_idle=True,
@@ -86,14 +70,3 @@ def run_worker(offload_dir):
         return Worker(db, cfg, reporter=PlainReporter()).run()
 
     return run
-
-
-def flexjob_command(*args: str) -> list[str]:
-    """`flexjob ARGS` as a real subprocess of this interpreter."""
-    import sys
-
-    return [sys.executable, "-c", "from jobrunner.cli import main; main()", *map(str, args)]
-
-
-def read_results(path: Path) -> list[dict]:
-    return pq.read_table(path).select(["row", "completion", "completion_tokens", "finish_reason", "error"]).to_pylist()

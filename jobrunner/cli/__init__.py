@@ -12,7 +12,7 @@ Exit codes (every command):
 Environment variables:
   FLEXJOB_DB     the job store, as for --db: a SQLAlchemy URL (postgresql+psycopg2://user@host/db)
                  or a SQLite file path; default sqlite:///flexjob.db in the current directory.
-                 Passwords in it are printed masked (jobrunner.db_url_display.mask_url); prefer
+                 Passwords in it are printed masked (jobrunner.store.db_url.mask_url); prefer
                  ~/.pgpass or PGPASSWORD to a password in the URL.
   FLEXJOB_HOME   the disk-tier directory (--offload-dir / --disk-dir default) and where
                  `flexjob profile` stores host profiles; default ./.flexjob

@@ -28,8 +28,8 @@ def make_model_command(size: str, out_dir: Path, layers: int | None, hidden: int
     """
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
-    from engine.model_config import preset
-    from engine.model_maker import make_model
+    from engine.model.config import preset
+    from engine.model.synthetic import make_model
 
     cfg = preset(size, num_layers=layers, hidden_size=hidden, num_heads=heads)
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
@@ -68,7 +68,7 @@ def policy_options(f):
 
 def build_policy(percent, gpu_batch_size, num_gpu_batches, overlap, cpu_cache_compute, compress_weight,
                  compress_cache, compress_bits, compress_group_size):
-    from engine.policy import CompressionConfig, Policy
+    from engine.runtime.policy import CompressionConfig, Policy
 
     kwargs = dict(overlap=overlap, cpu_cache_compute=cpu_cache_compute, compress_weight=compress_weight,
                   compress_cache=compress_cache,
@@ -88,8 +88,8 @@ def default_offload_dir(offload_dir: Path | None) -> Path:
 def planned_policy(config, offload_dir: Path, gpu_mem, cpu_mem, *, prompt_len: int, gen_len: int,
                    flags: dict | None = None, max_block_size: int | None = None):
     """The LP planner's policy for this host (its hardware profile is measured once and stored)."""
-    from engine.profiler import load_or_measure_profile, profile_path
-    from jobrunner.worker_replan import plan_for_this_process
+    from engine.planning.profiler import load_or_measure_profile, profile_path
+    from jobrunner.worker.replan import plan_for_this_process
 
     if not profile_path(offload_dir).is_file():
         click.echo("measuring this machine once (flexjob profile) ...", err=True)
@@ -127,9 +127,9 @@ def generate_command(model_dir, prompts, max_new_tokens, max_input_length, tempe
     """
     from transformers import AutoTokenizer
 
-    from engine.engine import Engine, check_lengths
-    from engine.model_config import load_config
-    from engine.rows import GenerationParams, RowInput
+    from engine.runtime.engine import Engine, check_lengths
+    from engine.model.config import load_config
+    from engine.runtime.rows import GenerationParams, RowInput
 
     config = load_config(model_dir)  # fail fast with a clear message before anything heavy
     offload_dir = default_offload_dir(offload_dir)

@@ -1,6 +1,6 @@
 """Job commands: `enqueue`, `work`, `results`, `jobs`, `cancel`, `retry`, `demo`.
 
-Each parses options, opens the store and calls the library (jobrunner.enqueue, .worker, .results,
+Each parses options, opens the store and calls the library (jobrunner.io.enqueue, .worker, .results,
 .store, .demo); nothing here holds logic a test would need to reach without the CLI.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ db_option = click.option("--db", default=None, envvar="FLEXJOB_DB",
 
 
 def _open(db):
-    from jobrunner.db import open_store
+    from jobrunner.store.db import open_store
     return open_store(db)
 
 
@@ -53,9 +53,9 @@ def enqueue_command(input_path, model_dir, column, id_column, max_new_tokens, te
     Example:
       flexjob enqueue prompts.parquet --model models/opt-1.3b --max-new-tokens 64 --seed 1
     """
-    from jobrunner.enqueue import JobParams, enqueue
+    from jobrunner.io.enqueue import JobParams, enqueue
 
-    from engine.engine import default_dtype_name
+    from engine.runtime.engine import default_dtype_name
 
     params = JobParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                        stop=tuple(stop), dtype=dtype or default_dtype_name(), truncate=truncate)
@@ -93,8 +93,8 @@ def work_command(percent, gpu_batch_size, num_gpu_batches, gpu_mem, cpu_mem, off
     Example:
       flexjob work --gpu-mem 8 --cpu-mem 30 --percent 0 100 100 0 100 0 --gpu-batch-size 16
     """
-    from jobrunner.worker import PlainReporter, Worker, WorkerConfig
-    from jobrunner.worker_replan import ProfileReplanner, stored_profile
+    from jobrunner.worker.loop import PlainReporter, Worker, WorkerConfig
+    from jobrunner.worker.replan import ProfileReplanner, stored_profile
 
     explicit = percent or gpu_batch_size or num_gpu_batches or compress_weight or compress_cache or cpu_cache_compute
     # Without policy flags the planner chooses, from this host's stored profile (`flexjob profile`).
@@ -185,7 +185,7 @@ def results_command(job_id, out_path, partial, db):
       flexjob results 1 -o out.parquet
       flexjob results 1 -o partial.parquet --partial
     """
-    from jobrunner.results import write_results
+    from jobrunner.io.results import write_results
 
     summary = write_results(_open(db), job_id, out_path, partial=partial)
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary.finish_reasons.items()))
@@ -207,7 +207,7 @@ def jobs_command(statuses, limit, db):
       FLEXJOB_DB=postgresql+psycopg2://app@db/jobs flexjob jobs
     """
     from jobrunner import store
-    from jobrunner.models import JobStatus
+    from jobrunner.store.models import JobStatus
 
     jobs = store.list_jobs(_open(db), statuses=[JobStatus(s) for s in statuses] or None, limit=limit)
     if not jobs:
@@ -248,7 +248,7 @@ def retry_command(job_id, failed_rows, db):
       flexjob retry 3
       flexjob retry 3 --failed-rows
     """
-    from jobrunner.results import retry
+    from jobrunner.io.results import retry
 
     report = retry(_open(db), job_id, failed_rows=failed_rows)
     for line in report.lines:
@@ -270,8 +270,8 @@ def demo_command(directory):
 
     from rich.console import Console
 
-    from jobrunner.dashboard import render_dashboard
-    from jobrunner.demo import run_demo
+    from jobrunner.observe.dashboard import render_dashboard
+    from jobrunner.cli.demo import run_demo
 
     console = Console() if sys.stdout.isatty() else Console(width=160)  # a pipe gets the full table
 

@@ -19,8 +19,8 @@ def _default_disk_dir() -> Path:
 def load_hardware(hardware: str | None, disk_dir: Path | None, refresh: bool = False, model=None):
     """A profile file, a built-in machine by name, or this host (measured once, then reused; with
     `model`, its own layer is timed once too)."""
-    from engine.hardware import HardwareProfile, t4_flexgen
-    from engine.profiler import load_or_measure_profile
+    from engine.planning.hardware import HardwareProfile, t4_flexgen
+    from engine.planning.profiler import load_or_measure_profile
 
     if hardware == "t4-flexgen":
         return t4_flexgen()
@@ -30,7 +30,7 @@ def load_hardware(hardware: str | None, disk_dir: Path | None, refresh: bool = F
 
 
 def _model_config(model_dir: Path | None, size: str | None):
-    from engine.model_config import load_config, preset
+    from engine.model.config import load_config, preset
     from jobrunner.errors import UserError
 
     if (model_dir is None) == (size is None):
@@ -54,7 +54,7 @@ def profile_command(disk_dir: Path | None, refresh: bool, as_json: bool) -> None
       flexjob profile --offload-dir /nvme/flexjob
       flexjob profile --json > mybox.json && flexjob plan --hardware mybox.json --size 30b ...
     """
-    from engine.profiler import profile_path
+    from engine.planning.profiler import profile_path
 
     disk_dir = disk_dir or _default_disk_dir()
     prof = load_hardware(None, disk_dir, refresh=refresh)
@@ -66,7 +66,7 @@ def profile_command(disk_dir: Path | None, refresh: bool, as_json: bool) -> None
     table = Table(title=f"hardware profile of {prof.host} ({prof.gpu_name or 'no GPU: the compute device is the CPU'})")
     table.add_column("quantity")
     table.add_column("value", justify="right")
-    def learned(field: str) -> str:  # engine.profile_learning: what runs measured, and the probe's figure
+    def learned(field: str) -> str:  # engine.planning.profile_store: what runs measured, and the probe's figure
         probe = prof.probed_gbps.get(field)
         return "" if probe is None else f"  (runs: {prof.learned_blocks} blocks; probe {probe:.3f})"
 
@@ -85,7 +85,7 @@ def profile_command(disk_dir: Path | None, refresh: bool, as_json: bool) -> None
         for dtype, flops in by_dtype.items():
             rows.append((f"matmul {device} {dtype} (GFLOP/s)", f"{flops / 1e9:.1f}"))
     if prof.linear_s_per_byte:
-        from engine.cost_model import elem_bytes
+        from engine.planning.cost_model import elem_bytes
 
         elem = elem_bytes(prof)  # FLOPs per weight byte: 2 * rows / elem
         rows.append((f"linear layer, {prof.compute_dtype} (rows: GFLOP/s)",
@@ -129,7 +129,7 @@ def plan_command(model_dir, size, gpu_mem, cpu_mem, disk_mem, prompt_len, gen_le
       flexjob plan --size 175b --hardware t4-flexgen --gpu-mem 16 --cpu-mem 200 --disk-mem 1500
       flexjob plan --model models/opt-1.3b --cpu-mem 4 --prompt-len 128 --gen-len 32 --json
     """
-    from engine.planner import plan
+    from engine.planning.planner import plan
 
     cfg = _model_config(model_dir, size)
     hw = load_hardware(hardware, disk_dir, model=cfg)

@@ -1,7 +1,7 @@
 """Status commands: `status` (live dashboard, or a `--json` snapshot) and `report` (a PNG of a job's run).
 
-The logic lives in jobrunner.status_snapshot (reading), jobrunner.dashboard (rendering) and
-jobrunner.report (plotting); this module only parses options and loops for `--watch`.
+The logic lives in jobrunner.observe.snapshot (reading), jobrunner.observe.dashboard (rendering) and
+jobrunner.observe.report (plotting); this module only parses options and loops for `--watch`.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def status_command(job_id, watch, as_json, interval, job_limit, event_limit, sta
       flexjob status 3 --no-watch       # job 3, printed once
       flexjob status --json | jq '.jobs[] | {id, status, progress, eta_s}'
     """
-    from jobrunner.status_snapshot import SnapshotOptions, open_store_for_reading, read_snapshot
+    from jobrunner.observe.snapshot import SnapshotOptions, open_store_for_reading, read_snapshot
 
     if as_json and watch:
         raise click.UsageError("--json prints one snapshot; it cannot be combined with --watch")
@@ -57,7 +57,7 @@ def status_command(job_id, watch, as_json, interval, job_limit, event_limit, sta
         watch = sys.stdout.isatty()
     from rich.console import Console
 
-    from jobrunner.dashboard import render_dashboard
+    from jobrunner.observe.dashboard import render_dashboard
 
     # Printed into a pipe or a file, rich would assume 80 columns; the dashboard wants about 160.
     wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
@@ -76,7 +76,7 @@ def _watch(console, read, interval: float) -> None:
     from rich.text import Text
     from sqlalchemy.exc import DBAPIError
 
-    from jobrunner.dashboard import render_dashboard
+    from jobrunner.observe.dashboard import render_dashboard
 
     try:
         snapshot = read()
@@ -107,8 +107,8 @@ def report_command(job_id, out_path, db):
     Example:
       flexjob report 3 -o report.png
     """
-    from jobrunner.report import read_report_data, write_report
-    from jobrunner.status_snapshot import open_store_for_reading
+    from jobrunner.observe.report import read_report_data, write_report
+    from jobrunner.observe.snapshot import open_store_for_reading
 
     data = read_report_data(open_store_for_reading(db), job_id)
     path = write_report(data, out_path or Path(f"report-{job_id}.png"))

@@ -1,0 +1,123 @@
+"""`flexjob make-model`: a random-weight OPT of any published size, as a normal HF model directory.
+
+Weights are seeded and written shard by shard (a few layers at a time), so sizes larger than RAM
+never sit whole in memory. Initialisation is normal, like OPT's, with changes that make greedy comparisons meaningful: the
+decoder's matrices are scaled by fan-in so attention and MLP both shape the output (a bug in the
+KV cache changes the tokens), LayerNorm gains and biases are perturbed (so those code paths are
+exercised), and the final LayerNorm gain is raised so top-1 logit margins sit far above float noise.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from engine.model.config import OPTConfig
+from engine.model.synthetic_tokenizer import write_tokenizer
+
+SHARD_BYTES = 2 * 1024**3
+FINAL_LN_GAIN = 6.0
+
+
+def hf_tensor_shapes(cfg: OPTConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """Every tensor of a HF OPTForCausalLM checkpoint (lm_head is tied to embed_tokens)."""
+    h, p = cfg.hidden_size, "model.decoder."
+    yield p + "embed_tokens.weight", (cfg.vocab_size, cfg.embed_dim)
+    yield p + "embed_positions.weight", (cfg.max_positions + 2, h)  # OPT offsets positions by 2
+    if cfg.has_projections:
+        yield p + "project_in.weight", (h, cfg.embed_dim)
+        yield p + "project_out.weight", (cfg.embed_dim, h)
+    if cfg.has_final_layer_norm:
+        yield p + "final_layer_norm.weight", (h,)
+        yield p + "final_layer_norm.bias", (h,)
+    for i in range(cfg.num_layers):
+        for name, shape in layer_tensor_shapes(cfg):
+            yield f"{p}layers.{i}.{name}", shape
+
+
+def layer_tensor_shapes(cfg: OPTConfig) -> list[tuple[str, tuple[int, ...]]]:
+    h, f = cfg.hidden_size, cfg.ffn_dim
+    shapes = []
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        shapes += [(f"self_attn.{proj}.weight", (h, h)), (f"self_attn.{proj}.bias", (h,))]
+    shapes += [("self_attn_layer_norm.weight", (h,)), ("self_attn_layer_norm.bias", (h,)),
+               ("fc1.weight", (f, h)), ("fc1.bias", (f,)), ("fc2.weight", (h, f)), ("fc2.bias", (h,)),
+               ("final_layer_norm.weight", (h,)), ("final_layer_norm.bias", (h,))]
+    return shapes
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    if name.endswith(".weight") and len(shape) == 2 and "layers." in name:
+        # Scaled by fan-in so every layer matters: peaked attention (q.k ~ 2 std) and attention
+        # and MLP outputs of unit scale; with OPT's flat 0.02 the residual stream ignores attention.
+        gain = 1.5 if ("q_proj" in name or "k_proj" in name) else 1.0
+        return gain / shape[1] ** 0.5 * torch.randn(shape, generator=gen)
+    if name.endswith("layer_norm.weight"):
+        gain = FINAL_LN_GAIN if name == "model.decoder.final_layer_norm.weight" else 1.0
+        return gain * (1.0 + 0.1 * torch.randn(shape, generator=gen))
+    if name.endswith("layer_norm.bias"):
+        return 0.05 * torch.randn(shape, generator=gen)
+    return 0.02 * torch.randn(shape, generator=gen)
+
+
+def make_model(cfg: OPTConfig, out_dir: str | Path, *, seed: int = 0, with_tokenizer: bool = True,
+               on_tensor: Callable[[str, int, int], None] | None = None) -> Path:
+    """Write config.json, safetensors shards (+ index) and a tokenizer into `out_dir`."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    specs = list(hf_tensor_shapes(cfg))
+    total_bytes = sum(2 * _numel(s) for _, s in specs)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes, done = 0, 0
+    weight_map, shard_names = {}, []
+
+    def flush() -> None:
+        index = len(shard_names)
+        name = f"model-{index + 1:05d}.safetensors"
+        save_file(shards[-1], str(out_dir / name), metadata={"format": "pt"})
+        shard_names.append(name)
+        weight_map.update({k: name for k in shards[-1]})
+        shards[-1] = {}
+
+    for tensor_name, shape in specs:
+        tensor = _random_tensor(tensor_name, shape, gen).to(torch.float16)
+        nbytes = tensor.numel() * 2
+        if shard_bytes and shard_bytes + nbytes > SHARD_BYTES:
+            flush()
+            shard_bytes = 0
+        shards[-1][tensor_name] = tensor
+        shard_bytes += nbytes
+        done += nbytes
+        if on_tensor:
+            on_tensor(tensor_name, done, total_bytes)
+    flush()
+    if len(shard_names) == 1:
+        (out_dir / shard_names[0]).rename(out_dir / "model.safetensors")
+    else:
+        # Rename to HF's "-of-" convention now that the count is known.
+        n = len(shard_names)
+        renamed = {old: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, old in enumerate(shard_names)}
+        for old, new in renamed.items():
+            (out_dir / old).rename(out_dir / new)
+        index = {"metadata": {"total_size": total_bytes},
+                 "weight_map": {k: renamed[v] for k, v in weight_map.items()}}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    (out_dir / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
+    (out_dir / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+         "pad_token_id": cfg.pad_token_id}, indent=2))
+    if with_tokenizer:
+        write_tokenizer(out_dir, cfg.vocab_size)
+    return out_dir
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

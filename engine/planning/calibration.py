@@ -1,0 +1,127 @@
+"""Calibrate the cost model's compute term against the engine's own decoder layer and head.
+
+The profile's kernel figures (a linear layer's time per weight byte, attention bandwidth, op
+dispatch) are each measured alone, on one weight shape. A real layer also runs LayerNorms, ReLU,
+residual adds, the cache append and allocations between them, and it allocates its multi-MB
+intermediates fresh (the engine returns big blocks to the OS at once to keep RSS within --cpu-mem,
+so each costs page faults); and a small-batch matmul's speed depends on the weight's shape (fp32
+on an AVX2 host: 17 to 66 GFLOP/s at 32 rows for the two MLP shapes of opt-1.3b). So the profiler
+times `engine.model.opt` itself, for a prefill micro-batch and decode micro-batches of several sizes,
+and the output head, and stores measured / predicted (`HardwareProfile.compute_scale`, on an
+opt-1.3b-sized layer), which the cost model applies to every layer's compute. A model that is
+planned on this host gets the same measured at its own dimensions (`model_compute_scale`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from engine.model import opt as layers
+from engine.planning.hardware import HardwareProfile
+from engine.model.config import preset
+from engine.model.synthetic import layer_tensor_shapes
+
+PREFILL_ROWS, PROMPT_LEN = 8, 128      # one prefill micro-batch: 1024 tokens
+DECODE_ROWS, GEN_LEN = 32, 16           # one decode step attends over prompt + gen/2 = 136 positions
+DECODE_ROW_COUNTS = (1, 8, 32, 64)  # decode micro-batch sizes timed (log-interpolated between)
+ROUNDS = 3
+
+
+def _layer_weights(cfg, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    # Values do not matter for timing (and filling is fast); LayerNorm gains of 0.01 are harmless.
+    return {name: torch.full(shape, 0.01, device=device, dtype=dtype) for name, shape in layer_tensor_shapes(cfg)}
+
+
+def _layer_step(cfg, w, h: torch.Tensor, cache: torch.Tensor, start: int, mask: torch.Tensor) -> torch.Tensor:
+    """What the schedule runs for one micro-batch in one layer (cache in RAM): q/k/v, append to the
+    position-major cache [T, 2, B, h], attend over it, output projection and MLP."""
+    q, k, v = layers.qkv(w, cfg, h)
+    s = h.shape[1]
+    cache[start:start + s].copy_(layers.cache_rows(k, v))
+    full = cache[:start + s]
+    attn = layers.attend(cfg, q, full[:, 0], full[:, 1], mask)
+    return layers.mlp(w, cfg, layers.attention_output(w, cfg, h, attn))
+
+
+def model_key(cfg) -> str:
+    """What a layer's speed depends on: its dimensions (not its depth or its weights)."""
+    return f"h{cfg.hidden_size}-f{cfg.ffn_dim}-a{cfg.num_heads}-v{cfg.vocab_size}-e{cfg.embed_dim}"
+
+
+def calibration_bytes(cfg, dtype: torch.dtype) -> int:
+    """Memory one calibration needs: a layer's and the output head's weights in `dtype`."""
+    size = torch.empty((), dtype=dtype).element_size()
+    layer = sum(math.prod(shape) for _, shape in layer_tensor_shapes(cfg))
+    return size * (layer + cfg.vocab_size * cfg.embed_dim)
+
+
+def _predicted(cfg, hw: HardwareProfile, phase: str, rows: int, part: str) -> float:
+    """The cost model's compute time of one layer (part "layer") or the head ("head"), unscaled."""
+    from engine.planning.cost_model import Placement, Shape, phase_terms
+    from engine.runtime.policy import Policy
+
+    policy = Policy.from_percents([0, 100, 0, 100, 0, 100], gpu_batch_size=rows)
+    sh = Shape.from_policy(policy, prompt_len=PROMPT_LEN, gen_len=GEN_LEN)
+    unscaled = dataclasses.replace(hw, compute_scale={}, model_compute_scale={})
+    (_, layer), (_, head) = phase_terms(cfg, unscaled, sh, Placement.from_policy(policy), decode=phase != "prefill")
+    return float((layer if part == "layer" else head)["compute"])
+
+
+def measure_compute_scale(hw: HardwareProfile, device: str, dtype: torch.dtype, timed,
+                          cfg=None) -> dict[str, float]:
+    """Measured / predicted compute time of the engine's own code on `device`, for `cfg`'s
+    dimensions (default: opt-1.3b's): "prefill" (one micro-batch of PREFILL_ROWS x PROMPT_LEN),
+    "decode" (DECODE_ROWS), and, per row count of a decode micro-batch, "decode:R" and "head:R"
+    (the final LayerNorm and the output head over R rows: a vocabulary-wide matmul whose speed at
+    small R the generic linear table, timed on one shape, misses by up to 2x).
+    `timed(fn)` returns the seconds per call (the profiler's timer). Every point is timed in
+    ROUNDS rounds over all points and its fastest round counts: a neighbour's burst of a few
+    seconds on a shared host (seen: one point 2x off) then spoils one round, not the figure."""
+    from engine.runtime.budgets import limit_allocator_slack
+
+    limit_allocator_slack()  # the engine's allocator setting: big intermediates cost page faults there
+    cfg = dataclasses.replace(cfg or preset("1.3b"), num_layers=1)
+    dev = torch.device(device)
+    w, head = _layer_weights(cfg, dev, dtype), _head_weights(cfg, dev, dtype)
+    rounds = [_time_points(cfg, w, head, timed) for _ in range(ROUNDS)]
+    measured = {point: min(r[point] for r in rounds) for point in rounds[0]}
+    scale = {"prefill": measured["prefill"] / _predicted(cfg, hw, "prefill", PREFILL_ROWS, "layer")}
+    for rows in DECODE_ROW_COUNTS:
+        scale[f"decode:{rows}"] = measured[f"decode:{rows}"] / _predicted(cfg, hw, "decode", rows, "layer")
+        scale[f"head:{rows}"] = measured[f"head:{rows}"] / _predicted(cfg, hw, "decode", rows, "head")
+    scale["decode"] = scale[f"decode:{DECODE_ROWS}"]
+    return scale
+
+
+def _time_points(cfg, w: dict, head: dict, timed) -> dict[str, float]:
+    """Seconds per call of a prefill micro-batch, decode micro-batches and the head, once each."""
+    dev, dtype = w["fc1.weight"].device, w["fc1.weight"].dtype
+    hid, total = cfg.hidden_size, PROMPT_LEN + GEN_LEN
+    out = {}
+    with torch.inference_mode():
+        x = torch.full((PREFILL_ROWS, PROMPT_LEN, hid), 0.1, device=dev, dtype=dtype)
+        cache = torch.zeros(total, 2, PREFILL_ROWS, hid, device=dev, dtype=dtype)
+        mask = layers.attention_mask(torch.ones(PREFILL_ROWS, PROMPT_LEN, dtype=torch.bool, device=dev),
+                                     PROMPT_LEN)
+        out["prefill"] = timed(lambda: _layer_step(cfg, w, x, cache, 0, mask))
+        context = PROMPT_LEN + GEN_LEN // 2
+        for rows in DECODE_ROW_COUNTS:
+            x = torch.full((rows, 1, hid), 0.1, device=dev, dtype=dtype)
+            cache = torch.full((total, 2, rows, hid), 0.1, device=dev, dtype=dtype)
+            mask = torch.ones(rows, 1, 1, context + 1, dtype=torch.bool, device=dev)
+            out[f"decode:{rows}"] = timed(lambda: _layer_step(cfg, w, x, cache, context, mask))
+        for rows in DECODE_ROW_COUNTS:
+            x = torch.full((rows, hid), 0.1, device=dev, dtype=dtype)
+            out[f"head:{rows}"] = timed(lambda: layers.output_logits(head, cfg, x))
+    return out
+
+
+def _head_weights(cfg, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    shapes = {"lm_head.weight": (cfg.vocab_size, cfg.embed_dim)}
+    if cfg.has_final_layer_norm:
+        shapes |= {"final_layer_norm.weight": (cfg.hidden_size,), "final_layer_norm.bias": (cfg.hidden_size,)}
+    if cfg.has_projections:
+        shapes["project_out.weight"] = (cfg.embed_dim, cfg.hidden_size)
+    return {name: torch.full(shape, 0.01, device=device, dtype=dtype) for name, shape in shapes.items()}

@@ -1,0 +1,220 @@
+"""What a machine can do, as the cost model sees it: bandwidths, FLOP/s and capacities.
+
+A HardwareProfile is written by `engine.planning.profiler` (measured on this host) or by hand / from a
+file (`flexjob plan --hardware FILE`) to size a machine one does not have. Units: bandwidths in
+GB/s (1e9 bytes/s), FLOP/s as plain numbers, capacities in GiB (2**30 bytes) like the budgets.
+
+The link names below are the contract with the engine: per block it reports a dict
+`{link: (bytes, seconds)}` using exactly these names, and the bandwidth monitor compares them
+with the profile fields they map to.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Link names the engine reports per block: {LINK: (bytes_moved, seconds_spent)}.
+DISK_READ = "disk_read"
+DISK_WRITE = "disk_write"
+CPU_TO_GPU = "cpu_to_gpu"
+GPU_TO_CPU = "gpu_to_cpu"
+LINKS = (DISK_READ, DISK_WRITE, CPU_TO_GPU, GPU_TO_CPU)
+
+# Which profile field holds the bandwidth of each link.
+LINK_FIELDS = {
+    DISK_READ: "disk_read_gbps",
+    DISK_WRITE: "disk_write_gbps",
+    CPU_TO_GPU: "cpu_to_gpu_gbps",
+    GPU_TO_CPU: "gpu_to_cpu_gbps",
+}
+
+PROFILE_VERSION = 6  # 2: linear_s_per_byte, 3: compute_scale, 4: per-row-count and per-model scales,
+# 5: io_compute_interference, convert_gbps into a kept buffer, 6: the head's calibration without the
+# lookup tables (no longer part of its matmul), disk bandwidth learned from runs
+
+
+@dataclass(frozen=True, kw_only=True)
+class HardwareProfile:
+    # Where and when it was measured (or "manual" for a hand-written profile).
+    host: str = "unknown"
+    source: str = "manual"
+    created_at: float = 0.0
+    disk_dir: str = ""
+    disk_read_method: str = "unknown"  # "O_DIRECT" | "fadvise" | "page-cache" | "manual"
+
+    # The compute device: "cuda" when a GPU is present, else "cpu" (then the GPU tier is RAM).
+    gpu_name: str | None = None
+    compute_dtype: str = "bfloat16"
+
+    # Bandwidths, GB/s.
+    disk_read_gbps: float = 1.0
+    disk_write_gbps: float = 1.0
+    disk_read_latency_s: float = 0.0     # one small uncached read: the floor of every disk read
+    disk_sync_latency_s: float = 0.0     # one small write + fdatasync (the engine syncs what it writes)
+    cpu_mem_gbps: float = 20.0           # streaming read of weights by a matmul on the CPU
+    cpu_to_gpu_gbps: float = 0.0         # pinned host -> device; 0 without a GPU
+    gpu_to_cpu_gbps: float = 0.0
+    gpu_mem_gbps: float = 0.0            # device memory bandwidth (HBM/GDDR)
+    cpu_attention_gbps: float = 10.0     # KV-cache bytes a decode attention on the CPU gets through per s
+    dequant_gbps: float = 5.0            # fp16 output bytes/s of 4-bit group-wise decompression on the compute device
+    convert_gbps: float = 0.0            # fp16 -> compute dtype conversion of weights read from disk (0: none)
+    # Seconds of compute lost per second the disk tier is busy, on a host without a GPU (the I/O
+    # thread's syscalls, copies and Python share the cores that compute); measured by the profiler.
+    io_compute_interference: float = 0.0
+    # Disk figures blend in what the engine measured in finished blocks (engine.planning.profile_store):
+    # the probe's own figures, by field, and how many blocks were learned from.
+    probed_gbps: dict[str, float] = field(default_factory=dict)
+    learned_blocks: int = 0
+
+    # matmul FLOP/s by device ("cpu", "cuda") and dtype ("float32", "bfloat16", "float16").
+    matmul_flops: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Seconds per weight byte (compute dtype) of a linear layer on the compute device, by the number
+    # of input rows ("1", "32", ...), weights beyond the caches. Decode micro-batches sit between the
+    # memory roofline and peak FLOP/s, where kernels reach neither; empty: the cost model's roofline.
+    linear_s_per_byte: dict[str, float] = field(default_factory=dict)
+    # Measured / predicted compute time of the engine's own decoder layer, by phase ("prefill",
+    # "decode"): what the kernels measured alone leave out (engine.planning.calibration); empty: 1.
+    compute_scale: dict[str, float] = field(default_factory=dict)
+    # The same measured for one model's dimensions (`layer_calibration.model_key`), with "decode:R"
+    # and "head:R" per decode micro-batch of R rows: filled in when a model is planned on this host.
+    model_compute_scale: dict[str, dict[str, float]] = field(default_factory=dict)
+    op_overhead_s: float = 2e-5          # fixed cost of one small kernel launch / op dispatch
+
+    # Capacities, GiB.
+    gpu_mem_gib: float = 0.0
+    cpu_mem_gib: float = 16.0
+    disk_free_gib: float = 100.0
+
+    version: int = PROFILE_VERSION
+
+    @property
+    def has_gpu(self) -> bool:
+        return self.gpu_name is not None
+
+    @property
+    def compute_device(self) -> str:
+        return "cuda" if self.has_gpu else "cpu"
+
+    def flops(self, device: str | None = None, dtype: str | None = None) -> float:
+        """Dense matmul FLOP/s of `device` in `dtype` (defaults: the compute device and dtype)."""
+        device = device or self.compute_device
+        dtype = dtype or self.compute_dtype
+        by_dtype = self.matmul_flops.get(device, {})
+        if dtype in by_dtype:
+            return by_dtype[dtype]
+        if by_dtype:  # an unmeasured dtype: assume the slowest measured one
+            return min(by_dtype.values())
+        return 1e11
+
+    def linear_seconds(self, rows: float, weight_bytes: float) -> float | None:
+        """Seconds of one linear layer over `rows` input rows and `weight_bytes` of weights, from the
+        measured table (log-linear between row counts; beyond the largest, time grows with the rows:
+        compute-bound); None without a table."""
+        if not self.linear_s_per_byte:
+            return None
+        points = sorted((float(m), t) for m, t in self.linear_s_per_byte.items())
+        rows = max(float(rows), points[0][0])
+        if rows >= points[-1][0]:
+            return weight_bytes * points[-1][1] * rows / points[-1][0]
+        for (m0, t0), (m1, t1) in zip(points, points[1:]):
+            if rows <= m1:
+                frac = math.log(rows / m0) / math.log(m1 / m0)
+                return weight_bytes * (t0 + frac * (t1 - t0))
+        raise AssertionError("unreachable")
+
+    def scale_for(self, model: str, part: str, rows: float) -> float:
+        """Measured / predicted compute of `part` ("prefill", "decode": a decoder layer; "head": the
+        output head) at `rows` rows per micro-batch: the model's own calibration where there is one
+        (log-interpolated between the row counts timed), else the generic one (opt-1.3b's dimensions)."""
+        own = self.model_compute_scale.get(model) or self.compute_scale
+        points = sorted((float(k.split(":")[1]), v) for k, v in own.items() if k.startswith(part + ":"))
+        if points:
+            rows = min(max(float(rows), points[0][0]), points[-1][0])
+            for (m0, s0), (m1, s1) in zip(points, points[1:]):
+                if rows <= m1:
+                    return s0 + math.log(rows / m0) / math.log(m1 / m0) * (s1 - s0)
+            return points[-1][1]
+        return own.get(part, 1.0)
+
+    def link_gbps(self, link: str) -> float:
+        return float(getattr(self, LINK_FIELDS[link]))
+
+    def with_links(self, gbps: dict[str, float]) -> "HardwareProfile":
+        """A copy with some link bandwidths replaced (measured values, or a throttle)."""
+        return dataclasses.replace(self, **{LINK_FIELDS[link]: float(v) for link, v in gbps.items()})
+
+    def replace(self, **changes) -> "HardwareProfile":
+        return dataclasses.replace(self, **changes)
+
+    def age_s(self, now: float | None = None) -> float:
+        return (now if now is not None else time.time()) - self.created_at
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "HardwareProfile":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown hardware profile fields: {', '.join(unknown)}")
+        data = dict(data)
+        if "matmul_flops" in data:
+            data["matmul_flops"] = {dev: {dt: float(v) for dt, v in by.items()}
+                                    for dev, by in data["matmul_flops"].items()}
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "HardwareProfile":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # writers may share a directory
+        tmp.write_text(self.to_json())
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "HardwareProfile":
+        from engine.errors import EngineInputError
+
+        path = Path(path)
+        try:
+            return cls.from_json(path.read_text())
+        except FileNotFoundError:
+            raise EngineInputError(f"hardware profile {path} does not exist",
+                                   "write one with `flexjob profile --json > FILE`") from None
+        except (ValueError, TypeError) as exc:
+            raise EngineInputError(f"hardware profile {path} is not valid: {exc}",
+                                   "write one with `flexjob profile --json > FILE`") from None
+
+
+def t4_flexgen() -> HardwareProfile:
+    """The GCP T4 machine of the FlexGen paper, with the constants FlexLLMGen's cost model fitted
+    (experimental/cost_model.py): 16 GB T4, 208 GB RAM, 1.5 TB NVMe.
+
+    Their model has separate numbers per tensor kind; we take one per link: cpu->gpu 12.89,
+    gpu->cpu 4.82 (their hidden-state figure; 0.97 for cache copies from pageable memory),
+    disk->cpu 0.473, cpu->disk 0.746 (their cache figure). Prefill matmul 21.24 TFLOP/s fp16;
+    their CPU attention constant (0.0123 TFLOP/s over 4*ctx*h FLOPs per row for 4*ctx*h cache
+    bytes) is 12.3 GB/s of cache; the T4 spec gives 320 GB/s of GDDR6.
+    """
+    return HardwareProfile(
+        host="gcp-t4-flexgen", source="FlexLLMGen experimental/cost_model.py constants",
+        disk_read_method="manual", gpu_name="Tesla T4", compute_dtype="float16",
+        disk_read_gbps=0.473, disk_write_gbps=0.746, cpu_mem_gbps=20.0,
+        cpu_to_gpu_gbps=12.89, gpu_to_cpu_gbps=4.82, gpu_mem_gbps=320.0,
+        cpu_attention_gbps=12.3, dequant_gbps=100.0,
+        matmul_flops={"cuda": {"float16": 21.24e12, "float32": 8.1e12}, "cpu": {"float32": 1.0e12}},
+        op_overhead_s=1e-5, gpu_mem_gib=16.0, cpu_mem_gib=200.0, disk_free_gib=1500.0,
+    )

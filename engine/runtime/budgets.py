@@ -1,0 +1,176 @@
+"""Memory budgets: what a policy needs per tier, checked before anything is allocated, and the
+measured peak (process RSS sampled while generating; the CUDA allocator's peak).
+
+On a host without CUDA the GPU tier is RAM, so everything counts against the CPU budget (and the
+GPU budget is not used). The CPU figure includes the process as it already is (Python, torch,
+tokenizer), because `--cpu-mem` is a promise about the whole process's resident memory.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from engine.errors import BudgetError
+from engine.model.config import OPTConfig
+from engine.runtime.placement import cache_pair_split, slot_tier
+from engine.runtime.policy import Policy
+from engine.runtime.tiers import Tier
+from engine.model.checkpoint import WeightStore, align_up
+
+GIB = 1024**3
+
+
+@dataclass
+class MemoryEstimate:
+    gpu: dict[str, int]
+    cpu: dict[str, int]
+
+    @property
+    def gpu_total(self) -> int:
+        return sum(self.gpu.values())
+
+    @property
+    def cpu_total(self) -> int:
+        return sum(self.cpu.values())
+
+
+def estimate_memory(cfg: OPTConfig, store: WeightStore, policy: Policy, device: torch.device,
+                    dtype: torch.dtype, *, prompt_len: int, gen_len: int,
+                    resident_ram_bytes: int = 0) -> MemoryEstimate:
+    """resident_ram_bytes: weights this process already holds in RAM (a loaded engine's); they are
+    part of its RSS, so they are taken out of "process" rather than counted twice."""
+    from engine.runtime.placed_weights import ROW_LOOKUP_TABLES, PlacedWeights, held_element_size
+
+    on_gpu = device.type == "cuda"
+    size = torch.empty((), dtype=dtype).element_size()
+    tiers = PlacedWeights.plan_tiers(store, cfg, policy)
+    weights = {t: 0 for t in Tier}
+    streamed, decoder_read, other_read = 0, 0, 0
+    for layer, layer_tiers in tiers.items():
+        layer_in_flight = 0  # tensors materialised per use: read from disk and/or dequantised
+        layer_read = 0  # raw bytes of the layer's disk tensors, all read before any is converted
+        for entry in store.layers[layer]:
+            tier = layer_tiers[entry.name]
+            weights[tier] += entry.held_bytes(held_element_size(entry, size)) if tier != Tier.DISK else entry.nbytes
+            if entry.name in ROW_LOOKUP_TABLES:  # rows gathered, never a whole converted copy
+                continue
+            if tier == Tier.DISK or entry.compressed:
+                layer_in_flight += entry.compute_bytes(size)
+            if tier == Tier.DISK:
+                layer_read += align_up(entry.nbytes)
+        streamed = max(streamed, layer_in_flight)
+        if layer.startswith("decoder."):
+            decoder_read = max(decoder_read, layer_read)
+        else:
+            other_read = max(other_read, layer_read)
+    # Two layers in flight (one computing, one being prefetched) plus the raw read buffers: one
+    # decoder layer's, kept for reuse, and the embedding's or head's while it is converted.
+    stream_buffers = 2 * streamed + decoder_read + other_read
+
+    B, K, L, h = policy.gpu_batch_size, policy.num_gpu_batches, cfg.num_layers, cfg.hidden_size
+    max_len = prompt_len + max(gen_len - 1, 0)
+    slot = max_len * 2 * B * h * size
+    pairs = B * cfg.num_heads  # every slot is split the same way, by (row, head) pairs
+    split = cache_pair_split(pairs, policy.cache_gpu_percent, policy.cache_cpu_percent)
+    cache = {t: L * K * slot * n // pairs for t, n in zip((Tier.GPU, Tier.CPU, Tier.DISK), split)}
+    # The disk part of a slot: read ahead, in use, and it with the new position appended.
+    disk_cache_buffers = 3 * slot * split[2] // pairs
+    act = prompt_len * B * h * size
+    # A tier that holds any activation slot holds one hidden state per micro-batch at a time.
+    act_tiers = {slot_tier(j, k, L + 2, K, policy.activations_gpu_percent, policy.activations_cpu_percent)
+                 for j in range(L + 2) for k in range(K)}
+    acts = {t: act * K if t in act_tiers else 0 for t in Tier}
+    # Transient compute memory of one micro-batch's prefill: q/k/v/out, the MLP's intermediate,
+    # the mask, and float32 logits of the last position.
+    working = (prompt_len * B * (4 * h + cfg.ffn_dim) * size + B * prompt_len * max_len
+               + B * cfg.vocab_size * 4 * 2) if prompt_len else 0
+    process = max(0, psutil.Process().memory_info().rss - resident_ram_bytes)
+    if on_gpu:
+        gpu = {"weights": weights[Tier.GPU], "streamed weights": stream_buffers, "kv cache": cache[Tier.GPU],
+               "activations": acts[Tier.GPU], "working": working}
+        cpu = {"weights": weights[Tier.CPU], "kv cache": cache[Tier.CPU] + disk_cache_buffers,
+               "activations": acts[Tier.CPU] + (act if acts[Tier.DISK] else 0), "process": process}
+        return MemoryEstimate(gpu=gpu, cpu=cpu)
+    cpu = {"weights": weights[Tier.GPU] + weights[Tier.CPU], "streamed weights": stream_buffers,
+           "kv cache": cache[Tier.GPU] + cache[Tier.CPU] + disk_cache_buffers,
+           "activations": acts[Tier.GPU] + acts[Tier.CPU] + (2 * act if acts[Tier.DISK] else 0),
+           "working": working, "process": process}
+    return MemoryEstimate(gpu={}, cpu=cpu)
+
+
+def _describe(parts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items() if v)
+
+
+def check_budgets(cfg: OPTConfig, store: WeightStore, policy: Policy, device: torch.device, dtype: torch.dtype,
+                  gpu_mem_gib: float | None, cpu_mem_gib: float | None, *, prompt_len: int | None,
+                  gen_len: int | None, resident_ram_bytes: int = 0) -> MemoryEstimate:
+    est = estimate_memory(cfg, store, policy, device, dtype, prompt_len=prompt_len or 0, gen_len=gen_len or 0,
+                          resident_ram_bytes=resident_ram_bytes)
+    when = (f"for a block of {policy.block_size} rows x {prompt_len}+{gen_len} tokens"
+            if prompt_len else "for the weights alone")
+    if gpu_mem_gib is not None and device.type == "cuda" and est.gpu_total > gpu_mem_gib * GIB:
+        raise BudgetError(f"policy {policy.describe()} needs {est.gpu_total / GIB:.2f} GiB of GPU memory {when} "
+                          f"({_describe(est.gpu)}), but --gpu-mem allows {gpu_mem_gib:g} GiB")
+    if cpu_mem_gib is not None and est.cpu_total > cpu_mem_gib * GIB:
+        raise BudgetError(f"policy {policy.describe()} needs {est.cpu_total / GIB:.2f} GiB of CPU memory {when} "
+                          f"({_describe(est.cpu)}), but --cpu-mem allows {cpu_mem_gib:g} GiB")
+    return est
+
+
+def limit_allocator_slack() -> None:
+    """Make glibc hand freed tensor memory back to the OS at once.
+
+    Weight buffers of a few MB churn every layer on two threads (compute and I/O); by default glibc
+    serves them from per-thread heaps that keep freed pages resident (~60 MB of slack measured on
+    opt-125m), which would break a tight --cpu-mem. Above 1 MiB, allocations become private
+    mappings that are unmapped on free.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+class RssSampler:
+    """Samples the process's resident memory every few milliseconds while active; keeps the peak."""
+
+    def __init__(self, interval_s: float = 0.01) -> None:
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._depth = 0
+
+    def _run(self) -> None:
+        proc = psutil.Process()
+        while not self._stop.is_set():
+            self.peak = max(self.peak, proc.memory_info().rss)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "RssSampler":
+        self._depth += 1
+        if self._depth == 1:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="flexjob-rss", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, psutil.Process().memory_info().rss)

@@ -1,0 +1,152 @@
+"""The KV cache of one block, one slot per (decoder layer, micro-batch), split across tiers.
+
+A slot's keys and values are (row, head) pairs: [max_len, 2, B*H, head_dim]. The policy's cache
+percents split the pairs of every slot the same way (FlexGen splits its cache tensors along the
+batch x heads dimension too): the first pairs on the GPU, the next in RAM, the rest on disk, so
+every layer moves the same share of its cache and the cost model's per-layer fractions hold.
+Attention is independent per pair, so each part is attended on its own and no split cache is
+ever reassembled.
+
+Layout of a part: position-major, so appending a decode step is one contiguous write and reading
+the first T positions is one contiguous read, on every tier (a disk part is a file with the same
+layout). With `compress_cache` a part holds three position-major planes instead (4-bit codes, fp16
+scales, fp16 minimums; groups along head_dim, FlexGen's scheme), written and read the same way,
+and dequantised on the compute device right before attention.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from engine.runtime.compression import QuantizedTensor, dequantize, quantize
+from engine.runtime.placement import cache_pair_split
+from engine.runtime.policy import CompressionConfig
+from engine.runtime.tiers import DiskTier, Tier, TransferStats, aligned_empty, to_device
+
+
+class Plane:
+    """One position-major array [max_len, *row_shape] of a part, in memory or in a file."""
+
+    def __init__(self, row_shape: tuple[int, ...], dtype: torch.dtype, max_len: int, tier: Tier,
+                 device: torch.device, disk: DiskTier, path: Path) -> None:
+        self.row_shape, self.dtype, self.tier, self.disk, self.path = row_shape, dtype, tier, disk, path
+        self.max_len = max_len
+        self.row_bytes = math.prod(row_shape) * torch.empty((), dtype=dtype).element_size()
+        if tier == Tier.DISK:
+            self.buf = None
+            path.unlink(missing_ok=True)
+        else:
+            on = device if tier == Tier.GPU else torch.device("cpu")
+            pin = tier == Tier.CPU and device.type == "cuda"
+            self.buf = torch.empty((max_len, *row_shape), dtype=dtype, device=on, pin_memory=pin)
+
+    def write(self, start: int, rows: torch.Tensor) -> None:
+        if self.buf is not None:
+            self.buf[start: start + rows.shape[0]].copy_(rows)
+        else:
+            self.disk.write(self.path, start * self.row_bytes, rows.to("cpu").contiguous())
+
+    def read(self, length: int, buffers: dict[int, torch.Tensor] | None = None, key: int = 0,
+             room: int = 0) -> torch.Tensor:
+        """The first `length` rows. From disk, into `buffers[key]` when given (kept and reused by
+        the caller: a fresh multi-MB buffer per read costs page faults on the I/O thread, which
+        stall the compute thread's own allocations), else into a fresh buffer. With buffers,
+        `room` more rows follow the ones read (contents undefined): the caller writes the step's
+        new position there instead of concatenating a copy of the whole cache."""
+        if self.buf is not None:
+            return self.buf[:length]
+        nbytes = length * self.row_bytes
+        if buffers is None:
+            raw = self.disk.read(self.path, 0, nbytes)
+        else:
+            if key not in buffers or buffers[key].numel() < self.max_len * self.row_bytes:
+                buffers[key] = aligned_empty(self.max_len * self.row_bytes)
+            self.disk.read_into(self.path, 0, buffers[key][:nbytes])
+            length = min(length + room, self.max_len)
+            raw = buffers[key][:length * self.row_bytes]
+        return raw.view(self.dtype).view(length, *self.row_shape)
+
+    def close(self) -> None:
+        self.buf = None
+        if self.tier == Tier.DISK:
+            self.path.unlink(missing_ok=True)
+
+
+class CachePart:
+    """Pairs [first, first + count) of a slot, on one tier: [max_len, 2, count, head_dim]."""
+
+    def __init__(self, tier: Tier, first: int, count: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device, disk: DiskTier, path: Path,
+                 compression: CompressionConfig | None) -> None:
+        self.tier, self.pairs, self.dtype, self.compression = tier, slice(first, first + count), dtype, compression
+        self.count, self.head_dim = count, head_dim
+        self.length = 0
+        if compression is None:
+            self.planes = [Plane((2, count, head_dim), dtype, max_len, tier, device, disk, path)]
+        else:
+            # Learn the planes' row shapes from one quantised position.
+            probe = quantize(torch.zeros(1, 2, count, head_dim), num_bits=compression.num_bits,
+                             group_size=compression.group_size)
+            self.planes = [Plane(tuple(t.shape[1:]), t.dtype, max_len, tier, device, disk,
+                                 path.with_suffix(f".{name}"))
+                           for name, t in (("codes", probe.data), ("scale", probe.scale),
+                                           ("min", probe.minimum))]
+
+    def read(self, device: torch.device | None = None, stats: TransferStats | None = None,
+             buffers: dict[int, torch.Tensor] | None = None) -> torch.Tensor | None:
+        """The cached positions so far, [T, 2, count, head_dim], on `device` (default: where the part
+        lives). Compressed planes are moved first and dequantised there: 4x fewer bytes cross the link.
+        A disk part reads into `buffers` (see Plane.read): the result is valid until they are reused,
+        and an uncompressed one then has one more row, [T + 1, ...], for the caller's new position."""
+        if self.length == 0:
+            return None
+        room = 1 if self.compression is None else 0
+        planes = [p.read(self.length, buffers, i, room) for i, p in enumerate(self.planes)]
+        if device is not None and stats is not None:
+            planes = [to_device(p, device, stats) for p in planes]
+        if self.compression is None:
+            return planes[0]
+        q = QuantizedTensor(data=planes[0], scale=planes[1], minimum=planes[2],
+                            shape=(self.length, 2, self.count, self.head_dim), dim=3,
+                            group_size=self.compression.group_size, num_bits=self.compression.num_bits)
+        return dequantize(q, self.dtype)
+
+    def append(self, new: torch.Tensor) -> None:
+        """new: [s, 2, count, head_dim] — this part's keys and values of the positions just computed."""
+        if self.compression is None:
+            self.planes[0].write(self.length, new)
+        else:
+            q = quantize(new, num_bits=self.compression.num_bits, group_size=self.compression.group_size)
+            for plane, part in zip(self.planes, (q.data, q.scale, q.minimum)):
+                plane.write(self.length, part)
+        self.length += new.shape[0]
+
+    def close(self) -> None:
+        for p in self.planes:
+            p.close()
+
+
+class CacheSlot:
+    """The cache of one (layer, micro-batch): up to three parts, GPU pairs first, then RAM, then disk."""
+
+    def __init__(self, rows: int, max_len: int, num_heads: int, head_dim: int, gpu_percent: float,
+                 cpu_percent: float, dtype: torch.dtype, device: torch.device, disk: DiskTier, path: Path,
+                 *, compression: CompressionConfig | None = None) -> None:
+        counts = cache_pair_split(rows * num_heads, gpu_percent, cpu_percent)
+        self.parts, first = [], 0
+        for tier, count in zip((Tier.GPU, Tier.CPU, Tier.DISK), counts):
+            if count:
+                self.parts.append(CachePart(tier, first, count, max_len, head_dim, dtype, device, disk,
+                                            path.with_name(f"{path.stem}-{tier.value}{path.suffix}"),
+                                            compression))
+                first += count
+
+    @property
+    def disk_part(self) -> CachePart | None:
+        return next((p for p in self.parts if p.tier == Tier.DISK), None)
+
+    def close(self) -> None:
+        for p in self.parts:
+            p.close()

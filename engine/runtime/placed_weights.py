@@ -1,0 +1,231 @@
+"""The model's weights placed on tiers by a Policy, and the per-layer load the schedule calls.
+
+Resident tensors (GPU/CPU tiers) are read once and kept in the compute dtype; disk tensors are
+read every time their layer runs (with O_DIRECT), converted, and dropped after use. Compressed
+(4-bit) tensors stay packed on every tier, in memory too, and are dequantised on the compute device
+right before their layer runs: memory and link bytes both shrink ~3.5x. `replace`
+re-places the model for a new policy, moving only the tensors whose tier changes.
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+from engine.runtime.compression import QuantizedTensor, dequantize, from_bytes, row_sections
+from engine.model.config import OPTConfig
+from engine.runtime.placement import HEAD, LAYER, LOOKUP, split_weights
+from engine.runtime.policy import Policy
+from engine.runtime.tiers import CPU_TO_GPU, DEQUANTIZE, DiskTier, Tier, TransferStats, aligned_empty, to_device
+from engine.model.checkpoint import TensorEntry, WeightStore, align_up, layer_names
+
+
+ROW_LOOKUP_TABLES = ("embed_tokens.weight", "embed_positions.weight")
+
+
+def role(layer: str, name: str) -> str:
+    """What placement does with a tensor (engine.runtime.placement.split_weights)."""
+    if layer.startswith("decoder."):
+        return LAYER
+    return LOOKUP if name in ROW_LOOKUP_TABLES else HEAD
+
+
+def held_element_size(entry: TensorEntry, element_size: int) -> int:
+    """Lookup tables are held in fp16 (the embedding converts the rows it gathers); the rest in the
+    compute dtype."""
+    return 2 if entry.name in ROW_LOOKUP_TABLES else element_size
+
+
+def _as_fp16(buf: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
+    """The stored fp16 tensor inside a raw (aligned, padded) read buffer, as a view."""
+    return buf[: entry.nbytes].view(torch.float16).view(entry.shape)
+
+
+class PlacedWeights:
+    def __init__(self, store: WeightStore, cfg: OPTConfig, policy: Policy, device: torch.device,
+                 dtype: torch.dtype, disk: DiskTier, stats: TransferStats) -> None:
+        self.store, self.cfg, self.device, self.dtype = store, cfg, device, dtype
+        self.disk, self.stats = disk, stats
+        self.tiers: dict[str, dict[str, Tier]] = {}
+        self.resident: dict[str, dict[str, torch.Tensor]] = {}
+        self._layer_index = {name: i for i, name in enumerate(layer_names(cfg))}
+        self._dequant_buffers: dict[tuple, torch.Tensor] = {}
+        self._stream_buffers: dict[tuple, torch.Tensor] = {}  # converted streamed tensors, by slot
+        self._raw_buffers: dict[str, torch.Tensor] = {}  # aligned read buffers of one decoder layer, by tensor
+        self.replace(policy)
+
+    @staticmethod
+    def plan_tiers(store: WeightStore, cfg: OPTConfig, policy: Policy) -> dict[str, dict[str, Tier]]:
+        names = layer_names(cfg)
+        split = split_weights([[(e.nbytes, role(layer, e.name)) for e in store.layers[layer]] for layer in names],
+                              policy.weights_gpu_percent, policy.weights_cpu_percent)
+        return {layer: {e.name: t for e, t in zip(store.layers[layer], tiers)}
+                for layer, tiers in zip(names, split)}
+
+    def replace(self, policy: Policy) -> int:
+        """Place for `policy`; returns the bytes whose tier changed."""
+        new_tiers = self.plan_tiers(self.store, self.cfg, policy)
+        moved = 0
+        for layer, tiers in new_tiers.items():
+            resident = self.resident.setdefault(layer, {})
+            for entry in self.store.layers[layer]:
+                old, new = self.tiers.get(layer, {}).get(entry.name), tiers[entry.name]
+                if old == new:
+                    continue
+                moved += entry.nbytes
+                if new == Tier.DISK:
+                    resident.pop(entry.name, None)
+                elif old in (Tier.GPU, Tier.CPU):
+                    resident[entry.name] = self._place(resident[entry.name], new)
+                else:
+                    resident[entry.name] = self._place(self._read(layer, entry, ready=False), new)
+        self.tiers = new_tiers
+        return moved
+
+    def _place(self, t: torch.Tensor, tier: Tier) -> torch.Tensor:
+        if tier == Tier.GPU:
+            return t.to(self.device)
+        t = t.to("cpu")
+        return t.pin_memory() if self.device.type == "cuda" else t
+
+    def _read(self, layer: str, entry: TensorEntry, *, ready: bool) -> torch.Tensor:
+        """Read one tensor from the store into fresh CPU memory: fp16 tensors converted to the
+        compute dtype; compressed ones as their packed bytes (dequantised later, by `_ready`)."""
+        buf = self._read_raw(layer, entry, reuse=False)
+        if entry.compressed:
+            return self._ready(entry, buf, self._slot(layer)) if ready else buf
+        fp16 = _as_fp16(buf, entry)
+        return fp16 if entry.name in ROW_LOOKUP_TABLES else fp16.to(self.dtype)
+
+    def _read_raw(self, layer: str, entry: TensorEntry, *, reuse: bool) -> torch.Tensor:
+        """The tensor's stored bytes in an aligned buffer (O_DIRECT). `reuse` (streaming a decoder
+        layer for one use): one buffer per tensor name, kept: fresh multi-MB buffers twice per
+        tensor per step cost page faults (with 50 % of opt-1.3b streamed, a decode step spent more
+        time faulting pages in than reading the disk)."""
+        size = align_up(entry.nbytes)
+        if reuse and not entry.compressed:
+            buf = self._raw_buffers.get(entry.name)
+            if buf is None or buf.numel() < size:
+                buf = self._raw_buffers[entry.name] = aligned_empty(size)
+            buf = buf[:size]
+        else:
+            buf = aligned_empty(size)
+        self.disk.read_into(self.store.path(layer), entry.offset, buf)
+        return buf
+
+    def _ready(self, entry: TensorEntry, packed: torch.Tensor, slot: int) -> torch.Tensor:
+        """Dequantise a packed tensor on the compute device (only the packed bytes cross the link),
+        into a reused buffer: a fresh multi-MB tensor per use costs page faults worth as much as the
+        dequantisation itself. Two buffer sets alternate by layer (`slot`): the schedule holds at
+        most the layer computing and the one being prefetched."""
+        packed = to_device(packed, self.device, self.stats, CPU_TO_GPU)
+        started = time.perf_counter()
+        q = from_bytes(packed, entry.shape, num_bits=entry.num_bits, group_size=entry.group_size, dim=-1)
+        out = dequantize(q, self.dtype, out=self._reused(self._dequant_buffers, slot, entry, self.device))
+        # Counted like a link (output bytes, seconds) so benchmarks can report dequantisation time.
+        self.stats.add(DEQUANTIZE, out.numel() * out.element_size(), time.perf_counter() - started)
+        return out
+
+    def _slot(self, layer: str) -> int:
+        return self._layer_index[layer] % 2
+
+    def _reused(self, buffers: dict, slot: int, entry: TensorEntry, device: torch.device) -> torch.Tensor:
+        """The buffer of `entry`'s shape in the compute dtype for this layer parity, made once."""
+        key = (slot, entry.name, entry.shape)
+        if key not in buffers:
+            buffers[key] = torch.empty(entry.shape, dtype=self.dtype, device=device)
+        return buffers[key]
+
+    def load(self, layer: str) -> dict[str, torch.Tensor]:
+        """All tensors of `layer` on the compute device, ready for the math (both stages at once)."""
+        return self.finish(self.fetch(layer))
+
+    def fetch(self, layer: str) -> tuple[str, dict[str, torch.Tensor], dict | None]:
+        """Stage one, on the I/O thread: the stored bytes of `layer`'s disk tensors. With a GPU it
+        runs stage two too (conversion and dequantisation on the host overlap the GPU's compute).
+        Without one, that work is left to `finish` on the compute thread: beside the compute
+        threads it only oversubscribes the cores (opt-1.3b 4-bit, fp32 on 2 cores: dequantisation ran
+        at 1.3 GB/s on the I/O thread against 2.5 inline, and each decode step took 18 % longer)."""
+        decoder = layer.startswith("decoder.")  # the embedding and head are read once a step: no pinned copies
+        raw = {e.name: self._read_raw(layer, e, reuse=decoder) for e in self.store.layers[layer]
+               if self.tiers[layer][e.name] == Tier.DISK and e.name not in ROW_LOOKUP_TABLES}
+        if self.device.type == "cuda":
+            return layer, {}, self.finish((layer, raw, None))
+        return layer, raw, None
+
+    def finish(self, fetched: tuple[str, dict, dict | None]) -> dict[str, torch.Tensor]:
+        """Stage two: stored bytes and resident tensors made ready on the compute device."""
+        layer, raw, ready = fetched
+        if ready is not None:
+            return ready  # finished on the I/O thread (GPU hosts)
+        out = {}
+        for entry in self.store.layers[layer]:
+            on_disk = entry.name in raw
+            if entry.name in ROW_LOOKUP_TABLES and self.tiers[layer][entry.name] == Tier.DISK:
+                # Read by rows when the ids are known (opt-1.3b: 32 rows of 4 KiB for a decode
+                # step, against 206 MB for the whole table).
+                out[entry.name] = functools.partial(self._disk_rows, layer, entry)
+            elif entry.compressed and entry.name in ROW_LOOKUP_TABLES:
+                # Handed over packed: the embedding dequantises only the rows it gathers.
+                packed = to_device(self.resident[layer][entry.name], self.device, self.stats, CPU_TO_GPU)
+                out[entry.name] = from_bytes(packed, entry.shape, num_bits=entry.num_bits,
+                                             group_size=entry.group_size, dim=-1)
+            elif entry.name in ROW_LOOKUP_TABLES and self.tiers[layer][entry.name] == Tier.CPU \
+                    and self.device.type == "cuda":
+                out[entry.name] = functools.partial(self._host_rows, self.resident[layer][entry.name])
+            elif on_disk and entry.compressed:
+                out[entry.name] = self._ready(entry, raw[entry.name], self._slot(layer))
+            elif on_disk:  # converted into a buffer kept per (layer parity, tensor): no page faults
+                held = self._reused(self._stream_buffers, self._slot(layer), entry, torch.device("cpu"))
+                held.copy_(_as_fp16(raw[entry.name], entry))
+                out[entry.name] = to_device(held, self.device, self.stats)
+            elif entry.compressed:
+                out[entry.name] = self._ready(entry, self.resident[layer][entry.name], self._slot(layer))
+            else:
+                out[entry.name] = to_device(self.resident[layer][entry.name], self.device, self.stats, CPU_TO_GPU)
+        return out
+
+    def _disk_rows(self, layer: str, entry: TensorEntry, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of a lookup table on disk, in the compute dtype: the distinct rows read one
+        by one (a 4-bit table: each row's codes, scales and minimums), or picked from the whole
+        table when they would add up to more than a quarter of it (a long prompt's prefill)."""
+        unique, inverse = torch.unique(ids.reshape(-1).cpu(), return_inverse=True)
+        n, num_rows = len(unique), entry.shape[0]
+        # (offset, bytes per row) of each row-major section of the stored tensor
+        sections = (row_sections(entry.shape, entry.num_bits, entry.group_size) if entry.compressed
+                    else [(0, entry.nbytes // num_rows)])
+        if n * sum(align_up(row + 4096) for _, row in sections) > entry.nbytes // 4:
+            table = self._read_raw(layer, entry, reuse=False)
+            parts = [table[at:at + row * num_rows].view(num_rows, row)[unique] for at, row in sections]
+        else:
+            parts = [self.disk.read_rows(self.store.path(layer), entry.offset + at, row, unique.tolist())
+                     for at, row in sections]
+        if entry.compressed:
+            data, scale, minimum = parts
+            rows = dequantize(QuantizedTensor(data=data.view(n, scale.shape[1] // 2, -1), scale=scale.view(torch.float16),
+                                              minimum=minimum.view(torch.float16), shape=(n, *entry.shape[1:]),
+                                              dim=1, group_size=entry.group_size, num_bits=entry.num_bits),
+                              self.dtype)
+        else:
+            rows = parts[0].view(torch.float16).view(n, *entry.shape[1:]).to(self.dtype)
+        return to_device(rows[inverse].view(*ids.shape, *entry.shape[1:]), self.device, self.stats)
+
+    def _host_rows(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of a lookup table held in host RAM, gathered there: only they cross the link."""
+        return to_device(table[ids.cpu()], self.device, self.stats)
+
+    def bytes_by_tier(self) -> dict[Tier, int]:
+        """Bytes of weights each tier holds (compute dtype, or packed when compressed)."""
+        size = torch.empty((), dtype=self.dtype).element_size()
+        totals = {t: 0 for t in Tier}
+        for layer, tiers in self.tiers.items():
+            for entry in self.store.layers[layer]:
+                tier = tiers[entry.name]
+                totals[tier] += entry.nbytes if tier == Tier.DISK else entry.held_bytes(held_element_size(entry, size))
+        return totals
+
+    def ram_bytes(self) -> int:
+        """Bytes of weights held in host RAM (the CPU tier, and the GPU tier when the "GPU" is RAM)."""
+        by_tier = self.bytes_by_tier()
+        return by_tier[Tier.CPU] + (by_tier[Tier.GPU] if self.device.type != "cuda" else 0)

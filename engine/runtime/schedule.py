@@ -1,0 +1,282 @@
+"""The zig-zag block schedule (FlexGen, Sheng et al. 2023, section 4.2).
+
+A block is up to gpu_batch_size x num_gpu_batches rows. For every step (step 0 is the prefill), for
+every layer, the layer's weights are loaded once and shared by all micro-batches of the block, and
+while micro-batch k computes, the I/O thread already loads the next layer's weights and the next
+micro-batch's KV cache, and stores finished activations and cache. Without overlap the same loads
+run inline. The math lives in `layers`, placement in `placement`, bytes in `tiers`.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from engine.model import opt as layers
+from engine.runtime.kv_cache import CachePart, CacheSlot
+from engine.model.config import OPTConfig
+from engine.runtime.placed_weights import PlacedWeights
+from engine.runtime.placement import slot_tier
+from engine.runtime.policy import Policy
+from engine.runtime.rows import GenerationParams, RowResult, StepUpdate
+from engine.model.sampling import choose_tokens
+from engine.runtime.tiers import DiskTier, Tier, TransferStats, to_device
+from engine.model.checkpoint import layer_names
+
+
+@dataclass
+class ScheduleContext:
+    cfg: OPTConfig
+    policy: Policy
+    device: torch.device
+    dtype: torch.dtype
+    weights: PlacedWeights
+    disk: DiskTier
+    stats: TransferStats
+    io: ThreadPoolExecutor | None  # None: no overlap
+
+
+@dataclass
+class BlockRow:
+    result: RowResult
+    context_ids: list[int]  # prompt + tokens generated before this run
+    max_new_tokens: int
+
+
+class _Done(Future):
+    """An already-finished future, for running the same code without overlap."""
+
+    def __init__(self, value) -> None:
+        super().__init__()
+        self.set_result(value)
+
+
+class MicroBatch:
+    """Token ids, padding mask and positions of one micro-batch for the whole block."""
+
+    def __init__(self, rows: list[BlockRow], prompt_len: int, max_len: int, pad_id: int, device) -> None:
+        self.rows = rows
+        B = len(rows)
+        self.input_ids = torch.full((B, prompt_len), pad_id, dtype=torch.long)
+        self.valid = torch.zeros((B, max_len), dtype=torch.bool)
+        for i, row in enumerate(rows):
+            n = len(row.context_ids)
+            self.input_ids[i, prompt_len - n:] = torch.tensor(row.context_ids, dtype=torch.long)
+            self.valid[i, prompt_len - n:] = True
+        self.valid[:, prompt_len:] = True  # generated positions are never padding
+        self.positions = layers.positions_from_mask(self.valid)
+        self.input_ids, self.valid, self.positions = (t.to(device) for t in
+                                                      (self.input_ids, self.valid, self.positions))
+        self.length = 0  # positions in the cache after this step
+        self.mask = None
+        self.next_ids = self.input_ids  # the step's input: the prompt first, then the sampled tokens
+
+    def begin_step(self, query_len: int) -> None:
+        self.length += query_len
+        self.query_len = query_len
+        self.mask = layers.attention_mask(self.valid[:, : self.length], query_len)
+
+    @property
+    def step_positions(self) -> torch.Tensor:
+        return self.positions[:, self.length - self.query_len: self.length]
+
+
+class BlockRunner:
+    def __init__(self, ctx: ScheduleContext, rows: list[BlockRow], workdir) -> None:
+        self.ctx = ctx
+        cfg, policy = ctx.cfg, ctx.policy
+        gbs = policy.gpu_batch_size
+        self.prompt_len = max(len(r.context_ids) for r in rows)
+        self.steps = max(r.max_new_tokens - len(r.result.generated_ids) for r in rows)
+        max_len = self.prompt_len + self.steps - 1  # the last token is never fed back
+        self.mbs = [MicroBatch(rows[i:i + gbs], self.prompt_len, max_len, cfg.pad_token_id, ctx.device)
+                    for i in range(0, len(rows), gbs)]
+        self.layer_names = layer_names(cfg)
+        K, L = len(self.mbs), cfg.num_layers
+        self.cache = [[CacheSlot(len(mb.rows), max_len, cfg.num_heads, cfg.head_dim, policy.cache_gpu_percent,
+                                 policy.cache_cpu_percent, ctx.dtype, ctx.device, ctx.disk,
+                                 workdir / f"kv-{j}-{k}.bin",
+                                 compression=policy.compression if policy.compress_cache else None)
+                       for k, mb in enumerate(self.mbs)] for j in range(L)]
+        self.cache_reads: dict[tuple[int, int], Future] = {}  # (layer, micro-batch) -> disk part read ahead
+        # Two sets of read buffers, alternating by slot: the slot in use and the one read ahead.
+        self.cache_read_buffers: tuple[dict, dict] = ({}, {})
+        self.act_tiers = [[slot_tier(j, k, L + 2, policy.num_gpu_batches, policy.activations_gpu_percent,
+                                     policy.activations_cpu_percent) for k in range(K)] for j in range(L + 2)]
+        self.act_path = [workdir / f"act-{k}.bin" for k in range(K)]
+        self.acts: list[Future | None] = [None] * K
+
+    # -- I/O helpers: submitted to the I/O thread with overlap, run inline without -------------
+    def submit(self, fn, *args) -> Future:
+        if self.ctx.io is None:
+            return _Done(fn(*args))
+        return self.ctx.io.submit(fn, *args)
+
+    def _store_act(self, j: int, k: int, h: torch.Tensor) -> None:
+        tier = self.act_tiers[j][k]
+        if tier == Tier.DISK:
+            shape, data = h.shape, h.to("cpu").contiguous()
+            self.submit(self.ctx.disk.write, self.act_path[k], 0, data)
+            self.acts[k] = self.submit(self._read_act, k, shape, data.numel() * data.element_size())
+        else:
+            self.acts[k] = _Done(h if tier == Tier.GPU else h.to("cpu"))
+
+    def _read_act(self, k: int, shape, nbytes: int) -> torch.Tensor:
+        raw = self.ctx.disk.read(self.act_path[k], 0, nbytes)
+        return raw.view(self.ctx.dtype).view(shape)
+
+    # -- the schedule -----------------------------------------------------------------------
+    def run(self, params: GenerationParams, stop_ids: set[int], block_index: int,
+            on_step: Callable[[StepUpdate], None] | None, should_stop: Callable[[], bool] | None) -> bool:
+        """Generate until every row is finished; returns True if stopped early by `should_stop`."""
+        ctx, names = self.ctx, self.layer_names
+        self.weights_next = self.submit(ctx.weights.fetch, names[0])
+        try:
+            for step in range(self.steps):
+                started = time.perf_counter()
+                for mb in self.mbs:
+                    mb.begin_step(self.prompt_len if step == 0 else 1)
+                for j in range(len(names)):
+                    w = ctx.weights.finish(self.weights_next.result())
+                    self._run_layer(j, w, params)
+                del w
+                new_tokens = self._finish_step(stop_ids)
+                if on_step:
+                    on_step(StepUpdate(block_index=block_index, step=step,
+                                       rows=[r.result for mb in self.mbs for r in mb.rows],
+                                       new_tokens=new_tokens, elapsed_s=time.perf_counter() - started))
+                if all(r.result.finished for mb in self.mbs for r in mb.rows):
+                    return False
+                if should_stop and should_stop():
+                    return True
+            return False
+        finally:
+            if ctx.io is not None:
+                self.weights_next.cancel()
+                ctx.io.submit(lambda: None).result()  # drain pending stores before deleting files
+            for row in self.cache:
+                for slot in row:
+                    slot.close()
+            for path in self.act_path:
+                path.unlink(missing_ok=True)
+
+    def _prefetch_weights(self, j: int) -> None:
+        """Start loading the layer after j (wrapping to the embedding for the next step)."""
+        self.weights_next = self.submit(self.ctx.weights.fetch, self.layer_names[(j + 1) % len(self.layer_names)])
+
+    def _prefetch_cache(self, j: int, k: int) -> None:
+        """Start reading the disk part of the cache slot used after layer j's micro-batch k: the I/O
+        thread reads in the order the compute thread needs, one slot ahead, across layers."""
+        j, k = (j, k + 1) if k + 1 < len(self.mbs) else (j + 1, 0)
+        if j > self.ctx.cfg.num_layers:
+            return
+        part = self.cache[j - 1][k].disk_part
+        if part is not None:
+            buffers = self.cache_read_buffers[(j * len(self.mbs) + k) % 2]
+            self.cache_reads[j, k] = self.submit(part.read, self._cache_device(part), self.ctx.stats, buffers)
+
+    def _run_layer(self, j: int, w: dict, params: GenerationParams) -> None:
+        L = self.ctx.cfg.num_layers
+        if j == 0 or j == L + 1:
+            self._prefetch_weights(j)
+        if j == 0:
+            self._prefetch_cache(0, len(self.mbs) - 1)  # the first decoder layer's first slot
+            for k, mb in enumerate(self.mbs):
+                self._store_act(j, k, layers.input_embed(w, self.ctx.cfg, mb.next_ids, mb.step_positions,
+                                                        self.ctx.dtype))
+            return
+        if j == L + 1:
+            for k, mb in enumerate(self.mbs):
+                h = to_device(self.acts[k].result(), self.ctx.device, self.ctx.stats)
+                self._sample(mb, layers.output_logits(w, self.ctx.cfg, h[:, -1]), params)
+            return
+        slots = self.cache[j - 1]
+        for k, mb in enumerate(self.mbs):
+            # The I/O thread works in the order the compute thread needs things: micro-batch 1's
+            # cache, the next layer's weights, then its first micro-batch's cache.
+            if k == 0 and len(self.mbs) == 1:
+                self._prefetch_weights(j)
+            self._prefetch_cache(j, k)
+            if k == 0 and len(self.mbs) > 1:
+                self._prefetch_weights(j)
+            h = to_device(self.acts[k].result(), self.ctx.device, self.ctx.stats)
+            self._store_act(j, k, self._decoder(w, h, slots[k], self.cache_reads.pop((j, k), None), mb))
+
+    def _cache_device(self, part: CachePart) -> torch.device:
+        """Where a part of the cache is attended: on the CPU with cpu_cache_compute, else the compute device."""
+        if self.ctx.policy.cpu_cache_compute and part.tier != Tier.GPU:
+            return torch.device("cpu")
+        return self.ctx.device
+
+    def _decoder(self, w: dict, h: torch.Tensor, slot: CacheSlot, read: Future | None,
+                 mb: MicroBatch) -> torch.Tensor:
+        cfg = self.ctx.cfg
+        q, k, v = layers.qkv(w, cfg, h)
+        rows = layers.cache_rows(k, v)  # [s, 2, B, h]
+        new = rows.reshape(rows.shape[0], 2, -1, cfg.head_dim)  # [s, 2, B*H, D]: the (row, head) pairs
+        if mb.length == mb.query_len:  # the prefill: nothing cached yet, attend the new positions whole
+            for part in slot.parts:
+                self._append(part, new[:, :, part.pairs])
+            attn = layers.attend(cfg, q, rows[:, 0], rows[:, 1], mb.mask)
+        else:
+            q_pairs, mask = layers.to_pairs(cfg, q), layers.pair_mask(cfg, mb.mask)
+            out = [self._attend_part(part, q_pairs[part.pairs], new[:, :, part.pairs], mask[part.pairs],
+                                     read if part.tier == Tier.DISK else None) for part in slot.parts]
+            attn = layers.from_pairs(cfg, out[0] if len(out) == 1 else torch.cat(out))
+        h = layers.attention_output(w, cfg, h, attn)
+        return layers.mlp(w, cfg, h)
+
+    def _append(self, part: CachePart, new: torch.Tensor) -> None:
+        if part.tier == Tier.DISK:
+            self.submit(part.append, new.contiguous())
+        else:
+            part.append(new)
+
+    def _attend_part(self, part: CachePart, q: torch.Tensor, new: torch.Tensor, mask: torch.Tensor,
+                     read: Future | None) -> torch.Tensor:
+        """One part's attention for a decode step: q [n, 1, D], new [1, 2, n, D], mask [n, 1, T]."""
+        ctx = self.ctx
+        if part.tier == Tier.DISK or part.compression is not None:
+            # The cache read so far plus the new position in full precision (a compressed part
+            # must not attend to a quantised copy of the position it just computed: HF doesn't).
+            where = self._cache_device(part)
+            prev = read.result() if read is not None else part.read(where, ctx.stats)
+            if prev.shape[0] > part.length:  # read with room: write the new position in place
+                full = prev
+                full[part.length:].copy_(new)
+            else:
+                full = torch.cat((prev.to(where, new.dtype), new.to(where)))
+            self._append(part, new)
+        else:
+            part.append(new)
+            full = part.read()
+        if ctx.policy.cpu_cache_compute and full.device.type == "cpu" and q.device.type != "cpu":
+            # Attention where the cache lives: ship q (small) instead of the cache (large).
+            return layers.attend_pairs(q.cpu(), full[:, 0], full[:, 1], mask.cpu()).to(q.device)
+        full = to_device(full, ctx.device, ctx.stats)
+        return layers.attend_pairs(q, full[:, 0], full[:, 1], mask)
+
+    def _sample(self, mb: MicroBatch, logits: torch.Tensor, params: GenerationParams) -> None:
+        results = [r.result for r in mb.rows]
+        tokens = choose_tokens(logits, params, [r.row_id for r in results],
+                               [len(r.generated_ids) for r in results])
+        mb.next_ids = torch.tensor(tokens, dtype=torch.long, device=self.ctx.device)[:, None]
+        mb.sampled = tokens
+
+    def _finish_step(self, stop_ids: set[int]) -> int:
+        new_tokens = 0
+        for mb in self.mbs:
+            for row, token in zip(mb.rows, mb.sampled):
+                res = row.result
+                if res.finished:
+                    continue
+                res.generated_ids.append(token)
+                new_tokens += 1
+                if token in stop_ids:
+                    res.finish_reason = "stop"
+                elif len(res.generated_ids) >= row.max_new_tokens:
+                    res.finish_reason = "length"
+        return new_tokens

@@ -1,0 +1,1 @@
+"""Data in and out: input files, result parts, merged results, enqueue."""

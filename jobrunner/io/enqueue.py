@@ -1,0 +1,138 @@
+"""`flexjob enqueue`: validate the input and model, fingerprint both, create the job and its shards.
+
+Everything that changes the output is part of the job (JobParams + model fingerprint + input
+fingerprint), hashed into the job key: enqueueing the same file content with the same parameters
+returns the existing job, and every worker and every resume reproduces the same rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+from engine.model.config import load_config
+from jobrunner import store
+from jobrunner.errors import UserError
+from jobrunner.store.models import Job
+from jobrunner.io.inputs import count_problem_rows, fingerprint_file, inspect_input
+
+DTYPES = ("float32", "bfloat16", "float16")
+TRUNCATE_MODES = ("error", "left")
+DEFAULT_SHARD_ROWS = 1000
+# Model files whose content decides the output; weights are sampled (head and tail of each file)
+# because hashing a 300 GB checkpoint at every enqueue is not an option.
+MODEL_SAMPLE_BYTES = 1 << 20
+
+
+def _default_dtype() -> str:
+    from engine.runtime.engine import default_dtype_name
+    return default_dtype_name()
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobParams:
+    """The output-changing parameters of a job (stored as JSON in jobs.params)."""
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()          # stop strings: the completion is cut before the first one
+    # Compute dtype, fixed per job so every worker agrees; default: what this machine runs fastest.
+    dtype: str = field(default_factory=_default_dtype)
+    # Prompts too long for the model's positions: "error" rows, or "left" = cut tokens from the left
+    # (keeping BOS), so the end of the prompt, which the completion continues, survives.
+    truncate: str = "error"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            problems.append(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.dtype not in DTYPES:
+            problems.append(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.truncate not in TRUNCATE_MODES:
+            problems.append(f"--truncate must be one of {', '.join(TRUNCATE_MODES)}, got {self.truncate!r}")
+        if any(s == "" for s in self.stop):
+            problems.append("--stop must not be empty")
+        if problems:
+            raise UserError("; ".join(problems), "see `flexjob enqueue --help`")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"stop": list(self.stop)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "JobParams":
+        return cls(**(data | {"stop": tuple(data.get("stop", ()))}))
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnqueueResult:
+    job: Job
+    created: bool
+    problem_rows: dict[str, int]  # rows that will become error rows, by problem
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    model_dir = Path(model_dir)
+    digest = hashlib.sha256()
+    for path in sorted(model_dir.iterdir()):
+        if not path.is_file():
+            continue
+        digest.update(path.name.encode() + b"\0" + str(path.stat().st_size).encode() + b"\0")
+        with open(path, "rb") as f:
+            if path.suffix in (".json", ".txt", ".model"):
+                digest.update(f.read())
+            else:
+                digest.update(f.read(MODEL_SAMPLE_BYTES))
+                f.seek(max(0, path.stat().st_size - MODEL_SAMPLE_BYTES))
+                digest.update(f.read(MODEL_SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def job_key(*, input_fingerprint: str, prompt_column: str, id_column: str | None,
+            model_fingerprint_: str, params: JobParams) -> str:
+    payload = json.dumps({"input": input_fingerprint, "column": prompt_column, "id_column": id_column,
+                          "model": model_fingerprint_, "params": params.to_dict()}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def default_results_root(engine: Engine) -> Path:
+    """Next to a SQLite database file; else under the current directory (on PostgreSQL the path
+    must be shared by every worker: pass --results-dir on a shared filesystem)."""
+    database = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
+    base = Path(database).resolve().parent if database and database != ":memory:" else Path.cwd()
+    return base / "flexjob-results"
+
+
+def enqueue(engine: Engine, input_path: str | Path, *, model_dir: str | Path, column: str = "prompt",
+            id_column: str | None = None, params: JobParams = JobParams(), priority: int = 0,
+            shard_rows: int = DEFAULT_SHARD_ROWS, name: str | None = None,
+            results_root: str | Path | None = None, force: bool = False) -> EnqueueResult:
+    if shard_rows < 1:
+        raise UserError(f"--shard-rows must be >= 1, got {shard_rows}")
+    info = inspect_input(input_path, column, id_column)
+    config = load_config(model_dir)
+    if params.max_new_tokens >= config.max_positions:
+        raise UserError(f"--max-new-tokens {params.max_new_tokens} leaves no room for a prompt: the model "
+                        f"has {config.max_positions} positions", "lower --max-new-tokens")
+    input_fp = fingerprint_file(info.path)
+    model_fp = model_fingerprint(model_dir)
+    key = job_key(input_fingerprint=input_fp, prompt_column=column, id_column=id_column,
+                  model_fingerprint_=model_fp, params=params)
+    problems = count_problem_rows(info.path, column)
+    root = Path(results_root) if results_root else default_results_root(engine)
+    new = store.NewJob(
+        name=name or info.path.stem, priority=priority, job_key=key, input_path=str(info.path),
+        input_fingerprint=input_fp, input_size=info.size, input_mtime_ns=info.mtime_ns,
+        prompt_column=column, id_column=id_column, model_dir=str(Path(model_dir).resolve()),
+        model_fingerprint=model_fp, params=params.to_dict(), results_dir=str(root.resolve() / "job-{job}"),
+        shard_rows=shard_rows, total_rows=info.num_rows)
+    job, created = store.enqueue_job(engine, new, force=force)
+    return EnqueueResult(job=job, created=created, problem_rows=problems)

@@ -1,0 +1,155 @@
+"""`flexjob results`: merge a job's parts into one Parquet in input order, checking every row once.
+
+Parts are read shard by shard (shards are contiguous row ranges in input order; inside a shard the
+blocks were sorted by length), so memory is bounded by one shard, not by the job. Each part is
+checked against the size and sha256 recorded when it was committed: a missing or damaged part is
+named, and `flexjob retry JOB` regenerates exactly its rows.
+"""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from sqlalchemy import Engine
+
+from jobrunner import store
+from jobrunner.errors import UserError
+from jobrunner.store.models import Job, JobStatus, ResultPart
+from jobrunner.io.parts import file_sha256
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResultsSummary:
+    path: Path
+    rows: int
+    missing_rows: int
+    error_rows: int
+    finish_reasons: dict[str, int]
+
+
+def part_problem(job: Job, part: ResultPart) -> str | None:
+    """Why a registered part cannot be used, or None if it is intact."""
+    path = Path(job.results_dir) / part.path
+    if not path.is_file():
+        return f"result part {path} is missing"
+    if path.stat().st_size != part.size_bytes:
+        return f"result part {path} is corrupt (size {path.stat().st_size}, expected {part.size_bytes})"
+    if file_sha256(path) != part.sha256:
+        return f"result part {path} is corrupt (checksum mismatch)"
+    return None
+
+
+def damaged_parts(engine: Engine, job_id: int) -> list[tuple[ResultPart, str]]:
+    job = store.get_job(engine, job_id)
+    return [(part, problem) for part in store.job_parts(engine, job_id)
+            if (problem := part_problem(job, part)) is not None]
+
+
+def _read_part(job: Job, part: ResultPart) -> pa.Table:
+    problem = part_problem(job, part)
+    if problem is None:
+        try:
+            return pq.read_table(Path(job.results_dir) / part.path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            problem = f"result part {Path(job.results_dir) / part.path} is unreadable ({exc})"
+    raise UserError(f"job {job.id}: {problem}",
+                    f"run `flexjob retry {job.id}` to regenerate the rows of damaged parts")
+
+
+def write_results(engine: Engine, job_id: int, out_path: str | Path, *, partial: bool = False) -> ResultsSummary:
+    job = store.get_job(engine, job_id)
+    if job.status != JobStatus.COMPLETED and not partial:
+        raise UserError(f"job {job_id} is {job.status.value} with {job.done_rows} of {job.total_rows} rows done",
+                        "wait for it to complete, or pass --partial to write the rows done so far")
+    parts_by_shard: dict[int, list[ResultPart]] = defaultdict(list)
+    for part in store.job_parts(engine, job_id):
+        parts_by_shard[part.shard_id].append(part)
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise UserError(f"output {out_path} is a directory", "pass a file name such as out.parquet")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    writer: pq.ParquetWriter | None = None
+    rows = missing = 0
+    reasons: dict[str, int] = defaultdict(int)
+    try:
+        for shard in store.list_shards(engine, job_id):
+            tables = [_read_part(job, p) for p in parts_by_shard.get(shard.id, [])]
+            if not tables:
+                missing += shard.row_end - shard.row_start
+                continue
+            table = pa.concat_tables(tables).sort_by("row")
+            got = table.column("row").to_pylist()
+            expected_count = shard.row_end - shard.row_start
+            if len(set(got)) != len(got):
+                dup = next(r for i, r in enumerate(got) if i and got[i - 1] == r)
+                raise UserError(f"job {job_id}: row {dup} appears more than once in the result parts",
+                                f"this is a bug; run `flexjob retry {job_id}` after reporting it")
+            if got[0] < shard.row_start or got[-1] >= shard.row_end:
+                raise UserError(f"job {job_id}: a part of shard {shard.shard_index} holds rows outside "
+                                f"{shard.row_start}..{shard.row_end - 1}", "this is a bug; please report it")
+            if len(got) != expected_count:
+                if not partial:
+                    present = set(got)
+                    absent = next(r for r in range(shard.row_start, shard.row_end) if r not in present)
+                    raise UserError(f"job {job_id}: row {absent} has no result",
+                                    "pass --partial to write the rows that have one")
+                missing += expected_count - len(got)
+            for reason, count in zip(*_value_counts(table.column("finish_reason"))):
+                reasons[reason] += count
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table)
+            rows += len(got)
+        if writer is None:
+            raise UserError(f"job {job_id} has no finished rows yet", "wait for a worker to finish a block")
+        writer.close()
+        writer = None
+        os.replace(tmp, out_path)
+    finally:
+        if writer is not None:
+            writer.close()
+        if tmp.exists():
+            tmp.unlink()
+    return ResultsSummary(path=out_path, rows=rows, missing_rows=missing, error_rows=reasons.get("error", 0),
+                          finish_reasons=dict(reasons))
+
+
+def _value_counts(column: pa.ChunkedArray) -> tuple[list[str], list[int]]:
+    counts = column.value_counts()
+    return counts.field("values").to_pylist(), counts.field("counts").to_pylist()
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryReport:
+    lines: list[str]
+
+
+def retry(engine: Engine, job_id: int, *, failed_rows: bool = False) -> RetryReport:
+    """`flexjob retry`: drop missing/damaged parts (and with `failed_rows` the parts holding error
+    rows) so their rows are generated again, and reopen a failed or cancelled job."""
+    job = store.get_job(engine, job_id)
+    lines: list[str] = []
+    damaged = damaged_parts(engine, job_id)
+    if damaged:
+        rows = store.drop_parts(engine, job_id, [p.id for p, _ in damaged], reason="missing or damaged parts")
+        lines += [problem for _, problem in damaged]
+        lines.append(f"{rows} rows of {len(damaged)} damaged parts will be generated again")
+    if failed_rows:
+        part_ids = store.failed_row_parts(engine, job_id)
+        if part_ids:
+            rows = store.drop_parts(engine, job_id, part_ids, reason="retry --failed-rows")
+            lines.append(f"{rows} rows of {len(part_ids)} blocks with error rows will be generated again")
+    if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+        store.retry_job(engine, job_id)
+        lines.append(f"job {job_id} was {job.status.value}; its unfinished shards are queued again")
+    if not lines:
+        hint = ("pass --failed-rows to regenerate its error rows" if job.failed_rows
+                else "nothing failed and every part is intact")
+        raise UserError(f"job {job_id} is {job.status.value}; there is nothing to retry", hint)
+    lines.append(f"job {job_id} is queued; run `flexjob work` to finish it")
+    return RetryReport(lines=lines)

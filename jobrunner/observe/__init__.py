@@ -1,0 +1,1 @@
+"""Watching jobs: the status snapshot, the live dashboard, the report plot."""

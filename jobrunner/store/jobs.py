@@ -1,0 +1,253 @@
+"""Jobs, workers, events and hardware profiles: every state change, one function (one transaction) each.
+
+Functions return detached ORM snapshots (read them, do not modify them).
+
+    enqueue_job       create a job and its shards, or return the same existing job (idempotent)
+    get_job           one job by id
+    list_jobs         jobs, newest first, optionally by status
+    list_shards       a job's shards in input order
+    job_parts         a job's registered result parts, in shard then commit order
+    failed_row_parts  ids of parts that hold error rows (for `retry --failed-rows`)
+    drop_parts        unregister parts (missing/corrupt, or to redo failed rows) and reopen their shards
+    cancel_job        stop a job: pending shards cancelled, leased ones stop at their next heartbeat
+    retry_job         reopen a failed or cancelled job's unfinished shards
+    register_worker   a worker announces itself (host, pid, device, policy)
+    worker_seen       a worker's liveness and policy update
+    stop_worker       a worker exits cleanly
+    list_workers      workers, most recently seen first
+    record_event      append an event (re-plan, warnings, ...)
+    list_events       events, newest first, by job and/or after an id
+    save_hardware_profile / latest_hardware_profile   per-host measured bandwidths
+"""
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, select, update
+
+from jobrunner.errors import UserError
+from jobrunner.store.models import (Event, HardwareProfile, Job, JobStatus, ResultPart, Shard, ShardStatus,
+                              Worker, WorkerStatus, utcnow)
+from jobrunner.store.base import Lease, LeaseLost, add_event, get_job_locked, read_tx, write_tx
+
+
+@dataclass(frozen=True, kw_only=True)
+class NewJob:
+    """Everything `enqueue_job` records; `job_key` covers every field that changes the output."""
+    name: str
+    priority: int
+    job_key: str
+    input_path: str
+    input_fingerprint: str
+    input_size: int
+    input_mtime_ns: int
+    prompt_column: str
+    id_column: str | None
+    model_dir: str
+    model_fingerprint: str
+    params: dict
+    results_dir: str
+    shard_rows: int
+    total_rows: int
+
+
+def enqueue_job(engine: Engine, new: NewJob, *, force: bool = False) -> tuple[Job, bool]:
+    """(job, created). Without `force`, an existing job with the same key is returned instead."""
+    now = utcnow()
+    with write_tx(engine) as s:
+        if not force:
+            existing = s.scalars(select(Job).where(Job.job_key == new.job_key).order_by(Job.id.desc())).first()
+            if existing is not None:
+                return existing, False
+        job = Job(name=new.name, priority=new.priority, job_key=new.job_key, input_path=new.input_path,
+                  input_fingerprint=new.input_fingerprint, input_size=new.input_size,
+                  input_mtime_ns=new.input_mtime_ns, prompt_column=new.prompt_column,
+                  id_column=new.id_column, model_dir=new.model_dir, model_fingerprint=new.model_fingerprint,
+                  params=new.params, results_dir=new.results_dir, shard_rows=new.shard_rows,
+                  total_rows=new.total_rows, status=JobStatus.QUEUED, done_rows=0, failed_rows=0,
+                  generated_tokens=0, created_at=now, updated_at=now)
+        s.add(job)
+        s.flush()
+        if "{job}" in job.results_dir:
+            job.results_dir = job.results_dir.replace("{job}", str(job.id))
+        s.add_all(Shard(job_id=job.id, shard_index=i, row_start=start,
+                        row_end=min(start + new.shard_rows, new.total_rows), status=ShardStatus.PENDING,
+                        attempt=0, done_rows=0, failed_rows=0, engine_failures=0, updated_at=now)
+                  for i, start in enumerate(range(0, new.total_rows, new.shard_rows)))
+        add_event(s, "job_enqueued", job_id=job.id, data={"rows": new.total_rows, "forced": force})
+        return job, True
+
+
+def get_job(engine: Engine, job_id: int) -> Job:
+    with read_tx(engine) as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise UserError(f"no job {job_id}", "list jobs with `flexjob jobs`")
+        return job
+
+
+def list_jobs(engine: Engine, *, statuses: list[JobStatus] | None = None, limit: int | None = None) -> list[Job]:
+    query = select(Job).order_by(Job.id.desc())
+    if statuses:
+        query = query.where(Job.status.in_(statuses))
+    if limit:
+        query = query.limit(limit)
+    with read_tx(engine) as s:
+        return list(s.scalars(query))
+
+
+def list_shards(engine: Engine, job_id: int) -> list[Shard]:
+    with read_tx(engine) as s:
+        return list(s.scalars(select(Shard).where(Shard.job_id == job_id).order_by(Shard.shard_index)))
+
+
+def job_parts(engine: Engine, job_id: int) -> list[ResultPart]:
+    with read_tx(engine) as s:
+        return list(s.scalars(select(ResultPart).join(Shard, Shard.id == ResultPart.shard_id)
+                              .where(ResultPart.job_id == job_id)
+                              .order_by(Shard.shard_index, ResultPart.id)))
+
+
+def drop_parts(engine: Engine, job_id: int, part_ids: list[int], *, reason: str) -> int:
+    """Unregister parts so their rows are generated again; their shards become pending.
+    Returns the number of rows reopened."""
+    now = utcnow()
+    reopened = 0
+    with write_tx(engine) as s:
+        job = get_job_locked(s, job_id)
+        if job.status in (JobStatus.RUNNING, JobStatus.CANCELLING):
+            raise UserError(f"job {job_id} is {job.status.value}", "cancel it or wait for it to finish first")
+        for part in s.scalars(select(ResultPart).where(ResultPart.job_id == job_id, ResultPart.id.in_(part_ids))):
+            shard = s.get(Shard, part.shard_id)
+            shard.done_rows -= part.num_rows
+            shard.failed_rows -= part.failed_rows
+            shard.status, shard.updated_at = ShardStatus.PENDING, now
+            job.done_rows -= part.num_rows
+            job.failed_rows -= part.failed_rows
+            job.generated_tokens -= part.generated_tokens
+            reopened += part.num_rows
+            s.delete(part)
+        if reopened:
+            job.status, job.finished_at, job.error, job.updated_at = JobStatus.QUEUED, None, None, now
+            add_event(s, "parts_dropped", job_id=job_id, message=reason, data={"rows": reopened})
+    return reopened
+
+
+def cancel_job(engine: Engine, job_id: int) -> Job:
+    """Pending shards are cancelled now; a job with leased shards is `cancelling` until their
+    workers notice (next heartbeat) or their leases expire."""
+    now = utcnow()
+    with write_tx(engine) as s:
+        job = get_job_locked(s, job_id)
+        if job.status.finished:
+            raise UserError(f"job {job_id} is already {job.status.value}", "nothing to cancel")
+        s.execute(update(Shard).where(Shard.job_id == job_id, Shard.status == ShardStatus.PENDING)
+                  .values(status=ShardStatus.CANCELLED, updated_at=now))
+        leased = s.scalars(select(Shard.id).where(Shard.job_id == job_id, Shard.status == ShardStatus.LEASED,
+                                                  Shard.lease_expires_at >= now).limit(1)).first()
+        s.execute(update(Shard).where(Shard.job_id == job_id, Shard.status == ShardStatus.LEASED,
+                                      Shard.lease_expires_at < now).values(status=ShardStatus.CANCELLED))
+        job.cancel_requested_at, job.updated_at = now, now
+        if leased is None:
+            job.status, job.finished_at = JobStatus.CANCELLED, now
+        else:
+            job.status = JobStatus.CANCELLING
+        add_event(s, "job_cancel", job_id=job_id, message=job.status.value)
+        return job
+
+
+def retry_job(engine: Engine, job_id: int) -> Job:
+    """Reopen a failed or cancelled job: its unfinished shards become pending (their checkpoints
+    and committed parts are kept, so nothing done is redone)."""
+    now = utcnow()
+    with write_tx(engine) as s:
+        job = get_job_locked(s, job_id)
+        if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.QUEUED):
+            raise UserError(f"job {job_id} is {job.status.value}; only failed or cancelled jobs can be retried",
+                            "use `flexjob retry JOB --failed-rows` to redo the error rows of a completed job"
+                            if job.status == JobStatus.COMPLETED else "cancel it first")
+        s.execute(update(Shard).where(Shard.job_id == job_id,
+                                      Shard.status.in_([ShardStatus.FAILED, ShardStatus.CANCELLED]))
+                  .values(status=ShardStatus.PENDING, engine_failures=0, error=None, next_try_at=None,
+                          updated_at=now))
+        job.status, job.error, job.finished_at, job.cancel_requested_at = JobStatus.QUEUED, None, None, None
+        job.updated_at = now
+        add_event(s, "job_retry", job_id=job_id)
+        return job
+
+
+def failed_row_parts(engine: Engine, job_id: int) -> list[int]:
+    """Ids of the parts that hold error rows (to drop for `retry --failed-rows`)."""
+    with read_tx(engine) as s:
+        return list(s.scalars(select(ResultPart.id).where(ResultPart.job_id == job_id,
+                                                           ResultPart.failed_rows > 0)))
+
+
+def register_worker(engine: Engine, *, device: str, policy: dict | None = None) -> str:
+    worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    now = utcnow()
+    with write_tx(engine) as s:
+        s.add(Worker(id=worker_id, hostname=socket.gethostname(), pid=os.getpid(), device=device,
+                     status=WorkerStatus.RUNNING, policy=policy, rows_done=0, tokens_generated=0,
+                     started_at=now, last_seen_at=now))
+        add_event(s, "worker_started", worker_id=worker_id, data={"device": device})
+    return worker_id
+
+
+def worker_seen(engine: Engine, worker_id: str, *, policy: dict | None = None) -> None:
+    values = {"last_seen_at": utcnow()} | ({"policy": policy} if policy is not None else {})
+    with write_tx(engine) as s:
+        s.execute(update(Worker).where(Worker.id == worker_id).values(**values))
+
+
+def stop_worker(engine: Engine, worker_id: str, *, reason: str = "") -> None:
+    now = utcnow()
+    with write_tx(engine) as s:
+        s.execute(update(Worker).where(Worker.id == worker_id).values(
+            status=WorkerStatus.STOPPED, stopped_at=now, last_seen_at=now, current_shard_id=None))
+        add_event(s, "worker_stopped", worker_id=worker_id, message=reason)
+
+
+def list_workers(engine: Engine, *, running_only: bool = False) -> list[Worker]:
+    query = select(Worker).order_by(Worker.last_seen_at.desc())
+    if running_only:
+        query = query.where(Worker.status == WorkerStatus.RUNNING)
+    with read_tx(engine) as s:
+        return list(s.scalars(query))
+
+
+def record_event(engine: Engine, kind: str, *, job_id: int | None = None, shard_id: int | None = None,
+                 worker_id: str | None = None, message: str = "", data: dict | None = None) -> None:
+    with write_tx(engine) as s:
+        add_event(s, kind, job_id=job_id, shard_id=shard_id, worker_id=worker_id, message=message, data=data)
+
+
+def list_events(engine: Engine, *, job_id: int | None = None, after_id: int | None = None,
+                kinds: list[str] | None = None, limit: int = 100) -> list[Event]:
+    query = select(Event).order_by(Event.id.desc()).limit(limit)
+    if job_id is not None:
+        query = query.where(Event.job_id == job_id)
+    if after_id is not None:
+        query = query.where(Event.id > after_id)
+    if kinds:
+        query = query.where(Event.kind.in_(kinds))
+    with read_tx(engine) as s:
+        return list(s.scalars(query))
+
+
+def save_hardware_profile(engine: Engine, data: dict, *, hostname: str | None = None) -> int:
+    with write_tx(engine) as s:
+        profile = HardwareProfile(hostname=hostname or socket.gethostname(), data=data, created_at=utcnow())
+        s.add(profile)
+        s.flush()
+        return profile.id
+
+
+def latest_hardware_profile(engine: Engine, *, hostname: str | None = None) -> HardwareProfile | None:
+    with read_tx(engine) as s:
+        return s.scalars(select(HardwareProfile).where(HardwareProfile.hostname == (hostname or socket.gethostname()))
+                         .order_by(HardwareProfile.id.desc()).limit(1)).first()
+

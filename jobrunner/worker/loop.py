@@ -1,0 +1,379 @@
+"""`flexjob work`: the long-running worker loop.
+
+    claim a shard ─▶ check input and model fingerprints ─▶ engine for (model, dtype)
+        ─▶ heartbeat thread renews the lease ─▶ run_shard (worker_blocks) ─▶ next claim
+
+SIGTERM/SIGINT set a flag that the engine polls at every step boundary (should_stop): the worker
+saves the generated ids of the rows in flight, releases its lease and exits. A lost lease (the
+heartbeat found the shard taken over) or a cancel stops the shard the same way, minus the save.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from sqlalchemy import Engine as DbEngine
+
+from engine.planning.hardware import HardwareProfile
+from engine.runtime.policy import Policy
+from jobrunner import store
+from jobrunner.io.enqueue import JobParams, model_fingerprint
+from jobrunner.errors import UserError
+from jobrunner.store.models import Job, JobStatus
+from jobrunner.io.inputs import fingerprint_file
+from jobrunner.store import Lease, LeaseLost
+from jobrunner.worker.blocks import ShardContext, generation_params, run_shard
+
+
+SHARD_RETRY_AFTER_S = 5.0  # a shard whose run crashed is claimable again after this
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerConfig:
+    policy: Policy | None = None       # None: planned from `hardware` if given, else Policy()
+    hardware: HardwareProfile | None = None
+    gpu_mem_gib: float | None = None
+    cpu_mem_gib: float | None = None
+    offload_dir: Path = Path(".flexjob")
+    exit_when_idle: bool = False
+    max_jobs: int | None = None
+    lease_s: float = 60.0
+    heartbeat_s: float | None = None   # default: a quarter of the lease
+    progress_every: int = 16           # decode steps between KV-free progress saves
+    idle_poll_s: float = 2.0
+    device_lock: str | None = None     # e.g. "cuda-GPU-<uuid>": one worker per GPU
+    throttle_gbps: dict[str, float] | None = None  # cap engine links (tests and benchmarks of re-planning)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerSummary:
+    shards_done: int
+    rows_done: int
+    tokens: int
+    stopped_by: str  # "idle" | "signal" | "max-jobs"
+
+
+class PlainReporter:
+    """Log lines on stderr (when not on a terminal, e.g. under systemd or in CI)."""
+
+    def __init__(self, stream=None) -> None:
+        self.stream = stream or sys.stderr
+        self.rows = self.tokens = 0
+
+    def message(self, text: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", file=self.stream, flush=True)
+
+    def shard_started(self, *, job: Job, lease: Lease, rows: int, already_done: int, resumed_tokens: int) -> None:
+        resumed = f", resuming {resumed_tokens} saved tokens" if resumed_tokens else ""
+        took = " (took over an expired lease)" if lease.took_over else ""
+        self.message(f"job {job.id} shard {lease.shard_index} attempt {lease.attempt}: {rows} rows to do"
+                     f"{resumed}{took}")
+
+    def step(self, *, new_tokens: int) -> None:
+        self.tokens += new_tokens
+
+    def block_committed(self, *, rows: int, failed: int, tokens: int, seconds: float) -> None:
+        self.rows += rows
+        rate = f", {tokens / seconds:.1f} tokens/s" if seconds > 0 else ""
+        self.message(f"committed {rows} rows ({failed} errors), {tokens} tokens in {seconds:.2f}s{rate}")
+
+    def close(self) -> None:
+        pass
+
+
+class DeviceLock:
+    """An exclusive flock per device: a second worker on the same GPU is refused."""
+
+    def __init__(self, name: str, lock_dir: Path | None = None) -> None:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        self.path = (lock_dir or Path(tempfile.gettempdir())) / f"flexjob-worker-{safe}.lock"
+        self.name = name
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(f"another flexjob worker (pid {holder}) is using {self.name}",
+                            f"run one worker per GPU; the lock is {self.path}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@contextmanager
+def _exclusive(path: Path):
+    """A blocking exclusive flock held for the duration of the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews a lease every heartbeat; notices a cancel or a takeover and raises a flag."""
+
+    def __init__(self, db: DbEngine, lease: Lease, *, lease_s: float, interval_s: float) -> None:
+        super().__init__(name="flexjob-heartbeat", daemon=True)
+        self.db, self.lease, self.lease_s, self.interval_s = db, lease, lease_s, interval_s
+        self.lost = threading.Event()
+        self.cancelled = threading.Event()
+        self._halt = threading.Event()
+        self._valid_until = time.monotonic() + lease_s
+
+    def run(self) -> None:
+        while not self._halt.wait(self.interval_s):
+            try:
+                status = store.heartbeat(self.db, self.lease, lease_s=self.lease_s)
+                self._valid_until = time.monotonic() + self.lease_s
+                if status in (JobStatus.CANCELLING, JobStatus.CANCELLED):
+                    self.cancelled.set()
+            except LeaseLost:
+                self.lost.set()
+                return
+            except Exception:  # noqa: BLE001 - the database is unreachable: keep trying until the lease runs out
+                if time.monotonic() > self._valid_until:
+                    self.lost.set()
+                    return
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=10)
+
+
+class Worker:
+    def __init__(self, db: DbEngine, config: WorkerConfig, *, reporter=None,
+                 replanner: Callable[[object], Policy | None] | None = None) -> None:
+        self.db, self.config = db, config
+        self.reporter = reporter or PlainReporter()
+        # Called at block boundaries with the engine; a Policy (or a ReplanDecision) means re-plan.
+        self.replanner = replanner
+        self.stop_signal: int | None = None
+        self._wake = threading.Event()
+        self._engine = None
+        self._engine_key: tuple[str, str] | None = None
+        self._model_fingerprints: dict[str, str] = {}
+        self.worker_id: str | None = None
+
+    # -- signals --------------------------------------------------------------------------
+    def _on_signal(self, signum, _frame) -> None:
+        if self.stop_signal is not None:  # a second signal: stop waiting politely
+            raise KeyboardInterrupt
+        self.stop_signal = signum
+        self._wake.set()
+        self.reporter.message(f"{signal.Signals(signum).name}: saving progress and releasing the lease")
+
+    def _install_signals(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self) -> WorkerSummary:
+        lock = DeviceLock(self.config.device_lock) if self.config.device_lock else None
+        if lock:
+            lock.acquire()
+        previous = self._install_signals()
+        self.worker_id = store.register_worker(self.db, device=self._device_name(),
+                                               policy=self.config.policy.to_dict() if self.config.policy else None)
+        jobs_seen: set[int] = set()
+        shards = rows = tokens = 0
+        stopped_by = "idle"
+        try:
+            while self.stop_signal is None:
+                lease = store.claim_shard(self.db, self.worker_id, lease_s=self.config.lease_s)
+                if lease is None:
+                    if self.config.exit_when_idle:
+                        break
+                    store.worker_seen(self.db, self.worker_id)  # idle, not dead: keep the heartbeat fresh
+                    self._wake.wait(self.config.idle_poll_s)
+                    continue
+                if self.config.max_jobs is not None and lease.job_id not in jobs_seen \
+                        and len(jobs_seen) >= self.config.max_jobs:
+                    store.release_shard(self.db, lease, reason="worker reached --max-jobs")
+                    stopped_by = "max-jobs"
+                    break
+                jobs_seen.add(lease.job_id)
+                before = (self.reporter.rows, self.reporter.tokens)
+                if self._work_on(lease) == "done":
+                    shards += 1
+                rows += self.reporter.rows - before[0]
+                tokens += self.reporter.tokens - before[1]
+            if self.stop_signal is not None:
+                stopped_by = "signal"
+        finally:
+            store.stop_worker(self.db, self.worker_id, reason=stopped_by)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if self._engine is not None:
+                self._engine.close()
+            if lock:
+                lock.release()
+            self.reporter.close()
+        return WorkerSummary(shards_done=shards, rows_done=rows, tokens=tokens, stopped_by=stopped_by)
+
+    def _device_name(self) -> str:
+        import torch
+        return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+
+    def _work_on(self, lease: Lease) -> str:
+        job = store.get_job(self.db, lease.job_id)
+        problem = self._changed_since_enqueue(job)
+        if problem:
+            self.reporter.message(f"job {job.id} failed: {problem}")
+            store.fail_job_for_lease(self.db, lease, problem)
+            return "failed"
+        params = JobParams.from_dict(job.params)
+        try:
+            engine = self._engine_for(job, params)
+        except BaseException:
+            store.release_shard(self.db, lease, reason="worker could not load the model")
+            raise
+        keeper = LeaseKeeper(self.db, lease, lease_s=self.config.lease_s,
+                             interval_s=self.config.heartbeat_s or self.config.lease_s / 4)
+        keeper.start()
+        should_stop = lambda: (self.stop_signal is not None or keeper.lost.is_set()  # noqa: E731
+                               or keeper.cancelled.is_set())
+        ctx = ShardContext(db=self.db, job=job, lease=lease, engine=engine, params=params,
+                           gen_params=generation_params(params, engine.tokenizer, engine.config.eos_token_id),
+                           progress_every=self.config.progress_every, should_stop=should_stop,
+                           reporter=self.reporter, id_type=self._id_type(job),
+                           between_blocks=lambda: self._maybe_replan(engine, lease))
+        try:
+            outcome = run_shard(ctx)
+        except LeaseLost as exc:
+            self.reporter.message(f"lease lost: {exc}")
+            return "lost"
+        except UserError as exc:  # the input no longer matches the job (e.g. rows missing)
+            self.reporter.message(f"job {job.id} failed: {exc}")
+            self._fail_quietly(lease, str(exc))
+            return "failed"
+        except Exception as exc:  # noqa: BLE001 - a bug or a broken host: retry later, elsewhere
+            traceback.print_exc(file=sys.stderr)
+            self.reporter.message(f"shard {lease.shard_index} of job {job.id} crashed: {type(exc).__name__}: {exc}")
+            self._release_quietly(lease, reason="crashed", error=f"{type(exc).__name__}: {exc}",
+                                  retry_after_s=SHARD_RETRY_AFTER_S)
+            return "failed"
+        finally:
+            keeper.stop()
+        if outcome == "done":
+            return "done"
+        if keeper.lost.is_set():
+            self.reporter.message(f"lease on shard {lease.shard_index} of job {job.id} was taken over; dropping it")
+            return "lost"
+        if keeper.cancelled.is_set():
+            self._release_quietly(lease, reason="job cancelled")
+            self.reporter.message(f"job {job.id} was cancelled; released shard {lease.shard_index}")
+            return "cancelled"
+        try:
+            store.save_progress(self.db, lease, dict(ctx.progress), decode_step=-1)
+        except LeaseLost:
+            return "lost"
+        self._release_quietly(lease, reason="worker stopped by signal")
+        saved = sum(len(p.ids) for p in ctx.progress.values())
+        self.reporter.message(f"saved {saved} generated tokens of {len(ctx.progress)} rows; lease released")
+        return "stopped"
+
+    def _fail_quietly(self, lease: Lease, error: str) -> None:
+        try:
+            store.fail_job_for_lease(self.db, lease, error)
+        except LeaseLost:
+            pass
+
+    def _release_quietly(self, lease: Lease, **kwargs) -> None:
+        try:
+            store.release_shard(self.db, lease, **kwargs)
+        except LeaseLost:
+            pass
+
+    def _changed_since_enqueue(self, job: Job) -> str | None:
+        path = Path(job.input_path)
+        if not path.is_file():
+            return f"input file {path} no longer exists"
+        stat = path.stat()
+        if (stat.st_size, stat.st_mtime_ns) != (job.input_size, job.input_mtime_ns):
+            if fingerprint_file(path) != job.input_fingerprint:
+                return (f"input file {path} changed after enqueue (its content no longer matches); "
+                        f"restore it and run `flexjob retry {job.id}`, or enqueue the new file")
+        if not Path(job.model_dir).is_dir():
+            return f"model directory {job.model_dir} no longer exists"
+        if job.model_dir not in self._model_fingerprints:
+            self._model_fingerprints[job.model_dir] = model_fingerprint(job.model_dir)
+        if self._model_fingerprints[job.model_dir] != job.model_fingerprint:
+            return f"model directory {job.model_dir} changed after enqueue"
+        return None
+
+    def _engine_for(self, job: Job, params: JobParams):
+        from engine.runtime.engine import Engine
+
+        key = (job.model_dir, params.dtype)
+        if self._engine_key != key:
+            if self._engine is not None:
+                self._engine.close()
+                self._engine = None
+            policy = self._policy_for(job, params)
+            self.reporter.message(f"loading {job.model_dir} ({params.dtype}, policy {policy.describe()})")
+            # Workers sharing a disk directory would convert the checkpoint into the same weight
+            # store files at once; one at a time, the second finds the store complete.
+            with _exclusive(Path(self.config.offload_dir) / "flexjob-engine-load.lock"):
+                self._engine = Engine(job.model_dir, policy, dtype=params.dtype,
+                                      offload_dir=self.config.offload_dir, gpu_mem_gib=self.config.gpu_mem_gib,
+                                      cpu_mem_gib=self.config.cpu_mem_gib, throttle_gbps=self.config.throttle_gbps)
+            self._engine_key = key
+            store.worker_seen(self.db, self.worker_id, policy=policy.to_dict())
+        return self._engine
+
+    def _policy_for(self, job: Job, params: JobParams) -> Policy:
+        if self.config.policy is not None:
+            return self.config.policy
+        if self.config.hardware is None:
+            return Policy()
+        from engine.model.config import load_config
+        from jobrunner.worker.replan import planned_policy
+
+        return planned_policy(load_config(job.model_dir), self.config.hardware, gpu_mem_gib=self.config.gpu_mem_gib,
+                              cpu_mem_gib=self.config.cpu_mem_gib, gen_len=params.max_new_tokens)
+
+    def _id_type(self, job: Job) -> pa.DataType | None:
+        if job.id_column is None:
+            return None
+        return pq.ParquetFile(job.input_path).schema_arrow.field(job.id_column).type
+
+    def _maybe_replan(self, engine, lease: Lease) -> None:
+        if self.replanner is None:
+            return
+        proposal = self.replanner(engine)
+        new_policy = getattr(proposal, "new_policy", proposal)
+        if new_policy is None or new_policy == engine.policy:
+            return
+        old = engine.policy
+        engine.set_policy(new_policy)
+        store.worker_seen(self.db, self.worker_id, policy=new_policy.to_dict())
+        data = proposal.to_event() if hasattr(proposal, "to_event") else {}
+        store.record_event(self.db, "replan", job_id=lease.job_id, shard_id=lease.shard_id,
+                           worker_id=self.worker_id, message=f"{old.describe()} -> {new_policy.describe()}",
+                           data={"old_policy": old.to_dict(), "new_policy": new_policy.to_dict()} | data)
+        self.reporter.message(f"re-planned: {old.describe()} -> {new_policy.describe()}")

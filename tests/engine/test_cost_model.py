@@ -1,0 +1,194 @@
+"""The cost model: units, compression, overlap, CPU-only folding, and float/numpy agreement."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.planning.cost_model import (GIB, Placement, Shape, block_time, compression_factor, estimate,
+                               head_weight_bytes, layer_weight_bytes, peak_bytes, phase_terms,
+                               traffic_per_token)
+from engine.planning.hardware import HardwareProfile, t4_flexgen
+from engine.model.config import preset
+from engine.runtime.policy import CompressionConfig, Policy
+
+CPU_HOST = HardwareProfile(disk_read_gbps=1.1, disk_write_gbps=1.3, cpu_mem_gbps=18.0,
+                           matmul_flops={"cpu": {"bfloat16": 4e11, "float32": 1.4e11}},
+                           cpu_attention_gbps=10.0, dequant_gbps=5.0, cpu_mem_gib=23, disk_free_gib=100)
+
+
+def test_compression_factor_is_bits_over_16_plus_two_bytes_per_group_value():
+    # 4 bit + an fp16 min and scale per 64 elements, against 2 bytes per element.
+    assert compression_factor(CompressionConfig()) == pytest.approx(0.25 + 4 / 64 / 2)
+    assert compression_factor(CompressionConfig(num_bits=8, group_size=32)) == pytest.approx(0.5 + 2 / 32)
+
+
+def stored_fp16_bytes(cfg) -> int:
+    """What the engine's weight store holds (fp16), from its own tensor list."""
+    import math
+
+    from engine.model.checkpoint import layer_names, layer_tensor_specs
+    return sum(2 * math.prod(shape) for layer in layer_names(cfg) for _, shape in layer_tensor_specs(cfg, layer))
+
+
+def test_weight_bytes_add_up_to_what_the_engine_stores():
+    cfg = preset("1.3b")
+    total = cfg.num_layers * layer_weight_bytes(cfg) + head_weight_bytes(cfg)
+    # The checkpoint's parameters plus the store's own copy of the tied output head.
+    assert total == stored_fp16_bytes(cfg) == 2 * (cfg.param_count() + cfg.vocab_size * cfg.embed_dim)
+
+
+def test_all_on_disk_peak_is_the_model_plus_cache():
+    cfg = preset("1.3b")
+    pol = Policy.from_percents([0, 0, 0, 0, 0, 0], gpu_batch_size=4, num_gpu_batches=2)
+    est = estimate(cfg, CPU_HOST, pol, prompt_len=64, gen_len=16)
+    cache = cfg.num_layers * 8 * (64 + 16) * 2 * cfg.hidden_size * 2
+    act = 8 * 64 * cfg.hidden_size * 2
+    assert est.peak_gib["disk"] * GIB == pytest.approx(stored_fp16_bytes(cfg) + cache + act)
+    assert est.bottleneck == "disk"
+
+
+def _both(size: str, first: list, second: list, *, prompt_len: int, gen_len: int, gpu_batch_size: int = 8):
+    """Estimates of two percent settings of the same shape on the CPU host."""
+    cfg = preset(size)
+    return [estimate(cfg, CPU_HOST, Policy.from_percents(pct, gpu_batch_size=gpu_batch_size),
+                     prompt_len=prompt_len, gen_len=gen_len) for pct in (first, second)]
+
+
+def test_cpu_host_folds_gpu_share_into_ram_and_links_cost_nothing():
+    a, b = _both("350m", [100, 0, 100, 0, 100, 0], [0, 100, 0, 100, 0, 100], prompt_len=32, gen_len=8)
+    assert a.tokens_per_s == pytest.approx(b.tokens_per_s)
+    assert a.peak_gib == pytest.approx(b.peak_gib)
+    assert a.peak_gib["gpu"] == 0 and a.decode_terms_s["cpu_to_gpu"] == 0 and a.decode_terms_s["disk"] == 0
+
+
+def test_overlap_is_max_and_no_overlap_is_sum():
+    cfg = preset("1.3b")
+    pol = Policy.from_percents([0, 50, 0, 100, 0, 100], gpu_batch_size=8, num_gpu_batches=4)
+    over = estimate(cfg, CPU_HOST, pol, prompt_len=128, gen_len=8)
+    serial = estimate(cfg, CPU_HOST, pol.replace(overlap=False), prompt_len=128, gen_len=8)
+    sh = Shape.from_policy(pol, prompt_len=128, gen_len=8)
+    layer = phase_terms(cfg, CPU_HOST, sh, Placement.from_policy(pol), decode=True)[0][1]
+    assert serial.decode_step_s > over.decode_step_s
+    n_layers = cfg.num_layers
+    assert over.decode_step_s >= n_layers * max(layer.values())
+    assert serial.decode_step_s >= n_layers * sum(layer.values())
+
+
+def test_compression_cuts_disk_traffic_by_its_factor():
+    cfg = preset("6.7b")
+    pol = Policy.from_percents([0, 0, 0, 100, 0, 100], gpu_batch_size=4)
+    plain = traffic_per_token(cfg, CPU_HOST, pol, prompt_len=32, gen_len=8)["disk_read"]
+    packed = traffic_per_token(cfg, CPU_HOST, pol.replace(compress_weight=True), prompt_len=32, gen_len=8)["disk_read"]
+    assert packed / plain == pytest.approx(compression_factor(CompressionConfig()))
+
+
+def test_more_on_disk_is_slower_and_uses_less_ram():
+    a, b = _both("1.3b", [0, 100, 0, 100, 0, 100], [0, 40, 0, 100, 0, 100], prompt_len=64, gen_len=16)
+    assert b.tokens_per_s < a.tokens_per_s and b.peak_gib["cpu"] < a.peak_gib["cpu"]
+
+
+def test_cpu_attention_removes_cache_traffic_to_the_gpu():
+    cfg = preset("30b")
+    hw = t4_flexgen()
+    pol = Policy.from_percents([100, 0, 0, 100, 100, 0], gpu_batch_size=32, num_gpu_batches=2)
+    moved = estimate(cfg, hw, pol, prompt_len=256, gen_len=16)
+    delegated = estimate(cfg, hw, pol.replace(cpu_cache_compute=True), prompt_len=256, gen_len=16)
+    assert delegated.decode_terms_s["cpu_to_gpu"] < moved.decode_terms_s["cpu_to_gpu"] / 100
+    assert delegated.decode_terms_s["compute"] > moved.decode_terms_s["compute"]
+
+
+def test_numpy_and_float_evaluations_agree():
+    cfg, hw = preset("13b"), t4_flexgen()
+    sh = Shape(gpu_batch_size=8, num_gpu_batches=3, prompt_len=128, gen_len=16, cpu_cache_compute=True)
+    rng = np.random.default_rng(1)
+    raw = rng.dirichlet([1, 1, 1], size=(3, 5))  # 3 kinds x 5 samples x (g, c, d)
+    xs = Placement(wg=raw[0, :, 0], wc=raw[0, :, 1], wd=raw[0, :, 2], cg=raw[1, :, 0], cc=raw[1, :, 1],
+                   cd=raw[1, :, 2], hg=raw[2, :, 0], hc=raw[2, :, 1], hd=raw[2, :, 2])
+    vec_t = block_time(cfg, hw, sh, xs)
+    vec_p = peak_bytes(cfg, hw, sh, xs)
+    for i in range(5):
+        xi = Placement(**{k: float(getattr(xs, k)[i]) for k in ("wg", "wc", "wd", "cg", "cc", "cd", "hg", "hc", "hd")})
+        assert float(block_time(cfg, hw, sh, xi)) == pytest.approx(vec_t[i])
+        for tier, v in peak_bytes(cfg, hw, sh, xi).items():
+            assert float(v) == pytest.approx(np.asarray(vec_p[tier])[i])
+
+
+def test_profile_json_round_trip(tmp_path):
+    hw = t4_flexgen()
+    path = hw.save(tmp_path / "t4.json")
+    assert HardwareProfile.load(path) == hw
+    assert hw.with_links({"disk_read": 0.1}).disk_read_gbps == 0.1
+
+
+def test_measured_linear_table_interpolates_and_drives_the_compute_term():
+    table = {"1": 1e-10, "32": 2e-10, "2048": 4e-9}
+    hw = HardwareProfile(cpu_mem_gbps=20, matmul_flops={"cpu": {"bfloat16": 1e12}}, linear_s_per_byte=table)
+    assert hw.linear_seconds(1, 1e6) == pytest.approx(1e-4)
+    assert hw.linear_seconds(0.5, 1e6) == pytest.approx(1e-4)  # below the table: its first row
+    assert hw.linear_seconds(32, 1e6) == pytest.approx(2e-4)
+    # Between rows: linear in log(rows) (sqrt(32 * 2048) = 256 is the geometric midpoint).
+    assert hw.linear_seconds(256, 1e6) == pytest.approx((2e-10 + 4e-9) / 2 * 1e6)
+    assert hw.linear_seconds(4096, 1e6) == pytest.approx(8e-3)  # beyond: compute-bound, grows with rows
+    assert HardwareProfile().linear_seconds(32, 1e6) is None
+
+    # The decode compute of an all-RAM layer is num_gpu_batches calls at gpu_batch_size rows over
+    # the layer's weights (plus fixed op costs and attention), and the roofline no longer applies.
+    cfg, policy = preset("1.3b"), Policy.from_percents([0, 100, 0, 100, 0, 100], gpu_batch_size=32,
+                                                       num_gpu_batches=2)
+    sh, x = Shape.from_policy(policy, prompt_len=128, gen_len=8), Placement.from_policy(policy)
+    slow = hw.replace(linear_s_per_byte={k: 2 * v for k, v in table.items()})
+    (_, fast_layer), _ = phase_terms(cfg, hw, sh, x, decode=True)
+    (_, slow_layer), _ = phase_terms(cfg, slow, sh, x, decode=True)
+    weights = 2 * cfg.layer_param_count()  # bf16 bytes
+    assert slow_layer["compute"] - fast_layer["compute"] == pytest.approx(2 * weights * 2e-10)
+
+
+def test_compute_scale_multiplies_layer_compute_and_cpu_conversion_does_not_overlap():
+    cfg = preset("1.3b")
+    hw = HardwareProfile(cpu_mem_gbps=20, disk_read_gbps=2, convert_gbps=4, compute_dtype="bfloat16",
+                         matmul_flops={"cpu": {"bfloat16": 1e12}})
+    ram = Policy.from_percents([0, 100, 0, 100, 0, 100], gpu_batch_size=32)
+    sh, x = Shape.from_policy(ram, prompt_len=128, gen_len=8), Placement.from_policy(ram)
+    for decode, phase in ((False, "prefill"), (True, "decode")):
+        base = phase_terms(cfg, hw, sh, x, decode=decode)[0][1]["compute"]
+        scaled = phase_terms(cfg, hw.replace(compute_scale={phase: 1.5}), sh, x, decode=decode)[0][1]["compute"]
+        assert scaled == pytest.approx(1.5 * base)
+    # Weights streamed from disk are converted fp16 -> bf16 by the same two cores that compute: on a
+    # CPU-only host that time is compute, not hidden under the disk read.
+    disk = Policy.from_percents([0, 0, 0, 100, 0, 100], gpu_batch_size=32)
+    sh, x = Shape.from_policy(disk, prompt_len=128, gen_len=8), Placement.from_policy(disk)
+    layer = phase_terms(cfg, hw, sh, x, decode=True)[0][1]
+    no_convert = phase_terms(cfg, hw.replace(convert_gbps=0.0), sh, x, decode=True)[0][1]
+    assert layer["disk"] == pytest.approx(no_convert["disk"])
+    assert layer["compute"] - no_convert["compute"] == pytest.approx(2 * cfg.layer_param_count() / 4e9)
+
+
+def test_io_interference_charges_compute_for_disk_time_only_without_a_gpu():
+    cfg = preset("1.3b")
+    hw = HardwareProfile(cpu_mem_gbps=20, disk_read_gbps=2, convert_gbps=4, compute_dtype="bfloat16",
+                         matmul_flops={"cpu": {"bfloat16": 1e12}})
+    # 5 % in RAM: more than the lookup tables and decoder layers on disk, so the head streams too.
+    pol = Policy.from_percents([0, 5, 0, 0, 0, 100], gpu_batch_size=32)
+    sh, x = Shape.from_policy(pol, prompt_len=128, gen_len=8), Placement.from_policy(pol, cfg.num_heads)
+    for decode in (False, True):
+        base = phase_terms(cfg, hw, sh, x, decode=decode)
+        slowed = phase_terms(cfg, hw.replace(io_compute_interference=0.25), sh, x, decode=decode)
+        for (_, b), (_, s) in zip(base, slowed):  # the decoder layer and the head
+            assert s["disk"] == pytest.approx(b["disk"]) and b["disk"] > 0
+            assert s["compute"] - b["compute"] == pytest.approx(0.25 * b["disk"])
+    # With a GPU the cores that run the I/O thread are not the ones that compute.
+    gpu = hw.replace(gpu_name="x", cpu_to_gpu_gbps=10, gpu_to_cpu_gbps=10, gpu_mem_gbps=500,
+                     matmul_flops={"cuda": {"bfloat16": 1e14}, "cpu": {"bfloat16": 1e12}})
+    base = phase_terms(cfg, gpu, sh, x, decode=True)[0][1]
+    assert phase_terms(cfg, gpu.replace(io_compute_interference=0.25), sh, x, decode=True)[0][1] == base
+
+
+def test_scale_for_interpolates_between_timed_row_counts():
+    hw = HardwareProfile(compute_scale={"prefill": 0.9, "decode": 0.5, "decode:1": 2.0, "decode:64": 0.5},
+                         model_compute_scale={"mine": {"prefill": 1.2, "head:8": 3.0}})
+    assert hw.scale_for("other", "decode", 1) == 2.0 and hw.scale_for("other", "decode", 64) == 0.5
+    assert hw.scale_for("other", "decode", 8) == pytest.approx(2.0 - 0.5 * 1.5)  # half way in log rows
+    assert hw.scale_for("other", "decode", 256) == 0.5 and hw.scale_for("other", "prefill", 99) == 0.9
+    assert hw.scale_for("other", "head", 8) == 1.0  # never timed: the kernels' sum as is
+    assert hw.scale_for("mine", "prefill", 8) == 1.2 and hw.scale_for("mine", "head", 2) == 3.0
+    assert hw.scale_for("mine", "decode", 8) == 1.0  # a model's own entry replaces the generic one whole

@@ -1,0 +1,62 @@
+"""A cache slot is split by (row, head) pairs, the same way in every slot, and keeps every byte."""
+import pytest
+import torch
+
+from engine.runtime.compression import dequantize, quantize
+from engine.runtime.kv_cache import CacheSlot
+from engine.runtime.placement import cache_pair_split
+from engine.runtime.policy import CompressionConfig
+from engine.runtime.tiers import DiskTier, Tier, TransferStats
+
+
+@pytest.mark.parametrize("pairs,gpu,cpu", [(36, 25, 25), (32, 0, 36.4), (2, 30, 30), (12, 100, 0),
+                                           (12, 0, 0), (96, 33.3, 33.3)])
+def test_pair_split_never_exceeds_the_memory_percents(pairs, gpu, cpu):
+    g, c, d = cache_pair_split(pairs, gpu, cpu)
+    assert g + c + d == pairs and min(g, c, d) >= 0
+    assert g <= pairs * gpu / 100 + 1e-9 and g + c <= pairs * (gpu + cpu) / 100 + 1e-9
+    assert g + c > pairs * (gpu + cpu) / 100 - 1  # at most one pair more on disk than asked
+
+
+@pytest.mark.parametrize("compression", [None, CompressionConfig(num_bits=4, group_size=8)])
+def test_parts_hold_their_pairs_on_their_tiers(tmp_path, compression):
+    rows, heads, head_dim, max_len = 3, 4, 8, 6
+    disk = DiskTier(tmp_path, TransferStats())
+    slot = CacheSlot(rows, max_len, heads, head_dim, 25, 25, torch.float32, torch.device("cpu"), disk,
+                     tmp_path / "kv-0-0.bin", compression=compression)
+    assert [(p.tier, p.count) for p in slot.parts] == [(Tier.GPU, 3), (Tier.CPU, 3), (Tier.DISK, 6)]
+    torch.manual_seed(0)
+    written = torch.randn(5, 2, rows * heads, head_dim)
+    for chunk in (written[:4], written[4:]):  # a prefill of 4 positions, then one decode step
+        for part in slot.parts:
+            part.append(chunk[:, :, part.pairs])
+    back = torch.cat([part.read() for part in slot.parts], dim=2)
+    if compression is None:
+        assert torch.equal(back, written)
+        on_disk = sum(f.stat().st_size for f in tmp_path.iterdir())
+        assert on_disk == 5 * 2 * 6 * head_dim * 4  # the disk part's pairs, nothing else
+    else:  # the same as quantising the whole slot at once: groups never straddle a pair
+        whole = dequantize(quantize(written, num_bits=4, group_size=8), torch.float32)
+        assert torch.equal(back, whole)
+    slot.close()
+    assert not list(tmp_path.iterdir())
+
+
+def test_disk_part_reads_into_the_callers_kept_buffer_with_room(tmp_path):
+    disk = DiskTier(tmp_path, TransferStats())
+    slot = CacheSlot(2, 8, 2, 16, 0, 0, torch.float32, torch.device("cpu"), disk, tmp_path / "kv.bin")
+    (part,) = slot.parts
+    buffers: dict = {}
+    seen, ptr = [], None
+    for step in range(3):
+        new = torch.randn(1, 2, 4, 16)
+        part.append(new)
+        back = part.read(buffers=buffers)
+        seen.append(new)
+        # The positions read, plus one row of room for the caller's next position, in place.
+        assert torch.equal(back[:step + 1], torch.cat(seen)) and back.shape[0] == step + 2
+        assert back.data_ptr() == buffers[0].data_ptr()
+        if ptr is not None:
+            assert buffers[0].data_ptr() == ptr  # the same buffer, sized for the whole slot once
+        ptr = buffers[0].data_ptr()
+    slot.close()

@@ -1,0 +1,98 @@
+"""`flexjob results`: input order, every row once, --partial, and damaged parts named and repaired."""
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobrunner import store
+from jobrunner.store.db import open_store
+from jobrunner.io.enqueue import JobParams, enqueue
+from jobrunner.errors import UserError
+from jobrunner.store.models import JobStatus
+from jobrunner.io.results import retry, write_results
+from tests.support.jobs import SAMPLE_PROMPTS, read_results
+
+
+@pytest.fixture
+def finished_job(tmp_path, tiny_model, prompts_file, run_worker):
+    db = open_store(f"sqlite:///{tmp_path / 'f.db'}")
+    job = enqueue(db, prompts_file, model_dir=tiny_model, id_column="id", shard_rows=5,
+                  params=JobParams(max_new_tokens=3)).job
+    run_worker(db, block=2)
+    return db, store.get_job(db, job.id)
+
+
+def test_parts_merge_in_input_order_with_every_row_once(tmp_path, finished_job):
+    db, job = finished_job
+    parts = store.job_parts(db, job.id)
+    assert len(parts) == 7  # 3 shards of 5/5/2 rows, blocks of 2 rows
+    summary = write_results(db, job.id, tmp_path / "out.parquet")
+    assert summary.rows == len(SAMPLE_PROMPTS) and summary.missing_rows == 0
+    assert summary.finish_reasons == {"length": len(SAMPLE_PROMPTS)}
+    table = pq.read_table(tmp_path / "out.parquet")
+    assert table.column("row").to_pylist() == list(range(len(SAMPLE_PROMPTS)))
+    assert table.schema.names == ["row", "id", "prompt", "completion", "completion_tokens", "prompt_tokens",
+                                  "finish_reason", "error", "attempt", "block_seconds", "finished_at"]
+
+
+def test_a_missing_part_is_named_and_retry_regenerates_exactly_its_rows(tmp_path, finished_job, run_worker):
+    db, job = finished_job
+    before = read_results(write_results(db, job.id, tmp_path / "before.parquet").path)
+    part = store.job_parts(db, job.id)[3]
+    path = tmp_path / "flexjob-results" / f"job-{job.id}" / part.path
+    path.unlink()
+    with pytest.raises(UserError) as err:
+        write_results(db, job.id, tmp_path / "out.parquet")
+    assert str(err.value) == f"job {job.id}: result part {path} is missing"
+    assert f"flexjob retry {job.id}" in err.value.hint
+    report = retry(db, job.id)
+    assert report.lines[0] == f"result part {path} is missing"
+    assert f"{part.num_rows} rows of 1 damaged parts will be generated again" in report.lines
+    assert store.get_job(db, job.id).status == JobStatus.QUEUED
+    summary = run_worker(db, block=2)
+    assert summary.rows_done == part.num_rows
+    assert read_results(write_results(db, job.id, tmp_path / "after.parquet").path) == before
+
+
+def test_a_corrupt_part_is_named(tmp_path, finished_job):
+    db, job = finished_job
+    part = store.job_parts(db, job.id)[0]
+    path = tmp_path / "flexjob-results" / f"job-{job.id}" / part.path
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=rf"^job {job.id}: result part {path} is corrupt \(checksum mismatch\)$"):
+        write_results(db, job.id, tmp_path / "out.parquet")
+    path.write_bytes(b"short")
+    with pytest.raises(UserError, match=r"is corrupt \(size 5, expected \d+\)"):
+        write_results(db, job.id, tmp_path / "out.parquet")
+
+
+def test_an_incomplete_job_is_refused_unless_partial(tmp_path, tiny_model, prompts_file, run_worker):
+    db = open_store(f"sqlite:///{tmp_path / 'f.db'}")
+    job = enqueue(db, prompts_file, model_dir=tiny_model, shard_rows=5, params=JobParams(max_new_tokens=2)).job
+    worker = store.register_worker(db, device="cpu")
+    held = store.claim_shard(db, worker, lease_s=600)  # shard 0 stays unfinished
+    run_worker(db, block=4)
+    with pytest.raises(UserError, match=rf"^job {job.id} is running with 7 of 12 rows done$"):
+        write_results(db, job.id, tmp_path / "out.parquet")
+    summary = write_results(db, job.id, tmp_path / "out.parquet", partial=True)
+    assert (summary.rows, summary.missing_rows) == (7, 5)
+    assert pq.read_table(tmp_path / "out.parquet").column("row").to_pylist() == list(range(5, 12))
+    assert held.row_end == 5
+
+
+def test_retry_failed_rows_regenerates_the_blocks_with_error_rows(tmp_path, tiny_model, run_worker):
+    from tests.support.jobs import write_prompts
+
+    path = write_prompts(tmp_path / "p.parquet", ["def f():", None, "import os", "class A:"])
+    db = open_store(f"sqlite:///{tmp_path / 'f.db'}")
+    job = enqueue(db, path, model_dir=tiny_model, params=JobParams(max_new_tokens=2)).job
+    run_worker(db)
+    with pytest.raises(UserError, match="there is nothing to retry"):
+        retry(db, job.id)
+    report = retry(db, job.id, failed_rows=True)
+    assert "1 rows of 1 blocks with error rows will be generated again" in report.lines
+    run_worker(db)
+    job = store.get_job(db, job.id)
+    assert (job.status, job.done_rows, job.failed_rows) == (JobStatus.COMPLETED, 4, 1)
