@@ -9,7 +9,7 @@ import pytest
 
 from tests.support.jobs import SAMPLE_PROMPTS, write_prompts
 
-PG_SERVER_URL = os.environ.get("FLEXJOB_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+PG_SERVER_URL = os.environ.get("FLEXJOB_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 @pytest.fixture(scope="session")

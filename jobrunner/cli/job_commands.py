@@ -14,12 +14,14 @@ from jobrunner.cli import main
 from jobrunner.cli.engine_commands import build_policy, default_offload_dir, policy_options
 
 db_option = click.option("--db", default=None, envvar="FLEXJOB_DB",
-                         help="Job store: a SQLAlchemy URL or a SQLite file path. [default: sqlite:///flexjob.db]")
+                         help="Job store URL: sqlite:///path.db or postgresql://user@host/db. "
+                              "[default: sqlite:///$FLEXJOB_HOME/flexjob.db]")
 
 
-def _open(db):
+def _open(db, *, must_exist: bool = False):
+    """The store; commands that only read or change existing jobs pass must_exist (never create one)."""
     from jobrunner.store.db import open_store
-    return open_store(db)
+    return open_store(db, must_exist=must_exist)
 
 
 @main.command("enqueue")
@@ -187,7 +189,7 @@ def results_command(job_id, out_path, partial, db):
     """
     from jobrunner.io.results import write_results
 
-    summary = write_results(_open(db), job_id, out_path, partial=partial)
+    summary = write_results(_open(db, must_exist=True), job_id, out_path, partial=partial)
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary.finish_reasons.items()))
     missing = f"; {summary.missing_rows} rows not done yet" if summary.missing_rows else ""
     click.echo(f"wrote {summary.rows} rows to {summary.path} ({reasons}){missing}")
@@ -204,12 +206,12 @@ def jobs_command(statuses, limit, db):
     \b
     Example:
       flexjob jobs
-      FLEXJOB_DB=postgresql+psycopg2://app@db/jobs flexjob jobs
+      FLEXJOB_DB=postgresql://app@db/jobs flexjob jobs
     """
     from jobrunner import store
     from jobrunner.store.models import JobStatus
 
-    jobs = store.list_jobs(_open(db), statuses=[JobStatus(s) for s in statuses] or None, limit=limit)
+    jobs = store.list_jobs(_open(db, must_exist=True), statuses=[JobStatus(s) for s in statuses] or None, limit=limit)
     if not jobs:
         click.echo("no jobs")
         return
@@ -232,7 +234,7 @@ def cancel_command(job_id, db):
     """
     from jobrunner import store
 
-    job = store.cancel_job(_open(db), job_id)
+    job = store.cancel_job(_open(db, must_exist=True), job_id)
     click.echo(f"job {job.id} is {job.status.value}")
 
 
@@ -250,7 +252,7 @@ def retry_command(job_id, failed_rows, db):
     """
     from jobrunner.io.results import retry
 
-    report = retry(_open(db), job_id, failed_rows=failed_rows)
+    report = retry(_open(db, must_exist=True), job_id, failed_rows=failed_rows)
     for line in report.lines:
         click.echo(line)
 

@@ -1,7 +1,10 @@
 """Opening the job store: URL resolution, SQLite durability settings, migrations to head.
 
-The default is `sqlite:///flexjob.db` in the current directory; `--db` / `FLEXJOB_DB` take any
-SQLAlchemy URL (PostgreSQL for workers on many machines) or a plain file path (SQLite).
+The default is the SQLite file `$FLEXJOB_HOME/flexjob.db` (jobrunner.home: one per user, whatever
+the current directory); `--db` / `FLEXJOB_DB` take a URL: `sqlite:///path.db`, or
+`postgresql://user@host/db` for workers on many machines (driver: psycopg 3, the `postgres` extra).
+A value that is not a URL is refused rather than taken as a file name, so a typo never becomes a
+new, empty store. Read-only commands open with `must_exist` and never create a store.
 
 SQLite settings and why:
 - WAL: readers (`status`, `jobs`) never block the worker's commits.
@@ -22,22 +25,33 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 
 from jobrunner.errors import UserError
+from jobrunner.home import default_store_path
 
-DEFAULT_URL = "sqlite:///flexjob.db"
 ENV_VAR = "FLEXJOB_DB"
+URL_HINT = "use sqlite:////absolute/path/flexjob.db or postgresql://user@host/db"
+POSTGRES_INSTALL = "pip install 'flexjob[postgres]'"
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 # Execution option that makes a SQLite transaction take the write lock up front.
 WRITE_OPTION = "flexjob_write"
 
 
+def default_url() -> str:
+    return f"sqlite:///{default_store_path()}"
+
+
 def resolve_url(db: str | None = None) -> str:
-    """--db beats FLEXJOB_DB beats the default; a bare path means a SQLite file."""
-    url = db or os.environ.get(ENV_VAR) or DEFAULT_URL
+    """--db beats FLEXJOB_DB beats the default; `postgresql://` means the psycopg (3) driver."""
+    url = db or os.environ.get(ENV_VAR) or default_url()
     if "://" not in url:
-        url = f"sqlite:///{url}"
+        raise UserError(f"--db / {ENV_VAR} value {describe_url(url)!r} is not a database URL",
+                        f"for a SQLite file write sqlite:///{Path(url).expanduser().resolve()}; "
+                        "for a server postgresql://user@host/db")
+    scheme, rest = url.split("://", 1)
+    if scheme == "postgresql":
+        url = f"postgresql+psycopg://{rest}"
     return url
 
 
@@ -50,25 +64,45 @@ def describe_url(engine_or_url: Engine | str) -> str:
     return mask_url(str(engine_or_url))
 
 
-def open_store(db: str | None = None, *, migrate: bool = True) -> Engine:
-    """An Engine on the job store, migrated to the newest schema this code knows."""
+def open_store(db: str | None = None, *, migrate: bool = True, must_exist: bool = False) -> Engine:
+    """An Engine on the job store, migrated to the newest schema this code knows.
+
+    With `must_exist` (read-only commands) a missing SQLite file is refused instead of created."""
     url_text = resolve_url(db)
     try:
         url = make_url(url_text)
     except ArgumentError:
-        raise UserError(f"cannot parse database URL {describe_url(url_text)!r}",
-                        "use a path, sqlite:///path.db or postgresql+psycopg2://user@host/db") from None
+        raise UserError(f"cannot parse database URL {describe_url(url_text)!r}", URL_HINT) from None
     if url.get_backend_name() == "sqlite":
-        engine = _sqlite_engine(url)
+        engine = _sqlite_engine(url, must_exist=must_exist, is_default=db is None and not os.environ.get(ENV_VAR))
     else:
-        engine = create_engine(url, pool_pre_ping=True)
+        engine = _server_engine(url)
     if migrate:
         migrate_to_head(engine)
     return engine
 
 
-def _sqlite_engine(url) -> Engine:
+def _server_engine(url) -> Engine:
+    try:
+        return create_engine(url, pool_pre_ping=True)
+    except NoSuchModuleError:
+        raise UserError(f"unknown database URL scheme {url.drivername!r} in {describe_url(str(url))}",
+                        URL_HINT) from None
+    except ModuleNotFoundError as exc:
+        hint = POSTGRES_INSTALL if url.get_backend_name() == "postgresql" else f"install the {exc.name} package"
+        raise UserError(f"the database driver {exc.name!r} for {url.drivername} URLs is not installed",
+                        hint) from None
+
+
+def _sqlite_engine(url, *, must_exist: bool, is_default: bool) -> Engine:
     if url.database and url.database != ":memory:":
+        path = Path(url.database).expanduser()
+        if must_exist and not path.is_file():
+            raise UserError(f"no job store at {path}",
+                            "enqueue a job first (that creates it), or point --db / FLEXJOB_DB at the store "
+                            "the workers use")
+        if is_default:
+            path.parent.mkdir(parents=True, exist_ok=True)
         parent = Path(url.database).expanduser().resolve().parent
         if not parent.is_dir():
             raise UserError(f"cannot create database {url.database}: directory {parent} does not exist",

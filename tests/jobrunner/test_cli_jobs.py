@@ -17,7 +17,7 @@ def cli(*args, env: dict | None = None) -> tuple[int, str]:
 
 
 def test_enqueue_work_jobs_results(tmp_path, tiny_model, prompts_file, offload_dir):
-    env = {"FLEXJOB_DB": str(tmp_path / "store.db")}  # a bare path means a SQLite file
+    env = {"FLEXJOB_DB": f"sqlite:///{tmp_path / 'store.db'}"}
     code, out = cli("enqueue", prompts_file, "--model", tiny_model, "--id-column", "id", "--max-new-tokens", 3,
                     "--shard-rows", 6, "--name", "smoke", env=env)
     assert code == 0 and "enqueued job 1 (smoke): 12 rows in 2 shards" in out
@@ -51,7 +51,10 @@ def test_cancel_and_retry(tmp_path, tiny_model, prompts_file, offload_dir):
 
 
 def test_unknown_job_is_one_line(tmp_path):
-    code, out = cli("results", 42, "-o", tmp_path / "o.parquet", "--db", tmp_path / "f.db")
+    from jobrunner.store.db import open_store
+
+    open_store(f"sqlite:///{tmp_path / 'f.db'}").dispose()  # an empty store
+    code, out = cli("results", 42, "-o", tmp_path / "o.parquet", "--db", f"sqlite:///{tmp_path / 'f.db'}")
     assert code == 1 and out.splitlines()[0] == "error: no job 42"
 
 

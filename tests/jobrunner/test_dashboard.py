@@ -256,7 +256,7 @@ def test_snapshot_on_postgresql_from_another_process_with_the_password_masked(pg
     assert "hunter2" not in result.stdout + result.stderr
     snapshot = json.loads(result.stdout)
     check_schema(snapshot, ids)
-    assert snapshot["database"].startswith("postgresql+psycopg2://postgres:***@127.0.0.1:5432/test")
+    assert snapshot["database"].startswith("postgresql+psycopg://postgres:***@127.0.0.1:5432/test")
 
 
 def test_reading_never_waits_for_a_writer(populated, sqlite_url):
