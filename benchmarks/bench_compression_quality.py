@@ -1,11 +1,11 @@
 """What 4-bit group-wise compression costs in quality, on a small trained OPT.
 
 Trains (once, ~2 min, cached under tests/.cache/) a tiny OPT on the Python standard library's
-sources (tests/quality_model.py) and measures, on held-out files: perplexity with fp16 weights,
+sources (tests/support/quality_model.py) and measures, on held-out files: perplexity with fp16 weights,
 4-bit layer weights, 4-bit weights + embeddings, 4-bit KV cache, and weights + cache; and greedy
 agreement with the uncompressed model over the first new tokens of held-out prompts.
 How each variant is computed (HF OPTForCausalLM with round-tripped weights; the cache
-round-tripped after every step of a token-by-token pass) is described in tests/quality_model.py.
+round-tripped after every step of a token-by-token pass) is described in tests/support/quality_model.py.
 
     python benchmarks/bench_compression_quality.py [--bits 4 ...] [--group-size 64]
 Prints a table and writes benchmarks/results/bench_compression_quality.json.

@@ -1,4 +1,4 @@
-"""Weights on disk with and without 4-bit compression, at the same --cpu-mem (issue 3's benchmark).
+"""Weights on disk with and without 4-bit compression, at the same --cpu-mem.
 
     python benchmarks/bench_compression_speed.py --model /work/models/opt-1.3b
 

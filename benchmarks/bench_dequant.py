@@ -4,8 +4,8 @@ For every weight matrix of one opt-1.3b layer (and the whole layer): the time of
 `dequantize(q, dtype, out=buffer)` to bfloat16 and float32 (with a reused output buffer, as the
 engine should; and freshly allocated, to show what allocation costs), the time of reading the
 fp16 tensor from RAM into a bf16 compute buffer (what the uncompressed path does at least), and
-the disk time saved, computed from a disk bandwidth (default: the O_DIRECT median of
-/work/shared/MACHINE-NOTES.md, 1.1 GB/s — computed, not measured here).
+the disk time saved, computed from a disk bandwidth (default 1.1 GB/s: the O_DIRECT median of a
+2-vCPU cloud VM's disk — computed, not measured here).
 
     python benchmarks/bench_dequant.py [--size 1.3b] [--bits 4] [--group-size 64] [--repeat 15]
 Prints a table and writes benchmarks/results/bench_dequant.json.

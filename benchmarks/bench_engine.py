@@ -1,4 +1,4 @@
-"""Engine throughput vs Hugging Face, side by side in one run (issue 2's benchmark).
+"""Engine throughput vs Hugging Face, side by side in one run.
 
     python benchmarks/bench_engine.py --model /work/models/opt-1.3b            # full
     python benchmarks/bench_engine.py --model DIR --gen-len 8 --quick          # smoke

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-from engine.planning.cost_model import estimate
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.support.planner_grid
+from engine.planning.cost_model import estimate  # noqa: E402
 from engine.errors import BudgetError
 from engine.planning.hardware import HardwareProfile, t4_flexgen
 from engine.model.config import preset
@@ -18,8 +20,9 @@ from engine.planning.planner import budgets_bytes, plan, shapes, solve_lp
 from tests.support.planner_grid import grid_search
 from engine.runtime.policy import Policy
 
-# The 2-vCPU machine of MACHINE-NOTES (bf16 410 GFLOP/s, weight streaming 18 GB/s, O_DIRECT 1.1 GB/s).
-NOTES_HOST = HardwareProfile(host="machine-notes-2vcpu", source="MACHINE-NOTES.md figures",
+# A 2-vCPU AMD EPYC Zen4 with AVX512-BF16, as measured on 2026-11-26 (bf16 410 GFLOP/s, weight streaming
+# 18 GB/s, O_DIRECT reads 1.1 GB/s): a small CPU-only host with a cloud disk.
+NOTES_HOST = HardwareProfile(host="zen4-2vcpu", source="measured 2026-11-26",
                              disk_read_gbps=1.1, disk_write_gbps=1.3, cpu_mem_gbps=18.0,
                              matmul_flops={"cpu": {"bfloat16": 4.1e11, "float32": 1.38e11}},
                              cpu_attention_gbps=10.0, dequant_gbps=5.0, op_overhead_s=5e-6,

@@ -1,4 +1,4 @@
-"""Planner vs hand-written policies, measured: opt-1.3b under one CPU budget (issue 4's benchmark).
+"""Planner vs hand-written policies, measured: opt-1.3b under one CPU budget.
 
     python benchmarks/bench_planner_sweep.py --model /work/models/opt-1.3b --cpu-mem 4
 

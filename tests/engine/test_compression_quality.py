@@ -1,5 +1,5 @@
 """4-bit compression on a small trained OPT: perplexity and greedy agreement stay within measured
-bounds (tests/quality_model.py trains and caches the model; the first run trains for ~2 min).
+bounds (tests/support/quality_model.py trains and caches the model; the first run trains for ~2 min).
 
 Bounds come from benchmarks/bench_compression_quality.py on the cached model (table below), with
 a margin: training is seeded, but another Python (another stdlib to train on) or torch build gives

@@ -58,7 +58,7 @@ def test_compressed_cache_same_tokens_on_every_tier(tiny_model, tmp_path):
         outputs[name], _ = generate(tiny_model, policy, prompt_ids, tmp_path / name)
     assert outputs["ram"] == outputs["disk"] == outputs["mixed"]
     # The oracle: HF stepping through a DynamicCache whose appended K/V are round-tripped along
-    # head_dim after each step (tests/quality_model.py), one unpadded prompt at a time.
+    # head_dim after each step (tests/support/quality_model.py), one unpadded prompt at a time.
     from tests.support.oracle import hf_model
     from tests.support.quality_model import greedy
     model = hf_model(str(tiny_model))
