@@ -132,7 +132,7 @@ def test_measured_linear_table_interpolates_and_drives_the_compute_term():
     assert HardwareProfile().linear_seconds(32, 1e6) is None
 
     # The decode compute of an all-RAM layer is num_gpu_batches calls at gpu_batch_size rows over
-    # the layer's weights (plus fixed op costs and attention), and the roofline no longer applies.
+    # the layer's weights (plus fixed op costs and attention); the roofline does not apply.
     cfg, policy = preset("1.3b"), Policy.from_percents([0, 100, 0, 100, 0, 100], gpu_batch_size=32,
                                                        num_gpu_batches=2)
     sh, x = Shape.from_policy(policy, prompt_len=128, gen_len=8), Placement.from_policy(policy)

@@ -1,5 +1,5 @@
-"""Planned policies run for real within their budgets (issue 4: "every returned policy satisfies the
-budgets when actually run, peak measured"): opt-125m dims, planned in a fresh process for several
+"""Planned policies run for real within their budgets (every returned policy satisfies the budgets
+when actually run, peak measured): opt-125m dims, planned in a fresh process for several
 --cpu-mem budgets, then generated with the engine's budget check on; the whole process's peak RSS
 is measured and must stay within the budget."""
 from __future__ import annotations

@@ -24,7 +24,7 @@ BLOCK = 3
 KILL_STEP = 5  # mid-decode, one step after a progress save (steps 2 and 4 save)
 MODES = {"greedy": JobParams(max_new_tokens=MAX_NEW),
          # float32: a resumed row is re-prefilled, and in bfloat16 the rounding of a prefill differs
-         # from that of the decode steps it replaces enough to move an inverse-CDF sample.
+         # from that of the decode steps it replaces enough to change a Gumbel-max sample.
          "seeded": JobParams(max_new_tokens=MAX_NEW, temperature=0.9, top_p=0.9, seed=1234, dtype="float32")}
 
 
