@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-HOME_ENV_VAR = "FLEXJOB_HOME"
+from engine.runtime.paths import HOME_ENV_VAR
+
 STORE_FILE = "flexjob.db"
 
 

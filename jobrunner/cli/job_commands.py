@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from jobrunner.cli import main
+from jobrunner.cli.main import main
 from jobrunner.cli.engine_commands import build_policy, default_offload_dir, policy_options
 
 db_option = click.option("--db", default=None, envvar="FLEXJOB_DB",
@@ -25,7 +25,7 @@ def _open(db, *, must_exist: bool = False):
 
 
 @main.command("enqueue")
-@click.argument("input_path", metavar="PROMPTS.parquet", type=click.Path(path_type=Path))
+@click.argument("input_path", metavar="PROMPTS", type=click.Path(path_type=Path))
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="OPT model directory.")
 @click.option("--column", default="prompt", show_default=True, help="Column holding the prompts.")
 @click.option("--id-column", default=None, help="Column copied to the results as `id`.")
@@ -45,25 +45,31 @@ def _open(db, *, must_exist: bool = False):
 @click.option("--results-dir", type=click.Path(path_type=Path), default=None,
               help="Where parts are written (shared by all workers). Default: next to the SQLite file.")
 @click.option("--force", is_flag=True, help="Create a new job even if the same one exists.")
+@click.option("--limit", type=int, default=None, help="Only the first N rows (a quick trial).")
 @db_option
 def enqueue_command(input_path, model_dir, column, id_column, max_new_tokens, temperature, top_p, seed, stop,
-                    dtype, truncate, priority, shard_rows, name, results_dir, force, db):
-    """Create a job from a Parquet file of prompts (idempotent: the same file and parameters
-    return the existing job).
+                    dtype, truncate, priority, shard_rows, name, results_dir, force, limit, db):
+    """Create a job from a file of prompts (idempotent: the same file and parameters return the
+    existing job).
+
+    PROMPTS is a Parquet file, a CSV file or a JSONL file (.jsonl) with a prompt column, or an
+    OpenAI Batch API input file (/v1/completions requests; every line must carry the same body
+    parameters, which replace --max-new-tokens, --temperature, --top-p, --seed and --stop).
 
     \b
-    Example:
+    Examples:
       flexjob enqueue prompts.parquet --model models/opt-1.3b --max-new-tokens 64 --seed 1
+      flexjob enqueue batch.jsonl --model models/opt-1.3b --limit 20
     """
     from jobrunner.io.enqueue import JobParams, enqueue
 
-    from engine.runtime.engine import default_dtype_name
+    from engine.runtime.devices import default_dtype_name
 
     params = JobParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                        stop=tuple(stop), dtype=dtype or default_dtype_name(), truncate=truncate)
     result = enqueue(_open(db), input_path, model_dir=model_dir, column=column, id_column=id_column,
                      params=params, priority=priority, shard_rows=shard_rows, name=name,
-                     results_root=results_dir, force=force)
+                     results_root=results_dir, force=force, limit=limit)
     job = result.job
     shards = -(-job.total_rows // job.shard_rows)
     if not result.created:
@@ -104,9 +110,6 @@ def work_command(percent, gpu_batch_size, num_gpu_batches, gpu_mem, cpu_mem, off
                           compress_cache, compress_bits, compress_group_size) if explicit else None
     offload_dir = default_offload_dir(offload_dir)
     hardware = stored_profile(offload_dir)
-    if hardware is not None:  # the dashboard shows measured vs profiled bandwidth from the store
-        from jobrunner import store
-        store.save_hardware_profile(_open(db), hardware.to_dict())
     config = WorkerConfig(policy=policy, hardware=hardware, gpu_mem_gib=gpu_mem, cpu_mem_gib=cpu_mem,
                           offload_dir=offload_dir, exit_when_idle=exit_when_idle, max_jobs=max_jobs,
                           lease_s=lease_s, progress_every=progress_every, device_lock=_gpu_lock_name())
@@ -176,20 +179,22 @@ class _RichReporter:
 @main.command("results")
 @click.argument("job_id", metavar="JOB", type=int)
 @click.option("-o", "--output", "out_path", required=True, type=click.Path(path_type=Path),
-              help="Parquet file to write.")
+              help="File to write: .parquet, .csv, or .jsonl (OpenAI Batch API output format).")
 @click.option("--partial", is_flag=True, help="Write the rows done so far of an unfinished job.")
+@click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
 @db_option
-def results_command(job_id, out_path, partial, db):
-    """Merge a job's results into one Parquet file in input order (every row checked once).
+def results_command(job_id, out_path, partial, force, db):
+    """Merge a job's results into one file in input order (every row checked once).
 
     \b
-    Example:
+    Examples:
       flexjob results 1 -o out.parquet
-      flexjob results 1 -o partial.parquet --partial
+      flexjob results 1 -o out.jsonl          # OpenAI batch output lines
+      flexjob results 1 -o partial.csv --partial
     """
     from jobrunner.io.results import write_results
 
-    summary = write_results(_open(db, must_exist=True), job_id, out_path, partial=partial)
+    summary = write_results(_open(db, must_exist=True), job_id, out_path, partial=partial, force=force)
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary.finish_reasons.items()))
     missing = f"; {summary.missing_rows} rows not done yet" if summary.missing_rows else ""
     click.echo(f"wrote {summary.rows} rows to {summary.path} ({reasons}){missing}")

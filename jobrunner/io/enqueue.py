@@ -18,7 +18,8 @@ from engine.model.config import load_config
 from jobrunner import store
 from jobrunner.errors import UserError
 from jobrunner.store.models import Job
-from jobrunner.io.inputs import count_problem_rows, fingerprint_file, inspect_input
+from jobrunner.io.convert import ConvertedInput, convert_input, input_kind
+from jobrunner.io.inputs import InputInfo, count_problem_rows, fingerprint_file, inspect_input
 
 DTYPES = ("float32", "bfloat16", "float16")
 TRUNCATE_MODES = ("error", "left")
@@ -26,10 +27,13 @@ DEFAULT_SHARD_ROWS = 1000
 # Model files whose content decides the output; weights are sampled (head and tail of each file)
 # because hashing a 300 GB checkpoint at every enqueue is not an option.
 MODEL_SAMPLE_BYTES = 1 << 20
+# How JobParams' validation messages name a field, and what an OpenAI request body calls it.
+BODY_FIELD_NAMES = {"--max-new-tokens": "body.max_tokens", "--temperature": "body.temperature",
+                    "--top-p": "body.top_p", "--stop": "body.stop"}
 
 
 def _default_dtype() -> str:
-    from engine.runtime.engine import default_dtype_name
+    from engine.runtime.devices import default_dtype_name
     return default_dtype_name()
 
 
@@ -97,9 +101,12 @@ def model_fingerprint(model_dir: str | Path) -> str:
 
 
 def job_key(*, input_fingerprint: str, prompt_column: str, id_column: str | None,
-            model_fingerprint_: str, params: JobParams) -> str:
-    payload = json.dumps({"input": input_fingerprint, "column": prompt_column, "id_column": id_column,
-                          "model": model_fingerprint_, "params": params.to_dict()}, sort_keys=True)
+            model_fingerprint_: str, params: JobParams, limit: int | None = None) -> str:
+    payload = {"input": input_fingerprint, "column": prompt_column, "id_column": id_column,
+               "model": model_fingerprint_, "params": params.to_dict()}
+    if limit is not None:
+        payload["limit"] = limit
+    payload = json.dumps(payload, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -111,28 +118,78 @@ def default_results_root(engine: Engine) -> Path:
     return base / "flexjob-results"
 
 
+@dataclass(frozen=True, kw_only=True)
+class _PreparedInput:
+    """The Parquet file the workers read, and what the job key is computed from."""
+    info: InputInfo
+    column: str
+    id_column: str | None
+    source_fingerprint: str     # of the file the user gave (JSONL/CSV: not the Parquet copy)
+    fingerprint: str            # of info.path, which workers check before reading
+    params: JobParams
+
+
+def _prepare_input(input_path: Path, root: Path, *, column: str, id_column: str | None,
+                   params: JobParams, limit: int | None) -> _PreparedInput:
+    if input_kind(input_path) == "parquet":
+        info = inspect_input(input_path, column, id_column)
+        fingerprint = fingerprint_file(info.path)
+        return _PreparedInput(info=info, column=column, id_column=id_column, source_fingerprint=fingerprint,
+                              fingerprint=fingerprint, params=params)
+    if not input_path.is_file():
+        raise UserError(f"input file {input_path} does not exist", "check the path")
+    source_fp = fingerprint_file(input_path)
+    converted = convert_input(input_path, source_fp, root / "inputs", column=column, id_column=id_column,
+                              limit=limit)
+    info = inspect_input(converted.path, "prompt", converted.id_column)
+    return _PreparedInput(info=info, column="prompt", id_column=converted.id_column, source_fingerprint=source_fp,
+                          fingerprint=fingerprint_file(converted.path),
+                          params=_with_file_params(params, converted, input_path))
+
+
+def _with_file_params(params: JobParams, converted: ConvertedInput, path: Path) -> JobParams:
+    """The job's parameters with an OpenAI batch file's body fields in place of the options."""
+    given = {k: v for k, v in converted.params.items() if v is not None}
+    if not given:
+        return params
+    try:
+        return dataclasses.replace(params, **given)
+    except UserError as exc:
+        message = str(exc)
+        for option, body_field in BODY_FIELD_NAMES.items():
+            message = message.replace(option, body_field)
+        raise UserError(f"{path}: {message}", "fix the request bodies") from None
+
+
 def enqueue(engine: Engine, input_path: str | Path, *, model_dir: str | Path, column: str = "prompt",
             id_column: str | None = None, params: JobParams = JobParams(), priority: int = 0,
             shard_rows: int = DEFAULT_SHARD_ROWS, name: str | None = None,
-            results_root: str | Path | None = None, force: bool = False) -> EnqueueResult:
+            results_root: str | Path | None = None, force: bool = False,
+            limit: int | None = None) -> EnqueueResult:
+    """Create the job for a Parquet, JSONL (plain or OpenAI batch) or CSV file of prompts; with
+    `limit`, only its first rows (a quick trial)."""
     if shard_rows < 1:
         raise UserError(f"--shard-rows must be >= 1, got {shard_rows}")
-    info = inspect_input(input_path, column, id_column)
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be >= 1, got {limit}")
     config = load_config(model_dir)
+    root = Path(results_root) if results_root else default_results_root(engine)
+    prepared = _prepare_input(Path(input_path), root, column=column, id_column=id_column, params=params,
+                              limit=limit)
+    params, info = prepared.params, prepared.info
     if params.max_new_tokens >= config.max_positions:
         raise UserError(f"--max-new-tokens {params.max_new_tokens} leaves no room for a prompt: the model "
                         f"has {config.max_positions} positions", "lower --max-new-tokens")
-    input_fp = fingerprint_file(info.path)
     model_fp = model_fingerprint(model_dir)
-    key = job_key(input_fingerprint=input_fp, prompt_column=column, id_column=id_column,
-                  model_fingerprint_=model_fp, params=params)
-    problems = count_problem_rows(info.path, column)
-    root = Path(results_root) if results_root else default_results_root(engine)
+    key = job_key(input_fingerprint=prepared.source_fingerprint, prompt_column=column, id_column=id_column,
+                  model_fingerprint_=model_fp, params=params, limit=limit)
+    total_rows = min(info.num_rows, limit) if limit is not None else info.num_rows
+    problems = count_problem_rows(info.path, prepared.column, total_rows)
     new = store.NewJob(
-        name=name or info.path.stem, priority=priority, job_key=key, input_path=str(info.path),
-        input_fingerprint=input_fp, input_size=info.size, input_mtime_ns=info.mtime_ns,
-        prompt_column=column, id_column=id_column, model_dir=str(Path(model_dir).resolve()),
+        name=name or Path(input_path).stem, priority=priority, job_key=key, input_path=str(info.path),
+        input_fingerprint=prepared.fingerprint, input_size=info.size, input_mtime_ns=info.mtime_ns,
+        prompt_column=prepared.column, id_column=prepared.id_column, model_dir=str(Path(model_dir).resolve()),
         model_fingerprint=model_fp, params=params.to_dict(), results_dir=str(root.resolve() / "job-{job}"),
-        shard_rows=shard_rows, total_rows=info.num_rows)
+        shard_rows=shard_rows, total_rows=total_rows)
     job, created = store.enqueue_job(engine, new, force=force)
     return EnqueueResult(job=job, created=created, problem_rows=problems)

@@ -130,13 +130,30 @@ def _as_bytes(array: pa.Array | pa.ChunkedArray) -> list[bytes | None]:
     return array.to_pylist()
 
 
-def count_problem_rows(path: str | Path, column: str) -> dict[str, int]:
+def count_problem_rows(path: str | Path, column: str, limit: int | None = None) -> dict[str, int]:
     """Stream the prompt column (row group by row group, in batches so that the Python objects of
-    a whole large row group never exist at once) and count rows that will be error rows."""
+    a whole large row group never exist at once) and count rows (the first `limit`) that will be
+    error rows. Reading every data page here also finds a damaged file before any worker does."""
     pf = open_parquet(path)
     counts: dict[str, int] = {}
+    try:
+        _count_problems(pf, column, limit, counts)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise UserError(f"input file {path} is damaged: {exc}".replace("\n", " "),
+                        "write the file again (pyarrow.parquet.write_table or pandas.DataFrame.to_parquet)"
+                        ) from None
+    return counts
+
+
+def _count_problems(pf: pq.ParquetFile, column: str, limit: int | None, counts: dict[str, int]) -> None:
     pool = pa.default_memory_pool()
+    seen = 0
     for index, batch in enumerate(pf.iter_batches(batch_size=SCAN_BATCH_ROWS, columns=[column])):
+        if limit is not None and seen >= limit:
+            break
+        seen += batch.num_rows
+        if limit is not None and seen > limit:
+            batch = batch.slice(0, batch.num_rows - (seen - limit))
         if index % 8 == 7:
             # mimalloc keeps freed row-group buffers and RSS creeps up with the file size; hand
             # them back so that enqueue's memory is bounded by one row group.
@@ -146,7 +163,6 @@ def count_problem_rows(path: str | Path, column: str) -> dict[str, int]:
             if problem:
                 kind = problem.split(" (")[0]
                 counts[kind] = counts.get(kind, 0) + 1
-    return counts
 
 
 def read_rows(path: str | Path, column: str, id_column: str | None, start: int, end: int) -> list[InputRow]:

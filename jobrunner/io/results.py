@@ -1,4 +1,7 @@
-"""`flexjob results`: merge a job's parts into one Parquet in input order, checking every row once.
+"""`flexjob results`: merge a job's parts into one file in input order, checking every row once.
+
+The file's format follows its extension (jobrunner.io.output_formats): Parquet, CSV, or JSONL in
+the OpenAI Batch API output format.
 
 Parts are read shard by shard (shards are contiguous row ranges in input order; inside a shard the
 blocks were sorted by length), so memory is bounded by one shard, not by the job. Each part is
@@ -19,6 +22,7 @@ from sqlalchemy import Engine
 from jobrunner import store
 from jobrunner.errors import UserError
 from jobrunner.store.models import Job, JobStatus, ResultPart
+from jobrunner.io.output_formats import OutputContext, check_output_path, open_writer
 from jobrunner.io.parts import file_sha256
 
 
@@ -60,20 +64,27 @@ def _read_part(job: Job, part: ResultPart) -> pa.Table:
                     f"run `flexjob retry {job.id}` to regenerate the rows of damaged parts")
 
 
-def write_results(engine: Engine, job_id: int, out_path: str | Path, *, partial: bool = False) -> ResultsSummary:
+def _unfinished_hint(job: Job) -> str:
+    if job.status in (JobStatus.CANCELLED, JobStatus.FAILED):
+        return (f"pass --partial to write the rows done so far, or `flexjob retry {job.id}` and "
+                "`flexjob work` to finish it")
+    return "wait for it to complete, or pass --partial to write the rows done so far"
+
+
+def write_results(engine: Engine, job_id: int, out_path: str | Path, *, partial: bool = False,
+                  force: bool = False) -> ResultsSummary:
+    """Write the job's rows to `out_path` (format by extension); an existing file only with `force`."""
+    out_path = Path(out_path)
+    fmt = check_output_path(out_path, force=force)
     job = store.get_job(engine, job_id)
     if job.status != JobStatus.COMPLETED and not partial:
         raise UserError(f"job {job_id} is {job.status.value} with {job.done_rows} of {job.total_rows} rows done",
-                        "wait for it to complete, or pass --partial to write the rows done so far")
+                        _unfinished_hint(job))
     parts_by_shard: dict[int, list[ResultPart]] = defaultdict(list)
     for part in store.job_parts(engine, job_id):
         parts_by_shard[part.shard_id].append(part)
-    out_path = Path(out_path)
-    if out_path.is_dir():
-        raise UserError(f"output {out_path} is a directory", "pass a file name such as out.parquet")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    writer: pq.ParquetWriter | None = None
+    writer = open_writer(fmt, tmp, OutputContext(job_id=job.id, model=Path(job.model_dir).name))
     rows = missing = 0
     reasons: dict[str, int] = defaultdict(int)
     try:
@@ -101,18 +112,14 @@ def write_results(engine: Engine, job_id: int, out_path: str | Path, *, partial:
                 missing += expected_count - len(got)
             for reason, count in zip(*_value_counts(table.column("finish_reason"))):
                 reasons[reason] += count
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema)
-            writer.write_table(table)
+            writer.write(table)
             rows += len(got)
-        if writer is None:
-            raise UserError(f"job {job_id} has no finished rows yet", "wait for a worker to finish a block")
         writer.close()
-        writer = None
+        if rows == 0:
+            raise UserError(f"job {job_id} has no finished rows yet", "wait for a worker to finish a block")
         os.replace(tmp, out_path)
     finally:
-        if writer is not None:
-            writer.close()
+        writer.close()
         if tmp.exists():
             tmp.unlink()
     return ResultsSummary(path=out_path, rows=rows, missing_rows=missing, error_rows=reasons.get("error", 0),

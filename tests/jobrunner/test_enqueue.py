@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from jobrunner import store
 from jobrunner.cli import main
-from jobrunner.store.db import open_store
+from jobrunner.store.db import head_revision, open_store
 from jobrunner.io.enqueue import JobParams, enqueue, model_fingerprint
 from jobrunner.errors import UserError
 from jobrunner.io.inputs import read_rows
@@ -43,10 +43,22 @@ def test_a_directory(tmp_path, tiny_model):
 
 
 def test_a_file_that_is_not_parquet(tmp_path, tiny_model):
-    path = tmp_path / "prompts.csv"
+    path = tmp_path / "prompts.parquet"
     path.write_text("prompt\nhello\n")
     code, out = enqueue_cli(tmp_path, tiny_model, path)
     assert code == 1 and error_line(out).startswith(f"error: input file {path} is not a readable Parquet file")
+
+
+def test_a_parquet_file_with_damaged_pages_is_a_user_error(tmp_path, tiny_model):
+    # The footer reads, a data page does not: pyarrow raises "Couldn't deserialize thrift".
+    path = write_prompts(tmp_path / "p.parquet", [f"prompt number {i}" for i in range(1000)])
+    data = bytearray(path.read_bytes())
+    data[4:200] = b"\x07" * 196
+    path.write_bytes(bytes(data))
+    code, out = enqueue_cli(tmp_path, tiny_model, path)
+    assert code == 1, out
+    assert error_line(out).startswith(f"error: input file {path} is damaged: Couldn't deserialize thrift")
+    assert "hint: write the file again" in out and "--debug" not in out
 
 
 def test_a_parquet_file_with_no_rows(tmp_path, tiny_model):
@@ -120,7 +132,7 @@ def test_a_database_from_a_newer_version_is_refused(tmp_path, tiny_model):
     code, out = enqueue_cli(tmp_path, tiny_model, path)
     assert code == 1
     assert error_line(out) == (f"error: database {url} has schema revision ffff_from_the_future, newer than "
-                               f"this flexjob (which knows up to 0001)")
+                               f"this flexjob (which knows up to {head_revision()})")
 
 
 def test_an_older_database_is_upgraded_on_open(tmp_path):
