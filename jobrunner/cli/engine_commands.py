@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from jobrunner.cli import main
+from jobrunner.cli.main import main
 
 
 @main.command("make-model")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from jobrunner.cli import main
+from jobrunner.cli.main import main
 
 BUILTIN_HARDWARE = ("t4-flexgen",)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from jobrunner.cli import main
+from jobrunner.cli.main import main
 from jobrunner.cli.job_commands import db_option
 
 PRINT_WIDTH = 160
@@ -44,7 +44,8 @@ def status_command(job_id, watch, as_json, interval, job_limit, event_limit, sta
       flexjob status 3 --no-watch       # job 3, printed once
       flexjob status --json | jq '.jobs[] | {id, status, progress, eta_s}'
     """
-    from jobrunner.observe.snapshot import SnapshotOptions, open_store_for_reading, read_snapshot
+    from jobrunner.observe.snapshot import SnapshotOptions, read_snapshot
+    from jobrunner.store.queries import open_store_for_reading
 
     if as_json and watch:
         raise click.UsageError("--json prints one snapshot; it cannot be combined with --watch")
@@ -108,7 +109,7 @@ def report_command(job_id, out_path, db):
       flexjob report 3 -o report.png
     """
     from jobrunner.observe.report import read_report_data, write_report
-    from jobrunner.observe.snapshot import open_store_for_reading
+    from jobrunner.store.queries import open_store_for_reading
 
     data = read_report_data(open_store_for_reading(db), job_id)
     path = write_report(data, out_path or Path(f"report-{job_id}.png"))

@@ -18,8 +18,6 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-FINISH_REASONS = ("stop", "length", "error")
-
 
 def result_schema(id_type: pa.DataType | None) -> pa.Schema:
     """Columns of every part and of the merged results file."""

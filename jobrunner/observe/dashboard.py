@@ -13,11 +13,15 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from jobrunner.store.events import EventKind
+
 STATUS_STYLES = {"queued": "cyan", "running": "green", "cancelling": "yellow", "completed": "blue",
                  "failed": "bold red", "cancelled": "magenta"}
-EVENT_STYLES = {"replan": "bold cyan", "lease_expired": "bold yellow", "engine_error": "red", "job_failed": "bold red",
-                "job_cancel": "magenta", "job_cancelled": "magenta", "job_retry": "yellow", "job_completed": "blue",
-                "shard_released": "yellow", "shard_resumed": "cyan"}
+EVENT_STYLES = {kind.value: style for kind, style in (
+    (EventKind.REPLAN, "bold cyan"), (EventKind.LEASE_EXPIRED, "bold yellow"), (EventKind.WORKER_DEAD, "bold yellow"),
+    (EventKind.ENGINE_ERROR, "red"), (EventKind.JOB_FAILED, "bold red"), (EventKind.JOB_CANCEL, "magenta"),
+    (EventKind.JOB_CANCELLED, "magenta"), (EventKind.JOB_RETRY, "yellow"), (EventKind.JOB_COMPLETED, "blue"),
+    (EventKind.SHARD_RELEASED, "yellow"), (EventKind.SHARD_RESUMED, "cyan"))}
 DRIFT_WARN = 0.30  # measured bandwidth this far from the profile is highlighted (the re-planning threshold)
 PERCENT_LABELS = ("w", "c", "a")
 NAME_WIDTH = 24

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
+from jobrunner.store.events import TAKEOVER_KINDS, EventKind
 from jobrunner.store.models import Event, Job
-from jobrunner.store import get_job
-from jobrunner.store.base import read_tx
+from jobrunner.store.queries import read_job_events
 
 GIB = 1 << 30
-CRASH_KINDS = ("lease_expired", "engine_error", "job_failed")
+CRASH_KINDS = (*TAKEOVER_KINDS, EventKind.ENGINE_ERROR, EventKind.JOB_FAILED)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,7 +44,7 @@ class BlockPoint:
 @dataclass(frozen=True, kw_only=True)
 class Marker:
     t_s: float
-    kind: str                # the event kind
+    kind: EventKind
     label: str
 
 
@@ -64,10 +64,7 @@ class ReportData:
 
 
 def read_report_data(engine: Engine, job_id: int) -> ReportData:
-    job = get_job(engine, job_id)
-    with read_tx(engine) as s:
-        events = list(s.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.id)))
-    return report_data_from_events(job, events)
+    return report_data_from_events(*read_job_events(engine, job_id))
 
 
 def report_data_from_events(job: Job, events: list[Event]) -> ReportData:
@@ -79,29 +76,31 @@ def report_data_from_events(job: Job, events: list[Event]) -> ReportData:
     blocks, switches, crashes, stops = [], [], [], []
     for e in events:
         data = e.data or {}
-        if e.kind == "block_committed" and data.get("tokens", 0) > 0 and data.get("seconds", 0) > 0:
+        if e.kind == EventKind.BLOCK_COMMITTED and data.get("tokens", 0) > 0 and data.get("seconds", 0) > 0:
             blocks.append(BlockPoint(t_s=t(e.created_at), tokens=data["tokens"], seconds=data["seconds"],
                                      rows=data.get("rows", 0), worker_id=e.worker_id, attempt=data.get("attempt"),
                                      peak_rss_bytes=data.get("peak_rss_bytes"),
                                      peak_gpu_bytes=data.get("peak_gpu_bytes")))
-        elif e.kind == "replan" and data.get("applied", True):
+        elif e.kind == EventKind.REPLAN and data.get("applied", True):
             switches.append(Marker(t_s=t(e.created_at), kind=e.kind,
                                    label=data.get("new_describe") or e.message.partition(" -> ")[2] or "re-plan"))
-        elif e.kind in CRASH_KINDS or (e.kind == "shard_released" and data.get("error")):
+        elif e.kind in CRASH_KINDS or (e.kind == EventKind.SHARD_RELEASED and data.get("error")):
             crashes.append(Marker(t_s=t(e.created_at), kind=e.kind, label=_crash_label(e.kind, e.message, data)))
-        elif e.kind in ("shard_released", "job_cancel"):
+        elif e.kind in (EventKind.SHARD_RELEASED, EventKind.JOB_CANCEL):
             stops.append(Marker(t_s=t(e.created_at), kind=e.kind, label=e.message or e.kind))
     return ReportData(job_id=job.id, job_name=job.name, model=Path(job.model_dir).name, status=job.status.value,
                       total_rows=job.total_rows, done_rows=job.done_rows, generated_tokens=job.generated_tokens,
                       blocks=tuple(blocks), policy_switches=tuple(switches), crashes=tuple(crashes), stops=tuple(stops))
 
 
-def _crash_label(kind: str, message: str, data: dict) -> str:
-    if kind == "lease_expired":
+def _crash_label(kind: EventKind, message: str, data: dict) -> str:
+    if kind == EventKind.LEASE_EXPIRED:
         return "lease takeover"
-    if kind == "engine_error":
+    if kind == EventKind.WORKER_DEAD:
+        return "dead worker's shard taken over"
+    if kind == EventKind.ENGINE_ERROR:
         return "engine error"
-    if kind == "job_failed":
+    if kind == EventKind.JOB_FAILED:
         return "job failed"
     return f"crash: {data.get('error') or message}"[:40]
 

@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterator
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from jobrunner.store.db import write_engine
 from jobrunner.errors import UserError
+from jobrunner.store.events import EventKind
 from jobrunner.store.models import Event, Job, utcnow
 
 
@@ -53,15 +54,13 @@ def locked(session: Session, query):
     return query
 
 
-def add_event(session: Session, kind: str, *, job_id: int | None = None, shard_id: int | None = None,
+def add_event(session: Session, kind: EventKind, *, job_id: int | None = None, shard_id: int | None = None,
               worker_id: str | None = None, message: str = "", data: dict | None = None) -> None:
     session.add(Event(kind=kind, job_id=job_id, shard_id=shard_id, worker_id=worker_id,
                       message=message, data=data, created_at=utcnow()))
 
 
 def get_job_locked(session: Session, job_id: int) -> Job:
-    from sqlalchemy import select
-
     job = session.scalars(locked(session, select(Job).where(Job.id == job_id))).first()
     if job is None:
         raise UserError(f"no job {job_id}", "list jobs with `flexjob jobs`")

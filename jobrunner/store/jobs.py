@@ -1,4 +1,4 @@
-"""Jobs, workers, events and hardware profiles: every state change, one function (one transaction) each.
+"""Jobs, workers and events: every state change, one function (one transaction) each.
 
 Functions return detached ORM snapshots (read them, do not modify them).
 
@@ -14,10 +14,7 @@ Functions return detached ORM snapshots (read them, do not modify them).
     register_worker   a worker announces itself (host, pid, device, policy)
     worker_seen       a worker's liveness and policy update
     stop_worker       a worker exits cleanly
-    list_workers      workers, most recently seen first
     record_event      append an event (re-plan, warnings, ...)
-    list_events       events, newest first, by job and/or after an id
-    save_hardware_profile / latest_hardware_profile   per-host measured bandwidths
 """
 from __future__ import annotations
 
@@ -29,9 +26,9 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, select, update
 
 from jobrunner.errors import UserError
-from jobrunner.store.models import (Event, HardwareProfile, Job, JobStatus, ResultPart, Shard, ShardStatus,
-                              Worker, WorkerStatus, utcnow)
-from jobrunner.store.base import Lease, LeaseLost, add_event, get_job_locked, read_tx, write_tx
+from jobrunner.store.events import EventKind
+from jobrunner.store.models import Job, JobStatus, ResultPart, Shard, ShardStatus, Worker, WorkerStatus, utcnow
+from jobrunner.store.base import add_event, get_job_locked, read_tx, write_tx
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,7 +74,7 @@ def enqueue_job(engine: Engine, new: NewJob, *, force: bool = False) -> tuple[Jo
                         row_end=min(start + new.shard_rows, new.total_rows), status=ShardStatus.PENDING,
                         attempt=0, done_rows=0, failed_rows=0, engine_failures=0, updated_at=now)
                   for i, start in enumerate(range(0, new.total_rows, new.shard_rows)))
-        add_event(s, "job_enqueued", job_id=job.id, data={"rows": new.total_rows, "forced": force})
+        add_event(s, EventKind.JOB_ENQUEUED, job_id=job.id, data={"rows": new.total_rows, "forced": force})
         return job, True
 
 
@@ -132,7 +129,7 @@ def drop_parts(engine: Engine, job_id: int, part_ids: list[int], *, reason: str)
             s.delete(part)
         if reopened:
             job.status, job.finished_at, job.error, job.updated_at = JobStatus.QUEUED, None, None, now
-            add_event(s, "parts_dropped", job_id=job_id, message=reason, data={"rows": reopened})
+            add_event(s, EventKind.PARTS_DROPPED, job_id=job_id, message=reason, data={"rows": reopened})
     return reopened
 
 
@@ -155,7 +152,7 @@ def cancel_job(engine: Engine, job_id: int) -> Job:
             job.status, job.finished_at = JobStatus.CANCELLED, now
         else:
             job.status = JobStatus.CANCELLING
-        add_event(s, "job_cancel", job_id=job_id, message=job.status.value)
+        add_event(s, EventKind.JOB_CANCEL, job_id=job_id, message=job.status.value)
         return job
 
 
@@ -175,7 +172,7 @@ def retry_job(engine: Engine, job_id: int) -> Job:
                           updated_at=now))
         job.status, job.error, job.finished_at, job.cancel_requested_at = JobStatus.QUEUED, None, None, None
         job.updated_at = now
-        add_event(s, "job_retry", job_id=job_id)
+        add_event(s, EventKind.JOB_RETRY, job_id=job_id)
         return job
 
 
@@ -186,14 +183,17 @@ def failed_row_parts(engine: Engine, job_id: int) -> list[int]:
                                                            ResultPart.failed_rows > 0)))
 
 
-def register_worker(engine: Engine, *, device: str, policy: dict | None = None) -> str:
+def register_worker(engine: Engine, *, device: str, policy: dict | None = None,
+                    process_started_at: float | None = None, profile_path: str | None = None) -> str:
+    """A new worker of this process; its id (host-pid-random) is its one name everywhere."""
     worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     now = utcnow()
     with write_tx(engine) as s:
         s.add(Worker(id=worker_id, hostname=socket.gethostname(), pid=os.getpid(), device=device,
                      status=WorkerStatus.RUNNING, policy=policy, rows_done=0, tokens_generated=0,
-                     started_at=now, last_seen_at=now))
-        add_event(s, "worker_started", worker_id=worker_id, data={"device": device})
+                     started_at=now, last_seen_at=now, process_started_at=process_started_at,
+                     profile_path=profile_path))
+        add_event(s, EventKind.WORKER_STARTED, worker_id=worker_id, data={"device": device})
     return worker_id
 
 
@@ -208,46 +208,10 @@ def stop_worker(engine: Engine, worker_id: str, *, reason: str = "") -> None:
     with write_tx(engine) as s:
         s.execute(update(Worker).where(Worker.id == worker_id).values(
             status=WorkerStatus.STOPPED, stopped_at=now, last_seen_at=now, current_shard_id=None))
-        add_event(s, "worker_stopped", worker_id=worker_id, message=reason)
+        add_event(s, EventKind.WORKER_STOPPED, worker_id=worker_id, message=reason)
 
 
-def list_workers(engine: Engine, *, running_only: bool = False) -> list[Worker]:
-    query = select(Worker).order_by(Worker.last_seen_at.desc())
-    if running_only:
-        query = query.where(Worker.status == WorkerStatus.RUNNING)
-    with read_tx(engine) as s:
-        return list(s.scalars(query))
-
-
-def record_event(engine: Engine, kind: str, *, job_id: int | None = None, shard_id: int | None = None,
+def record_event(engine: Engine, kind: EventKind, *, job_id: int | None = None, shard_id: int | None = None,
                  worker_id: str | None = None, message: str = "", data: dict | None = None) -> None:
     with write_tx(engine) as s:
         add_event(s, kind, job_id=job_id, shard_id=shard_id, worker_id=worker_id, message=message, data=data)
-
-
-def list_events(engine: Engine, *, job_id: int | None = None, after_id: int | None = None,
-                kinds: list[str] | None = None, limit: int = 100) -> list[Event]:
-    query = select(Event).order_by(Event.id.desc()).limit(limit)
-    if job_id is not None:
-        query = query.where(Event.job_id == job_id)
-    if after_id is not None:
-        query = query.where(Event.id > after_id)
-    if kinds:
-        query = query.where(Event.kind.in_(kinds))
-    with read_tx(engine) as s:
-        return list(s.scalars(query))
-
-
-def save_hardware_profile(engine: Engine, data: dict, *, hostname: str | None = None) -> int:
-    with write_tx(engine) as s:
-        profile = HardwareProfile(hostname=hostname or socket.gethostname(), data=data, created_at=utcnow())
-        s.add(profile)
-        s.flush()
-        return profile.id
-
-
-def latest_hardware_profile(engine: Engine, *, hostname: str | None = None) -> HardwareProfile | None:
-    with read_tx(engine) as s:
-        return s.scalars(select(HardwareProfile).where(HardwareProfile.hostname == (hostname or socket.gethostname()))
-                         .order_by(HardwareProfile.id.desc()).limit(1)).first()
-

@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from sqlalchemy import JSON, BigInteger, DateTime, Enum, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from jobrunner.store.events import EventKind
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
@@ -44,11 +46,12 @@ class ShardStatus(str, enum.Enum):
 class WorkerStatus(str, enum.Enum):
     RUNNING = "running"
     STOPPED = "stopped"
+    DEAD = "dead"        # its process was found gone and its shard taken over
 
 
-def _enum(cls: type[enum.Enum]) -> Enum:
+def _enum(cls: type[enum.Enum], length: int = 20) -> Enum:
     # VARCHAR rather than a native enum type: the same migration runs on SQLite and PostgreSQL.
-    return Enum(cls, native_enum=False, length=20, values_callable=lambda e: [m.value for m in e],
+    return Enum(cls, native_enum=False, length=length, values_callable=lambda e: [m.value for m in e],
                 validate_strings=True)
 
 
@@ -150,6 +153,11 @@ class Worker(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     hostname: Mapped[str] = mapped_column(String(255))
     pid: Mapped[int] = mapped_column(Integer)
+    # The process's start time (seconds since the epoch, as the OS reports it): with the pid it names
+    # one process, so a pid reused by another process is not mistaken for the worker.
+    process_started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The hardware profile (engine.planning's JSON store) the worker plans with, if any.
+    profile_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     device: Mapped[str] = mapped_column(String(100))
     status: Mapped[WorkerStatus] = mapped_column(_enum(WorkerStatus), default=WorkerStatus.RUNNING)
     policy: Mapped[dict | None] = mapped_column(JSON, nullable=True)
@@ -167,7 +175,7 @@ class Event(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
-    kind: Mapped[str] = mapped_column(String(40), index=True)
+    kind: Mapped[EventKind] = mapped_column(_enum(EventKind, length=40), index=True)
     job_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
     shard_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     worker_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -176,7 +184,8 @@ class Event(Base):
 
 
 class HardwareProfile(Base):
-    """Measured bandwidths and FLOP/s of a host (written by `flexjob profile`)."""
+    """Unused: hardware profiles live in engine.planning's JSON store (`Worker.profile_path` points
+    to the one a worker plans with). The table stays so that older stores keep their schema."""
     __tablename__ = "hardware_profiles"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

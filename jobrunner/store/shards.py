@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import Engine, and_, or_, select, update
 from sqlalchemy.orm import Session
 
+from jobrunner.store.events import EventKind
 from jobrunner.store.models import Checkpoint, Job, JobStatus, ResultPart, Shard, ShardStatus, Worker, utcnow
 from jobrunner.store.base import Lease, LeaseLost, add_event, get_job_locked, locked, read_tx, write_tx
 
@@ -68,15 +69,15 @@ def claim_shard(engine: Engine, worker_id: str, *, lease_s: float, now: datetime
         if job.status == JobStatus.QUEUED:
             job.status = JobStatus.RUNNING
             job.started_at = job.started_at or now
-            add_event(s, "job_started", job_id=job.id, worker_id=worker_id)
+            add_event(s, EventKind.JOB_STARTED, job_id=job.id, worker_id=worker_id)
         job.updated_at = now
         s.execute(update(Worker).where(Worker.id == worker_id)
                   .values(current_shard_id=shard.id, last_seen_at=now))
         if took_over:
-            add_event(s, "lease_expired", job_id=job.id, shard_id=shard.id, worker_id=worker_id,
+            add_event(s, EventKind.LEASE_EXPIRED, job_id=job.id, shard_id=shard.id, worker_id=worker_id,
                       message=f"took over shard {shard.shard_index} from worker {previous}",
                       data={"previous_worker": previous, "attempt": shard.attempt})
-        add_event(s, "shard_claimed", job_id=job.id, shard_id=shard.id, worker_id=worker_id,
+        add_event(s, EventKind.SHARD_CLAIMED, job_id=job.id, shard_id=shard.id, worker_id=worker_id,
                   data={"attempt": shard.attempt, "shard_index": shard.shard_index})
         return Lease(shard_id=shard.id, job_id=job.id, shard_index=shard.shard_index,
                      attempt=shard.attempt, worker_id=worker_id, row_start=shard.row_start,
@@ -168,7 +169,7 @@ def commit_block(engine: Engine, lease: Lease, part: PartRecord) -> bool:
         s.execute(update(Worker).where(Worker.id == lease.worker_id).values(
             last_seen_at=now, rows_done=Worker.rows_done + len(part.row_ids),
             tokens_generated=Worker.tokens_generated + part.generated_tokens))
-        add_event(s, "block_committed", job_id=job.id, shard_id=shard.id, worker_id=lease.worker_id,
+        add_event(s, EventKind.BLOCK_COMMITTED, job_id=job.id, shard_id=shard.id, worker_id=lease.worker_id,
                   data={"rows": len(part.row_ids), "failed": part.failed_rows,
                         "tokens": part.generated_tokens, "seconds": part.block_seconds,
                         "attempt": lease.attempt} | (part.engine_stats or {}))
@@ -189,7 +190,7 @@ def _complete_job_if_done(s: Session, job: Job, now: datetime) -> None:
     if open_shards is None and job.status in (JobStatus.RUNNING, JobStatus.QUEUED):
         job.status = JobStatus.COMPLETED
         job.finished_at = now
-        add_event(s, "job_completed", job_id=job.id,
+        add_event(s, EventKind.JOB_COMPLETED, job_id=job.id,
                   data={"rows": job.done_rows, "failed": job.failed_rows})
 
 
@@ -205,7 +206,7 @@ def release_shard(engine: Engine, lease: Lease, *, reason: str, error: str | Non
         s.execute(update(Worker).where(Worker.id == lease.worker_id).values(current_shard_id=None))
         if job.status == JobStatus.CANCELLING:
             shard.status = ShardStatus.CANCELLED
-            add_event(s, "shard_released", job_id=job.id, shard_id=shard.id, worker_id=lease.worker_id,
+            add_event(s, EventKind.SHARD_RELEASED, job_id=job.id, shard_id=shard.id, worker_id=lease.worker_id,
                       message="cancelled")
             _finish_cancel_if_done(s, job, now)
             return
@@ -219,7 +220,7 @@ def release_shard(engine: Engine, lease: Lease, *, reason: str, error: str | Non
                 _fail_job(s, job, f"shard {shard.shard_index} failed {shard.engine_failures} times: {error}", now)
         if job.status == JobStatus.RUNNING and job.done_rows == 0 and not _has_leased_shards(s, job.id):
             job.status = JobStatus.QUEUED  # nothing done and nobody on it: back to waiting
-        add_event(s, "shard_released", job_id=job.id, shard_id=shard.id, worker_id=lease.worker_id,
+        add_event(s, EventKind.SHARD_RELEASED, job_id=job.id, shard_id=shard.id, worker_id=lease.worker_id,
                   message=reason, data={"error": error} if error else None)
 
 
@@ -234,7 +235,7 @@ def fail_job_for_lease(engine: Engine, lease: Lease, error: str) -> None:
 
 def _fail_job(s: Session, job: Job, error: str, now: datetime) -> None:
     job.status, job.error, job.finished_at, job.updated_at = JobStatus.FAILED, error, now, now
-    add_event(s, "job_failed", job_id=job.id, message=error)
+    add_event(s, EventKind.JOB_FAILED, job_id=job.id, message=error)
 
 
 def _has_leased_shards(s: Session, job_id: int) -> bool:
@@ -246,7 +247,7 @@ def _has_leased_shards(s: Session, job_id: int) -> bool:
 def _finish_cancel_if_done(s: Session, job: Job, now: datetime) -> None:
     if not _has_leased_shards(s, job.id):
         job.status, job.finished_at, job.updated_at = JobStatus.CANCELLED, now, now
-        add_event(s, "job_cancelled", job_id=job.id)
+        add_event(s, EventKind.JOB_CANCELLED, job_id=job.id)
 
 
 def _finish_abandoned_cancels(s: Session, now: datetime) -> None:

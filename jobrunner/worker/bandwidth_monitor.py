@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from engine.planning.cost_model import estimate
 from engine.errors import BudgetError
-from engine.planning.hardware import LINKS, HardwareProfile
+from engine.planning.hardware import HardwareProfile
+from engine.runtime.tiers import LINKS
 from engine.model.config import OPTConfig
 from engine.planning.planner import plan
 from engine.runtime.policy import Policy
@@ -87,10 +88,6 @@ class BandwidthMonitor:
         self.blocks = 0
         self.links = {link: _LinkState() for link in LINKS}
         self.last_check: ReplanDecision | None = None  # the last re-solve, applied or not
-
-    def measured_gbps(self) -> dict[str, float]:
-        """The current EWMA per link (GB/s), for dashboards."""
-        return {k: s.ewma for k, s in self.links.items() if s.ewma is not None}
 
     def observe(self, block_stats: Mapping[str, tuple[float, float]]) -> ReplanDecision | None:
         """Feed one finished block's {link: (bytes, seconds)}. Returns a decision to apply at the next

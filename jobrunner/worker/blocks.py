@@ -6,21 +6,19 @@ Order of durable steps for a block (why a crash anywhere loses nothing and dupli
   3. commit: register the part and advance the shard in one transaction, fenced by attempt.
 A crash before 3 leaves at most an unregistered file; the next attempt re-prefills the saved ids
 and continues, and since sampling is a pure function of (seed, row, position), it produces the
-same tokens the dead worker would have.
-
-Test hooks: FLEXJOB_TEST_KILL_AT=prefill|decode:<step>|after_progress|during_part_write|before_commit
-makes the worker SIGKILL itself at that point (a real crash: no cleanup, no finally blocks);
-FLEXJOB_TEST_POISON_ROW=<row> makes any engine call that includes that row raise.
+same tokens the dead worker would have. Crash tests fault the run at named points (fault_hooks).
 """
 from __future__ import annotations
 
-import os
-import signal
+import enum
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Protocol
+
+import pyarrow as pa
+from sqlalchemy import Engine as StoreEngine
 
 from engine.runtime.rows import GenerationParams, RowInput, RowResult, StepUpdate
 from jobrunner import store
@@ -28,19 +26,34 @@ from jobrunner.io.enqueue import JobParams
 from jobrunner.store.models import Job
 from jobrunner.io.inputs import InputRow, read_rows
 from jobrunner.io.parts import ResultRow, part_name, rows_to_table, write_part
-from jobrunner.store import Lease, LeaseLost, PartRecord, RowProgress
+from jobrunner.store import EventKind, Lease, LeaseLost, PartRecord, RowProgress
+from jobrunner.worker.fault_hooks import kill_point, raise_if_poisoned
+
+if TYPE_CHECKING:  # the engine (torch) is imported when the worker loads a model, not before
+    from engine.runtime.engine import Engine
 
 RETRY_BACKOFF_S = (0.5, 2.0)  # waits before the 2nd and 3rd try of a block that crashed the engine
 
 
-def kill_point(name: str, step: int | None = None) -> None:
-    spec = os.environ.get("FLEXJOB_TEST_KILL_AT")
-    if spec and (spec == name or (step is not None and spec == f"{name}:{step}")):
-        os.kill(os.getpid(), signal.SIGKILL)
+class ShardOutcome(str, enum.Enum):
+    DONE = "done"            # every row of the shard is committed
+    STOPPED = "stopped"      # should_stop fired: progress kept in memory for the worker to save or drop
+    FAILED = "failed"        # the job failed, or the shard crashed and was released for a retry
+    LOST = "lost"            # the lease was taken over: nothing more may be written
+    CANCELLED = "cancelled"  # the job was cancelled; the shard was released
 
 
-class PoisonRowError(RuntimeError):
-    pass
+class ShardReporter(Protocol):
+    """Where a shard's progress goes (log lines, a live progress bar)."""
+
+    def message(self, text: str) -> None: ...
+
+    def shard_started(self, *, job: Job, lease: Lease, rows: int, already_done: int,
+                      resumed_tokens: int) -> None: ...
+
+    def step(self, *, new_tokens: int) -> None: ...
+
+    def block_committed(self, *, rows: int, failed: int, tokens: int, seconds: float) -> None: ...
 
 
 @dataclass
@@ -57,16 +70,16 @@ class PreparedRow:
 @dataclass
 class ShardContext:
     """What running one shard needs from the worker (the worker owns the engine and the lease)."""
-    db: object                      # sqlalchemy Engine of the store
+    db: StoreEngine
     job: Job
     lease: Lease
-    engine: object                  # engine.runtime.engine.Engine
+    engine: Engine
     params: JobParams
     gen_params: GenerationParams
     progress_every: int             # save KV-free progress every N decode steps
     should_stop: Callable[[], bool]
-    reporter: object
-    id_type: object = None
+    reporter: ShardReporter
+    id_type: pa.DataType | None = None  # the type of the job's id column, if it has one
     progress: dict[int, RowProgress] = field(default_factory=dict)
     blocks_written: int = 0
     engine_parts_written: int = 0     # parts with generated rows (the crash-test hooks aim at the first)
@@ -126,8 +139,8 @@ def _finished_result(p: PreparedRow, res: RowResult, ctx: ShardContext, seconds:
                      finished_at=_now())
 
 
-def _last_block_stats(engine) -> dict | None:
-    blocks = getattr(engine.stats, "blocks", None)
+def _last_block_stats(engine: Engine) -> dict | None:
+    blocks = engine.stats.blocks
     if not blocks:
         return None
     b = blocks[-1]
@@ -159,9 +172,9 @@ def commit_rows(ctx: ShardContext, results: list[ResultRow], *, seconds: float, 
     return done
 
 
-def run_shard(ctx: ShardContext) -> str:
-    """Process the lease's remaining rows. Returns "done", or "stopped" when should_stop fired
-    (the caller decides between saving progress and abandoning the lease)."""
+def run_shard(ctx: ShardContext) -> ShardOutcome:
+    """Process the lease's remaining rows: DONE, or STOPPED when should_stop fired (the caller
+    decides between saving progress and abandoning the lease)."""
     job, lease = ctx.job, ctx.lease
     done_rows = store.committed_rows(ctx.db, lease.shard_id)
     ctx.progress = {r: p for r, p in store.load_progress(ctx.db, lease.shard_id).items() if r not in done_rows}
@@ -170,14 +183,14 @@ def run_shard(ctx: ShardContext) -> str:
     ctx.reporter.shard_started(job=job, lease=lease, rows=len(inputs), already_done=len(done_rows),
                                resumed_tokens=sum(len(p.ids) for p in ctx.progress.values()))
     if ctx.progress:
-        store.record_event(ctx.db, "shard_resumed", job_id=job.id, shard_id=lease.shard_id,
+        store.record_event(ctx.db, EventKind.SHARD_RESUMED, job_id=job.id, shard_id=lease.shard_id,
                            worker_id=lease.worker_id,
                            data={"rows": len(ctx.progress), "tokens": sum(len(p.ids) for p in ctx.progress.values()),
                                  "attempt": lease.attempt})
     prepared = prepare_rows(inputs, ctx.engine.tokenizer, ctx.params, ctx.engine.config.max_positions)
     errors = [p for p in prepared if p.error is not None]
     if errors and commit_rows(ctx, [_error_result(p, ctx, p.error) for p in errors], seconds=0.0, tokens=0):
-        return "done"
+        return ShardOutcome.DONE
     todo = [p for p in prepared if p.error is None]
     # Similar lengths together cut padding; the key is deterministic, outputs keep input order.
     todo.sort(key=lambda p: (len(p.prompt_ids) + len(ctx.progress.get(p.row, RowProgress(ids=())).ids), p.row))
@@ -186,18 +199,18 @@ def run_shard(ctx: ShardContext) -> str:
         if ctx.between_blocks is not None:
             ctx.between_blocks()
         block = todo[index:index + ctx.engine.policy.block_size]
-        if run_block(ctx, block) == "stopped":
-            return "stopped"
+        if run_block(ctx, block) is ShardOutcome.STOPPED:
+            return ShardOutcome.STOPPED
         index += len(block)
-    return "done"
+    return ShardOutcome.DONE
 
 
-def run_block(ctx: ShardContext, block: list[PreparedRow]) -> str:
+def run_block(ctx: ShardContext, block: list[PreparedRow]) -> ShardOutcome:
     started = time.perf_counter()
     resumed_tokens = {p.row: len(ctx.progress.get(p.row, RowProgress(ids=())).ids) for p in block}
     outcome = _generate_isolating(ctx, block)
     if outcome is None:
-        return "stopped"
+        return ShardOutcome.STOPPED
     seconds = time.perf_counter() - started
     # Save the finished rows too: a crash while writing or committing the part then redoes nothing.
     save_progress(ctx, [r for r in outcome.values() if not isinstance(r, str)], step=-1)
@@ -210,7 +223,7 @@ def run_block(ctx: ShardContext, block: list[PreparedRow]) -> str:
             tokens += len(res.generated_ids) - resumed_tokens[p.row]
             results.append(_finished_result(p, res, ctx, seconds))
     commit_rows(ctx, results, seconds=seconds, tokens=max(tokens, 0))
-    return "done"
+    return ShardOutcome.DONE
 
 
 def _generate_isolating(ctx: ShardContext, block: list[PreparedRow]) -> dict[int, RowResult | str] | None:
@@ -228,7 +241,7 @@ def _generate_isolating(ctx: ShardContext, block: list[PreparedRow]) -> dict[int
             raise  # a progress save found the shard taken over: not the engine's fault
         except Exception as exc:  # noqa: BLE001 - any engine crash: retry, then isolate
             last_error = exc
-            store.record_event(ctx.db, "engine_error", job_id=ctx.job.id, shard_id=ctx.lease.shard_id,
+            store.record_event(ctx.db, EventKind.ENGINE_ERROR, job_id=ctx.job.id, shard_id=ctx.lease.shard_id,
                                worker_id=ctx.lease.worker_id, message=f"{type(exc).__name__}: {exc}",
                                data={"rows": [p.row for p in block], "try": try_index + 1})
             continue
@@ -248,9 +261,7 @@ def _generate_isolating(ctx: ShardContext, block: list[PreparedRow]) -> dict[int
 
 
 def _generate(ctx: ShardContext, block: list[PreparedRow]) -> list[RowResult]:
-    poison = os.environ.get("FLEXJOB_TEST_POISON_ROW")
-    if poison is not None and any(p.row == int(poison) for p in block):
-        raise PoisonRowError(f"test poison row {poison}")
+    raise_if_poisoned(p.row for p in block)
     rows = [RowInput(row_id=p.row, prompt_ids=p.prompt_ids,
                      generated_ids=ctx.progress.get(p.row, RowProgress(ids=())).ids) for p in block]
 

@@ -9,18 +9,14 @@ heartbeat found the shard taken over) or a cancel stops the shard the same way, 
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import sys
-import tempfile
 import threading
-import time
 import traceback
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,12 +25,24 @@ from sqlalchemy import Engine as DbEngine
 from engine.planning.hardware import HardwareProfile
 from engine.runtime.policy import Policy
 from jobrunner import store
-from jobrunner.io.enqueue import JobParams, model_fingerprint
 from jobrunner.errors import UserError
-from jobrunner.store.models import Job, JobStatus
+from jobrunner.io.enqueue import JobParams, model_fingerprint
 from jobrunner.io.inputs import fingerprint_file
-from jobrunner.store import Lease, LeaseLost
-from jobrunner.worker.blocks import ShardContext, generation_params, run_shard
+from jobrunner.store import EventKind, Lease, LeaseLost
+from jobrunner.store.models import Job
+from jobrunner.worker.blocks import ShardContext, ShardOutcome, generation_params, run_shard
+from jobrunner.worker.host_locks import DeviceLock, exclusive
+from jobrunner.worker.lease_keeper import LeaseKeeper
+from jobrunner.worker.liveness import process_start_time
+from jobrunner.worker.replan import stored_profile_path
+from jobrunner.worker.reporter import PlainReporter, WorkerReporter
+
+if TYPE_CHECKING:  # the engine (torch) and the planner load when needed, not at start
+    from engine.runtime.engine import Engine
+    from jobrunner.worker.bandwidth_monitor import ReplanDecision
+
+# Called at block boundaries with the engine; a decision means: switch to its policy now.
+Replanner = Callable[["Engine"], "ReplanDecision | None"]
 
 
 SHARD_RETRY_AFTER_S = 5.0  # a shard whose run crashed is claimable again after this
@@ -65,111 +73,11 @@ class WorkerSummary:
     stopped_by: str  # "idle" | "signal" | "max-jobs"
 
 
-class PlainReporter:
-    """Log lines on stderr (when not on a terminal, e.g. under systemd or in CI)."""
-
-    def __init__(self, stream=None) -> None:
-        self.stream = stream or sys.stderr
-        self.rows = self.tokens = 0
-
-    def message(self, text: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {text}", file=self.stream, flush=True)
-
-    def shard_started(self, *, job: Job, lease: Lease, rows: int, already_done: int, resumed_tokens: int) -> None:
-        resumed = f", resuming {resumed_tokens} saved tokens" if resumed_tokens else ""
-        took = " (took over an expired lease)" if lease.took_over else ""
-        self.message(f"job {job.id} shard {lease.shard_index} attempt {lease.attempt}: {rows} rows to do"
-                     f"{resumed}{took}")
-
-    def step(self, *, new_tokens: int) -> None:
-        self.tokens += new_tokens
-
-    def block_committed(self, *, rows: int, failed: int, tokens: int, seconds: float) -> None:
-        self.rows += rows
-        rate = f", {tokens / seconds:.1f} tokens/s" if seconds > 0 else ""
-        self.message(f"committed {rows} rows ({failed} errors), {tokens} tokens in {seconds:.2f}s{rate}")
-
-    def close(self) -> None:
-        pass
-
-
-class DeviceLock:
-    """An exclusive flock per device: a second worker on the same GPU is refused."""
-
-    def __init__(self, name: str, lock_dir: Path | None = None) -> None:
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-        self.path = (lock_dir or Path(tempfile.gettempdir())) / f"flexjob-worker-{safe}.lock"
-        self.name = name
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise UserError(f"another flexjob worker (pid {holder}) is using {self.name}",
-                            f"run one worker per GPU; the lock is {self.path}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-@contextmanager
-def _exclusive(path: Path):
-    """A blocking exclusive flock held for the duration of the block."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-class LeaseKeeper(threading.Thread):
-    """Renews a lease every heartbeat; notices a cancel or a takeover and raises a flag."""
-
-    def __init__(self, db: DbEngine, lease: Lease, *, lease_s: float, interval_s: float) -> None:
-        super().__init__(name="flexjob-heartbeat", daemon=True)
-        self.db, self.lease, self.lease_s, self.interval_s = db, lease, lease_s, interval_s
-        self.lost = threading.Event()
-        self.cancelled = threading.Event()
-        self._halt = threading.Event()
-        self._valid_until = time.monotonic() + lease_s
-
-    def run(self) -> None:
-        while not self._halt.wait(self.interval_s):
-            try:
-                status = store.heartbeat(self.db, self.lease, lease_s=self.lease_s)
-                self._valid_until = time.monotonic() + self.lease_s
-                if status in (JobStatus.CANCELLING, JobStatus.CANCELLED):
-                    self.cancelled.set()
-            except LeaseLost:
-                self.lost.set()
-                return
-            except Exception:  # noqa: BLE001 - the database is unreachable: keep trying until the lease runs out
-                if time.monotonic() > self._valid_until:
-                    self.lost.set()
-                    return
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(timeout=10)
-
-
 class Worker:
-    def __init__(self, db: DbEngine, config: WorkerConfig, *, reporter=None,
-                 replanner: Callable[[object], Policy | None] | None = None) -> None:
+    def __init__(self, db: DbEngine, config: WorkerConfig, *, reporter: WorkerReporter | None = None,
+                 replanner: Replanner | None = None) -> None:
         self.db, self.config = db, config
-        self.reporter = reporter or PlainReporter()
-        # Called at block boundaries with the engine; a Policy (or a ReplanDecision) means re-plan.
+        self.reporter: WorkerReporter = reporter or PlainReporter()
         self.replanner = replanner
         self.stop_signal: int | None = None
         self._wake = threading.Event()
@@ -197,8 +105,9 @@ class Worker:
         if lock:
             lock.acquire()
         previous = self._install_signals()
-        self.worker_id = store.register_worker(self.db, device=self._device_name(),
-                                               policy=self.config.policy.to_dict() if self.config.policy else None)
+        self.worker_id = store.register_worker(
+            self.db, device=self._device_name(), policy=self.config.policy.to_dict() if self.config.policy else None,
+            process_started_at=process_start_time(os.getpid()), profile_path=stored_profile_path(self.config.offload_dir))
         jobs_seen: set[int] = set()
         shards = rows = tokens = 0
         stopped_by = "idle"
@@ -218,7 +127,7 @@ class Worker:
                     break
                 jobs_seen.add(lease.job_id)
                 before = (self.reporter.rows, self.reporter.tokens)
-                if self._work_on(lease) == "done":
+                if self._work_on(lease) is ShardOutcome.DONE:
                     shards += 1
                 rows += self.reporter.rows - before[0]
                 tokens += self.reporter.tokens - before[1]
@@ -239,13 +148,13 @@ class Worker:
         import torch
         return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
 
-    def _work_on(self, lease: Lease) -> str:
+    def _work_on(self, lease: Lease) -> ShardOutcome:
         job = store.get_job(self.db, lease.job_id)
         problem = self._changed_since_enqueue(job)
         if problem:
             self.reporter.message(f"job {job.id} failed: {problem}")
             store.fail_job_for_lease(self.db, lease, problem)
-            return "failed"
+            return ShardOutcome.FAILED
         params = JobParams.from_dict(job.params)
         try:
             engine = self._engine_for(job, params)
@@ -255,47 +164,56 @@ class Worker:
         keeper = LeaseKeeper(self.db, lease, lease_s=self.config.lease_s,
                              interval_s=self.config.heartbeat_s or self.config.lease_s / 4)
         keeper.start()
-        should_stop = lambda: (self.stop_signal is not None or keeper.lost.is_set()  # noqa: E731
-                               or keeper.cancelled.is_set())
         ctx = ShardContext(db=self.db, job=job, lease=lease, engine=engine, params=params,
                            gen_params=generation_params(params, engine.tokenizer, engine.config.eos_token_id),
-                           progress_every=self.config.progress_every, should_stop=should_stop,
+                           progress_every=self.config.progress_every,
+                           should_stop=lambda: self.stop_signal is not None or keeper.interrupted(),
                            reporter=self.reporter, id_type=self._id_type(job),
                            between_blocks=lambda: self._maybe_replan(engine, lease))
         try:
-            outcome = run_shard(ctx)
+            outcome = self._run_guarded(ctx)
+        finally:
+            keeper.stop()
+        return self._after_stop(ctx, keeper) if outcome is ShardOutcome.STOPPED else outcome
+
+    def _run_guarded(self, ctx: ShardContext) -> ShardOutcome:
+        """run_shard, with what can go wrong turned into an outcome (and the lease handled)."""
+        job, lease = ctx.job, ctx.lease
+        try:
+            return run_shard(ctx)
         except LeaseLost as exc:
             self.reporter.message(f"lease lost: {exc}")
-            return "lost"
+            return ShardOutcome.LOST
         except UserError as exc:  # the input no longer matches the job (e.g. rows missing)
             self.reporter.message(f"job {job.id} failed: {exc}")
             self._fail_quietly(lease, str(exc))
-            return "failed"
+            return ShardOutcome.FAILED
         except Exception as exc:  # noqa: BLE001 - a bug or a broken host: retry later, elsewhere
             traceback.print_exc(file=sys.stderr)
             self.reporter.message(f"shard {lease.shard_index} of job {job.id} crashed: {type(exc).__name__}: {exc}")
             self._release_quietly(lease, reason="crashed", error=f"{type(exc).__name__}: {exc}",
                                   retry_after_s=SHARD_RETRY_AFTER_S)
-            return "failed"
-        finally:
-            keeper.stop()
-        if outcome == "done":
-            return "done"
+            return ShardOutcome.FAILED
+
+    def _after_stop(self, ctx: ShardContext, keeper: LeaseKeeper) -> ShardOutcome:
+        """The shard stopped before its end: a lost lease is dropped, a cancel releases the shard,
+        a signal saves the rows in flight and releases it."""
+        job, lease = ctx.job, ctx.lease
         if keeper.lost.is_set():
             self.reporter.message(f"lease on shard {lease.shard_index} of job {job.id} was taken over; dropping it")
-            return "lost"
+            return ShardOutcome.LOST
         if keeper.cancelled.is_set():
             self._release_quietly(lease, reason="job cancelled")
             self.reporter.message(f"job {job.id} was cancelled; released shard {lease.shard_index}")
-            return "cancelled"
+            return ShardOutcome.CANCELLED
         try:
             store.save_progress(self.db, lease, dict(ctx.progress), decode_step=-1)
         except LeaseLost:
-            return "lost"
+            return ShardOutcome.LOST
         self._release_quietly(lease, reason="worker stopped by signal")
         saved = sum(len(p.ids) for p in ctx.progress.values())
         self.reporter.message(f"saved {saved} generated tokens of {len(ctx.progress)} rows; lease released")
-        return "stopped"
+        return ShardOutcome.STOPPED
 
     def _fail_quietly(self, lease: Lease, error: str) -> None:
         try:
@@ -338,7 +256,7 @@ class Worker:
             self.reporter.message(f"loading {job.model_dir} ({params.dtype}, policy {policy.describe()})")
             # Workers sharing a disk directory would convert the checkpoint into the same weight
             # store files at once; one at a time, the second finds the store complete.
-            with _exclusive(Path(self.config.offload_dir) / "flexjob-engine-load.lock"):
+            with exclusive(Path(self.config.offload_dir) / "flexjob-engine-load.lock"):
                 self._engine = Engine(job.model_dir, policy, dtype=params.dtype,
                                       offload_dir=self.config.offload_dir, gpu_mem_gib=self.config.gpu_mem_gib,
                                       cpu_mem_gib=self.config.cpu_mem_gib, throttle_gbps=self.config.throttle_gbps)
@@ -352,7 +270,7 @@ class Worker:
         if self.config.hardware is None:
             return Policy()
         from engine.model.config import load_config
-        from jobrunner.worker.replan import planned_policy
+        from jobrunner.worker.replan import planned_policy  # the planner (pulp) loads only when it plans
 
         return planned_policy(load_config(job.model_dir), self.config.hardware, gpu_mem_gib=self.config.gpu_mem_gib,
                               cpu_mem_gib=self.config.cpu_mem_gib, gen_len=params.max_new_tokens)
@@ -362,18 +280,16 @@ class Worker:
             return None
         return pq.ParquetFile(job.input_path).schema_arrow.field(job.id_column).type
 
-    def _maybe_replan(self, engine, lease: Lease) -> None:
+    def _maybe_replan(self, engine: Engine, lease: Lease) -> None:
         if self.replanner is None:
             return
-        proposal = self.replanner(engine)
-        new_policy = getattr(proposal, "new_policy", proposal)
-        if new_policy is None or new_policy == engine.policy:
+        decision = self.replanner(engine)
+        if decision is None or decision.new_policy == engine.policy:
             return
-        old = engine.policy
-        engine.set_policy(new_policy)
-        store.worker_seen(self.db, self.worker_id, policy=new_policy.to_dict())
-        data = proposal.to_event() if hasattr(proposal, "to_event") else {}
-        store.record_event(self.db, "replan", job_id=lease.job_id, shard_id=lease.shard_id,
-                           worker_id=self.worker_id, message=f"{old.describe()} -> {new_policy.describe()}",
-                           data={"old_policy": old.to_dict(), "new_policy": new_policy.to_dict()} | data)
-        self.reporter.message(f"re-planned: {old.describe()} -> {new_policy.describe()}")
+        old, new = engine.policy, decision.new_policy
+        engine.set_policy(new)
+        store.worker_seen(self.db, self.worker_id, policy=new.to_dict())
+        store.record_event(self.db, EventKind.REPLAN, job_id=lease.job_id, shard_id=lease.shard_id,
+                           worker_id=self.worker_id, message=f"{old.describe()} -> {new.describe()}",
+                           data=decision.to_event())
+        self.reporter.message(f"re-planned: {old.describe()} -> {new.describe()}")

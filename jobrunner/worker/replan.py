@@ -21,16 +21,22 @@ from jobrunner.worker.bandwidth_monitor import BandwidthMonitor, ReplanDecision
 PLAN_PROMPT_LEN = 256
 
 
+def stored_profile_path(offload_dir: Path) -> str | None:
+    """Where the profile of this host and disk directory is stored, if `flexjob profile` made one."""
+    from engine.planning.profile_store import profile_path
+
+    path = profile_path(offload_dir)
+    return str(path.resolve()) if path.is_file() else None
+
+
 def stored_profile(offload_dir: Path) -> HardwareProfile | None:
     """The profile `flexjob profile` measured for this host and disk directory, if there is one
     (never measured here: a worker should not spend minutes probing the disk unasked)."""
-    from engine.planning.profiler import profile_path
-
-    path = profile_path(offload_dir)
-    if not path.is_file():
+    path = stored_profile_path(offload_dir)
+    if path is None:
         return None
     try:
-        return HardwareProfile.load(path)
+        return HardwareProfile.load(Path(path))
     except (ValueError, OSError):
         return None
 

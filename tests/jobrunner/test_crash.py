@@ -17,6 +17,8 @@ from jobrunner.io.enqueue import JobParams, enqueue
 from jobrunner.store.models import JobStatus, ShardStatus, WorkerStatus
 from jobrunner.io.results import write_results
 from tests.support.jobs import SAMPLE_PROMPTS, flexjob_command, read_results, write_prompts
+from jobrunner.store.events import EventKind
+from tests.support import store_reads
 
 MAX_NEW = 8
 PROGRESS_EVERY = 2
@@ -84,7 +86,7 @@ def test_sigkill_then_restart_gives_identical_output(tmp_path, tiny_model, crash
         assert store.job_parts(db, job.id) == []
     db_lease_expire(db, shard.id)
     run_worker(db, block=BLOCK, progress_every=PROGRESS_EVERY)  # the restart (in-process: same code)
-    assert any(e.kind == "lease_expired" for e in store.list_events(db, job_id=job.id))
+    assert any(e.kind == EventKind.LEASE_EXPIRED for e in store_reads.events(db, job_id=job.id))
     assert store.get_job(db, job.id).status == JobStatus.COMPLETED
     got = read_results(write_results(db, job.id, tmp_path / "out.parquet").path)
     assert got == uninterrupted[mode]
@@ -140,7 +142,7 @@ def test_sigterm_saves_progress_releases_the_lease_and_exits_promptly(tmp_path, 
         # Work done before the signal survives: as saved progress of the rows in flight, or — when
         # the signal landed just after a block commit, with nothing in flight — as committed rows.
         assert store.load_progress(db, shard.id) or store.committed_rows(db, shard.id)
-    assert all(w.status == WorkerStatus.STOPPED for w in store.list_workers(db))
+    assert all(w.status == WorkerStatus.STOPPED for w in store_reads.workers(db))
     run_worker(db, block=BLOCK, progress_every=PROGRESS_EVERY)
     got = read_results(write_results(db, job.id, tmp_path / "out.parquet").path)
     assert got == uninterrupted["greedy"]
@@ -162,6 +164,6 @@ def test_two_workers_on_one_sqlite_job_lose_and_duplicate_nothing(tmp_path, tiny
     table = pq.read_table(write_results(db, job.id, tmp_path / "out.parquet").path)
     assert table.column("row").to_pylist() == list(range(len(prompts)))
     assert table.column("finish_reason").to_pylist() == ["length"] * len(prompts)
-    committers = {e.worker_id for e in store.list_events(db, job_id=job.id, kinds=["block_committed"], limit=1000)}
+    committers = {e.worker_id for e in store_reads.events(db, job_id=job.id, kinds=[EventKind.BLOCK_COMMITTED])}
     assert len(committers) == 2, "both workers should have done some of the work"
     assert all(s.attempt == 1 for s in store.list_shards(db, job.id))  # no shard was done twice

@@ -25,7 +25,8 @@ from jobrunner.store.db_url import mask_url
 from jobrunner.io.enqueue import JobParams
 from jobrunner.errors import UserError
 from jobrunner.store.models import utcnow
-from jobrunner.observe.snapshot import SCHEMA, SnapshotOptions, open_store_for_reading, read_snapshot
+from jobrunner.observe.snapshot import SCHEMA, SnapshotOptions, read_snapshot
+from jobrunner.store.queries import open_store_for_reading
 from jobrunner.store import NewJob, PartRecord
 from jobrunner.store.base import write_tx
 from tests.support.jobs import flexjob_command
@@ -188,7 +189,7 @@ JOB_KEYS = {"id", "name", "model", "model_dir", "status", "priority", "total_row
             "progress", "generated_tokens", "tokens_per_s_recent", "tokens_per_s_average", "eta_s", "age_s",
             "created_at", "started_at", "finished_at", "error", "shards", "expired_leases", "stale", "workers",
             "params"}
-WORKER_KEYS = {"id", "hostname", "pid", "device", "status", "started_at", "last_seen_at", "heartbeat_age_s", "stale",
+WORKER_KEYS = {"id", "hostname", "pid", "device", "status", "state", "started_at", "last_seen_at", "heartbeat_age_s", "stale",
                "current", "policy", "rows_done", "tokens_generated", "tokens_per_s_recent", "bandwidth",
                "peak_rss_bytes", "peak_gpu_bytes"}
 CURRENT_KEYS = {"job_id", "job_name", "shard_id", "shard_index", "attempt", "block", "shard_done_rows", "shard_rows",
@@ -283,7 +284,7 @@ def test_reading_never_waits_for_a_writer(populated, sqlite_url):
 
 def test_missing_store_is_refused_without_creating_it(tmp_path):
     with pytest.raises(UserError, match="no job store at"):
-        open_store_for_reading(str(tmp_path / "nope.db"))
+        open_store_for_reading(f"sqlite:///{tmp_path / 'nope.db'}")
     assert not (tmp_path / "nope.db").exists()
 
 

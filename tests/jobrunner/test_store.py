@@ -13,6 +13,8 @@ from jobrunner.errors import UserError
 from jobrunner.store.models import JobStatus, ShardStatus, utcnow
 from jobrunner.store import LeaseLost, PartRecord, RowProgress
 from jobrunner.store.shards import ENGINE_FAILURE_LIMIT
+from jobrunner.store.events import EventKind
+from tests.support import store_reads
 
 
 def new_job(key: str = "k1", *, rows: int = 10, shard_rows: int = 4, priority: int = 0) -> store.NewJob:
@@ -89,7 +91,7 @@ def test_commits_complete_the_shard_and_the_job(db, worker):
     assert (job.done_rows, job.failed_rows, job.generated_tokens) == (6, 2, 24)
     assert all(s.status == ShardStatus.DONE for s in store.list_shards(db, job.id))
     assert sorted(r for p in store.job_parts(db, job.id) for r in p.row_ids) == list(range(6))
-    kinds = [e.kind for e in store.list_events(db, job_id=job.id)]
+    kinds = [e.kind for e in store_reads.events(db, job_id=job.id)]
     assert "job_completed" in kinds and kinds.count("block_committed") == 4
 
 
@@ -124,7 +126,7 @@ def test_an_expired_lease_is_taken_over_and_the_late_writer_is_fenced(db, worker
     assert store.commit_block(db, second, part_for(second, [0, 1, 2, 3])) is True
     assert store.get_job(db, job.id).done_rows == 4
     assert len(store.job_parts(db, job.id)) == 1
-    assert any(e.kind == "lease_expired" for e in store.list_events(db, job_id=job.id))
+    assert any(e.kind == EventKind.LEASE_EXPIRED for e in store_reads.events(db, job_id=job.id))
 
 
 def test_heartbeat_renews_the_lease_and_reports_a_cancel(db, worker):
@@ -204,16 +206,13 @@ def test_concurrent_claims_never_hand_out_a_shard_twice(db):
     assert len(claimed) == 40 and len(set(claimed)) == 40
 
 
-def test_workers_events_and_hardware_profiles(db):
+def test_workers_and_events(db):
     worker_id = store.register_worker(db, device="cpu", policy={"gpu_batch_size": 8})
     store.worker_seen(db, worker_id, policy={"gpu_batch_size": 16})
-    store.record_event(db, "replan", worker_id=worker_id, message="8 -> 16")
-    [w] = store.list_workers(db, running_only=True)
+    store.record_event(db, EventKind.REPLAN, worker_id=worker_id, message="8 -> 16")
+    [w] = store_reads.workers(db, running_only=True)
     assert w.policy == {"gpu_batch_size": 16}
     store.stop_worker(db, worker_id, reason="idle")
-    assert store.list_workers(db, running_only=True) == []
-    assert [e.kind for e in store.list_events(db, kinds=["replan"])] == ["replan"]
-    store.save_hardware_profile(db, {"disk_gbps": 1.1}, hostname="h1")
-    store.save_hardware_profile(db, {"disk_gbps": 1.3}, hostname="h1")
-    assert store.latest_hardware_profile(db, hostname="h1").data == {"disk_gbps": 1.3}
-    assert store.latest_hardware_profile(db, hostname="nowhere") is None
+    assert store_reads.workers(db, running_only=True) == []
+    assert [e.kind for e in store_reads.events(db, kinds=[EventKind.REPLAN])] == [EventKind.REPLAN]
+    assert [e.kind.value for e in store_reads.events(db, kinds=[EventKind.REPLAN])] == ["replan"]  # as stored

@@ -20,8 +20,11 @@ from jobrunner.errors import UserError
 from jobrunner.store.models import JobStatus
 from jobrunner.io.results import write_results
 from jobrunner.store import LeaseLost, PartRecord
+from jobrunner.worker.bandwidth_monitor import ReplanDecision
 from jobrunner.worker.loop import DeviceLock, PlainReporter, Worker, WorkerConfig
 from tests.support.jobs import SAMPLE_PROMPTS, read_results, write_prompts
+from jobrunner.store.events import EventKind
+from tests.support import store_reads
 
 MAX_NEW = 6
 
@@ -94,7 +97,7 @@ def test_a_poison_row_is_isolated_by_bisection(tmp_path, tiny_model, prompts_fil
     assert [r["row"] for r in rows if r["finish_reason"] == "error"] == [6]
     assert rows[6]["error"] == "engine error: PoisonRowError: test poison row 6"
     assert store.get_job(db, job.id).status == JobStatus.COMPLETED
-    tries = [e for e in store.list_events(db, job_id=job.id, kinds=["engine_error"])]
+    tries = [e for e in store_reads.events(db, job_id=job.id, kinds=[EventKind.ENGINE_ERROR])]
     assert len(tries) >= 3  # retried before bisecting
 
 
@@ -131,7 +134,7 @@ def test_an_expired_lease_is_taken_over_and_the_late_commit_rejected(tmp_path, t
     rows = pq.read_table(write_results(db, job.id, tmp_path / "out.parquet").path).column("row").to_pylist()
     assert rows == list(range(12))
     assert [s.attempt for s in store.list_shards(db, job.id)] == [2]
-    assert any(e.kind == "lease_expired" for e in store.list_events(db, job_id=job.id))
+    assert any(e.kind == EventKind.LEASE_EXPIRED for e in store_reads.events(db, job_id=job.id))
 
 
 def test_a_changed_input_file_fails_the_job_with_a_clear_message(tmp_path, tiny_model, prompts_file, run_worker):
@@ -185,13 +188,18 @@ def test_a_replan_is_applied_at_a_block_boundary_and_recorded(tmp_path, tiny_mod
 
     def replanner(engine):
         calls.append(engine.policy.gpu_batch_size)
-        return Policy(gpu_batch_size=6) if len(calls) == 1 else None
+        if len(calls) > 1:
+            return None
+        return ReplanDecision(block_index=0, old_policy=engine.policy, new_policy=Policy(gpu_batch_size=6),
+                              profiled_gbps={"disk_read": 1.0}, measured_gbps={"disk_read": 0.5},
+                              drifted_links=("disk_read",), old_tokens_per_s=10.0, new_tokens_per_s=15.0, apply=True)
 
     config = WorkerConfig(policy=Policy(gpu_batch_size=3), offload_dir=tmp_path / "off", exit_when_idle=True)
     Worker(db, config, reporter=PlainReporter(), replanner=replanner).run()
     assert calls == [3, 6]  # asked before each block: switched before the first, kept for the second
-    [event] = store.list_events(db, job_id=job.id, kinds=["replan"])
+    [event] = store_reads.events(db, job_id=job.id, kinds=[EventKind.REPLAN])
     assert event.message == "3x1 [100 0 100 0 100 0] overlap -> 6x1 [100 0 100 0 100 0] overlap"
+    assert event.data["measured_gbps"] == {"disk_read": 0.5} and event.data["predicted_gain"] == 0.5
     assert len(store.job_parts(db, job.id)) == 2  # 12 rows in blocks of 6
     assert store.get_job(db, job.id).status == JobStatus.COMPLETED
 
@@ -213,7 +221,8 @@ def test_a_throttled_disk_makes_the_worker_replan_and_output_stays_the_same(tmp_
     bandwidth, the LP is re-solved, the new policy is applied at a block boundary and recorded."""
     import shutil
 
-    from engine.planning.hardware import DISK_READ, HardwareProfile
+    from engine.planning.hardware import HardwareProfile
+    from engine.runtime.tiers import DISK_READ
     from engine.model.config import preset
     from engine.model.synthetic import make_model
     from jobrunner.worker.replan import ProfileReplanner
@@ -236,7 +245,7 @@ def test_a_throttled_disk_makes_the_worker_replan_and_output_stays_the_same(tmp_
     config = WorkerConfig(policy=start, cpu_mem_gib=8, offload_dir=tmp_path / "off", exit_when_idle=True,
                           throttle_gbps={DISK_READ: 0.05})
     Worker(db, config, reporter=PlainReporter(), replanner=replanner).run()
-    [event] = store.list_events(db, job_id=job.id, kinds=["replan"])
+    [event] = store_reads.events(db, job_id=job.id, kinds=[EventKind.REPLAN])
     assert event.data["measured_gbps"][DISK_READ] < 0.07 and event.data["profiled_gbps"][DISK_READ] == 0.2
     assert event.data["new_policy"]["weights_cpu_percent"] > start.weights_cpu_percent
     replanned = read_results(write_results(db, job.id, tmp_path / "a.parquet").path)
