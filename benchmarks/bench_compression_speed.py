@@ -19,7 +19,7 @@ from bench_engine import ENGINE_RUN, RESULTS, drop_page_cache, run_child_rss  # 
 
 
 def main() -> None:
-    from engine.runtime.engine import default_dtype_name
+    from engine.runtime.devices import default_dtype_name
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, type=Path)

@@ -23,7 +23,7 @@ import torch
 
 from engine.runtime.compression import dequantize, packed_nbytes, quantize
 from engine.model.config import preset
-from engine.model.synthetic import layer_tensor_shapes
+from engine.model.config import layer_tensor_shapes
 
 
 def best_ms(fn, repeat: int) -> tuple[float, float]:

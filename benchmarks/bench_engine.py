@@ -103,7 +103,7 @@ def drop_page_cache(directory: Path) -> None:
 
 
 def main() -> None:
-    from engine.runtime.engine import default_dtype_name
+    from engine.runtime.devices import default_dtype_name
     from engine.model.config import load_config
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -60,7 +60,7 @@ HAND_WRITTEN = [
 
 def main() -> None:
     from engine.planning.cost_model import estimate
-    from engine.runtime.engine import default_dtype_name
+    from engine.runtime.devices import default_dtype_name
     from engine.model.config import load_config
     from engine.runtime.policy import Policy
     from engine.planning.profiler import load_or_measure_profile

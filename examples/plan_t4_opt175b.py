@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from engine.planning.cost_model import GB, Shape, estimate, traffic_per_token
+from engine.planning.cost_inputs import GB, Shape
+from engine.planning.cost_model import estimate, traffic_per_token
 from engine.planning.hardware import t4_flexgen
 from engine.model.config import preset
 from engine.planning.planner import budgets_bytes, plan, solve_lp, to_policy

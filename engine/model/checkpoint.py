@@ -13,22 +13,17 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
 from engine.runtime.compression import quantize, to_bytes
 from engine.errors import CheckpointError
-from engine.model.config import OPTConfig
-from engine.model.synthetic import layer_tensor_shapes
+from engine.model.config import OPTConfig, layer_tensor_shapes
 from engine.runtime.policy import CompressionConfig
+from engine.runtime.tiers import align_up
 
-ALIGN = 4096
 STORE_VERSION = 1
-
-
-def align_up(n: int, a: int = ALIGN) -> int:
-    return (n + a - 1) // a * a
 
 
 @dataclass(frozen=True)
@@ -172,9 +167,6 @@ class WeightStore:
     def path(self, layer: str) -> Path:
         return self.root / f"{layer}.bin"
 
-    def layer_nbytes(self, layer: str) -> int:
-        return sum(t.nbytes for t in self.layers[layer])
-
     @classmethod
     def open_or_convert(cls, model_dir: Path, cfg: OPTConfig, store_dir: Path,
                         on_layer: Callable[[str, int, int], None] | None = None,
@@ -266,7 +258,3 @@ def convert_checkpoint(model_dir: Path, cfg: OPTConfig, root: Path,
             on_layer(layer, i + 1, len(names))
     (root / "index.json").write_text(json.dumps(index))
     return index
-
-
-def iter_tensors(store: WeightStore, layer: str) -> Iterator[TensorEntry]:
-    yield from store.layers[layer]

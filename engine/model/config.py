@@ -6,11 +6,11 @@ table 1; the HF config.json files), so that `flexjob make-model` and the planner
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from engine.errors import ModelConfigError
-
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,8 +87,38 @@ class OPTConfig:
             "_name_or_path": self.name,
         }
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+
+def model_key(cfg: OPTConfig) -> str:
+    """What a layer's speed depends on: its dimensions (not its depth or its weights)."""
+    return f"h{cfg.hidden_size}-f{cfg.ffn_dim}-a{cfg.num_heads}-v{cfg.vocab_size}-e{cfg.embed_dim}"
+
+
+def layer_tensor_shapes(cfg: OPTConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor of one decoder layer, in checkpoint order."""
+    h, f = cfg.hidden_size, cfg.ffn_dim
+    shapes = []
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        shapes += [(f"self_attn.{proj}.weight", (h, h)), (f"self_attn.{proj}.bias", (h,))]
+    shapes += [("self_attn_layer_norm.weight", (h,)), ("self_attn_layer_norm.bias", (h,)),
+               ("fc1.weight", (f, h)), ("fc1.bias", (f,)), ("fc2.weight", (h, f)), ("fc2.bias", (h,)),
+               ("final_layer_norm.weight", (h,)), ("final_layer_norm.bias", (h,))]
+    return shapes
+
+
+def hf_tensor_shapes(cfg: OPTConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """Every tensor of a HF OPTForCausalLM checkpoint (lm_head is tied to embed_tokens)."""
+    h, p = cfg.hidden_size, "model.decoder."
+    yield p + "embed_tokens.weight", (cfg.vocab_size, cfg.embed_dim)
+    yield p + "embed_positions.weight", (cfg.max_positions + 2, h)  # OPT offsets positions by 2
+    if cfg.has_projections:
+        yield p + "project_in.weight", (h, cfg.embed_dim)
+        yield p + "project_out.weight", (cfg.embed_dim, h)
+    if cfg.has_final_layer_norm:
+        yield p + "final_layer_norm.weight", (h,)
+        yield p + "final_layer_norm.bias", (h,)
+    for i in range(cfg.num_layers):
+        for name, shape in layer_tensor_shapes(cfg):
+            yield f"{p}layers.{i}.{name}", shape
 
 
 # name -> (hidden, layers, heads, ffn); all use vocab 50272 and 2048 positions.
@@ -128,7 +158,8 @@ def preset(name: str, *, num_layers: int | None = None, hidden_size: int | None 
     if hidden_size is not None:
         heads = num_heads or max(1, hidden_size // 64)
         if hidden_size % heads:
-            raise ModelConfigError(f"--hidden {hidden_size} is not divisible by {heads} heads")
+            raise ModelConfigError(f"hidden size {hidden_size} is not divisible by {heads} heads",
+                                   parameter="hidden_size")
         cfg = replace(cfg, hidden_size=hidden_size, num_heads=heads, ffn_dim=4 * hidden_size,
                       word_embed_proj_dim=(hidden_size // 2 if cfg.has_projections else None))
     elif num_heads is not None:

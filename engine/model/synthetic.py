@@ -10,42 +10,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
-from engine.model.config import OPTConfig
+from engine.model.config import OPTConfig, hf_tensor_shapes
 from engine.model.synthetic_tokenizer import write_tokenizer
 
 SHARD_BYTES = 2 * 1024**3
 FINAL_LN_GAIN = 6.0
-
-
-def hf_tensor_shapes(cfg: OPTConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
-    """Every tensor of a HF OPTForCausalLM checkpoint (lm_head is tied to embed_tokens)."""
-    h, p = cfg.hidden_size, "model.decoder."
-    yield p + "embed_tokens.weight", (cfg.vocab_size, cfg.embed_dim)
-    yield p + "embed_positions.weight", (cfg.max_positions + 2, h)  # OPT offsets positions by 2
-    if cfg.has_projections:
-        yield p + "project_in.weight", (h, cfg.embed_dim)
-        yield p + "project_out.weight", (cfg.embed_dim, h)
-    if cfg.has_final_layer_norm:
-        yield p + "final_layer_norm.weight", (h,)
-        yield p + "final_layer_norm.bias", (h,)
-    for i in range(cfg.num_layers):
-        for name, shape in layer_tensor_shapes(cfg):
-            yield f"{p}layers.{i}.{name}", shape
-
-
-def layer_tensor_shapes(cfg: OPTConfig) -> list[tuple[str, tuple[int, ...]]]:
-    h, f = cfg.hidden_size, cfg.ffn_dim
-    shapes = []
-    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-        shapes += [(f"self_attn.{proj}.weight", (h, h)), (f"self_attn.{proj}.bias", (h,))]
-    shapes += [("self_attn_layer_norm.weight", (h,)), ("self_attn_layer_norm.bias", (h,)),
-               ("fc1.weight", (f, h)), ("fc1.bias", (f,)), ("fc2.weight", (h, f)), ("fc2.bias", (h,)),
-               ("final_layer_norm.weight", (h,)), ("final_layer_norm.bias", (h,))]
-    return shapes
 
 
 def _random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:

@@ -3,7 +3,7 @@
 The profile's kernel figures (a linear layer's time per weight byte, attention bandwidth, op
 dispatch) are each measured alone, on one weight shape. A real layer also runs LayerNorms, ReLU,
 residual adds, the cache append and allocations between them, and it allocates its multi-MB
-intermediates fresh (the engine returns big blocks to the OS at once to keep RSS within --cpu-mem,
+intermediates fresh (the engine returns big blocks to the OS at once to keep RSS within the CPU budget,
 so each costs page faults); and a small-batch matmul's speed depends on the weight's shape (fp32
 on an AVX2 host: 17 to 66 GFLOP/s at 32 rows for the two MLP shapes of opt-1.3b). So the profiler
 times `engine.model.opt` itself, for a prefill micro-batch and decode micro-batches of several sizes,
@@ -19,9 +19,12 @@ import math
 import torch
 
 from engine.model import opt as layers
+from engine.model.config import layer_tensor_shapes, preset
+from engine.planning.cost_inputs import Placement, Shape
+from engine.planning.cost_time import phase_terms
 from engine.planning.hardware import HardwareProfile
-from engine.model.config import preset
-from engine.model.synthetic import layer_tensor_shapes
+from engine.runtime.budgets import limit_allocator_slack
+from engine.runtime.policy import Policy
 
 PREFILL_ROWS, PROMPT_LEN = 8, 128      # one prefill micro-batch: 1024 tokens
 DECODE_ROWS, GEN_LEN = 32, 16           # one decode step attends over prompt + gen/2 = 136 positions
@@ -45,11 +48,6 @@ def _layer_step(cfg, w, h: torch.Tensor, cache: torch.Tensor, start: int, mask: 
     return layers.mlp(w, cfg, layers.attention_output(w, cfg, h, attn))
 
 
-def model_key(cfg) -> str:
-    """What a layer's speed depends on: its dimensions (not its depth or its weights)."""
-    return f"h{cfg.hidden_size}-f{cfg.ffn_dim}-a{cfg.num_heads}-v{cfg.vocab_size}-e{cfg.embed_dim}"
-
-
 def calibration_bytes(cfg, dtype: torch.dtype) -> int:
     """Memory one calibration needs: a layer's and the output head's weights in `dtype`."""
     size = torch.empty((), dtype=dtype).element_size()
@@ -59,9 +57,6 @@ def calibration_bytes(cfg, dtype: torch.dtype) -> int:
 
 def _predicted(cfg, hw: HardwareProfile, phase: str, rows: int, part: str) -> float:
     """The cost model's compute time of one layer (part "layer") or the head ("head"), unscaled."""
-    from engine.planning.cost_model import Placement, Shape, phase_terms
-    from engine.runtime.policy import Policy
-
     policy = Policy.from_percents([0, 100, 0, 100, 0, 100], gpu_batch_size=rows)
     sh = Shape.from_policy(policy, prompt_len=PROMPT_LEN, gen_len=GEN_LEN)
     unscaled = dataclasses.replace(hw, compute_scale={}, model_compute_scale={})
@@ -79,8 +74,6 @@ def measure_compute_scale(hw: HardwareProfile, device: str, dtype: torch.dtype, 
     `timed(fn)` returns the seconds per call (the profiler's timer). Every point is timed in
     ROUNDS rounds over all points and its fastest round counts: a neighbour's burst of a few
     seconds on a shared host (seen: one point 2x off) then spoils one round, not the figure."""
-    from engine.runtime.budgets import limit_allocator_slack
-
     limit_allocator_slack()  # the engine's allocator setting: big intermediates cost page faults there
     cfg = dataclasses.replace(cfg or preset("1.3b"), num_layers=1)
     dev = torch.device(device)

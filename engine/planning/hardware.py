@@ -4,9 +4,9 @@ A HardwareProfile is written by `engine.planning.profiler` (measured on this hos
 file (`flexjob plan --hardware FILE`) to size a machine one does not have. Units: bandwidths in
 GB/s (1e9 bytes/s), FLOP/s as plain numbers, capacities in GiB (2**30 bytes) like the budgets.
 
-The link names below are the contract with the engine: per block it reports a dict
-`{link: (bytes, seconds)}` using exactly these names, and the bandwidth monitor compares them
-with the profile fields they map to.
+The engine reports per block a dict `{link: (bytes, seconds)}` with the link names of
+engine.runtime.tiers; `LINK_FIELDS` maps each to the profile field holding its bandwidth, which the
+bandwidth monitor compares them with.
 """
 from __future__ import annotations
 
@@ -18,12 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Link names the engine reports per block: {LINK: (bytes_moved, seconds_spent)}.
-DISK_READ = "disk_read"
-DISK_WRITE = "disk_write"
-CPU_TO_GPU = "cpu_to_gpu"
-GPU_TO_CPU = "gpu_to_cpu"
-LINKS = (DISK_READ, DISK_WRITE, CPU_TO_GPU, GPU_TO_CPU)
+from engine.runtime.tiers import CPU_TO_GPU, DISK_READ, DISK_WRITE, GPU_TO_CPU
 
 # Which profile field holds the bandwidth of each link.
 LINK_FIELDS = {
@@ -33,9 +28,7 @@ LINK_FIELDS = {
     GPU_TO_CPU: "gpu_to_cpu_gbps",
 }
 
-PROFILE_VERSION = 6  # 2: linear_s_per_byte, 3: compute_scale, 4: per-row-count and per-model scales,
-# 5: io_compute_interference, convert_gbps into a kept buffer, 6: the head's calibration without the
-# lookup tables (no longer part of its matmul), disk bandwidth learned from runs
+PROFILE_VERSION = 6  # a stored profile of another version is measured again: its fields mean other things
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,7 +73,7 @@ class HardwareProfile:
     # Measured / predicted compute time of the engine's own decoder layer, by phase ("prefill",
     # "decode"): what the kernels measured alone leave out (engine.planning.calibration); empty: 1.
     compute_scale: dict[str, float] = field(default_factory=dict)
-    # The same measured for one model's dimensions (`layer_calibration.model_key`), with "decode:R"
+    # The same measured for one model's dimensions (`engine.model.config.model_key`), with "decode:R"
     # and "head:R" per decode micro-batch of R rows: filled in when a model is planned on this host.
     model_compute_scale: dict[str, dict[str, float]] = field(default_factory=dict)
     op_overhead_s: float = 2e-5          # fixed cost of one small kernel launch / op dispatch

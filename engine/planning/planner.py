@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import pulp
 
-from engine.planning.cost_model import (GIB, Estimate, Placement, Shape, WeightSplit, estimate, max_weights_disk_fraction,
-                               memory_peaks, peak_bytes, phase_terms, weight_shares)
+from engine.planning.cost_inputs import (GIB, Placement, Shape, WeightSplit, max_weights_disk_fraction, weight_shares)
+from engine.planning.cost_model import Estimate, block_time, estimate
+from engine.planning.cost_memory import memory_peaks, peak_bytes
+from engine.planning.cost_time import phase_terms
 from engine.errors import BudgetError
 from engine.planning.hardware import HardwareProfile
 from engine.model.config import OPTConfig
@@ -208,7 +210,6 @@ def _lower_bound_s(cfg: OPTConfig, hw: HardwareProfile, sh: Shape) -> float:
     best = Placement(wg=1.0, wc=0.0, wd=0.0, cg=1.0, cc=0.0, cd=0.0, hg=1.0, hc=0.0, hd=0.0)
     if not hw.has_gpu:
         best = Placement(wg=0.0, wc=1.0, wd=0.0, cg=0.0, cc=1.0, cd=0.0, hg=0.0, hc=1.0, hd=0.0)
-    from engine.planning.cost_model import block_time
     return float(block_time(cfg, hw, sh, best))
 
 
@@ -219,7 +220,7 @@ def plan(config: OPTConfig, hardware: HardwareProfile, *, gpu_mem_gib: float | N
          num_alternatives: int = 5, cpu_reserved_gib: float = 0.0) -> Plan:
     """The best policy under the cost model for these budgets (GiB), or BudgetError.
     cpu_reserved_gib: RAM the process already holds outside the engine's tensors (Python, torch,
-    tokenizer); the engine counts its whole RSS against --cpu-mem, so the caller passes it here."""
+    tokenizer); the engine counts its whole RSS against the CPU budget, so the caller passes it here."""
     if cpu_mem_gib is not None and cpu_reserved_gib:
         cpu_mem_gib = max(0.0, cpu_mem_gib - cpu_reserved_gib)
     budgets = budgets_bytes(hardware, gpu_mem_gib, cpu_mem_gib, disk_mem_gib)
@@ -242,8 +243,7 @@ def plan(config: OPTConfig, hardware: HardwareProfile, *, gpu_mem_gib: float | N
         cands.append((est.tokens_per_s, Candidate(policy=pol, estimate=est), lp_s))
         best_tps = max(best_tps, est.tokens_per_s)
     if not cands:
-        raise BudgetError(_impossible_message(config, hardware, budgets, prompt_len, gen_len,
-                                              compress_options, cpu_reserved_gib))
+        raise _impossible(config, hardware, budgets, prompt_len, gen_len, compress_options, cpu_reserved_gib)
     cands.sort(key=lambda c: -c[0])
     best_tps, best, lp_s = cands[0]
     # Alternatives: the best of each other block shape (cpu attention on/off alone is not news).
@@ -329,19 +329,17 @@ def smallest_budgets(config: OPTConfig, hardware: HardwareProfile, budgets: dict
     return out
 
 
-def _impossible_message(config: OPTConfig, hardware: HardwareProfile, budgets: dict, prompt_len: int,
-                        gen_len: int, compress_options, cpu_reserved_gib: float = 0.0) -> str:
+def _impossible(config: OPTConfig, hardware: HardwareProfile, budgets: dict, prompt_len: int,
+                gen_len: int, compress_options, cpu_reserved_gib: float = 0.0) -> BudgetError:
     need = smallest_budgets(config, hardware, budgets, prompt_len, gen_len, compress_options)
-    # Budgets as the user gave them: the process's own memory was taken off --cpu-mem before.
+    # Budgets as the user gave them: the process's own memory was taken off the CPU budget before.
     shown = {t: (v + cpu_reserved_gib if t == "cpu" and v is not None else v) for t, v in budgets.items()}
     given = ", ".join(f"{t} {v:.3g} GiB" for t, v in shown.items() if v is not None)
     if "cpu" in need:
         need["cpu"] += cpu_reserved_gib
-    flag = {"gpu": "--gpu-mem", "cpu": "--cpu-mem", "disk": "--disk-mem"}
+    subject = f"{config.name} (prompt {prompt_len}, gen {gen_len}) does not fit in {given} with any policy"
     if need:
-        options = " or ".join(f"{flag[t]} {np.ceil(v * 100) / 100:.2f}" for t, v in need.items())
-        return (f"{config.name} (prompt {prompt_len}, gen {gen_len}) does not fit in {given} with any "
-                f"policy; the smallest budget that works: {options} (with the other budgets as given)")
+        return BudgetError(subject, smallest_gib={t: float(np.ceil(v * 100) / 100) for t, v in need.items()})
     total = config.param_count() * 2 / GIB
-    return (f"{config.name} (prompt {prompt_len}, gen {gen_len}) does not fit in {given} with any "
-            f"policy, and raising a single budget is not enough: the fp16 weights alone are {total:.1f} GiB")
+    return BudgetError(subject, otherwise=(", and raising a single budget is not enough: the fp16 weights "
+                                           f"alone are {total:.1f} GiB"))

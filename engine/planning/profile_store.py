@@ -1,27 +1,48 @@
-"""The stored hardware profile learns the disk bandwidth the engine really gets.
+"""Where hardware profiles are stored, and how a stored profile learns the disk bandwidth the engine
+really gets.
+
+Profiles live as JSON under `$FLEXJOB_HOME/profiles` (default ./.flexjob), one per host, device and
+disk directory (`profile_path`).
 
 A profile's disk figures come from a probe of a few seconds. On a shared host the disk drifts 2-4x
 within the hour, and what the engine's I/O thread gets beside busy compute threads is not what an
-idle probe gets (sessions 4-5: probe 1.2-2.6 GB/s, the engine's reads 0.45-1.3 GB/s on the same
-files). Every finished block reports bytes and busy seconds per link; `record_block` blends the
-block's disk read and write bandwidth into the profile stored for the engine's disk directory, a
-moving average weighted by traffic, so the next plan (the worker's, `generate`'s, `flexjob plan`'s)
+idle probe gets (probe 1.2-2.6 GB/s against the engine's reads at 0.45-1.3 GB/s on the same files,
+on one cloud VM). Every finished block reports bytes and busy seconds per link
+(`EngineStats.blocks`); the caller of the engine (the worker, `flexjob generate`) hands them to
+`learn_from_blocks`, which blends each block's disk read and write bandwidth into the profile
+stored for the engine's disk directory, a moving average weighted by traffic, so the next plan
 starts from what runs measured rather than from the probe. The probe's own figures are kept
 (`HardwareProfile.probed_gbps`), and only a profile that exists is updated: runs never create one.
 """
 from __future__ import annotations
 
 import fcntl
-from collections.abc import Mapping
+import hashlib
+import socket
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from engine.planning.hardware import DISK_READ, DISK_WRITE, LINK_FIELDS, HardwareProfile
+import torch
+
+from engine.planning.hardware import LINK_FIELDS, HardwareProfile
+from engine.runtime.paths import engine_home
+from engine.runtime.stats import BlockRecord, EngineStats
+from engine.runtime.tiers import DISK_READ, DISK_WRITE
 
 LEARNED_LINKS = (DISK_READ, DISK_WRITE)
 # A block's figure counts when it moved at least this much (a few rows or small cache appends time
 # latency, not bandwidth), with a weight that reaches one half at HALF_WEIGHT_BYTES.
 MIN_BYTES = 64 * 2**20
 HALF_WEIGHT_BYTES = 4e9
+
+
+def profile_path(disk_dir: str | Path, home: Path | None = None) -> Path:
+    """The stored profile of this host, its compute device and `disk_dir`, under `home`
+    (default `$FLEXJOB_HOME`, else ./.flexjob)."""
+    disk_dir = str(Path(disk_dir).resolve())
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    key = hashlib.sha1(f"{socket.gethostname()}|{device}|{disk_dir}".encode()).hexdigest()[:12]
+    return (home or engine_home()) / "profiles" / f"{socket.gethostname()}-{key}.json"
 
 
 def blended_gbps(current: float, nbytes: float, seconds: float) -> float | None:
@@ -37,8 +58,6 @@ def record_block(disk_dir: str | Path, transfers: Mapping[str, tuple[float, floa
     """Blend one block's disk figures into the stored profile of this host and disk directory.
     Returns the updated profile, or None when there is none, it cannot be read, or the block moved
     too little to learn from."""
-    from engine.planning.profiler import profile_path
-
     if not any(transfers.get(link, (0, 0.0))[0] >= MIN_BYTES for link in LEARNED_LINKS):
         return None  # nothing to learn (weights, cache and activations in memory): no file I/O
     path = profile_path(disk_dir, home)
@@ -63,3 +82,30 @@ def record_block(disk_dir: str | Path, transfers: Mapping[str, tuple[float, floa
         prof = prof.replace(**changes, probed_gbps=probed, learned_blocks=prof.learned_blocks + 1)
         prof.save(path)
         return prof
+
+
+def learn_from_blocks(disk_dir: str | Path, blocks: Iterable[BlockRecord], *,
+                      home: Path | None = None) -> HardwareProfile | None:
+    """Blend every block into the stored profile, skipping blocks run with a throttled link (the test
+    knob's figures are not this host's). Returns the last updated profile, if any."""
+    learned = None
+    for block in blocks:
+        if not block.throttled:
+            learned = record_block(disk_dir, block.transfers, home=home) or learned
+    return learned
+
+
+class DiskBandwidthLearner:
+    """Learns from each finished block of a long-running caller's engines exactly once."""
+
+    def __init__(self, disk_dir: str | Path, *, home: Path | None = None) -> None:
+        self.disk_dir, self.home = disk_dir, home
+        self._stats: EngineStats | None = None
+        self._seen = 0
+
+    def observe(self, stats: EngineStats) -> None:
+        """Learn from the blocks `stats` gained since the last call (a new engine: all of them)."""
+        if stats is not self._stats:
+            self._stats, self._seen = stats, 0
+        learn_from_blocks(self.disk_dir, stats.blocks[self._seen:], home=self.home)
+        self._seen = len(stats.blocks)

@@ -3,7 +3,7 @@ measured peak (process RSS sampled while generating; the CUDA allocator's peak).
 
 On a host without CUDA the GPU tier is RAM, so everything counts against the CPU budget (and the
 GPU budget is not used). The CPU figure includes the process as it already is (Python, torch,
-tokenizer), because `--cpu-mem` is a promise about the whole process's resident memory.
+tokenizer), because the CPU budget is a promise about the whole process's resident memory.
 """
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from engine.errors import BudgetError
 from engine.model.config import OPTConfig
 from engine.runtime.placement import cache_pair_split, slot_tier
 from engine.runtime.policy import Policy
-from engine.runtime.tiers import Tier
-from engine.model.checkpoint import WeightStore, align_up
+from engine.runtime.tiers import Tier, align_up
+from engine.runtime.weight_tiers import ROW_LOOKUP_TABLES, bytes_by_tier, plan_weight_tiers
+from engine.model.checkpoint import WeightStore
 
 GIB = 1024**3
 
@@ -37,58 +38,67 @@ class MemoryEstimate:
         return sum(self.cpu.values())
 
 
+def _weight_bytes(cfg: OPTConfig, store: WeightStore, policy: Policy, size: int) -> tuple[dict[Tier, int], int]:
+    """Bytes of weights each tier holds, and the buffers streaming needs: two layers in flight (one
+    computing, one being prefetched: read from disk and/or dequantised) plus the raw read buffers,
+    one decoder layer's (kept for reuse) and the embedding's or head's while it is converted."""
+    tiers = plan_weight_tiers(store, cfg, policy)
+    streamed, decoder_read, other_read = 0, 0, 0
+    for layer, layer_tiers in tiers.items():
+        in_flight = 0  # tensors materialised per use
+        read = 0  # raw bytes of the layer's disk tensors, all read before any is converted
+        for entry in store.layers[layer]:
+            tier = layer_tiers[entry.name]
+            if entry.name in ROW_LOOKUP_TABLES:  # rows gathered, never a whole converted copy
+                continue
+            if tier == Tier.DISK or entry.compressed:
+                in_flight += entry.compute_bytes(size)
+            if tier == Tier.DISK:
+                read += align_up(entry.nbytes)
+        streamed = max(streamed, in_flight)
+        if layer.startswith("decoder."):
+            decoder_read = max(decoder_read, read)
+        else:
+            other_read = max(other_read, read)
+    return bytes_by_tier(store, tiers, size), 2 * streamed + decoder_read + other_read
+
+
+def _cache_bytes(cfg: OPTConfig, policy: Policy, slot: int) -> tuple[dict[Tier, int], int]:
+    """KV cache bytes per tier for slots of `slot` bytes, and the RAM buffers of its disk part: a
+    slot read ahead, the one in use, and it with the new position appended."""
+    pairs = policy.gpu_batch_size * cfg.num_heads  # every slot is split the same way, by (row, head) pairs
+    split = cache_pair_split(pairs, policy.cache_gpu_percent, policy.cache_cpu_percent)
+    per_tier = {t: cfg.num_layers * policy.num_gpu_batches * slot * n // pairs
+                for t, n in zip((Tier.GPU, Tier.CPU, Tier.DISK), split)}
+    return per_tier, 3 * slot * split[2] // pairs
+
+
+def _activation_bytes(cfg: OPTConfig, policy: Policy, act: int) -> dict[Tier, int]:
+    """A tier that holds any activation slot holds one hidden state (`act` bytes) per micro-batch."""
+    L, K = cfg.num_layers, policy.num_gpu_batches
+    act_tiers = {slot_tier(j, k, L + 2, K, policy.activations_gpu_percent, policy.activations_cpu_percent)
+                 for j in range(L + 2) for k in range(K)}
+    return {t: act * K if t in act_tiers else 0 for t in Tier}
+
+
 def estimate_memory(cfg: OPTConfig, store: WeightStore, policy: Policy, device: torch.device,
                     dtype: torch.dtype, *, prompt_len: int, gen_len: int,
                     resident_ram_bytes: int = 0) -> MemoryEstimate:
     """resident_ram_bytes: weights this process already holds in RAM (a loaded engine's); they are
     part of its RSS, so they are taken out of "process" rather than counted twice."""
-    from engine.runtime.placed_weights import ROW_LOOKUP_TABLES, PlacedWeights, held_element_size
-
-    on_gpu = device.type == "cuda"
     size = torch.empty((), dtype=dtype).element_size()
-    tiers = PlacedWeights.plan_tiers(store, cfg, policy)
-    weights = {t: 0 for t in Tier}
-    streamed, decoder_read, other_read = 0, 0, 0
-    for layer, layer_tiers in tiers.items():
-        layer_in_flight = 0  # tensors materialised per use: read from disk and/or dequantised
-        layer_read = 0  # raw bytes of the layer's disk tensors, all read before any is converted
-        for entry in store.layers[layer]:
-            tier = layer_tiers[entry.name]
-            weights[tier] += entry.held_bytes(held_element_size(entry, size)) if tier != Tier.DISK else entry.nbytes
-            if entry.name in ROW_LOOKUP_TABLES:  # rows gathered, never a whole converted copy
-                continue
-            if tier == Tier.DISK or entry.compressed:
-                layer_in_flight += entry.compute_bytes(size)
-            if tier == Tier.DISK:
-                layer_read += align_up(entry.nbytes)
-        streamed = max(streamed, layer_in_flight)
-        if layer.startswith("decoder."):
-            decoder_read = max(decoder_read, layer_read)
-        else:
-            other_read = max(other_read, layer_read)
-    # Two layers in flight (one computing, one being prefetched) plus the raw read buffers: one
-    # decoder layer's, kept for reuse, and the embedding's or head's while it is converted.
-    stream_buffers = 2 * streamed + decoder_read + other_read
-
-    B, K, L, h = policy.gpu_batch_size, policy.num_gpu_batches, cfg.num_layers, cfg.hidden_size
+    weights, stream_buffers = _weight_bytes(cfg, store, policy, size)
+    B, h = policy.gpu_batch_size, cfg.hidden_size
     max_len = prompt_len + max(gen_len - 1, 0)
-    slot = max_len * 2 * B * h * size
-    pairs = B * cfg.num_heads  # every slot is split the same way, by (row, head) pairs
-    split = cache_pair_split(pairs, policy.cache_gpu_percent, policy.cache_cpu_percent)
-    cache = {t: L * K * slot * n // pairs for t, n in zip((Tier.GPU, Tier.CPU, Tier.DISK), split)}
-    # The disk part of a slot: read ahead, in use, and it with the new position appended.
-    disk_cache_buffers = 3 * slot * split[2] // pairs
+    cache, disk_cache_buffers = _cache_bytes(cfg, policy, max_len * 2 * B * h * size)
     act = prompt_len * B * h * size
-    # A tier that holds any activation slot holds one hidden state per micro-batch at a time.
-    act_tiers = {slot_tier(j, k, L + 2, K, policy.activations_gpu_percent, policy.activations_cpu_percent)
-                 for j in range(L + 2) for k in range(K)}
-    acts = {t: act * K if t in act_tiers else 0 for t in Tier}
+    acts = _activation_bytes(cfg, policy, act)
     # Transient compute memory of one micro-batch's prefill: q/k/v/out, the MLP's intermediate,
     # the mask, and float32 logits of the last position.
     working = (prompt_len * B * (4 * h + cfg.ffn_dim) * size + B * prompt_len * max_len
                + B * cfg.vocab_size * 4 * 2) if prompt_len else 0
     process = max(0, psutil.Process().memory_info().rss - resident_ram_bytes)
-    if on_gpu:
+    if device.type == "cuda":
         gpu = {"weights": weights[Tier.GPU], "streamed weights": stream_buffers, "kv cache": cache[Tier.GPU],
                "activations": acts[Tier.GPU], "working": working}
         cpu = {"weights": weights[Tier.CPU], "kv cache": cache[Tier.CPU] + disk_cache_buffers,
@@ -112,12 +122,13 @@ def check_budgets(cfg: OPTConfig, store: WeightStore, policy: Policy, device: to
                           resident_ram_bytes=resident_ram_bytes)
     when = (f"for a block of {policy.block_size} rows x {prompt_len}+{gen_len} tokens"
             if prompt_len else "for the weights alone")
-    if gpu_mem_gib is not None and device.type == "cuda" and est.gpu_total > gpu_mem_gib * GIB:
-        raise BudgetError(f"policy {policy.describe()} needs {est.gpu_total / GIB:.2f} GiB of GPU memory {when} "
-                          f"({_describe(est.gpu)}), but --gpu-mem allows {gpu_mem_gib:g} GiB")
-    if cpu_mem_gib is not None and est.cpu_total > cpu_mem_gib * GIB:
-        raise BudgetError(f"policy {policy.describe()} needs {est.cpu_total / GIB:.2f} GiB of CPU memory {when} "
-                          f"({_describe(est.cpu)}), but --cpu-mem allows {cpu_mem_gib:g} GiB")
+    checks = (("gpu", "GPU", est.gpu, gpu_mem_gib if device.type == "cuda" else None),
+              ("cpu", "CPU", est.cpu, cpu_mem_gib))
+    for tier, label, parts, allowed in checks:
+        needed = sum(parts.values())
+        if allowed is not None and needed > allowed * GIB:
+            raise BudgetError(f"policy {policy.describe()} needs {needed / GIB:.2f} GiB of {label} memory {when} "
+                              f"({_describe(parts)})", tier=tier, needed_gib=needed / GIB, allowed_gib=allowed)
     return est
 
 
@@ -126,7 +137,7 @@ def limit_allocator_slack() -> None:
 
     Weight buffers of a few MB churn every layer on two threads (compute and I/O); by default glibc
     serves them from per-thread heaps that keep freed pages resident (~60 MB of slack measured on
-    opt-125m), which would break a tight --cpu-mem. Above 1 MiB, allocations become private
+    opt-125m), which would break a tight CPU budget. Above 1 MiB, allocations become private
     mappings that are unmapped on free.
     """
     import ctypes

@@ -4,10 +4,11 @@
                                               weights_gpu_percent=0, weights_cpu_percent=50))
     results = engine.generate([RowInput(row_id=0, prompt_ids=ids)], GenerationParams())
 
-Compute dtype defaults: float16 on CUDA; on the CPU bfloat16 where the CPU has native bf16 matmul
-(AVX512-BF16/AMX: 2-4x faster than float32, see MACHINE-NOTES), else float32 (bf16 is emulated and
-7x slower on AVX2-only CPUs). Budgets (`gpu_mem_gib`, `cpu_mem_gib`) are checked before anything is loaded;
-peaks are measured while generating (process RSS, CUDA allocator peak).
+The compute device and dtype default to what this machine runs fastest (engine.runtime.devices).
+Budgets (`gpu_mem_gib`, `cpu_mem_gib`) are checked before anything is loaded;
+peaks are measured while generating (process RSS, CUDA allocator peak). Every finished block's
+figures (`stats.blocks`: bytes and seconds per link) are returned to the caller, who decides whether
+to learn from them (engine.planning.profile_store); the engine itself writes no profile.
 """
 from __future__ import annotations
 
@@ -25,44 +26,13 @@ from engine.errors import PromptTooLongError
 from engine.model.config import load_config
 from engine.runtime.placed_weights import PlacedWeights
 from engine.runtime.policy import Policy
-from engine.planning.profile_store import record_block as learn_disk_bandwidth
 from engine.runtime.rows import GenerationParams, RowInput, RowResult, StepUpdate
 from engine.runtime.schedule import BlockRow, BlockRunner, ScheduleContext
 from engine.runtime.stats import EngineStats
 from engine.runtime.tiers import DiskTier, TransferStats
 from engine.model.checkpoint import WeightStore
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def cpu_has_fast_bfloat16() -> bool:
-    """bf16 matmul is fast only with AVX512-BF16 or AMX; elsewhere oneDNN emulates it (measured here on
-    an AVX2-only EPYC: 7x slower than float32), so float32 is the better default there."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    if name is None:
-        if device.type == "cuda":
-            return torch.float16
-        return torch.bfloat16 if cpu_has_fast_bfloat16() else torch.float32
-    if name not in DTYPES:
-        from engine.errors import EngineInputError
-        raise EngineInputError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def default_dtype_name() -> str:
-    """The compute dtype this machine runs fastest (what a job records when none is given)."""
-    return str(resolve_dtype(None, default_device())).removeprefix("torch.")
+from engine.runtime.devices import default_device, resolve_dtype
+from engine.runtime.paths import engine_home
 
 
 def check_lengths(config, rows: list[RowInput], params: GenerationParams) -> None:
@@ -87,7 +57,7 @@ class Engine:
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = resolve_dtype(dtype, self.device)
         self.gpu_mem_gib, self.cpu_mem_gib = gpu_mem_gib, cpu_mem_gib
-        self.offload_dir = Path(offload_dir) if offload_dir else Path(".flexjob")
+        self.offload_dir = Path(offload_dir) if offload_dir else engine_home()
         self.transfers = TransferStats()
         self.disk = DiskTier(self.offload_dir, self.transfers, bypass_page_cache=bypass_page_cache,
                              throttle_gbps=throttle_gbps)
@@ -193,9 +163,8 @@ class Engine:
                                 prefill_s=first_step_s[0] if first_step_s else 0.0,
                                 total_s=time.perf_counter() - started,
                                 transfers=self.transfers.snapshot_and_reset(),
-                                peak_rss=self.rss.peak, device=self.device)
-        if not self.disk.throttle_gbps:  # a throttled disk (the test knob) is not this host's disk
-            learn_disk_bandwidth(self.offload_dir, self.stats.blocks[-1].transfers)
+                                peak_rss=self.rss.peak, device=self.device,
+                                throttled=bool(self.disk.throttle_gbps))
         return stopped
 
     def close(self) -> None:

@@ -10,31 +10,32 @@ from __future__ import annotations
 
 import functools
 import time
+from dataclasses import dataclass, field
+from typing import Callable, Union
 
 import torch
 
 from engine.runtime.compression import QuantizedTensor, dequantize, from_bytes, row_sections
 from engine.model.config import OPTConfig
-from engine.runtime.placement import HEAD, LAYER, LOOKUP, split_weights
 from engine.runtime.policy import Policy
-from engine.runtime.tiers import CPU_TO_GPU, DEQUANTIZE, DiskTier, Tier, TransferStats, aligned_empty, to_device
-from engine.model.checkpoint import TensorEntry, WeightStore, align_up, layer_names
+from engine.runtime.tiers import (CPU_TO_GPU, DEQUANTIZE, DiskTier, Tier, TransferStats, align_up, aligned_empty,
+                                  to_device)
+from engine.runtime.weight_tiers import ROW_LOOKUP_TABLES, bytes_by_tier, plan_weight_tiers
+from engine.model.checkpoint import TensorEntry, WeightStore, layer_names
 
 
-ROW_LOOKUP_TABLES = ("embed_tokens.weight", "embed_positions.weight")
+# What the math receives per tensor name: a tensor, packed 4-bit codes (a lookup table), or a
+# function from row ids to rows (a lookup table that stays where it is).
+LayerTensor = Union[torch.Tensor, QuantizedTensor, Callable[[torch.Tensor], torch.Tensor]]
 
 
-def role(layer: str, name: str) -> str:
-    """What placement does with a tensor (engine.runtime.placement.split_weights)."""
-    if layer.startswith("decoder."):
-        return LAYER
-    return LOOKUP if name in ROW_LOOKUP_TABLES else HEAD
-
-
-def held_element_size(entry: TensorEntry, element_size: int) -> int:
-    """Lookup tables are held in fp16 (the embedding converts the rows it gathers); the rest in the
-    compute dtype."""
-    return 2 if entry.name in ROW_LOOKUP_TABLES else element_size
+@dataclass(frozen=True)
+class FetchedLayer:
+    """What `fetch` (I/O thread) hands to `finish` (compute thread) for one layer: the stored bytes
+    of its disk tensors by name, or, on GPU hosts, its tensors already made ready."""
+    layer: str
+    raw: dict[str, torch.Tensor] = field(default_factory=dict)
+    ready: dict[str, LayerTensor] | None = None
 
 
 def _as_fp16(buf: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
@@ -55,17 +56,9 @@ class PlacedWeights:
         self._raw_buffers: dict[str, torch.Tensor] = {}  # aligned read buffers of one decoder layer, by tensor
         self.replace(policy)
 
-    @staticmethod
-    def plan_tiers(store: WeightStore, cfg: OPTConfig, policy: Policy) -> dict[str, dict[str, Tier]]:
-        names = layer_names(cfg)
-        split = split_weights([[(e.nbytes, role(layer, e.name)) for e in store.layers[layer]] for layer in names],
-                              policy.weights_gpu_percent, policy.weights_cpu_percent)
-        return {layer: {e.name: t for e, t in zip(store.layers[layer], tiers)}
-                for layer, tiers in zip(names, split)}
-
     def replace(self, policy: Policy) -> int:
         """Place for `policy`; returns the bytes whose tier changed."""
-        new_tiers = self.plan_tiers(self.store, self.cfg, policy)
+        new_tiers = plan_weight_tiers(self.store, self.cfg, policy)
         moved = 0
         for layer, tiers in new_tiers.items():
             resident = self.resident.setdefault(layer, {})
@@ -137,11 +130,7 @@ class PlacedWeights:
             buffers[key] = torch.empty(entry.shape, dtype=self.dtype, device=device)
         return buffers[key]
 
-    def load(self, layer: str) -> dict[str, torch.Tensor]:
-        """All tensors of `layer` on the compute device, ready for the math (both stages at once)."""
-        return self.finish(self.fetch(layer))
-
-    def fetch(self, layer: str) -> tuple[str, dict[str, torch.Tensor], dict | None]:
+    def fetch(self, layer: str) -> FetchedLayer:
         """Stage one, on the I/O thread: the stored bytes of `layer`'s disk tensors. With a GPU it
         runs stage two too (conversion and dequantisation on the host overlap the GPU's compute).
         Without one, that work is left to `finish` on the compute thread: beside the compute
@@ -151,40 +140,49 @@ class PlacedWeights:
         raw = {e.name: self._read_raw(layer, e, reuse=decoder) for e in self.store.layers[layer]
                if self.tiers[layer][e.name] == Tier.DISK and e.name not in ROW_LOOKUP_TABLES}
         if self.device.type == "cuda":
-            return layer, {}, self.finish((layer, raw, None))
-        return layer, raw, None
+            return FetchedLayer(layer, ready=self.finish(FetchedLayer(layer, raw=raw)))
+        return FetchedLayer(layer, raw=raw)
 
-    def finish(self, fetched: tuple[str, dict, dict | None]) -> dict[str, torch.Tensor]:
+    def finish(self, fetched: FetchedLayer) -> dict[str, LayerTensor]:
         """Stage two: stored bytes and resident tensors made ready on the compute device."""
-        layer, raw, ready = fetched
-        if ready is not None:
-            return ready  # finished on the I/O thread (GPU hosts)
-        out = {}
-        for entry in self.store.layers[layer]:
-            on_disk = entry.name in raw
-            if entry.name in ROW_LOOKUP_TABLES and self.tiers[layer][entry.name] == Tier.DISK:
-                # Read by rows when the ids are known (opt-1.3b: 32 rows of 4 KiB for a decode
-                # step, against 206 MB for the whole table).
-                out[entry.name] = functools.partial(self._disk_rows, layer, entry)
-            elif entry.compressed and entry.name in ROW_LOOKUP_TABLES:
-                # Handed over packed: the embedding dequantises only the rows it gathers.
-                packed = to_device(self.resident[layer][entry.name], self.device, self.stats, CPU_TO_GPU)
-                out[entry.name] = from_bytes(packed, entry.shape, num_bits=entry.num_bits,
-                                             group_size=entry.group_size, dim=-1)
-            elif entry.name in ROW_LOOKUP_TABLES and self.tiers[layer][entry.name] == Tier.CPU \
-                    and self.device.type == "cuda":
-                out[entry.name] = functools.partial(self._host_rows, self.resident[layer][entry.name])
-            elif on_disk and entry.compressed:
-                out[entry.name] = self._ready(entry, raw[entry.name], self._slot(layer))
-            elif on_disk:  # converted into a buffer kept per (layer parity, tensor): no page faults
-                held = self._reused(self._stream_buffers, self._slot(layer), entry, torch.device("cpu"))
-                held.copy_(_as_fp16(raw[entry.name], entry))
-                out[entry.name] = to_device(held, self.device, self.stats)
-            elif entry.compressed:
-                out[entry.name] = self._ready(entry, self.resident[layer][entry.name], self._slot(layer))
-            else:
-                out[entry.name] = to_device(self.resident[layer][entry.name], self.device, self.stats, CPU_TO_GPU)
-        return out
+        if fetched.ready is not None:
+            return fetched.ready  # finished on the I/O thread (GPU hosts)
+        layer = fetched.layer
+        return {entry.name: (self._lookup_table(layer, entry) if entry.name in ROW_LOOKUP_TABLES
+                             else self._matmul_weight(layer, entry, fetched.raw.get(entry.name)))
+                for entry in self.store.layers[layer]}
+
+    def _lookup_table(self, layer: str, entry: TensorEntry) -> LayerTensor:
+        """A token or position table as the embedding uses it: a function gathering rows where the
+        whole table should not move (on disk; in host RAM beside a GPU), packed 4-bit codes (the
+        embedding dequantises only the rows it gathers), or the table on the compute device."""
+        tier = self.tiers[layer][entry.name]
+        if tier == Tier.DISK:
+            # Read by rows when the ids are known (opt-1.3b: 32 rows of 4 KiB for a decode step,
+            # against 206 MB for the whole table).
+            return functools.partial(self._disk_rows, layer, entry)
+        held = self.resident[layer][entry.name]
+        if entry.compressed:
+            packed = to_device(held, self.device, self.stats, CPU_TO_GPU)
+            return from_bytes(packed, entry.shape, num_bits=entry.num_bits, group_size=entry.group_size, dim=-1)
+        if tier == Tier.CPU and self.device.type == "cuda":
+            return functools.partial(self._host_rows, held)
+        return to_device(held, self.device, self.stats, CPU_TO_GPU)
+
+    def _matmul_weight(self, layer: str, entry: TensorEntry, raw: torch.Tensor | None) -> torch.Tensor:
+        """A weight, bias or LayerNorm tensor on the compute device in the compute dtype, from its
+        stored bytes just read (`raw`) or from its resident copy."""
+        if raw is None:
+            held = self.resident[layer][entry.name]
+            if entry.compressed:
+                return self._ready(entry, held, self._slot(layer))
+            return to_device(held, self.device, self.stats, CPU_TO_GPU)
+        if entry.compressed:
+            return self._ready(entry, raw, self._slot(layer))
+        # Converted into a buffer kept per (layer parity, tensor): no page faults.
+        held = self._reused(self._stream_buffers, self._slot(layer), entry, torch.device("cpu"))
+        held.copy_(_as_fp16(raw, entry))
+        return to_device(held, self.device, self.stats)
 
     def _disk_rows(self, layer: str, entry: TensorEntry, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of a lookup table on disk, in the compute dtype: the distinct rows read one
@@ -217,13 +215,7 @@ class PlacedWeights:
 
     def bytes_by_tier(self) -> dict[Tier, int]:
         """Bytes of weights each tier holds (compute dtype, or packed when compressed)."""
-        size = torch.empty((), dtype=self.dtype).element_size()
-        totals = {t: 0 for t in Tier}
-        for layer, tiers in self.tiers.items():
-            for entry in self.store.layers[layer]:
-                tier = tiers[entry.name]
-                totals[tier] += entry.nbytes if tier == Tier.DISK else entry.held_bytes(held_element_size(entry, size))
-        return totals
+        return bytes_by_tier(self.store, self.tiers, torch.empty((), dtype=self.dtype).element_size())
 
     def ram_bytes(self) -> int:
         """Bytes of weights held in host RAM (the CPU tier, and the GPU tier when the "GPU" is RAM)."""

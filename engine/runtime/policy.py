@@ -68,11 +68,11 @@ class Policy:
 
     @classmethod
     def from_percents(cls, percents, **kwargs) -> "Policy":
-        """Build from FlexGen's six `--percent` numbers: weights, cache, activations (GPU, CPU) each."""
+        """Build from FlexGen's six percents: weights, cache, activations (GPU, CPU) each."""
         percents = list(percents)
         if len(percents) != 6:
-            raise PolicyError(f"--percent takes 6 numbers (weights GPU CPU, cache GPU CPU, "
-                              f"activations GPU CPU), got {len(percents)}")
+            raise PolicyError(f"percents take 6 numbers (weights GPU CPU, cache GPU CPU, "
+                              f"activations GPU CPU), got {len(percents)}", parameter="percents")
         names = ("weights_gpu_percent", "weights_cpu_percent", "cache_gpu_percent",
                  "cache_cpu_percent", "activations_gpu_percent", "activations_cpu_percent")
         return cls(**dict(zip(names, (float(p) for p in percents))), **kwargs)

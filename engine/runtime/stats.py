@@ -16,6 +16,7 @@ class BlockRecord:
     transfers: dict[str, tuple[int, float]]  # link -> (bytes, busy seconds)
     peak_rss_bytes: int
     peak_gpu_bytes: int
+    throttled: bool = False  # a link was capped (the test knob): its figures are not this host's
 
 
 @dataclass
@@ -23,9 +24,11 @@ class EngineStats:
     blocks: list[BlockRecord] = field(default_factory=list)
 
     def record_block(self, *, rows: int, prompt_tokens: int, generated_tokens: int, prefill_s: float,
-                     total_s: float, transfers: dict, peak_rss: int, device: torch.device) -> BlockRecord:
+                     total_s: float, transfers: dict, peak_rss: int, device: torch.device,
+                     throttled: bool = False) -> BlockRecord:
         peak_gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-        record = BlockRecord(rows, prompt_tokens, generated_tokens, prefill_s, total_s, transfers, peak_rss, peak_gpu)
+        record = BlockRecord(rows, prompt_tokens, generated_tokens, prefill_s, total_s, transfers, peak_rss, peak_gpu,
+                             throttled)
         self.blocks.append(record)
         return record
 

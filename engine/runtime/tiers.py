@@ -18,13 +18,21 @@ from pathlib import Path
 
 import torch
 
-ALIGN = 4096
+ALIGN = 4096  # O_DIRECT needs offsets, sizes and buffer addresses on page boundaries
 
-# Link names shared with the planner's bandwidth monitor.
+
+def align_up(n: int, a: int = ALIGN) -> int:
+    """`n` rounded up to a multiple of `a`."""
+    return (n + a - 1) // a * a
+
+
+# Link names of the per-block figures {link: (bytes moved, busy seconds)}: the contract with the
+# planner (engine.planning.hardware maps them to profile fields) and the bandwidth monitor.
 DISK_READ = "disk_read"
 DISK_WRITE = "disk_write"
 CPU_TO_GPU = "cpu_to_gpu"
 GPU_TO_CPU = "gpu_to_cpu"
+LINKS = (DISK_READ, DISK_WRITE, CPU_TO_GPU, GPU_TO_CPU)
 DEQUANTIZE = "dequantize"  # not a link: time spent decompressing weights, reported the same way
 
 
@@ -61,7 +69,7 @@ class TransferStats:
 
 def aligned_empty(nbytes: int, *, pin: bool = False) -> torch.Tensor:
     """A uint8 tensor of `nbytes` whose data starts at a 4 KiB boundary (O_DIRECT needs it)."""
-    size = (nbytes + ALIGN - 1) // ALIGN * ALIGN
+    size = align_up(nbytes)
     raw = torch.empty(size + ALIGN, dtype=torch.uint8, pin_memory=pin)
     shift = (-raw.data_ptr()) % ALIGN
     return raw[shift:shift + size]

@@ -88,7 +88,8 @@ def default_offload_dir(offload_dir: Path | None) -> Path:
 def planned_policy(config, offload_dir: Path, gpu_mem, cpu_mem, *, prompt_len: int, gen_len: int,
                    flags: dict | None = None, max_block_size: int | None = None):
     """The LP planner's policy for this host (its hardware profile is measured once and stored)."""
-    from engine.planning.profiler import load_or_measure_profile, profile_path
+    from engine.planning.profile_store import profile_path
+    from engine.planning.profiler import load_or_measure_profile
     from jobrunner.worker.replan import plan_for_this_process
 
     if not profile_path(offload_dir).is_file():

@@ -54,7 +54,7 @@ def profile_command(disk_dir: Path | None, refresh: bool, as_json: bool) -> None
       flexjob profile --offload-dir /nvme/flexjob
       flexjob profile --json > mybox.json && flexjob plan --hardware mybox.json --size 30b ...
     """
-    from engine.planning.profiler import profile_path
+    from engine.planning.profile_store import profile_path
 
     disk_dir = disk_dir or _default_disk_dir()
     prof = load_hardware(None, disk_dir, refresh=refresh)
@@ -85,7 +85,7 @@ def profile_command(disk_dir: Path | None, refresh: bool, as_json: bool) -> None
         for dtype, flops in by_dtype.items():
             rows.append((f"matmul {device} {dtype} (GFLOP/s)", f"{flops / 1e9:.1f}"))
     if prof.linear_s_per_byte:
-        from engine.planning.cost_model import elem_bytes
+        from engine.planning.cost_inputs import elem_bytes
 
         elem = elem_bytes(prof)  # FLOPs per weight byte: 2 * rows / elem
         rows.append((f"linear layer, {prof.compute_dtype} (rows: GFLOP/s)",

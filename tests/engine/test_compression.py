@@ -9,7 +9,7 @@ import torch
 from engine.runtime.compression import (ALIGN, QuantizedTensor, dequantize, from_bytes, packed_nbytes,
                                 quantize, to_bytes)
 from engine.model.config import preset
-from engine.model.synthetic import hf_tensor_shapes
+from engine.model.config import hf_tensor_shapes
 
 # (shape, dim, group_size): multiples and non-multiples of the group, 1-D, 3-D, cache-like 4-D.
 CASES = [

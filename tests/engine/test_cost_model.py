@@ -4,9 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.planning.cost_model import (GIB, Placement, Shape, block_time, compression_factor, estimate,
-                               head_weight_bytes, layer_weight_bytes, peak_bytes, phase_terms,
-                               traffic_per_token)
+from engine.planning.cost_inputs import (GIB, Placement, Shape, compression_factor, head_weight_bytes, layer_weight_bytes)
+from engine.planning.cost_model import block_time, estimate, traffic_per_token
+from engine.planning.cost_memory import peak_bytes
+from engine.planning.cost_time import phase_terms
 from engine.planning.hardware import HardwareProfile, t4_flexgen
 from engine.model.config import preset
 from engine.runtime.policy import CompressionConfig, Policy

@@ -169,10 +169,10 @@ def test_lookup_tables_on_disk_are_read_by_rows(model_125m, tmp_path, compress):
     gathers (opt-125m rows are 1536 bytes, 4-bit rows three sections: spans that cross page
     boundaries), never the whole table; the output head is held in RAM; greedy output is still
     HF's (on the dequantised weights when compressed)."""
-    from engine.runtime.placed_weights import ROW_LOOKUP_TABLES
+    from engine.runtime.weight_tiers import ROW_LOOKUP_TABLES
     from engine.runtime.policy import CompressionConfig
     from engine.runtime.tiers import Tier
-    from engine.model.checkpoint import align_up
+    from engine.runtime.tiers import align_up
     from tests.engine.test_engine_compression import hf_on_dequantised_weights
     prompt_ids = encode(model_125m, PROMPTS)
     comp = CompressionConfig(num_bits=4, group_size=32)

@@ -80,8 +80,11 @@ def test_generate_prints_text_and_summary(tiny_model, tmp_path):
 
 
 def test_too_small_budget_refused_before_loading(tiny_model, tmp_path):
-    with pytest.raises(BudgetError, match=r"needs .* GiB of CPU memory .* --cpu-mem allows 0.01 GiB"):
+    """Refused with the numbers, naming the engine's own parameter; the fields say which budget."""
+    with pytest.raises(BudgetError, match=r"needs .* GiB of CPU memory .* cpu_mem_gib allows 0.01 GiB") as err:
         Engine(tiny_model, Policy(), dtype="float32", offload_dir=tmp_path / "o", cpu_mem_gib=0.01)
+    assert (err.value.tier, err.value.allowed_gib, err.value.parameter) == ("cpu", 0.01, "cpu_mem_gib")
+    assert err.value.needed_gib > 0.01 and "--" not in str(err.value) + err.value.hint
 
 
 def test_block_too_big_for_budget_refused(tiny_model, tmp_path):

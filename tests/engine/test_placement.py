@@ -87,7 +87,7 @@ def test_the_cost_models_weight_split_is_what_placement_does(cpu):
     the engine does) on opt-1.3b's tensors, CPU-only policies: the decoder layers' and the head's
     fractions on disk within one tensor, and the lookup tables in memory exactly. Plans never go
     below the head's share of RAM (the LP keeps the head in memory); hand-written policies may."""
-    from engine.planning.cost_model import Placement, weight_split
+    from engine.planning.cost_inputs import Placement, weight_split
     from engine.runtime.placement import HEAD, LAYER, LOOKUP, split_weights
     from engine.runtime.policy import Policy
     cfg = preset("1.3b")

@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from engine.planning.cost_model import Shape, estimate
+from engine.planning.cost_inputs import Shape
+from engine.planning.cost_model import estimate
 from engine.errors import BudgetError
 from engine.planning.hardware import HardwareProfile, t4_flexgen
 from engine.model.config import preset
@@ -109,13 +110,12 @@ def test_impossible_budget_names_the_smallest_budget_that_works():
     cfg, hw = preset("30b"), t4_flexgen()
     with pytest.raises(BudgetError) as err:
         plan(cfg, hw, gpu_mem_gib=1, cpu_mem_gib=2, disk_mem_gib=10, prompt_len=512, gen_len=32, **SMALL)
-    msg = str(err.value)
-    assert "does not fit" in msg and "smallest budget that works" in msg and "--gpu-mem" in msg
-    given = {"--gpu-mem": 1, "--cpu-mem": 2, "--disk-mem": 10}
-    for flag, limit in given.items():  # a budget already given that much is never the suggested fix
-        if flag in msg:
-            assert float(msg.split(flag + " ")[1].split()[0]) > limit, msg
-    need = float(msg.split("--gpu-mem ")[1].split()[0])
+    msg, smallest = str(err.value), err.value.smallest_gib
+    assert "does not fit" in msg and "smallest budget that works" in msg and f"gpu_mem_gib {smallest['gpu']:.2f}" in msg
+    given = {"gpu": 1, "cpu": 2, "disk": 10}
+    for tier, need in smallest.items():  # a budget already given that much is never the suggested fix
+        assert need > given[tier], msg
+    need = smallest["gpu"]
     ok = plan(cfg, hw, gpu_mem_gib=need, cpu_mem_gib=2, disk_mem_gib=10, prompt_len=512, gen_len=32, **SMALL)
     assert ok.peak_gib["gpu"] <= need + 1e-6
     with pytest.raises(BudgetError):

@@ -10,8 +10,7 @@ import sys
 
 import pytest
 
-from engine.planning.cost_model import DTYPE_BYTES
-from engine.runtime.engine import default_dtype_name
+from engine.runtime.devices import DTYPE_BYTES, default_dtype_name
 from engine.planning.hardware import HardwareProfile
 from engine.model.config import preset
 from engine.model.synthetic import make_model

@@ -7,7 +7,9 @@ import os
 import pytest
 
 from engine.planning.hardware import HardwareProfile
-from engine.planning.profiler import _settled_files, load_or_measure_profile, measure_disk, profile_path
+from engine.planning.disk_probes import _settled_files, measure_disk
+from engine.planning.profile_store import profile_path
+from engine.planning.profiler import load_or_measure_profile
 
 FAST = dict(disk_bytes=16 * 2 ** 20, seconds_per_test=0.02)
 
@@ -66,8 +68,7 @@ def test_a_planned_model_gets_its_own_calibration_once(tmp_path):
     """`load_or_measure_profile(model=...)` times that model's own layer and head on this host and
     stores the result beside the profile; the cost model then uses it for that model only."""
     from engine.planning.cost_model import estimate
-    from engine.planning.calibration import model_key
-    from engine.model.config import preset
+    from engine.model.config import model_key, preset
     from engine.runtime.policy import Policy
 
     home, disk = tmp_path / "home", tmp_path / "disk"
@@ -108,29 +109,37 @@ def test_disk_read_is_measured_on_files_written_earlier_when_the_directory_has_t
 
 
 def test_engine_runs_teach_the_stored_profile_the_disk_bandwidth_they_saw(tmp_path, monkeypatch):
-    """A real engine run streaming half of opt-125m's weights: each finished block blends its disk
-    read bandwidth into the profile stored for its disk directory (weighted by the bytes it read);
-    the probe's figure is kept; a throttled run teaches nothing; a directory without a stored
-    profile gets none."""
+    """A real engine run streaming half of opt-125m's weights reports each block's disk traffic and
+    writes no profile itself; learning from those blocks blends their disk read bandwidth into the
+    profile stored for the disk directory (weighted by the bytes read), each block once; the
+    probe's figure is kept; a throttled block teaches nothing; a directory without a stored profile
+    gets none."""
     from engine.runtime.engine import Engine
-    from engine.planning.hardware import DISK_READ
+    from engine.runtime.tiers import DISK_READ
     from engine.model.config import preset
     from engine.model.synthetic import make_model
     from engine.runtime.policy import Policy
-    from engine.planning.profiler import profile_path
+    from engine.planning.profile_store import DiskBandwidthLearner, learn_from_blocks, profile_path
     from engine.runtime.rows import GenerationParams, RowInput
 
     monkeypatch.setenv("FLEXJOB_HOME", str(tmp_path / "home"))
     model = make_model(preset("125m", num_layers=4), tmp_path / "model", with_tokenizer=False)
     offload = tmp_path / "offload"
     path = HardwareProfile(host="test", disk_read_gbps=1000.0, disk_write_gbps=1000.0).save(profile_path(offload))
+    stored = path.read_text()
     policy = Policy.from_percents([0, 50, 0, 100, 0, 100], gpu_batch_size=4)
     rows = [RowInput(row_id=i, prompt_ids=tuple(range(10 + i, 30 + i))) for i in range(4)]
+    learner = DiskBandwidthLearner(offload)
     with Engine(model, policy, offload_dir=offload) as engine:
         engine.generate(rows, GenerationParams(max_new_tokens=24))
+        assert path.read_text() == stored  # the engine only measures
+        learner.observe(engine.stats)
+        learner.observe(engine.stats)  # seen blocks are not learned twice
         nbytes, seconds = engine.stats.blocks[0].transfers[DISK_READ]
         engine.set_throttle({DISK_READ: 0.5})
         engine.generate(rows, GenerationParams(max_new_tokens=24))
+        assert engine.stats.blocks[1].throttled
+        learner.observe(engine.stats)
     assert nbytes >= 64 * 2**20, nbytes  # enough to count
     learned = HardwareProfile.load(path)
     weight = 1 - 0.5 ** (nbytes / 4e9)
@@ -139,4 +148,5 @@ def test_engine_runs_teach_the_stored_profile_the_disk_bandwidth_they_saw(tmp_pa
     assert learned.probed_gbps == {"disk_read_gbps": 1000.0}  # the engine wrote nothing it could time
     with Engine(model, policy, offload_dir=tmp_path / "elsewhere") as engine:
         engine.generate(rows[:1], GenerationParams(max_new_tokens=2))
+        assert learn_from_blocks(tmp_path / "elsewhere", engine.stats.blocks) is None
     assert not profile_path(tmp_path / "elsewhere").exists()

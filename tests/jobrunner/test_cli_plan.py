@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from engine.planning.hardware import HardwareProfile, t4_flexgen
 from engine.runtime.policy import Policy
-from engine.planning.profiler import profile_path
+from engine.planning.profile_store import profile_path
 from jobrunner.cli import main
 
 CPU_HOST = HardwareProfile(host="box", disk_read_gbps=1.1, disk_write_gbps=1.3, cpu_mem_gbps=18.0,

@@ -7,7 +7,8 @@ import itertools
 
 import numpy as np
 
-from engine.planning.cost_model import GIB, Placement, Shape, max_weights_disk_fraction, memory_peaks, peak_bytes, weight_shares
+from engine.planning.cost_inputs import GIB, Placement, Shape, max_weights_disk_fraction, weight_shares
+from engine.planning.cost_memory import memory_peaks, peak_bytes
 from engine.planning.hardware import HardwareProfile
 from engine.model.config import OPTConfig
 from engine.planning.planner import FRACTIONS, budgets_bytes, shapes

@@ -1,0 +1,142 @@
+"""Compute and memory probes: FLOP/s, a linear layer's time per weight byte, memory and link
+bandwidths, attention over a CPU cache, decompression and conversion speed, per-op overhead.
+
+Every number is what the engine's own operations see, not a datasheet figure: "memory
+bandwidth" is the weight-streaming rate of a batch-1 linear layer in the compute dtype, which is
+what bounds small-batch decode on a CPU; CPU attention is a decode step's attention over a KV
+cache, in cache bytes per second.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.planning.timing import sync_for, timed
+
+
+def matmul_flops(device: str, dtype: torch.dtype, seconds: float = 0.25) -> float:
+    """Dense FLOP/s of a linear layer in the engine's layout (weight [out, in]; F.linear), which on
+    some CPUs is many times faster than a @ b of the same size in bf16."""
+    n = 2048 if device == "cuda" else 1024
+    x = torch.full((n, n), 0.5, device=device, dtype=dtype)
+    w = torch.full((n, n), 0.01, device=device, dtype=dtype)
+    with torch.inference_mode():
+        return 2 * n ** 3 / timed(lambda: torch.nn.functional.linear(x, w), seconds, sync_for(device))
+
+
+LINEAR_ROWS = (1, 8, 32, 128, 512, 2048)
+
+
+def linear_table(device: str, dtype: torch.dtype, seconds: float = 0.25) -> dict[str, float]:
+    """Seconds per weight byte of F.linear at several row counts, cycling through weights that do
+    not fit in the caches. Measured here (bf16, 2 vCPU Zen4): 17 GB/s of weights at 1 row, 367
+    GFLOP/s at 32 rows, 590 at 128, 1080 at 2048: a single peak FLOP/s and a single bandwidth
+    (the roofline) predict a 32-row decode matmul twice too fast."""
+    k, n = 2048, 8192
+    weights = [torch.full((n, k), 0.01, device=device, dtype=dtype) for _ in range(8)]  # 8 x 32 MiB in bf16
+    table = {}
+    with torch.inference_mode():
+        for rows in LINEAR_ROWS:
+            x = torch.full((rows, k), 0.5, device=device, dtype=dtype)
+            used = weights if rows < 512 else weights[:2]  # big row counts are compute-bound: fewer suffice
+
+            def run(x=x, used=used):
+                for w in used:
+                    torch.nn.functional.linear(x, w)
+            nbytes = sum(w.numel() * w.element_size() for w in used)
+            table[str(rows)] = timed(run, seconds, sync_for(device), best=True) / nbytes
+    return table
+
+
+def weight_stream_gbps(seconds: float = 0.25, *, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Bytes/s a batch-1 linear layer on the CPU reads its weight at (beyond the caches)."""
+    w = torch.full((8192, 4096), 0.01, dtype=dtype)  # values do not matter, filling fast does
+    x = torch.full((1, 4096), 0.5, dtype=dtype)
+    with torch.inference_mode():
+        per = timed(lambda: torch.nn.functional.linear(x, w), seconds)
+    return w.numel() * w.element_size() / per / 1e9
+
+
+def cpu_attention_gbps(seconds: float = 0.25, *, batch: int = 4, heads: int = 16, ctx: int = 512,
+                       head_dim: int = 64, dtype: torch.dtype = torch.bfloat16) -> float:
+    """KV-cache bytes/s of one decode attention step on the CPU (FlexGen's CPU delegation)."""
+    q = torch.full((batch, heads, 1, head_dim), 0.1, dtype=dtype)
+    k = torch.full((batch, heads, ctx, head_dim), 0.1, dtype=dtype)
+    v = torch.full((batch, heads, ctx, head_dim), 0.1, dtype=dtype)
+
+    def attend():  # the engine's kernel: a hand-written bf16 bmm + softmax was 60x slower on AVX2
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    with torch.inference_mode():
+        per = timed(attend, seconds)
+    return 2 * k.numel() * k.element_size() / per / 1e9
+
+
+def dequant_gbps(device: str, dtype: torch.dtype, seconds: float = 0.25, *, group: int = 64) -> float:
+    """Output bytes/s of the engine's own 4-bit group-wise decompression (`compression.dequantize`
+    into reused buffers, as `PlacedWeights` runs it) of opt-1.3b-sized MLP weights (8192 x 2048),
+    alternating between two outputs as the engine's two buffer sets do: one 2048 x 2048 output
+    that stays in the cache measured 6.6 GB/s where the engine got 2.5 (fp32, AVX2)."""
+    from engine.runtime.compression import dequantize, quantize
+
+    q = quantize(torch.rand(8192, 2048, device=device), num_bits=4, group_size=group)
+    outs = [torch.empty(q.shape, dtype=dtype, device=device) for _ in range(2)]
+
+    def run():
+        for out in outs:
+            dequantize(q, dtype, out=out)
+    with torch.inference_mode():
+        per = timed(run, seconds, sync_for(device))
+    return sum(o.numel() * o.element_size() for o in outs) / per / 1e9
+
+
+def convert_gbps(dtype: torch.dtype, seconds: float = 0.25) -> float:
+    """Output bytes/s of converting fp16 weights (the store's format) to the compute dtype on the
+    CPU; without F16C/AVX-512 paths this is slower than the disk read it follows."""
+    src = torch.full((2 ** 23,), 0.5, dtype=torch.float16)
+    # Into a kept buffer, as the engine converts (placed_weights: `_stream_buffers`): timing
+    # `src.to(dtype)` counted the page faults of a fresh 32 MB tensor and read 1.8 GB/s where the
+    # engine's copy runs at ~10 (opt-1.3b, fp32, AVX2 host), so streamed weights looked 5x dearer.
+    out = torch.empty(src.shape, dtype=dtype)
+    out_bytes = out.numel() * out.element_size()
+    with torch.inference_mode():
+        return out_bytes / timed(lambda: out.copy_(src), seconds) / 1e9
+
+
+def op_overhead_s(device: str, dtype: torch.dtype = torch.float32) -> float:
+    """Per-op cost of a decode step at a tiny size: a layer's sequence of ops (LayerNorm, q/k/v/out,
+    attention, LayerNorm, fc1, ReLU, fc2) at hidden 256, batch 8, divided by its op count. Run as a
+    sequence, like the engine does, it includes waking the kernels' threads between ops, which on a
+    busy 2-core host costs milliseconds, far more than the dispatch itself."""
+    F = torch.nn.functional
+    x = torch.full((8, 1, 256), 0.5, device=device, dtype=dtype)
+    w = torch.full((256, 256), 0.01, device=device, dtype=dtype)
+    w1 = torch.full((1024, 256), 0.01, device=device, dtype=dtype)
+    w2 = torch.full((256, 1024), 0.01, device=device, dtype=dtype)
+    kv = torch.full((8, 4, 64, 64), 0.1, device=device, dtype=dtype)
+    ln = torch.ones(256, device=device, dtype=dtype)
+
+    def layer():
+        h = F.layer_norm(x, (256,), ln, ln)
+        q, _k, _v = F.linear(h, w), F.linear(h, w), F.linear(h, w)
+        a = F.scaled_dot_product_attention(q.view(8, 1, 4, 64).transpose(1, 2), kv, kv)
+        h = x + F.linear(a.transpose(1, 2).reshape(8, 1, 256), w)
+        return h + F.linear(F.relu(F.linear(F.layer_norm(h, (256,), ln, ln), w1)), w2)
+    with torch.inference_mode():
+        return timed(layer, 0.1, sync_for(device)) / 11
+
+
+def pinned_copy_gbps(seconds: float = 0.25) -> tuple[float, float]:
+    """Host->device and device->host GB/s with pinned host memory (the engine's staging buffers)."""
+    nbytes = 256 * 2 ** 20
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    c2g = timed(lambda: dev.copy_(host, non_blocking=True), seconds, torch.cuda.synchronize)
+    g2c = timed(lambda: host.copy_(dev, non_blocking=True), seconds, torch.cuda.synchronize)
+    return nbytes / c2g / 1e9, nbytes / g2c / 1e9
+
+
+def device_copy_gbps(seconds: float = 0.25) -> float:
+    """Device memory bandwidth: a copy reads and writes each byte once."""
+    nbytes = 512 * 2 ** 20
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    return 2 * nbytes / timed(lambda: b.copy_(a), seconds, torch.cuda.synchronize) / 1e9

@@ -1,0 +1,135 @@
+"""Memory terms of the cost model: peak bytes per tier of a block under a placement.
+
+Home: what lives on the tier for the whole run. Working: double buffers for what streams in,
+decompressed copies, and the largest intermediate of one micro-batch. Like the time terms, every
+figure is linear in the placement fractions (floats, numpy arrays or pulp expressions).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from engine.model.config import OPTConfig
+from engine.planning.cost_inputs import Placement, Shape, Sizes, elem_bytes, sizes, weight_split
+from engine.planning.cost_time import resource_max
+from engine.planning.hardware import HardwareProfile
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """The weights' part of the peaks: what memory (GPU and RAM together) holds, the GPU tier's
+    share, the RAM staging of what streams from disk, and what the disk holds."""
+    held: Any
+    on_gpu: Any
+    staging: Any
+    disk: Any
+    activations_on_disk: Any  # 1 where any activation slot is on disk (exact), else the fraction
+
+
+def _weights(cfg: OPTConfig, z: Sizes, x: Placement, *, exact: bool) -> _Weights:
+    ws = weight_split(cfg, x, exact=exact)
+    if exact:  # floats or numpy arrays
+        # Streamed decoder layers: converted copies kept for two layers (the one computing, the
+        # one read ahead) and raw read buffers for one; a streamed head: its converted copy and
+        # its raw read. Lookup tables on disk need only the rows they gather.
+        staging = (np.where(np.asarray(ws.layers_on_disk) > 1e-9, 2 * z.w + z.w_disk, 0.0)
+                   + np.where(np.asarray(ws.head_on_disk) > 1e-9, z.head + z.head_disk, 0.0))
+        acts_on_disk = np.where(np.asarray(x.hd) > 1e-9, 1.0, 0.0)
+    else:
+        staging, acts_on_disk = 2 * z.w * ws.layers_on_disk, x.hd
+    held = (cfg.num_layers * z.w * (1 - ws.layers_on_disk) + z.head * (1 - ws.head_on_disk)
+            + z.lookup * ws.lookup_held)
+    disk = (cfg.num_layers * z.w_disk * ws.layers_on_disk + z.head_disk * ws.head_on_disk
+            + z.lookup_disk * (1 - ws.lookup_held))
+    return _Weights(held=held, on_gpu=ws.matmul_on_gpu * (cfg.num_layers * z.w + z.head), staging=staging,
+                    disk=disk, activations_on_disk=acts_on_disk)
+
+
+@dataclass(frozen=True)
+class _Phase:
+    """One phase's activations: all of the block's, one micro-batch's, and its largest intermediate."""
+    act: float
+    act_mb: float
+    inter: float
+    decode: bool
+
+
+def _phases(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, z: Sizes) -> tuple[_Phase, _Phase]:
+    b, s, n, h, f, nh = (sh.gpu_batch_size, sh.prompt_len, sh.gen_len, cfg.hidden_size, cfg.ffn_dim,
+                         cfg.num_heads)
+    el = elem_bytes(hw)
+    # Largest live intermediates of one micro-batch: attention (q,k,v + scores + probs) or MLP.
+    inter_pre = el * b * (max(3 * s * h + 2 * nh * s * s, s * f + s * h) + s * h)
+    # ... and never below what the engine's own budget check counts (engine.runtime.budgets), which a
+    # planned policy must pass: q/k/v/out and the MLP's intermediate, the mask, logits twice.
+    inter_pre = max(inter_pre, el * b * s * (4 * h + f) + b * s * (s + n) + 8 * b * cfg.vocab_size)
+    inter_dec = el * b * (max(3 * h + 2 * nh * (s + n), f + h) + h) + 4 * b * cfg.vocab_size
+    return (_Phase(z.act_pre, b * s * h * el, inter_pre, False),
+            _Phase(z.act_dec, b * h * el, inter_dec, True))
+
+
+def _ram_only_peak(z: Sizes, x: Placement, w: _Weights, p: _Phase, w_work16: Any, kv_work16: Any) -> Any:
+    """Without a GPU one memory holds the "gpu" and "cpu" shares; weights resident in RAM are used
+    in place, only what comes from disk needs double buffers."""
+    home = w.held + (x.cg + x.cc) * z.kv_total + (x.hg + x.hc) * p.act
+    work = w.staging + w_work16 + 2 * p.act_mb * w.activations_on_disk + p.inter
+    if p.decode:  # a slot read ahead, the one in use, and it with the new position appended
+        work = work + 3 * z.kv_mb_full * x.cd + kv_work16
+    return home + work
+
+
+def _gpu_peak(sh: Shape, z: Sizes, x: Placement, w: _Weights, p: _Phase, w_work16: Any, kv_work16: Any) -> Any:
+    home = w.on_gpu + x.cg * z.kv_total + x.hg * p.act
+    work = 2 * z.w * (1 - x.wg) + w_work16 + 2 * p.act_mb * (1 - x.hg) + p.inter
+    if p.decode:
+        moved = x.cg * 0.0 + (0.0 if sh.cpu_cache_compute else 1.0) * (x.cc + x.cd)
+        work = work + 2 * z.kv_mb_full * moved + kv_work16
+    else:
+        s, n = sh.prompt_len, sh.gen_len
+        work = work + 2 * (z.kv_mb_full * s / (s + n)) * (1 - x.cg)  # new cache waiting to be stored
+    return home + work
+
+
+def _cpu_peak(cfg: OPTConfig, sh: Shape, z: Sizes, x: Placement, w: _Weights, p: _Phase, kv_work16: Any) -> Any:
+    home = w.held - w.on_gpu + x.cc * z.kv_total + x.hc * p.act
+    work = w.staging + 2 * p.act_mb * w.activations_on_disk  # staging buffers for what comes from disk
+    if p.decode:
+        work = work + 3 * z.kv_mb_full * x.cd
+        if sh.cpu_cache_compute:  # scores of one micro-batch in fp32 on the CPU
+            work = work + 4 * sh.gpu_batch_size * cfg.num_heads * (sh.prompt_len + sh.gen_len) + kv_work16
+    return home + work
+
+
+def memory_peaks(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
+                 exact: bool = False) -> dict[str, list[Any]]:
+    """Peak bytes per tier, as a list of candidates per tier (the peak is their max: one per phase).
+
+    The engine moves activations by whole (layer, micro-batch) slots, so any slot on disk needs
+    full-slot staging buffers. That is a step, not linear in the disk fraction: the LP uses the
+    linear relaxation (staging x fraction, optimistic), `exact` (floats only) the step; the planner
+    re-solves with a tighter budget when the exact figure does not fit. The cache is split inside
+    every slot (placement.cache_pair_split), so its staging is linear in the disk fraction."""
+    z = sizes(cfg, sh, hw)
+    w = _weights(cfg, z, x, exact=exact)
+    phases = _phases(cfg, hw, sh, z)
+    # Dequantised copies are made into buffers the engine keeps: two decoder layers' (alternating)
+    # and the output head's (the embedding table dequantises only the rows it gathers).
+    w_work16 = 2 * z.w16 + z.head16 if sh.compress_weight else 0.0
+    kv_work16 = z.kv_mb_full16 if sh.compress_cache else 0.0
+    disk_peak = w.disk + x.cd * z.kv_total + x.hd * z.act_pre
+    if not hw.has_gpu:
+        return {"gpu": [], "cpu": [_ram_only_peak(z, x, w, p, w_work16, kv_work16) for p in phases],
+                "disk": [disk_peak]}
+    return {"gpu": [_gpu_peak(sh, z, x, w, p, w_work16, kv_work16) for p in phases],
+            "cpu": [_cpu_peak(cfg, sh, z, x, w, p, kv_work16) for p in phases],
+            "disk": [disk_peak]}
+
+
+def peak_bytes(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
+               exact: bool = False) -> dict[str, Any]:
+    out = {}
+    for tier, cands in memory_peaks(cfg, hw, sh, x, exact=exact).items():
+        out[tier] = resource_max({str(i): c for i, c in enumerate(cands)}, True) if cands else 0.0
+    return out

@@ -1,0 +1,163 @@
+"""Time terms of the cost model: how long each resource is busy for one step of a block.
+
+Each resource (disk, cpu->gpu link, gpu->cpu link, compute) is busy for a time linear in the
+placement fractions; with overlap a layer costs the max of them (`resource_max`), without it their
+sum. Without a GPU the cpu<->gpu links cost nothing and the I/O thread's work shares the cores that
+compute. Compute is a roofline per micro-batch (or the profile's measured linear-layer table),
+scaled by the engine's own layer as the profiler calibrated it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from engine.model.config import OPTConfig, model_key
+from engine.planning.cost_inputs import (GB, OPS_PER_LAYER, TENSORS_PER_LAYER, Placement, Shape, Sizes,
+                                         WeightSplit, compression_factor, elem_bytes, sizes, weight_split)
+from engine.planning.hardware import HardwareProfile
+
+Terms = dict[str, Any]  # resource -> busy seconds (float, numpy array or pulp expression)
+
+
+@dataclass(frozen=True)
+class _Rates:
+    """Seconds per byte of each transfer; the cpu<->gpu links are free without a GPU (RAM is RAM)."""
+    read: float
+    write: float
+    c2g: float
+    g2c: float
+    dequant: float
+    convert: float  # fp16 -> compute dtype of weights streamed from disk (0: none)
+
+    @classmethod
+    def of(cls, hw: HardwareProfile) -> "_Rates":
+        gpu = hw.has_gpu
+        convert = 1.0 / (hw.convert_gbps * GB) if hw.convert_gbps and hw.compute_dtype != "float16" else 0.0
+        return cls(read=1.0 / (hw.disk_read_gbps * GB), write=1.0 / (hw.disk_write_gbps * GB),
+                   c2g=1.0 / (hw.cpu_to_gpu_gbps * GB) if gpu else 0.0,
+                   g2c=1.0 / (hw.gpu_to_cpu_gbps * GB) if gpu else 0.0,
+                   dequant=1.0 / (hw.dequant_gbps * GB), convert=convert)
+
+
+def _compute_bw(hw: HardwareProfile) -> float:
+    return (hw.gpu_mem_gbps if hw.has_gpu else hw.cpu_mem_gbps) * GB
+
+
+def _matmul_time(hw: HardwareProfile, flops: float, weight_bytes: float, *, rows: float, calls: int) -> float:
+    """`calls` linear layers of `rows` input rows over `weight_bytes` (compute dtype) each, `flops` in
+    all: the profile's measured table where there is one, else the roofline (the slower of doing
+    the FLOPs and streaming the weights from device memory)."""
+    measured = hw.linear_seconds(rows, weight_bytes)
+    if measured is not None:
+        return calls * measured
+    return max(flops / hw.flops(), calls * weight_bytes / _compute_bw(hw))
+
+
+def _weight_and_activation_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z: Sizes,
+                                 ws: WeightSplit, r: _Rates, *, decode: bool) -> Terms:
+    """A decoder layer's weights, loaded once per step and shared by the block (the point of the
+    zig-zag), its activations loaded and stored per micro-batch, and its dense compute. The store is
+    fp16; a bf16/fp32 engine converts what it streams from disk on the I/O thread. Without a GPU
+    that conversion runs on the cores that compute, so it adds to compute rather than overlapping
+    with it (the disk read itself is DMA and does overlap)."""
+    gpu, tokens = hw.has_gpu, 1 if decode else sh.prompt_len
+    act = z.act_dec if decode else z.act_pre
+    convert_s = 0.0 if sh.compress_weight else z.w16 * ws.layers_on_disk * r.convert
+    disk = z.w_disk * ws.layers_on_disk * r.read + (convert_s if gpu else 0.0)
+    c_to_g = z.w * (1 - ws.matmul_on_gpu) * r.c2g
+    disk = disk + act * x.hd * (r.read + r.write)
+    c_to_g = c_to_g + act * (x.hc + x.hd) * r.c2g
+    g_to_c = act * (x.hc + x.hd) * r.g2c
+    dense_flops = 2 * sh.block_size * tokens * cfg.layer_param_count()
+    compute = (_matmul_time(hw, dense_flops, z.w16, rows=sh.gpu_batch_size * tokens, calls=sh.num_gpu_batches)
+               + sh.num_gpu_batches * OPS_PER_LAYER * hw.op_overhead_s + (0.0 if gpu else convert_s))
+    return {"disk": disk, "cpu_to_gpu": c_to_g, "gpu_to_cpu": g_to_c, "compute": compute}
+
+
+def _cache_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z: Sizes, r: _Rates,
+                 t: Terms, *, decode: bool) -> Terms:
+    """`t` plus the KV cache: prefill attends over s x s on the compute device and stores the new
+    cache; decode reads the cache where it lives, or (cpu_cache_compute) attends on the CPU."""
+    gpu, B, s, h = hw.has_gpu, sh.block_size, sh.prompt_len, cfg.hidden_size
+    disk, c_to_g, g_to_c, compute = t["disk"], t["cpu_to_gpu"], t["gpu_to_cpu"], t["compute"]
+    if not decode:
+        compute = compute + 4 * B * s * s * h / hw.flops()
+        g_to_c = g_to_c + z.kv_new_pre * (x.cc + x.cd) * r.g2c
+        disk = disk + z.kv_new_pre * x.cd * r.write
+        if sh.compress_cache:
+            compute = compute + (z.kv_new_pre / compression_factor(sh.compression)) * r.dequant
+        return {"disk": disk, "cpu_to_gpu": c_to_g, "gpu_to_cpu": g_to_c, "compute": compute}
+    disk = disk + z.kv_dec * x.cd * r.read + z.kv_tok * x.cd * r.write
+    g_to_c = g_to_c + z.kv_tok * (x.cc + x.cd) * r.g2c
+    if sh.cpu_cache_compute and gpu:  # without a GPU all attention is on the CPU anyway
+        # The CPU attends over its share (and the disk share, read into RAM): only the query
+        # goes down and the attention output comes back up.
+        compute = compute + z.kv_dec16 * x.cg / _compute_bw(hw) \
+            + z.kv_dec16 * (x.cc + x.cd) / (hw.cpu_attention_gbps * GB)
+        g_to_c = g_to_c + B * h * elem_bytes(hw) * (x.cc + x.cd) * r.g2c
+        c_to_g = c_to_g + B * h * elem_bytes(hw) * (x.cc + x.cd) * r.c2g
+    else:
+        c_to_g = c_to_g + z.kv_dec * (x.cc + x.cd) * r.c2g
+        attn_bw = hw.gpu_mem_gbps if gpu else hw.cpu_attention_gbps
+        compute = compute + z.kv_dec16 / (attn_bw * GB)
+    if sh.compress_cache:
+        compute = compute + z.kv_dec16 * r.dequant
+    return {"disk": disk, "cpu_to_gpu": c_to_g, "gpu_to_cpu": g_to_c, "compute": compute}
+
+
+def _layer_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z: Sizes, ws: WeightSplit,
+                 r: _Rates, *, decode: bool) -> Terms:
+    t = _cache_terms(cfg, hw, sh, x, z, r, _weight_and_activation_terms(cfg, hw, sh, x, z, ws, r, decode=decode),
+                     decode=decode)
+    # The engine's whole layer against the sum of its kernels (measured by the profiler).
+    compute = t["compute"] * hw.scale_for(model_key(cfg), "decode" if decode else "prefill", sh.gpu_batch_size)
+    if sh.compress_weight:
+        compute = compute + z.w16 * r.dequant
+    # Per-request disk latency (linear stand-in for "one request per tensor / micro-batch when any
+    # of it is on disk"): it dominates when small tensors or one-token cache appends go to disk.
+    r_lat, w_lat, nb = hw.disk_read_latency_s, hw.disk_sync_latency_s, sh.num_gpu_batches
+    disk = t["disk"] + TENSORS_PER_LAYER * ws.layers_on_disk * r_lat + nb * x.hd * (r_lat + w_lat)
+    disk = disk + nb * x.cd * (w_lat + (r_lat if decode else 0.0))
+    return {"disk": disk, "cpu_to_gpu": t["cpu_to_gpu"], "gpu_to_cpu": t["gpu_to_cpu"], "compute": compute}
+
+
+def _head_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z: Sizes, ws: WeightSplit,
+                r: _Rates) -> Terms:
+    """The output head (one position per row), loaded once per step. The lookup tables on disk are
+    read by rows (a decode step: one per sequence), not charged."""
+    gpu, B, b, nb = hw.has_gpu, sh.block_size, sh.gpu_batch_size, sh.num_gpu_batches
+    compute = _matmul_time(hw, 2 * B * cfg.embed_dim * cfg.vocab_size, z.head16, rows=b, calls=nb) \
+        + nb * 3 * hw.op_overhead_s  # final LayerNorm, LM head, sampling
+    compute = compute * hw.scale_for(model_key(cfg), "head", b)
+    if sh.compress_weight:
+        compute = compute + z.head16 * r.dequant
+    convert_s = 0.0 if sh.compress_weight else z.head16 * ws.head_on_disk * r.convert
+    return {"disk": z.head_disk * ws.head_on_disk * r.read + (convert_s if gpu else 0.0),
+            "cpu_to_gpu": z.head * (1 - ws.matmul_on_gpu) * r.c2g,
+            "gpu_to_cpu": 0.0 * x.wd, "compute": compute + (0.0 if gpu else convert_s) + 0.0 * x.wd}
+
+
+def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
+                decode: bool) -> list[tuple[int, Terms]]:
+    """Busy time (s) of each resource for one step of the block, as [(count, {resource: time})]:
+    the decoder layer (count = num_layers) and the embedding/output head (count 1)."""
+    z, ws, r = sizes(cfg, sh, hw), weight_split(cfg, x), _Rates.of(hw)
+    layer = _layer_terms(cfg, hw, sh, x, z, ws, r, decode=decode)
+    head = _head_terms(cfg, hw, sh, x, z, ws, r)
+    if not hw.has_gpu:  # the I/O thread runs on the cores that compute: overlap is not free
+        for stage in (layer, head):
+            stage["compute"] = stage["compute"] + hw.io_compute_interference * stage["disk"]
+    return [(cfg.num_layers, layer), (1, head)]
+
+
+def resource_max(terms: Terms, overlap: bool) -> Any:
+    """Time of one stage: the busiest resource with overlap, the sum of all without."""
+    values = list(terms.values())
+    if not overlap:
+        return sum(values[1:], values[0])
+    out = values[0]
+    for v in values[1:]:
+        out = np.maximum(out, v)
+    return out
