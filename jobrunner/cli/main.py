@@ -8,6 +8,7 @@ import traceback
 import click
 
 from engine.errors import EngineInputError
+from jobrunner.cli.engine_errors import cli_message
 from jobrunner.errors import UserError
 
 EXIT_USER_ERROR = 1
@@ -27,7 +28,7 @@ class FlexjobGroup(click.Group):
         except (UserError, EngineInputError) as exc:
             if debug:
                 traceback.print_exc()
-            _print_error(str(exc), getattr(exc, "hint", ""))
+            _print_error(*(cli_message(exc) if isinstance(exc, EngineInputError) else (str(exc), exc.hint)))
             sys.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
