@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from jobrunner.cli.main import main
+from engine.runtime.devices import DTYPE_NAMES
 from jobrunner.cli.engine_commands import build_policy, default_offload_dir, policy_options
 
 db_option = click.option("--db", default=None, envvar="FLEXJOB_DB",
@@ -34,7 +35,7 @@ def _open(db, *, must_exist: bool = False):
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--stop", "stop", multiple=True, help="Cut the completion at this text (repeatable).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None,
               help="Compute dtype (part of the job: every worker uses it). Default: what this machine "
                    "computes fastest: float16 with CUDA, bfloat16 on CPUs with native bf16, else float32.")
 @click.option("--truncate", type=click.Choice(["error", "left"]), default="error", show_default=True,
@@ -245,19 +246,25 @@ def cancel_command(job_id, db):
 
 @main.command("retry")
 @click.argument("job_id", metavar="JOB", type=int)
-@click.option("--failed-rows", is_flag=True, help="Also regenerate the blocks that hold error rows.")
+@click.option("--failed-rows", is_flag=True,
+              help="Also regenerate the blocks that hold error rows (not those whose prompt is the problem).")
+@click.option("--all", "all_rows", is_flag=True,
+              help="With --failed-rows: also the error rows whose prompt is null, empty or too long.")
 @db_option
-def retry_command(job_id, failed_rows, db):
+def retry_command(job_id, failed_rows, all_rows, db):
     """Reopen a failed or cancelled job, and regenerate the rows of missing or damaged parts.
 
     \b
     Example:
       flexjob retry 3
       flexjob retry 3 --failed-rows
+      flexjob retry 3 --failed-rows --all
     """
     from jobrunner.io.results import retry
 
-    report = retry(_open(db, must_exist=True), job_id, failed_rows=failed_rows)
+    if all_rows and not failed_rows:
+        raise click.UsageError("--all goes with --failed-rows")
+    report = retry(_open(db, must_exist=True), job_id, failed_rows=failed_rows, all_rows=all_rows)
     for line in report.lines:
         click.echo(line)
 

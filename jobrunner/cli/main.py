@@ -37,8 +37,17 @@ class FlexjobGroup(click.Group):
             if debug:
                 traceback.print_exc()
             _print_error(f"internal error: {type(exc).__name__}: {exc}",
-                         "run again with --debug for the traceback, and report it")
+                         "please report it with the traceback above" if debug
+                         else "run again with --debug for the traceback, and report it")
             sys.exit(EXIT_INTERNAL_ERROR)
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # The store's location depends on FLEXJOB_HOME / FLEXJOB_DB when help is asked for.
+        from jobrunner.store.db import store_location
+
+        formatter.write_paragraph()
+        with formatter.indentation():
+            formatter.write_text(EPILOG.format(store=store_location()))
 
 
 def _print_error(message: str, hint: str) -> None:
@@ -49,8 +58,12 @@ def _print_error(message: str, hint: str) -> None:
 
 EPILOG = """\b
 Environment:
-  FLEXJOB_DB    job store URL (default sqlite:///flexjob.db; postgresql+psycopg2://... for many machines)
-  FLEXJOB_HOME  disk tier, weight store and hardware profiles (default ./.flexjob)
+  FLEXJOB_DB    job store URL: sqlite:///path.db, or postgresql://user@host/db for workers on many
+                machines (pip install 'flexjob[postgres]'); default sqlite:///$FLEXJOB_HOME/flexjob.db
+  FLEXJOB_HOME  the default job store; also the disk tier, weight store and hardware profiles
+                (default: the user data directory for the store, ./.flexjob for the engine's files)
+\b
+Job store: {store}
 \b
 Exit codes: 0 ok, 1 user error (one line + hint; --debug for the traceback),
   2 usage error, 3 internal error, 130 interrupted."""

@@ -136,27 +136,66 @@ class RetryReport:
     lines: list[str]
 
 
-def retry(engine: Engine, job_id: int, *, failed_rows: bool = False) -> RetryReport:
+# Error rows whose message starts so come from the prompt itself (null, empty, not UTF-8, too long):
+# with the job's fixed parameters they fail the same way every time.
+INPUT_PROBLEM_PREFIX = "prompt is "
+
+
+def _parts_worth_regenerating(engine: Engine, job: Job, part_ids: list[int]) -> tuple[list[int], int]:
+    """Of the parts holding error rows, those with an error a new attempt could avoid, and the
+    number of error rows left out because only their prompt is at fault."""
+    parts = {p.id: p for p in store.job_parts(engine, job.id)}
+    keep, skipped_rows = [], 0
+    for part_id in part_ids:
+        errors = [e for e in _read_part(job, parts[part_id]).column("error").to_pylist() if e is not None]
+        if all(e.startswith(INPUT_PROBLEM_PREFIX) for e in errors):
+            skipped_rows += len(errors)
+        else:
+            keep.append(part_id)
+    return keep, skipped_rows
+
+
+def _drop_failed_rows(engine: Engine, job: Job, *, all_rows: bool) -> tuple[list[str], bool]:
+    """Report lines, and whether any part was dropped."""
+    part_ids = store.failed_row_parts(engine, job.id)
+    skipped = 0
+    if not all_rows:
+        part_ids, skipped = _parts_worth_regenerating(engine, job, part_ids)
+    lines = []
+    if skipped:
+        lines.append(f"{skipped} error rows are kept: their prompt is the problem (null, empty, not UTF-8 or "
+                     "too long) and would fail again; pass --all to regenerate them too")
+    if part_ids:
+        rows = store.drop_parts(engine, job.id, part_ids, reason="retry --failed-rows")
+        lines.append(f"{rows} rows of {len(part_ids)} blocks with error rows will be generated again")
+    return lines, bool(part_ids)
+
+
+def retry(engine: Engine, job_id: int, *, failed_rows: bool = False, all_rows: bool = False) -> RetryReport:
     """`flexjob retry`: drop missing/damaged parts (and with `failed_rows` the parts holding error
-    rows) so their rows are generated again, and reopen a failed or cancelled job."""
+    rows a new attempt could change; with `all_rows` every one) so their rows are generated again,
+    and reopen a failed or cancelled job."""
     job = store.get_job(engine, job_id)
     lines: list[str] = []
+    requeued = False
     damaged = damaged_parts(engine, job_id)
     if damaged:
         rows = store.drop_parts(engine, job_id, [p.id for p, _ in damaged], reason="missing or damaged parts")
         lines += [problem for _, problem in damaged]
         lines.append(f"{rows} rows of {len(damaged)} damaged parts will be generated again")
+        requeued = True
     if failed_rows:
-        part_ids = store.failed_row_parts(engine, job_id)
-        if part_ids:
-            rows = store.drop_parts(engine, job_id, part_ids, reason="retry --failed-rows")
-            lines.append(f"{rows} rows of {len(part_ids)} blocks with error rows will be generated again")
+        dropped_lines, dropped = _drop_failed_rows(engine, job, all_rows=all_rows)
+        requeued = requeued or dropped
+        lines += dropped_lines
     if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
         store.retry_job(engine, job_id)
         lines.append(f"job {job_id} was {job.status.value}; its unfinished shards are queued again")
+        requeued = True
     if not lines:
         hint = ("pass --failed-rows to regenerate its error rows" if job.failed_rows
                 else "nothing failed and every part is intact")
         raise UserError(f"job {job_id} is {job.status.value}; there is nothing to retry", hint)
-    lines.append(f"job {job_id} is queued; run `flexjob work` to finish it")
+    if requeued:
+        lines.append(f"job {job_id} is queued; run `flexjob work` to finish it")
     return RetryReport(lines=lines)

@@ -55,6 +55,17 @@ def resolve_url(db: str | None = None) -> str:
     return url
 
 
+def store_location() -> str:
+    """Where commands without --db find the store, as `flexjob --help` prints it."""
+    configured = os.environ.get(ENV_VAR)
+    if not configured:
+        return f"{default_url()} (the default)"
+    try:
+        return f"{describe_url(resolve_url(configured))} (from {ENV_VAR})"
+    except UserError as exc:
+        return f"none: {exc}"
+
+
 def describe_url(engine_or_url: Engine | str) -> str:
     """The URL as it may be printed: password and secret query parameters masked."""
     from jobrunner.store.db_url import mask_url

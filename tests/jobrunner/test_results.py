@@ -91,8 +91,23 @@ def test_retry_failed_rows_regenerates_the_blocks_with_error_rows(tmp_path, tiny
     run_worker(db)
     with pytest.raises(UserError, match="there is nothing to retry"):
         retry(db, job.id)
-    report = retry(db, job.id, failed_rows=True)
+    report = retry(db, job.id, failed_rows=True, all_rows=True)
     assert "1 rows of 1 blocks with error rows will be generated again" in report.lines
     run_worker(db)
     job = store.get_job(db, job.id)
     assert (job.status, job.done_rows, job.failed_rows) == (JobStatus.COMPLETED, 4, 1)
+
+
+def test_retry_failed_rows_keeps_rows_whose_prompt_is_the_problem(tmp_path, tiny_model, run_worker):
+    from tests.support.jobs import write_prompts
+
+    path = write_prompts(tmp_path / "p.parquet", ["def f():", None, "", "class A:"])
+    db = open_store(f"sqlite:///{tmp_path / 'f.db'}")
+    job = enqueue(db, path, model_dir=tiny_model, params=JobParams(max_new_tokens=2)).job
+    run_worker(db)
+    parts_before = [p.id for p in store.job_parts(db, job.id)]
+    report = retry(db, job.id, failed_rows=True)
+    assert report.lines == ["2 error rows are kept: their prompt is the problem (null, empty, not UTF-8 or too "
+                            "long) and would fail again; pass --all to regenerate them too"]
+    assert [p.id for p in store.job_parts(db, job.id)] == parts_before
+    assert store.get_job(db, job.id).status == JobStatus.COMPLETED

@@ -62,10 +62,13 @@ def test_unknown_url_scheme_is_a_user_error(tmp_path):
 
 
 def test_help_names_the_environment_and_where_the_store_is(tmp_path):
-    code, out = cli("--help", env={"FLEXJOB_HOME": str(tmp_path / "h")})
+    code, out = cli("--help", env={"FLEXJOB_HOME": str(tmp_path / "h"), "FLEXJOB_DB": None})
     assert code == 0
-    assert "FLEXJOB_DB" in out and "FLEXJOB_HOME" in out
-    assert f"job store: sqlite:///{tmp_path / 'h' / 'flexjob.db'}" in " ".join(out.split())
+    assert "FLEXJOB_DB" in out and "FLEXJOB_HOME" in out and "pip install 'flexjob[postgres]'" in out
+    assert f"Job store: sqlite:///{tmp_path / 'h' / 'flexjob.db'} (the default)" in " ".join(out.split())
+    code, out = cli("--help", env={"FLEXJOB_DB": "postgresql://app:hunter2@db/jobs"})
+    assert "Job store: postgresql+psycopg://app:***@db/jobs (from FLEXJOB_DB)" in " ".join(out.split())
+    assert not (tmp_path / "h").exists()
 
 
 def test_missing_postgres_driver_names_the_extra(tmp_path):
