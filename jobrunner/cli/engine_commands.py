@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from engine.runtime.devices import DTYPE_NAMES
 from jobrunner.cli.main import main
 
 
@@ -31,7 +32,14 @@ def make_model_command(size: str, out_dir: Path, layers: int | None, hidden: int
     from engine.model.config import preset
     from engine.model.synthetic import make_model
 
-    cfg = preset(size, num_layers=layers, hidden_size=hidden, num_heads=heads)
+    from engine.errors import ModelConfigError
+    from jobrunner.errors import UserError
+
+    try:
+        cfg = preset(size, num_layers=layers, hidden_size=hidden, num_heads=heads)
+    except ModelConfigError as exc:
+        raise UserError(str(exc), "SIZE is one of the sizes above, such as 125m or opt-1.3b; "
+                                  "--layers and --hidden make it smaller") from None
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                   transient=True) as progress:
         task = progress.add_task(f"writing {cfg.name}", total=None)
@@ -67,8 +75,11 @@ def policy_options(f):
 
 
 def build_policy(percent, gpu_batch_size, num_gpu_batches, overlap, cpu_cache_compute, compress_weight,
-                 compress_cache, compress_bits, compress_group_size):
+                 compress_cache, compress_bits, compress_group_size, *, command: str = "generate"):
+    """The Policy the flags describe; a bad value is refused with the help of the `command` used."""
+    from engine.errors import PolicyError
     from engine.runtime.policy import CompressionConfig, Policy
+    from jobrunner.errors import UserError
 
     kwargs = dict(overlap=overlap, cpu_cache_compute=cpu_cache_compute, compress_weight=compress_weight,
                   compress_cache=compress_cache,
@@ -77,17 +88,23 @@ def build_policy(percent, gpu_batch_size, num_gpu_batches, overlap, cpu_cache_co
         kwargs["gpu_batch_size"] = gpu_batch_size
     if num_gpu_batches is not None:
         kwargs["num_gpu_batches"] = num_gpu_batches
-    return Policy.from_percents(percent if percent else (100, 0, 100, 0, 100, 0), **kwargs)
+    try:
+        return Policy.from_percents(percent if percent else (100, 0, 100, 0, 100, 0), **kwargs)
+    except PolicyError as exc:
+        raise UserError(str(exc), f"see `flexjob {command} --help` for the policy flags, or omit them to let "
+                                  "the planner choose") from None
 
 
 def default_offload_dir(offload_dir: Path | None) -> Path:
-    import os
-    return offload_dir or Path(os.environ.get("FLEXJOB_HOME", ".flexjob"))
+    from engine.runtime.paths import engine_home
+
+    return offload_dir or engine_home()
 
 
-def planned_policy(config, offload_dir: Path, gpu_mem, cpu_mem, *, prompt_len: int, gen_len: int,
-                   flags: dict | None = None, max_block_size: int | None = None):
-    """The LP planner's policy for this host (its hardware profile is measured once and stored)."""
+def measure_and_plan(config, offload_dir: Path, gpu_mem, cpu_mem, *, prompt_len: int, gen_len: int,
+                     flags: dict | None = None, max_block_size: int | None = None):
+    """The LP planner's policy for this host, profiling the host first when it has no stored profile
+    (measured once and stored)."""
     from engine.planning.profile_store import profile_path
     from engine.planning.profiler import load_or_measure_profile
     from jobrunner.worker.replan import plan_for_this_process
@@ -112,7 +129,7 @@ def planned_policy(config, offload_dir: Path, gpu_mem, cpu_mem, *, prompt_len: i
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None,
               help="Compute dtype. Default: float16 on CUDA; bfloat16 on CPUs with native bf16 "
                    "(AVX512-BF16/AMX), else float32.")
 @policy_options
@@ -128,6 +145,7 @@ def generate_command(model_dir, prompts, max_new_tokens, max_input_length, tempe
     """
     from transformers import AutoTokenizer
 
+    from engine.planning.profile_store import learn_from_blocks
     from engine.runtime.engine import Engine, check_lengths
     from engine.model.config import load_config
     from engine.runtime.rows import GenerationParams, RowInput
@@ -144,14 +162,17 @@ def generate_command(model_dir, prompts, max_new_tokens, max_input_length, tempe
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     check_lengths(config, rows, params)
     if percent is None and gpu_batch_size is None and num_gpu_batches is None:
-        policy = planned_policy(config, offload_dir, gpu_mem, cpu_mem, prompt_len=max(len(r.prompt_ids) for r in rows),
-                                gen_len=max_new_tokens, max_block_size=len(rows), flags=dict(compress_weight=compress_weight, compress_cache=compress_cache))
+        policy = measure_and_plan(config, offload_dir, gpu_mem, cpu_mem,
+                                  prompt_len=max(len(r.prompt_ids) for r in rows), gen_len=max_new_tokens,
+                                  max_block_size=len(rows),
+                                  flags=dict(compress_weight=compress_weight, compress_cache=compress_cache))
     else:
         policy = build_policy(percent, gpu_batch_size, num_gpu_batches, overlap, cpu_cache_compute,
                               compress_weight, compress_cache, compress_bits, compress_group_size)
     with Engine(model_dir, policy, dtype=dtype, offload_dir=offload_dir, gpu_mem_gib=gpu_mem,
                 cpu_mem_gib=cpu_mem, tokenizer=tokenizer) as engine:
         results = engine.generate(rows, params)
+        learn_from_blocks(offload_dir, engine.stats.blocks)  # the stored profile learns this disk
         for text, res in zip(prompts, results):
             click.echo(text + engine.tokenizer.decode(res.generated_ids, skip_special_tokens=True))
             click.echo("-" * 40)

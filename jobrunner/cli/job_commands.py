@@ -105,10 +105,11 @@ def work_command(percent, gpu_batch_size, num_gpu_batches, gpu_mem, cpu_mem, off
     from jobrunner.worker.loop import PlainReporter, Worker, WorkerConfig
     from jobrunner.worker.replan import ProfileReplanner, stored_profile
 
-    explicit = percent or gpu_batch_size or num_gpu_batches or compress_weight or compress_cache or cpu_cache_compute
+    explicit = (percent or gpu_batch_size is not None or num_gpu_batches is not None or compress_weight
+                or compress_cache or cpu_cache_compute)
     # Without policy flags the planner chooses, from this host's stored profile (`flexjob profile`).
     policy = build_policy(percent, gpu_batch_size, num_gpu_batches, overlap, cpu_cache_compute, compress_weight,
-                          compress_cache, compress_bits, compress_group_size) if explicit else None
+                          compress_cache, compress_bits, compress_group_size, command="work") if explicit else None
     offload_dir = default_offload_dir(offload_dir)
     hardware = stored_profile(offload_dir)
     config = WorkerConfig(policy=policy, hardware=hardware, gpu_mem_gib=gpu_mem, cpu_mem_gib=cpu_mem,
@@ -140,7 +141,7 @@ class _RichReporter:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.console = Console(stderr=True)
+        self.console = Console(stderr=True, log_path=False)  # our source file:line means nothing to a user
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=self.console)
         self.progress.start()

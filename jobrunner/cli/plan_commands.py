@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import click
@@ -13,7 +12,9 @@ BUILTIN_HARDWARE = ("t4-flexgen",)
 
 
 def _default_disk_dir() -> Path:
-    return Path(os.environ.get("FLEXJOB_HOME", ".flexjob"))
+    from engine.runtime.paths import engine_home
+
+    return engine_home()
 
 
 def load_hardware(hardware: str | None, disk_dir: Path | None, refresh: bool = False, model=None):
@@ -150,7 +151,7 @@ def plan_command(model_dir, size, gpu_mem, cpu_mem, disk_mem, prompt_len, gen_le
 def _print_plan(cfg, hw, result, prompt_len: int, gen_len: int) -> None:
     from rich.table import Table
 
-    budgets = ", ".join(f"{t} {v:g} GiB" for t, v in result.budgets_gib.items() if v is not None)
+    budgets = ", ".join(f"{t} {round(v, 1):g} GiB" for t, v in result.budgets_gib.items() if v is not None)
     table = Table(title=f"{cfg.name} on {hw.host} ({hw.gpu_name or 'CPU only'}); prompt {prompt_len}, "
                         f"gen {gen_len}; budgets {budgets}")
     for col in ("", "batch x n", "weights %", "cache %", "act %", "flags",

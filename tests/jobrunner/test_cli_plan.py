@@ -102,3 +102,37 @@ def test_profile_refresh_measures_this_host(tmp_path, monkeypatch):
     prof = HardwareProfile.from_json(out)
     assert prof.disk_read_gbps > 0 and prof.source.startswith("measured")
     assert profile_path(disk, home).is_file()
+
+
+def test_plan_rounds_the_budgets_it_prints(tmp_path):
+    hw = HardwareProfile(**{**CPU_HOST.to_dict(), "disk_free_gib": 71.2525}).save(tmp_path / "box.json")
+    code, out = _run(["plan", "--size", "1.3b", "--hardware", str(hw), "--cpu-mem", "2", "--prompt-len", "128",
+                      "--gen-len", "16", *SMALL], env={"COLUMNS": "400"})
+    assert code == 0, out
+    assert "budgets cpu 2 GiB, disk 71.3 GiB" in out and "71.2525" not in out
+
+
+def test_make_model_with_an_unknown_size_names_the_sizes_not_a_directory(tmp_path):
+    code, out = _run(["make-model", "7m", "-o", str(tmp_path / "m")])
+    assert code == 1 and out.splitlines()[0].startswith("error: unknown OPT size '7m'; known: opt-125m")
+    assert out.splitlines()[1] == ("hint: SIZE is one of the sizes above, such as 125m or opt-1.3b; --layers and "
+                                   "--hidden make it smaller")
+    assert not (tmp_path / "m").exists()
+
+
+def test_work_with_a_zero_batch_size_is_refused_with_work_help(tmp_path):
+    code, out = _run(["work", "--gpu-batch-size", "0", "--exit-when-idle", "--db", f"sqlite:///{tmp_path / 'f.db'}"])
+    assert code == 1, out
+    assert out.splitlines() == ["error: gpu_batch_size and num_gpu_batches must be >= 1, got 0 and 1",
+                                "hint: see `flexjob work --help` for the policy flags, or omit them to let the "
+                                "planner choose"]
+
+
+def test_worker_log_lines_do_not_end_with_a_source_location(capsys):
+    from jobrunner.cli.job_commands import _RichReporter
+
+    reporter = _RichReporter()
+    reporter.message("worker w1 started")
+    reporter.close()
+    err = capsys.readouterr().err
+    assert "worker w1 started" in err and ".py:" not in err
