@@ -74,7 +74,7 @@ def run_demo(directory: Path, *, say: Callable[[str], None] = print, model_size:
         from jobrunner.observe.snapshot import read_snapshot
         show_status(read_snapshot(db))
     out = directory / "results.parquet"
-    written = write_results(db, job.id, out)
+    written = write_results(db, job.id, out, force=True)  # the demo's own file, from an earlier run
     table = pq.read_table(out, columns=["prompt", "completion", "finish_reason"]).to_pylist()
     samples = [(r["prompt"], r["completion"], r["finish_reason"]) for r in table[:3] + table[-2:]]
     say(f"wrote {written.rows} rows to {out}")

@@ -299,3 +299,5 @@ def demo_command(directory):
         return
     with tempfile.TemporaryDirectory(prefix="flexjob-demo-") as tmp:
         run_demo(Path(tmp), say=click.echo, show_status=show_status)
+    click.echo(f"{tmp} was temporary and is deleted now; `flexjob demo --dir DIR` keeps the model, "
+               "store and results")

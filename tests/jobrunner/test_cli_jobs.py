@@ -67,6 +67,8 @@ def test_demo_runs_the_whole_path(tmp_path, tiny_model):
     assert "job 1 completed: 34/34 rows, 2 error rows" in out
     assert f"wrote 34 rows to {tmp_path / 'demo' / 'results.parquet'}" in out
     assert "'def fibonacci(n):' -> '" in out and "[error]" in out
+    code, out = cli("demo", "--dir", tmp_path / "demo")  # again into the same directory
+    assert code == 0 and "enqueued job 1: 34 rows (already there)" in out, out
 
 
 @pytest.mark.slow
@@ -74,3 +76,4 @@ def test_demo_in_a_temporary_directory_makes_its_own_model():
     code, out = cli("demo")
     assert code == 0, out
     assert "making a random-weight OPT" in out and "job 1 completed" in out
+    assert "was temporary and is deleted now; `flexjob demo --dir DIR` keeps the model, store and results" in out
