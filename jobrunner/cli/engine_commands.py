@@ -1,6 +1,7 @@
 """Engine commands: `make-model` (random-weight OPT) and `generate` (one prompt, FlexGen's flags)."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import click
@@ -40,6 +41,7 @@ def make_model_command(size: str, out_dir: Path, layers: int | None, hidden: int
     except ModelConfigError as exc:
         raise UserError(str(exc), "SIZE is one of the sizes above, such as 125m or opt-1.3b; "
                                   "--layers and --hidden make it smaller") from None
+    replaced = _converted_copies(out_dir)
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                   transient=True) as progress:
         task = progress.add_task(f"writing {cfg.name}", total=None)
@@ -47,6 +49,22 @@ def make_model_command(size: str, out_dir: Path, layers: int | None, hidden: int
                    on_tensor=lambda _n, done, total: progress.update(task, completed=done, total=total))
     click.echo(f"wrote {cfg.name} ({cfg.param_count() / 1e9:.3f}B parameters, {cfg.num_layers} layers) "
                f"to {out_dir}")
+    for path in replaced:
+        shutil.rmtree(path, ignore_errors=True)
+        click.echo(f"removed {path}: the converted weight store of the model this one replaces")
+
+
+def _converted_copies(model_dir: Path) -> list[Path]:
+    """The weight stores under $FLEXJOB_HOME/weights converted from the model now in `model_dir`
+    (fp16 and compressed); they are keyed by its fingerprint, so a new model there never uses them."""
+    from engine.model.checkpoint import checkpoint_fingerprint
+    from engine.runtime.paths import engine_home
+
+    if not (model_dir / "config.json").is_file():
+        return []
+    fingerprint = checkpoint_fingerprint(model_dir)
+    weights = engine_home() / "weights"
+    return sorted(p for p in weights.glob(f"{fingerprint}*") if p.is_dir()) if weights.is_dir() else []
 
 
 def policy_options(f):

@@ -136,3 +136,18 @@ def test_worker_log_lines_do_not_end_with_a_source_location(capsys):
     reporter.close()
     err = capsys.readouterr().err
     assert "worker w1 started" in err and ".py:" not in err
+
+
+def test_make_model_into_the_same_directory_removes_the_old_converted_store(tmp_path):
+    from engine.model.checkpoint import WeightStore
+    from engine.model.config import load_config
+
+    home, model = tmp_path / "home", tmp_path / "m"
+    env = {"FLEXJOB_HOME": str(home)}
+    args = ["make-model", "125m", "--layers", "1", "--hidden", "64", "-o", str(model)]
+    assert _run(args, env)[0] == 0
+    old = WeightStore.open_or_convert(model, load_config(model), home).root
+    assert old.is_dir()
+    code, out = _run(args + ["--seed", "1"], env)
+    assert code == 0, out
+    assert not old.exists() and f"removed {old}: the converted weight store" in " ".join(out.split())
