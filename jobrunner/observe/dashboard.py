@@ -45,13 +45,14 @@ def render_dashboard(snapshot: dict, *, width: int | None = None) -> RenderableT
 
 def header_line(snapshot: dict) -> Text:
     jobs, workers = snapshot["jobs"], snapshot["workers"]
-    live = sum(w["status"] == "running" and not w["stale"] for w in workers)
-    stale = sum(w["stale"] for w in workers)
+    live, stale, dead = (sum(w["state"] == state for w in workers) for state in ("live", "stale", "dead"))
     text = Text.assemble(("flexjob status", "bold"), f"  {snapshot['database']}  ",
                          (f"{snapshot['generated_at']}", "dim"),
                          f"  · {plural(len(jobs), 'job')} · {plural(live, 'worker')} live")
     if stale:
         text.append(f" · {stale} stale", style="bold red")
+    if dead:
+        text.append(f" · {dead} dead", style="bold red")
     return text
 
 
@@ -110,7 +111,7 @@ def job_details(job: dict) -> RenderableType:
     grid.add_row("params", " ".join(f"{k}={v}" for k, v in job["params"].items() if v is not None))
     grid.add_row("times", f"created {job['created_at']} · started {job['started_at'] or '-'} · "
                           f"finished {job['finished_at'] or '-'}")
-    grid.add_row("workers", ", ".join(short_worker(w) for w in job["workers"]) or "-")
+    grid.add_row("workers", ", ".join(job["workers"]) or "-")
     if job["error"]:
         grid.add_row("error", Text(job["error"], style="red"))
     return grid
@@ -126,17 +127,20 @@ def workers_table(workers: list[dict]) -> RenderableType:
                           ("GB/s measured/profiled", "left"), ("Peak memory", "right")):
         table.add_column(name, justify=justify, no_wrap=True)
     for worker in workers:
-        table.add_row(f"{worker['hostname']}:{worker['pid']}\n{worker['device']}", heartbeat_text(worker),
+        table.add_row(f"{worker['id']}\n{worker['device']}", heartbeat_text(worker),
                       current_work_text(worker), policy_text(worker["policy"]), bandwidth_text(worker["bandwidth"]),
                       f"RSS {format_bytes(worker['peak_rss_bytes'])}\nGPU {format_bytes(worker['peak_gpu_bytes'])}")
     return table
 
 
 def heartbeat_text(worker: dict) -> Text:
+    """live: time since the last heartbeat; STALE: none within --stale-after; DEAD: its process is gone."""
     age = format_duration(worker["heartbeat_age_s"])
-    if worker["status"] != "running":
-        return Text(f"{worker['status']}\n{age} ago", style="dim")
-    if worker["stale"]:
+    if worker["state"] == "dead":
+        return Text(f"DEAD\nlast seen {age} ago", style="bold red")
+    if worker["state"] == "stopped":
+        return Text(f"stopped\n{age} ago", style="dim")
+    if worker["state"] == "stale":
         return Text(f"{age} STALE", style="bold red")
     return Text(f"{age} ago", style="green")
 
@@ -145,7 +149,7 @@ def current_work_text(worker: dict) -> str:
     """job/shard/block in progress, the shard's attempt and rows, the worker's generation speed."""
     current = worker["current"]
     if current is None:
-        return "-" if worker["status"] != "running" else "idle"
+        return "idle" if worker["state"] in ("live", "stale") else "-"
     return (f"job {current['job_id']} shard {current['shard_index']} block {current['block']}\n"
             f"attempt {current['attempt']} · {current['shard_done_rows']}/{current['shard_rows']} rows\n"
             f"{format_rate(worker['tokens_per_s_recent'])} tok/s")
@@ -190,20 +194,11 @@ def events_table(events: list[dict]) -> RenderableType:
     table.add_column("What", ratio=1)
     for event in events:
         table.add_row(format_duration(event["age_s"]), Text(event["kind"], style=EVENT_STYLES.get(event["kind"], "")),
-                      str(event["job_id"] or "-"), short_worker(event["worker_id"]), event["summary"])
+                      str(event["job_id"] or "-"), event["worker_id"] or "-", event["summary"])
     return table
 
 
 # -- formatting ---------------------------------------------------------------------------------
-def short_worker(worker_id: str | None) -> str:
-    """"host-1234-a1b2c3" -> "host:1234" (worker ids are host-pid-random)."""
-    if not worker_id:
-        return "-"
-    head, _, _suffix = worker_id.rpartition("-")
-    host, _, pid = head.rpartition("-")
-    return f"{host}:{pid}" if host and pid.isdigit() else worker_id
-
-
 def plural(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 

@@ -127,13 +127,10 @@ def write_report(data: ReportData, path: Path) -> Path:
                  f"{data.done_rows}/{data.total_rows} rows · {data.generated_tokens} tokens")
 
     workers = list(dict.fromkeys(b.worker_id for b in data.blocks))
-    names = [_short(w) for w in workers]
-    if len(set(names)) < len(names):  # two workers of one process (tests): the full ids tell them apart
-        names = [str(w) for w in workers]
-    for i, (worker, name) in enumerate(zip(workers, names)):
+    for i, worker in enumerate(workers):
         mine = [b for b in data.blocks if b.worker_id == worker]
         speed.plot([b.t_s / scale for b in mine], [b.tokens_per_s for b in mine], marker="o", markersize=3,
-                   linewidth=1, color=f"C{i % 10}", label=f"worker {name}")
+                   linewidth=1, color=f"C{i % 10}", label=f"worker {worker}")
     if not data.blocks:
         speed.text(0.5, 0.5, "no blocks committed yet", transform=speed.transAxes, ha="center", color="grey")
     speed.set_ylabel("tokens/s per block")
@@ -184,8 +181,3 @@ def _legend(axis, *, extra: list[tuple[str, str, str]]) -> None:
         labels.append(label)
     if handles:
         axis.legend(handles, labels, loc="best", fontsize=8)
-
-
-def _short(worker_id: str | None) -> str:
-    from jobrunner.observe.dashboard import short_worker
-    return short_worker(worker_id)

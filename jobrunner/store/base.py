@@ -30,7 +30,7 @@ class Lease:
     row_start: int
     row_end: int
     expires_at: datetime
-    took_over: bool = False  # the previous holder's lease had expired
+    took_over: bool = False  # taken from another holder (found dead, or its lease had expired)
 
 
 @contextmanager

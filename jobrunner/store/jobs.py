@@ -1,4 +1,4 @@
-"""Jobs, workers and events: every state change, one function (one transaction) each.
+"""Jobs and events: every state change, one function (one transaction) each.
 
 Functions return detached ORM snapshots (read them, do not modify them).
 
@@ -11,23 +11,17 @@ Functions return detached ORM snapshots (read them, do not modify them).
     drop_parts        unregister parts (missing/corrupt, or to redo failed rows) and reopen their shards
     cancel_job        stop a job: pending shards cancelled, leased ones stop at their next heartbeat
     retry_job         reopen a failed or cancelled job's unfinished shards
-    register_worker   a worker announces itself (host, pid, device, policy)
-    worker_seen       a worker's liveness and policy update
-    stop_worker       a worker exits cleanly
     record_event      append an event (re-plan, warnings, ...)
 """
 from __future__ import annotations
 
-import os
-import socket
-import uuid
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, select, update
 
 from jobrunner.errors import UserError
 from jobrunner.store.events import EventKind
-from jobrunner.store.models import Job, JobStatus, ResultPart, Shard, ShardStatus, Worker, WorkerStatus, utcnow
+from jobrunner.store.models import Job, JobStatus, ResultPart, Shard, ShardStatus, utcnow
 from jobrunner.store.base import add_event, get_job_locked, read_tx, write_tx
 
 
@@ -181,34 +175,6 @@ def failed_row_parts(engine: Engine, job_id: int) -> list[int]:
     with read_tx(engine) as s:
         return list(s.scalars(select(ResultPart.id).where(ResultPart.job_id == job_id,
                                                            ResultPart.failed_rows > 0)))
-
-
-def register_worker(engine: Engine, *, device: str, policy: dict | None = None,
-                    process_started_at: float | None = None, profile_path: str | None = None) -> str:
-    """A new worker of this process; its id (host-pid-random) is its one name everywhere."""
-    worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    now = utcnow()
-    with write_tx(engine) as s:
-        s.add(Worker(id=worker_id, hostname=socket.gethostname(), pid=os.getpid(), device=device,
-                     status=WorkerStatus.RUNNING, policy=policy, rows_done=0, tokens_generated=0,
-                     started_at=now, last_seen_at=now, process_started_at=process_started_at,
-                     profile_path=profile_path))
-        add_event(s, EventKind.WORKER_STARTED, worker_id=worker_id, data={"device": device})
-    return worker_id
-
-
-def worker_seen(engine: Engine, worker_id: str, *, policy: dict | None = None) -> None:
-    values = {"last_seen_at": utcnow()} | ({"policy": policy} if policy is not None else {})
-    with write_tx(engine) as s:
-        s.execute(update(Worker).where(Worker.id == worker_id).values(**values))
-
-
-def stop_worker(engine: Engine, worker_id: str, *, reason: str = "") -> None:
-    now = utcnow()
-    with write_tx(engine) as s:
-        s.execute(update(Worker).where(Worker.id == worker_id).values(
-            status=WorkerStatus.STOPPED, stopped_at=now, last_seen_at=now, current_shard_id=None))
-        add_event(s, EventKind.WORKER_STOPPED, worker_id=worker_id, message=reason)
 
 
 def record_event(engine: Engine, kind: EventKind, *, job_id: int | None = None, shard_id: int | None = None,

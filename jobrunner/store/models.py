@@ -153,8 +153,10 @@ class Worker(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     hostname: Mapped[str] = mapped_column(String(255))
     pid: Mapped[int] = mapped_column(Integer)
-    # The process's start time (seconds since the epoch, as the OS reports it): with the pid it names
-    # one process, so a pid reused by another process is not mistaken for the worker.
+    # Which machine and pid namespace (boot id, namespace): host names alone do not tell two machines
+    # apart. With the pid and the process's start time (seconds since the epoch, as the OS reports
+    # it) it names one process, so a pid reused by another process is not mistaken for the worker.
+    host_id: Mapped[str | None] = mapped_column(String(100), nullable=True)
     process_started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     # The hardware profile (engine.planning's JSON store) the worker plans with, if any.
     profile_path: Mapped[str | None] = mapped_column(Text, nullable=True)

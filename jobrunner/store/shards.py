@@ -13,7 +13,8 @@ from sqlalchemy import Engine, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from jobrunner.store.events import EventKind
-from jobrunner.store.models import Checkpoint, Job, JobStatus, ResultPart, Shard, ShardStatus, Worker, utcnow
+from jobrunner.store.models import (Checkpoint, Job, JobStatus, ResultPart, Shard, ShardStatus, Worker, WorkerStatus,
+                                    utcnow)
 from jobrunner.store.base import Lease, LeaseLost, add_event, get_job_locked, locked, read_tx, write_tx
 
 ENGINE_FAILURE_LIMIT = 3  # a shard that crashes its worker this often fails the job
@@ -58,7 +59,7 @@ def claim_shard(engine: Engine, worker_id: str, *, lease_s: float, now: datetime
         if shard is None:
             return None
         took_over = shard.status == ShardStatus.LEASED
-        previous = shard.worker_id
+        previous, previous_expiry = shard.worker_id, shard.lease_expires_at
         shard.status = ShardStatus.LEASED
         shard.attempt += 1
         shard.worker_id = worker_id
@@ -74,14 +75,26 @@ def claim_shard(engine: Engine, worker_id: str, *, lease_s: float, now: datetime
         s.execute(update(Worker).where(Worker.id == worker_id)
                   .values(current_shard_id=shard.id, last_seen_at=now))
         if took_over:
-            add_event(s, EventKind.LEASE_EXPIRED, job_id=job.id, shard_id=shard.id, worker_id=worker_id,
-                      message=f"took over shard {shard.shard_index} from worker {previous}",
-                      data={"previous_worker": previous, "attempt": shard.attempt})
+            _record_takeover(s, shard, previous, previous_expiry, now)
         add_event(s, EventKind.SHARD_CLAIMED, job_id=job.id, shard_id=shard.id, worker_id=worker_id,
                   data={"attempt": shard.attempt, "shard_index": shard.shard_index})
         return Lease(shard_id=shard.id, job_id=job.id, shard_index=shard.shard_index,
                      attempt=shard.attempt, worker_id=worker_id, row_start=shard.row_start,
                      row_end=shard.row_end, expires_at=shard.lease_expires_at, took_over=took_over)
+
+
+def _record_takeover(s: Session, shard: Shard, previous: str | None, expired_at: datetime | None,
+                     now: datetime) -> None:
+    """The event of a takeover: from a worker found dead (at once), or after its lease ran out."""
+    holder = s.get(Worker, previous) if previous else None
+    dead = holder is not None and holder.status == WorkerStatus.DEAD
+    why = ("its process is gone" if dead else
+           f"its lease ran out {(now - expired_at).total_seconds():.0f} s ago" if expired_at else "its lease ran out")
+    add_event(s, EventKind.WORKER_DEAD if dead else EventKind.LEASE_EXPIRED, job_id=shard.job_id, shard_id=shard.id,
+              worker_id=shard.worker_id,
+              message=f"took over shard {shard.shard_index} (attempt {shard.attempt}) from worker {previous}: {why}",
+              data={"previous_worker": previous, "attempt": shard.attempt, "shard_index": shard.shard_index,
+                    "holder_dead": dead})
 
 
 def _fenced_shard(s: Session, lease: Lease) -> Shard:

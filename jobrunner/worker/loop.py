@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -23,17 +23,19 @@ import pyarrow.parquet as pq
 from sqlalchemy import Engine as DbEngine
 
 from engine.planning.hardware import HardwareProfile
+from engine.planning.profile_store import DiskBandwidthLearner
+from engine.runtime.paths import engine_home
 from engine.runtime.policy import Policy
 from jobrunner import store
 from jobrunner.errors import UserError
 from jobrunner.io.enqueue import JobParams, model_fingerprint
 from jobrunner.io.inputs import fingerprint_file
 from jobrunner.store import EventKind, Lease, LeaseLost
-from jobrunner.store.models import Job
 from jobrunner.worker.blocks import ShardContext, ShardOutcome, generation_params, run_shard
 from jobrunner.worker.host_locks import DeviceLock, exclusive
 from jobrunner.worker.lease_keeper import LeaseKeeper
-from jobrunner.worker.liveness import process_start_time
+from jobrunner.store.models import Job, ShardStatus, utcnow
+from jobrunner.worker.liveness import describe_wait, holder_is_live, host_id, process_start_time, take_over_dead
 from jobrunner.worker.replan import stored_profile_path
 from jobrunner.worker.reporter import PlainReporter, WorkerReporter
 
@@ -54,7 +56,7 @@ class WorkerConfig:
     hardware: HardwareProfile | None = None
     gpu_mem_gib: float | None = None
     cpu_mem_gib: float | None = None
-    offload_dir: Path = Path(".flexjob")
+    offload_dir: Path = field(default_factory=engine_home)
     exit_when_idle: bool = False
     max_jobs: int | None = None
     lease_s: float = 60.0
@@ -79,12 +81,16 @@ class Worker:
         self.db, self.config = db, config
         self.reporter: WorkerReporter = reporter or PlainReporter()
         self.replanner = replanner
+        self._learner = DiskBandwidthLearner(config.offload_dir)  # the profile learns what blocks saw
         self.stop_signal: int | None = None
         self._wake = threading.Event()
         self._engine = None
         self._engine_key: tuple[str, str] | None = None
         self._model_fingerprints: dict[str, str] = {}
         self.worker_id: str | None = None
+        self._shards_done = 0
+        self._start = (0, 0)  # the reporter's rows and tokens when the loop started
+        self._announced_waits: set[tuple] = set()  # shards this worker said it waits for
 
     # -- signals --------------------------------------------------------------------------
     def _on_signal(self, signum, _frame) -> None:
@@ -107,32 +113,13 @@ class Worker:
         previous = self._install_signals()
         self.worker_id = store.register_worker(
             self.db, device=self._device_name(), policy=self.config.policy.to_dict() if self.config.policy else None,
-            process_started_at=process_start_time(os.getpid()), profile_path=stored_profile_path(self.config.offload_dir))
-        jobs_seen: set[int] = set()
-        shards = rows = tokens = 0
-        stopped_by = "idle"
+            host_id=host_id(), process_started_at=process_start_time(os.getpid()),
+            profile_path=stored_profile_path(self.config.offload_dir))
+        self.reporter.message(f"worker {self.worker_id} started")
+        self._start = (self.reporter.rows, self.reporter.tokens)
+        stopped_by = "signal"
         try:
-            while self.stop_signal is None:
-                lease = store.claim_shard(self.db, self.worker_id, lease_s=self.config.lease_s)
-                if lease is None:
-                    if self.config.exit_when_idle:
-                        break
-                    store.worker_seen(self.db, self.worker_id)  # idle, not dead: keep the heartbeat fresh
-                    self._wake.wait(self.config.idle_poll_s)
-                    continue
-                if self.config.max_jobs is not None and lease.job_id not in jobs_seen \
-                        and len(jobs_seen) >= self.config.max_jobs:
-                    store.release_shard(self.db, lease, reason="worker reached --max-jobs")
-                    stopped_by = "max-jobs"
-                    break
-                jobs_seen.add(lease.job_id)
-                before = (self.reporter.rows, self.reporter.tokens)
-                if self._work_on(lease) is ShardOutcome.DONE:
-                    shards += 1
-                rows += self.reporter.rows - before[0]
-                tokens += self.reporter.tokens - before[1]
-            if self.stop_signal is not None:
-                stopped_by = "signal"
+            stopped_by = self._claim_loop()
         finally:
             store.stop_worker(self.db, self.worker_id, reason=stopped_by)
             for sig, handler in previous.items():
@@ -142,7 +129,48 @@ class Worker:
             if lock:
                 lock.release()
             self.reporter.close()
-        return WorkerSummary(shards_done=shards, rows_done=rows, tokens=tokens, stopped_by=stopped_by)
+        return WorkerSummary(shards_done=self._shards_done, rows_done=self.reporter.rows - self._start[0],
+                             tokens=self.reporter.tokens - self._start[1], stopped_by=stopped_by)
+
+    def _claim_loop(self) -> str:
+        """Claim and run shards until a signal, --max-jobs, or (with --exit-when-idle) nothing is
+        left that this worker could ever take. Returns why it stopped."""
+        jobs_seen: set[int] = set()
+        while self.stop_signal is None:
+            self._take_over_dead_workers()
+            lease = store.claim_shard(self.db, self.worker_id, lease_s=self.config.lease_s)
+            if lease is None:
+                if self.config.exit_when_idle and not self._work_left():
+                    return "idle"
+                store.worker_seen(self.db, self.worker_id)  # idle, not dead: keep the heartbeat fresh
+                self._wake.wait(self.config.idle_poll_s)
+                continue
+            if self.config.max_jobs is not None and lease.job_id not in jobs_seen \
+                    and len(jobs_seen) >= self.config.max_jobs:
+                store.release_shard(self.db, lease, reason="worker reached --max-jobs")
+                return "max-jobs"
+            jobs_seen.add(lease.job_id)
+            if self._work_on(lease) is ShardOutcome.DONE:
+                self._shards_done += 1
+        return "signal"
+
+    def _take_over_dead_workers(self) -> None:
+        for dead, freed in take_over_dead(self.db, self.worker_id):
+            self.reporter.message(f"worker {dead.id} is dead (process {dead.pid} is gone)"
+                                  + (f"; its {len(freed)} shard(s) are taken over now" if freed else ""))
+
+    def _work_left(self) -> bool:
+        """Whether a shard not claimable now will be: one waiting out a retry delay, or one held by a
+        worker that is not renewing its lease. Shards of live workers are theirs to finish."""
+        now = utcnow()
+        waiting = [h for h in store.held_elsewhere(self.db, self.worker_id, now=now)
+                   if h.status == ShardStatus.PENDING or not holder_is_live(h, now)]
+        for held in waiting:
+            key = (held.job_id, held.shard_index, held.worker_id)
+            if key not in self._announced_waits:
+                self._announced_waits.add(key)
+                self.reporter.message(f"waiting: {describe_wait(held, now)}")
+        return bool(waiting)
 
     def _device_name(self) -> str:
         import torch
@@ -169,11 +197,12 @@ class Worker:
                            progress_every=self.config.progress_every,
                            should_stop=lambda: self.stop_signal is not None or keeper.interrupted(),
                            reporter=self.reporter, id_type=self._id_type(job),
-                           between_blocks=lambda: self._maybe_replan(engine, lease))
+                           between_blocks=lambda: self._between_blocks(engine, lease))
         try:
             outcome = self._run_guarded(ctx)
         finally:
             keeper.stop()
+            self._learner.observe(engine.stats)
         return self._after_stop(ctx, keeper) if outcome is ShardOutcome.STOPPED else outcome
 
     def _run_guarded(self, ctx: ShardContext) -> ShardOutcome:
@@ -270,15 +299,21 @@ class Worker:
         if self.config.hardware is None:
             return Policy()
         from engine.model.config import load_config
-        from jobrunner.worker.replan import planned_policy  # the planner (pulp) loads only when it plans
+        from jobrunner.worker.replan import plan_for_this_process  # the planner (pulp) loads only when it plans
 
-        return planned_policy(load_config(job.model_dir), self.config.hardware, gpu_mem_gib=self.config.gpu_mem_gib,
-                              cpu_mem_gib=self.config.cpu_mem_gib, gen_len=params.max_new_tokens)
+        return plan_for_this_process(load_config(job.model_dir), self.config.hardware,
+                                     gpu_mem_gib=self.config.gpu_mem_gib, cpu_mem_gib=self.config.cpu_mem_gib,
+                                     gen_len=params.max_new_tokens).policy
 
     def _id_type(self, job: Job) -> pa.DataType | None:
         if job.id_column is None:
             return None
         return pq.ParquetFile(job.input_path).schema_arrow.field(job.id_column).type
+
+    def _between_blocks(self, engine: Engine, lease: Lease) -> None:
+        """Learn the disk bandwidth the finished blocks saw (the stored profile), then maybe re-plan."""
+        self._learner.observe(engine.stats)
+        self._maybe_replan(engine, lease)
 
     def _maybe_replan(self, engine: Engine, lease: Lease) -> None:
         if self.replanner is None:

@@ -1,5 +1,6 @@
-"""Workers record their process's start time (a pid reused by another process is told apart) and
-the path of the hardware profile they plan with (the dashboard reads the profiled bandwidth there).
+"""Workers record which machine and process they are (host id: boot id and pid namespace, so two
+machines with one host name are told apart; the process's start time, so a reused pid is told
+apart) and the path of the hardware profile they plan with (the dashboard reads it there).
 
 Revision ID: 0002
 Revises: 0001
@@ -17,6 +18,7 @@ depends_on = None
 
 def upgrade() -> None:
     with op.batch_alter_table('workers', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('host_id', sa.String(length=100), nullable=True))
         batch_op.add_column(sa.Column('process_started_at', sa.Float(), nullable=True))
         batch_op.add_column(sa.Column('profile_path', sa.Text(), nullable=True))
 
@@ -25,3 +27,4 @@ def downgrade() -> None:
     with op.batch_alter_table('workers', schema=None) as batch_op:
         batch_op.drop_column('profile_path')
         batch_op.drop_column('process_started_at')
+        batch_op.drop_column('host_id')

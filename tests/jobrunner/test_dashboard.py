@@ -19,7 +19,7 @@ from engine.runtime.policy import CompressionConfig, Policy
 from jobrunner import store
 from jobrunner.worker.bandwidth_monitor import ReplanDecision
 from jobrunner.cli import main
-from jobrunner.observe.dashboard import format_duration, render_dashboard, short_worker
+from jobrunner.observe.dashboard import format_duration, render_dashboard
 from jobrunner.store.db import open_store
 from jobrunner.store.db_url import mask_url
 from jobrunner.io.enqueue import JobParams
@@ -142,7 +142,7 @@ def test_workers_table_shows_policy_bandwidth_memory_and_staleness(populated):
     text = render_text(read_snapshot(db))
     first = line_with(text, " shard 1 block 2")
     second, third = text[text.index(first):].splitlines()[1:3]
-    assert short_worker(ids["worker"]) in first and "ago" in first and "STALE" not in first
+    assert ids["worker"] in first and "ago" in first and "STALE" not in first
     assert "job " in first and "4×2 = 8 rows" in first            # gpu_batch_size × num_gpu_batches = block
     assert "disk_read 0.50/1.00" in first                          # measured (2 GB in 4 s) / profiled
     assert "RSS 1.5 GiB" in first and "GPU 3.0 GiB" in second      # peaks over its latest blocks
@@ -152,7 +152,7 @@ def test_workers_table_shows_policy_bandwidth_memory_and_staleness(populated):
     stale = [line for line in text.splitlines() if "STALE" in line and "running" not in line]
     assert len(stale) == 2 and all("10m00s STALE" in line or "9m59s STALE" in line for line in stale)
     assert "idle" in stale[0] or "idle" in stale[1]                # the one whose shard was taken over
-    stopped = [line for line in text.splitlines() if line.split()[1:2] == [short_worker(ids["finisher"])]
+    stopped = [line for line in text.splitlines() if line.split()[1:2] == [ids["finisher"]]
                and "stopped" in line]
     assert len(stopped) == 1 and "8×1 = 8 rows" in stopped[0]
 
@@ -163,7 +163,8 @@ def test_events_show_replans_takeovers_failures_and_cancels(populated):
     replan = line_with(text, " replan ")
     assert "re-planned 8x1 [100 0 100 0 100 0] overlap -> 4x2 [50 50 100 0 100 0] overlap,cw" in replan
     assert "disk_read 0.50 GB/s measured vs 1.00 profiled, predicted +25%" in replan
-    assert f"lease takeover: took over shard 0 from worker {ids['crashed']}" in line_with(text, "lease_expired")
+    assert (f"lease takeover: took over shard 0 (attempt 2) from worker {ids['crashed']}: its lease ran out 540 s ago"
+            in line_with(text, "lease_expired"))
     assert INPUT_CHANGED in line_with(text, "job_failed")
     assert "cancelled" in line_with(text, "job_cancel ")
     assert "block_committed" not in text and "shard_claimed" not in text  # routine: shown as progress
