@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.runtime.compression import QuantizedTensor, dequantize
 from engine.model.config import OPTConfig
+from engine.model.kernels import linear
+from engine.runtime.compression import QuantizedTensor, dequantize
 
 POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding reserves the first two rows
 LN_EPS = 1e-5
@@ -38,7 +39,7 @@ def input_embed(w: dict, cfg: OPTConfig, token_ids: torch.Tensor, positions: tor
     # token_ids, positions: [B, S] (positions are -1 at left padding, as in HF) -> [B, S, h]
     h = embedding(token_ids, w["embed_tokens.weight"], dtype)
     if cfg.has_projections:
-        h = F.linear(h, w["project_in.weight"])
+        h = linear(h, w["project_in.weight"])
     return h + embedding(positions + POSITION_OFFSET, w["embed_positions.weight"], h.dtype)
 
 
@@ -48,8 +49,8 @@ def output_logits(w: dict, cfg: OPTConfig, h: torch.Tensor) -> torch.Tensor:
     if cfg.has_final_layer_norm:
         h = F.layer_norm(h, (cfg.hidden_size,), w["final_layer_norm.weight"], w["final_layer_norm.bias"], LN_EPS)
     if cfg.has_projections:
-        h = F.linear(h, w["project_out.weight"])
-    return F.linear(h, w["lm_head.weight"]).float()
+        h = linear(h, w["project_out.weight"])
+    return linear(h, w["lm_head.weight"]).float()
 
 
 def _layer_norm(w: dict, name: str, h: torch.Tensor) -> torch.Tensor:
@@ -61,38 +62,15 @@ def qkv(w: dict, cfg: OPTConfig, h: torch.Tensor) -> tuple[torch.Tensor, torch.T
     x = _layer_norm(w, "self_attn_layer_norm", h) if cfg.do_layer_norm_before else h
     # In-place where the operand is a fresh intermediate: every new multi-MB tensor costs page faults
     # (the allocator hands big blocks back to the OS at once, see budgets.limit_allocator_slack).
-    q = F.linear(x, w["self_attn.q_proj.weight"], w["self_attn.q_proj.bias"]).mul_(cfg.head_dim ** -0.5)
-    k = F.linear(x, w["self_attn.k_proj.weight"], w["self_attn.k_proj.bias"])
-    v = F.linear(x, w["self_attn.v_proj.weight"], w["self_attn.v_proj.bias"])
+    q = linear(x, w["self_attn.q_proj.weight"], w["self_attn.q_proj.bias"]).mul_(cfg.head_dim ** -0.5)
+    k = linear(x, w["self_attn.k_proj.weight"], w["self_attn.k_proj.bias"])
+    v = linear(x, w["self_attn.v_proj.weight"], w["self_attn.v_proj.bias"])
     return q, k, v
 
 
 def cache_rows(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """k, v: [B, S, h] -> the cache's position-major rows [S, 2, B, h] (a view; see kv_cache)."""
     return torch.stack((k, v)).permute(2, 0, 1, 3)
-
-
-def attend(cfg: OPTConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Scaled dot-product attention over the cache.
-
-    q: [B, S, h]; k, v: [T, B, h] (the cache layout: position-major so a new position is one append);
-    mask: [B, 1, S, T] bool, True where a query may attend. Returns [B, S, h].
-    """
-    B, S, hidden = q.shape
-    T, H, D = k.shape[0], cfg.num_heads, cfg.head_dim
-    qh = q.view(B, S, H, D).transpose(1, 2)  # [B, H, S, D]
-    kh = k.view(T, B, H, D).permute(1, 2, 0, 3)  # [B, H, T, D]
-    vh = v.view(T, B, H, D).permute(1, 2, 0, 3)
-    # q is already scaled (as HF does), so SDPA's own scale is 1.
-    out = F.scaled_dot_product_attention(qh, kh.to(qh.dtype), vh.to(qh.dtype), attn_mask=mask, scale=1.0)
-    return out.transpose(1, 2).reshape(B, S, hidden)
-
-
-def attend_pairs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention for (row, head) pairs, each on its own (a cache part holds a range of them).
-    q: [n, S, D] (pre-scaled); k, v: [T, n, D] (the cache layout); mask: [n, S, T]. Returns [n, S, D]."""
-    return F.scaled_dot_product_attention(q, k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype),
-                                          attn_mask=mask, scale=1.0)
 
 
 def to_pairs(cfg: OPTConfig, x: torch.Tensor) -> torch.Tensor:
@@ -107,37 +85,17 @@ def from_pairs(cfg: OPTConfig, x: torch.Tensor) -> torch.Tensor:
     return x.view(n // cfg.num_heads, cfg.num_heads, S, D).transpose(1, 2).reshape(n // cfg.num_heads, S, -1)
 
 
-def pair_mask(cfg: OPTConfig, mask: torch.Tensor) -> torch.Tensor:
-    """[B, 1, S, T] -> [B*H, S, T]."""
-    B, _, S, T = mask.shape
-    return mask.expand(B, cfg.num_heads, S, T).reshape(B * cfg.num_heads, S, T)
-
-
 def attention_output(w: dict, cfg: OPTConfig, residual: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    h = F.linear(attn, w["self_attn.out_proj.weight"], w["self_attn.out_proj.bias"]).add_(residual)
+    h = linear(attn, w["self_attn.out_proj.weight"], w["self_attn.out_proj.bias"]).add_(residual)
     return h if cfg.do_layer_norm_before else _layer_norm(w, "self_attn_layer_norm", h)
 
 
 def mlp(w: dict, cfg: OPTConfig, h: torch.Tensor) -> torch.Tensor:
     # h: [B, S, h] -> [B, S, h]
     x = _layer_norm(w, "final_layer_norm", h) if cfg.do_layer_norm_before else h
-    x = F.linear(x, w["fc1.weight"], w["fc1.bias"]).relu_()
-    h = F.linear(x, w["fc2.weight"], w["fc2.bias"]).add_(h)
+    x = linear(x, w["fc1.weight"], w["fc1.bias"]).relu_()
+    h = linear(x, w["fc2.weight"], w["fc2.bias"]).add_(h)
     return h if cfg.do_layer_norm_before else _layer_norm(w, "final_layer_norm", h)
-
-
-def attention_mask(valid: torch.Tensor, query_len: int) -> torch.Tensor:
-    """valid: [B, T] bool (False at left padding) -> [B, 1, S, T] causal + padding mask.
-
-    The last `query_len` positions are the queries. A query at a padding position would see no key
-    at all (SDPA returns NaN for that); it may see itself, which changes nothing a real row reads.
-    """
-    B, T = valid.shape
-    q_pos = torch.arange(T - query_len, T, device=valid.device)
-    causal = torch.arange(T, device=valid.device)[None, :] <= q_pos[:, None]  # [S, T]
-    mask = causal[None] & valid[:, None, :]
-    mask |= torch.eye(T, dtype=torch.bool, device=valid.device)[T - query_len:][None]
-    return mask[:, None]
 
 
 def positions_from_mask(valid: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ import math
 import torch
 
 from engine.model import opt as layers
+from engine.model.kernels import attend
 from engine.model.config import layer_tensor_shapes, preset
 from engine.planning.cost_inputs import Placement, Shape
 from engine.planning.cost_time import phase_terms
@@ -37,14 +38,15 @@ def _layer_weights(cfg, device: torch.device, dtype: torch.dtype) -> dict[str, t
     return {name: torch.full(shape, 0.01, device=device, dtype=dtype) for name, shape in layer_tensor_shapes(cfg)}
 
 
-def _layer_step(cfg, w, h: torch.Tensor, cache: torch.Tensor, start: int, mask: torch.Tensor) -> torch.Tensor:
+def _layer_step(cfg, w, h: torch.Tensor, cache: torch.Tensor, start: int) -> torch.Tensor:
     """What the schedule runs for one micro-batch in one layer (cache in RAM): q/k/v, append to the
     position-major cache [T, 2, B, h], attend over it, output projection and MLP."""
     q, k, v = layers.qkv(w, cfg, h)
     s = h.shape[1]
     cache[start:start + s].copy_(layers.cache_rows(k, v))
-    full = cache[:start + s]
-    attn = layers.attend(cfg, q, full[:, 0], full[:, 1], mask)
+    full = cache[:start + s].view(start + s, 2, -1, cfg.head_dim)  # [T, 2, B*H, D]: (row, head) pairs
+    first = torch.zeros(full.shape[2], dtype=torch.long, device=h.device)
+    attn = layers.from_pairs(cfg, attend(layers.to_pairs(cfg, q), full[:, 0], full[:, 1], first))
     return layers.mlp(w, cfg, layers.attention_output(w, cfg, h, attn))
 
 
@@ -96,15 +98,12 @@ def _time_points(cfg, w: dict, head: dict, timed) -> dict[str, float]:
     with torch.inference_mode():
         x = torch.full((PREFILL_ROWS, PROMPT_LEN, hid), 0.1, device=dev, dtype=dtype)
         cache = torch.zeros(total, 2, PREFILL_ROWS, hid, device=dev, dtype=dtype)
-        mask = layers.attention_mask(torch.ones(PREFILL_ROWS, PROMPT_LEN, dtype=torch.bool, device=dev),
-                                     PROMPT_LEN)
-        out["prefill"] = timed(lambda: _layer_step(cfg, w, x, cache, 0, mask))
+        out["prefill"] = timed(lambda: _layer_step(cfg, w, x, cache, 0))
         context = PROMPT_LEN + GEN_LEN // 2
         for rows in DECODE_ROW_COUNTS:
             x = torch.full((rows, 1, hid), 0.1, device=dev, dtype=dtype)
             cache = torch.full((total, 2, rows, hid), 0.1, device=dev, dtype=dtype)
-            mask = torch.ones(rows, 1, 1, context + 1, dtype=torch.bool, device=dev)
-            out[f"decode:{rows}"] = timed(lambda: _layer_step(cfg, w, x, cache, context, mask))
+            out[f"decode:{rows}"] = timed(lambda: _layer_step(cfg, w, x, cache, context))
         for rows in DECODE_ROW_COUNTS:
             x = torch.full((rows, hid), 0.1, device=dev, dtype=dtype)
             out[f"head:{rows}"] = timed(lambda: layers.output_logits(head, cfg, x))

@@ -113,6 +113,15 @@ class CachePart:
                             group_size=self.compression.group_size, num_bits=self.compression.num_bits)
         return dequantize(q, self.dtype)
 
+    def as_attended(self, new: torch.Tensor) -> torch.Tensor:
+        """What attention reads back for positions just computed: a compressed part's round trip.
+        Attending the quantised copy of every position, the newest included, makes a decode step
+        see what a prefill of the same positions sees. new: [s, 2, count, head_dim]."""
+        if self.compression is None:
+            return new
+        q = quantize(new, num_bits=self.compression.num_bits, group_size=self.compression.group_size)
+        return dequantize(q, new.dtype)
+
     def append(self, new: torch.Tensor) -> None:
         """new: [s, 2, count, head_dim] — this part's keys and values of the positions just computed."""
         if self.compression is None:

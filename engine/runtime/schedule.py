@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from engine.model import opt as layers
+from engine.model.kernels import attend
 from engine.runtime.kv_cache import CachePart, CacheSlot
 from engine.model.config import OPTConfig
 from engine.runtime.placed_weights import PlacedWeights
@@ -57,7 +58,8 @@ class _Done(Future):
 class MicroBatch:
     """Token ids, padding mask and positions of one micro-batch for the whole block."""
 
-    def __init__(self, rows: list[BlockRow], prompt_len: int, max_len: int, pad_id: int, device) -> None:
+    def __init__(self, rows: list[BlockRow], prompt_len: int, max_len: int, pad_id: int, num_heads: int,
+                 device) -> None:
         self.rows = rows
         B = len(rows)
         self.input_ids = torch.full((B, prompt_len), pad_id, dtype=torch.long)
@@ -68,16 +70,16 @@ class MicroBatch:
             self.valid[i, prompt_len - n:] = True
         self.valid[:, prompt_len:] = True  # generated positions are never padding
         self.positions = layers.positions_from_mask(self.valid)
-        self.input_ids, self.valid, self.positions = (t.to(device) for t in
-                                                      (self.input_ids, self.valid, self.positions))
+        # Each row's first real cache position, repeated for its heads: [B*H] in pair order.
+        self.first = (prompt_len - torch.tensor([len(r.context_ids) for r in rows])).repeat_interleave(num_heads)
+        self.input_ids, self.positions, self.first = (t.to(device) for t in
+                                                      (self.input_ids, self.positions, self.first))
         self.length = 0  # positions in the cache after this step
-        self.mask = None
         self.next_ids = self.input_ids  # the step's input: the prompt first, then the sampled tokens
 
     def begin_step(self, query_len: int) -> None:
         self.length += query_len
         self.query_len = query_len
-        self.mask = layers.attention_mask(self.valid[:, : self.length], query_len)
 
     @property
     def step_positions(self) -> torch.Tensor:
@@ -92,7 +94,8 @@ class BlockRunner:
         self.prompt_len = max(len(r.context_ids) for r in rows)
         self.steps = max(r.max_new_tokens - len(r.result.generated_ids) for r in rows)
         max_len = self.prompt_len + self.steps - 1  # the last token is never fed back
-        self.mbs = [MicroBatch(rows[i:i + gbs], self.prompt_len, max_len, cfg.pad_token_id, ctx.device)
+        self.mbs = [MicroBatch(rows[i:i + gbs], self.prompt_len, max_len, cfg.pad_token_id, cfg.num_heads,
+                               ctx.device)
                     for i in range(0, len(rows), gbs)]
         self.layer_names = layer_names(cfg)
         K, L = len(self.mbs), cfg.num_layers
@@ -217,15 +220,17 @@ class BlockRunner:
         q, k, v = layers.qkv(w, cfg, h)
         rows = layers.cache_rows(k, v)  # [s, 2, B, h]
         new = rows.reshape(rows.shape[0], 2, -1, cfg.head_dim)  # [s, 2, B*H, D]: the (row, head) pairs
+        q_pairs = layers.to_pairs(cfg, q)
         if mb.length == mb.query_len:  # the prefill: nothing cached yet, attend the new positions whole
+            out = []
             for part in slot.parts:
                 self._append(part, new[:, :, part.pairs])
-            attn = layers.attend(cfg, q, rows[:, 0], rows[:, 1], mb.mask)
+                seen = part.as_attended(new[:, :, part.pairs])
+                out.append(attend(q_pairs[part.pairs], seen[:, 0], seen[:, 1], mb.first[part.pairs]))
         else:
-            q_pairs, mask = layers.to_pairs(cfg, q), layers.pair_mask(cfg, mb.mask)
-            out = [self._attend_part(part, q_pairs[part.pairs], new[:, :, part.pairs], mask[part.pairs],
+            out = [self._attend_part(part, q_pairs[part.pairs], new[:, :, part.pairs], mb.first[part.pairs],
                                      read if part.tier == Tier.DISK else None) for part in slot.parts]
-            attn = layers.from_pairs(cfg, out[0] if len(out) == 1 else torch.cat(out))
+        attn = layers.from_pairs(cfg, out[0] if len(out) == 1 else torch.cat(out))
         h = layers.attention_output(w, cfg, h, attn)
         return layers.mlp(w, cfg, h)
 
@@ -235,29 +240,29 @@ class BlockRunner:
         else:
             part.append(new)
 
-    def _attend_part(self, part: CachePart, q: torch.Tensor, new: torch.Tensor, mask: torch.Tensor,
+    def _attend_part(self, part: CachePart, q: torch.Tensor, new: torch.Tensor, first: torch.Tensor,
                      read: Future | None) -> torch.Tensor:
-        """One part's attention for a decode step: q [n, 1, D], new [1, 2, n, D], mask [n, 1, T]."""
+        """One part's attention for a decode step: q [n, 1, D], new [1, 2, n, D], first [n]."""
         ctx = self.ctx
         if part.tier == Tier.DISK or part.compression is not None:
-            # The cache read so far plus the new position in full precision (a compressed part
-            # must not attend to a quantised copy of the position it just computed: HF doesn't).
+            # The cache read so far plus the new position as the cache will hold it.
             where = self._cache_device(part)
             prev = read.result() if read is not None else part.read(where, ctx.stats)
+            seen = part.as_attended(new)
             if prev.shape[0] > part.length:  # read with room: write the new position in place
                 full = prev
-                full[part.length:].copy_(new)
+                full[part.length:].copy_(seen)
             else:
-                full = torch.cat((prev.to(where, new.dtype), new.to(where)))
+                full = torch.cat((prev.to(where, new.dtype), seen.to(where)))
             self._append(part, new)
         else:
             part.append(new)
             full = part.read()
         if ctx.policy.cpu_cache_compute and full.device.type == "cpu" and q.device.type != "cpu":
             # Attention where the cache lives: ship q (small) instead of the cache (large).
-            return layers.attend_pairs(q.cpu(), full[:, 0], full[:, 1], mask.cpu()).to(q.device)
+            return attend(q.cpu(), full[:, 0], full[:, 1], first.cpu()).to(q.device)
         full = to_device(full, ctx.device, ctx.stats)
-        return layers.attend_pairs(q, full[:, 0], full[:, 1], mask)
+        return attend(q, full[:, 0], full[:, 1], first)
 
     def _sample(self, mb: MicroBatch, logits: torch.Tensor, params: GenerationParams) -> None:
         results = [r.result for r in mb.rows]

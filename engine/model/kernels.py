@@ -1,0 +1,86 @@
+"""Batch-invariant kernels: a row's numbers do not depend on its neighbours or on prefill vs decode.
+
+A BLAS picks its blocking, its K-split and its micro-kernel by the shape of the call: on a CPU the
+same row multiplied by the same weights gives different low bits when 1, 8 or 600 rows share the
+call (MKL's fp32 gemv for one row; oneDNN's bf16 kernels differ for 33..256 rows on AMX). Greedy
+decoding turns such a bit into a different token wherever two logits are close. The way out
+(He et al., "Defeating Nondeterminism in LLM Inference", 2025) is to give every reduction one
+fixed order: here, by calling the library only with shapes that never vary.
+
+- `linear`: rows go to the library in chunks of exactly `rows_per_call(dtype)` rows (the last
+  chunk zero-padded), so every row of every call, prefill or decode, sees the same kernel.
+- `attend`: each (row, head) pair's keys are aligned so that the row's first real position sits
+  at index 0 (the cache is left-padded per block, so a row's index would otherwise depend on its
+  neighbours' prompt lengths); queries go to `bmm` in groups of exactly `QUERIES_PER_CALL`; the key
+  axis is padded with masked positions to a multiple of `KEY_ALIGN`. Masked keys add exact zeros
+  to every sum, and the same positions always fall in the same SIMD lanes, so a decode step
+  computes a position's attention bit for bit as the prefill of the same prompt does.
+
+Shapes: n (row, head) pairs, S queries, T cached positions, D head_dim.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+QUERIES_PER_CALL = 8  # >= 2 keeps MKL off its one-row (gemv) path, whose sums run in another order
+KEY_ALIGN = 64  # a multiple of every SIMD width, so softmax never takes a scalar tail
+
+
+def rows_per_call(dtype: torch.dtype) -> int:
+    """Rows per library call: large enough that prefill runs near full speed, small enough that a
+    decode micro-batch padded to it costs little more than streaming the weights once."""
+    return 32 if dtype == torch.float32 else 128
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear whose rows do not depend on how many rows share the call. x: [..., K] -> [..., N]."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, k)
+    m, chunk = rows.shape[0], rows_per_call(x.dtype)
+    padded = -(-m // chunk) * chunk
+    if padded != m:
+        rows = torch.cat((rows, rows.new_zeros(padded - m, k)))
+    out = torch.empty(padded, weight.shape[0], dtype=x.dtype, device=x.device)
+    for start in range(0, padded, chunk):
+        torch.addmm(bias, rows[start:start + chunk], weight.t(), out=out[start:start + chunk]) if bias is not None \
+            else torch.mm(rows[start:start + chunk], weight.t(), out=out[start:start + chunk])
+    return out[:m].view(*lead, weight.shape[0])
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """Causal attention of the last S cache positions, one (row, head) pair at a time.
+
+    q: [n, S, D] (pre-scaled) at cache positions T-S .. T-1; k, v: [T, n, D] (the cache layout);
+    first: [n] long, each pair's first real position (left padding before it). A query attends to
+    its row's positions first .. itself. Returns [n, S, D] in q's dtype.
+    """
+    n, S, D = q.shape
+    T = k.shape[0]
+    kh, vh = _aligned(k, first, q.dtype), _aligned(v, first, q.dtype)  # [n, T', D]
+    # Aligned position of every query (a padding query sees the row's first real key only).
+    query_pos = (torch.arange(T - S, T, device=q.device)[None, :] - first[:, None]).clamp_(min=0)  # [n, S]
+    out = torch.empty_like(q)
+    for g in range(0, S, QUERIES_PER_CALL):
+        pos = query_pos[:, g:g + QUERIES_PER_CALL]
+        qg = q[:, g:g + QUERIES_PER_CALL]
+        if qg.shape[1] < QUERIES_PER_CALL:  # pad with copies of the last query (never NaN)
+            fill = QUERIES_PER_CALL - qg.shape[1]
+            qg = torch.cat((qg, qg[:, -1:].expand(n, fill, D)), dim=1)
+            pos = torch.cat((pos, pos[:, -1:].expand(n, fill)), dim=1)
+        keys = min(-(-(int(pos.max()) + 1) // KEY_ALIGN) * KEY_ALIGN, kh.shape[1])
+        scores = torch.bmm(qg, kh[:, :keys].transpose(1, 2))  # [n, G, keys]
+        hidden = torch.arange(keys, device=q.device)[None, None, :] > pos[:, :, None]
+        probs = torch.softmax(scores.masked_fill_(hidden, float("-inf")), dim=-1)
+        got = min(QUERIES_PER_CALL, S - g)
+        out[:, g:g + got] = torch.bmm(probs, vh[:, :keys])[:, :got]
+    return out
+
+
+def _aligned(x: torch.Tensor, first: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[T, n, D] -> [n, T', D] with pair i's position first[i] at index 0; T' is T rounded up to
+    KEY_ALIGN. Indices past a pair's last position repeat it (masked by every query)."""
+    T, n, D = x.shape
+    padded = -(-T // KEY_ALIGN) * KEY_ALIGN
+    index = (first[:, None] + torch.arange(padded, device=x.device)[None, :]).clamp_(max=T - 1)  # [n, T']
+    return x.to(dtype).transpose(0, 1).gather(1, index[:, :, None].expand(n, padded, D))
