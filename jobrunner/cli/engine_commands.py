@@ -119,17 +119,24 @@ def default_offload_dir(offload_dir: Path | None) -> Path:
     return offload_dir or engine_home()
 
 
+def host_profile(offload_dir: Path, *, model=None):
+    """This host's profile for the planner (with `model`'s compute calibration), measured now,
+    once, if none is stored: a few seconds, announced on stderr."""
+    from engine.planning.profile_store import profile_path
+    from engine.planning.profiler import load_or_measure_profile
+
+    if not profile_path(offload_dir).is_file():
+        click.echo("measuring this machine once for the planner (as `flexjob profile` does) ...", err=True)
+    return load_or_measure_profile(offload_dir, model=model)
+
+
 def measure_and_plan(config, offload_dir: Path, gpu_mem, cpu_mem, *, prompt_len: int, gen_len: int,
                      flags: dict | None = None, max_block_size: int | None = None):
     """The LP planner's policy for this host, profiling the host first when it has no stored profile
     (measured once and stored)."""
-    from engine.planning.profile_store import profile_path
-    from engine.planning.profiler import load_or_measure_profile
     from jobrunner.worker.replan import plan_for_this_process
 
-    if not profile_path(offload_dir).is_file():
-        click.echo("measuring this machine once (flexjob profile) ...", err=True)
-    hardware = load_or_measure_profile(offload_dir, model=config)
+    hardware = host_profile(offload_dir, model=config)
     flags = flags or {}
     result = plan_for_this_process(config, hardware, gpu_mem_gib=gpu_mem, cpu_mem_gib=cpu_mem,
                                    prompt_len=prompt_len, gen_len=gen_len, max_block_size=max_block_size,

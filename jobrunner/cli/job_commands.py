@@ -12,7 +12,7 @@ import click
 
 from jobrunner.cli.main import main
 from engine.runtime.devices import DTYPE_NAMES
-from jobrunner.cli.engine_commands import build_policy, default_offload_dir, policy_options
+from jobrunner.cli.engine_commands import build_policy, default_offload_dir, host_profile, policy_options
 
 db_option = click.option("--db", default=None, envvar="FLEXJOB_DB",
                          help="Job store URL: sqlite:///path.db or postgresql://user@host/db. "
@@ -85,7 +85,9 @@ def enqueue_command(input_path, model_dir, column, id_column, max_new_tokens, te
 
 @main.command("work")
 @policy_options
-@click.option("--exit-when-idle", is_flag=True, help="Exit when no shard is claimable.")
+@click.option("--exit-when-idle", is_flag=True,
+              help="Exit when nothing is left to do: every job finished, or its shards held by live workers "
+                   "(waits for a lease that will run out, then takes the shard over).")
 @click.option("--max-jobs", type=int, default=None, help="Exit after working on this many jobs.")
 @click.option("--lease", "lease_s", type=float, default=60.0, show_default=True, help="Lease length in seconds.")
 @click.option("--progress-every", type=int, default=16, show_default=True,
@@ -107,11 +109,14 @@ def work_command(percent, gpu_batch_size, num_gpu_batches, gpu_mem, cpu_mem, off
 
     explicit = (percent or gpu_batch_size is not None or num_gpu_batches is not None or compress_weight
                 or compress_cache or cpu_cache_compute)
-    # Without policy flags the planner chooses, from this host's stored profile (`flexjob profile`).
+    # Without policy flags the planner chooses, from this host's profile (measured on first use).
     policy = build_policy(percent, gpu_batch_size, num_gpu_batches, overlap, cpu_cache_compute, compress_weight,
                           compress_cache, compress_bits, compress_group_size, command="work") if explicit else None
     offload_dir = default_offload_dir(offload_dir)
-    hardware = stored_profile(offload_dir)
+    hardware = host_profile(offload_dir) if policy is None else stored_profile(offload_dir)
+    click.echo(f"policy: {policy.describe()} (from the flags)" if policy is not None else
+               "policy: planned for each job's model from this host's profile (flags such as "
+               "--gpu-batch-size fix it instead)", err=True)
     config = WorkerConfig(policy=policy, hardware=hardware, gpu_mem_gib=gpu_mem, cpu_mem_gib=cpu_mem,
                           offload_dir=offload_dir, exit_when_idle=exit_when_idle, max_jobs=max_jobs,
                           lease_s=lease_s, progress_every=progress_every, device_lock=_gpu_lock_name())

@@ -45,7 +45,12 @@ def test_cancel_and_retry(tmp_path, tiny_model, prompts_file, offload_dir):
     assert code == 1 and "error: job 1 is cancelled with 0 of 12 rows done" in out and "--partial" in out
     code, out = cli("retry", 1, *db)
     assert code == 0 and "job 1 was cancelled; its unfinished shards are queued again" in out
-    assert cli("work", "--exit-when-idle", "--offload-dir", offload_dir, *db)[0] == 0
+    # Without policy flags the worker plans: it measures this host once (a profile in FLEXJOB_HOME).
+    code, out = cli("work", "--exit-when-idle", "--offload-dir", offload_dir, *db,
+                    env={"FLEXJOB_HOME": str(tmp_path / "home")})
+    assert code == 0, out
+    assert "measuring this machine once for the planner" in out and "policy: planned for each job's model" in out
+    assert list((tmp_path / "home" / "profiles").glob("*.json"))
     code, out = cli("results", 1, "-o", tmp_path / "out.parquet", *db)
     assert code == 0 and "wrote 12 rows" in out
 
