@@ -14,24 +14,29 @@ from datetime import timedelta
 import pytest
 
 from jobrunner import store
+from jobrunner.io.enqueue import JobParams, enqueue
+from jobrunner.io.results import write_results
 from jobrunner.store import EventKind, Lease, LeaseLost
 from jobrunner.store.db import open_store
-from jobrunner.store.models import ShardStatus, WorkerStatus, utcnow
+from jobrunner.store.models import JobStatus, ShardStatus, WorkerStatus, utcnow
 from jobrunner.worker.liveness import process_gone, process_start_time, take_over_dead
 from tests.jobrunner.test_store import new_job, part_for
 from tests.support import store_reads
+from tests.support.jobs import SAMPLE_PROMPTS, flexjob_command, read_results, write_prompts
 
 # A holder process: registers as a worker of this host (or, with a host id, of another machine),
-# claims one shard, prints its lease and sleeps until it is killed.
+# claims one shard (its last heartbeat `ago` seconds back), prints its lease, sleeps until killed.
 HOLDER = """
 import json, os, sys, time
+from datetime import timedelta
 from jobrunner import store
 from jobrunner.store.db import open_store
+from jobrunner.store.models import utcnow
 from jobrunner.worker.liveness import host_id, process_start_time
 db = open_store(sys.argv[1])
 wid = store.register_worker(db, device="cpu", host_id=sys.argv[3] or host_id(),
                             process_started_at=process_start_time(os.getpid()))
-lease = store.claim_shard(db, wid, lease_s=float(sys.argv[2]))
+lease = store.claim_shard(db, wid, lease_s=float(sys.argv[2]), now=utcnow() - timedelta(seconds=float(sys.argv[4])))
 print(json.dumps({"worker_id": wid, "shard_id": lease.shard_id, "job_id": lease.job_id, "attempt": lease.attempt,
                   "shard_index": lease.shard_index, "row_start": lease.row_start, "row_end": lease.row_end}),
       flush=True)
@@ -39,8 +44,10 @@ time.sleep(600)
 """
 
 
-def start_holder(url: str, *, lease_s: float = 60.0, host_id: str = "") -> tuple[subprocess.Popen, dict]:
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, url, str(lease_s), host_id], stdout=subprocess.PIPE,
+def start_holder(url: str, *, lease_s: float = 60.0, host_id: str = "",
+                 ago_s: float = 0.0) -> tuple[subprocess.Popen, dict]:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, url, str(lease_s), host_id, str(ago_s)],
+                            stdout=subprocess.PIPE,
                             text=True, env=os.environ | {"PYTHONPATH": os.getcwd()})
     line = proc.stdout.readline()
     assert line, f"the holder exited with {proc.wait()}"
@@ -113,3 +120,78 @@ def test_a_reused_pid_and_a_zombie_count_as_gone():
         proc.kill()
         proc.wait()
     assert process_gone(proc.pid, started)
+
+
+# -- `flexjob work` end to end ------------------------------------------------------------------
+def work(url: str, tmp_path, *extra: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    args = flexjob_command("work", "--db", url, "--exit-when-idle", "--gpu-batch-size", 3, "--progress-every", 2,
+                           "--offload-dir", tmp_path / "offload", *extra)
+    return subprocess.run(args, cwd=tmp_path, env=os.environ | (env or {}), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def status_workers(url: str, tmp_path) -> dict[str, dict]:
+    out = subprocess.run(flexjob_command("status", "--json", "--db", url), cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    return {w["id"]: w for w in json.loads(out)["workers"]}
+
+
+@pytest.mark.slow
+def test_after_kill_9_a_new_worker_finishes_the_job_without_waiting_for_the_lease(tmp_path, tiny_model):
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    db = open_store(url)
+    job = enqueue(db, write_prompts(tmp_path / "p.parquet", SAMPLE_PROMPTS[:6]), model_dir=tiny_model,
+                  params=JobParams(max_new_tokens=8), shard_rows=6).job
+    killed = work(url, tmp_path, env={"FLEXJOB_TEST_KILL_AT": "decode:3"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    [shard] = store.list_shards(db, job.id)
+    assert shard.status == ShardStatus.LEASED and shard.lease_expires_at > utcnow() + timedelta(seconds=30)
+    assert status_workers(url, tmp_path)[shard.worker_id]["state"] == "dead"  # before anyone took over
+    started = time.monotonic()
+    second = work(url, tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert time.monotonic() - started < 50  # well inside the dead worker's 60 s lease
+    assert f"worker {shard.worker_id} is dead (process" in second.stderr
+    assert store.get_job(db, job.id).status == JobStatus.COMPLETED
+    rows = read_results(write_results(db, job.id, tmp_path / "out.parquet").path)
+    assert [r["row"] for r in rows] == list(range(6))
+    [takeover] = store_reads.events(db, job_id=job.id, kinds=[EventKind.WORKER_DEAD])
+    assert takeover.message.startswith(f"took over shard 0 (attempt 2) from worker {shard.worker_id}")
+    dead = status_workers(url, tmp_path)[shard.worker_id]
+    assert dead["status"] == "dead" and dead["state"] == "dead"
+
+
+@pytest.mark.slow
+def test_exit_when_idle_waits_for_a_lease_that_will_run_out_then_finishes(tmp_path, tiny_model):
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    db = open_store(url)
+    job = enqueue(db, write_prompts(tmp_path / "p.parquet", SAMPLE_PROMPTS[:3]), model_dir=tiny_model,
+                  params=JobParams(max_new_tokens=2), shard_rows=3).job
+    # A holder on another machine that stopped renewing 12 s ago: its 20 s lease runs out in 8 s.
+    proc, held = start_holder(url, lease_s=20, ago_s=12, host_id="another-machine/pid:[1]")
+    try:
+        done = work(url, tmp_path)
+    finally:
+        kill(proc)
+    assert done.returncode == 0, done.stderr
+    assert (f"waiting: shard 0 of job {job.id} is held by worker {held['worker_id']} (last heartbeat"
+            in done.stderr and "its lease runs out at" in done.stderr)
+    assert store.get_job(db, job.id).status == JobStatus.COMPLETED
+    assert [s.attempt for s in store.list_shards(db, job.id)] == [2]
+
+
+@pytest.mark.slow
+def test_exit_when_idle_leaves_shards_of_live_workers_alone(tmp_path, tiny_model):
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    db = open_store(url)
+    job = enqueue(db, write_prompts(tmp_path / "p.parquet", SAMPLE_PROMPTS[:3]), model_dir=tiny_model,
+                  params=JobParams(max_new_tokens=2), shard_rows=3).job
+    proc, held = start_holder(url, lease_s=60)  # alive on this host: its shard is its own
+    try:
+        idle = work(url, tmp_path, timeout=120)
+        assert idle.returncode == 0, idle.stderr
+        assert "waiting:" not in idle.stderr and "worker stopped (idle): 0 shards, 0 rows" in idle.stdout + idle.stderr
+        [shard] = store.list_shards(db, job.id)
+        assert shard.worker_id == held["worker_id"] and shard.attempt == 1
+    finally:
+        kill(proc)
