@@ -94,26 +94,13 @@ def write_results(engine: Engine, job_id: int, out_path: str | Path, *, partial:
                 missing += shard.row_end - shard.row_start
                 continue
             table = pa.concat_tables(tables).sort_by("row")
-            got = table.column("row").to_pylist()
-            expected_count = shard.row_end - shard.row_start
-            if len(set(got)) != len(got):
-                dup = next(r for i, r in enumerate(got) if i and got[i - 1] == r)
-                raise UserError(f"job {job_id}: row {dup} appears more than once in the result parts",
-                                f"this is a bug; run `flexjob retry {job_id}` after reporting it")
-            if got[0] < shard.row_start or got[-1] >= shard.row_end:
-                raise UserError(f"job {job_id}: a part of shard {shard.shard_index} holds rows outside "
-                                f"{shard.row_start}..{shard.row_end - 1}", "this is a bug; please report it")
-            if len(got) != expected_count:
-                if not partial:
-                    present = set(got)
-                    absent = next(r for r in range(shard.row_start, shard.row_end) if r not in present)
-                    raise UserError(f"job {job_id}: row {absent} has no result",
-                                    "pass --partial to write the rows that have one")
-                missing += expected_count - len(got)
+            got = table.num_rows
+            _check_shard_rows(job, shard, table.column("row").to_pylist(), partial=partial)
+            missing += shard.row_end - shard.row_start - got
             for reason, count in zip(*_value_counts(table.column("finish_reason"))):
                 reasons[reason] += count
             writer.write(table)
-            rows += len(got)
+            rows += got
         writer.close()
         if rows == 0:
             raise UserError(f"job {job_id} has no finished rows yet", "wait for a worker to finish a block")
@@ -124,6 +111,21 @@ def write_results(engine: Engine, job_id: int, out_path: str | Path, *, partial:
             tmp.unlink()
     return ResultsSummary(path=out_path, rows=rows, missing_rows=missing, error_rows=reasons.get("error", 0),
                           finish_reasons=dict(reasons))
+
+
+def _check_shard_rows(job: Job, shard, got: list[int], *, partial: bool) -> None:
+    """Every row of the shard's parts lies in the shard, once; all of them unless `partial`."""
+    if len(set(got)) != len(got):
+        dup = next(r for i, r in enumerate(got) if i and got[i - 1] == r)
+        raise UserError(f"job {job.id}: row {dup} appears more than once in the result parts",
+                        f"this is a bug; run `flexjob retry {job.id}` after reporting it")
+    if got[0] < shard.row_start or got[-1] >= shard.row_end:
+        raise UserError(f"job {job.id}: a part of shard {shard.shard_index} holds rows outside "
+                        f"{shard.row_start}..{shard.row_end - 1}", "this is a bug; please report it")
+    if len(got) != shard.row_end - shard.row_start and not partial:
+        present = set(got)
+        absent = next(r for r in range(shard.row_start, shard.row_end) if r not in present)
+        raise UserError(f"job {job.id}: row {absent} has no result", "pass --partial to write the rows that have one")
 
 
 def _value_counts(column: pa.ChunkedArray) -> tuple[list[str], list[int]]:
