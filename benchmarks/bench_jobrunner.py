@@ -186,7 +186,7 @@ def bench_enqueue(work: Path, *, rows: int, model: Path | None) -> dict:
         if not path.is_file():
             _write_prompts_file(path, n, group)
         peak, seconds, output = _child_peak_rss(cli + ["enqueue", str(path), "--model", str(model), "--id-column",
-                                                       "id", "--db", str(work / "enqueue.db"), "--force"], work)
+                                                       "id", "--db", f"sqlite:///{work / 'enqueue.db'}", "--force"], work)
         runs.append({"rows": n, "file_mib": path.stat().st_size / 2**20, "peak_rss_mib": peak / 2**20,
                      "enqueue_overhead_mib": (peak - baseline) / 2**20, "seconds": seconds, "output": output})
     return {"row_group_rows": group, "import_only_rss_mib": baseline / 2**20, "runs": runs}
@@ -205,7 +205,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="Runs of each side of the path comparison.")
     ap.add_argument("--commit-blocks", type=int, default=100)
     ap.add_argument("--enqueue-rows", type=int, default=1_000_000)
-    ap.add_argument("--pg", default="postgresql+psycopg2://postgres@127.0.0.1:5432/test",
+    ap.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/test",
                     help="PostgreSQL URL for the commit benchmark ('' to skip).")
     args = ap.parse_args()
     work = args.dir or Path(tempfile.mkdtemp(prefix="bench-jobrunner-"))
