@@ -26,7 +26,7 @@ from engine.planning.disk_probes import (DEFAULT_DISK_BYTES, cpu_busy, measure_d
 from engine.planning.hardware import PROFILE_VERSION, HardwareProfile
 from engine.planning.profile_store import profile_path
 from engine.planning.timing import sync_for, timed
-from engine.runtime.devices import DTYPES, dtype_name, resolve_dtype
+from engine.runtime.devices import DTYPE_NAMES, dtype_name, resolve_dtype, torch_dtype
 
 MAX_AGE_S = 7 * 24 * 3600
 CPU_DTYPES = (torch.float32, torch.bfloat16)  # the dtypes a CPU-side computation may run in
@@ -97,7 +97,7 @@ def measure_profile(disk_dir: str | Path, *, disk_bytes: int | None = None,
     read_lat, sync_lat = measure_disk_latency(disk_dir, seconds_per_test)
     flops = {"cpu": {dtype_name(dt): matmul_flops("cpu", dt, seconds_per_test) for dt in CPU_DTYPES}}
     if has_gpu:
-        flops["cuda"] = {name: matmul_flops("cuda", dt, seconds_per_test) for name, dt in DTYPES.items()}
+        flops["cuda"] = {name: matmul_flops("cuda", torch_dtype(name), seconds_per_test) for name in DTYPE_NAMES}
         c2g, g2c = pinned_copy_gbps(seconds_per_test)
         props = torch.cuda.get_device_properties(0)
         fields.update(gpu_name=props.name, cpu_to_gpu_gbps=c2g, gpu_to_cpu_gbps=g2c,

@@ -3,19 +3,30 @@
 Compute dtype defaults: float16 on CUDA; on the CPU bfloat16 where the CPU has native bf16 matmul
 (AVX512-BF16/AMX: 2-4x faster than float32), else float32 (bf16 is emulated and 7x slower on
 AVX2-only CPUs).
+
+torch is imported inside the functions: the dtype names are read by the command line, whose
+commands that never compute (status, enqueue's checks) should not pay for loading torch.
 """
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from engine.errors import EngineInputError
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                                  "float16": torch.float16}
-DTYPE_NAMES = tuple(DTYPES)
-DTYPE_BYTES: dict[str, int] = {name: torch.empty((), dtype=dt).element_size() for name, dt in DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
+# The compute dtypes the engine runs in, by name, with their bytes per element.
+DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_NAMES = tuple(DTYPE_BYTES)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """torch.float32 for "float32"."""
+    import torch
+
+    return getattr(torch, name)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -24,6 +35,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def default_device() -> torch.device:
+    import torch
+
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
@@ -41,11 +54,12 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     """The dtype called `name`, or (None) the one this device runs fastest."""
     if name is None:
         if device.type == "cuda":
-            return torch.float16
-        return torch.bfloat16 if cpu_has_fast_bfloat16() else torch.float32
-    if name not in DTYPES:
-        raise EngineInputError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+            return torch_dtype("float16")
+        return torch_dtype("bfloat16" if cpu_has_fast_bfloat16() else "float32")
+    if name not in DTYPE_NAMES:
+        raise EngineInputError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_NAMES)}",
+                               parameter="dtype")
+    return torch_dtype(name)
 
 
 def default_dtype_name() -> str:

@@ -15,13 +15,13 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from engine.model.config import load_config
+from engine.runtime.devices import DTYPE_NAMES
 from jobrunner import store
 from jobrunner.errors import UserError
 from jobrunner.store.models import Job
 from jobrunner.io.convert import ConvertedInput, convert_input, input_kind
 from jobrunner.io.inputs import InputInfo, count_problem_rows, fingerprint_file, inspect_input
 
-DTYPES = ("float32", "bfloat16", "float16")
 TRUNCATE_MODES = ("error", "left")
 DEFAULT_SHARD_ROWS = 1000
 # Model files whose content decides the output; weights are sampled (head and tail of each file)
@@ -59,8 +59,8 @@ class JobParams:
             problems.append(f"--temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.dtype not in DTYPES:
-            problems.append(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_NAMES:
+            problems.append(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         if self.truncate not in TRUNCATE_MODES:
             problems.append(f"--truncate must be one of {', '.join(TRUNCATE_MODES)}, got {self.truncate!r}")
         if any(s == "" for s in self.stop):

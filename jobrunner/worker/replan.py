@@ -13,7 +13,6 @@ from pathlib import Path
 
 from engine.planning.hardware import HardwareProfile
 from engine.model.config import OPTConfig
-from engine.runtime.policy import Policy
 from jobrunner.worker.bandwidth_monitor import BandwidthMonitor, ReplanDecision
 
 # The planner sizes blocks for a prompt length; the worker plans before it has read a prompt, so
@@ -59,12 +58,6 @@ def plan_for_this_process(config: OPTConfig, hardware: HardwareProfile, *, gpu_m
     return plan(config, hardware, gpu_mem_gib=gpu_mem_gib, cpu_mem_gib=cpu_mem_gib, prompt_len=prompt_len,
                 gen_len=gen_len, compress_options=(True,) if allow_compression else (False,),
                 max_block_size=max_block_size, cpu_reserved_gib=reserved_gib)
-
-
-def planned_policy(config: OPTConfig, hardware: HardwareProfile, *, gpu_mem_gib: float | None,
-                   cpu_mem_gib: float | None, gen_len: int) -> Policy:
-    return plan_for_this_process(config, hardware, gpu_mem_gib=gpu_mem_gib, cpu_mem_gib=cpu_mem_gib,
-                                 gen_len=gen_len).policy
 
 
 class ProfileReplanner:
