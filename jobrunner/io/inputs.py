@@ -10,7 +10,6 @@ writes it unchecked), and decoding the whole column at once would fail for every
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobrunner.errors import UserError
+from jobrunner.io.digest import file_sha256
 
-FINGERPRINT_CHUNK = 1 << 20
 SCAN_BATCH_ROWS = 8192
 
 
@@ -97,11 +96,7 @@ def inspect_input(path: str | Path, column: str, id_column: str | None = None) -
 
 def fingerprint_file(path: str | Path) -> str:
     """sha256 of the file's bytes, read in 1 MiB chunks (bounded memory for any size)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(FINGERPRINT_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def prompt_problem(value: bytes | None) -> tuple[str | None, str | None]:

@@ -8,7 +8,6 @@ a worker whose lease was taken over never overwrites its successor's files.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,6 +16,8 @@ from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from jobrunner.io.digest import file_sha256
 
 
 def result_schema(id_type: pa.DataType | None) -> pa.Schema:
@@ -83,22 +84,10 @@ def write_part(table: pa.Table, path: Path, *, before_rename: Callable[[], None]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp)
-    digest = hashlib.sha256()
-    with open(tmp, "rb+") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-        os.fsync(f.fileno())
+    sha256 = file_sha256(tmp, fsync=True)
     if before_rename is not None:
         before_rename()  # test hook: a crash with the temp file written but not yet in place
     size = tmp.stat().st_size
     os.replace(tmp, path)
     _fsync_dir(path.parent)
-    return WrittenPart(path=path, size_bytes=size, sha256=digest.hexdigest())
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return WrittenPart(path=path, size_bytes=size, sha256=sha256)

@@ -23,7 +23,7 @@ from jobrunner import store
 from jobrunner.errors import UserError
 from jobrunner.store.models import Job, JobStatus, ResultPart
 from jobrunner.io.output_formats import OutputContext, check_output_path, open_writer
-from jobrunner.io.parts import file_sha256
+from jobrunner.io.digest import file_sha256
 
 
 @dataclass(frozen=True, kw_only=True)
