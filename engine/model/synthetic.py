@@ -69,17 +69,7 @@ def make_model(cfg: OPTConfig, out_dir: str | Path, *, seed: int = 0, with_token
         if on_tensor:
             on_tensor(tensor_name, done, total_bytes)
     flush()
-    if len(shard_names) == 1:
-        (out_dir / shard_names[0]).rename(out_dir / "model.safetensors")
-    else:
-        # Rename to HF's "-of-" convention now that the count is known.
-        n = len(shard_names)
-        renamed = {old: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, old in enumerate(shard_names)}
-        for old, new in renamed.items():
-            (out_dir / old).rename(out_dir / new)
-        index = {"metadata": {"total_size": total_bytes},
-                 "weight_map": {k: renamed[v] for k, v in weight_map.items()}}
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    _name_shards(out_dir, shard_names, weight_map, total_bytes)
     (out_dir / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
     (out_dir / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
@@ -87,6 +77,21 @@ def make_model(cfg: OPTConfig, out_dir: str | Path, *, seed: int = 0, with_token
     if with_tokenizer:
         write_tokenizer(out_dir, cfg.vocab_size)
     return out_dir
+
+
+def _name_shards(out_dir: Path, shard_names: list[str], weight_map: dict[str, str], total_bytes: int) -> None:
+    """HF's names for the written shards: one file, or "-of-" names (the count is known now) plus
+    the index that maps every tensor to its shard."""
+    if len(shard_names) == 1:
+        (out_dir / shard_names[0]).rename(out_dir / "model.safetensors")
+        return
+    n = len(shard_names)
+    renamed = {old: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, old in enumerate(shard_names)}
+    for old, new in renamed.items():
+        (out_dir / old).rename(out_dir / new)
+    index = {"metadata": {"total_size": total_bytes},
+             "weight_map": {k: renamed[v] for k, v in weight_map.items()}}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 
 def _numel(shape: tuple[int, ...]) -> int:
