@@ -27,3 +27,16 @@ def test_internal_error_hint_depends_on_debug(tmp_path):
     assert crashed.stderr.splitlines()[-1] == "hint: run again with --debug for the traceback, and report it"
     assert "Traceback" in debug.stderr
     assert debug.stderr.splitlines()[-1] == "hint: please report it with the traceback above"
+
+
+def test_engine_budget_error_names_the_flag_that_sets_the_budget(tiny_model, tmp_path):
+    """The engine names its parameter (cpu_mem_gib); the CLI prints the flag the user typed."""
+    proc = subprocess.run(flexjob_command("generate", "--model", tiny_model, "--prompt", "hi", "--percent",
+                                          "100", "0", "100", "0", "100", "0", "--cpu-mem", "0.01",
+                                          "--offload-dir", tmp_path / "o"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    error, hint = proc.stderr.splitlines()[-2:]
+    assert error.startswith("error: policy ") and error.endswith("but --cpu-mem allows 0.01 GiB"), error
+    assert "cpu_mem_gib" not in proc.stderr
+    assert hint == "hint: raise --cpu-mem, move more weights or cache to disk, or use a smaller block"
