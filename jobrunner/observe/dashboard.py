@@ -150,6 +150,9 @@ def current_work_text(worker: dict) -> str:
     current = worker["current"]
     if current is None:
         return "idle" if worker["state"] in ("live", "stale") else "-"
+    if worker["state"] == "dead":  # the next claim on any worker takes this shard over
+        return (f"died holding job {current['job_id']} shard {current['shard_index']}\n"
+                f"attempt {current['attempt']} · {current['shard_done_rows']}/{current['shard_rows']} rows")
     return (f"job {current['job_id']} shard {current['shard_index']} block {current['block']}\n"
             f"attempt {current['attempt']} · {current['shard_done_rows']}/{current['shard_rows']} rows\n"
             f"{format_rate(worker['tokens_per_s_recent'])} tok/s")

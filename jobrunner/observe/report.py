@@ -125,9 +125,20 @@ def write_report(data: ReportData, path: Path) -> Path:
     speed, memory = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
     fig.suptitle(f"job {data.job_id} · {data.job_name} · {data.model} · {data.status} · "
                  f"{data.done_rows}/{data.total_rows} rows · {data.generated_tokens} tokens")
+    _speed_panel(speed, data, scale)
+    _memory_panel(memory, data, scale)
+    memory.set_xlim(0, max(times, default=1.0) / scale * 1.05 or 1.0)  # markers after the last block too
+    memory.set_xlabel(f"{unit} since the job started")
+    _markers(speed, memory, data, scale)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
 
-    workers = list(dict.fromkeys(b.worker_id for b in data.blocks))
-    for i, worker in enumerate(workers):
+
+def _speed_panel(speed, data: ReportData, scale: float) -> None:
+    """tokens/s of every block, one line per worker (named by its id)."""
+    for i, worker in enumerate(dict.fromkeys(b.worker_id for b in data.blocks)):
         mine = [b for b in data.blocks if b.worker_id == worker]
         speed.plot([b.t_s / scale for b in mine], [b.tokens_per_s for b in mine], marker="o", markersize=3,
                    linewidth=1, color=f"C{i % 10}", label=f"worker {worker}")
@@ -137,6 +148,8 @@ def write_report(data: ReportData, path: Path) -> Path:
     speed.set_ylim(0, max((b.tokens_per_s for b in data.blocks), default=1.0) * 1.2)
     speed.grid(alpha=0.3)
 
+
+def _memory_panel(memory, data: ReportData, scale: float) -> None:
     rss = [(b.t_s / scale, b.peak_rss_bytes / GIB) for b in data.blocks if b.peak_rss_bytes]
     gpu = [(b.t_s / scale, b.peak_gpu_bytes / GIB) for b in data.blocks if b.peak_gpu_bytes]
     if rss:
@@ -145,10 +158,13 @@ def write_report(data: ReportData, path: Path) -> Path:
         memory.plot(*zip(*gpu), drawstyle="steps-post", marker=".", color="C3", label="peak GPU memory")
     memory.set_ylabel("GiB")
     memory.set_ylim(0, max([v for _, v in rss + gpu], default=1.0) * 1.2)
-    memory.set_xlim(0, max(times, default=1.0) / scale * 1.05 or 1.0)  # markers after the last block too
-    memory.set_xlabel(f"{unit} since the job started")
     memory.grid(alpha=0.3)
+    if rss or gpu:
+        memory.legend(loc="lower right", fontsize=8)
 
+
+def _markers(speed, memory, data: ReportData, scale: float) -> None:
+    """Policy switches, crashes and stops as vertical lines on both panels, labelled on the top one."""
     for axis in (speed, memory):
         for marker in data.policy_switches:
             axis.axvline(marker.t_s / scale, color="tab:blue", linestyle="--", linewidth=1)
@@ -164,12 +180,6 @@ def write_report(data: ReportData, path: Path) -> Path:
                        rotation=90, va="top", ha="right", fontsize=7, color="tab:red")
     _legend(speed, extra=[("tab:blue", "--", "policy switch"), ("tab:red", "-", "crash / takeover"),
                           ("grey", ":", "stop / cancel")] if data.blocks else [])
-    if rss or gpu:
-        memory.legend(loc="lower right", fontsize=8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
 
 
 def _legend(axis, *, extra: list[tuple[str, str, str]]) -> None:

@@ -1,6 +1,7 @@
 """The status dashboard and its `--json` snapshot, over a store built through the real store API on a
 real SQLite file (and the same snapshot on PostgreSQL): queued, running (live heartbeat), stale
-(its worker died), completed, failed and cancelled jobs; a live, two dead and a stopped worker."""
+(its worker died), completed, failed and cancelled jobs; a live, two stale and a stopped worker; and
+live, stale and dead workers of real processes."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
+from engine.planning.hardware import HardwareProfile
 from engine.runtime.policy import CompressionConfig, Policy
 from jobrunner import store
 from jobrunner.worker.bandwidth_monitor import ReplanDecision
@@ -27,7 +29,9 @@ from jobrunner.errors import UserError
 from jobrunner.store.models import utcnow
 from jobrunner.observe.snapshot import SCHEMA, SnapshotOptions, read_snapshot
 from jobrunner.store.queries import open_store_for_reading
-from jobrunner.store import NewJob, PartRecord
+from jobrunner.worker.liveness import host_id, process_start_time, take_over_dead
+from tests.support.holders import kill, start_holder
+from jobrunner.store import EventKind, NewJob, PartRecord
 from jobrunner.store.base import write_tx
 from tests.support.jobs import flexjob_command
 
@@ -81,7 +85,7 @@ def build_store(db) -> dict:
                               profiled_gbps={"disk_read": 1.0, "cpu_to_gpu": 10.0}, measured_gbps={"disk_read": 0.5},
                               drifted_links=("disk_read",), old_tokens_per_s=10.0, new_tokens_per_s=12.5, apply=True)
     store.worker_seen(db, worker, policy=LIVE_POLICY.to_dict())
-    store.record_event(db, "replan", job_id=live.id, shard_id=second.shard_id, worker_id=worker,
+    store.record_event(db, EventKind.REPLAN, job_id=live.id, shard_id=second.shard_id, worker_id=worker,
                        message=f"{Policy().describe()} -> {LIVE_POLICY.describe()}",
                        data={"old_policy": Policy().to_dict(), "new_policy": LIVE_POLICY.to_dict()}
                        | decision.to_event())
@@ -303,3 +307,48 @@ def test_mask_url(url, shown):
 
 def test_durations_read_naturally():
     assert [format_duration(s) for s in (None, 5, 75, 3725, 90000)] == ["-", "5s", "1m15s", "1h02m", "1d01h"]
+
+
+def test_workers_are_live_stale_or_dead_and_a_dead_ones_takeover_is_told(tmp_path, sqlite_url):
+    """A SIGKILLed worker process of this host shows dead at once (not stale for a lease's length);
+    one of another machine that stopped renewing shows stale; the takeover event names the shard."""
+    db = open_store(sqlite_url)
+    new_job(db, "two-shards", rows=8, shard_rows=4)
+    killed, held = start_holder(sqlite_url, lease_s=60)
+    quiet, remote = start_holder(sqlite_url, lease_s=600, ago_s=120, host_id="another-machine/pid:[1]")
+    kill(killed)
+    me = store.register_worker(db, device="cpu", host_id=host_id(), process_started_at=process_start_time(os.getpid()))
+    try:
+        states = {w["id"]: w["state"] for w in read_snapshot(db)["workers"]}
+        assert states == {held["worker_id"]: "dead", remote["worker_id"]: "stale", me: "live"}
+        text = render_text(read_snapshot(db))
+        assert "1 worker live · 1 stale · 1 dead" in text
+        assert f"DEAD   died holding job 1 shard {held['shard_index']}" in line_with(text, held["worker_id"], "DEAD")
+        assert "2m00s STALE" in line_with(text, remote["worker_id"], "STALE")
+        take_over_dead(db, me)
+        lease = store.claim_shard(db, me, lease_s=60)
+        assert lease.shard_index == held["shard_index"] and lease.attempt == 2
+        snapshot = read_snapshot(db)
+        [dead] = [w for w in snapshot["workers"] if w["id"] == held["worker_id"]]
+        assert (dead["status"], dead["state"]) == ("dead", "dead")
+        [event] = [e for e in snapshot["events"] if e["kind"] == "worker_dead"]
+        assert event["summary"] == (f"dead worker: took over shard {held['shard_index']} (attempt 2) from worker "
+                                    f"{held['worker_id']}: its process is gone")
+    finally:
+        kill(quiet)
+
+
+def test_profiled_bandwidth_is_read_from_the_profile_the_worker_plans_with(tmp_path, sqlite_url):
+    """The planner's JSON profile is the one source: when runs teach it a new disk figure, the
+    dashboard shows that figure (there is no copy in the store to go stale)."""
+    db = open_store(sqlite_url)
+    path = HardwareProfile(host="box", disk_read_gbps=1.5, disk_write_gbps=1.0).save(tmp_path / "profile.json")
+    worker = store.register_worker(db, device="cpu", profile_path=str(path))
+    new_job(db, "one", rows=4)
+    lease = store.claim_shard(db, worker, lease_s=60)
+    commit(db, lease, [0, 1], tokens=8)
+    bandwidth = read_snapshot(db)["workers"][0]["bandwidth"]
+    assert bandwidth["disk_read"] == {"measured_gbps": 0.5, "profiled_gbps": 1.5, "bytes": 1_000_000_000,
+                                      "seconds": 2.0}
+    HardwareProfile(host="box", disk_read_gbps=0.7, disk_write_gbps=1.0).save(path)  # learned from runs
+    assert read_snapshot(db)["workers"][0]["bandwidth"]["disk_read"]["profiled_gbps"] == 0.7

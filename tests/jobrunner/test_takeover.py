@@ -22,41 +22,8 @@ from jobrunner.store.models import JobStatus, ShardStatus, WorkerStatus, utcnow
 from jobrunner.worker.liveness import process_gone, process_start_time, take_over_dead
 from tests.jobrunner.test_store import new_job, part_for
 from tests.support import store_reads
+from tests.support.holders import kill, start_holder
 from tests.support.jobs import SAMPLE_PROMPTS, flexjob_command, read_results, write_prompts
-
-# A holder process: registers as a worker of this host (or, with a host id, of another machine),
-# claims one shard (its last heartbeat `ago` seconds back), prints its lease, sleeps until killed.
-HOLDER = """
-import json, os, sys, time
-from datetime import timedelta
-from jobrunner import store
-from jobrunner.store.db import open_store
-from jobrunner.store.models import utcnow
-from jobrunner.worker.liveness import host_id, process_start_time
-db = open_store(sys.argv[1])
-wid = store.register_worker(db, device="cpu", host_id=sys.argv[3] or host_id(),
-                            process_started_at=process_start_time(os.getpid()))
-lease = store.claim_shard(db, wid, lease_s=float(sys.argv[2]), now=utcnow() - timedelta(seconds=float(sys.argv[4])))
-print(json.dumps({"worker_id": wid, "shard_id": lease.shard_id, "job_id": lease.job_id, "attempt": lease.attempt,
-                  "shard_index": lease.shard_index, "row_start": lease.row_start, "row_end": lease.row_end}),
-      flush=True)
-time.sleep(600)
-"""
-
-
-def start_holder(url: str, *, lease_s: float = 60.0, host_id: str = "",
-                 ago_s: float = 0.0) -> tuple[subprocess.Popen, dict]:
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, url, str(lease_s), host_id, str(ago_s)],
-                            stdout=subprocess.PIPE,
-                            text=True, env=os.environ | {"PYTHONPATH": os.getcwd()})
-    line = proc.stdout.readline()
-    assert line, f"the holder exited with {proc.wait()}"
-    return proc, json.loads(line)
-
-
-def kill(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
 
 
 def lease_of(held: dict) -> Lease:
@@ -130,6 +97,15 @@ def work(url: str, tmp_path, *extra: str, env: dict | None = None, timeout: floa
                           timeout=timeout)
 
 
+def one_job(tmp_path, model, *, rows: int, max_new_tokens: int):
+    """A SQLite store with one job of `rows` prompts in one shard: (url, store, job)."""
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    db = open_store(url)
+    job = enqueue(db, write_prompts(tmp_path / "p.parquet", SAMPLE_PROMPTS[:rows]), model_dir=model,
+                  params=JobParams(max_new_tokens=max_new_tokens), shard_rows=rows).job
+    return url, db, job
+
+
 def status_workers(url: str, tmp_path) -> dict[str, dict]:
     out = subprocess.run(flexjob_command("status", "--json", "--db", url), cwd=tmp_path, capture_output=True,
                          text=True, timeout=120, check=True).stdout
@@ -138,10 +114,7 @@ def status_workers(url: str, tmp_path) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_after_kill_9_a_new_worker_finishes_the_job_without_waiting_for_the_lease(tmp_path, tiny_model):
-    url = f"sqlite:///{tmp_path / 'f.db'}"
-    db = open_store(url)
-    job = enqueue(db, write_prompts(tmp_path / "p.parquet", SAMPLE_PROMPTS[:6]), model_dir=tiny_model,
-                  params=JobParams(max_new_tokens=8), shard_rows=6).job
+    url, db, job = one_job(tmp_path, tiny_model, rows=6, max_new_tokens=8)
     killed = work(url, tmp_path, env={"FLEXJOB_TEST_KILL_AT": "decode:3"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     [shard] = store.list_shards(db, job.id)
@@ -163,10 +136,7 @@ def test_after_kill_9_a_new_worker_finishes_the_job_without_waiting_for_the_leas
 
 @pytest.mark.slow
 def test_exit_when_idle_waits_for_a_lease_that_will_run_out_then_finishes(tmp_path, tiny_model):
-    url = f"sqlite:///{tmp_path / 'f.db'}"
-    db = open_store(url)
-    job = enqueue(db, write_prompts(tmp_path / "p.parquet", SAMPLE_PROMPTS[:3]), model_dir=tiny_model,
-                  params=JobParams(max_new_tokens=2), shard_rows=3).job
+    url, db, job = one_job(tmp_path, tiny_model, rows=3, max_new_tokens=2)
     # A holder on another machine that stopped renewing 12 s ago: its 20 s lease runs out in 8 s.
     proc, held = start_holder(url, lease_s=20, ago_s=12, host_id="another-machine/pid:[1]")
     try:
@@ -182,10 +152,7 @@ def test_exit_when_idle_waits_for_a_lease_that_will_run_out_then_finishes(tmp_pa
 
 @pytest.mark.slow
 def test_exit_when_idle_leaves_shards_of_live_workers_alone(tmp_path, tiny_model):
-    url = f"sqlite:///{tmp_path / 'f.db'}"
-    db = open_store(url)
-    job = enqueue(db, write_prompts(tmp_path / "p.parquet", SAMPLE_PROMPTS[:3]), model_dir=tiny_model,
-                  params=JobParams(max_new_tokens=2), shard_rows=3).job
+    url, db, job = one_job(tmp_path, tiny_model, rows=3, max_new_tokens=2)
     proc, held = start_holder(url, lease_s=60)  # alive on this host: its shard is its own
     try:
         idle = work(url, tmp_path, timeout=120)
