@@ -303,7 +303,9 @@ class Worker:
 
         return plan_for_this_process(load_config(job.model_dir), self.config.hardware,
                                      gpu_mem_gib=self.config.gpu_mem_gib, cpu_mem_gib=self.config.cpu_mem_gib,
-                                     gen_len=params.max_new_tokens).policy
+                                     gen_len=params.max_new_tokens,
+                                     # a block bigger than a shard would hold rows it never gets
+                                     max_block_size=job.shard_rows).policy
 
     def _id_type(self, job: Job) -> pa.DataType | None:
         if job.id_column is None:
