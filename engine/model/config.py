@@ -11,6 +11,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from engine.errors import ModelConfigError
+from engine.model import llama_config
+from engine.model.llama_config import LlamaConfig
+from engine.model.llama_presets import is_llama_family, llama_preset
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,6 +38,17 @@ class OPTConfig:
     @property
     def embed_dim(self) -> int:
         return self.word_embed_proj_dim or self.hidden_size
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Heads the KV cache holds per row (every head: OPT has no grouped-query attention)."""
+        return self.num_heads
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return (self.eos_token_id,)
+
+    tie_word_embeddings = True  # lm_head is the token embedding
 
     @property
     def has_projections(self) -> bool:
@@ -88,13 +102,21 @@ class OPTConfig:
         }
 
 
-def model_key(cfg: OPTConfig) -> str:
+# A model's config: OPT's, or the Llama family's (engine.model.llama_config).
+ModelConfig = OPTConfig | LlamaConfig
+
+
+def model_key(cfg: ModelConfig) -> str:
     """What a layer's speed depends on: its dimensions (not its depth or its weights)."""
+    if isinstance(cfg, LlamaConfig):
+        return llama_config.model_key(cfg)
     return f"h{cfg.hidden_size}-f{cfg.ffn_dim}-a{cfg.num_heads}-v{cfg.vocab_size}-e{cfg.embed_dim}"
 
 
-def layer_tensor_shapes(cfg: OPTConfig) -> list[tuple[str, tuple[int, ...]]]:
+def layer_tensor_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every tensor of one decoder layer, in checkpoint order."""
+    if isinstance(cfg, LlamaConfig):
+        return llama_config.layer_tensor_shapes(cfg)
     h, f = cfg.hidden_size, cfg.ffn_dim
     shapes = []
     for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
@@ -105,8 +127,11 @@ def layer_tensor_shapes(cfg: OPTConfig) -> list[tuple[str, tuple[int, ...]]]:
     return shapes
 
 
-def hf_tensor_shapes(cfg: OPTConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
+def hf_tensor_shapes(cfg: ModelConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
     """Every tensor of a HF OPTForCausalLM checkpoint (lm_head is tied to embed_tokens)."""
+    if isinstance(cfg, LlamaConfig):
+        yield from llama_config.hf_tensor_shapes(cfg)
+        return
     h, p = cfg.hidden_size, "model.decoder."
     yield p + "embed_tokens.weight", (cfg.vocab_size, cfg.embed_dim)
     yield p + "embed_positions.weight", (cfg.max_positions + 2, h)  # OPT offsets positions by 2
@@ -149,8 +174,11 @@ PRESETS["opt-tiny"] = OPTConfig(name="opt-tiny", hidden_size=64, num_layers=2, n
 
 
 def preset(name: str, *, num_layers: int | None = None, hidden_size: int | None = None,
-           num_heads: int | None = None) -> OPTConfig:
-    """A published size by name ("opt-1.3b" or "1.3b"), optionally shrunk for tests."""
+           num_heads: int | None = None) -> ModelConfig:
+    """A published size by name ("opt-1.3b" or "1.3b"; "llama-1b", engine.model.llama_presets),
+    optionally shrunk for tests."""
+    if is_llama_family(name):
+        return llama_preset(name, num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads)
     key = name if name.startswith("opt-") else f"opt-{name}"
     if key not in PRESETS:
         raise ModelConfigError(f"unknown OPT size {name!r}; known: {', '.join(PRESETS)}")
@@ -169,8 +197,9 @@ def preset(name: str, *, num_layers: int | None = None, hidden_size: int | None 
     return cfg
 
 
-def load_config(model_dir: str | Path) -> OPTConfig:
-    """Read an OPT config.json; clear errors for a missing dir, missing file or another architecture."""
+def load_config(model_dir: str | Path) -> ModelConfig:
+    """Read an OPT or Llama-family config.json (chosen by its `architectures`); clear errors for a
+    missing dir, missing file or another architecture."""
     model_dir = Path(model_dir)
     if not model_dir.exists():
         raise ModelConfigError(f"model directory {model_dir} does not exist")
@@ -183,9 +212,16 @@ def load_config(model_dir: str | Path) -> OPTConfig:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelConfigError(f"{path} is not valid JSON: {exc}") from None
+    architectures = raw.get("architectures") or []
+    if architectures and architectures[0] in llama_config.ARCHITECTURES:
+        try:
+            return llama_config.from_hf_dict(raw, path, model_dir.name)
+        except KeyError as exc:
+            raise ModelConfigError(f"{path} lacks the field {exc.args[0]!r}") from None
     if raw.get("model_type") != "opt":
         raise ModelConfigError(
-            f"{path}: model_type is {raw.get('model_type')!r}, but flexjob runs OPT models only")
+            f"{path}: architectures is {architectures or raw.get('model_type')!r}, but flexjob runs "
+            f"OPTForCausalLM and {', '.join(llama_config.ARCHITECTURES)} models only")
     if raw.get("activation_function", "relu") != "relu":
         raise ModelConfigError(f"{path}: activation {raw['activation_function']!r} is not supported")
     try:

@@ -48,18 +48,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out[:m].view(*lead, weight.shape[0])
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-    """Causal attention of the last S cache positions, one (row, head) pair at a time.
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: torch.Tensor,
+           query_pos: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention, one (row, head) pair at a time.
 
-    q: [n, S, D] (pre-scaled) at cache positions T-S .. T-1; k, v: [T, n, D] (the cache layout);
-    first: [n] long, each pair's first real position (left padding before it). A query attends to
-    its row's positions first .. itself. Returns [n, S, D] in q's dtype.
+    q: [n, S, D] (pre-scaled); k, v: [T, n, D] (the cache layout); first: [n] long, each pair's first
+    real position (left padding before it); query_pos: [S] long, each query's cache position, the
+    same for every pair (default T-S .. T-1: the last S positions; grouped-query attention stacks
+    several heads' queries of one pair, so positions repeat). A query attends to its row's
+    positions first .. its own. Returns [n, S, D] in q's dtype.
     """
     n, S, D = q.shape
     T = k.shape[0]
     kh, vh = _aligned(k, first, q.dtype), _aligned(v, first, q.dtype)  # [n, T', D]
+    if query_pos is None:
+        query_pos = torch.arange(T - S, T, device=q.device)
     # Aligned position of every query (a padding query sees the row's first real key only).
-    query_pos = (torch.arange(T - S, T, device=q.device)[None, :] - first[:, None]).clamp_(min=0)  # [n, S]
+    query_pos = (query_pos.to(q.device)[None, :] - first[:, None]).clamp_(min=0)  # [n, S]
     out = torch.empty_like(q)
     for g in range(0, S, QUERIES_PER_CALL):
         pos = query_pos[:, g:g + QUERIES_PER_CALL]
