@@ -215,23 +215,53 @@ def test_the_whole_path_on_postgresql(tmp_path, tiny_model, prompts_file, pg_url
     assert store.get_job(db, job.id).status == JobStatus.COMPLETED
 
 
-@pytest.mark.slow
-def test_a_throttled_disk_makes_the_worker_replan_and_output_stays_the_same(tmp_path, tiny_model, run_worker):
-    """The real bandwidth monitor behind the worker: the disk delivers a quarter of the profiled
-    bandwidth, the LP is re-solved, the new policy is applied at a block boundary and recorded."""
+def streamed_model(tmp_path, tiny_model):
+    """A 4-layer model of 6 MB per layer (disk reads big enough to time) with the tiny model's tokenizer."""
     import shutil
 
-    from engine.planning.hardware import HardwareProfile
-    from engine.runtime.tiers import DISK_READ
     from engine.model.config import preset
     from engine.model.synthetic import make_model
-    from jobrunner.worker.replan import ProfileReplanner
 
-    model = tmp_path / "model"  # 6 MB per layer: disk reads big enough to time
+    model = tmp_path / "model"
     make_model(preset("125m", num_layers=4, hidden_size=512), model, with_tokenizer=False)
     for f in tiny_model.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
             shutil.copy(f, model / f.name)
+    return model
+
+
+@pytest.mark.slow
+def test_the_worker_teaches_the_stored_profile_the_disk_bandwidth_its_blocks_saw(tmp_path, tiny_model,
+                                                                                monkeypatch):
+    """The engine only measures; the worker hands each finished block to the profile store, which
+    blends the disk read bandwidth the blocks saw into the profile stored for the disk directory."""
+    from engine.planning.hardware import HardwareProfile
+    from engine.planning.profile_store import profile_path
+
+    monkeypatch.setenv("FLEXJOB_HOME", str(tmp_path / "home"))
+    model = streamed_model(tmp_path, tiny_model)
+    path = HardwareProfile(host="test", disk_read_gbps=1000.0, disk_write_gbps=1000.0).save(
+        profile_path(tmp_path / "off"))
+    db = open_store(f"sqlite:///{tmp_path / 'f.db'}")
+    prompts = write_prompts(tmp_path / "p.parquet", SAMPLE_PROMPTS[:4])
+    enqueue(db, prompts, model_dir=model, params=JobParams(max_new_tokens=16))
+    config = WorkerConfig(policy=Policy.from_percents([0, 50, 0, 100, 0, 100], gpu_batch_size=2),
+                          offload_dir=tmp_path / "off", exit_when_idle=True)
+    Worker(db, config, reporter=PlainReporter()).run()
+    learned = HardwareProfile.load(path)
+    assert learned.learned_blocks == 2 and learned.disk_read_gbps < 1000  # two blocks of two rows
+    assert learned.probed_gbps == {"disk_read_gbps": 1000.0}
+
+
+@pytest.mark.slow
+def test_a_throttled_disk_makes_the_worker_replan_and_output_stays_the_same(tmp_path, tiny_model, run_worker):
+    """The real bandwidth monitor behind the worker: the disk delivers a quarter of the profiled
+    bandwidth, the LP is re-solved, the new policy is applied at a block boundary and recorded."""
+    from engine.planning.hardware import HardwareProfile
+    from engine.runtime.tiers import DISK_READ
+    from jobrunner.worker.replan import ProfileReplanner
+
+    model = streamed_model(tmp_path, tiny_model)
     hardware = HardwareProfile(disk_read_gbps=0.2, disk_write_gbps=1.3, cpu_mem_gbps=18.0,
                                matmul_flops={"cpu": {"bfloat16": 4e11}}, cpu_attention_gbps=10.0,
                                dequant_gbps=5.0, cpu_mem_gib=23, disk_free_gib=100)
