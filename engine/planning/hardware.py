@@ -28,6 +28,7 @@ LINK_FIELDS = {
     GPU_TO_CPU: "gpu_to_cpu_gbps",
 }
 
+PROFILE_HINT = "write one with engine.planning.profiler.measure_profile(...).save(FILE), or by hand"
 PROFILE_VERSION = 6  # a stored profile of another version is measured again: its fields mean other things
 
 
@@ -185,11 +186,11 @@ class HardwareProfile:
         try:
             return cls.from_json(path.read_text())
         except FileNotFoundError:
-            raise EngineInputError(f"hardware profile {path} does not exist",
-                                   "write one with `flexjob profile --json > FILE`") from None
+            raise EngineInputError(f"hardware profile {path} does not exist", PROFILE_HINT,
+                                   parameter="hardware_profile") from None
         except (ValueError, TypeError) as exc:
-            raise EngineInputError(f"hardware profile {path} is not valid: {exc}",
-                                   "write one with `flexjob profile --json > FILE`") from None
+            raise EngineInputError(f"hardware profile {path} is not valid: {exc}", PROFILE_HINT,
+                                   parameter="hardware_profile") from None
 
 
 def t4_flexgen() -> HardwareProfile:

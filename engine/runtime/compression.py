@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.runtime.tiers import align_up
+
 ALIGN = 64  # byte alignment of each section of the serialised layout (cache line / AVX-512)
 _CHUNK_ELEMENTS = 1 << 22  # dequantise 4M elements at a time: passes run from L3, few parallel regions
 
@@ -80,7 +82,7 @@ class _Layout:
 
 
 def _align(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
+    return align_up(n, ALIGN)
 
 
 def _layout(shape, num_bits: int, group_size: int, dim: int) -> tuple[_Layout, int]:

@@ -16,6 +16,8 @@ FLAG_HINTS: dict[type, str] = {
     PolicyError: "see `flexjob generate --help` for the policy flags, or omit --percent to let the planner choose",
     PromptTooLongError: "shorten the prompt, lower --max-new-tokens, or pass --max-input-length to cut it",
 }
+# Hints by the engine parameter an error is about.
+PARAMETER_HINTS = {"hardware_profile": "write one with `flexjob profile --json > FILE`"}
 
 
 def cli_message(exc: EngineInputError) -> tuple[str, str]:
@@ -25,6 +27,8 @@ def cli_message(exc: EngineInputError) -> tuple[str, str]:
         hint = (f"raise {flags or '--gpu-mem/--cpu-mem'}, move more weights or cache to disk, "
                 "or use a smaller block")
         return exc.describe(BUDGET_FLAGS), hint
+    if exc.parameter in PARAMETER_HINTS:
+        return str(exc), PARAMETER_HINTS[exc.parameter]
     for kind, hint in FLAG_HINTS.items():
         if isinstance(exc, kind):
             return str(exc), hint
