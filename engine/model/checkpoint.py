@@ -19,7 +19,9 @@ import torch
 
 from engine.runtime.compression import quantize, to_bytes
 from engine.errors import CheckpointError
-from engine.model.config import OPTConfig, layer_tensor_shapes
+from engine.model import llama_config
+from engine.model.config import ModelConfig, layer_tensor_shapes
+from engine.model.llama_config import LlamaConfig
 from engine.runtime.policy import CompressionConfig
 from engine.runtime.tiers import align_up
 
@@ -51,12 +53,14 @@ class TensorEntry:
         return self.nbytes if self.compressed else self.compute_bytes(element_size)
 
 
-def layer_names(cfg: OPTConfig) -> list[str]:
+def layer_names(cfg: ModelConfig) -> list[str]:
     return ["embed"] + [f"decoder.{i}" for i in range(cfg.num_layers)] + ["head"]
 
 
-def layer_tensor_specs(cfg: OPTConfig, layer: str) -> list[tuple[str, tuple[int, ...]]]:
+def layer_tensor_specs(cfg: ModelConfig, layer: str) -> list[tuple[str, tuple[int, ...]]]:
     """(engine tensor name, shape) of one engine layer, in store order."""
+    if isinstance(cfg, LlamaConfig):
+        return llama_config.store_tensor_specs(cfg, layer)
     h, e = cfg.hidden_size, cfg.embed_dim
     if layer == "embed":
         specs = [("embed_tokens.weight", (cfg.vocab_size, e)),
@@ -70,7 +74,9 @@ def layer_tensor_specs(cfg: OPTConfig, layer: str) -> list[tuple[str, tuple[int,
     return layer_tensor_shapes(cfg)
 
 
-def _checkpoint_name(layer: str, name: str) -> str:
+def _checkpoint_name(cfg: ModelConfig, layer: str, name: str) -> str:
+    if isinstance(cfg, LlamaConfig):
+        return llama_config.checkpoint_name(cfg, layer, name)
     if layer == "head" and name == "lm_head.weight":
         return "model.decoder.embed_tokens.weight"  # tied
     if layer.startswith("decoder."):
@@ -168,7 +174,7 @@ class WeightStore:
         return self.root / f"{layer}.bin"
 
     @classmethod
-    def open_or_convert(cls, model_dir: Path, cfg: OPTConfig, store_dir: Path,
+    def open_or_convert(cls, model_dir: Path, cfg: ModelConfig, store_dir: Path,
                         on_layer: Callable[[str, int, int], None] | None = None,
                         compression: CompressionConfig | None = None) -> "WeightStore":
         suffix = f"-q{compression.num_bits}g{compression.group_size}" if compression else ""
@@ -229,7 +235,7 @@ def _encode(tensor: torch.Tensor, compression: CompressionConfig | None) -> tupl
     return tensor.to(torch.float16).contiguous().view(torch.uint8).numpy().tobytes(), {}
 
 
-def convert_checkpoint(model_dir: Path, cfg: OPTConfig, root: Path,
+def convert_checkpoint(model_dir: Path, cfg: ModelConfig, root: Path,
                        on_layer: Callable[[str, int, int], None] | None = None,
                        compression: CompressionConfig | None = None) -> dict:
     """Write every layer file (aligned tensors) and then the index (last: marks completion)."""
@@ -241,9 +247,9 @@ def convert_checkpoint(model_dir: Path, cfg: OPTConfig, root: Path,
         entries, offset = [], 0
         with open(root / f"{layer}.bin.tmp", "wb") as f:
             for name, shape in layer_tensor_specs(cfg, layer):
-                tensor = reader.get(_checkpoint_name(layer, name))
+                tensor = reader.get(_checkpoint_name(cfg, layer, name))
                 if tuple(tensor.shape) != shape:
-                    raise CheckpointError(f"{model_dir}: tensor {_checkpoint_name(layer, name)} has shape "
+                    raise CheckpointError(f"{model_dir}: tensor {_checkpoint_name(cfg, layer, name)} has shape "
                                           f"{tuple(tensor.shape)}, config.json implies {shape}")
                 data, fmt = _encode(tensor, compression)
                 f.write(data)

@@ -57,8 +57,10 @@ def _layer_norm(w: dict, name: str, h: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(h, (h.shape[-1],), w[f"{name}.weight"], w[f"{name}.bias"], LN_EPS)
 
 
-def qkv(w: dict, cfg: OPTConfig, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The attention block's input projections. h: [B, S, h] -> q (pre-scaled), k, v: [B, S, h]."""
+def qkv(w: dict, cfg: OPTConfig, h: torch.Tensor, positions: torch.Tensor | None = None
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attention block's input projections. h: [B, S, h] -> q (pre-scaled), k, v: [B, S, h].
+    `positions` is unused: OPT's positions enter once, at the embedding (rotary families use them here)."""
     x = _layer_norm(w, "self_attn_layer_norm", h) if cfg.do_layer_norm_before else h
     # In-place where the operand is a fresh intermediate: every new multi-MB tensor costs page faults
     # (the allocator hands big blocks back to the OS at once, see budgets.limit_allocator_slack).

@@ -9,12 +9,14 @@ exercised), and the final LayerNorm gain is raised so top-1 logit margins sit fa
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from engine.model.config import OPTConfig, hf_tensor_shapes
+from engine.model.config import ModelConfig, hf_tensor_shapes
+from engine.model.llama_config import LlamaConfig
 from engine.model.synthetic_tokenizer import write_tokenizer
 
 SHARD_BYTES = 2 * 1024**3
@@ -27,19 +29,24 @@ def _random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> t
         # and MLP outputs of unit scale; with OPT's flat 0.02 the residual stream ignores attention.
         gain = 1.5 if ("q_proj" in name or "k_proj" in name) else 1.0
         return gain / shape[1] ** 0.5 * torch.randn(shape, generator=gen)
-    if name.endswith("layer_norm.weight"):
-        gain = FINAL_LN_GAIN if name == "model.decoder.final_layer_norm.weight" else 1.0
+    if name.startswith("model.layers.") and name.endswith("_proj.bias"):
+        return 0.5 * torch.randn(shape, generator=gen)  # Qwen2's q/k/v biases: large enough to matter
+    if name.endswith(("layer_norm.weight", "layernorm.weight")) or name == "model.norm.weight":
+        gain = FINAL_LN_GAIN if name in ("model.decoder.final_layer_norm.weight", "model.norm.weight") else 1.0
         return gain * (1.0 + 0.1 * torch.randn(shape, generator=gen))
     if name.endswith("layer_norm.bias"):
         return 0.05 * torch.randn(shape, generator=gen)
     return 0.02 * torch.randn(shape, generator=gen)
 
 
-def make_model(cfg: OPTConfig, out_dir: str | Path, *, seed: int = 0, with_tokenizer: bool = True,
-               on_tensor: Callable[[str, int, int], None] | None = None) -> Path:
-    """Write config.json, safetensors shards (+ index) and a tokenizer into `out_dir`."""
+def make_model(cfg: ModelConfig, out_dir: str | Path, *, seed: int = 0, with_tokenizer: bool = True,
+               on_tensor: Callable[[str, int, int], None] | None = None, shard_bytes_max: int = SHARD_BYTES) -> Path:
+    """Write config.json, safetensors shards (+ index) and a tokenizer into `out_dir`. A Llama-family
+    model takes the offline tokenizer's ids: BOS <s> = 0, <pad> = 1, EOS </s> = 2."""
     from safetensors.torch import save_file
 
+    if isinstance(cfg, LlamaConfig):
+        cfg = replace(cfg, bos_token_id=0, pad_token_id=1, eos_token_ids=(2,))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
@@ -60,7 +67,7 @@ def make_model(cfg: OPTConfig, out_dir: str | Path, *, seed: int = 0, with_token
     for tensor_name, shape in specs:
         tensor = _random_tensor(tensor_name, shape, gen).to(torch.float16)
         nbytes = tensor.numel() * 2
-        if shard_bytes and shard_bytes + nbytes > SHARD_BYTES:
+        if shard_bytes and shard_bytes + nbytes > shard_bytes_max:
             flush()
             shard_bytes = 0
         shards[-1][tensor_name] = tensor
@@ -72,10 +79,10 @@ def make_model(cfg: OPTConfig, out_dir: str | Path, *, seed: int = 0, with_token
     _name_shards(out_dir, shard_names, weight_map, total_bytes)
     (out_dir / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
     (out_dir / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+        {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.to_hf_dict()["eos_token_id"],
          "pad_token_id": cfg.pad_token_id}, indent=2))
     if with_tokenizer:
-        write_tokenizer(out_dir, cfg.vocab_size)
+        write_tokenizer(out_dir, cfg.vocab_size, bos_token="<s>" if isinstance(cfg, LlamaConfig) else "</s>")
     return out_dir
 
 

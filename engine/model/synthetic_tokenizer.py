@@ -32,8 +32,9 @@ def stdlib_corpus(max_bytes: int = CORPUS_BYTES) -> list[str]:
     return texts
 
 
-def train_tokenizer(vocab_size: int):
-    """A transformers PreTrainedTokenizerFast with OPT's special tokens and BOS convention."""
+def train_tokenizer(vocab_size: int, bos_token: str = "</s>"):
+    """A transformers PreTrainedTokenizerFast with OPT's special tokens, every text starting with
+    `bos_token` (OPT's </s>; the Llama family's <s>)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -45,12 +46,13 @@ def train_tokenizer(vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(stdlib_corpus(), trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
-        single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", 2)])
+        single=f"{bos_token} $A", pair=f"{bos_token} $A </s> $B",
+        special_tokens=list({bos_token: SPECIAL_TOKENS.index(bos_token), "</s>": 2}.items()))
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="</s>", eos_token="</s>", unk_token="<unk>",
+        tokenizer_object=tok, bos_token=bos_token, eos_token="</s>", unk_token="<unk>",
         pad_token="<pad>", padding_side="left", model_max_length=2048)
 
 
-def write_tokenizer(out_dir: Path, vocab_size: int) -> None:
+def write_tokenizer(out_dir: Path, vocab_size: int, bos_token: str = "</s>") -> None:
     # OPT pads its embedding matrix to a multiple of 8 (50272) over 50265 real tokens.
-    train_tokenizer(min(vocab_size, 50265)).save_pretrained(str(out_dir))
+    train_tokenizer(min(vocab_size, 50265), bos_token).save_pretrained(str(out_dir))

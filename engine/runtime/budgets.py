@@ -14,7 +14,7 @@ import psutil
 import torch
 
 from engine.errors import BudgetError
-from engine.model.config import OPTConfig
+from engine.model.config import ModelConfig
 from engine.runtime.placement import cache_pair_split, slot_tier
 from engine.runtime.policy import Policy
 from engine.runtime.tiers import Tier, align_up
@@ -38,7 +38,7 @@ class MemoryEstimate:
         return sum(self.cpu.values())
 
 
-def _weight_bytes(cfg: OPTConfig, store: WeightStore, policy: Policy, size: int) -> tuple[dict[Tier, int], int]:
+def _weight_bytes(cfg: ModelConfig, store: WeightStore, policy: Policy, size: int) -> tuple[dict[Tier, int], int]:
     """Bytes of weights each tier holds, and the buffers streaming needs: two layers in flight (one
     computing, one being prefetched: read from disk and/or dequantised) plus the raw read buffers,
     one decoder layer's (kept for reuse) and the embedding's or head's while it is converted."""
@@ -63,17 +63,17 @@ def _weight_bytes(cfg: OPTConfig, store: WeightStore, policy: Policy, size: int)
     return bytes_by_tier(store, tiers, size), 2 * streamed + decoder_read + other_read
 
 
-def _cache_bytes(cfg: OPTConfig, policy: Policy, slot: int) -> tuple[dict[Tier, int], int]:
+def _cache_bytes(cfg: ModelConfig, policy: Policy, slot: int) -> tuple[dict[Tier, int], int]:
     """KV cache bytes per tier for slots of `slot` bytes, and the RAM buffers of its disk part: a
     slot read ahead, the one in use, and it with the new position appended."""
-    pairs = policy.gpu_batch_size * cfg.num_heads  # every slot is split the same way, by (row, head) pairs
+    pairs = policy.gpu_batch_size * cfg.num_kv_heads  # every slot is split the same way, by (row, KV head) pairs
     split = cache_pair_split(pairs, policy.cache_gpu_percent, policy.cache_cpu_percent)
     per_tier = {t: cfg.num_layers * policy.num_gpu_batches * slot * n // pairs
                 for t, n in zip((Tier.GPU, Tier.CPU, Tier.DISK), split)}
     return per_tier, 3 * slot * split[2] // pairs
 
 
-def _activation_bytes(cfg: OPTConfig, policy: Policy, act: int) -> dict[Tier, int]:
+def _activation_bytes(cfg: ModelConfig, policy: Policy, act: int) -> dict[Tier, int]:
     """A tier that holds any activation slot holds one hidden state (`act` bytes) per micro-batch."""
     L, K = cfg.num_layers, policy.num_gpu_batches
     act_tiers = {slot_tier(j, k, L + 2, K, policy.activations_gpu_percent, policy.activations_cpu_percent)
@@ -81,7 +81,7 @@ def _activation_bytes(cfg: OPTConfig, policy: Policy, act: int) -> dict[Tier, in
     return {t: act * K if t in act_tiers else 0 for t in Tier}
 
 
-def estimate_memory(cfg: OPTConfig, store: WeightStore, policy: Policy, device: torch.device,
+def estimate_memory(cfg: ModelConfig, store: WeightStore, policy: Policy, device: torch.device,
                     dtype: torch.dtype, *, prompt_len: int, gen_len: int,
                     resident_ram_bytes: int = 0) -> MemoryEstimate:
     """resident_ram_bytes: weights this process already holds in RAM (a loaded engine's); they are
@@ -90,7 +90,8 @@ def estimate_memory(cfg: OPTConfig, store: WeightStore, policy: Policy, device: 
     weights, stream_buffers = _weight_bytes(cfg, store, policy, size)
     B, h = policy.gpu_batch_size, cfg.hidden_size
     max_len = prompt_len + max(gen_len - 1, 0)
-    cache, disk_cache_buffers = _cache_bytes(cfg, policy, max_len * 2 * B * h * size)
+    kv = cfg.num_kv_heads * cfg.head_dim  # the cache holds the KV heads only (grouped-query attention)
+    cache, disk_cache_buffers = _cache_bytes(cfg, policy, max_len * 2 * B * kv * size)
     act = prompt_len * B * h * size
     acts = _activation_bytes(cfg, policy, act)
     # Transient compute memory of one micro-batch's prefill: q/k/v/out, the MLP's intermediate,
@@ -115,7 +116,7 @@ def _describe(parts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items() if v)
 
 
-def check_budgets(cfg: OPTConfig, store: WeightStore, policy: Policy, device: torch.device, dtype: torch.dtype,
+def check_budgets(cfg: ModelConfig, store: WeightStore, policy: Policy, device: torch.device, dtype: torch.dtype,
                   gpu_mem_gib: float | None, cpu_mem_gib: float | None, *, prompt_len: int | None,
                   gen_len: int | None, resident_ram_bytes: int = 0) -> MemoryEstimate:
     est = estimate_memory(cfg, store, policy, device, dtype, prompt_len=prompt_len or 0, gen_len=gen_len or 0,

@@ -113,7 +113,7 @@ class Engine:
                  should_stop: Callable[[], bool] | None = None) -> list[RowResult]:
         """Generate for every row, block by block; results are in the order of `rows`."""
         check_lengths(self.config, rows, params)
-        stop_ids = set(params.stop_token_ids or (self.config.eos_token_id,))
+        stop_ids = set(params.stop_token_ids or self.config.eos_token_ids)
         results = [RowResult(row_id=r.row_id, generated_ids=list(r.generated_ids)) for r in rows]
         pending = []
         for row, res in zip(rows, results):

@@ -16,7 +16,7 @@ from typing import Callable, Union
 import torch
 
 from engine.runtime.compression import QuantizedTensor, dequantize, from_bytes, row_sections
-from engine.model.config import OPTConfig
+from engine.model.config import ModelConfig
 from engine.runtime.policy import Policy
 from engine.runtime.tiers import (CPU_TO_GPU, DEQUANTIZE, DiskTier, Tier, TransferStats, align_up, aligned_empty,
                                   to_device)
@@ -44,7 +44,7 @@ def _as_fp16(buf: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
 
 
 class PlacedWeights:
-    def __init__(self, store: WeightStore, cfg: OPTConfig, policy: Policy, device: torch.device,
+    def __init__(self, store: WeightStore, cfg: ModelConfig, policy: Policy, device: torch.device,
                  dtype: torch.dtype, disk: DiskTier, stats: TransferStats) -> None:
         self.store, self.cfg, self.device, self.dtype = store, cfg, device, dtype
         self.disk, self.stats = disk, stats

@@ -15,10 +15,10 @@ from typing import Callable
 
 import torch
 
-from engine.model import opt as layers
+from engine.model.families import family_math
 from engine.model.kernels import attend
 from engine.runtime.kv_cache import CachePart, CacheSlot
-from engine.model.config import OPTConfig
+from engine.model.config import ModelConfig
 from engine.runtime.placed_weights import PlacedWeights
 from engine.runtime.placement import slot_tier
 from engine.runtime.policy import Policy
@@ -30,7 +30,7 @@ from engine.model.checkpoint import layer_names
 
 @dataclass
 class ScheduleContext:
-    cfg: OPTConfig
+    cfg: ModelConfig
     policy: Policy
     device: torch.device
     dtype: torch.dtype
@@ -58,8 +58,8 @@ class _Done(Future):
 class MicroBatch:
     """Token ids, padding mask and positions of one micro-batch for the whole block."""
 
-    def __init__(self, rows: list[BlockRow], prompt_len: int, max_len: int, pad_id: int, num_heads: int,
-                 device) -> None:
+    def __init__(self, rows: list[BlockRow], prompt_len: int, max_len: int, pad_id: int, kv_heads: int,
+                 layers, device) -> None:
         self.rows = rows
         B = len(rows)
         self.input_ids = torch.full((B, prompt_len), pad_id, dtype=torch.long)
@@ -70,8 +70,8 @@ class MicroBatch:
             self.valid[i, prompt_len - n:] = True
         self.valid[:, prompt_len:] = True  # generated positions are never padding
         self.positions = layers.positions_from_mask(self.valid)
-        # Each row's first real cache position, repeated for its heads: [B*H] in pair order.
-        self.first = (prompt_len - torch.tensor([len(r.context_ids) for r in rows])).repeat_interleave(num_heads)
+        # Each row's first real cache position, repeated for its KV heads: [B*Hkv] in pair order.
+        self.first = (prompt_len - torch.tensor([len(r.context_ids) for r in rows])).repeat_interleave(kv_heads)
         self.input_ids, self.positions, self.first = (t.to(device) for t in
                                                       (self.input_ids, self.positions, self.first))
         self.length = 0  # positions in the cache after this step
@@ -94,12 +94,13 @@ class BlockRunner:
         self.prompt_len = max(len(r.context_ids) for r in rows)
         self.steps = max(r.max_new_tokens - len(r.result.generated_ids) for r in rows)
         max_len = self.prompt_len + self.steps - 1  # the last token is never fed back
-        self.mbs = [MicroBatch(rows[i:i + gbs], self.prompt_len, max_len, cfg.pad_token_id, cfg.num_heads,
-                               ctx.device)
+        self.layers = family_math(cfg)
+        self.mbs = [MicroBatch(rows[i:i + gbs], self.prompt_len, max_len, cfg.pad_token_id, cfg.num_kv_heads,
+                               self.layers, ctx.device)
                     for i in range(0, len(rows), gbs)]
         self.layer_names = layer_names(cfg)
         K, L = len(self.mbs), cfg.num_layers
-        self.cache = [[CacheSlot(len(mb.rows), max_len, cfg.num_heads, cfg.head_dim, policy.cache_gpu_percent,
+        self.cache = [[CacheSlot(len(mb.rows), max_len, cfg.num_kv_heads, cfg.head_dim, policy.cache_gpu_percent,
                                  policy.cache_cpu_percent, ctx.dtype, ctx.device, ctx.disk,
                                  workdir / f"kv-{j}-{k}.bin",
                                  compression=policy.compression if policy.compress_cache else None)
@@ -188,13 +189,13 @@ class BlockRunner:
         if j == 0:
             self._prefetch_cache(0, len(self.mbs) - 1)  # the first decoder layer's first slot
             for k, mb in enumerate(self.mbs):
-                self._store_act(j, k, layers.input_embed(w, self.ctx.cfg, mb.next_ids, mb.step_positions,
+                self._store_act(j, k, self.layers.input_embed(w, self.ctx.cfg, mb.next_ids, mb.step_positions,
                                                         self.ctx.dtype))
             return
         if j == L + 1:
             for k, mb in enumerate(self.mbs):
                 h = to_device(self.acts[k].result(), self.ctx.device, self.ctx.stats)
-                self._sample(mb, layers.output_logits(w, self.ctx.cfg, h[:, -1]), params)
+                self._sample(mb, self.layers.output_logits(w, self.ctx.cfg, h[:, -1]), params)
             return
         slots = self.cache[j - 1]
         for k, mb in enumerate(self.mbs):
@@ -217,19 +218,23 @@ class BlockRunner:
     def _decoder(self, w: dict, h: torch.Tensor, slot: CacheSlot, read: Future | None,
                  mb: MicroBatch) -> torch.Tensor:
         cfg = self.ctx.cfg
-        q, k, v = layers.qkv(w, cfg, h)
-        rows = layers.cache_rows(k, v)  # [s, 2, B, h]
-        new = rows.reshape(rows.shape[0], 2, -1, cfg.head_dim)  # [s, 2, B*H, D]: the (row, head) pairs
-        q_pairs = layers.to_pairs(cfg, q)
+        layers = self.layers
+        q, k, v = layers.qkv(w, cfg, h, mb.step_positions)
+        rows = layers.cache_rows(k, v)  # [s, 2, B, Hkv*D]
+        new = rows.reshape(rows.shape[0], 2, -1, cfg.head_dim)  # [s, 2, B*Hkv, D]: the (row, KV head) pairs
+        q_pairs = layers.to_pairs(cfg, q)  # [B*Hkv, G*s, D]: the G query heads of each pair, head-major
+        # Every query's cache position: the step's s positions, once per query head of the pair.
+        query_pos = torch.arange(mb.length - mb.query_len, mb.length,
+                                 device=q.device).repeat(q_pairs.shape[1] // mb.query_len)
         if mb.length == mb.query_len:  # the prefill: nothing cached yet, attend the new positions whole
             out = []
             for part in slot.parts:
                 self._append(part, new[:, :, part.pairs])
                 seen = part.as_attended(new[:, :, part.pairs])
-                out.append(attend(q_pairs[part.pairs], seen[:, 0], seen[:, 1], mb.first[part.pairs]))
+                out.append(attend(q_pairs[part.pairs], seen[:, 0], seen[:, 1], mb.first[part.pairs], query_pos))
         else:
             out = [self._attend_part(part, q_pairs[part.pairs], new[:, :, part.pairs], mb.first[part.pairs],
-                                     read if part.tier == Tier.DISK else None) for part in slot.parts]
+                                     query_pos, read if part.tier == Tier.DISK else None) for part in slot.parts]
         attn = layers.from_pairs(cfg, out[0] if len(out) == 1 else torch.cat(out))
         h = layers.attention_output(w, cfg, h, attn)
         return layers.mlp(w, cfg, h)
@@ -241,8 +246,8 @@ class BlockRunner:
             part.append(new)
 
     def _attend_part(self, part: CachePart, q: torch.Tensor, new: torch.Tensor, first: torch.Tensor,
-                     read: Future | None) -> torch.Tensor:
-        """One part's attention for a decode step: q [n, 1, D], new [1, 2, n, D], first [n]."""
+                     query_pos: torch.Tensor, read: Future | None) -> torch.Tensor:
+        """One part's attention for a decode step: q [n, G, D], new [1, 2, n, D], first [n], query_pos [G]."""
         ctx = self.ctx
         if part.tier == Tier.DISK or part.compression is not None:
             # The cache read so far plus the new position as the cache will hold it.
@@ -260,9 +265,9 @@ class BlockRunner:
             full = part.read()
         if ctx.policy.cpu_cache_compute and full.device.type == "cpu" and q.device.type != "cpu":
             # Attention where the cache lives: ship q (small) instead of the cache (large).
-            return attend(q.cpu(), full[:, 0], full[:, 1], first.cpu()).to(q.device)
+            return attend(q.cpu(), full[:, 0], full[:, 1], first.cpu(), query_pos.cpu()).to(q.device)
         full = to_device(full, ctx.device, ctx.stats)
-        return attend(q, full[:, 0], full[:, 1], first)
+        return attend(q, full[:, 0], full[:, 1], first, query_pos)
 
     def _sample(self, mb: MicroBatch, logits: torch.Tensor, params: GenerationParams) -> None:
         results = [r.result for r in mb.rows]

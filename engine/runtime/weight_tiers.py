@@ -4,7 +4,7 @@ before anything is loaded)."""
 from __future__ import annotations
 
 from engine.model.checkpoint import TensorEntry, WeightStore, layer_names
-from engine.model.config import OPTConfig
+from engine.model.config import ModelConfig
 from engine.runtime.placement import HEAD, LAYER, LOOKUP, split_weights
 from engine.runtime.policy import Policy
 from engine.runtime.tiers import Tier
@@ -30,7 +30,7 @@ def tier_bytes(entry: TensorEntry, tier: Tier, element_size: int) -> int:
     return entry.nbytes if tier == Tier.DISK else entry.held_bytes(held_element_size(entry, element_size))
 
 
-def plan_weight_tiers(store: WeightStore, cfg: OPTConfig, policy: Policy) -> dict[str, dict[str, Tier]]:
+def plan_weight_tiers(store: WeightStore, cfg: ModelConfig, policy: Policy) -> dict[str, dict[str, Tier]]:
     """{layer: {tensor name: tier}} for every tensor of the store."""
     names = layer_names(cfg)
     split = split_weights([[(e.nbytes, role(layer, e.name)) for e in store.layers[layer]] for layer in names],
