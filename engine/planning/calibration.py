@@ -18,7 +18,8 @@ import math
 
 import torch
 
-from engine.model import opt as layers
+from engine.model.checkpoint import layer_tensor_specs
+from engine.model.families import family_math
 from engine.model.kernels import attend
 from engine.model.config import layer_tensor_shapes, preset
 from engine.planning.cost_inputs import Placement, Shape
@@ -41,12 +42,15 @@ def _layer_weights(cfg, device: torch.device, dtype: torch.dtype) -> dict[str, t
 def _layer_step(cfg, w, h: torch.Tensor, cache: torch.Tensor, start: int) -> torch.Tensor:
     """What the schedule runs for one micro-batch in one layer (cache in RAM): q/k/v, append to the
     position-major cache [T, 2, B, h], attend over it, output projection and MLP."""
-    q, k, v = layers.qkv(w, cfg, h)
-    s = h.shape[1]
+    layers, s = family_math(cfg), h.shape[1]
+    positions = torch.arange(start, start + s, device=h.device).expand(h.shape[0], s)
+    q, k, v = layers.qkv(w, cfg, h, positions)
     cache[start:start + s].copy_(layers.cache_rows(k, v))
-    full = cache[:start + s].view(start + s, 2, -1, cfg.head_dim)  # [T, 2, B*H, D]: (row, head) pairs
+    full = cache[:start + s].view(start + s, 2, -1, cfg.head_dim)  # [T, 2, B*Hkv, D]: (row, KV head) pairs
     first = torch.zeros(full.shape[2], dtype=torch.long, device=h.device)
-    attn = layers.from_pairs(cfg, attend(layers.to_pairs(cfg, q), full[:, 0], full[:, 1], first))
+    q_pairs = layers.to_pairs(cfg, q)
+    query_pos = torch.arange(start, start + s, device=h.device).repeat(q_pairs.shape[1] // s)
+    attn = layers.from_pairs(cfg, attend(q_pairs, full[:, 0], full[:, 1], first, query_pos))
     return layers.mlp(w, cfg, layers.attention_output(w, cfg, h, attn))
 
 
@@ -92,28 +96,24 @@ def measure_compute_scale(hw: HardwareProfile, device: str, dtype: torch.dtype, 
 
 def _time_points(cfg, w: dict, head: dict, timed) -> dict[str, float]:
     """Seconds per call of a prefill micro-batch, decode micro-batches and the head, once each."""
-    dev, dtype = w["fc1.weight"].device, w["fc1.weight"].dtype
-    hid, total = cfg.hidden_size, PROMPT_LEN + GEN_LEN
+    dev, dtype = next(iter(w.values())).device, next(iter(w.values())).dtype
+    hid, kv, total = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, PROMPT_LEN + GEN_LEN
     out = {}
     with torch.inference_mode():
         x = torch.full((PREFILL_ROWS, PROMPT_LEN, hid), 0.1, device=dev, dtype=dtype)
-        cache = torch.zeros(total, 2, PREFILL_ROWS, hid, device=dev, dtype=dtype)
+        cache = torch.zeros(total, 2, PREFILL_ROWS, kv, device=dev, dtype=dtype)
         out["prefill"] = timed(lambda: _layer_step(cfg, w, x, cache, 0))
         context = PROMPT_LEN + GEN_LEN // 2
         for rows in DECODE_ROW_COUNTS:
             x = torch.full((rows, 1, hid), 0.1, device=dev, dtype=dtype)
-            cache = torch.full((total, 2, rows, hid), 0.1, device=dev, dtype=dtype)
+            cache = torch.full((total, 2, rows, kv), 0.1, device=dev, dtype=dtype)
             out[f"decode:{rows}"] = timed(lambda: _layer_step(cfg, w, x, cache, context))
         for rows in DECODE_ROW_COUNTS:
             x = torch.full((rows, hid), 0.1, device=dev, dtype=dtype)
-            out[f"head:{rows}"] = timed(lambda: layers.output_logits(head, cfg, x))
+            out[f"head:{rows}"] = timed(lambda: family_math(cfg).output_logits(head, cfg, x))
     return out
 
 
 def _head_weights(cfg, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    shapes = {"lm_head.weight": (cfg.vocab_size, cfg.embed_dim)}
-    if cfg.has_final_layer_norm:
-        shapes |= {"final_layer_norm.weight": (cfg.hidden_size,), "final_layer_norm.bias": (cfg.hidden_size,)}
-    if cfg.has_projections:
-        shapes["project_out.weight"] = (cfg.embed_dim, cfg.hidden_size)
-    return {name: torch.full(shape, 0.01, device=device, dtype=dtype) for name, shape in shapes.items()}
+    return {name: torch.full(shape, 0.01, device=device, dtype=dtype)
+            for name, shape in layer_tensor_specs(cfg, "head")}

@@ -53,7 +53,8 @@ class Placement:
 
     @classmethod
     def from_policy(cls, policy: Policy, num_heads: int | None = None) -> "Placement":
-        """With num_heads, the cache fractions the engine realises: whole (row, head) pairs per slot."""
+        """With num_heads (the KV heads), the cache fractions the engine realises: whole (row, KV head)
+        pairs per slot."""
         f = {k: p / 100.0 for k, p in zip(("wg", "wc", "cg", "cc", "hg", "hc"), policy.percents)}
         if num_heads:
             pairs = policy.gpu_batch_size * num_heads
@@ -108,8 +109,8 @@ def head_weight_bytes(cfg: OPTConfig) -> float:
     """Embedding tables and the optional 350m projections, plus the output head: tied to the token
     embedding in the checkpoint, but the engine's store keeps it as its own tensor in the "head"
     layer (so input and output ends can sit on different tiers), and that copy is held too."""
-    return FP16 * (cfg.param_count() - cfg.num_layers * cfg.layer_param_count()
-                   + cfg.vocab_size * cfg.embed_dim)
+    tied_copy = cfg.vocab_size * cfg.embed_dim if cfg.tie_word_embeddings else 0  # untied: counted already
+    return FP16 * (cfg.param_count() - cfg.num_layers * cfg.layer_param_count() + tied_copy)
 
 
 def _weight_kinds(cfg: OPTConfig) -> tuple[float, float, float]:
@@ -184,7 +185,7 @@ def sizes(cfg: OPTConfig, sh: Shape, hw: HardwareProfile) -> Sizes:
     cf = compression_factor(sh.compression) if sh.compress_cache else 1.0
     ctx_avg = s + n / 2  # decode reads a context growing from s to s+n (FlexGen's s + n/2)
     el = elem_bytes(hw)
-    kv_row_tok = 2 * h * el  # k and v of one token of one row, one layer
+    kv_row_tok = 2 * cfg.num_kv_heads * cfg.head_dim * el  # k and v of one token of one row, one layer (KV heads only)
     lw, lk = layer_weight_bytes(cfg), lookup_weight_bytes(cfg)  # fp16 bytes
     hd = head_weight_bytes(cfg) - lk
     held = (lambda fp16: fp16 * wf) if sh.compress_weight else (lambda fp16: fp16 / FP16 * el)

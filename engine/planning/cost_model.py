@@ -64,7 +64,7 @@ def estimate(cfg: OPTConfig, hw: HardwareProfile, policy: Policy, *, prompt_len:
              gen_len: int) -> Estimate:
     """Predicted throughput and peak memory of a concrete policy (floats)."""
     sh = Shape.from_policy(policy, prompt_len=prompt_len, gen_len=gen_len)
-    x = Placement.from_policy(policy, cfg.num_heads)
+    x = Placement.from_policy(policy, cfg.num_kv_heads)
     pre = float(step_time(cfg, hw, sh, x, decode=False))
     dec = float(step_time(cfg, hw, sh, x, decode=True))
     total = pre + (gen_len - 1) * dec
@@ -84,7 +84,7 @@ def traffic_per_token(cfg: OPTConfig, hw: HardwareProfile, policy: Policy, *, pr
     slow = hw.replace(disk_read_gbps=1 / GB, disk_write_gbps=1e30, cpu_to_gpu_gbps=1e30,
                       gpu_to_cpu_gbps=1e30)
     sh = Shape.from_policy(policy, prompt_len=prompt_len, gen_len=gen_len)
-    x = Placement.from_policy(policy, cfg.num_heads)
+    x = Placement.from_policy(policy, cfg.num_kv_heads)
     # With a read bandwidth of 1 byte/s the disk term is the bytes read (writes cost ~0).
     read = 0.0
     for decode, times in ((False, 1), (True, gen_len - 1)):
