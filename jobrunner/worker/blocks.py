@@ -86,9 +86,10 @@ class ShardContext:
     between_blocks: Callable[[], None] | None = None  # re-planning hook, at block boundaries
 
 
-def generation_params(params: JobParams, tokenizer, eos_token_id: int) -> GenerationParams:
-    """Stop strings that are one token also stop generation early; all are cut from the text."""
-    stop_ids = {eos_token_id}
+def generation_params(params: JobParams, tokenizer, eos_token_ids: tuple[int, ...]) -> GenerationParams:
+    """The model's EOS ids stop a row; stop strings that are one token also stop generation early;
+    all are cut from the text."""
+    stop_ids = set(eos_token_ids)
     for text in params.stop:
         ids = tokenizer(text, add_special_tokens=False).input_ids
         if len(ids) == 1:

@@ -193,7 +193,7 @@ class Worker:
                              interval_s=self.config.heartbeat_s or self.config.lease_s / 4)
         keeper.start()
         ctx = ShardContext(db=self.db, job=job, lease=lease, engine=engine, params=params,
-                           gen_params=generation_params(params, engine.tokenizer, engine.config.eos_token_id),
+                           gen_params=generation_params(params, engine.tokenizer, engine.config.eos_token_ids),
                            progress_every=self.config.progress_every,
                            should_stop=lambda: self.stop_signal is not None or keeper.interrupted(),
                            reporter=self.reporter, id_type=self._id_type(job),
