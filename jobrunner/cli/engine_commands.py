@@ -1,4 +1,5 @@
-"""Engine commands: `make-model` (random-weight OPT) and `generate` (one prompt, FlexGen's flags)."""
+"""Engine commands: `make-model` (random-weight OPT or Llama-family model) and `generate` (one prompt,
+FlexGen's flags)."""
 from __future__ import annotations
 
 import shutil
@@ -15,18 +16,21 @@ from jobrunner.cli.main import main
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory to write the model into (created).")
 @click.option("--layers", type=int, default=None, help="Keep only this many decoder layers (fast tests).")
-@click.option("--hidden", type=int, default=None, help="Shrink the hidden size (heads = hidden/64).")
+@click.option("--hidden", type=int, default=None,
+              help="Shrink the hidden size (heads = hidden/64; Llama family: KV heads keep the size's ratio).")
 @click.option("--heads", type=int, default=None, help="Number of attention heads.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def make_model_command(size: str, out_dir: Path, layers: int | None, hidden: int | None,
                        heads: int | None, seed: int) -> None:
-    """Write a random-weight OPT model of a published SIZE (125m ... 175b, or tiny) plus an offline
-    tokenizer, as a Hugging Face model directory.
+    """Write a random-weight model of a published SIZE plus an offline tokenizer, as a Hugging Face
+    model directory: OPT (125m ... 175b, or tiny) or the Llama family (llama-1b, llama-3b, llama-8b,
+    llama-70b, llama2-7b, mistral-7b, qwen2-0.5b, qwen2-7b).
 
     \b
     Example:
       flexjob make-model 1.3b -o models/opt-1.3b
       flexjob make-model 125m --layers 2 -o models/test
+      flexjob make-model llama-1b --layers 2 --hidden 256 -o models/llama-test
     """
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
@@ -39,7 +43,7 @@ def make_model_command(size: str, out_dir: Path, layers: int | None, hidden: int
     try:
         cfg = preset(size, num_layers=layers, hidden_size=hidden, num_heads=heads)
     except ModelConfigError as exc:
-        raise UserError(str(exc), "SIZE is one of the sizes above, such as 125m or opt-1.3b; "
+        raise UserError(str(exc), "SIZE is one of the sizes above, such as 125m, opt-1.3b or llama-1b; "
                                   "--layers and --hidden make it smaller") from None
     replaced = _converted_copies(out_dir)
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
