@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from engine.runtime.paths import engine_home
+
 TUTORIAL_POLICIES = [
     "100 0 100 0 100 0",   # everything on the GPU
     "10 90 0 100 0 100",   # weights mostly on CPU, cache and activations on CPU
@@ -47,7 +49,7 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=32)
     ap.add_argument("--gpu-batch-size", type=int, default=4)
     ap.add_argument("--prompt", default="Paris is the capital city of")
-    ap.add_argument("--offload-dir", type=Path, default=Path(".flexjob"))
+    ap.add_argument("--offload-dir", type=Path, default=engine_home())
     args = ap.parse_args()
     print(f"{'--percent':<22}{'tokens/s':>10}{'peak RSS GiB':>14}  weights per tier (GiB)")
     for percent in TUTORIAL_POLICIES:
