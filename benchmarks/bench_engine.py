@@ -70,10 +70,11 @@ print(json.dumps({"tokens_per_s": B * args["gen_len"] / elapsed, "seconds": elap
 """
 
 
-def run_child(code: str, args: dict) -> dict:
-    """Run `code` in a fresh Python; returns its JSON line plus the child's peak RSS (wait4)."""
-    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(args)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+def run_child(code: str, args: dict, source: Path = ROOT) -> dict:
+    """Run `code` in a fresh Python importing flexjob from `source`; returns its JSON line plus the
+    child's peak RSS (wait4)."""
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(args)], cwd=source, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(source)})
     out, err = proc.communicate()
     _, status, usage = os.wait4(proc.pid, 0) if proc.returncode is None else (0, proc.returncode, None)
     if proc.returncode != 0:
