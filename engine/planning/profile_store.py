@@ -1,7 +1,7 @@
 """Where hardware profiles are stored, and how a stored profile learns the disk bandwidth the engine
 really gets.
 
-Profiles live as JSON under `$FLEXJOB_HOME/profiles` (default ./.flexjob), one per host, device and
+Profiles live as JSON under `$FLEXJOB_HOME/profiles` (default: the user data directory, see engine.runtime.paths), one per host, device and
 disk directory (`profile_path`).
 
 A profile's disk figures come from a probe of a few seconds. On a shared host the disk drifts 2-4x
@@ -38,7 +38,7 @@ HALF_WEIGHT_BYTES = 4e9
 
 def profile_path(disk_dir: str | Path, home: Path | None = None) -> Path:
     """The stored profile of this host, its compute device and `disk_dir`, under `home`
-    (default `$FLEXJOB_HOME`, else ./.flexjob)."""
+    (default: engine.runtime.paths.engine_home())."""
     disk_dir = str(Path(disk_dir).resolve())
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     key = hashlib.sha1(f"{socket.gethostname()}|{device}|{disk_dir}".encode()).hexdigest()[:12]

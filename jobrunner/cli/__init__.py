@@ -10,14 +10,7 @@ Exit codes (every command):
   3    an internal error (a bug: run again with --debug for the traceback, and report it)
   130  interrupted (Ctrl-C) anywhere else
 
-Environment variables:
-  FLEXJOB_DB     the job store, as for --db: a SQLAlchemy URL (postgresql+psycopg2://user@host/db)
-                 or a SQLite file path; default sqlite:///flexjob.db in the current directory.
-                 Passwords in it are printed masked (jobrunner.store.db_url.mask_url); prefer
-                 ~/.pgpass or PGPASSWORD to a password in the URL.
-  FLEXJOB_HOME   the disk-tier directory (--offload-dir / --disk-dir default) and where
-                 `flexjob profile` stores host profiles; default ./.flexjob
-  COLUMNS        the width `flexjob status` renders at when printing into a pipe (default 160)
+Environment variables (FLEXJOB_DB, FLEXJOB_HOME, COLUMNS): see `flexjob --help` (jobrunner.cli.main).
 """
 from jobrunner.cli import engine_commands, job_commands, plan_commands, status_commands  # noqa: F401
 from jobrunner.cli.main import main

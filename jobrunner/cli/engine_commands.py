@@ -82,7 +82,7 @@ def policy_options(f):
         click.option("--gpu-mem", type=float, default=None, help="GPU memory budget in GiB."),
         click.option("--cpu-mem", type=float, default=None, help="CPU memory budget in GiB (whole process RSS)."),
         click.option("--offload-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                     help="Disk tier directory (weight store, spilled cache). Default: $FLEXJOB_HOME or ./.flexjob"),
+                     help="Disk tier directory (weight store, spilled cache). Default: $FLEXJOB_HOME, else the user data directory"),
         click.option("--overlap/--no-overlap", default=True, show_default=True,
                      help="Overlap I/O with compute."),
         click.option("--cpu-cache-compute", is_flag=True, help="Compute attention on the CPU where the cache lives."),

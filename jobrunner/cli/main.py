@@ -61,7 +61,7 @@ Environment:
   FLEXJOB_DB    job store URL: sqlite:///path.db, or postgresql://user@host/db for workers on many
                 machines (pip install 'flexjob[postgres]'); default sqlite:///$FLEXJOB_HOME/flexjob.db
   FLEXJOB_HOME  the default job store; also the disk tier, weight store and hardware profiles
-                (default: the user data directory for the store, ./.flexjob for the engine's files)
+                (default: the user data directory, e.g. ~/.local/share/flexjob)
 \b
 Job store: {store}
 \b

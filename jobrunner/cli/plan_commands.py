@@ -42,7 +42,7 @@ def _model_config(model_dir: Path | None, size: str | None):
 
 @main.command("profile")
 @click.option("--offload-dir", "--disk-dir", "disk_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Directory of the disk tier to measure (default: $FLEXJOB_HOME, else ./.flexjob).")
+              help="Directory of the disk tier to measure (default: $FLEXJOB_HOME, else the user data directory).")
 @click.option("--refresh", is_flag=True, help="Measure again even if a fresh profile is stored.")
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON (the format --hardware reads).")
 def profile_command(disk_dir: Path | None, refresh: bool, as_json: bool) -> None:
