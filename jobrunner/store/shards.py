@@ -152,9 +152,15 @@ def committed_rows(engine: Engine, shard_id: int) -> set[int]:
 
 def commit_block(engine: Engine, lease: Lease, part: PartRecord) -> bool:
     """Register a durable part and advance the shard and job counts in one transaction.
-    Returns True when this completed the shard. Raises LeaseLost if the lease was superseded."""
+    Returns True when this completed the shard. Raises LeaseLost if the lease was superseded.
+    Committing the same part again (a retry after a lost connection) changes nothing."""
     now = utcnow()
     with write_tx(engine) as s:
+        registered = s.scalars(select(ResultPart.id).where(ResultPart.shard_id == lease.shard_id,
+                                                           ResultPart.attempt == lease.attempt,
+                                                           ResultPart.path == part.path)).first()
+        if registered is not None:  # a retry of a commit that went in but whose answer was lost
+            return s.get(Shard, lease.shard_id).status == ShardStatus.DONE
         shard = _fenced_shard(s, lease)
         already = set()
         for row_ids in s.scalars(select(ResultPart.row_ids).where(ResultPart.shard_id == shard.id)):

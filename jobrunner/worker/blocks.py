@@ -28,6 +28,7 @@ from jobrunner.io.inputs import InputRow, read_rows
 from jobrunner.io.parts import ResultRow, part_name, rows_to_table, write_part
 from jobrunner.store import EventKind, Lease, LeaseLost, PartRecord, RowProgress
 from jobrunner.worker.fault_hooks import kill_point, raise_if_poisoned
+from jobrunner.worker.store_retry import TRANSIENT, StoreRetry
 
 if TYPE_CHECKING:  # the engine (torch) is imported when the worker loads a model, not before
     from engine.runtime.engine import Engine
@@ -79,6 +80,7 @@ class ShardContext:
     progress_every: int             # save KV-free progress every N decode steps
     should_stop: Callable[[], bool]
     reporter: ShardReporter
+    store_call: StoreRetry          # every store call goes through it: a dropped connection is retried
     id_type: pa.DataType | None = None  # the type of the job's id column, if it has one
     progress: dict[int, RowProgress] = field(default_factory=dict)
     blocks_written: int = 0
@@ -161,7 +163,7 @@ def commit_rows(ctx: ShardContext, results: list[ResultRow], *, seconds: float, 
     ctx.engine_parts_written += tokens > 0
     if first_engine_part:
         kill_point("before_commit")
-    done = store.commit_block(ctx.db, ctx.lease, PartRecord(
+    done = ctx.store_call(store.commit_block, ctx.db, ctx.lease, PartRecord(
         path=name, row_ids=tuple(r.row for r in results),
         failed_rows=sum(r.finish_reason == "error" for r in results), generated_tokens=tokens,
         size_bytes=written.size_bytes, sha256=written.sha256, block_seconds=seconds,
@@ -177,17 +179,18 @@ def run_shard(ctx: ShardContext) -> ShardOutcome:
     """Process the lease's remaining rows: DONE, or STOPPED when should_stop fired (the caller
     decides between saving progress and abandoning the lease)."""
     job, lease = ctx.job, ctx.lease
-    done_rows = store.committed_rows(ctx.db, lease.shard_id)
-    ctx.progress = {r: p for r, p in store.load_progress(ctx.db, lease.shard_id).items() if r not in done_rows}
+    done_rows = ctx.store_call(store.committed_rows, ctx.db, lease.shard_id)
+    saved = ctx.store_call(store.load_progress, ctx.db, lease.shard_id)
+    ctx.progress = {r: p for r, p in saved.items() if r not in done_rows}
     inputs = [r for r in read_rows(job.input_path, job.prompt_column, job.id_column, lease.row_start, lease.row_end)
               if r.row not in done_rows]
     ctx.reporter.shard_started(job=job, lease=lease, rows=len(inputs), already_done=len(done_rows),
                                resumed_tokens=sum(len(p.ids) for p in ctx.progress.values()))
     if ctx.progress:
-        store.record_event(ctx.db, EventKind.SHARD_RESUMED, job_id=job.id, shard_id=lease.shard_id,
-                           worker_id=lease.worker_id,
-                           data={"rows": len(ctx.progress), "tokens": sum(len(p.ids) for p in ctx.progress.values()),
-                                 "attempt": lease.attempt})
+        ctx.store_call(store.record_event, ctx.db, EventKind.SHARD_RESUMED, job_id=job.id, shard_id=lease.shard_id,
+                       worker_id=lease.worker_id,
+                       data={"rows": len(ctx.progress), "tokens": sum(len(p.ids) for p in ctx.progress.values()),
+                             "attempt": lease.attempt})
     prepared = prepare_rows(inputs, ctx.engine.tokenizer, ctx.params, ctx.engine.config.max_positions)
     errors = [p for p in prepared if p.error is not None]
     if errors and commit_rows(ctx, [_error_result(p, ctx, p.error) for p in errors], seconds=0.0, tokens=0):
@@ -238,13 +241,14 @@ def _generate_isolating(ctx: ShardContext, block: list[PreparedRow]) -> dict[int
             return None
         try:
             results = _generate(ctx, block)
-        except LeaseLost:
-            raise  # a progress save found the shard taken over: not the engine's fault
+        except (LeaseLost, *TRANSIENT):
+            raise  # a progress save found the shard taken over, or the store gone: not the engine's fault
         except Exception as exc:  # noqa: BLE001 - any engine crash: retry, then isolate
             last_error = exc
-            store.record_event(ctx.db, EventKind.ENGINE_ERROR, job_id=ctx.job.id, shard_id=ctx.lease.shard_id,
-                               worker_id=ctx.lease.worker_id, message=f"{type(exc).__name__}: {exc}",
-                               data={"rows": [p.row for p in block], "try": try_index + 1})
+            ctx.store_call(store.record_event, ctx.db, EventKind.ENGINE_ERROR, job_id=ctx.job.id,
+                           shard_id=ctx.lease.shard_id, worker_id=ctx.lease.worker_id,
+                           message=f"{type(exc).__name__}: {exc}",
+                           data={"rows": [p.row for p in block], "try": try_index + 1})
             continue
         if any(not r.finished for r in results):
             return None
@@ -289,4 +293,4 @@ def _remember(ctx: ShardContext, rows: list[RowResult]) -> None:
 
 def save_progress(ctx: ShardContext, live_rows: list[RowResult], step: int) -> None:
     _remember(ctx, live_rows)
-    store.save_progress(ctx.db, ctx.lease, dict(ctx.progress), decode_step=step)
+    ctx.store_call(store.save_progress, ctx.db, ctx.lease, dict(ctx.progress), decode_step=step)

@@ -38,6 +38,7 @@ from jobrunner.store.models import Job, ShardStatus, utcnow
 from jobrunner.worker.liveness import describe_wait, holder_is_live, host_id, process_start_time, take_over_dead
 from jobrunner.worker.replan import stored_profile_path
 from jobrunner.worker.reporter import PlainReporter, WorkerReporter
+from jobrunner.worker.store_retry import StoreRetry
 
 if TYPE_CHECKING:  # the engine (torch) and the planner load when needed, not at start
     from engine.runtime.engine import Engine
@@ -80,6 +81,7 @@ class Worker:
                  replanner: Replanner | None = None) -> None:
         self.db, self.config = db, config
         self.reporter: WorkerReporter = reporter or PlainReporter()
+        self._call = StoreRetry(budget_s=config.lease_s, report=self.reporter.message)
         self.replanner = replanner
         self._learner = DiskBandwidthLearner(config.offload_dir)  # the profile learns what blocks saw
         self.stop_signal: int | None = None
@@ -111,8 +113,9 @@ class Worker:
         if lock:
             lock.acquire()
         previous = self._install_signals()
-        self.worker_id = store.register_worker(
-            self.db, device=self._device_name(), policy=self.config.policy.to_dict() if self.config.policy else None,
+        self.worker_id = self._call(
+            store.register_worker, self.db, device=self._device_name(),
+            policy=self.config.policy.to_dict() if self.config.policy else None,
             host_id=host_id(), process_started_at=process_start_time(os.getpid()),
             profile_path=stored_profile_path(self.config.offload_dir))
         self.reporter.message(f"worker {self.worker_id} started")
@@ -121,7 +124,7 @@ class Worker:
         try:
             stopped_by = self._claim_loop()
         finally:
-            store.stop_worker(self.db, self.worker_id, reason=stopped_by)
+            self._call(store.stop_worker, self.db, self.worker_id, reason=stopped_by)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             if self._engine is not None:
@@ -138,16 +141,16 @@ class Worker:
         jobs_seen: set[int] = set()
         while self.stop_signal is None:
             self._take_over_dead_workers()
-            lease = store.claim_shard(self.db, self.worker_id, lease_s=self.config.lease_s)
+            lease = self._call(store.claim_shard, self.db, self.worker_id, lease_s=self.config.lease_s)
             if lease is None:
                 if self.config.exit_when_idle and not self._work_left():
                     return "idle"
-                store.worker_seen(self.db, self.worker_id)  # idle, not dead: keep the heartbeat fresh
+                self._call(store.worker_seen, self.db, self.worker_id)  # idle, not dead: keep the heartbeat fresh
                 self._wake.wait(self.config.idle_poll_s)
                 continue
             if self.config.max_jobs is not None and lease.job_id not in jobs_seen \
                     and len(jobs_seen) >= self.config.max_jobs:
-                store.release_shard(self.db, lease, reason="worker reached --max-jobs")
+                self._call(store.release_shard, self.db, lease, reason="worker reached --max-jobs")
                 return "max-jobs"
             jobs_seen.add(lease.job_id)
             if self._work_on(lease) is ShardOutcome.DONE:
@@ -155,7 +158,7 @@ class Worker:
         return "signal"
 
     def _take_over_dead_workers(self) -> None:
-        for dead, freed in take_over_dead(self.db, self.worker_id):
+        for dead, freed in self._call(take_over_dead, self.db, self.worker_id):
             self.reporter.message(f"worker {dead.id} is dead (process {dead.pid} is gone)"
                                   + (f"; its {len(freed)} shard(s) are taken over now" if freed else ""))
 
@@ -163,7 +166,7 @@ class Worker:
         """Whether a shard not claimable now will be: one waiting out a retry delay, or one held by a
         worker that is not renewing its lease. Shards of live workers are theirs to finish."""
         now = utcnow()
-        waiting = [h for h in store.held_elsewhere(self.db, self.worker_id, now=now)
+        waiting = [h for h in self._call(store.held_elsewhere, self.db, self.worker_id, now=now)
                    if h.status == ShardStatus.PENDING or not holder_is_live(h, now)]
         for held in waiting:
             key = (held.job_id, held.shard_index, held.worker_id)
@@ -177,17 +180,17 @@ class Worker:
         return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
 
     def _work_on(self, lease: Lease) -> ShardOutcome:
-        job = store.get_job(self.db, lease.job_id)
+        job = self._call(store.get_job, self.db, lease.job_id)
         problem = self._changed_since_enqueue(job)
         if problem:
             self.reporter.message(f"job {job.id} failed: {problem}")
-            store.fail_job_for_lease(self.db, lease, problem)
+            self._call(store.fail_job_for_lease, self.db, lease, problem)
             return ShardOutcome.FAILED
         params = JobParams.from_dict(job.params)
         try:
             engine = self._engine_for(job, params)
         except BaseException:
-            store.release_shard(self.db, lease, reason="worker could not load the model")
+            self._call(store.release_shard, self.db, lease, reason="worker could not load the model")
             raise
         keeper = LeaseKeeper(self.db, lease, lease_s=self.config.lease_s,
                              interval_s=self.config.heartbeat_s or self.config.lease_s / 4)
@@ -196,7 +199,7 @@ class Worker:
                            gen_params=generation_params(params, engine.tokenizer, engine.config.eos_token_ids),
                            progress_every=self.config.progress_every,
                            should_stop=lambda: self.stop_signal is not None or keeper.interrupted(),
-                           reporter=self.reporter, id_type=self._id_type(job),
+                           reporter=self.reporter, store_call=self._call, id_type=self._id_type(job),
                            between_blocks=lambda: self._between_blocks(engine, lease))
         try:
             outcome = self._run_guarded(ctx)
@@ -236,7 +239,7 @@ class Worker:
             self.reporter.message(f"job {job.id} was cancelled; released shard {lease.shard_index}")
             return ShardOutcome.CANCELLED
         try:
-            store.save_progress(self.db, lease, dict(ctx.progress), decode_step=-1)
+            self._call(store.save_progress, self.db, lease, dict(ctx.progress), decode_step=-1)
         except LeaseLost:
             return ShardOutcome.LOST
         self._release_quietly(lease, reason="worker stopped by signal")
@@ -246,13 +249,13 @@ class Worker:
 
     def _fail_quietly(self, lease: Lease, error: str) -> None:
         try:
-            store.fail_job_for_lease(self.db, lease, error)
+            self._call(store.fail_job_for_lease, self.db, lease, error)
         except LeaseLost:
             pass
 
     def _release_quietly(self, lease: Lease, **kwargs) -> None:
         try:
-            store.release_shard(self.db, lease, **kwargs)
+            self._call(store.release_shard, self.db, lease, **kwargs)
         except LeaseLost:
             pass
 
@@ -290,7 +293,7 @@ class Worker:
                                       offload_dir=self.config.offload_dir, gpu_mem_gib=self.config.gpu_mem_gib,
                                       cpu_mem_gib=self.config.cpu_mem_gib, throttle_gbps=self.config.throttle_gbps)
             self._engine_key = key
-            store.worker_seen(self.db, self.worker_id, policy=policy.to_dict())
+            self._call(store.worker_seen, self.db, self.worker_id, policy=policy.to_dict())
         return self._engine
 
     def _policy_for(self, job: Job, params: JobParams) -> Policy:
@@ -325,8 +328,8 @@ class Worker:
             return
         old, new = engine.policy, decision.new_policy
         engine.set_policy(new)
-        store.worker_seen(self.db, self.worker_id, policy=new.to_dict())
-        store.record_event(self.db, EventKind.REPLAN, job_id=lease.job_id, shard_id=lease.shard_id,
+        self._call(store.worker_seen, self.db, self.worker_id, policy=new.to_dict())
+        self._call(store.record_event, self.db, EventKind.REPLAN, job_id=lease.job_id, shard_id=lease.shard_id,
                            worker_id=self.worker_id, message=f"{old.describe()} -> {new.describe()}",
                            data=decision.to_event())
         self.reporter.message(f"re-planned: {old.describe()} -> {new.describe()}")

@@ -194,8 +194,8 @@ JOB_KEYS = {"id", "name", "model", "model_dir", "status", "priority", "total_row
             "progress", "generated_tokens", "tokens_per_s_recent", "tokens_per_s_average", "eta_s", "age_s",
             "created_at", "started_at", "finished_at", "error", "shards", "expired_leases", "stale", "workers",
             "params"}
-WORKER_KEYS = {"id", "hostname", "pid", "device", "status", "state", "started_at", "last_seen_at", "heartbeat_age_s", "stale",
-               "current", "policy", "rows_done", "tokens_generated", "tokens_per_s_recent", "bandwidth",
+WORKER_KEYS = {"id", "hostname", "pid", "device", "status", "state", "started_at", "last_seen_at", "heartbeat_age_s",
+               "stale", "current", "policy", "rows_done", "tokens_generated", "tokens_per_s_recent", "bandwidth",
                "peak_rss_bytes", "peak_gpu_bytes"}
 CURRENT_KEYS = {"job_id", "job_name", "shard_id", "shard_index", "attempt", "block", "shard_done_rows", "shard_rows",
                 "lease_expires_at"}

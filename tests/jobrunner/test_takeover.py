@@ -46,7 +46,8 @@ def test_a_killed_holder_on_this_host_is_taken_over_at_once_and_fenced(any_db_ur
     lease = store.claim_shard(db, me, lease_s=60)
     assert lease is not None and lease.took_over and lease.attempt == held["attempt"] + 1
     with pytest.raises(LeaseLost):  # the dead holder's commit, were it to come, is refused
-        store.commit_block(db, lease_of(held), part_for(lease_of(held), list(range(held["row_start"], held["row_end"]))))
+        late = lease_of(held)
+        store.commit_block(db, late, part_for(late, list(range(late.row_start, late.row_end))))
     assert store.commit_block(db, lease, part_for(lease, list(range(lease.row_start, lease.row_end)))) is True
     [dead] = [w for w in store_reads.workers(db) if w.id == held["worker_id"]]
     assert dead.status == WorkerStatus.DEAD
@@ -97,12 +98,13 @@ def work(url: str, tmp_path, *extra: str, env: dict | None = None, timeout: floa
                           timeout=timeout)
 
 
-def one_job(tmp_path, model, *, rows: int, max_new_tokens: int):
-    """A SQLite store with one job of `rows` prompts in one shard: (url, store, job)."""
-    url = f"sqlite:///{tmp_path / 'f.db'}"
+def one_job(tmp_path, model, *, rows: int, max_new_tokens: int, url: str | None = None):
+    """A store (default: a SQLite file) with one job of `rows` prompts in one shard: (url, store, job)."""
+    url = url or f"sqlite:///{tmp_path / 'f.db'}"
     db = open_store(url)
     job = enqueue(db, write_prompts(tmp_path / "p.parquet", SAMPLE_PROMPTS[:rows]), model_dir=model,
-                  params=JobParams(max_new_tokens=max_new_tokens), shard_rows=rows).job
+                  params=JobParams(max_new_tokens=max_new_tokens), shard_rows=rows,
+                  results_root=tmp_path / "results").job
     return url, db, job
 
 
@@ -113,8 +115,8 @@ def status_workers(url: str, tmp_path) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_after_kill_9_a_new_worker_finishes_the_job_without_waiting_for_the_lease(tmp_path, tiny_model):
-    url, db, job = one_job(tmp_path, tiny_model, rows=6, max_new_tokens=8)
+def test_after_kill_9_a_new_worker_finishes_the_job_without_waiting_for_the_lease(tmp_path, tiny_model, any_db_url):
+    url, db, job = one_job(tmp_path, tiny_model, rows=6, max_new_tokens=8, url=any_db_url)
     killed = work(url, tmp_path, env={"FLEXJOB_TEST_KILL_AT": "decode:3"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     [shard] = store.list_shards(db, job.id)
