@@ -22,12 +22,13 @@ def generate(model, policy, prompt_ids, offload):
 
 
 def hf_on_dequantised_weights(model_dir, prompt_ids, comp: CompressionConfig):
-    """The oracle: HF OPT whose matrices are replaced by dequantize(quantize(w)) of their fp16 values."""
-    from transformers import OPTForCausalLM
-    model = OPTForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    """The oracle: HF's own class for the model whose matrices are replaced by dequantize(quantize(w))
+    of their fp16 values (the store compresses every matrix; a tied lm_head is the embedding, listed once)."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and name != "lm_head.weight":
+        for p in model.parameters():
+            if p.dim() == 2:
                 q = quantize(p.data.half(), num_bits=comp.num_bits, group_size=comp.group_size, dim=-1)
                 p.data.copy_(dequantize(q, torch.float32))
         out = []

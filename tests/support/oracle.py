@@ -1,4 +1,6 @@
-"""The independent oracle: Hugging Face OPTForCausalLM on the same weights, one prompt at a time."""
+"""The independent oracle: Hugging Face's own class for the model (OPTForCausalLM, LlamaForCausalLM,
+MistralForCausalLM, Qwen2ForCausalLM: config.json's `architectures`) on the same weights, one
+prompt at a time."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -9,8 +11,8 @@ import torch
 
 @lru_cache(maxsize=4)
 def hf_model(model_dir: str, dtype: torch.dtype = torch.float32):
-    from transformers import OPTForCausalLM
-    return OPTForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
 
 
 @lru_cache(maxsize=None)
