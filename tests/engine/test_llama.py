@@ -184,3 +184,102 @@ def test_llama3_rope_frequencies_are_hf_s():
     expected, scale = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, torch.device("cpu"))
     assert scale == 1.0 and torch.equal(inverse_frequencies(cfg), expected)
     assert not torch.equal(inverse_frequencies(replace(cfg, rope_scaling=None)), expected)
+
+
+@pytest.mark.parametrize("params", [{}, dict(temperature=0.8, top_p=0.9, seed=7)], ids=["greedy", "sampled"])
+def test_every_policy_and_resume_point_gives_the_same_ids(models, tmp_path, params):
+    """test_invariance's policies (block shapes 1x1 .. 32x4, every placement, overlap on/off, CPU
+    attention) and resume points, on grouped-query attention: each pair's stacked query heads."""
+    from tests.engine.test_invariance import POLICIES, assert_same, generate, policy, prompts, resumed_rows
+    model_dir = models["llama3-gqa-tied"]
+    rows = [RowInput(row_id=i, prompt_ids=p) for i, p in enumerate(prompts(VOCAB))]
+    names = list(POLICIES)
+    reference = generate(model_dir, tmp_path, policy(names[0]), "float32", rows, params)
+    for seed, name in enumerate(names[1:], start=1):
+        assert_same(reference, generate(model_dir, tmp_path, policy(name), "float32", rows, params, seed), name)
+    for name in ("4x3 weights on disk", "3x4 cache split, no overlap", "32x4 mixed everything"):
+        got = generate(model_dir, tmp_path, policy(name), "float32", resumed_rows(rows, reference), params, 99)
+        assert_same(reference, got, f"resumed under {name}")
+    assert len(set(reference.values())) > len(rows) // 2
+
+
+def test_cache_budgets_and_cost_model_count_kv_heads_only(models, tmp_path):
+    """A KV head is cached once for its whole group: the engine's budget, the cost model's cache
+    bytes and the planner's peak all shrink by heads / KV heads against the same model with MHA."""
+    from engine.planning.cost_inputs import Shape, sizes
+    from engine.planning.cost_model import estimate
+    from engine.planning.hardware import t4_flexgen
+    from engine.runtime.budgets import estimate_memory
+    gqa = load_config(models["llama3-gqa-tied"])  # 8 heads, 2 KV heads, head_dim 32
+    policy = Policy.from_percents((100, 0, 100, 0, 100, 0), gpu_batch_size=4, num_gpu_batches=2)
+    with Engine(models["llama3-gqa-tied"], policy, dtype="float32", offload_dir=tmp_path) as engine:
+        est = estimate_memory(gqa, engine.weights.store, policy, torch.device("cpu"), torch.float32,
+                              prompt_len=20, gen_len=11)
+    max_len = 20 + 10
+    assert est.cpu["kv cache"] == gqa.num_layers * 2 * max_len * 2 * 4 * gqa.num_kv_heads * gqa.head_dim * 4
+    big = preset("llama-8b")  # 32 heads, 8 KV heads
+    mha = replace(big, num_kv_heads=big.num_heads)
+    hw, sh = t4_flexgen(), Shape(gpu_batch_size=8, num_gpu_batches=4, prompt_len=512, gen_len=32)
+    assert sizes(big, sh, hw).kv_total * 4 == sizes(mha, sh, hw).kv_total
+    on_gpu = Policy.from_percents((0, 100, 100, 0, 100, 0), gpu_batch_size=8, num_gpu_batches=4)
+    gqa_gib, mha_gib = (estimate(c, hw, on_gpu, prompt_len=512, gen_len=32).peak_gib["gpu"] for c in (big, mha))
+    cache_gib = sizes(mha, sh, hw).kv_total * 3 / 4 / 2**30  # what the KV heads save
+    assert gqa_gib < mha_gib - 0.9 * cache_gib
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"num_local_experts": 8}, "num_local_experts"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"mlp_bias": True}, "mlp_bias"),
+    ({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True, "max_window_layers": 1},
+     "use_sliding_window"),
+    ({"architectures": ["GemmaForCausalLM"], "model_type": "gemma"}, "architectures"),
+])
+def test_unsupported_configs_are_refused_naming_the_field(models, tmp_path, change, field):
+    raw = json.loads((models["llama3-mqa-untied"] / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**raw, **change}))
+    with pytest.raises(ModelConfigError) as err:
+        load_config(tmp_path)
+    assert field in str(err.value) and "\n" not in str(err.value)
+
+
+def test_config_fields_are_read(models, tmp_path):
+    """transformers' rope_parameters form, Mistral's sliding window (sequences kept within it, so it
+    never applies), attention_bias on Llama (o_proj too), no pad id (the first EOS pads)."""
+    raw = json.loads((models["llama3-mqa-untied"] / "config.json").read_text())
+    scaling = raw.pop("rope_scaling")
+    theta = raw.pop("rope_theta")
+    (tmp_path / "config.json").write_text(json.dumps(
+        {**raw, "rope_parameters": {**scaling, "rope_theta": theta}, "attention_bias": True, "pad_token_id": None,
+         "eos_token_id": [5, 6]}))
+    cfg = load_config(tmp_path)
+    assert cfg.rope_scaling == load_config(models["llama3-mqa-untied"]).rope_scaling and cfg.rope_theta == theta
+    assert cfg.qkv_bias and cfg.o_bias and cfg.pad_token_id == 5 and cfg.eos_token_ids == (5, 6)
+    mistral = json.loads((models["mistral-gqa"] / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**mistral, "sliding_window": 4096}))
+    assert load_config(tmp_path).max_positions == 4096
+
+
+def test_published_sizes():
+    """Parameter counts of the published checkpoints (their model cards)."""
+    counts = {"llama-1b": 1.236e9, "llama-3b": 3.213e9, "llama-8b": 8.030e9, "llama-70b": 70.554e9,
+              "llama2-7b": 6.738e9, "mistral-7b": 7.248e9, "qwen2-0.5b": 0.494e9, "qwen2-7b": 7.616e9}
+    for name, count in counts.items():
+        assert preset(name).param_count() == pytest.approx(count, rel=1e-3), name
+
+
+def test_make_model_cli_writes_a_model_hf_and_the_engine_load(tmp_path):
+    from click.testing import CliRunner
+    from transformers import AutoTokenizer
+    from jobrunner.cli.main import main
+    out = tmp_path / "llama"
+    result = CliRunner().invoke(main, ["make-model", "llama-1b", "--layers", "2", "--hidden", "128", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    cfg = load_config(out)
+    assert (cfg.architecture, cfg.num_layers, cfg.hidden_size, cfg.num_kv_heads) == ("LlamaForCausalLM", 2, 128, 1)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    ids = tuple(tok("def f(x):").input_ids)
+    assert ids[0] == cfg.bos_token_id == tok.bos_token_id and tok.eos_token_id in cfg.eos_token_ids
+    _, results = run(out, Policy(gpu_batch_size=1), [ids], tmp_path / "o", stop_token_ids=(-1,))
+    assert results[0].generated_ids == list(hf_greedy(model_path(out), ids, NEW_TOKENS))
