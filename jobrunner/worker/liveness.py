@@ -101,13 +101,14 @@ def worker_state(worker: Worker, *, heartbeat_age_s: float, stale_after_s: float
 
 
 def holder_is_live(held: HeldShard, now: datetime) -> bool:
-    """Whether the holder of a leased shard is working on it: on this host, its process runs; on
-    another, it renewed the lease within half of the lease's length (it renews every quarter)."""
+    """Whether the holder of a leased shard is working on it: it renewed the lease within half of
+    the lease's length (it renews every quarter), and, on this host, its process still runs. A
+    process that exists but does not renew (stopped, hung) is not live: its lease will run out."""
     holder = held.holder
     if holder is None or held.lease_expires_at is None or held.heartbeat_at is None:
         return False
-    if on_this_host(holder):
-        return not process_gone(holder.pid, holder.process_started_at)
+    if on_this_host(holder) and process_gone(holder.pid, holder.process_started_at):
+        return False
     lease_s = (held.lease_expires_at - held.heartbeat_at).total_seconds()
     return (now - held.heartbeat_at).total_seconds() < lease_s / 2
 

@@ -1,0 +1,84 @@
+"""A small chaos run: `flexjob work` processes on one SQLite file are SIGKILLed at random moments
+and one is stalled (SIGSTOP) past its lease; fresh workers keep coming until the job is done.
+Then every row is there once, the output equals an undisturbed run, no lease is left behind,
+killed shard holders were taken over at once (their processes gone), and the stalled worker's
+shard went to another worker when its lease ran out (its late writes are fenced off)."""
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+
+from jobrunner import store
+from jobrunner.io.enqueue import JobParams, enqueue
+from jobrunner.io.results import write_results
+from jobrunner.store import EventKind
+from jobrunner.store.db import open_store
+from jobrunner.store.models import JobStatus, ShardStatus
+from tests.support import store_reads
+from tests.support.jobs import SAMPLE_PROMPTS, flexjob_command, read_results, write_prompts
+
+KILLS = 6
+LEASE_S = 6.0
+STALL_S = 10.0  # longer than the lease: the stalled worker's shard is taken over meanwhile
+PARAMS = JobParams(max_new_tokens=6)
+
+
+def start_worker(url: str, tmp_path) -> subprocess.Popen:
+    return subprocess.Popen(flexjob_command("work", "--db", url, "--exit-when-idle", "--gpu-batch-size", 3,
+                                            "--progress-every", 2, "--lease", LEASE_S,
+                                            "--offload-dir", tmp_path / "offload"),
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def holding(db, job_id: int) -> set[int]:
+    """Pids of the workers that hold a shard of the job now."""
+    holders = {s.worker_id for s in store.list_shards(db, job_id) if s.status == ShardStatus.LEASED}
+    return {w.pid for w in store_reads.workers(db) if w.id in holders}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_random_kills_and_a_stall_lose_and_duplicate_nothing(tmp_path, tiny_model, run_worker):
+    rng = random.Random(17)
+    prompts = write_prompts(tmp_path / "p.parquet", [f"{p} # {i}" for i, p in enumerate(SAMPLE_PROMPTS * 3)])
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    db = open_store(url)
+    job = enqueue(db, prompts, model_dir=tiny_model, params=PARAMS, shard_rows=3).job
+    workers = [start_worker(url, tmp_path) for _ in range(2)]
+    kills = holder_kills = 0
+    stalled: subprocess.Popen | None = None
+    deadline = time.monotonic() + 800
+    while store.get_job(db, job.id).status != JobStatus.COMPLETED and time.monotonic() < deadline:
+        time.sleep(rng.uniform(1.0, 4.0))
+        running = [w for w in workers if w.poll() is None and w is not stalled]
+        if kills < KILLS and running:
+            victim = rng.choice(running)
+            holder_kills += victim.pid in holding(db, job.id)
+            victim.send_signal(signal.SIGKILL)
+            victim.wait()
+            kills += 1
+        elif stalled is None and running and holding(db, job.id) & {w.pid for w in running}:
+            stalled = next(w for w in running if w.pid in holding(db, job.id))
+            stalled.send_signal(signal.SIGSTOP)
+            time.sleep(STALL_S)
+            stalled.send_signal(signal.SIGCONT)
+        workers = [w for w in workers if w.poll() is None]
+        while len(workers) < 2:
+            workers.append(start_worker(url, tmp_path))
+    for w in workers:
+        w.wait(timeout=120)
+    assert store.get_job(db, job.id).status == JobStatus.COMPLETED
+    assert all(s.status == ShardStatus.DONE and s.lease_expires_at is None for s in store.list_shards(db, job.id))
+    got = read_results(write_results(db, job.id, tmp_path / "out.parquet").path)
+    clean = open_store(f"sqlite:///{tmp_path / 'clean.db'}")
+    reference = enqueue(clean, prompts, model_dir=tiny_model, params=PARAMS, shard_rows=3).job
+    run_worker(clean, block=3)
+    assert got == read_results(write_results(clean, reference.id, tmp_path / "clean.parquet").path)
+    dead_takeovers = store_reads.events(db, job_id=job.id, kinds=[EventKind.WORKER_DEAD])
+    assert kills == KILLS and holder_kills > 0 and dead_takeovers  # killed holders were taken over at once
+    if stalled is not None:  # its shard went to another worker when its lease ran out
+        assert store_reads.events(db, job_id=job.id, kinds=[EventKind.LEASE_EXPIRED])
