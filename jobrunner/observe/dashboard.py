@@ -148,6 +148,10 @@ def heartbeat_text(worker: dict) -> Text:
 def current_work_text(worker: dict) -> str:
     """job/shard/block in progress, the shard's attempt and rows, the worker's generation speed."""
     current = worker["current"]
+    lost = worker["lost"]
+    if current is None and lost is not None:
+        return (f"{'died holding' if worker['state'] == 'dead' else 'lost'} job {lost['job_id']} "
+                f"shard {lost['shard_index']}\ntaken over: attempt {lost['attempt']}")
     if current is None:
         return "idle" if worker["state"] in ("live", "stale") else "-"
     if worker["state"] == "dead":  # the next claim on any worker takes this shard over

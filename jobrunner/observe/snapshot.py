@@ -140,6 +140,9 @@ def _worker_row(view: WorkerView, current: dict | None, options: SnapshotOptions
         "started_at": _iso(worker.started_at), "last_seen_at": _iso(worker.last_seen_at),
         "heartbeat_age_s": heartbeat_age, "stale": state.value == "stale",
         "current": current, "policy": policy_summary(worker.policy),
+        # The shard it last claimed, now another worker's (taken over from it).
+        "lost": None if view.lost is None else {"job_id": view.lost.job_id, "shard_index": view.lost.shard_index,
+                                                "attempt": view.lost.attempt, "holder": view.lost.worker_id},
         "rows_done": worker.rows_done, "tokens_generated": worker.tokens_generated,
         # Generation speed over its latest blocks (tokens per second of block time, idle time excluded).
         "tokens_per_s_recent": sum(_data(e).get("tokens", 0) for e in blocks) / busy_s if running and busy_s else None,

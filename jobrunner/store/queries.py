@@ -50,6 +50,7 @@ class CurrentWork:
 class WorkerView:
     worker: Worker
     current: CurrentWork | None
+    lost: Shard | None            # the shard it last claimed, since taken over by another worker
     blocks: list[Event]           # its latest block_committed events, newest first
     last_replan: Event | None
 
@@ -127,15 +128,15 @@ def _workers(s: Session, query: StatusQuery) -> list[WorkerView]:
                                 .order_by(Event.id.desc()).limit(query.worker_blocks)))
         replan = s.scalars(select(Event).where(Event.kind == EventKind.REPLAN, Event.worker_id == worker.id)
                            .order_by(Event.id.desc()).limit(1)).first()
-        views.append(WorkerView(worker=worker, current=_current_work(s, worker), blocks=blocks, last_replan=replan))
+        claimed = s.get(Shard, worker.current_shard_id) if worker.current_shard_id is not None else None
+        lost = claimed if claimed is not None and claimed.worker_id not in (None, worker.id) else None
+        views.append(WorkerView(worker=worker, current=_current_work(s, worker, claimed), lost=lost, blocks=blocks,
+                                last_replan=replan))
     return views
 
 
-def _current_work(s: Session, worker: Worker) -> CurrentWork | None:
-    if worker.current_shard_id is None or worker.status != WorkerStatus.RUNNING:
-        return None
-    shard = s.get(Shard, worker.current_shard_id)
-    if shard is None or shard.worker_id != worker.id:
+def _current_work(s: Session, worker: Worker, shard: Shard | None) -> CurrentWork | None:
+    if shard is None or worker.status != WorkerStatus.RUNNING or shard.worker_id != worker.id:
         return None
     job = s.get(Job, shard.job_id)
     blocks_done = s.scalar(select(func.count()).select_from(ResultPart)

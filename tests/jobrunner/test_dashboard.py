@@ -155,7 +155,7 @@ def test_workers_table_shows_policy_bandwidth_memory_and_staleness(populated):
     assert "9.6 tok/s" in third and "4-bit g64: weights" in third  # 48 tokens in 5 s of blocks
     stale = [line for line in text.splitlines() if "STALE" in line and "running" not in line]
     assert len(stale) == 2 and all("10m00s STALE" in line or "9m59s STALE" in line for line in stale)
-    assert "idle" in stale[0] or "idle" in stale[1]                # the one whose shard was taken over
+    assert any(f"lost job {ids['live']} shard 0" in line for line in stale)  # the one whose shard was taken over
     stopped = [line for line in text.splitlines() if line.split()[1:2] == [ids["finisher"]]
                and "stopped" in line]
     assert len(stopped) == 1 and "8×1 = 8 rows" in stopped[0]
@@ -195,7 +195,7 @@ JOB_KEYS = {"id", "name", "model", "model_dir", "status", "priority", "total_row
             "created_at", "started_at", "finished_at", "error", "shards", "expired_leases", "stale", "workers",
             "params"}
 WORKER_KEYS = {"id", "hostname", "pid", "device", "status", "state", "started_at", "last_seen_at", "heartbeat_age_s",
-               "stale", "current", "policy", "rows_done", "tokens_generated", "tokens_per_s_recent", "bandwidth",
+               "stale", "current", "lost", "policy", "rows_done", "tokens_generated", "tokens_per_s_recent", "bandwidth",
                "peak_rss_bytes", "peak_gpu_bytes"}
 CURRENT_KEYS = {"job_id", "job_name", "shard_id", "shard_index", "attempt", "block", "shard_done_rows", "shard_rows",
                 "lease_expires_at"}
@@ -230,6 +230,9 @@ def check_schema(snapshot: dict, ids: dict) -> None:
     assert worker["peak_rss_bytes"] == int(1.5 * GIB) and worker["peak_gpu_bytes"] == 3 * GIB
     assert not worker["stale"] and workers[ids["dead"]]["stale"] and workers[ids["crashed"]]["stale"]
     assert workers[ids["dead"]]["current"] is not None and workers[ids["crashed"]]["current"] is None  # taken over
+    assert workers[ids["crashed"]]["lost"] == {"job_id": ids["live"], "shard_index": 0, "attempt": 2,
+                                               "holder": ids["worker"]}
+    assert workers[ids["worker"]]["lost"] is None and workers[ids["dead"]]["lost"] is None
     assert workers[ids["finisher"]]["status"] == "stopped" and not workers[ids["finisher"]]["stale"]
     kinds = [e["kind"] for e in snapshot["events"]]
     assert kinds[:2] == ["job_cancel", "job_enqueued"] and "replan" in kinds and "lease_expired" in kinds
@@ -330,7 +333,8 @@ def test_workers_are_live_stale_or_dead_and_a_dead_ones_takeover_is_told(tmp_pat
         assert lease.shard_index == held["shard_index"] and lease.attempt == 2
         snapshot = read_snapshot(db)
         [dead] = [w for w in snapshot["workers"] if w["id"] == held["worker_id"]]
-        assert (dead["status"], dead["state"]) == ("dead", "dead")
+        assert (dead["status"], dead["state"]) == ("dead", "dead") and dead["lost"]["holder"] == me
+        assert f"died holding job 1 shard {held['shard_index']}" in line_with(render_text(snapshot), "DEAD")
         [event] = [e for e in snapshot["events"] if e["kind"] == "worker_dead"]
         assert event["summary"] == (f"dead worker: took over shard {held['shard_index']} (attempt 2) from worker "
                                     f"{held['worker_id']}: its process is gone")
