@@ -14,6 +14,7 @@ from engine.errors import ModelConfigError
 from engine.model import llama_config
 from engine.model.llama_config import LlamaConfig
 from engine.model.llama_presets import is_llama_family, llama_preset
+from engine.model.shrink import heads_for_hidden
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,10 +185,7 @@ def preset(name: str, *, num_layers: int | None = None, hidden_size: int | None 
         raise ModelConfigError(f"unknown OPT size {name!r}; known: {', '.join(PRESETS)}")
     cfg = PRESETS[key]
     if hidden_size is not None:
-        heads = num_heads or max(1, hidden_size // 64)
-        if hidden_size % heads:
-            raise ModelConfigError(f"hidden size {hidden_size} is not divisible by {heads} heads",
-                                   parameter="hidden_size")
+        heads = heads_for_hidden(hidden_size, num_heads)
         cfg = replace(cfg, hidden_size=hidden_size, num_heads=heads, ffn_dim=4 * hidden_size,
                       word_embed_proj_dim=(hidden_size // 2 if cfg.has_projections else None))
     elif num_heads is not None:

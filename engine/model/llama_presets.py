@@ -6,6 +6,7 @@ from dataclasses import replace
 
 from engine.errors import ModelConfigError
 from engine.model.llama_config import Llama3Scaling, LlamaConfig
+from engine.model.shrink import heads_for_hidden
 
 LLAMA31_ROPE = dict(rope_theta=500000.0, max_positions=131072)
 _LLAMA3_VOCAB = dict(vocab_size=128256, bos_token_id=128000, eos_token_ids=(128001, 128008, 128009),
@@ -56,10 +57,7 @@ def llama_preset(name: str, *, num_layers: int | None = None, hidden_size: int |
         raise ModelConfigError(f"unknown Llama-family size {name!r}; known: {', '.join(LLAMA_PRESETS)}")
     cfg = LLAMA_PRESETS[key]
     if hidden_size is not None:
-        heads = num_heads or max(1, hidden_size // 64)
-        if hidden_size % heads:
-            raise ModelConfigError(f"hidden size {hidden_size} is not divisible by {heads} heads",
-                                   parameter="hidden_size")
+        heads = heads_for_hidden(hidden_size, num_heads)
         cfg = replace(cfg, hidden_size=hidden_size, num_heads=heads, num_kv_heads=_kv_heads(heads, cfg.group_size),
                       ffn_dim=4 * hidden_size, head_dim_override=None)
     elif num_heads is not None:
