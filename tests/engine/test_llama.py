@@ -174,6 +174,26 @@ def test_compressed_cache_same_tokens_on_every_tier(models, tmp_path):
         _, results = run(models["llama3-gqa-tied"], policy, prompt_ids, tmp_path / name, stop_token_ids=(-1,))
         outputs[name] = [r.generated_ids for r in results]
     assert outputs["ram"] == outputs["disk"] == outputs["mixed"]
+    # The oracle: HF's generate with a cache of the KV heads (keys rotated, as the engine caches them)
+    # that round-trips every K/V it is given along head_dim before attention sees it: a compressed
+    # cache is attended as stored, the newest positions included, in the prefill too.
+    from transformers import DynamicCache
+
+    from engine.runtime.compression import dequantize, quantize
+
+    def round_trip(x: torch.Tensor) -> torch.Tensor:
+        return dequantize(quantize(x, num_bits=4, group_size=16), x.dtype)
+
+    class RoundTripCache(DynamicCache):
+        def update(self, keys, values, layer_idx, *args, **kwargs):
+            return super().update(round_trip(keys), round_trip(values), layer_idx, *args, **kwargs)
+
+    model = hf_model(model_path(models["llama3-gqa-tied"]))
+    for ids, ours in zip(prompt_ids, outputs["ram"]):
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=-1,
+                                 pad_token_id=1, cache=RoundTripCache())
+        assert ours == out[0, len(ids):].tolist()
 
 
 def test_llama3_rope_frequencies_are_hf_s():
