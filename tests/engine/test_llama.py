@@ -20,7 +20,9 @@ from engine.model.synthetic_tokenizer import write_tokenizer
 from engine.runtime.engine import Engine
 from engine.runtime.policy import CompressionConfig, Policy
 from engine.runtime.rows import GenerationParams, RowInput
+from tests.engine.test_engine_exact import PLACEMENTS as OPT_PLACEMENTS
 from tests.engine.test_engine_exact import PROMPTS, encode
+from tests.engine.test_invariance import _bf16_is_native
 from tests.support.oracle import hf_greedy, hf_model, model_path
 
 NEW_TOKENS = 10
@@ -84,22 +86,14 @@ def test_models_are_what_they_claim(models):
     assert not load_config(models["llama3-mqa-untied"]).tie_word_embeddings
 
 
-PLACEMENTS = {
-    "all in RAM": (100, 0, 100, 0, 100, 0),
-    "weights on disk": (0, 0, 100, 0, 100, 0),
-    "weights split RAM/disk": (20, 30, 100, 0, 100, 0),
-    "cache on disk": (100, 0, 0, 0, 100, 0),
-    "cache split GPU/CPU/disk": (100, 0, 30, 30, 100, 0),
-    "activations on disk": (100, 0, 100, 0, 0, 0),
-    "mixed everything": (10, 40, 25, 25, 30, 30),
-}
+PLACEMENTS = {name: spec["percent"] for name, spec in OPT_PLACEMENTS.items()}  # OPT's placement matrix
 
 
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("placement,num_gpu_batches,overlap", [
-    ("all in RAM", 1, True), ("weights on disk", 3, True), ("weights split RAM/disk", 2, False),
-    ("cache on disk", 3, False), ("cache split GPU/CPU/disk", 2, True), ("activations on disk", 3, True),
-    ("mixed everything", 2, False)])
+    ("all in RAM", 1, True), ("all weights on disk", 3, True), ("weights split RAM/disk", 2, False),
+    ("KV cache on disk", 3, False), ("cache split GPU/CPU/disk", 2, True), ("activations on disk", 3, True),
+    ("mixed everything", 2, False), ("everything on disk", 4, True)])
 def test_placements_match_hf(models, tmp_path, model, placement, num_gpu_batches, overlap):
     prompt_ids = encode(models[model], PROMPTS)  # 2 to 20 tokens: rows padded differently in a block
     policy = Policy.from_percents(PLACEMENTS[placement], gpu_batch_size=2, num_gpu_batches=num_gpu_batches,
@@ -206,19 +200,22 @@ def test_llama3_rope_frequencies_are_hf_s():
     assert not torch.equal(inverse_frequencies(replace(cfg, rope_scaling=None)), expected)
 
 
-@pytest.mark.parametrize("params", [{}, dict(temperature=0.8, top_p=0.9, seed=7)], ids=["greedy", "sampled"])
-def test_every_policy_and_resume_point_gives_the_same_ids(models, tmp_path, params):
+@pytest.mark.parametrize("dtype,params", [
+    ("float32", {}), ("float32", dict(temperature=0.8, top_p=0.9, seed=7)),
+    pytest.param("bfloat16", {}, marks=[] if _bf16_is_native() else [pytest.mark.slow])],
+    ids=["float32-greedy", "float32-sampled", "bfloat16-greedy"])
+def test_every_policy_and_resume_point_gives_the_same_ids(models, tmp_path, dtype, params):
     """test_invariance's policies (block shapes 1x1 .. 32x4, every placement, overlap on/off, CPU
     attention) and resume points, on grouped-query attention: each pair's stacked query heads."""
     from tests.engine.test_invariance import POLICIES, assert_same, generate, policy, prompts, resumed_rows
     model_dir = models["llama3-gqa-tied"]
     rows = [RowInput(row_id=i, prompt_ids=p) for i, p in enumerate(prompts(VOCAB))]
     names = list(POLICIES)
-    reference = generate(model_dir, tmp_path, policy(names[0]), "float32", rows, params)
+    reference = generate(model_dir, tmp_path, policy(names[0]), dtype, rows, params)
     for seed, name in enumerate(names[1:], start=1):
-        assert_same(reference, generate(model_dir, tmp_path, policy(name), "float32", rows, params, seed), name)
+        assert_same(reference, generate(model_dir, tmp_path, policy(name), dtype, rows, params, seed), name)
     for name in ("4x3 weights on disk", "3x4 cache split, no overlap", "32x4 mixed everything"):
-        got = generate(model_dir, tmp_path, policy(name), "float32", resumed_rows(rows, reference), params, 99)
+        got = generate(model_dir, tmp_path, policy(name), dtype, resumed_rows(rows, reference), params, 99)
         assert_same(reference, got, f"resumed under {name}")
     assert len(set(reference.values())) > len(rows) // 2
 
@@ -303,3 +300,33 @@ def test_make_model_cli_writes_a_model_hf_and_the_engine_load(tmp_path):
     assert ids[0] == cfg.bos_token_id == tok.bos_token_id and tok.eos_token_id in cfg.eos_token_ids
     _, results = run(out, Policy(gpu_batch_size=1), [ids], tmp_path / "o", stop_token_ids=(-1,))
     assert results[0].generated_ids == list(hf_greedy(model_path(out), ids, NEW_TOKENS))
+
+
+def test_head_dim_apart_from_hidden_matches_hf(tmp_path, tokenizer_dir):
+    """config.json's head_dim where heads x head_dim != hidden (as in Mistral NeMo): 4 heads of 48
+    over hidden 128, on 2 KV heads."""
+    cfg = replace(preset("mistral-7b", num_layers=2, hidden_size=128, num_heads=4), head_dim_override=48,
+                  vocab_size=VOCAB)
+    model_dir = make_model(cfg, tmp_path / "hd48", with_tokenizer=False)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, model_dir / f.name)
+    assert load_config(model_dir).head_dim == 48
+    prompt_ids = encode(model_dir, PROMPTS)
+    for percent in ((100, 0, 100, 0, 100, 0), (0, 50, 0, 50, 0, 50)):
+        policy = Policy.from_percents(percent, gpu_batch_size=2, num_gpu_batches=2)
+        _, results = run(model_dir, policy, prompt_ids, tmp_path / "o", stop_token_ids=(-1,))
+        assert_matches_hf(model_dir, prompt_ids, results)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("model", ["llama3-gqa-tied", "qwen2-bias-tied"])
+@pytest.mark.parametrize("placement", ["all in RAM", "all weights on disk", "cache split GPU/CPU/disk",
+                                       "mixed everything"])
+def test_cuda_placements_match_hf(models, tmp_path, model, placement):
+    prompt_ids = encode(models[model], PROMPTS)
+    policy = Policy.from_percents(PLACEMENTS[placement], gpu_batch_size=2, num_gpu_batches=2)
+    with Engine(models[model], policy, dtype="float32", device="cuda", offload_dir=tmp_path) as engine:
+        results = engine.generate([RowInput(row_id=i, prompt_ids=p) for i, p in enumerate(prompt_ids)],
+                                  GenerationParams(max_new_tokens=NEW_TOKENS, stop_token_ids=(-1,)))
+    assert_matches_hf(models[model], prompt_ids, results)
