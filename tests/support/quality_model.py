@@ -210,12 +210,22 @@ def _step(model, ids: torch.Tensor, cache) -> torch.Tensor:
     return model(input_ids=ids, use_cache=True, **{name: cache}).logits
 
 
-def _round_trip_new_entries(cache, new: int, bits: int, group_size: int) -> None:
-    """Replace the last `new` positions of every layer's K and V [B, H, S, D] by their round trip."""
-    for layer in cache.layers:
-        for t in (layer.keys, layer.values):
-            tail = t[:, :, -new:]
-            tail.copy_(dequantize(quantize(tail, num_bits=bits, group_size=group_size), t.dtype))
+def _cache(bits: int | None, group_size: int):
+    """A DynamicCache; with `bits`, one that stores every new K/V as its group-wise round trip and
+    hands attention that stored copy, the newest position included (as the engine's compressed
+    cache does: a prefill and the decode steps over the same positions then see the same numbers)."""
+    from transformers import DynamicCache
+
+    if bits is None:
+        return DynamicCache()
+
+    class RoundTripCache(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            def stored(x):
+                return dequantize(quantize(x, num_bits=bits, group_size=group_size), x.dtype)
+            return super().update(stored(key_states), stored(value_states), layer_idx, *args, **kwargs)
+
+    return RoundTripCache()
 
 
 @torch.no_grad()
@@ -223,18 +233,13 @@ def perplexity(model, windows: torch.Tensor, *, cache_bits: int | None = None,
                group_size: int = 64, stepwise: bool | None = None) -> float:
     """exp(mean next-token NLL) over windows [N, L]. Without cache compression one full forward
     (stepwise=True forces the token-by-token path, to check it agrees)."""
-    from transformers import DynamicCache
-
     stepwise = cache_bits is not None if stepwise is None else stepwise
+    cache = _cache(cache_bits, group_size)
     if not stepwise:
-        logits = model(input_ids=windows).logits  # [N, L, V]
+        logits = _step(model, windows, cache)  # [N, L, V]
     else:
-        cache, steps = DynamicCache(), []
-        for t in range(windows.shape[1] - 1):
-            steps.append(_step(model, windows[:, t:t + 1], cache))  # [N, 1, V]
-            if cache_bits is not None:
-                _round_trip_new_entries(cache, 1, cache_bits, group_size)
-        logits = torch.cat(steps, dim=1)
+        logits = torch.cat([_step(model, windows[:, t:t + 1], cache)  # [N, 1, V] each
+                            for t in range(windows.shape[1] - 1)], dim=1)
     logits = logits[:, : windows.shape[1] - 1].float()
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                             windows[:, 1:].reshape(-1))
@@ -244,21 +249,15 @@ def perplexity(model, windows: torch.Tensor, *, cache_bits: int | None = None,
 @torch.no_grad()
 def greedy(model, prompts: torch.Tensor, new_tokens: int, *, cache_bits: int | None = None,
            group_size: int = 64) -> torch.Tensor:
-    """Greedy continuation of equal-length prompts [N, P] -> [N, new_tokens]: prefill at full
-    precision, then (with cache_bits) the cache compressed and every appended K/V round-tripped."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
+    """Greedy continuation of equal-length prompts [N, P] -> [N, new_tokens]; with cache_bits every
+    K/V is attended as the compressed cache stores it."""
+    cache = _cache(cache_bits, group_size)
     logits = _step(model, prompts, cache)  # [N, P, V]
-    if cache_bits is not None:
-        _round_trip_new_entries(cache, prompts.shape[1], cache_bits, group_size)
     out = []
     for _ in range(new_tokens):
         token = logits[:, -1].argmax(dim=-1, keepdim=True)  # [N, 1]
         out.append(token)
         logits = _step(model, token, cache)
-        if cache_bits is not None:
-            _round_trip_new_entries(cache, 1, cache_bits, group_size)
     return torch.cat(out, dim=1)
 
 
