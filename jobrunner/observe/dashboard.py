@@ -123,7 +123,9 @@ def workers_table(workers: list[dict]) -> RenderableType:
     if not workers:
         return Text("no workers running: start one with `flexjob work`", style="dim")
     table = Table(box=box.SIMPLE_HEAD, expand=True, pad_edge=False, show_edge=False)
-    for name, justify in (("Worker", "left"), ("Heartbeat", "right"), ("Working on", "left"), ("Policy", "left"),
+    # The worker's id is its name in events and logs too: never cut, the other columns give way.
+    table.add_column("Worker", no_wrap=True, min_width=max(len(w["id"]) for w in workers))
+    for name, justify in (("Heartbeat", "right"), ("Working on", "left"), ("Policy", "left"),
                           ("GB/s measured/profiled", "left"), ("Peak memory", "right")):
         table.add_column(name, justify=justify, no_wrap=True)
     for worker in workers:
@@ -137,7 +139,7 @@ def heartbeat_text(worker: dict) -> Text:
     """live: time since the last heartbeat; STALE: none within --stale-after; DEAD: its process is gone."""
     age = format_duration(worker["heartbeat_age_s"])
     if worker["state"] == "dead":
-        return Text(f"DEAD\nlast seen {age} ago", style="bold red")
+        return Text(f"DEAD\n{age} ago", style="bold red")
     if worker["state"] == "stopped":
         return Text(f"stopped\n{age} ago", style="dim")
     if worker["state"] == "stale":
@@ -150,12 +152,11 @@ def current_work_text(worker: dict) -> str:
     current = worker["current"]
     lost = worker["lost"]
     if current is None and lost is not None:
-        return (f"{'died holding' if worker['state'] == 'dead' else 'lost'} job {lost['job_id']} "
-                f"shard {lost['shard_index']}\ntaken over: attempt {lost['attempt']}")
+        return f"lost job {lost['job_id']} shard {lost['shard_index']}\ntaken over: attempt {lost['attempt']}"
     if current is None:
         return "idle" if worker["state"] in ("live", "stale") else "-"
     if worker["state"] == "dead":  # the next claim on any worker takes this shard over
-        return (f"died holding job {current['job_id']} shard {current['shard_index']}\n"
+        return (f"dead on job {current['job_id']} shard {current['shard_index']}\n"
                 f"attempt {current['attempt']} · {current['shard_done_rows']}/{current['shard_rows']} rows")
     return (f"job {current['job_id']} shard {current['shard_index']} block {current['block']}\n"
             f"attempt {current['attempt']} · {current['shard_done_rows']}/{current['shard_rows']} rows\n"

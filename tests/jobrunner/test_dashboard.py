@@ -326,7 +326,7 @@ def test_workers_are_live_stale_or_dead_and_a_dead_ones_takeover_is_told(tmp_pat
         assert states == {held["worker_id"]: "dead", remote["worker_id"]: "stale", me: "live"}
         text = render_text(read_snapshot(db))
         assert "1 worker live · 1 stale · 1 dead" in text
-        assert f"DEAD   died holding job 1 shard {held['shard_index']}" in line_with(text, held["worker_id"], "DEAD")
+        assert f"DEAD   dead on job 1 shard {held['shard_index']}" in line_with(text, held["worker_id"], "DEAD")
         assert "2m00s STALE" in line_with(text, remote["worker_id"], "STALE")
         take_over_dead(db, me)
         lease = store.claim_shard(db, me, lease_s=60)
@@ -334,7 +334,7 @@ def test_workers_are_live_stale_or_dead_and_a_dead_ones_takeover_is_told(tmp_pat
         snapshot = read_snapshot(db)
         [dead] = [w for w in snapshot["workers"] if w["id"] == held["worker_id"]]
         assert (dead["status"], dead["state"]) == ("dead", "dead") and dead["lost"]["holder"] == me
-        assert f"died holding job 1 shard {held['shard_index']}" in line_with(render_text(snapshot), "DEAD")
+        assert f"lost job 1 shard {held['shard_index']}" in line_with(render_text(snapshot), "DEAD")
         [event] = [e for e in snapshot["events"] if e["kind"] == "worker_dead"]
         assert event["summary"] == (f"dead worker: took over shard {held['shard_index']} (attempt 2) from worker "
                                     f"{held['worker_id']}: its process is gone")
