@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 import time
 
-from sqlalchemy import Engine as DbEngine
+from sqlalchemy import Engine as StoreEngine
 
 from jobrunner import store
 from jobrunner.store import Lease, LeaseLost
@@ -14,7 +14,7 @@ from jobrunner.store.models import JobStatus
 class LeaseKeeper(threading.Thread):
     """Renews a lease every heartbeat; notices a cancel or a takeover and raises a flag."""
 
-    def __init__(self, db: DbEngine, lease: Lease, *, lease_s: float, interval_s: float) -> None:
+    def __init__(self, db: StoreEngine, lease: Lease, *, lease_s: float, interval_s: float) -> None:
         super().__init__(name="flexjob-heartbeat", daemon=True)
         self.db, self.lease, self.lease_s, self.interval_s = db, lease, lease_s, interval_s
         self.lost = threading.Event()

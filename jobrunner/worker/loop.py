@@ -1,11 +1,17 @@
 """`flexjob work`: the long-running worker loop.
 
-    claim a shard ─▶ check input and model fingerprints ─▶ engine for (model, dtype)
-        ─▶ heartbeat thread renews the lease ─▶ run_shard (worker_blocks) ─▶ next claim
+    declare this host's dead workers dead ─▶ claim a shard ─▶ check input and model fingerprints
+        ─▶ engine for (model, dtype) ─▶ heartbeat thread renews the lease ─▶ run_shard (blocks) ─▶ next
+
+Before each claim, workers of this host whose process is gone are declared dead (liveness), so
+their shards are claimed at once rather than when their leases run out. With --exit-when-idle the
+worker stops only when nothing is left that it could take: it waits for shards whose holders stopped
+renewing, and leaves those of live workers alone.
 
 SIGTERM/SIGINT set a flag that the engine polls at every step boundary (should_stop): the worker
 saves the generated ids of the rows in flight, releases its lease and exits. A lost lease (the
 heartbeat found the shard taken over) or a cancel stops the shard the same way, minus the save.
+Every store call goes through StoreRetry: a dropped connection is retried, not a failed shard.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from typing import TYPE_CHECKING, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from sqlalchemy import Engine as DbEngine
+from sqlalchemy import Engine as StoreEngine
 
 from engine.planning.hardware import HardwareProfile
 from engine.planning.profile_store import DiskBandwidthLearner
@@ -77,7 +83,7 @@ class WorkerSummary:
 
 
 class Worker:
-    def __init__(self, db: DbEngine, config: WorkerConfig, *, reporter: WorkerReporter | None = None,
+    def __init__(self, db: StoreEngine, config: WorkerConfig, *, reporter: WorkerReporter | None = None,
                  replanner: Replanner | None = None) -> None:
         self.db, self.config = db, config
         self.reporter: WorkerReporter = reporter or PlainReporter()
