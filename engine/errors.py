@@ -27,7 +27,8 @@ class EngineInputError(ValueError):
 
 
 class ModelConfigError(EngineInputError):
-    hint = "point the model path at a Hugging Face OPT directory, or create one with `flexjob make-model`"
+    hint = ("point the model path at a Hugging Face OPT, Llama, Mistral or Qwen2 directory, or create one "
+            "with `flexjob make-model`")
     parameter = "model_dir"
 
 

@@ -38,10 +38,11 @@ def inverse_frequencies(cfg: LlamaConfig) -> torch.Tensor:
     s = cfg.rope_scaling
     if s is None:
         return inv
-    low_wavelen, high_wavelen = s.original_max_positions / s.low_freq_factor, s.original_max_positions / s.high_freq_factor
+    old_context = s.original_max_positions
+    low_wavelen, high_wavelen = old_context / s.low_freq_factor, old_context / s.high_freq_factor
     wavelen = 2 * math.pi / inv
     scaled = torch.where(wavelen > low_wavelen, inv / s.factor, inv)  # long wavelengths: slowed by `factor`
-    smooth = (s.original_max_positions / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smooth = (old_context / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
     smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
     medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
     return torch.where(medium, smoothed, scaled)

@@ -1,4 +1,5 @@
-"""`Engine`: an OPT model placed on GPU/CPU/disk by a Policy, generating block by block.
+"""`Engine`: a model (OPT or the Llama family) placed on GPU/CPU/disk by a Policy, generating block
+by block.
 
     engine = Engine("models/opt-1.3b", Policy(gpu_batch_size=8, num_gpu_batches=4,
                                               weights_gpu_percent=0, weights_cpu_percent=50))

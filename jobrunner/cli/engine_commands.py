@@ -151,7 +151,8 @@ def measure_and_plan(config, offload_dir: Path, gpu_mem, cpu_mem, *, prompt_len:
 
 
 @main.command("generate")
-@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="OPT model directory.")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+              help="Model directory (OPT, Llama, Mistral, Qwen2).")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt text (repeat for a batch).")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
 @click.option("--max-input-length", type=int, default=None, help="Cut prompts to their last N tokens.")

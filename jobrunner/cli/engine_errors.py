@@ -12,7 +12,8 @@ BUDGET_FLAGS = {"gpu": "--gpu-mem", "cpu": "--cpu-mem", "disk": "--disk-mem"}
 
 # Hints by error kind, for errors whose engine hint speaks of parameters rather than flags.
 FLAG_HINTS: dict[type, str] = {
-    ModelConfigError: "point --model at a Hugging Face OPT directory, or create one with `flexjob make-model`",
+    ModelConfigError: "point --model at a Hugging Face OPT, Llama, Mistral or Qwen2 directory, or create one "
+                      "with `flexjob make-model`",
     PolicyError: "see `flexjob generate --help` for the policy flags, or omit --percent to let the planner choose",
     PromptTooLongError: "shorten the prompt, lower --max-new-tokens, or pass --max-input-length to cut it",
 }

@@ -27,7 +27,8 @@ def _open(db, *, must_exist: bool = False):
 
 @main.command("enqueue")
 @click.argument("input_path", metavar="PROMPTS", type=click.Path(path_type=Path))
-@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="OPT model directory.")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+              help="Model directory (OPT, Llama, Mistral, Qwen2).")
 @click.option("--column", default="prompt", show_default=True, help="Column holding the prompts.")
 @click.option("--id-column", default=None, help="Column copied to the results as `id`.")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)

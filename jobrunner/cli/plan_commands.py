@@ -105,7 +105,8 @@ def profile_command(disk_dir: Path | None, refresh: bool, as_json: bool) -> None
 
 
 @main.command("plan")
-@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None, help="OPT model directory.")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
+              help="Model directory (OPT, Llama, Mistral, Qwen2).")
 @click.option("--size", default=None, help="A published size instead of a directory: OPT (125m ... 175b) or "
                                            "the Llama family (llama-1b ... llama-70b, mistral-7b, qwen2-7b).")
 @click.option("--gpu-mem", type=float, default=None, help="GPU budget, GiB (default: the whole GPU).")

@@ -330,3 +330,25 @@ def test_cuda_placements_match_hf(models, tmp_path, model, placement):
         results = engine.generate([RowInput(row_id=i, prompt_ids=p) for i, p in enumerate(prompt_ids)],
                                   GenerationParams(max_new_tokens=NEW_TOKENS, stop_token_ids=(-1,)))
     assert_matches_hf(models[model], prompt_ids, results)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_and_rope_rows_do_not_depend_on_neighbours(dtype):
+    """The family's own reductions besides `linear` and `attend`: a row's RMSNorm is bit-identical
+    alone and among 300 rows, at the hidden sizes of the published models (up to llama-70b's 8192);
+    so are a row's rotated q and k, alone and in a block of 40 rows at other positions."""
+    from engine.model.config import layer_tensor_shapes
+    from engine.model.llama import qkv, rms_norm
+    gen = torch.Generator().manual_seed(0)
+    for hidden in (256, 2048, 4096, 8192):
+        x, w = torch.randn(300, 3, hidden, generator=gen).to(dtype), torch.randn(hidden, generator=gen).to(dtype)
+        together = rms_norm(x, w, 1e-5)
+        for b, s in ((0, 0), (7, 2), (299, 1)):
+            assert torch.equal(rms_norm(x[b:b + 1, s:s + 1], w, 1e-5)[0, 0], together[b, s])
+    cfg = preset("llama-1b", num_layers=1, hidden_size=256, num_heads=8)
+    weights = {name: torch.randn(shape, generator=gen).to(dtype) for name, shape in layer_tensor_shapes(cfg)}
+    h = torch.randn(40, 5, 256, generator=gen).to(dtype)
+    positions = torch.arange(5).repeat(40, 1) + torch.arange(40)[:, None]
+    q, k, _ = qkv(weights, cfg, h, positions)
+    q1, k1, _ = qkv(weights, cfg, h[13:14, 4:5], positions[13:14, 4:5])
+    assert torch.equal(q1[0, 0], q[13, 4]) and torch.equal(k1[0, 0], k[13, 4])
