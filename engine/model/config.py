@@ -217,9 +217,10 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         except KeyError as exc:
             raise ModelConfigError(f"{path} lacks the field {exc.args[0]!r}") from None
     if raw.get("model_type") != "opt":
-        raise ModelConfigError(
-            f"{path}: architectures is {architectures or raw.get('model_type')!r}, but flexjob runs "
-            f"OPTForCausalLM and {', '.join(llama_config.ARCHITECTURES)} models only")
+        found = f"architectures {architectures}" if architectures else \
+            f"no architectures field (model_type {raw.get('model_type')!r})"
+        raise ModelConfigError(f"{path}: {found}; flexjob runs OPTForCausalLM and "
+                               f"{', '.join(llama_config.ARCHITECTURES)} models only")
     if raw.get("activation_function", "relu") != "relu":
         raise ModelConfigError(f"{path}: activation {raw['activation_function']!r} is not supported")
     try:
