@@ -207,17 +207,9 @@ def test_llama3_rope_frequencies_are_hf_s():
 def test_every_policy_and_resume_point_gives_the_same_ids(models, tmp_path, dtype, params):
     """test_invariance's policies (block shapes 1x1 .. 32x4, every placement, overlap on/off, CPU
     attention) and resume points, on grouped-query attention: each pair's stacked query heads."""
-    from tests.engine.test_invariance import POLICIES, assert_same, generate, policy, prompts, resumed_rows
-    model_dir = models["llama3-gqa-tied"]
+    from tests.engine.test_invariance import assert_policies_and_resumes_agree, prompts
     rows = [RowInput(row_id=i, prompt_ids=p) for i, p in enumerate(prompts(VOCAB))]
-    names = list(POLICIES)
-    reference = generate(model_dir, tmp_path, policy(names[0]), dtype, rows, params)
-    for seed, name in enumerate(names[1:], start=1):
-        assert_same(reference, generate(model_dir, tmp_path, policy(name), dtype, rows, params, seed), name)
-    for name in ("4x3 weights on disk", "3x4 cache split, no overlap", "32x4 mixed everything"):
-        got = generate(model_dir, tmp_path, policy(name), dtype, resumed_rows(rows, reference), params, 99)
-        assert_same(reference, got, f"resumed under {name}")
-    assert len(set(reference.values())) > len(rows) // 2
+    assert_policies_and_resumes_agree(models["llama3-gqa-tied"], tmp_path, dtype, rows, params)
 
 
 def test_cache_budgets_and_cost_model_count_kv_heads_only(models, tmp_path):
