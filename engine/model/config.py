@@ -52,6 +52,11 @@ class OPTConfig:
     tie_word_embeddings = True  # lm_head is the token embedding
 
     @property
+    def mlp_width(self) -> int:
+        """Columns of the MLP's intermediate activations (fc1's output)."""
+        return self.ffn_dim
+
+    @property
     def has_projections(self) -> bool:
         return self.embed_dim != self.hidden_size
 

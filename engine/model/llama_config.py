@@ -67,6 +67,11 @@ class LlamaConfig:
     def embed_dim(self) -> int:
         return self.hidden_size
 
+    @property
+    def mlp_width(self) -> int:
+        """Columns of the MLP's intermediate activations: gate and up projections live together."""
+        return 2 * self.ffn_dim
+
     has_projections = False  # no project_in/out (OPT-350m's)
     has_final_layer_norm = True  # the final RMSNorm
 

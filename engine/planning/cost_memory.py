@@ -57,7 +57,7 @@ class _Phase:
 
 
 def _phases(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, z: Sizes) -> tuple[_Phase, _Phase]:
-    b, s, n, h, f, nh = (sh.gpu_batch_size, sh.prompt_len, sh.gen_len, cfg.hidden_size, cfg.ffn_dim,
+    b, s, n, h, f, nh = (sh.gpu_batch_size, sh.prompt_len, sh.gen_len, cfg.hidden_size, cfg.mlp_width,
                          cfg.num_heads)
     el = elem_bytes(hw)
     # Largest live intermediates of one micro-batch: attention (q,k,v + scores + probs) or MLP.

@@ -96,7 +96,7 @@ def estimate_memory(cfg: ModelConfig, store: WeightStore, policy: Policy, device
     acts = _activation_bytes(cfg, policy, act)
     # Transient compute memory of one micro-batch's prefill: q/k/v/out, the MLP's intermediate,
     # the mask, and float32 logits of the last position.
-    working = (prompt_len * B * (4 * h + cfg.ffn_dim) * size + B * prompt_len * max_len
+    working = (prompt_len * B * (4 * h + cfg.mlp_width) * size + B * prompt_len * max_len
                + B * cfg.vocab_size * 4 * 2) if prompt_len else 0
     process = max(0, psutil.Process().memory_info().rss - resident_ram_bytes)
     if device.type == "cuda":
