@@ -53,12 +53,12 @@ print(json.dumps({"tokens_per_s": engine.stats.generated_tokens / elapsed, "seco
 HF_RUN = r"""
 import json, sys, time, torch
 args = json.loads(sys.argv[1])
-from transformers import OPTForCausalLM
+from transformers import AutoModelForCausalLM  # HF's own class for the model's architectures
 dtype = getattr(torch, args["dtype"])
 kwargs = {}
 if args.get("offload"):
     kwargs = dict(device_map="auto", max_memory={"cpu": f"{args['cpu_mem']}GiB"}, offload_folder=args["offload"])
-model = OPTForCausalLM.from_pretrained(args["model"], dtype=dtype, **kwargs).eval()
+model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=dtype, **kwargs).eval()
 B = args["batch"]
 ids = torch.tensor([[100 + (i * 7 + j) % 5000 for j in range(args["prompt_len"])] for i in range(B)])
 with torch.no_grad():
