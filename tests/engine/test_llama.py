@@ -200,6 +200,7 @@ def test_llama3_rope_frequencies_are_hf_s():
     assert not torch.equal(inverse_frequencies(replace(cfg, rope_scaling=None)), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,params", [
     ("float32", {}), ("float32", dict(temperature=0.8, top_p=0.9, seed=7)),
     pytest.param("bfloat16", {}, marks=[] if _bf16_is_native() else [pytest.mark.slow])],
@@ -278,6 +279,7 @@ def test_published_sizes():
         assert preset(name).param_count() == pytest.approx(count, rel=1e-3), name
 
 
+@pytest.mark.slow  # trains a 50k-token tokenizer
 def test_make_model_cli_writes_a_model_hf_and_the_engine_load(tmp_path):
     from click.testing import CliRunner
     from transformers import AutoTokenizer
