@@ -346,3 +346,25 @@ def test_rms_norm_and_rope_rows_do_not_depend_on_neighbours(dtype):
     q, k, _ = qkv(weights, cfg, h, positions)
     q1, k1, _ = qkv(weights, cfg, h[13:14, 4:5], positions[13:14, 4:5])
     assert torch.equal(q1[0, 0], q[13, 4]) and torch.equal(k1[0, 0], k[13, 4])
+
+
+def test_a_job_on_a_qwen2_model_equals_the_engine_called_directly(models, tmp_path, offload_dir, prompts_file,
+                                                                   run_worker):
+    """enqueue -> worker -> results on a Llama-family directory: the job's completions are the
+    engine's own."""
+    import pyarrow.parquet as pq
+
+    from jobrunner.io.enqueue import JobParams, enqueue
+    from jobrunner.io.results import write_results
+    from jobrunner.store.db import open_store
+    from tests.jobrunner.test_worker import engine_reference
+    from tests.support.jobs import SAMPLE_PROMPTS
+    db = open_store(f"sqlite:///{tmp_path / 'f.db'}")
+    job = enqueue(db, prompts_file, model_dir=models["qwen2-bias-tied"], id_column="id", shard_rows=5,
+                  params=JobParams(max_new_tokens=6)).job
+    assert run_worker(db, block=4).rows_done == len(SAMPLE_PROMPTS)
+    table = pq.read_table(write_results(db, job.id, tmp_path / "out.parquet").path)
+    got = list(zip(table.column("completion").to_pylist(), table.column("completion_tokens").to_pylist(),
+                   table.column("finish_reason").to_pylist()))
+    assert got == engine_reference(models["qwen2-bias-tied"], offload_dir, SAMPLE_PROMPTS,
+                                   GenerationParams(max_new_tokens=6))
