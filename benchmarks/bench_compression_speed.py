@@ -18,9 +18,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import ENGINE_RUN, RESULTS, drop_page_cache, run_child_rss  # noqa: E402
 
 
-def main() -> None:
+def run_pair(model: Path, offload: Path, *, prompt_len: int, gen_len: int, gbs: int, nb: int,
+             cpu_mem: float) -> list[dict]:
+    """One run with uncompressed and one with 4-bit weights, both read from the disk tier each step
+    (page cache dropped first); one row each, `compress_weight` telling which."""
     from engine.runtime.devices import default_dtype_name
 
+    rows = []
+    for compress in (False, True):
+        drop_page_cache(offload) if offload.exists() else None
+        r = run_child_rss(ENGINE_RUN, dict(model=str(model), dtype=default_dtype_name(), prompt_len=prompt_len,
+                                           gen_len=gen_len, percent=[0, 0, 100, 0, 100, 0], gbs=gbs, nb=nb,
+                                           offload=str(offload), cpu_mem=cpu_mem, compress_weight=compress))
+        rows.append({"compress_weight": compress, **r})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, type=Path)
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/flexjob-bench-compression"))
@@ -31,18 +46,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     opts = ap.parse_args()
     gbs, nb = (int(x) for x in opts.block.split("x"))
-    offload = opts.work_dir / "offload"
     rows = []
     for _ in range(opts.repeats):
-        for compress in (False, True):
-            drop_page_cache(offload) if offload.exists() else None
-            r = run_child_rss(ENGINE_RUN, dict(model=str(opts.model), dtype=default_dtype_name(),
-                                               prompt_len=opts.prompt_len, gen_len=opts.gen_len,
-                                               percent=[0, 0, 100, 0, 100, 0], gbs=gbs, nb=nb,
-                                               offload=str(offload), cpu_mem=opts.cpu_mem,
-                                               compress_weight=compress))
-            rows.append({"compress_weight": compress, **r})
-            print(rows[-1], flush=True)
+        rows += run_pair(opts.model, opts.work_dir / "offload", prompt_len=opts.prompt_len, gen_len=opts.gen_len,
+                         gbs=gbs, nb=nb, cpu_mem=opts.cpu_mem)
     best = {c: max((r.get("tokens_per_s", 0) for r in rows if r["compress_weight"] == c), default=0)
             for c in (False, True)}
     ratio = best[True] / best[False] if best[False] else None

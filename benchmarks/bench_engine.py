@@ -128,36 +128,57 @@ def main() -> None:
     rows = []
 
     if "a" not in opts.skip:
-        hf = [("hf", int(b)) for b in opts.hf_batches.split(",")]
-        ours = [("engine", tuple(int(x) for x in s.split("x"))) for s in opts.blocks.split(",")]
-        for kind, shape in [x for pair in zip(hf, ours) for x in pair] + hf[len(ours):] + ours[len(hf):]:
-            if kind == "hf":
-                r = run_child_rss(HF_RUN, {**base, "batch": shape})
-                rows.append({"part": "a", "system": "transformers", "config": f"batch {shape}", **r})
-            else:
-                r = run_child_rss(ENGINE_RUN, {**base, "percent": [100, 0, 100, 0, 100, 0], "gbs": shape[0],
-                                               "nb": shape[1], "offload": str(offload), "cpu_mem": None})
-                rows.append({"part": "a", "system": "flexjob", "config": f"{shape[0]}x{shape[1]} all RAM", **r})
-            print(rows[-1], flush=True)
-
+        rows += run_in_ram(base, [int(b) for b in opts.hf_batches.split(",")], parse_blocks(opts.blocks), offload)
     if "b" not in opts.skip:
-        percent = [float(x) for x in opts.disk_percent.split()]
-        for s in opts.disk_blocks.split(","):
-            gbs, nb = (int(x) for x in s.split("x"))
-            drop_page_cache(offload)
-            r = run_child_rss(ENGINE_RUN, {**base, "percent": percent, "gbs": gbs, "nb": nb, "offload": str(offload),
-                                           "cpu_mem": opts.cpu_mem})
-            rows.append({"part": "b", "system": "flexjob", "config": f"{gbs}x{nb} {opts.disk_percent}", **r})
-            print(rows[-1], flush=True)
-        drop_page_cache(opts.model)
-        r = run_child_rss(HF_RUN, {**base, "batch": opts.hf_disk_batch, "offload": str(opts.work_dir / "accel"),
-                                   "cpu_mem": opts.cpu_mem})
-        rows.append({"part": "b", "system": "transformers+accelerate",
-                     "config": f"batch {opts.hf_disk_batch} max_memory {opts.cpu_mem}GiB", **r})
-        print(rows[-1], flush=True)
+        rows += run_over_capacity(base, opts.disk_percent, parse_blocks(opts.disk_blocks), opts.work_dir,
+                                  cpu_mem=opts.cpu_mem, hf_batch=opts.hf_disk_batch)
         roofline(rows, cfg, opts)
 
     summarise(rows, opts)
+
+
+def parse_blocks(text: str) -> list[tuple[int, int]]:
+    """"32x1,32x2" -> [(32, 1), (32, 2)]: engine block shapes as gpu_batch_size x num_gpu_batches."""
+    return [tuple(int(x) for x in s.split("x")) for s in text.split(",")]
+
+
+def run_in_ram(base: dict, hf_batches: list[int], blocks: list[tuple[int, int]], offload: Path) -> list[dict]:
+    """Part (a): transformers `generate` at each batch and the engine at each block shape, all weights in
+    RAM, alternated (transformers, engine, transformers, ...) so machine noise hits both alike."""
+    hf = [("hf", b) for b in hf_batches]
+    ours = [("engine", shape) for shape in blocks]
+    rows = []
+    for kind, shape in [x for pair in zip(hf, ours) for x in pair] + hf[len(ours):] + ours[len(hf):]:
+        if kind == "hf":
+            r = run_child_rss(HF_RUN, {**base, "batch": shape})
+            rows.append({"part": "a", "system": "transformers", "config": f"batch {shape}", **r})
+        else:
+            r = run_child_rss(ENGINE_RUN, {**base, "percent": [100, 0, 100, 0, 100, 0], "gbs": shape[0],
+                                           "nb": shape[1], "offload": str(offload), "cpu_mem": None})
+            rows.append({"part": "a", "system": "flexjob", "config": f"{shape[0]}x{shape[1]} all RAM", **r})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def run_over_capacity(base: dict, disk_percent: str, blocks: list[tuple[int, int]], work_dir: Path, *,
+                      cpu_mem: float, hf_batch: int) -> list[dict]:
+    """Part (b): the engine with weights on disk under `cpu_mem` GiB (page cache dropped before each run)
+    and transformers + accelerate disk offload with the same `max_memory`."""
+    percent = [float(x) for x in disk_percent.split()]
+    offload = work_dir / "offload"
+    rows = []
+    for gbs, nb in blocks:
+        drop_page_cache(offload)
+        r = run_child_rss(ENGINE_RUN, {**base, "percent": percent, "gbs": gbs, "nb": nb, "offload": str(offload),
+                                       "cpu_mem": cpu_mem})
+        rows.append({"part": "b", "system": "flexjob", "config": f"{gbs}x{nb} {disk_percent}", **r})
+        print(rows[-1], flush=True)
+    drop_page_cache(Path(base["model"]))
+    r = run_child_rss(HF_RUN, {**base, "batch": hf_batch, "offload": str(work_dir / "accel"), "cpu_mem": cpu_mem})
+    rows.append({"part": "b", "system": "transformers+accelerate",
+                 "config": f"batch {hf_batch} max_memory {cpu_mem}GiB", **r})
+    print(rows[-1], flush=True)
+    return rows
 
 
 def roofline(rows: list[dict], cfg, opts) -> None:

@@ -59,13 +59,6 @@ HAND_WRITTEN = [
 
 
 def main() -> None:
-    from engine.planning.cost_model import estimate
-    from engine.runtime.devices import default_dtype_name
-    from engine.model.config import load_config
-    from engine.runtime.policy import Policy
-    from engine.planning.profiler import load_or_measure_profile
-    from jobrunner.worker.replan import plan_for_this_process
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, type=Path)
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/flexjob-bench-engine"))
@@ -80,6 +73,19 @@ def main() -> None:
     ap.add_argument("--compression", action="store_true",
                     help="let the planner choose 4-bit weights, and count the 4-bit hand-written policies")
     opts = ap.parse_args()
+    rows, model_name, hw = sweep(opts)
+    summarise(rows, model_name, hw, opts)
+
+
+def sweep(opts: argparse.Namespace) -> tuple[list[dict], str, object]:
+    """Run the planner's pick and the hand-written policies (filtered by `opts.only` / `opts.max_block`);
+    returns (one row per policy, the model's name, the hardware profile). `opts` carries main's options."""
+    from engine.planning.cost_model import estimate
+    from engine.runtime.devices import default_dtype_name
+    from engine.model.config import load_config
+    from engine.runtime.policy import Policy
+    from engine.planning.profiler import load_or_measure_profile
+    from jobrunner.worker.replan import plan_for_this_process
 
     cfg = load_config(opts.model)
     offload = opts.work_dir / "offload"
@@ -132,7 +138,7 @@ def main() -> None:
                      "predicted_cpu_gib": pred.peak_gib["cpu"], "peak_rss_gib": (best.get("peak_rss") or 0) / 2 ** 30,
                      "prefill_s": best.get("prefill_s"), "seconds": best.get("seconds"), "error": best.get("error"),
                      "all_runs": [r.get("tokens_per_s") for r in runs[name]]})
-    summarise(rows, cfg.name, hw, opts)
+    return rows, cfg.name, hw
 
 
 def summarise(rows: list[dict], model: str, hw, opts) -> None:
