@@ -10,11 +10,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from engine.model.config import OPTConfig
 from engine.planning.cost_inputs import Placement, Shape, Sizes, elem_bytes, sizes, weight_split
 from engine.planning.cost_time import resource_max
 from engine.planning.hardware import HardwareProfile
+from engine.runtime.budgets import StoreLayout, estimate_memory
+from engine.runtime.devices import torch_dtype
+from engine.runtime.policy import Policy
 
 
 @dataclass(frozen=True)
@@ -133,3 +137,15 @@ def peak_bytes(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
     for tier, cands in memory_peaks(cfg, hw, sh, x, exact=exact).items():
         out[tier] = resource_max({str(i): c for i, c in enumerate(cands)}, True) if cands else 0.0
     return out
+
+
+def engine_peak_bytes(cfg: OPTConfig, hw: HardwareProfile, policy: Policy, *, prompt_len: int,
+                      gen_len: int) -> dict[str, int]:
+    """What the engine's own budget check (engine.runtime.budgets.estimate_memory) counts for a
+    policy on this hardware, per tier, without the process's own memory (the planner takes that off
+    the CPU budget). This, not the linear model above, is the figure every plan must fit."""
+    layout = StoreLayout.of(cfg, policy.compression if policy.compress_weight else None)
+    device = torch.device("cuda" if hw.has_gpu else "cpu")
+    est = estimate_memory(cfg, layout, policy, device, torch_dtype(hw.compute_dtype), prompt_len=prompt_len,
+                          gen_len=gen_len, process_bytes=0)
+    return {"gpu": est.gpu_total, "cpu": est.cpu_total}

@@ -25,7 +25,7 @@ from typing import Any
 
 from engine.model.config import OPTConfig
 from engine.planning.cost_inputs import GB, GIB, Placement, Shape
-from engine.planning.cost_memory import peak_bytes
+from engine.planning.cost_memory import engine_peak_bytes, peak_bytes
 from engine.planning.cost_time import phase_terms, resource_max
 from engine.planning.hardware import HardwareProfile
 from engine.runtime.policy import Policy
@@ -72,9 +72,13 @@ def estimate(cfg: OPTConfig, hw: HardwareProfile, policy: Policy, *, prompt_len:
     for count, terms in phase_terms(cfg, hw, sh, x, decode=True):
         for r in RESOURCES:
             busy[r] += count * float(terms[r])
+    # GPU and RAM peaks as the engine's budget check counts them (one memory model: a plan the
+    # planner accepts is one the engine accepts); the disk's from the cost model.
+    peaks = {**peak_bytes(cfg, hw, sh, x, exact=True),
+             **engine_peak_bytes(cfg, hw, policy, prompt_len=prompt_len, gen_len=gen_len)}
     return Estimate(
         tokens_per_s=sh.block_size * gen_len / total, total_s=total, prefill_s=pre, decode_step_s=dec,
-        peak_gib={t: float(v) / GIB for t, v in peak_bytes(cfg, hw, sh, x, exact=True).items()},
+        peak_gib={t: float(v) / GIB for t, v in peaks.items()},
         bottleneck=max(busy, key=busy.get), decode_terms_s=busy)
 
 

@@ -10,6 +10,7 @@ same problem by brute force over the same cost model, to check the LP in tests.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -220,7 +221,9 @@ def plan(config: OPTConfig, hardware: HardwareProfile, *, gpu_mem_gib: float | N
          num_alternatives: int = 5, cpu_reserved_gib: float = 0.0) -> Plan:
     """The best policy under the cost model for these budgets (GiB), or BudgetError.
     cpu_reserved_gib: RAM the process already holds outside the engine's tensors (Python, torch,
-    tokenizer); the engine counts its whole RSS against the CPU budget, so the caller passes it here."""
+    tokenizer); the engine counts its whole RSS against the CPU budget, so the caller passes it here.
+    The peaks a plan reports include it: what the engine's check compares with the budgets as given."""
+    given = budgets_bytes(hardware, gpu_mem_gib, cpu_mem_gib, disk_mem_gib)
     if cpu_mem_gib is not None and cpu_reserved_gib:
         cpu_mem_gib = max(0.0, cpu_mem_gib - cpu_reserved_gib)
     budgets = budgets_bytes(hardware, gpu_mem_gib, cpu_mem_gib, disk_mem_gib)
@@ -251,19 +254,26 @@ def plan(config: OPTConfig, hardware: HardwareProfile, *, gpu_mem_gib: float | N
     for _, cand, _ in cands[1:]:
         if _shape_key(cand.policy) not in seen and len(alts) < num_alternatives:
             seen.add(_shape_key(cand.policy))
-            alts.append(cand)
-    return Plan(policy=best.policy, tokens_per_s=best.tokens_per_s, peak_gib=best.estimate.peak_gib,
-                estimate=best.estimate, budgets_gib=budgets,
+            alts.append(Candidate(policy=cand.policy, estimate=_with_process(cand.estimate, cpu_reserved_gib)))
+    chosen = _with_process(best.estimate, cpu_reserved_gib)
+    return Plan(policy=best.policy, tokens_per_s=best.tokens_per_s, peak_gib=chosen.peak_gib,
+                estimate=chosen, budgets_gib=given,
                 alternatives=tuple(alts),
                 lp_objective_s=lp_s, solved=solved, skipped=skipped)
 
 
+def _with_process(est: Estimate, cpu_reserved_gib: float) -> Estimate:
+    """The estimate with the process's own memory in its CPU peak, as the engine counts it."""
+    return dataclasses.replace(est, peak_gib={**est.peak_gib, "cpu": est.peak_gib["cpu"] + cpu_reserved_gib})
+
+
 def _solve_fitting(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, budgets: dict[str, float | None], *,
                    prompt_len: int, gen_len: int) -> tuple[float, Policy, Estimate] | None:
-    """The LP's policy for one shape whose exact peaks (whole-slot staging, see memory_peaks) fit:
-    while a tier's exact peak is over, solve again with that tier's budget lowered by the excess."""
+    """The LP's policy for one shape whose peaks as the engine's budget check counts them fit (the
+    LP's linear model approximates them): while a tier's peak is over, solve again with that tier's
+    budget lowered by the excess."""
     limits = dict(budgets)
-    for _ in range(4):
+    for _ in range(8):
         res = solve_lp(cfg, hw, sh, limits)
         if res is None:
             return None

@@ -15,11 +15,12 @@ import torch
 
 from engine.errors import BudgetError
 from engine.model.config import ModelConfig
+from engine.runtime.compression import packed_nbytes
 from engine.runtime.placement import cache_pair_split, slot_tier
-from engine.runtime.policy import Policy
+from engine.runtime.policy import CompressionConfig, Policy
 from engine.runtime.tiers import Tier, align_up
 from engine.runtime.weight_tiers import ROW_LOOKUP_TABLES, bytes_by_tier, plan_weight_tiers
-from engine.model.checkpoint import WeightStore
+from engine.model.checkpoint import TensorEntry, WeightStore, layer_names, layer_tensor_specs
 
 GIB = 1024**3
 
@@ -38,7 +39,33 @@ class MemoryEstimate:
         return sum(self.cpu.values())
 
 
-def _weight_bytes(cfg: ModelConfig, store: WeightStore, policy: Policy, size: int) -> tuple[dict[Tier, int], int]:
+@dataclass(frozen=True)
+class StoreLayout:
+    """The tensors a converted weight store of a model holds, sized from its config alone (as
+    engine.model.checkpoint.convert_checkpoint writes them: fp16, or matrices packed group-wise):
+    what the budget check needs to size a policy before any store exists, e.g. for the planner."""
+    layers: dict[str, list[TensorEntry]]
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, compression: CompressionConfig | None = None) -> "StoreLayout":
+        layers = {}
+        for layer in layer_names(cfg):
+            layers[layer] = [_entry(name, shape, compression) for name, shape in layer_tensor_specs(cfg, layer)]
+        return cls(layers)
+
+
+def _entry(name: str, shape: tuple[int, ...], compression: CompressionConfig | None) -> TensorEntry:
+    if compression is None or len(shape) != 2:
+        numel = 1
+        for s in shape:
+            numel *= s
+        return TensorEntry(name, shape, 0, 2 * numel)
+    nbytes = packed_nbytes(shape, compression.num_bits, compression.group_size)
+    return TensorEntry(name, shape, 0, nbytes, compression.num_bits, compression.group_size)
+
+
+def _weight_bytes(cfg: ModelConfig, store: WeightStore | StoreLayout, policy: Policy,
+                  size: int) -> tuple[dict[Tier, int], int]:
     """Bytes of weights each tier holds, and the buffers streaming needs: two layers in flight (one
     computing, one being prefetched: read from disk and/or dequantised) plus the raw read buffers,
     one decoder layer's (kept for reuse) and the embedding's or head's while it is converted."""
@@ -81,24 +108,41 @@ def _activation_bytes(cfg: ModelConfig, policy: Policy, act: int) -> dict[Tier, 
     return {t: act * K if t in act_tiers else 0 for t in Tier}
 
 
-def estimate_memory(cfg: ModelConfig, store: WeightStore, policy: Policy, device: torch.device,
+def cache_slot_bytes(cfg: ModelConfig, policy: Policy, max_len: int, element_size: int) -> int:
+    """Bytes of one (layer, micro-batch) cache slot at max_len positions, as held: [max_len, 2,
+    rows * KV heads, head_dim] (the cache holds the KV heads only: grouped-query attention), in the
+    compute dtype, or with compress_cache packed group-wise along head_dim (codes + fp16 scale and
+    minimum per group; engine.runtime.kv_cache)."""
+    vectors = max_len * 2 * policy.gpu_batch_size * cfg.num_kv_heads
+    if not policy.compress_cache or not vectors:
+        return vectors * cfg.head_dim * element_size
+    comp = policy.compression
+    return packed_nbytes((vectors, cfg.head_dim), comp.num_bits, comp.group_size)
+
+
+def estimate_memory(cfg: ModelConfig, store: WeightStore | StoreLayout, policy: Policy, device: torch.device,
                     dtype: torch.dtype, *, prompt_len: int, gen_len: int,
-                    resident_ram_bytes: int = 0) -> MemoryEstimate:
+                    resident_ram_bytes: int = 0, process_bytes: int | None = None) -> MemoryEstimate:
     """resident_ram_bytes: weights this process already holds in RAM (a loaded engine's); they are
-    part of its RSS, so they are taken out of "process" rather than counted twice."""
+    part of its RSS, so they are taken out of "process" rather than counted twice.
+    process_bytes: the process's own memory; None measures this process (its RSS)."""
     size = torch.empty((), dtype=dtype).element_size()
     weights, stream_buffers = _weight_bytes(cfg, store, policy, size)
     B, h = policy.gpu_batch_size, cfg.hidden_size
     max_len = prompt_len + max(gen_len - 1, 0)
-    kv = cfg.num_kv_heads * cfg.head_dim  # the cache holds the KV heads only (grouped-query attention)
-    cache, disk_cache_buffers = _cache_bytes(cfg, policy, max_len * 2 * B * kv * size)
+    cache, disk_cache_buffers = _cache_bytes(cfg, policy, cache_slot_bytes(cfg, policy, max_len, size))
+    # A compressed cache is dequantised for attention: one slot in the compute dtype at a time.
+    dequantised = (cache_slot_bytes(cfg, policy.replace(compress_cache=False), max_len, size)
+                   if policy.compress_cache else 0)
     act = prompt_len * B * h * size
     acts = _activation_bytes(cfg, policy, act)
     # Transient compute memory of one micro-batch's prefill: q/k/v/out, the MLP's intermediate,
     # the mask, and float32 logits of the last position.
     working = (prompt_len * B * (4 * h + cfg.mlp_width) * size + B * prompt_len * max_len
-               + B * cfg.vocab_size * 4 * 2) if prompt_len else 0
-    process = max(0, psutil.Process().memory_info().rss - resident_ram_bytes)
+               + B * cfg.vocab_size * 4 * 2 + dequantised) if prompt_len else 0
+    if process_bytes is None:
+        process_bytes = psutil.Process().memory_info().rss
+    process = max(0, process_bytes - resident_ram_bytes)
     if device.type == "cuda":
         gpu = {"weights": weights[Tier.GPU], "streamed weights": stream_buffers, "kv cache": cache[Tier.GPU],
                "activations": acts[Tier.GPU], "working": working}

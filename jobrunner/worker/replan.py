@@ -42,6 +42,14 @@ def stored_profile(offload_dir: Path) -> HardwareProfile | None:
 PROCESS_GROWTH_GIB = 0.03
 
 
+def process_reserved_gib() -> float:
+    """This process's own memory (its RSS, plus PROCESS_GROWTH_GIB), which the engine counts against
+    --cpu-mem like its tensors: what every plan for a run here takes off the CPU budget."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30 + PROCESS_GROWTH_GIB
+
+
 def plan_for_this_process(config: OPTConfig, hardware: HardwareProfile, *, gpu_mem_gib: float | None,
                           cpu_mem_gib: float | None, gen_len: int, prompt_len: int = PLAN_PROMPT_LEN,
                           max_block_size: int | None = None, allow_compression: bool = False):
@@ -50,11 +58,9 @@ def plan_for_this_process(config: OPTConfig, hardware: HardwareProfile, *, gpu_m
     Compression changes the output, so the planner turns it on only when the user asked for it;
     the process's own memory counts against --cpu-mem like the engine's tensors, with room for
     what opening the model adds to it before the engine checks its budget (5 MB for opt-125m)."""
-    import psutil
-
     from engine.planning.planner import plan
 
-    reserved_gib = psutil.Process().memory_info().rss / 2**30 + PROCESS_GROWTH_GIB
+    reserved_gib = process_reserved_gib()
     return plan(config, hardware, gpu_mem_gib=gpu_mem_gib, cpu_mem_gib=cpu_mem_gib, prompt_len=prompt_len,
                 gen_len=gen_len, compress_options=(True,) if allow_compression else (False,),
                 max_block_size=max_block_size, cpu_reserved_gib=reserved_gib)
