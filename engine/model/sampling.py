@@ -42,7 +42,13 @@ def choose_tokens(logits: torch.Tensor, params: GenerationParams, row_ids: list[
         # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
         outside = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= params.top_p
         scores = scores.scatter(1, sorted_ids, scores.gather(1, sorted_ids).masked_fill(outside, float("-inf")))
-    noise = torch.stack([torch.rand(scores.shape[1], generator=row_generator(params.seed, r, p))
-                         for r, p in zip(row_ids, positions)])
-    gumbel = -torch.log(-torch.log(noise.clamp(1e-10, 1 - 1e-7)))
-    return (scores + gumbel).argmax(dim=-1).tolist()
+    # Each row's noise is computed on its own: `log` is vectorised in a loop whose scalar tail and
+    # thread split depend on the tensor's size, so a [B, vocab] call could round a row's values
+    # differently depending on B.
+    return [int((row + _gumbel(scores.shape[1], params.seed, r, p)).argmax())
+            for row, r, p in zip(scores, row_ids, positions)]
+
+
+def _gumbel(vocab: int, seed: int, row_id: int, position: int) -> torch.Tensor:
+    noise = torch.rand(vocab, generator=row_generator(seed, row_id, position))
+    return -torch.log(-torch.log(noise.clamp_(1e-10, 1 - 1e-7)))
