@@ -1,0 +1,175 @@
+"""The suite's parts: each runs one existing benchmark's functions with the suite's settings and
+returns a `Part` (rows of one markdown table). Every engine or transformers run is a fresh
+subprocess (bench_engine.run_child_rss), one at a time; within a part the systems alternate."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))  # the bench_* scripts import each other by their bare names
+import bench_compression_speed  # noqa: E402
+import bench_engine  # noqa: E402
+import bench_jobrunner  # noqa: E402
+import bench_planner_sweep  # noqa: E402
+
+from benchmarks.suite_config import SuiteConfig  # noqa: E402
+
+
+@dataclass
+class Part:
+    """One table of the report: `rows` carry at least system, config and tokens_per_s."""
+    name: str
+    title: str
+    rows: list[dict] = field(default_factory=list)
+    columns: tuple[tuple[str, str], ...] = ()  # (row key, header) after system/config/tokens/s
+    skipped: str | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def _base(cfg: SuiteConfig, model: Path, dtype: str, prompt_len: int | None = None) -> dict:
+    return dict(model=str(model), dtype=dtype, prompt_len=prompt_len or cfg.prompt_len, gen_len=cfg.gen_len)
+
+
+def _rss(row: dict) -> float:
+    return (row.get("child_maxrss") or row.get("peak_rss") or 0) / 2**30
+
+
+def part_ram(cfg: SuiteConfig, model: Path, dtype: str) -> Part:
+    rows = bench_engine.run_in_ram(_base(cfg, model, dtype), list(cfg.hf_batches), list(cfg.ram_blocks),
+                                   cfg.work_dir / "offload")
+    for r in rows:
+        r["peak_rss_gib"] = _rss(r)
+    return Part("ram", f"All weights in RAM: flexjob vs transformers `generate` (prompt {cfg.prompt_len}, "
+                       f"gen {cfg.gen_len})", rows, (("prefill_s", "prefill s"), ("seconds", "seconds"),
+                                                     ("peak_rss_gib", "peak RSS GiB")))
+
+
+def part_disk(cfg: SuiteConfig, model: Path, dtype: str) -> Part:
+    from engine.model.config import load_config
+
+    rows = bench_engine.run_over_capacity(_base(cfg, model, dtype), cfg.disk_percent, list(cfg.disk_blocks),
+                                          cfg.work_dir, cpu_mem=cfg.cpu_mem, hf_batch=cfg.hf_disk_batch)
+    opts = argparse.Namespace(work_dir=cfg.work_dir, dtype=dtype, gen_len=cfg.gen_len, prompt_len=cfg.prompt_len)
+    bench_engine.roofline(rows, load_config(model), opts)
+    for r in rows:
+        r["peak_rss_gib"] = _rss(r)
+    return Part("disk", f"Over capacity (`--cpu-mem {cfg.cpu_mem:g}`): flexjob, weights on disk, vs transformers + "
+                        f"accelerate disk offload (page cache dropped)", rows,
+                (("roofline_fraction", "roofline fraction"), ("disk_read_bytes", "disk bytes read"),
+                 ("seconds", "seconds"), ("peak_rss_gib", "peak RSS GiB")))
+
+
+def part_planner(cfg: SuiteConfig, model: Path, dtype: str) -> Part:
+    opts = argparse.Namespace(model=model, work_dir=cfg.work_dir, cpu_mem=cfg.planner_cpu_mem,
+                              prompt_len=cfg.prompt_len, gen_len=cfg.gen_len, repeats=1, refresh_profile=False,
+                              only=",".join((*cfg.planner_policies, "planner")), max_block=cfg.planner_max_block,
+                              compression=False)
+    swept, _, _ = bench_planner_sweep.sweep(opts)
+    rows = [{"system": "planner" if r["policy"] == "planner" else "hand-written",
+             "config": f"{r['policy']}: {r['describe']}", "tokens_per_s": r["measured_tokens_per_s"],
+             **{k: v for k, v in r.items() if k not in ("policy_dict", "all_runs")}} for r in swept]
+    return Part("planner", f"Planner's pick vs hand-written policies (`--cpu-mem {cfg.planner_cpu_mem:g}`, "
+                           f"blocks <= {cfg.planner_max_block})", rows,
+                (("predicted_tokens_per_s", "predicted tokens/s"), ("ratio", "predicted / measured"),
+                 ("peak_rss_gib", "peak RSS GiB"), ("error", "error")))
+
+
+def part_compression(cfg: SuiteConfig, model: Path, dtype: str) -> Part:
+    gbs, nb = cfg.compression_block
+    rows = bench_compression_speed.run_pair(model, cfg.work_dir / "offload", prompt_len=cfg.prompt_len,
+                                            gen_len=cfg.gen_len, gbs=gbs, nb=nb, cpu_mem=cfg.cpu_mem)
+    for r in rows:
+        r["system"] = "flexjob"
+        r["config"] = f"{gbs}x{nb}, weights on disk, {'4-bit' if r['compress_weight'] else '16-bit'}"
+        r["peak_rss_gib"] = _rss(r)
+        r["dequantize_s_per_step"] = r.get("dequantize_s", 0) / max(1, r.get("steps", 1))
+    return Part("compression", f"4-bit weight compression on/off, weights read from disk each step "
+                               f"(`--cpu-mem {cfg.cpu_mem:g}`)", rows,
+                (("disk_read_bytes", "disk bytes read"), ("dequantize_s_per_step", "dequantise s/step"),
+                 ("peak_rss_gib", "peak RSS GiB")))
+
+
+def part_jobrunner(cfg: SuiteConfig, model: Path, dtype: str) -> Part:
+    work = cfg.work_dir / f"jobrunner-{cfg.jobrunner_size}-{cfg.jobrunner_layers}l"
+    work.mkdir(parents=True, exist_ok=True)
+    path = bench_jobrunner.bench_path(work, size=cfg.jobrunner_size, layers=cfg.jobrunner_layers,
+                                      rows=cfg.jobrunner_rows, max_new_tokens=cfg.jobrunner_new_tokens,
+                                      block=16 if cfg.jobrunner_rows >= 16 else cfg.jobrunner_rows, dtype=dtype,
+                                      repeats=1)
+    commit = bench_jobrunner.bench_commit(work, blocks=cfg.commit_blocks)
+    shape = f"opt-{path['model']}, {path['rows']} rows x {path['max_new_tokens']} tokens, block {path['block']}"
+    rows = [{"system": "engine alone", "config": shape, "tokens_per_s": path["engine_tokens_per_s"],
+             "seconds": path["engine_s"]},
+            {"system": "enqueue + work + results (SQLite)", "config": shape,
+             "tokens_per_s": path["path_tokens_per_s"], "seconds": path["path_s"], "ratio": path["ratio"],
+             "commit_ms_p50": commit["commit_ms_p50"], "commit_ms_p95": commit["commit_ms_p95"],
+             "part_write_ms_p50": commit["part_write_ms_p50"]}]
+    return Part("jobrunner", "Job-runner overhead: the whole path vs the engine alone; per-block commit latency",
+                rows, (("seconds", "seconds"), ("ratio", "path / engine"), ("commit_ms_p50", "commit ms p50"),
+                       ("commit_ms_p95", "commit ms p95"), ("part_write_ms_p50", "part write ms p50")))
+
+
+FLEXGEN_THROUGHPUT = re.compile(r"total throughput:\s*([0-9.]+)\s*token/s")
+
+
+def flexgen_unavailable() -> str | None:
+    """Why FlexLLMGen cannot run side by side here, or None when it can."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device (FlexLLMGen computes on a GPU only)"
+    if importlib.util.find_spec("flexgen") is None:
+        return "the `flexgen` package is not installed (pip install flexgen)"
+    return None
+
+
+def part_flexgen(cfg: SuiteConfig, model: Path, dtype: str) -> Part:
+    title = (f"flexjob vs FlexLLMGen on the GPU (same policy `{cfg.gpu_percent}` {cfg.gpu_block[0]}x"
+             f"{cfg.gpu_block[1]}, prompt {cfg.gpu_prompt_len}, gen {cfg.gen_len}, FlexLLMGen's dummy weights)")
+    why = flexgen_unavailable()
+    if why:
+        return Part("flexgen", title, skipped=why)
+    gbs, nb = cfg.gpu_block
+    percent = [int(float(x)) for x in cfg.gpu_percent.split()]
+    flexgen = _run_flexgen(cfg, percent, gbs, nb)
+    ours = bench_engine.run_child_rss(bench_engine.ENGINE_RUN, {
+        **_base(cfg, model, "float16", cfg.gpu_prompt_len), "percent": percent, "gbs": gbs, "nb": nb,
+        "offload": str(cfg.work_dir / "offload"), "cpu_mem": None})
+    config = f"{gbs}x{nb} {cfg.gpu_percent}"
+    rows = [{"system": "FlexLLMGen", "config": config, **flexgen},
+            {"system": "flexjob", "config": config, **ours}]
+    return Part("flexgen", title, rows, (("seconds", "seconds"), ("error", "error")))
+
+
+def _run_flexgen(cfg: SuiteConfig, percent: list[int], gbs: int, nb: int) -> dict:
+    """FlexLLMGen's own benchmark entry point on its dummy weights; its log line gives tokens/s."""
+    log = cfg.work_dir / "flexgen.log"
+    log.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "flexgen.flex_opt", "--model", f"facebook/opt-{cfg.model_size}", "--path",
+           "_DUMMY_", "--offload-dir", str(cfg.work_dir / "flexgen-offload"), "--percent", *map(str, percent),
+           "--gpu-batch-size", str(gbs), "--num-gpu-batches", str(nb), "--prompt-len", str(cfg.gpu_prompt_len),
+           "--gen-len", str(cfg.gen_len), "--log-file", str(log)]
+    started = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    found = FLEXGEN_THROUGHPUT.search(log.read_text() if log.is_file() else done.stdout)
+    if done.returncode != 0 or not found:
+        tail = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        return {"error": f"FlexLLMGen failed: {tail}", "seconds": seconds}
+    return {"tokens_per_s": float(found.group(1)), "seconds": seconds}
+
+
+PARTS: dict[str, Callable[[SuiteConfig, Path, str], Part]] = {
+    "ram": part_ram, "disk": part_disk, "planner": part_planner, "compression": part_compression,
+    "jobrunner": part_jobrunner, "flexgen": part_flexgen}
+CPU_PARTS = ("ram", "disk", "planner", "compression", "jobrunner")
+GPU_PARTS = (*CPU_PARTS, "flexgen")

@@ -1,0 +1,125 @@
+"""The suite's outputs: suite-<date>.md (one table per part, with the host's CPU flags, the dtype and
+the command line), suite-<date>.json (the same rows, machine-readable) and PNG plots (tokens/s of
+flexjob against its baselines, roofline fraction, planner's pick against hand-written policies)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.suite_parts import Part
+
+BASELINES = ("transformers", "transformers+accelerate", "FlexLLMGen")
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int) and abs(value) >= 10_000:
+        return f"{value:,}"
+    return str(value).replace("|", "/")[:120]
+
+
+def part_table(part: Part) -> str:
+    """One markdown section: title, then a table, or the reason the part did not run."""
+    lines = [f"## {part.title}", ""]
+    if part.skipped or part.error:
+        return "\n".join(lines + [f"Skipped: {part.skipped}" if part.skipped else f"Failed: {part.error}", ""])
+    headers = ["system", "configuration", "tokens/s", *(h for _, h in part.columns)]
+    lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in part.rows:
+        tps = row.get("tokens_per_s")
+        cells = [row.get("system", ""), row.get("config", ""),
+                 f"{tps:.2f}" if tps else f"error: {row.get('error', '?')}"[:80]]
+        cells += [_cell(row.get(key)) for key, _ in part.columns]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines + ["", f"{len(part.rows)} runs, {part.seconds:.0f} s.", ""])
+
+
+def write_markdown(path: Path, parts: list[Part], meta: dict) -> None:
+    flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in meta["host"]["flags"].items())
+    head = [f"# Benchmark suite `{meta['suite']}`, {meta['date']}", "",
+            f"- command: `{meta['command']}`",
+            f"- host: {meta['host']['host']}, {meta['host']['cpu']}, {meta['host']['cores']} cores",
+            f"- CPU flags: {flags}",
+            f"- dtype: {meta['dtype']}; model: {meta['model']} (random weights, real dimensions)",
+            f"- total: {meta['seconds']:.0f} s", ""]
+    path.write_text("\n".join(head + [part_table(p) for p in parts]))
+
+
+def write_json(path: Path, parts: list[Part], meta: dict) -> None:
+    payload = {**meta, "parts": {p.name: {"title": p.title, "rows": p.rows, "skipped": p.skipped,
+                                          "error": p.error, "seconds": p.seconds} for p in parts},
+               "rows": [{"part": p.name, **r} for p in parts for r in p.rows]}
+    path.write_text(json.dumps(payload, indent=1, default=str))
+
+
+def write_plots(stem: Path, parts: list[Part]) -> list[Path]:
+    """Three PNGs next to the markdown; a plot whose part did not run says so on its canvas."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    by_name = {p.name: p for p in parts}
+    plots = [(stem.with_name(stem.name + "-tokens.png"), _plot_tokens, [by_name.get(n) for n in
+                                                                       ("ram", "disk", "flexgen")]),
+             (stem.with_name(stem.name + "-roofline.png"), _plot_roofline, [by_name.get("disk")]),
+             (stem.with_name(stem.name + "-planner.png"), _plot_planner, [by_name.get("planner")])]
+    for path, draw, chosen in plots:
+        _save(path, draw, [p for p in chosen if p is not None and p.rows])
+    return [path for path, _, _ in plots]
+
+
+def _save(path: Path, draw, parts: list[Part]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 5))
+    if parts:
+        draw(ax, parts)
+    else:
+        ax.text(0.5, 0.5, "not run in this suite", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _bars(ax, labels: list[str], values: list[float], colors: list[str]) -> None:
+    ax.barh(range(len(values)), values, color=colors)
+    ax.set_yticks(range(len(values)), labels, fontsize=8)
+    ax.invert_yaxis()
+
+
+def _plot_tokens(ax, parts: list[Part]) -> None:
+    rows = [(p.name, r) for p in parts for r in p.rows if r.get("tokens_per_s")]
+    _bars(ax, [f"{name}: {r['system']} {r['config']}"[:60] for name, r in rows], [r["tokens_per_s"] for _, r in rows],
+          ["tab:gray" if r["system"] in BASELINES else "tab:blue" for _, r in rows])
+    ax.set_xlabel("generated tokens/s (prefill included); blue: flexjob, gray: baseline")
+    ax.set_title("flexjob vs transformers (in RAM) and accelerate (over capacity)")
+
+
+def _plot_roofline(ax, parts: list[Part]) -> None:
+    rows = [r for r in parts[0].rows if r.get("roofline_fraction")]
+    _bars(ax, [r["config"][:60] for r in rows], [r["roofline_fraction"] for r in rows], ["tab:blue"] * len(rows))
+    ax.axvline(0.8, color="tab:red", linestyle="--", label="80 % target")
+    ax.set_xlim(0, max([1.0, *(r["roofline_fraction"] for r in rows)]))
+    ax.set_xlabel("roofline time / measured time (per run: max(disk bytes / read bandwidth, FLOPs / FLOP/s))")
+    ax.set_title("Over capacity: fraction of the roofline reached")
+    ax.legend()
+
+
+def _plot_planner(ax, parts: list[Part]) -> None:
+    rows = parts[0].rows
+    labels = [r["config"][:60] for r in rows]
+    ys = range(len(rows))
+    ax.barh([y - 0.2 for y in ys], [r.get("tokens_per_s") or 0 for r in rows], height=0.4,
+            color=["tab:orange" if r["system"] == "planner" else "tab:blue" for r in rows], label="measured")
+    ax.barh([y + 0.2 for y in ys], [r.get("predicted_tokens_per_s") or 0 for r in rows], height=0.4,
+            color="tab:gray", label="predicted")
+    ax.set_yticks(list(ys), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("tokens/s (orange: the planner's pick)")
+    ax.set_title("Planner's pick vs hand-written policies, measured and predicted")
+    ax.legend()
