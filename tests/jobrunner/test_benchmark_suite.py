@@ -1,0 +1,56 @@
+"""`python -m benchmarks` runs every part, each through real subprocesses, and writes its report files."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+CPU_PARTS = {"ram", "disk", "planner", "compression", "jobrunner"}
+
+
+def run_suite(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "benchmarks", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_quick_cpu_suite_writes_markdown_json_and_plots_with_a_measured_row_per_part(tmp_path):
+    proc = run_suite("--suite", "cpu", "--quick", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (md,) = tmp_path.glob("suite-*.md")
+    (js,) = tmp_path.glob("suite-*.json")
+    assert {p.name.rsplit("-", 1)[1] for p in tmp_path.glob("suite-*.png")} == {"tokens.png", "roofline.png",
+                                                                                "planner.png"}
+    report = json.loads(js.read_text())
+    assert set(report["parts"]) == CPU_PARTS
+    for name, part in report["parts"].items():
+        assert part["error"] is None and part["skipped"] is None, name
+        assert any((row.get("tokens_per_s") or 0) > 0 for row in part["rows"]), name
+    assert set(report["host"]["flags"]) == {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
+    text = md.read_text()
+    assert "--quick" in text and f"dtype: {report['dtype']}" in text
+    assert text.count("| system | configuration | tokens/s |") == len(CPU_PARTS)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip that a host without CUDA reports")
+def test_gpu_suite_without_cuda_says_flexgen_is_skipped_and_why(tmp_path):
+    proc = run_suite("--suite", "gpu", "--quick", "--parts", "flexgen", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FlexLLMGen is skipped: no CUDA device" in proc.stdout
+    (js,) = tmp_path.glob("suite-*.json")
+    part = json.loads(js.read_text())["parts"]["flexgen"]
+    assert part["rows"] == [] and part["skipped"].startswith("no CUDA device")
+    assert "Skipped: no CUDA device" in next(tmp_path.glob("suite-*.md")).read_text()
+
+
+def test_an_unknown_part_is_refused_with_the_known_ones(tmp_path):
+    proc = run_suite("--parts", "ram,speed", "--out", str(tmp_path), timeout=120)
+    assert proc.returncode == 2
+    assert "unknown part 'speed'" in proc.stderr and "compression" in proc.stderr
+    assert not list(tmp_path.iterdir())
