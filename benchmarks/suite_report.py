@@ -23,6 +23,24 @@ def _cell(value: object) -> str:
     return str(value).replace("|", "/")[:120]
 
 
+def part_summary(part: Part) -> dict[str, float]:
+    """The ratios the targets are stated in, all measured within the part: best flexjob over best
+    baseline, the planner's pick over the best hand-written policy, 4-bit over 16-bit weights."""
+    def best(pick) -> float:
+        return max((r["tokens_per_s"] for r in part.rows if r.get("tokens_per_s") and pick(r)), default=0.0)
+
+    ours = best(lambda r: r.get("system") in ("flexjob", "planner"))
+    baseline = best(lambda r: r.get("system") in BASELINES)
+    hand = best(lambda r: r.get("system") == "hand-written")
+    packed, plain = best(lambda r: r.get("compress_weight") is True), best(lambda r: r.get("compress_weight") is False)
+    summary = {"4-bit / 16-bit weights": packed / plain} if packed and plain else {}
+    if ours and baseline:
+        summary["best flexjob / best baseline"] = ours / baseline
+    if ours and hand:
+        summary["planner / best hand-written"] = ours / hand
+    return summary
+
+
 def part_table(part: Part) -> str:
     """One markdown section: title, then a table, or the reason the part did not run."""
     lines = [f"## {part.title}", ""]
@@ -36,7 +54,8 @@ def part_table(part: Part) -> str:
                  f"{tps:.2f}" if tps else f"error: {row.get('error', '?')}"[:80]]
         cells += [_cell(row.get(key)) for key, _ in part.columns]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-    return "\n".join(lines + ["", f"{len(part.rows)} runs, {part.seconds:.0f} s.", ""])
+    ratios = "".join(f" {name}: {value:.2f}x." for name, value in part_summary(part).items())
+    return "\n".join(lines + ["", f"{len(part.rows)} runs, {part.seconds:.0f} s.{ratios}", ""])
 
 
 def write_markdown(path: Path, parts: list[Part], meta: dict) -> None:
@@ -52,7 +71,8 @@ def write_markdown(path: Path, parts: list[Part], meta: dict) -> None:
 
 def write_json(path: Path, parts: list[Part], meta: dict) -> None:
     payload = {**meta, "parts": {p.name: {"title": p.title, "rows": p.rows, "skipped": p.skipped,
-                                          "error": p.error, "seconds": p.seconds} for p in parts},
+                                          "error": p.error, "seconds": p.seconds, "summary": part_summary(p)}
+                          for p in parts},
                "rows": [{"part": p.name, **r} for p in parts for r in p.rows]}
     path.write_text(json.dumps(payload, indent=1, default=str))
 
