@@ -15,7 +15,7 @@ import torch
 
 from engine.errors import BudgetError
 from engine.model.config import ModelConfig
-from engine.runtime.compression import packed_nbytes
+from engine.runtime.compression import packed_nbytes, quantize_scratch_bytes
 from engine.runtime.placement import cache_pair_split, slot_tier
 from engine.runtime.policy import CompressionConfig, Policy
 from engine.runtime.tiers import Tier, align_up
@@ -23,6 +23,9 @@ from engine.runtime.weight_tiers import ROW_LOOKUP_TABLES, bytes_by_tier, plan_w
 from engine.model.checkpoint import TensorEntry, WeightStore, layer_names, layer_tensor_specs
 
 GIB = 1024**3
+# What the compute libraries allocate on first use and keep (oneDNN/MKL scratch and caches, thread
+# pools): 31-34 MiB of RSS measured on x86 CPUs with one or two threads, whatever the model.
+RUNTIME_BYTES = 40 * 2**20
 
 
 @dataclass
@@ -131,15 +134,19 @@ def estimate_memory(cfg: ModelConfig, store: WeightStore | StoreLayout, policy: 
     B, h = policy.gpu_batch_size, cfg.hidden_size
     max_len = prompt_len + max(gen_len - 1, 0)
     cache, disk_cache_buffers = _cache_bytes(cfg, policy, cache_slot_bytes(cfg, policy, max_len, size))
-    # A compressed cache is dequantised for attention: one slot in the compute dtype at a time.
-    dequantised = (cache_slot_bytes(cfg, policy.replace(compress_cache=False), max_len, size)
-                   if policy.compress_cache else 0)
+    # Attention reads a micro-batch's keys and values as a left-aligned copy in the compute dtype
+    # (engine.model.kernels.attend); a compressed cache is dequantised into one more such copy first.
+    # Quantising the positions a prefill appends takes float32 scratch (one micro-batch at a time).
+    slot16 = cache_slot_bytes(cfg, policy.replace(compress_cache=False), max_len, size)
+    attention = slot16
+    if policy.compress_cache:
+        attention += slot16 + quantize_scratch_bytes(prompt_len * 2 * B * cfg.num_kv_heads * cfg.head_dim)
     act = prompt_len * B * h * size
     acts = _activation_bytes(cfg, policy, act)
-    # Transient compute memory of one micro-batch's prefill: q/k/v/out, the MLP's intermediate,
-    # the mask, and float32 logits of the last position.
-    working = (prompt_len * B * (4 * h + cfg.mlp_width) * size + B * prompt_len * max_len
-               + B * cfg.vocab_size * 4 * 2 + dequantised) if prompt_len else 0
+    # Transient compute memory of one micro-batch's prefill: q/k/v/out, the attention's query and
+    # output copies, the MLP's intermediate, the mask, and float32 logits of the last position.
+    working = (prompt_len * B * (6 * h + cfg.mlp_width) * size + B * prompt_len * max_len
+               + B * cfg.vocab_size * 4 * 2 + attention) if prompt_len else 0
     if process_bytes is None:
         process_bytes = psutil.Process().memory_info().rss
     process = max(0, process_bytes - resident_ram_bytes)
@@ -147,12 +154,13 @@ def estimate_memory(cfg: ModelConfig, store: WeightStore | StoreLayout, policy: 
         gpu = {"weights": weights[Tier.GPU], "streamed weights": stream_buffers, "kv cache": cache[Tier.GPU],
                "activations": acts[Tier.GPU], "working": working}
         cpu = {"weights": weights[Tier.CPU], "kv cache": cache[Tier.CPU] + disk_cache_buffers,
-               "activations": acts[Tier.CPU] + (act if acts[Tier.DISK] else 0), "process": process}
+               "activations": acts[Tier.CPU] + (act if acts[Tier.DISK] else 0), "runtime": RUNTIME_BYTES,
+               "process": process}
         return MemoryEstimate(gpu=gpu, cpu=cpu)
     cpu = {"weights": weights[Tier.GPU] + weights[Tier.CPU], "streamed weights": stream_buffers,
            "kv cache": cache[Tier.GPU] + cache[Tier.CPU] + disk_cache_buffers,
            "activations": acts[Tier.GPU] + acts[Tier.CPU] + (2 * act if acts[Tier.DISK] else 0),
-           "working": working, "process": process}
+           "working": working, "runtime": RUNTIME_BYTES, "process": process}
     return MemoryEstimate(gpu={}, cpu=cpu)
 
 

@@ -122,6 +122,13 @@ def packed_nbytes(shape, num_bits: int = 4, group_size: int = 64, dim: int = -1)
     return _layout(shape, num_bits, group_size, dim)[0].sections()[3]
 
 
+def quantize_scratch_bytes(numel: int) -> int:
+    """Peak temporary bytes `quantize` takes for a tensor of numel elements: it works on chunks of
+    at most _CHUNK_ELEMENTS, each converted to float32, offset, scaled (three float32 copies at most
+    alive) and cast to uint8 codes."""
+    return 13 * min(numel, _CHUNK_ELEMENTS)
+
+
 # --------------------------------------------------------------------------------------------
 # quantise
 
