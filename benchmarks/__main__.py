@@ -10,6 +10,8 @@ systems alternated within a part so a shared host's noise hits both sides):
   jobrunner    enqueue + work + results vs the engine alone; commit latency (bench_jobrunner)
   flexgen      (--suite gpu) FlexLLMGen side by side on the same policy, prompt 512, gen 32; skipped
                with the reason when there is no CUDA device or no `flexgen` package
+`--suite cpu` hides any GPU from itself and its children; `--suite gpu` runs the CPU parts that way in
+a child `--suite cpu` and FlexLLMGen's part on the GPU, and reports them together.
 Writes suite-<date>.md (a table per part, CPU flags, dtype, command line), suite-<date>.json and
 suite-<date>-{tokens,roofline,planner}.png under --out (default benchmarks/results/).
 
@@ -25,7 +27,10 @@ or policy each) finishes in under 3 minutes.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shlex
+import subprocess
 import sys
 import time
 import traceback
@@ -35,7 +40,7 @@ from pathlib import Path
 
 from benchmarks.suite_config import SuiteConfig, ensure_model, host_facts
 from benchmarks.suite_parts import CPU_PARTS, GPU_PARTS, PARTS, Part, flexgen_unavailable
-from benchmarks.suite_report import write_json, write_markdown, write_plots
+from benchmarks.suite_report import parts_from_json, write_json, write_markdown, write_plots
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[SuiteConfig, argparse.Namespace]:
@@ -82,18 +87,22 @@ def run_part(name: str, cfg: SuiteConfig, model: Path, dtype: str) -> Part:
 
 
 def main(argv: list[str] | None = None) -> int:
+    cfg, opts = parse_args(argv)
+    if cfg.suite == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the CPU suite measures the CPU, even on a GPU host
     from engine.runtime.devices import default_dtype_name
 
-    cfg, _ = parse_args(argv)
     if cfg.suite == "gpu" and (why := flexgen_unavailable()):
         print(f"--suite gpu: FlexLLMGen is skipped: {why}", flush=True)
     started = time.perf_counter()
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     model = ensure_model(cfg)
     dtype = default_dtype_name()
-    parts = [run_part(name, cfg, model, dtype) for name in cfg.parts]
+    cpu_side = [n for n in cfg.parts if n in CPU_PARTS] if cfg.suite == "gpu" else []
+    parts = run_cpu_suite_in_child(cfg, cpu_side, quick=opts.quick) if cpu_side else []
+    parts += [run_part(name, cfg, model, dtype) for name in cfg.parts if name not in cpu_side]
     meta = {"suite": cfg.suite, "date": date.today().isoformat(), "dtype": dtype, "model": cfg.model_name,
-            "command": shlex.join([sys.executable.rsplit("/", 1)[-1], "-m", "benchmarks", *(argv or sys.argv[1:])]),
+            "command": shlex.join(["python", "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)]),
             "host": host_facts(), "seconds": time.perf_counter() - started,
             "settings": {k: str(v) for k, v in vars(cfg).items()}}
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
@@ -107,6 +116,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"parts that failed: {', '.join(failed)} (see the report)", file=sys.stderr)
     return 1 if failed else 0
 
+
+def run_cpu_suite_in_child(cfg: SuiteConfig, names: list[str], *, quick: bool) -> list[Part]:
+    """The GPU suite's CPU parts, run as `--suite cpu` in a child that cannot see the GPU (an engine
+    or profile in this process would use it); their parts come back through the child's JSON."""
+    out = cfg.work_dir / "cpu-parts"
+    cmd = [sys.executable, "-m", "benchmarks", "--suite", "cpu", "--parts", ",".join(names), "--out", str(out),
+           "--work-dir", str(cfg.work_dir), "--model-size", cfg.model_size, *(["--quick"] if quick else []),
+           *(["--layers", str(cfg.num_layers)] if cfg.num_layers else [])]
+    report = out / f"suite-{date.today().isoformat()}.json"
+    report.unlink(missing_ok=True)
+    print(f"== CPU parts without the GPU: {shlex.join(cmd[1:])}", flush=True)
+    done = subprocess.run(cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, cwd=Path(__file__).parent.parent)
+    if not report.is_file():
+        return [Part(name, name, error=f"the CPU suite's child exited {done.returncode} without a report")
+                for name in names]
+    return parts_from_json(json.loads(report.read_text()))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -71,10 +71,17 @@ def write_markdown(path: Path, parts: list[Part], meta: dict) -> None:
 
 def write_json(path: Path, parts: list[Part], meta: dict) -> None:
     payload = {**meta, "parts": {p.name: {"title": p.title, "rows": p.rows, "skipped": p.skipped,
-                                          "error": p.error, "seconds": p.seconds, "summary": part_summary(p)}
+                                          "error": p.error, "seconds": p.seconds, "summary": part_summary(p),
+                                          "columns": p.columns}
                           for p in parts},
                "rows": [{"part": p.name, **r} for p in parts for r in p.rows]}
     path.write_text(json.dumps(payload, indent=1, default=str))
+
+
+def parts_from_json(payload: dict) -> list[Part]:
+    """The parts of a report that write_json wrote; titles name the dtype they ran in."""
+    return [Part(name, f"{p['title']}, {payload['dtype']}", p["rows"], tuple(tuple(c) for c in p["columns"]), p["skipped"], p["error"],
+                 p["seconds"]) for name, p in payload["parts"].items()]
 
 
 def write_plots(stem: Path, parts: list[Part]) -> list[Path]:

@@ -39,14 +39,16 @@ def test_quick_cpu_suite_writes_markdown_json_and_plots_with_a_measured_row_per_
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip that a host without CUDA reports")
-def test_gpu_suite_without_cuda_says_flexgen_is_skipped_and_why(tmp_path):
-    proc = run_suite("--suite", "gpu", "--quick", "--parts", "flexgen", "--out", str(tmp_path))
+def test_gpu_suite_runs_cpu_parts_and_says_why_flexgen_is_skipped(tmp_path):
+    proc = run_suite("--suite", "gpu", "--quick", "--parts", "ram,flexgen", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "FlexLLMGen is skipped: no CUDA device" in proc.stdout
     (js,) = tmp_path.glob("suite-*.json")
-    part = json.loads(js.read_text())["parts"]["flexgen"]
-    assert part["rows"] == [] and part["skipped"].startswith("no CUDA device")
-    assert "Skipped: no CUDA device" in next(tmp_path.glob("suite-*.md")).read_text()
+    parts = json.loads(js.read_text())["parts"]
+    assert parts["flexgen"]["rows"] == [] and parts["flexgen"]["skipped"].startswith("no CUDA device")
+    assert {r["system"] for r in parts["ram"]["rows"] if r["tokens_per_s"] > 0} == {"flexjob", "transformers"}
+    text = next(tmp_path.glob("suite-*.md")).read_text()
+    assert "Skipped: no CUDA device" in text and "| transformers | batch 4 |" in text
 
 
 def test_an_unknown_part_is_refused_with_the_known_ones(tmp_path):
