@@ -21,8 +21,9 @@ host with AMX/AVX512-BF16 (bfloat16), from the issue's measured rates (transform
 flexjob ~12 in RAM, ~8 over capacity, ~3 with 4-bit weights): making the model ~2 min, ram ~4 min
 (4 runs), disk ~4 min (2 runs + host profile), planner ~7 min (5 runs), compression ~3 min (2 runs),
 jobrunner ~1 min: about 21 minutes, under 30. An AVX2-only host computes in float32, 3-14x slower
-(docs/BENCHMARKS.md: transformers 1.8, flexjob 3.9 tokens/s): choose `--model-size 350m` there. `--quick` (opt-125m with 2 layers, gen 4, one block
-or policy each) finishes in under 3 minutes.
+(docs/BENCHMARKS.md: transformers 1.8, flexjob 3.9 tokens/s): choose `--model-size 350m` there.
+`--quick` (opt-125m with 2 layers, gen 4, one block or policy each) takes ~3 minutes the first time on
+a busy 2-core host (it makes its model and measures the host's profile), ~1 minute after.
 """
 from __future__ import annotations
 
