@@ -64,8 +64,9 @@ def run_worker(offload_dir):
     from engine.runtime.policy import Policy
     from jobrunner.worker.loop import PlainReporter, Worker, WorkerConfig
 
-    def run(db, *, block: int = 4, progress_every: int = 2, lease_s: float = 30.0, **config):
-        cfg = WorkerConfig(policy=Policy(gpu_batch_size=block), offload_dir=offload_dir, exit_when_idle=True,
+    def run(db, *, block: int = 4, policy: Policy | None = None, progress_every: int = 2, lease_s: float = 30.0,
+            **config):
+        cfg = WorkerConfig(policy=policy or Policy(gpu_batch_size=block), offload_dir=offload_dir, exit_when_idle=True,
                            progress_every=progress_every, lease_s=lease_s, **config)
         return Worker(db, cfg, reporter=PlainReporter()).run()
 
