@@ -271,26 +271,46 @@ def _solve_fitting(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, budgets: dict
                    prompt_len: int, gen_len: int) -> tuple[float, Policy, Estimate] | None:
     """The LP's policy for one shape whose peaks as the engine's budget check counts them fit (the
     LP's linear model approximates them): while a tier's peak is over, solve again with that tier's
-    budget lowered by the excess."""
-    limits = dict(budgets)
+    budget lowered by the excess; then win back, by bisection, what the lowering overshot."""
+    limits, over = dict(budgets), None
     for _ in range(8):
-        res = solve_lp(cfg, hw, sh, limits)
-        if res is None:
+        found = _lp_policy(cfg, hw, sh, limits, budgets, prompt_len, gen_len)
+        if found is None:
             return None
-        lp_s, x = res
-        pol = to_policy(sh, x)
-        est = estimate(cfg, hw, pol, prompt_len=prompt_len, gen_len=gen_len)
-        if not est.fits(budgets):  # rounding can only move crumbs to disk; keep the exact split then
-            pol = _exact_policy(sh, x)
-            est = estimate(cfg, hw, pol, prompt_len=prompt_len, gen_len=gen_len)
-        if est.fits(budgets):
-            return lp_s, pol, est
+        if found[2].fits(budgets):
+            break
+        over, limits = dict(limits), dict(limits)
         for tier, limit in budgets.items():
-            if limit is not None and est.peak_gib[tier] > limit:
-                limits[tier] = limits[tier] - (est.peak_gib[tier] - limit) * 1.01
+            if limit is not None and found[2].peak_gib[tier] > limit:
+                limits[tier] -= (found[2].peak_gib[tier] - limit) * 1.01
                 if limits[tier] <= 0:
                     return None
-    return None
+    else:
+        return None
+    for _ in range(3 if over is not None else 0):
+        mid = {t: None if lim is None else (lim + over[t]) / 2 for t, lim in limits.items()}
+        trial = _lp_policy(cfg, hw, sh, mid, budgets, prompt_len, gen_len)
+        if trial is not None and trial[2].fits(budgets):
+            limits, found = mid, max(found, trial, key=lambda f: f[2].tokens_per_s)
+        else:
+            over = mid
+    return found
+
+
+def _lp_policy(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, limits: dict[str, float | None],
+               budgets: dict[str, float | None], prompt_len: int, gen_len: int) -> tuple[float, Policy, Estimate] | None:
+    """The LP's placement under `limits` as a policy in rounded percents, or in exact ones when
+    rounding alone makes it miss the budgets (rounding only moves crumbs to disk)."""
+    res = solve_lp(cfg, hw, sh, limits)
+    if res is None:
+        return None
+    lp_s, x = res
+    pol = to_policy(sh, x)
+    est = estimate(cfg, hw, pol, prompt_len=prompt_len, gen_len=gen_len)
+    if not est.fits(budgets):
+        pol = _exact_policy(sh, x)
+        est = estimate(cfg, hw, pol, prompt_len=prompt_len, gen_len=gen_len)
+    return lp_s, pol, est
 
 
 def _shape_key(p: Policy) -> tuple:
