@@ -4,7 +4,6 @@ measured in a fresh process); 4-bit weights and cache count at their packed size
 from __future__ import annotations
 
 import json
-import math
 import random
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from engine.planning.planner import plan
 from engine.runtime.budgets import GIB, StoreLayout, check_budgets, estimate_memory
 from engine.runtime.devices import torch_dtype
 from engine.runtime.policy import CompressionConfig, Policy
+from tests.engine.test_planner import _random_hardware
 
 SIZES = ("125m", "350m", "1.3b", "6.7b", "30b", "175b", "llama-1b", "llama-8b")
 SMALL = dict(gpu_batch_sizes=(1, 4, 16), num_gpu_batches=(1, 4))
@@ -30,17 +30,12 @@ PROCESS_GROWTH_GIB = 0.03  # as jobrunner.worker.replan reserves: what the proce
 
 
 def _hardware(rng: random.Random) -> HardwareProfile:
-    def logu(lo, hi):
-        return math.exp(rng.uniform(math.log(lo), math.log(hi)))
-    common = dict(disk_read_gbps=logu(0.2, 6), disk_write_gbps=logu(0.2, 4), cpu_mem_gbps=logu(5, 100),
-                  cpu_attention_gbps=logu(1, 50), dequant_gbps=logu(1, 200), op_overhead_s=logu(1e-6, 5e-5),
-                  cpu_mem_gib=512, disk_free_gib=4000)
-    if rng.random() < 0.4:
-        return HardwareProfile(gpu_name="test-gpu", compute_dtype="float16", cpu_to_gpu_gbps=logu(4, 60),
-                               gpu_to_cpu_gbps=logu(2, 60), gpu_mem_gbps=logu(200, 3000),
-                               matmul_flops={"cuda": {"float16": logu(1e13, 5e14)}}, gpu_mem_gib=80, **common)
-    dtype = rng.choice(("bfloat16", "float32"))
-    return HardwareProfile(compute_dtype=dtype, matmul_flops={"cpu": {dtype: logu(5e10, 2e12)}}, **common)
+    """test_planner's random hosts; half the CPU-only ones compute in float32 (4-byte tensors)."""
+    hw = _random_hardware(rng)
+    if not hw.has_gpu and rng.random() < 0.5:
+        flops = hw.matmul_flops["cpu"]["bfloat16"] / 3
+        hw = hw.replace(compute_dtype="float32", matmul_flops={"cpu": {"float32": flops}})
+    return hw
 
 
 def _case(rng: random.Random):
