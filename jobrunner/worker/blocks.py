@@ -41,7 +41,7 @@ class ShardOutcome(str, enum.Enum):
     STOPPED = "stopped"      # should_stop fired: progress kept in memory for the worker to save or drop
     FAILED = "failed"        # the job failed, or the shard crashed and was released for a retry
     LOST = "lost"            # the lease was taken over: nothing more may be written
-    CANCELLED = "cancelled"  # the job was cancelled; the shard was released
+    CANCELLED = "cancelled"  # the job was cancelled; rows in flight were saved, the shard released
 
 
 class ShardReporter(Protocol):

@@ -9,8 +9,9 @@ worker stops only when nothing is left that it could take: it waits for shards w
 renewing, and leaves those of live workers alone.
 
 SIGTERM/SIGINT set a flag that the engine polls at every step boundary (should_stop): the worker
-saves the generated ids of the rows in flight, releases its lease and exits. A lost lease (the
-heartbeat found the shard taken over) or a cancel stops the shard the same way, minus the save.
+saves the generated ids of the rows in flight, releases its lease and exits. A cancel (seen at the
+heartbeat) stops the shard the same way and saves too, so `flexjob retry` resumes those rows; a
+lost lease (the heartbeat found the shard taken over) stops it without a save: it is not ours.
 Every store call goes through StoreRetry: a dropped connection is retried, not a failed shard.
 """
 from __future__ import annotations
@@ -234,22 +235,23 @@ class Worker:
             return ShardOutcome.FAILED
 
     def _after_stop(self, ctx: ShardContext, keeper: LeaseKeeper) -> ShardOutcome:
-        """The shard stopped before its end: a lost lease is dropped, a cancel releases the shard,
-        a signal saves the rows in flight and releases it."""
+        """The shard stopped before its end: a lost lease is dropped; a cancel or a signal saves the
+        rows in flight (a retry or the next claim resumes them) and releases the shard."""
         job, lease = ctx.job, ctx.lease
         if keeper.lost.is_set():
             self.reporter.message(f"lease on shard {lease.shard_index} of job {job.id} was taken over; dropping it")
             return ShardOutcome.LOST
-        if keeper.cancelled.is_set():
-            self._release_quietly(lease, reason="job cancelled")
-            self.reporter.message(f"job {job.id} was cancelled; released shard {lease.shard_index}")
-            return ShardOutcome.CANCELLED
+        cancelled = keeper.cancelled.is_set()
         try:
             self._call(store.save_progress, self.db, lease, dict(ctx.progress), decode_step=-1)
         except LeaseLost:
             return ShardOutcome.LOST
-        self._release_quietly(lease, reason="worker stopped by signal")
+        self._release_quietly(lease, reason="job cancelled" if cancelled else "worker stopped by signal")
         saved = sum(len(p.ids) for p in ctx.progress.values())
+        if cancelled:
+            self.reporter.message(f"job {job.id} was cancelled; saved {saved} generated tokens of "
+                                  f"{len(ctx.progress)} rows for a retry; released shard {lease.shard_index}")
+            return ShardOutcome.CANCELLED
         self.reporter.message(f"saved {saved} generated tokens of {len(ctx.progress)} rows; lease released")
         return ShardOutcome.STOPPED
 
