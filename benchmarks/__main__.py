@@ -5,6 +5,9 @@ systems alternated within a part so a shared host's noise hits both sides):
   ram          flexjob vs transformers `generate`, all weights in RAM      (bench_engine, part a)
   disk         flexjob weights on disk under --cpu-mem vs transformers + accelerate disk offload,
                with the fraction of the roofline reached                    (bench_engine, part b)
+  llama-ram    the ram part on a Llama-shaped 1B (llama-1b: GQA, RoPE, SwiGLU; HF's LlamaForCausalLM)
+  llama-disk   the disk part on a Llama-shaped 8B (llama-8b, 16 GB of fp16 weights) under --cpu-mem 8;
+               opt-in for --suite cpu (name it in --parts), in --suite gpu's default list
   planner      the planner's pick vs hand-written policies, measured and predicted (bench_planner_sweep)
   compression  4-bit weights on/off with the weights read from disk         (bench_compression_speed)
   jobrunner    enqueue + work + results vs the engine alone; commit latency (bench_jobrunner)
@@ -15,15 +18,22 @@ a child `--suite cpu` and FlexLLMGen's part on the GPU, and reports them togethe
 Writes suite-<date>.md (a table per part, CPU flags, dtype, command line), suite-<date>.json and
 suite-<date>-{tokens,roofline,planner}.png under --out (default benchmarks/results/).
 
-Models are random-weight OPTs of the real dimensions (engine.model.synthetic), made once under
---work-dir. Estimated time of the full CPU suite (opt-1.3b, prompt 128, gen 32) on a quiet 2-core
-host with AMX/AVX512-BF16 (bfloat16), from the issue's measured rates (transformers ~25 tokens/s,
-flexjob ~12 in RAM, ~8 over capacity, ~3 with 4-bit weights): making the model ~2 min, ram ~4 min
-(4 runs), disk ~4 min (2 runs + host profile), planner ~7 min (5 runs), compression ~3 min (2 runs),
-jobrunner ~1 min: about 21 minutes, under 30. An AVX2-only host computes in float32, 3-14x slower
-(docs/BENCHMARKS.md: transformers 1.8, flexjob 3.9 tokens/s): choose `--model-size 350m` there.
-`--quick` (opt-125m with 2 layers, gen 4, one block or policy each) takes ~3 minutes the first time on
-a busy 2-core host (it makes its model and measures the host's profile), ~1 minute after.
+Models are random-weight OPT and Llama-family models of the real dimensions (engine.model.synthetic),
+made once under --work-dir. Estimated time of the default CPU suite (opt-1.3b, prompt 128, gen 32) on a
+quiet 2-core host with AMX/AVX512-BF16 (bfloat16), from the issue's measured rates (transformers ~25
+tokens/s, flexjob ~12 in RAM, ~8 over capacity, ~3 with 4-bit weights): making the model ~2 min, ram
+~4 min (4 runs), disk ~4 min (2 runs + host profile), llama-ram ~6 min (a model of about the same
+size, made and run 4 times), planner ~7 min (5 runs), compression ~3 min (2 runs), jobrunner ~1 min:
+about 27 minutes, under 30. An AVX2-only host computes in float32, 3-14x slower (docs/BENCHMARKS.md:
+transformers 1.8, flexjob 3.9 tokens/s): choose `--model-size 350m` there.
+llama-disk is left out of --suite cpu's default because it alone takes longer than the whole suite: on
+that 2-core host, with the rates above scaled by parameter count (8.0B vs 1.3B, ~6x), making the model
+and converting its weight store (16 GB each) ~15 min, flexjob's 16x2 block ~13 min (1,024 tokens at
+~1.3 tokens/s), then accelerate's run: well over 30 minutes, hours in float32; it needs ~40 GB free
+under --work-dir (more in float32, where accelerate offloads float32 weights).
+`--quick` (opt-125m with 2 layers, Llama models with 2 layers and hidden 256, gen 4, one block or
+policy each) takes ~3 minutes the first time on a busy 2-core host (it makes its models and measures
+the host's profile), ~1 minute after.
 """
 from __future__ import annotations
 
@@ -40,7 +50,7 @@ from datetime import date
 from pathlib import Path
 
 from benchmarks.suite_config import SuiteConfig, ensure_model, host_facts
-from benchmarks.suite_parts import CPU_PARTS, GPU_PARTS, PARTS, Part, flexgen_unavailable
+from benchmarks.suite_parts import CPU_DEFAULT_PARTS, CPU_PARTS, GPU_PARTS, PARTS, Part, flexgen_unavailable
 from benchmarks.suite_report import parts_from_json, write_json, write_markdown, write_plots
 
 
@@ -49,8 +59,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[SuiteConfig, argparse.Nam
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=("cpu", "gpu"), default="cpu")
     ap.add_argument("--quick", action="store_true", help="shrink everything: a smoke run of every part")
-    ap.add_argument("--parts", default="", help=f"comma list of parts to run (default: all of the suite's): "
-                                                f"{', '.join(GPU_PARTS)}")
+    ap.add_argument("--parts", default="", help=f"comma list of parts to run, from {', '.join(GPU_PARTS)} "
+                                                f"(default: all of --suite gpu's; --suite cpu's leave out "
+                                                f"llama-disk, which takes well over 30 minutes on 2 cores)")
     ap.add_argument("--model-size", default=None, help="OPT size of the generated model (default 1.3b; 125m "
                                                        "with --quick)")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers than the published depth")
@@ -64,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[SuiteConfig, argparse.Nam
         cfg = replace(cfg, model_size=opts.model_size)
     if opts.layers:
         cfg = replace(cfg, num_layers=opts.layers)
-    known = GPU_PARTS if opts.suite == "gpu" else CPU_PARTS
+    known = GPU_PARTS if opts.suite == "gpu" else CPU_DEFAULT_PARTS
     chosen = tuple(p for p in opts.parts.split(",") if p) or known
     unknown = [p for p in chosen if p not in PARTS]
     if unknown:

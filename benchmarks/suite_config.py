@@ -1,5 +1,6 @@
 """The suite's settings (full and `--quick`), the host facts every report carries, and the models it
-makes: random-weight OPTs of the real dimensions (engine.model.synthetic), cached in the work dir."""
+makes: random-weight OPT and Llama-family models of the real dimensions (engine.model.synthetic),
+cached in the work dir."""
 from __future__ import annotations
 
 import os
@@ -7,6 +8,21 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A published size by preset name ("opt-1.3b", "llama-8b"), optionally shrunk; None keeps the
+    published depth or width."""
+    size: str
+    num_layers: int | None = None
+    hidden_size: int | None = None
+
+    @property
+    def name(self) -> str:
+        depth = f"-{self.num_layers}l" if self.num_layers else ""
+        width = f"-h{self.hidden_size}" if self.hidden_size else ""
+        return f"{self.size}{depth}{width}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,6 +56,11 @@ class SuiteConfig:
     jobrunner_rows: int = 64
     jobrunner_new_tokens: int = 16
     commit_blocks: int = 100
+    # Llama-family rows: the ram part's settings on a 1B, the disk part's on an 8B (16 GB of fp16
+    # weights) under llama_disk_cpu_mem, which also holds the 8B's 1 GiB embedding and 1 GiB head.
+    llama_ram: ModelShape = ModelShape("llama-1b")
+    llama_disk: ModelShape = ModelShape("llama-8b")
+    llama_disk_cpu_mem: float = 8.0
     # GPU suite: FlexLLMGen side by side (FlexGen's benchmark settings).
     gpu_prompt_len: int = 512
     gpu_percent: str = "100 0 100 0 100 0"
@@ -47,19 +68,25 @@ class SuiteConfig:
     parts: tuple[str, ...] = field(default_factory=tuple)
 
     def quick(self) -> SuiteConfig:
-        """Everything shrunk so the whole suite takes seconds per run: 125m with 2 layers, gen 4, one
-        policy or block each."""
+        """Everything shrunk so the whole suite takes seconds per run: 125m with 2 layers (the Llama
+        models: 2 layers, hidden 256), gen 4, one policy or block each."""
         return replace(self, model_size="125m", num_layers=2, prompt_len=16, gen_len=4, hf_batches=(4,),
                        ram_blocks=((4, 1),), disk_blocks=((4, 1),), hf_disk_batch=4, cpu_mem=1.0,
                        planner_policies=("all RAM 8x1",), planner_max_block=8, planner_cpu_mem=1.0,
                        compression_block=(4, 1),
                        jobrunner_layers=2, jobrunner_rows=8, jobrunner_new_tokens=4, commit_blocks=10,
+                       llama_ram=ModelShape("llama-1b", 2, 256), llama_disk=ModelShape("llama-8b", 2, 256),
+                       llama_disk_cpu_mem=1.0,
                        gpu_prompt_len=16, gpu_block=(4, 1))
 
     @property
+    def model_shape(self) -> ModelShape:
+        """The suite's OPT, which every part but the Llama ones runs."""
+        return ModelShape(f"opt-{self.model_size}", self.num_layers)
+
+    @property
     def model_name(self) -> str:
-        depth = f"-{self.num_layers}l" if self.num_layers else ""
-        return f"opt-{self.model_size}{depth}"
+        return self.model_shape.name
 
 
 def cpu_flags() -> dict[str, bool]:
@@ -83,15 +110,17 @@ def host_facts() -> dict:
     return {"host": os.uname().nodename, "cpu": model, "cores": os.cpu_count(), "flags": cpu_flags()}
 
 
-def ensure_model(cfg: SuiteConfig) -> Path:
-    """The suite's model directory, written once with random weights and reused by later runs."""
+def ensure_model(cfg: SuiteConfig, shape: ModelShape | None = None) -> Path:
+    """A model directory (default: the suite's OPT), written once with random weights and reused by
+    later runs."""
     from engine.model.config import preset
     from engine.model.synthetic import make_model
 
-    path = cfg.work_dir / "models" / cfg.model_name
+    shape = shape or cfg.model_shape
+    path = cfg.work_dir / "models" / shape.name
     done = path / ".complete"  # written last: an interrupted make is redone, not reused half-written
     if not done.is_file():
-        print(f"making {cfg.model_name} (random weights) in {path}", flush=True)
-        make_model(preset(cfg.model_size, num_layers=cfg.num_layers), path)
+        print(f"making {shape.name} (random weights) in {path}", flush=True)
+        make_model(preset(shape.size, num_layers=shape.num_layers, hidden_size=shape.hidden_size), path)
         done.write_text("ok\n")
     return path

@@ -9,7 +9,7 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +20,7 @@ import bench_engine  # noqa: E402
 import bench_jobrunner  # noqa: E402
 import bench_planner_sweep  # noqa: E402
 
-from benchmarks.suite_config import SuiteConfig  # noqa: E402
+from benchmarks.suite_config import ModelShape, SuiteConfig, ensure_model  # noqa: E402
 
 
 @dataclass
@@ -66,6 +66,21 @@ def part_disk(cfg: SuiteConfig, model: Path, dtype: str) -> Part:
                         f"accelerate disk offload (page cache dropped)", rows,
                 (("roofline_fraction", "roofline fraction"), ("disk_read_bytes", "disk bytes read"),
                  ("seconds", "seconds"), ("peak_rss_gib", "peak RSS GiB")))
+
+
+def part_llama_ram(cfg: SuiteConfig, model: Path, dtype: str) -> Part:
+    """The ram part on a Llama-shaped model (cfg.llama_ram) in place of the suite's OPT."""
+    return _on_llama("llama-ram", cfg.llama_ram, part_ram(cfg, ensure_model(cfg, cfg.llama_ram), dtype))
+
+
+def part_llama_disk(cfg: SuiteConfig, model: Path, dtype: str) -> Part:
+    """The disk part on an 8B-shaped Llama (cfg.llama_disk) under cfg.llama_disk_cpu_mem."""
+    over = replace(cfg, cpu_mem=cfg.llama_disk_cpu_mem)
+    return _on_llama("llama-disk", cfg.llama_disk, part_disk(over, ensure_model(cfg, cfg.llama_disk), dtype))
+
+
+def _on_llama(name: str, shape: ModelShape, part: Part) -> Part:
+    return replace(part, name=name, title=f"{shape.name} (random weights): {part.title}")
 
 
 def part_planner(cfg: SuiteConfig, model: Path, dtype: str) -> Part:
@@ -169,7 +184,10 @@ def _run_flexgen(cfg: SuiteConfig, percent: list[int], gbs: int, nb: int) -> dic
 
 
 PARTS: dict[str, Callable[[SuiteConfig, Path, str], Part]] = {
-    "ram": part_ram, "disk": part_disk, "planner": part_planner, "compression": part_compression,
-    "jobrunner": part_jobrunner, "flexgen": part_flexgen}
-CPU_PARTS = ("ram", "disk", "planner", "compression", "jobrunner")
+    "ram": part_ram, "disk": part_disk, "llama-ram": part_llama_ram, "llama-disk": part_llama_disk,
+    "planner": part_planner, "compression": part_compression, "jobrunner": part_jobrunner, "flexgen": part_flexgen}
+# Parts that compute on the CPU (in --suite gpu they run in a child that cannot see the GPU).
+CPU_PARTS = ("ram", "disk", "llama-ram", "llama-disk", "planner", "compression", "jobrunner")
+# llama-disk takes hours on a 2-core host: --suite cpu runs it only when --parts names it.
+CPU_DEFAULT_PARTS = tuple(p for p in CPU_PARTS if p != "llama-disk")
 GPU_PARTS = (*CPU_PARTS, "flexgen")

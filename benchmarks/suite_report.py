@@ -91,8 +91,10 @@ def write_plots(stem: Path, parts: list[Part]) -> list[Path]:
     matplotlib.use("Agg")
     by_name = {p.name: p for p in parts}
     plots = [(stem.with_name(stem.name + "-tokens.png"), _plot_tokens, [by_name.get(n) for n in
-                                                                       ("ram", "disk", "flexgen")]),
-             (stem.with_name(stem.name + "-roofline.png"), _plot_roofline, [by_name.get("disk")]),
+                                                                       ("ram", "disk", "llama-ram",
+                                                                        "llama-disk", "flexgen")]),
+             (stem.with_name(stem.name + "-roofline.png"), _plot_roofline,
+              [by_name.get("disk"), by_name.get("llama-disk")]),
              (stem.with_name(stem.name + "-planner.png"), _plot_planner, [by_name.get("planner")])]
     for path, draw, chosen in plots:
         _save(path, draw, [p for p in chosen if p is not None and p.rows])
@@ -128,8 +130,10 @@ def _plot_tokens(ax, parts: list[Part]) -> None:
 
 
 def _plot_roofline(ax, parts: list[Part]) -> None:
-    rows = [r for r in parts[0].rows if r.get("roofline_fraction")]
-    _bars(ax, [r["config"][:60] for r in rows], [r["roofline_fraction"] for r in rows], ["tab:blue"] * len(rows))
+    named = [(p.name, r) for p in parts for r in p.rows if r.get("roofline_fraction")]
+    rows = [r for _, r in named]
+    _bars(ax, [f"{name}: {r['config']}"[:60] for name, r in named], [r["roofline_fraction"] for r in rows],
+          ["tab:blue"] * len(rows))
     ax.axvline(0.8, color="tab:red", linestyle="--", label="80 % target")
     ax.set_xlim(0, max([1.0, *(r["roofline_fraction"] for r in rows)]))
     ax.set_xlabel("roofline time / measured time (per run: max(disk bytes / read bandwidth, FLOPs / FLOP/s))")
