@@ -298,7 +298,8 @@ def _solve_fitting(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, budgets: dict
 
 
 def _lp_policy(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, limits: dict[str, float | None],
-               budgets: dict[str, float | None], prompt_len: int, gen_len: int) -> tuple[float, Policy, Estimate] | None:
+               budgets: dict[str, float | None], prompt_len: int,
+               gen_len: int) -> tuple[float, Policy, Estimate] | None:
     """The LP's placement under `limits` as a policy in rounded percents, or in exact ones when
     rounding alone makes it miss the budgets (rounding only moves crumbs to disk)."""
     res = solve_lp(cfg, hw, sh, limits)
