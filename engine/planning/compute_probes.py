@@ -43,7 +43,7 @@ def linear_table(device: str, dtype: torch.dtype, seconds: float = 0.25) -> dict
                 for w in used:
                     torch.nn.functional.linear(x, w)
             nbytes = sum(w.numel() * w.element_size() for w in used)
-            table[str(rows)] = timed(run, seconds, sync_for(device), best=True) / nbytes
+            table[str(rows)] = timed(run, seconds, sync_for(device)) / nbytes
     return table
 
 

@@ -84,6 +84,13 @@ class HardwareProfile:
     cpu_mem_gib: float = 16.0
     disk_free_gib: float = 100.0
 
+    # Whether the host was busy while measured (figures likely too low: measure again when it is
+    # quiet), and what showed it: the 1-minute load average at the start, the usable cores, the
+    # median over the probes of (median call / fastest call), and the share of a core a spinning
+    # thread got (engine.planning.timing).
+    busy: bool = False
+    load: dict[str, float] = field(default_factory=dict)
+
     version: int = PROFILE_VERSION
 
     @property

@@ -25,7 +25,7 @@ from engine.planning.disk_probes import (DEFAULT_DISK_BYTES, cpu_busy, measure_d
                                          measure_io_interference)
 from engine.planning.hardware import PROFILE_VERSION, HardwareProfile
 from engine.planning.profile_store import profile_path
-from engine.planning.timing import sync_for, timed
+from engine.planning.timing import sync_for, timed, watch_load
 from engine.runtime.devices import DTYPE_NAMES, dtype_name, resolve_dtype, torch_dtype
 
 MAX_AGE_S = 7 * 24 * 3600
@@ -65,7 +65,7 @@ def calibrate_model(prof: HardwareProfile, model: OPTConfig, seconds_per_test: f
     if calibration_bytes(model, dtype) > free / 10:
         return prof
     scale = measure_compute_scale(prof, device, dtype,
-                                  lambda fn: timed(fn, 2 * seconds_per_test, sync_for(device), best=True), model)
+                                  lambda fn: timed(fn, 2 * seconds_per_test, sync_for(device)), model)
     return prof.replace(model_compute_scale={**prof.model_compute_scale, model_key(model): scale})
 
 
@@ -77,6 +77,17 @@ def _engine_dtype(has_gpu: bool) -> torch.dtype:
 
 def measure_profile(disk_dir: str | Path, *, disk_bytes: int | None = None,
                     seconds_per_test: float = 0.25) -> HardwareProfile:
+    """Measure this host. Every probe keeps its fastest call; when the calls spread widely, the
+    process gets too little of a core, or the load average exceeds the cores, the profile says
+    `busy` (its figures are likely too low)."""
+    with watch_load() as watch:
+        prof = _measure_probes(disk_dir, disk_bytes=disk_bytes, seconds_per_test=seconds_per_test)
+    seen = watch.verdict()
+    return prof.replace(busy=seen.busy, load={"load_avg": seen.load_avg, "cores": seen.cores,
+                                              "spread": seen.spread, "cpu_share": seen.cpu_share})
+
+
+def _measure_probes(disk_dir: str | Path, *, disk_bytes: int | None, seconds_per_test: float) -> HardwareProfile:
     disk_dir = Path(disk_dir)
     disk_bytes = disk_bytes or DEFAULT_DISK_BYTES
     disk_dir.mkdir(parents=True, exist_ok=True)
@@ -118,5 +129,5 @@ def measure_profile(disk_dir: str | Path, *, disk_bytes: int | None = None,
         cpu_mem_gib=psutil.virtual_memory().total / 2 ** 30,
         disk_free_gib=shutil.disk_usage(disk_dir).free / 2 ** 30, **fields)
     scale = measure_compute_scale(prof, device, dtype,
-                                  lambda fn: timed(fn, 2 * seconds_per_test, sync_for(device), best=True))
+                                  lambda fn: timed(fn, 2 * seconds_per_test, sync_for(device)))
     return prof.replace(compute_scale=scale)
