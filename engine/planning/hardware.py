@@ -89,7 +89,7 @@ class HardwareProfile:
     # median over the probes of (median call / fastest call), and the share of a core a spinning
     # thread got (engine.planning.timing).
     busy: bool = False
-    load: dict[str, float] = field(default_factory=dict)
+    load_seen: dict[str, float] = field(default_factory=dict)
 
     version: int = PROFILE_VERSION
 

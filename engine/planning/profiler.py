@@ -83,8 +83,8 @@ def measure_profile(disk_dir: str | Path, *, disk_bytes: int | None = None,
     with watch_load() as watch:
         prof = _measure_probes(disk_dir, disk_bytes=disk_bytes, seconds_per_test=seconds_per_test)
     seen = watch.verdict()
-    return prof.replace(busy=seen.busy, load={"load_avg": seen.load_avg, "cores": seen.cores,
-                                              "spread": seen.spread, "cpu_share": seen.cpu_share})
+    return prof.replace(busy=seen.busy, load_seen={"load_avg": seen.load_avg, "cores": seen.cores,
+                                                   "spread": seen.spread, "cpu_share": seen.cpu_share})
 
 
 def _measure_probes(disk_dir: str | Path, *, disk_bytes: int | None, seconds_per_test: float) -> HardwareProfile:

@@ -59,6 +59,8 @@ def profile_command(disk_dir: Path | None, refresh: bool, as_json: bool) -> None
 
     disk_dir = disk_dir or _default_disk_dir()
     prof = load_hardware(None, disk_dir, refresh=refresh)
+    if prof.busy:  # on stderr: the JSON on stdout stays readable
+        click.echo(busy_warning(prof), err=True)
     if as_json:
         click.echo(prof.to_json())
         return
@@ -102,6 +104,16 @@ def profile_command(disk_dir: Path | None, refresh: bool, as_json: bool) -> None
     console = _console()
     console.print(table)
     console.print(f"stored in {profile_path(disk_dir)} (disk dir {prof.disk_dir})")
+
+
+def busy_warning(prof) -> str:
+    """One line: the profile was measured on a busy host, what showed it, and what to do."""
+    load = prof.load_seen
+    seen = (f"load {load.get('load_avg', 0):.1f} on {load.get('cores', 0):.0f} cores, "
+            f"{load.get('cpu_share', 1):.0%} of a core free, median probe call "
+            f"{load.get('spread', 1):.1f}x its fastest")
+    return (f"warning: this host was busy while it was profiled ({seen}), so its figures may be far too low; "
+            f"hint: run `flexjob profile --refresh` again on a quiet machine")
 
 
 @main.command("plan")
