@@ -7,8 +7,9 @@ within tens of percent; on a 2-core host shared with other jobs the same op-disp
 seen 100x slower from one run to the next. A LoadWatch collects the spreads of every timing
 taken while it is active, the load average seen at its start, and the share of a core a
 spinning thread got at its start and end, and judges the host busy. The share is needed
-because the spread misses short calls (most of them run between two preemptions), and the load
-average, a minute's mean, misses a load that just began.
+because the spread misses short calls (most of them run between two preemptions) and calls that
+a loaded host slows past their allowance (timed twice only); the load average, a minute's mean,
+misses a load that just began.
 """
 from __future__ import annotations
 
