@@ -118,8 +118,8 @@ def test_plan_rounds_the_budgets_it_prints(tmp_path):
 def test_make_model_with_an_unknown_size_names_the_sizes_not_a_directory(tmp_path):
     code, out = _run(["make-model", "7m", "-o", str(tmp_path / "m")])
     assert code == 1 and out.splitlines()[0].startswith("error: unknown OPT size '7m'; known: opt-125m")
-    assert out.splitlines()[1] == ("hint: SIZE is one of the sizes above, such as 125m or opt-1.3b; --layers and "
-                                   "--hidden make it smaller")
+    assert out.splitlines()[1] == ("hint: SIZE is one of the sizes above, such as 125m, opt-1.3b or "
+                                   "llama-1b; --layers and --hidden make it smaller")
     assert not (tmp_path / "m").exists()
 
 
