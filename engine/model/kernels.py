@@ -21,16 +21,13 @@ Shapes: n (row, head) pairs, S queries, T cached positions, D head_dim.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-QUERIES_PER_CALL = 8  # >= 2 keeps MKL off its one-row (gemv) path, whose sums run in another order
-KEY_ALIGN = 64  # a multiple of every SIMD width, so softmax never takes a scalar tail
+from engine.model.kernel_shapes import KEY_ALIGN, QUERIES_PER_CALL, ROWS_PER_CALL
 
 
 def rows_per_call(dtype: torch.dtype) -> int:
-    """Rows per library call: large enough that prefill runs near full speed, small enough that a
-    decode micro-batch padded to it costs little more than streaming the weights once."""
-    return 32 if dtype == torch.float32 else 128
+    """Rows per library call for `dtype` (kernel_shapes.ROWS_PER_CALL)."""
+    return ROWS_PER_CALL.get(str(dtype).removeprefix("torch."), 128)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -83,9 +80,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: torch.Tenso
 
 
 def _aligned(x: torch.Tensor, first: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[T, n, D] -> [n, T', D] with pair i's position first[i] at index 0; T' is T rounded up to
-    KEY_ALIGN. Indices past a pair's last position repeat it (masked by every query)."""
+    """[T, n, D] -> [n, T', D], contiguous, with pair i's position first[i] at index 0; T' is T
+    rounded up to KEY_ALIGN, the positions past a pair's last one zero (masked by every query).
+    Pairs of one row share `first` and sit side by side, so this is one strided copy per run of
+    equal values (a row, or a row's heads in this part of the cache)."""
     T, n, D = x.shape
-    padded = -(-T // KEY_ALIGN) * KEY_ALIGN
-    index = (first[:, None] + torch.arange(padded, device=x.device)[None, :]).clamp_(max=T - 1)  # [n, T']
-    return x.to(dtype).transpose(0, 1).gather(1, index[:, :, None].expand(n, padded, D))
+    out = torch.empty(n, -(-T // KEY_ALIGN) * KEY_ALIGN, D, dtype=dtype, device=x.device)
+    values, counts = torch.unique_consecutive(first, return_counts=True)
+    start = 0
+    for shift, count in zip(values.tolist(), counts.tolist()):
+        rows = slice(start, start + count)
+        out[rows, :T - shift].copy_(x[shift:, rows].transpose(0, 1))
+        out[rows, T - shift:].zero_()
+        start += count
+    return out

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from engine.model.config import OPTConfig, model_key
+from engine.model.kernel_shapes import ATTENTION_OPS_PER_QUERY_GROUP, attention_calls, linear_calls
 from engine.planning.cost_inputs import (GB, OPS_PER_LAYER, TENSORS_PER_LAYER, Placement, Shape, Sizes,
                                          WeightSplit, compression_factor, elem_bytes, sizes, weight_split)
 from engine.planning.hardware import HardwareProfile
@@ -47,12 +48,16 @@ def _compute_bw(hw: HardwareProfile) -> float:
 
 def _matmul_time(hw: HardwareProfile, flops: float, weight_bytes: float, *, rows: float, calls: int) -> float:
     """`calls` linear layers of `rows` input rows over `weight_bytes` (compute dtype) each, `flops` in
-    all: the profile's measured table where there is one, else the roofline (the slower of doing
-    the FLOPs and streaming the weights from device memory)."""
-    measured = hw.linear_seconds(rows, weight_bytes)
+    all. The engine's batch-invariant linear sends the rows in fixed chunks (the last one padded),
+    each chunk one library call that streams the weights: the profile's measured table at the
+    chunk's row count where there is one, else the roofline (the slower of doing the padded FLOPs
+    and streaming the weights from device memory once per chunk)."""
+    chunks, chunk_rows = linear_calls(rows, hw.compute_dtype)
+    measured = hw.linear_seconds(chunk_rows, weight_bytes)
     if measured is not None:
-        return calls * measured
-    return max(flops / hw.flops(), calls * weight_bytes / _compute_bw(hw))
+        return calls * chunks * measured
+    padded_flops = flops * chunks * chunk_rows / max(rows, 1.0)
+    return max(padded_flops / hw.flops(), calls * chunks * weight_bytes / _compute_bw(hw))
 
 
 def _weight_and_activation_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z: Sizes,
@@ -82,6 +87,9 @@ def _cache_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z
     cache; decode reads the cache where it lives, or (cpu_cache_compute) attends on the CPU."""
     gpu, B, s, h = hw.has_gpu, sh.block_size, sh.prompt_len, cfg.hidden_size
     disk, c_to_g, g_to_c, compute = t["disk"], t["cpu_to_gpu"], t["gpu_to_cpu"], t["compute"]
+    # Attention goes to the library in fixed query groups, a few ops each (kernel_shapes).
+    groups = attention_calls(1 if decode else s * cfg.num_heads // cfg.num_kv_heads)
+    compute = compute + sh.num_gpu_batches * groups * ATTENTION_OPS_PER_QUERY_GROUP * hw.op_overhead_s
     if not decode:
         compute = compute + 4 * B * s * s * h / hw.flops()
         g_to_c = g_to_c + z.kv_new_pre * (x.cc + x.cd) * r.g2c

@@ -86,7 +86,7 @@ def test_whole_plan_matches_grid_over_the_same_enumeration(seed):
         return
     best_grid = grid_plan(cfg, hw, **budgets, **kw)
     assert best_grid is not None
-    assert result.tokens_per_s == pytest.approx(best_grid[0], rel=0.01)
+    assert result.tokens_per_s >= best_grid[0] * 0.99  # the LP is never worse than the grid's zoom
     assert result.estimate.fits(result.budgets_gib)
 
 
