@@ -145,7 +145,7 @@ def plan_command(model_dir, size, gpu_mem, cpu_mem, disk_mem, prompt_len, gen_le
       flexjob plan --model models/opt-1.3b --cpu-mem 4 --prompt-len 128 --gen-len 32 --json
     """
     from engine.planning.planner import plan
-    from jobrunner.worker.replan import process_reserved_gib
+    from jobrunner.worker.replan import worker_reserved_gib
 
     cfg = _model_config(model_dir, size)
     hw = load_hardware(hardware, disk_dir, model=cfg)
@@ -155,7 +155,7 @@ def plan_command(model_dir, size, gpu_mem, cpu_mem, disk_mem, prompt_len, gen_le
     result = plan(cfg, hw, gpu_mem_gib=gpu_mem, cpu_mem_gib=cpu_mem, disk_mem_gib=disk_mem,
                   prompt_len=prompt_len, gen_len=gen_len, compress_options=options,
                   max_block_size=max_block_size, num_alternatives=alternatives,
-                  cpu_reserved_gib=process_reserved_gib())
+                  cpu_reserved_gib=worker_reserved_gib())
     if as_json:
         out = {"model": cfg.name, "hardware": {"host": hw.host, "source": hw.source, "gpu": hw.gpu_name},
                "prompt_len": prompt_len, "gen_len": gen_len, **result.to_dict()}
