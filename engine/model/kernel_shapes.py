@@ -12,9 +12,13 @@ KEY_ALIGN = 64  # a multiple of every SIMD width, so softmax never takes a scala
 ATTENTION_OPS_PER_QUERY_GROUP = 6  # bmm, mask, fill, softmax, bmm, copy out
 
 
+def rows_per_call(dtype_name: str) -> int:
+    return ROWS_PER_CALL.get(dtype_name, 128)
+
+
 def linear_calls(rows: float, dtype_name: str) -> tuple[int, int]:
     """(calls, rows per call) for one linear layer over `rows` input rows."""
-    chunk = ROWS_PER_CALL.get(dtype_name, 128)
+    chunk = rows_per_call(dtype_name)
     return max(1, math.ceil(rows / chunk)), chunk
 
 

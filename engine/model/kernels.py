@@ -22,26 +22,24 @@ from __future__ import annotations
 
 import torch
 
-from engine.model.kernel_shapes import KEY_ALIGN, QUERIES_PER_CALL, ROWS_PER_CALL
-
-
-def rows_per_call(dtype: torch.dtype) -> int:
-    """Rows per library call for `dtype` (kernel_shapes.ROWS_PER_CALL)."""
-    return ROWS_PER_CALL.get(str(dtype).removeprefix("torch."), 128)
+from engine.model.kernel_shapes import KEY_ALIGN, QUERIES_PER_CALL, rows_per_call
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear whose rows do not depend on how many rows share the call. x: [..., K] -> [..., N]."""
     lead, k = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, k)
-    m, chunk = rows.shape[0], rows_per_call(x.dtype)
+    m, chunk = rows.shape[0], rows_per_call(str(x.dtype).removeprefix("torch."))
     padded = -(-m // chunk) * chunk
     if padded != m:
         rows = torch.cat((rows, rows.new_zeros(padded - m, k)))
     out = torch.empty(padded, weight.shape[0], dtype=x.dtype, device=x.device)
     for start in range(0, padded, chunk):
-        torch.addmm(bias, rows[start:start + chunk], weight.t(), out=out[start:start + chunk]) if bias is not None \
-            else torch.mm(rows[start:start + chunk], weight.t(), out=out[start:start + chunk])
+        part, into = rows[start:start + chunk], out[start:start + chunk]
+        if bias is None:
+            torch.mm(part, weight.t(), out=into)
+        else:
+            torch.addmm(bias, part, weight.t(), out=into)
     return out[:m].view(*lead, weight.shape[0])
 
 
@@ -57,7 +55,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: torch.Tenso
     """
     n, S, D = q.shape
     T = k.shape[0]
-    kh, vh = _aligned(k, first, q.dtype), _aligned(v, first, q.dtype)  # [n, T', D]
+    runs = _runs(first)
+    kh, vh = _aligned(k, runs, q.dtype), _aligned(v, runs, q.dtype)  # [n, T', D]
     if query_pos is None:
         query_pos = torch.arange(T - S, T, device=q.device)
     # Aligned position of every query (a padding query sees the row's first real key only).
@@ -79,16 +78,21 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: torch.Tenso
     return out
 
 
-def _aligned(x: torch.Tensor, first: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[T, n, D] -> [n, T', D], contiguous, with pair i's position first[i] at index 0; T' is T
+def _runs(first: torch.Tensor) -> list[tuple[int, int]]:
+    """(shift, pair count) of each run of equal `first`: pairs of one row share it and sit side by
+    side (a row, or a row's heads in one part of the cache)."""
+    values, counts = torch.unique_consecutive(first, return_counts=True)
+    return list(zip(values.tolist(), counts.tolist()))
+
+
+def _aligned(x: torch.Tensor, runs: list[tuple[int, int]], dtype: torch.dtype) -> torch.Tensor:
+    """[T, n, D] -> [n, T', D], contiguous, with each pair's first real position at index 0; T' is T
     rounded up to KEY_ALIGN, the positions past a pair's last one zero (masked by every query).
-    Pairs of one row share `first` and sit side by side, so this is one strided copy per run of
-    equal values (a row, or a row's heads in this part of the cache)."""
+    One strided copy per run of pairs that share a shift."""
     T, n, D = x.shape
     out = torch.empty(n, -(-T // KEY_ALIGN) * KEY_ALIGN, D, dtype=dtype, device=x.device)
-    values, counts = torch.unique_consecutive(first, return_counts=True)
     start = 0
-    for shift, count in zip(values.tolist(), counts.tolist()):
+    for shift, count in runs:
         rows = slice(start, start + count)
         out[rows, :T - shift].copy_(x[shift:, rows].transpose(0, 1))
         out[rows, T - shift:].zero_()

@@ -113,24 +113,28 @@ class CachePart:
                             group_size=self.compression.group_size, num_bits=self.compression.num_bits)
         return dequantize(q, self.dtype)
 
-    def as_attended(self, new: torch.Tensor) -> torch.Tensor:
-        """What attention reads back for positions just computed: a compressed part's round trip.
-        Attending the quantised copy of every position, the newest included, makes a decode step
-        see what a prefill of the same positions sees. new: [s, 2, count, head_dim]."""
-        if self.compression is None:
+    def encode(self, new: torch.Tensor) -> torch.Tensor | QuantizedTensor:
+        """What the part stores for positions just computed (new: [s, 2, count, head_dim]): new
+        itself, or its quantised form; encoded once, both written and attended."""
+        if self.compression is None or isinstance(new, QuantizedTensor):
             return new
-        q = quantize(new, num_bits=self.compression.num_bits, group_size=self.compression.group_size)
-        return dequantize(q, new.dtype)
+        return quantize(new, num_bits=self.compression.num_bits, group_size=self.compression.group_size)
 
-    def append(self, new: torch.Tensor) -> None:
-        """new: [s, 2, count, head_dim] — this part's keys and values of the positions just computed."""
-        if self.compression is None:
-            self.planes[0].write(self.length, new)
-        else:
-            q = quantize(new, num_bits=self.compression.num_bits, group_size=self.compression.group_size)
-            for plane, part in zip(self.planes, (q.data, q.scale, q.minimum)):
+    def attended(self, stored: torch.Tensor | QuantizedTensor) -> torch.Tensor:
+        """What attention reads for stored positions: the cache's own copy, the newest position
+        included, so a decode step sees what a prefill of the same positions sees."""
+        return dequantize(stored, self.dtype) if isinstance(stored, QuantizedTensor) else stored
+
+    def append(self, new: torch.Tensor | QuantizedTensor) -> None:
+        """new: [s, 2, count, head_dim], this part's keys and values of the positions just computed
+        (raw, or as `encode` gave them)."""
+        stored = self.encode(new)
+        if isinstance(stored, QuantizedTensor):
+            for plane, part in zip(self.planes, (stored.data, stored.scale, stored.minimum)):
                 plane.write(self.length, part)
-        self.length += new.shape[0]
+        else:
+            self.planes[0].write(self.length, stored)
+        self.length += stored.shape[0]
 
     def close(self) -> None:
         for p in self.planes:

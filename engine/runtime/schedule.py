@@ -229,8 +229,9 @@ class BlockRunner:
         if mb.length == mb.query_len:  # the prefill: nothing cached yet, attend the new positions whole
             out = []
             for part in slot.parts:
-                self._append(part, new[:, :, part.pairs])
-                seen = part.as_attended(new[:, :, part.pairs])
+                stored = part.encode(new[:, :, part.pairs])
+                self._append(part, stored)
+                seen = part.attended(stored)
                 out.append(attend(q_pairs[part.pairs], seen[:, 0], seen[:, 1], mb.first[part.pairs], query_pos))
         else:
             out = [self._attend_part(part, q_pairs[part.pairs], new[:, :, part.pairs], mb.first[part.pairs],
@@ -239,11 +240,13 @@ class BlockRunner:
         h = layers.attention_output(w, cfg, h, attn)
         return layers.mlp(w, cfg, h)
 
-    def _append(self, part: CachePart, new: torch.Tensor) -> None:
+    def _append(self, part: CachePart, stored) -> None:
+        """Store what `part.encode` gave: on the I/O thread for a disk part (a raw tensor copied
+        contiguous first, as the compute thread goes on with its storage)."""
         if part.tier == Tier.DISK:
-            self.submit(part.append, new.contiguous())
+            self.submit(part.append, stored.contiguous() if isinstance(stored, torch.Tensor) else stored)
         else:
-            part.append(new)
+            part.append(stored)
 
     def _attend_part(self, part: CachePart, q: torch.Tensor, new: torch.Tensor, first: torch.Tensor,
                      query_pos: torch.Tensor, read: Future | None) -> torch.Tensor:
@@ -253,13 +256,14 @@ class BlockRunner:
             # The cache read so far plus the new position as the cache will hold it.
             where = self._cache_device(part)
             prev = read.result() if read is not None else part.read(where, ctx.stats)
-            seen = part.as_attended(new)
+            stored = part.encode(new)
+            seen = part.attended(stored)
             if prev.shape[0] > part.length:  # read with room: write the new position in place
                 full = prev
                 full[part.length:].copy_(seen)
             else:
                 full = torch.cat((prev.to(where, new.dtype), seen.to(where)))
-            self._append(part, new)
+            self._append(part, stored)
         else:
             part.append(new)
             full = part.read()
