@@ -22,11 +22,16 @@ from __future__ import annotations
 
 import torch
 
+from engine.model import int4_matmul
 from engine.model.kernel_shapes import KEY_ALIGN, QUERIES_PER_CALL, rows_per_call
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear whose rows do not depend on how many rows share the call. x: [..., K] -> [..., N]."""
+def linear(x: torch.Tensor, weight: torch.Tensor | int4_matmul.Int4Weight,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear whose rows do not depend on how many rows share the call. x: [..., K] -> [..., N].
+    A 4-bit weight in the fused kernel's layout runs on that kernel (engine.model.int4_matmul)."""
+    if isinstance(weight, int4_matmul.Int4Weight):
+        return int4_matmul.linear(x, weight, bias)
     lead, k = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, k)
     m, chunk = rows.shape[0], rows_per_call(str(x.dtype).removeprefix("torch."))

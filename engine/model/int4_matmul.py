@@ -1,0 +1,121 @@
+"""Linear layers over 4-bit weights without a dequantised copy: torch's fused CPU kernel
+`aten._weight_int4pack_mm_for_cpu` with bfloat16 activations.
+
+The kernel (aten/src/ATen/native/cpu/int4mm_kernel.cpp, AVX-512 path) works on blocks of 4 rows
+by 64 output features; for each output element it dequantises w = (code - 8) * scale + zero in
+float32 (scale, zero: bfloat16 per group of the input dimension) and accumulates a * w with one
+float32 FMA per input position, in input order, then rounds the sum to bfloat16 once. Nothing is
+split along the input dimension and no sum is shared between rows, so a row's output depends on
+its own activations and the weight only.
+`linear` still calls the library with one fixed shape (ROWS_PER_CALL rows, the last call
+zero-padded) like the dense kernels do (engine.model.kernels), so that holds whatever a build's
+threading does with larger calls; tests/engine/test_compression.py probes it row by row.
+
+Our quantisation (engine.runtime.compression) stores per group a minimum m and a step s in fp16
+and dequantises code * s + m. The kernel's grid is (code - 8) * scale + zero, so scale = s and
+zero = m + 8 s, both rounded to bfloat16 (the kernel takes them in the activations' dtype): the
+kernel's weights differ from dequantize(q, float32) by at most half a bfloat16 ulp of zero plus
+8 half-ulps of s, about as far as dequantize(q, bfloat16) rounds each weight anyway.
+
+Packed layout (the kernel's, AVX-512, 64 output features per block): uint8 [N / 64, K, 32], byte j
+of (block b, input k) holds feature 64 b + j in its low nibble and 64 b + 32 + j in its high one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.runtime.compression import QuantizedTensor
+
+GROUP_SIZES = (32, 64, 128, 256)  # the kernel's supported groups along the input dimension
+FEATURES_PER_BLOCK = 64  # output features per packed block (AVX-512)
+ROWS_PER_CALL = 4  # the kernel's row block: no call computes a padded row it does not need to
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    """A [out, in] weight in the fused kernel's operands."""
+    packed: torch.Tensor            # uint8 [out, in / 2] (the kernel's blocked layout, see module doc)
+    scales_and_zeros: torch.Tensor  # bfloat16 [in / group, out, 2]
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.packed.shape[0], self.packed.shape[1] * 2
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() + self.scales_and_zeros.numel() * 2
+
+
+def available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+def fits(shape: tuple[int, ...], num_bits: int, group_size: int, dtype: torch.dtype,
+         device: torch.device) -> bool:
+    """Whether a stored [out, in] matrix can run on the fused kernel: 4 bits, bfloat16 on the CPU,
+    a supported group that divides `in`, `out` a multiple of 16 (the kernel's narrowest block)."""
+    return (available() and num_bits == 4 and len(shape) == 2 and dtype == torch.bfloat16
+            and device.type == "cpu" and group_size in GROUP_SIZES and shape[1] % group_size == 0
+            and shape[0] % 16 == 0)
+
+
+def pack(q: QuantizedTensor, *, out: torch.Tensor | None = None) -> Int4Weight:
+    """Our packed codes [out, groups, group / 2] rearranged into the kernel's layout with byte
+    operations only (no int32 codes, no dequantisation): half the bytes of the weight touched a
+    few times. `out` (uint8, out * in / 2 elements) is filled in place, e.g. a reused buffer."""
+    n, k = q.shape
+    g, half = q.group_size, q.group_size // 2
+    blocks, groups = n // FEATURES_PER_BLOCK, k // g
+    if out is None:
+        out = torch.empty(n * k // 2, dtype=torch.uint8)
+    data = q.data.reshape(n, groups, half)
+    full = blocks * FEATURES_PER_BLOCK
+    pairs = data[:full].reshape(blocks, 2, 32, groups, half)
+    low_rows, high_rows = pairs[:, 0], pairs[:, 1]  # features 64b + j and 64b + 32 + j
+    # out[b, kk, j] viewed as [b, j, group, slot, i] with kk = group * g + slot * half + i
+    into = out[:full * k // 2].view(blocks, groups, 2, half, 32).permute(0, 4, 1, 2, 3)
+    # slot 0 (first half of a group): our low nibbles; slot 1: our high nibbles
+    torch.bitwise_or(low_rows & 0x0F, high_rows << 4, out=into[:, :, :, 0])
+    torch.bitwise_or(low_rows >> 4, high_rows & 0xF0, out=into[:, :, :, 1])
+    if full < n:
+        _pack_tail(data[full:], out[full * k // 2:])
+    return Int4Weight(packed=out.view(n, k // 2), scales_and_zeros=scales_and_zeros(q), group_size=g)
+
+
+def _pack_tail(data: torch.Tensor, out: torch.Tensor) -> None:
+    """The last block of 16, 32 or 48 features (e.g. a vocabulary of 50272): the kernel packs it
+    as [K, n / 2] with features 2i and 2i + 1 in the low and high nibble of byte i."""
+    n, groups, half = data.shape
+    codes = torch.stack((data & 0x0F, data >> 4), dim=2).view(n, -1).t()  # [K, n], input order
+    torch.bitwise_or(codes[:, 0::2], codes[:, 1::2] << 4, out=out.view(-1, n // 2))
+
+
+def scales_and_zeros(q: QuantizedTensor) -> torch.Tensor:
+    """[in / group, out, 2] bfloat16: scale s and zero m + 8 s per (group, output feature)."""
+    scale = q.scale.float()
+    zero = q.minimum.float() + 8 * scale
+    return torch.stack((scale, zero), dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
+
+
+def linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T (+ bias) for bfloat16 x: [..., in] -> [..., out], row by row identical whatever the
+    number of rows (ROWS_PER_CALL rows per call, the last call zero-padded)."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, k)
+    m = rows.shape[0]
+    padded = -(-m // ROWS_PER_CALL) * ROWS_PER_CALL
+    if padded != m or not rows.is_contiguous():
+        rows = torch.cat((rows, rows.new_zeros(padded - m, k)))
+    n = weight.packed.shape[0]
+    out = torch.empty(padded, n, dtype=x.dtype, device=x.device)
+    mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+    for start in range(0, padded, ROWS_PER_CALL):
+        out[start:start + ROWS_PER_CALL] = mm(rows[start:start + ROWS_PER_CALL], weight.packed,
+                                              weight.group_size, weight.scales_and_zeros)
+    out = out[:m]
+    if bias is not None:
+        out.add_(bias)
+    return out.view(*lead, n)
