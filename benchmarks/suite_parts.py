@@ -130,7 +130,7 @@ def part_jobrunner(cfg: SuiteConfig, model: Path, dtype: str) -> Part:
              "part_write_ms_p50": commit["part_write_ms_p50"]}]
     return Part("jobrunner", "Job-runner overhead: the whole path vs the engine alone; per-block commit latency",
                 rows, (("seconds", "seconds"), ("ratio", "path / engine"), ("commit_ms_p50", "commit ms p50"),
-                       ("commit_ms_p95", "commit ms p95"), ("part_write_ms_p50", "part write ms p50")))
+                       ("commit_ms_p95", "commit ms p95"), ("part_write_ms_p50", "part encode ms p50")))
 
 
 FLEXGEN_THROUGHPUT = re.compile(r"total throughput:\s*([0-9.]+)\s*token/s")

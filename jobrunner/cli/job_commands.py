@@ -44,13 +44,11 @@ def _open(db, *, must_exist: bool = False):
 @click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first.")
 @click.option("--shard-rows", type=int, default=1000, show_default=True, help="Rows per shard (unit of claim).")
 @click.option("--name", default=None, help="A name for the job (default: the file name).")
-@click.option("--results-dir", type=click.Path(path_type=Path), default=None,
-              help="Where parts are written (shared by all workers). Default: next to the SQLite file.")
 @click.option("--force", is_flag=True, help="Create a new job even if the same one exists.")
 @click.option("--limit", type=int, default=None, help="Only the first N rows (a quick trial).")
 @db_option
 def enqueue_command(input_path, model_dir, column, id_column, max_new_tokens, temperature, top_p, seed, stop,
-                    dtype, truncate, priority, shard_rows, name, results_dir, force, limit, db):
+                    dtype, truncate, priority, shard_rows, name, force, limit, db):
     """Create a job from a file of prompts (idempotent: the same file and parameters return the
     existing job).
 
@@ -70,8 +68,8 @@ def enqueue_command(input_path, model_dir, column, id_column, max_new_tokens, te
     params = JobParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                        stop=tuple(stop), dtype=dtype or default_dtype_name(), truncate=truncate)
     result = enqueue(_open(db), input_path, model_dir=model_dir, column=column, id_column=id_column,
-                     params=params, priority=priority, shard_rows=shard_rows, name=name,
-                     results_root=results_dir, force=force, limit=limit)
+                     params=params, priority=priority, shard_rows=shard_rows, name=name, force=force,
+                     limit=limit)
     job = result.job
     shards = -(-job.total_rows // job.shard_rows)
     if not result.created:

@@ -1,5 +1,5 @@
-"""sha256 of a file's bytes, read in 1 MiB chunks (bounded memory for any size): how inputs are
-fingerprinted and result parts are checked."""
+"""sha256 of a file's bytes, read in 1 MiB chunks (bounded memory for any size), or of bytes in
+memory: how inputs are fingerprinted and stored prompts and result parts are checked."""
 from __future__ import annotations
 
 import hashlib
@@ -18,3 +18,7 @@ def file_sha256(path: str | Path, *, fsync: bool = False) -> str:
         if fsync:
             os.fsync(f.fileno())
     return digest.hexdigest()
+
+
+def bytes_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +22,9 @@ from jobrunner import store
 from jobrunner.errors import UserError
 from jobrunner.store.models import Job
 from jobrunner.io.convert import ConvertedInput, convert_input, input_kind
+from jobrunner.home import flexjob_home
 from jobrunner.io.inputs import InputInfo, count_problem_rows, fingerprint_file, inspect_input
+from jobrunner.io.shard_inputs import cut_shards
 
 TRUNCATE_MODES = ("error", "left")
 DEFAULT_SHARD_ROWS = 1000
@@ -110,14 +114,6 @@ def job_key(*, input_fingerprint: str, prompt_column: str, id_column: str | None
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def default_results_root(engine: Engine) -> Path:
-    """Next to a SQLite database file; else under the current directory (on PostgreSQL the path
-    must be shared by every worker: pass --results-dir on a shared filesystem)."""
-    database = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
-    base = Path(database).resolve().parent if database and database != ":memory:" else Path.cwd()
-    return base / "flexjob-results"
-
-
 @dataclass(frozen=True, kw_only=True)
 class _PreparedInput:
     """The Parquet file the workers read, and what the job key is computed from."""
@@ -125,25 +121,27 @@ class _PreparedInput:
     column: str
     id_column: str | None
     source_fingerprint: str     # of the file the user gave (JSONL/CSV: not the Parquet copy)
-    fingerprint: str            # of info.path, which workers check before reading
     params: JobParams
 
 
-def _prepare_input(input_path: Path, root: Path, *, column: str, id_column: str | None,
+def _prepare_input(input_path: Path, stack: ExitStack, *, column: str, id_column: str | None,
                    params: JobParams, limit: int | None) -> _PreparedInput:
+    """The Parquet file to cut into shards: the input itself, or a JSONL/CSV file's Parquet copy in
+    a staging directory of flexjob's home that `stack` removes once the prompts are in the store."""
     if input_kind(input_path) == "parquet":
         info = inspect_input(input_path, column, id_column)
         fingerprint = fingerprint_file(info.path)
         return _PreparedInput(info=info, column=column, id_column=id_column, source_fingerprint=fingerprint,
-                              fingerprint=fingerprint, params=params)
+                              params=params)
     if not input_path.is_file():
         raise UserError(f"input file {input_path} does not exist", "check the path")
     source_fp = fingerprint_file(input_path)
-    converted = convert_input(input_path, source_fp, root / "inputs", column=column, id_column=id_column,
-                              limit=limit)
+    staging = flexjob_home() / "staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=staging)))
+    converted = convert_input(input_path, source_fp, out_dir, column=column, id_column=id_column, limit=limit)
     info = inspect_input(converted.path, "prompt", converted.id_column)
     return _PreparedInput(info=info, column="prompt", id_column=converted.id_column, source_fingerprint=source_fp,
-                          fingerprint=fingerprint_file(converted.path),
                           params=_with_file_params(params, converted, input_path))
 
 
@@ -163,33 +161,38 @@ def _with_file_params(params: JobParams, converted: ConvertedInput, path: Path) 
 
 def enqueue(engine: Engine, input_path: str | Path, *, model_dir: str | Path, column: str = "prompt",
             id_column: str | None = None, params: JobParams = JobParams(), priority: int = 0,
-            shard_rows: int = DEFAULT_SHARD_ROWS, name: str | None = None,
-            results_root: str | Path | None = None, force: bool = False,
+            shard_rows: int = DEFAULT_SHARD_ROWS, name: str | None = None, force: bool = False,
             limit: int | None = None) -> EnqueueResult:
     """Create the job for a Parquet, JSONL (plain or OpenAI batch) or CSV file of prompts; with
-    `limit`, only its first rows (a quick trial)."""
+    `limit`, only its first rows (a quick trial). The prompts are copied into the store, shard by
+    shard, so that workers anywhere need nothing but the store (and the model directory)."""
     if shard_rows < 1:
         raise UserError(f"--shard-rows must be >= 1, got {shard_rows}")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be >= 1, got {limit}")
     config = load_config(model_dir)
-    root = Path(results_root) if results_root else default_results_root(engine)
-    prepared = _prepare_input(Path(input_path), root, column=column, id_column=id_column, params=params,
-                              limit=limit)
-    params, info = prepared.params, prepared.info
-    if params.max_new_tokens >= config.max_positions:
-        raise UserError(f"--max-new-tokens {params.max_new_tokens} leaves no room for a prompt: the model "
-                        f"has {config.max_positions} positions", "lower --max-new-tokens")
-    model_fp = model_fingerprint(model_dir)
-    key = job_key(input_fingerprint=prepared.source_fingerprint, prompt_column=column, id_column=id_column,
-                  model_fingerprint_=model_fp, params=params, limit=limit)
-    total_rows = min(info.num_rows, limit) if limit is not None else info.num_rows
-    problems = count_problem_rows(info.path, prepared.column, total_rows)
-    new = store.NewJob(
-        name=name or Path(input_path).stem, priority=priority, job_key=key, input_path=str(info.path),
-        input_fingerprint=prepared.fingerprint, input_size=info.size, input_mtime_ns=info.mtime_ns,
-        prompt_column=prepared.column, id_column=prepared.id_column, model_dir=str(Path(model_dir).resolve()),
-        model_fingerprint=model_fp, params=params.to_dict(), results_dir=str(root.resolve() / "job-{job}"),
-        shard_rows=shard_rows, total_rows=total_rows)
-    job, created = store.enqueue_job(engine, new, force=force)
+    with ExitStack() as stack:
+        prepared = _prepare_input(Path(input_path), stack, column=column, id_column=id_column, params=params,
+                                  limit=limit)
+        params, info = prepared.params, prepared.info
+        if params.max_new_tokens >= config.max_positions:
+            raise UserError(f"--max-new-tokens {params.max_new_tokens} leaves no room for a prompt: the model "
+                            f"has {config.max_positions} positions", "lower --max-new-tokens")
+        model_fp = model_fingerprint(model_dir)
+        key = job_key(input_fingerprint=prepared.source_fingerprint, prompt_column=column, id_column=id_column,
+                      model_fingerprint_=model_fp, params=params, limit=limit)
+        total_rows = min(info.num_rows, limit) if limit is not None else info.num_rows
+        problems = count_problem_rows(info.path, prepared.column, total_rows)
+        source = Path(input_path).resolve()
+        stat = source.stat()
+        new = store.NewJob(
+            name=name or Path(input_path).stem, priority=priority, job_key=key, input_path=str(source),
+            input_fingerprint=prepared.source_fingerprint, input_size=stat.st_size, input_mtime_ns=stat.st_mtime_ns,
+            prompt_column=prepared.column, id_column=prepared.id_column, model_dir=str(Path(model_dir).resolve()),
+            model_fingerprint=model_fp, params=params.to_dict(), results_dir="", shard_rows=shard_rows,
+            total_rows=total_rows)
+        shards = cut_shards(info.path, prepared.column, prepared.id_column, shard_rows=shard_rows,
+                            total_rows=total_rows)
+        job, created = store.enqueue_job(engine, new, shard_inputs=((p.data, p.sha256) for p in shards),
+                                         force=force)
     return EnqueueResult(job=job, created=created, problem_rows=problems)

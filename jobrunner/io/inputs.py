@@ -112,17 +112,22 @@ def prompt_problem(value: bytes | None) -> tuple[str | None, str | None]:
     return text, None
 
 
-def _as_bytes(array: pa.Array | pa.ChunkedArray) -> list[bytes | None]:
+def as_binary(array: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The text column's raw bytes, without decoding (zero-copy for string and large_string)."""
     if isinstance(array, pa.ChunkedArray):
         array = array.combine_chunks()
     t = array.type
     if pa.types.is_string(t):
-        array = array.view(pa.binary())
-    elif pa.types.is_large_string(t):
-        array = array.view(pa.large_binary())
-    elif _is_view(t):
-        array = array.cast(pa.large_binary())
-    return array.to_pylist()
+        return array.view(pa.binary())
+    if pa.types.is_large_string(t):
+        return array.view(pa.large_binary())
+    if _is_view(t):
+        return array.cast(pa.large_binary())
+    return array
+
+
+def _as_bytes(array: pa.Array | pa.ChunkedArray) -> list[bytes | None]:
+    return as_binary(array).to_pylist()
 
 
 def count_problem_rows(path: str | Path, column: str, limit: int | None = None) -> dict[str, int]:

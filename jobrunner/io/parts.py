@@ -1,23 +1,19 @@
-"""Result parts: one Parquet file per engine block, written atomically.
+"""Result parts: one Parquet table per engine block, stored in the job store.
 
-A part is written to a temporary name, fsynced, renamed into place, and the directory fsynced, so
-after a crash a part either exists whole or not at all. Only then is it registered in the store
-(`store.commit_block`); a part on disk that was never registered is ignored by `results`, which
-is what makes a crash between write and commit harmless. Part names carry the shard's attempt, so
-a worker whose lease was taken over never overwrites its successor's files.
+A part's bytes are written in the same transaction that registers the part and advances the shard
+(`store.commit_block`), so a crash leaves either the whole block committed or nothing, and any
+machine that reaches the store can read every part. Part names carry the shard's attempt and the
+block's index: a retried commit is recognised, and a fenced-off worker's block is never mixed in.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
-from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobrunner.io.digest import file_sha256
+from jobrunner.io.digest import bytes_sha256
 
 
 def result_schema(id_type: pa.DataType | None) -> pa.Schema:
@@ -55,9 +51,8 @@ class ResultRow:
 
 
 @dataclass(frozen=True, kw_only=True)
-class WrittenPart:
-    path: Path
-    size_bytes: int
+class ParquetBytes:
+    data: bytes
     sha256: str
 
 
@@ -71,23 +66,9 @@ def rows_to_table(rows: list[ResultRow], id_type: pa.DataType | None) -> pa.Tabl
     return pa.Table.from_pydict(columns, schema=schema)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_part(table: pa.Table, path: Path, *, before_rename: Callable[[], None] | None = None) -> WrittenPart:
-    """Write `table` to `path` atomically and durably; returns its size and sha256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    sha256 = file_sha256(tmp, fsync=True)
-    if before_rename is not None:
-        before_rename()  # test hook: a crash with the temp file written but not yet in place
-    size = tmp.stat().st_size
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return WrittenPart(path=path, size_bytes=size, sha256=sha256)
+def to_parquet_bytes(table: pa.Table) -> ParquetBytes:
+    """The table as Parquet bytes, with their sha256 (checked whenever they are read back)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    data = sink.getvalue().to_pybytes()
+    return ParquetBytes(data=data, sha256=bytes_sha256(data))

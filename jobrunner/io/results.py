@@ -3,10 +3,10 @@
 The file's format follows its extension (jobrunner.io.output_formats): Parquet, CSV, or JSONL in
 the OpenAI Batch API output format.
 
-Parts are read shard by shard (shards are contiguous row ranges in input order; inside a shard the
-blocks were sorted by length), so memory is bounded by one shard, not by the job. Each part is
-checked against the size and sha256 recorded when it was committed: a missing or damaged part is
-named, and `flexjob retry JOB` regenerates exactly its rows.
+Parts are read from the store shard by shard (shards are contiguous row ranges in input order;
+inside a shard the blocks were sorted by length), so memory is bounded by one shard, not by the
+job. Each part is checked against the size and sha256 recorded when it was committed: a missing or
+damaged part is named, and `flexjob retry JOB` regenerates exactly its rows.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from jobrunner import store
 from jobrunner.errors import UserError
 from jobrunner.store.models import Job, JobStatus, ResultPart
 from jobrunner.io.output_formats import OutputContext, check_output_path, open_writer
-from jobrunner.io.digest import file_sha256
+from jobrunner.io.digest import bytes_sha256
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,31 +35,41 @@ class ResultsSummary:
     finish_reasons: dict[str, int]
 
 
-def part_problem(job: Job, part: ResultPart) -> str | None:
-    """Why a registered part cannot be used, or None if it is intact."""
+def _part_bytes(engine: Engine, job: Job, part: ResultPart) -> tuple[bytes | None, str]:
+    """(the part's bytes or None if they are missing, where they are): from the store, or, for a
+    part registered as a file by an earlier flexjob (its job has a results_dir), from that file."""
+    data = store.part_bytes(engine, part.id)
+    if data is not None or not job.results_dir:
+        return data, f"result part {part.path}"
     path = Path(job.results_dir) / part.path
-    if not path.is_file():
-        return f"result part {path} is missing"
-    if path.stat().st_size != part.size_bytes:
-        return f"result part {path} is corrupt (size {path.stat().st_size}, expected {part.size_bytes})"
-    if file_sha256(path) != part.sha256:
-        return f"result part {path} is corrupt (checksum mismatch)"
+    return (path.read_bytes() if path.is_file() else None), f"result part {path}"
+
+
+def part_problem(part: ResultPart, data: bytes | None, where: str) -> str | None:
+    """Why a registered part cannot be used, or None if it is intact."""
+    if data is None:
+        return f"{where} is missing"
+    if len(data) != part.size_bytes:
+        return f"{where} is corrupt (size {len(data)}, expected {part.size_bytes})"
+    if bytes_sha256(data) != part.sha256:
+        return f"{where} is corrupt (checksum mismatch)"
     return None
 
 
 def damaged_parts(engine: Engine, job_id: int) -> list[tuple[ResultPart, str]]:
     job = store.get_job(engine, job_id)
     return [(part, problem) for part in store.job_parts(engine, job_id)
-            if (problem := part_problem(job, part)) is not None]
+            if (problem := part_problem(part, *_part_bytes(engine, job, part))) is not None]
 
 
-def _read_part(job: Job, part: ResultPart) -> pa.Table:
-    problem = part_problem(job, part)
+def _read_part(engine: Engine, job: Job, part: ResultPart) -> pa.Table:
+    data, where = _part_bytes(engine, job, part)
+    problem = part_problem(part, data, where)
     if problem is None:
         try:
-            return pq.read_table(Path(job.results_dir) / part.path)
+            return pq.read_table(pa.BufferReader(data))
         except (pa.ArrowInvalid, OSError) as exc:
-            problem = f"result part {Path(job.results_dir) / part.path} is unreadable ({exc})"
+            problem = f"{where} is unreadable ({exc})"
     raise UserError(f"job {job.id}: {problem}",
                     f"run `flexjob retry {job.id}` to regenerate the rows of damaged parts")
 
@@ -89,7 +99,7 @@ def write_results(engine: Engine, job_id: int, out_path: str | Path, *, partial:
     reasons: dict[str, int] = defaultdict(int)
     try:
         for shard in store.list_shards(engine, job_id):
-            tables = [_read_part(job, p) for p in parts_by_shard.get(shard.id, [])]
+            tables = [_read_part(engine, job, p) for p in parts_by_shard.get(shard.id, [])]
             if not tables:
                 missing += shard.row_end - shard.row_start
                 continue
@@ -149,7 +159,7 @@ def _parts_worth_regenerating(engine: Engine, job: Job, part_ids: list[int]) -> 
     parts = {p.id: p for p in store.job_parts(engine, job.id)}
     keep, skipped_rows = [], 0
     for part_id in part_ids:
-        errors = [e for e in _read_part(job, parts[part_id]).column("error").to_pylist() if e is not None]
+        errors = [e for e in _read_part(engine, job, parts[part_id]).column("error").to_pylist() if e is not None]
         if all(e.startswith(INPUT_PROBLEM_PREFIX) for e in errors):
             skipped_rows += len(errors)
         else:

@@ -4,7 +4,7 @@ Each function is one transaction and returns detached ORM snapshots (read them, 
 them). `db` opens a store (SQLite file or PostgreSQL) and migrates it; `models` holds the tables;
 `events` the kinds of the event log; `queries` the read queries behind `status` and `report`.
 
-    jobs    enqueue_job, get_job, list_jobs, list_shards, job_parts, failed_row_parts, drop_parts,
+    jobs    enqueue_job, shard_input, part_bytes, get_job, list_jobs, list_shards, job_parts, failed_row_parts, drop_parts,
             cancel_job, retry_job, record_event
     workers register_worker, worker_seen, stop_worker, running_workers_on, declare_dead, held_elsewhere
     shards  the lease lifecycle: claim_shard, heartbeat, save_progress, load_progress,
@@ -13,7 +13,8 @@ them). `db` opens a store (SQLite file or PostgreSQL) and migrates it; `models` 
 from jobrunner.store.base import Lease, LeaseLost
 from jobrunner.store.events import EventKind
 from jobrunner.store.jobs import (NewJob, cancel_job, drop_parts, enqueue_job, failed_row_parts, get_job,
-                                  job_parts, list_jobs, list_shards, record_event, retry_job)
+                                  job_parts, list_jobs, list_shards, part_bytes, record_event, retry_job,
+                                  shard_input)
 from jobrunner.store.shards import (PartRecord, RowProgress, claim_shard, commit_block, committed_rows,
                                     fail_job_for_lease, heartbeat, load_progress, release_shard, save_progress)
 from jobrunner.store.workers import (HeldShard, declare_dead, held_elsewhere, register_worker, running_workers_on,
@@ -21,7 +22,7 @@ from jobrunner.store.workers import (HeldShard, declare_dead, held_elsewhere, re
 
 __all__ = [
     "EventKind", "HeldShard", "Lease", "LeaseLost", "NewJob", "PartRecord", "RowProgress",
-    "enqueue_job", "get_job", "list_jobs", "list_shards", "job_parts", "failed_row_parts", "drop_parts",
+    "enqueue_job", "shard_input", "part_bytes", "get_job", "list_jobs", "list_shards", "job_parts", "failed_row_parts", "drop_parts",
     "cancel_job", "retry_job", "record_event",
     "register_worker", "worker_seen", "stop_worker", "running_workers_on", "declare_dead", "held_elsewhere",
     "claim_shard", "heartbeat", "save_progress", "load_progress", "committed_rows", "commit_block",

@@ -2,7 +2,9 @@
 
 Functions return detached ORM snapshots (read them, do not modify them).
 
-    enqueue_job       create a job and its shards, or return the same existing job (idempotent)
+    enqueue_job       create a job, its shards and their stored prompts, or return the same existing job
+    shard_input       a shard's stored prompts (Parquet bytes and sha256)
+    part_bytes        a result part's stored Parquet bytes
     get_job           one job by id
     list_jobs         jobs, newest first, optionally by status
     list_shards       a job's shards in input order
@@ -16,12 +18,13 @@ Functions return detached ORM snapshots (read them, do not modify them).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, insert, select, update
 
 from jobrunner.errors import UserError
 from jobrunner.store.events import EventKind
-from jobrunner.store.models import Job, JobStatus, ResultPart, Shard, ShardStatus, utcnow
+from jobrunner.store.models import Job, JobStatus, PartData, ResultPart, Shard, ShardInput, ShardStatus, utcnow
 from jobrunner.store.base import add_event, get_job_locked, read_tx, write_tx
 
 
@@ -45,8 +48,11 @@ class NewJob:
     total_rows: int
 
 
-def enqueue_job(engine: Engine, new: NewJob, *, force: bool = False) -> tuple[Job, bool]:
-    """(job, created). Without `force`, an existing job with the same key is returned instead."""
+def enqueue_job(engine: Engine, new: NewJob, *, shard_inputs: Iterable[tuple[bytes, str]] | None = None,
+                force: bool = False) -> tuple[Job, bool]:
+    """(job, created). Without `force`, an existing job with the same key is returned instead.
+    `shard_inputs` yields each shard's prompts as (Parquet bytes, sha256), in shard order; they are
+    written in the same transaction, one row at a time, so memory holds one shard's bytes."""
     now = utcnow()
     with write_tx(engine) as s:
         if not force:
@@ -59,17 +65,40 @@ def enqueue_job(engine: Engine, new: NewJob, *, force: bool = False) -> tuple[Jo
                   id_column=new.id_column, model_dir=new.model_dir, model_fingerprint=new.model_fingerprint,
                   params=new.params, results_dir=new.results_dir, shard_rows=new.shard_rows,
                   total_rows=new.total_rows, status=JobStatus.QUEUED, done_rows=0, failed_rows=0,
-                  generated_tokens=0, created_at=now, updated_at=now)
+                  generated_tokens=0, created_at=now, updated_at=now, inputs_in_store=shard_inputs is not None)
         s.add(job)
         s.flush()
         if "{job}" in job.results_dir:
             job.results_dir = job.results_dir.replace("{job}", str(job.id))
-        s.add_all(Shard(job_id=job.id, shard_index=i, row_start=start,
+        shards = [Shard(job_id=job.id, shard_index=i, row_start=start,
                         row_end=min(start + new.shard_rows, new.total_rows), status=ShardStatus.PENDING,
                         attempt=0, done_rows=0, failed_rows=0, engine_failures=0, updated_at=now)
-                  for i, start in enumerate(range(0, new.total_rows, new.shard_rows)))
+                  for i, start in enumerate(range(0, new.total_rows, new.shard_rows))]
+        s.add_all(shards)
+        s.flush()
+        if shard_inputs is not None:
+            stored = 0
+            for shard, (data, sha256) in zip(shards, shard_inputs):
+                s.execute(insert(ShardInput).values(shard_id=shard.id, data=data, sha256=sha256))
+                stored += 1
+            if stored != len(shards):
+                raise RuntimeError(f"{stored} shard inputs for {len(shards)} shards")
         add_event(s, EventKind.JOB_ENQUEUED, job_id=job.id, data={"rows": new.total_rows, "forced": force})
         return job, True
+
+
+def shard_input(engine: Engine, shard_id: int) -> tuple[bytes, str] | None:
+    """(Parquet bytes, sha256) of the shard's prompts; None for a job that reads its input file."""
+    with read_tx(engine) as s:
+        row = s.execute(select(ShardInput.data, ShardInput.sha256).where(ShardInput.shard_id == shard_id)).first()
+        return None if row is None else (bytes(row.data), row.sha256)
+
+
+def part_bytes(engine: Engine, part_id: int) -> bytes | None:
+    """The part's Parquet bytes; None for a part stored as a file under the job's results_dir."""
+    with read_tx(engine) as s:
+        data = s.scalar(select(PartData.data).where(PartData.part_id == part_id))
+        return None if data is None else bytes(data)
 
 
 def get_job(engine: Engine, job_id: int) -> Job:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import enum
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, BigInteger, DateTime, Enum, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Enum, Float, ForeignKey, Index, Integer, LargeBinary,
+                        String, Text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from jobrunner.store.events import EventKind
@@ -78,7 +79,11 @@ class Job(Base):
     model_fingerprint: Mapped[str] = mapped_column(String(64))
     # Output-changing parameters (JobParams.to_dict): sampling, seed, dtype, stop, truncation.
     params: Mapped[dict] = mapped_column(JSON)
+    # Where result part files of a job enqueued without `inputs_in_store` live; unused otherwise.
     results_dir: Mapped[str] = mapped_column(Text)
+    # The prompts were copied into `shard_inputs` at enqueue, and parts are stored in `part_data`:
+    # workers and `results` then need nothing but the database.
+    inputs_in_store: Mapped[bool] = mapped_column(Boolean, default=False)
     shard_rows: Mapped[int] = mapped_column(Integer)
     total_rows: Mapped[int] = mapped_column(BigInteger)
     done_rows: Mapped[int] = mapped_column(BigInteger, default=0)     # rows with a result, errors included
@@ -128,15 +133,24 @@ class Checkpoint(Base):
     saved_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class ShardInput(Base):
+    """A shard's prompts (and ids) as Parquet bytes, copied from the input file at enqueue."""
+    __tablename__ = "shard_inputs"
+
+    shard_id: Mapped[int] = mapped_column(ForeignKey("shards.id", ondelete="CASCADE"), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    sha256: Mapped[str] = mapped_column(String(64))
+
+
 class ResultPart(Base):
-    """One Parquet file of finished rows (one engine block), registered after it is durable."""
+    """One Parquet table of finished rows (one engine block), registered with the shard's progress."""
     __tablename__ = "result_parts"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     shard_id: Mapped[int] = mapped_column(ForeignKey("shards.id", ondelete="CASCADE"), index=True)
     attempt: Mapped[int] = mapped_column(Integer)
-    path: Mapped[str] = mapped_column(Text)           # relative to the job's results_dir
+    path: Mapped[str] = mapped_column(Text)           # the part's name (a file under results_dir without part_data)
     num_rows: Mapped[int] = mapped_column(Integer)
     failed_rows: Mapped[int] = mapped_column(Integer)
     generated_tokens: Mapped[int] = mapped_column(Integer)
@@ -145,6 +159,15 @@ class ResultPart(Base):
     row_ids: Mapped[list] = mapped_column(JSON)       # input positions in this part
     block_seconds: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class PartData(Base):
+    """A part's Parquet bytes, written in the transaction that registers the part. A table of its
+    own so that listing parts never loads their bytes."""
+    __tablename__ = "part_data"
+
+    part_id: Mapped[int] = mapped_column(ForeignKey("result_parts.id", ondelete="CASCADE"), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class Worker(Base):

@@ -9,11 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, and_, or_, select, update
+from typing import Callable
+
+from sqlalchemy import Engine, and_, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from jobrunner.store.events import EventKind
-from jobrunner.store.models import (Checkpoint, Job, JobStatus, ResultPart, Shard, ShardStatus, Worker, WorkerStatus,
+from jobrunner.store.models import (Checkpoint, Job, JobStatus, PartData, ResultPart, Shard, ShardStatus, Worker, WorkerStatus,
                                     utcnow)
 from jobrunner.store.base import Lease, LeaseLost, add_event, get_job_locked, locked, read_tx, write_tx
 
@@ -29,8 +31,9 @@ class RowProgress:
 
 @dataclass(frozen=True, kw_only=True)
 class PartRecord:
-    """A durable Parquet part (already fsynced and renamed) to register with the shard's progress."""
-    path: str
+    """A block's Parquet part, stored and registered with the shard's progress in one transaction."""
+    path: str                 # the part's name: unique per (shard, attempt, block)
+    data: bytes
     row_ids: tuple[int, ...]
     failed_rows: int
     generated_tokens: int
@@ -150,10 +153,12 @@ def committed_rows(engine: Engine, shard_id: int) -> set[int]:
         return done
 
 
-def commit_block(engine: Engine, lease: Lease, part: PartRecord) -> bool:
-    """Register a durable part and advance the shard and job counts in one transaction.
+def commit_block(engine: Engine, lease: Lease, part: PartRecord, *,
+                 before_commit: Callable[[], None] | None = None) -> bool:
+    """Store and register a part and advance the shard and job counts in one transaction.
     Returns True when this completed the shard. Raises LeaseLost if the lease was superseded.
-    Committing the same part again (a retry after a lost connection) changes nothing."""
+    Committing the same part again (a retry after a lost connection) changes nothing.
+    `before_commit` runs inside the transaction, after every write (a crash-test hook)."""
     now = utcnow()
     with write_tx(engine) as s:
         registered = s.scalars(select(ResultPart.id).where(ResultPart.shard_id == lease.shard_id,
@@ -168,11 +173,14 @@ def commit_block(engine: Engine, lease: Lease, part: PartRecord) -> bool:
         overlap = already.intersection(part.row_ids)
         if overlap:  # a bug, not a race (fencing prevents races): never register a row twice
             raise RuntimeError(f"rows {sorted(overlap)[:5]} of shard {shard.shard_index} already committed")
-        s.add(ResultPart(job_id=lease.job_id, shard_id=shard.id, attempt=lease.attempt, path=part.path,
-                         num_rows=len(part.row_ids), failed_rows=part.failed_rows,
-                         generated_tokens=part.generated_tokens, size_bytes=part.size_bytes,
-                         sha256=part.sha256, row_ids=list(part.row_ids),
-                         block_seconds=part.block_seconds, created_at=now))
+        registered = ResultPart(job_id=lease.job_id, shard_id=shard.id, attempt=lease.attempt, path=part.path,
+                                num_rows=len(part.row_ids), failed_rows=part.failed_rows,
+                                generated_tokens=part.generated_tokens, size_bytes=part.size_bytes,
+                                sha256=part.sha256, row_ids=list(part.row_ids),
+                                block_seconds=part.block_seconds, created_at=now)
+        s.add(registered)
+        s.flush()
+        s.execute(insert(PartData).values(part_id=registered.id, data=part.data))
         shard.done_rows += len(part.row_ids)
         shard.failed_rows += part.failed_rows
         shard.updated_at = now
@@ -199,6 +207,8 @@ def commit_block(engine: Engine, lease: Lease, part: PartRecord) -> bool:
             if checkpoint is not None:
                 s.delete(checkpoint)
             _complete_job_if_done(s, job, now)
+        if before_commit is not None:
+            before_commit()
         return finished
 
 

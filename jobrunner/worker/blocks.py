@@ -2,9 +2,10 @@
 
 Order of durable steps for a block (why a crash anywhere loses nothing and duplicates nothing):
   1. every N decode steps: save the generated ids of the rows in flight (KV-free progress);
-  2. block done: write its Parquet part (temp, fsync, rename, fsync dir) — not yet visible;
-  3. commit: register the part and advance the shard in one transaction, fenced by attempt.
-A crash before 3 leaves at most an unregistered file; the next attempt re-prefills the saved ids
+  2. block done: encode its rows as a Parquet part in memory;
+  3. commit: store the part's bytes, register it and advance the shard in one transaction, fenced
+     by attempt.
+A crash before 3 commits leaves nothing behind; the next attempt re-prefills the saved ids
 and continues, and since sampling is a pure function of (seed, row, position), it produces the
 same tokens the dead worker would have. Crash tests fault the run at named points (fault_hooks).
 """
@@ -24,8 +25,10 @@ from engine.runtime.rows import GenerationParams, RowInput, RowResult, StepUpdat
 from jobrunner import store
 from jobrunner.io.enqueue import JobParams
 from jobrunner.store.models import Job
+from jobrunner.errors import UserError
 from jobrunner.io.inputs import InputRow, read_rows
-from jobrunner.io.parts import ResultRow, part_name, rows_to_table, write_part
+from jobrunner.io.shard_inputs import read_shard_rows
+from jobrunner.io.parts import ResultRow, part_name, rows_to_table, to_parquet_bytes
 from jobrunner.store import EventKind, Lease, LeaseLost, PartRecord, RowProgress
 from jobrunner.worker.fault_hooks import kill_point, raise_if_poisoned
 from jobrunner.worker.store_retry import TRANSIENT, StoreRetry
@@ -157,22 +160,35 @@ def commit_rows(ctx: ShardContext, results: list[ResultRow], *, seconds: float, 
     table = rows_to_table(results, ctx.id_type)
     first_engine_part = ctx.engine_parts_written == 0 and tokens > 0
     name = part_name(ctx.lease.shard_index, ctx.lease.attempt, ctx.blocks_written)
-    written = write_part(table, Path(ctx.job.results_dir) / name,
-                         before_rename=(lambda: kill_point("during_part_write")) if first_engine_part else None)
+    encoded = to_parquet_bytes(table)
     ctx.blocks_written += 1
     ctx.engine_parts_written += tokens > 0
     if first_engine_part:
         kill_point("before_commit")
     done = ctx.store_call(store.commit_block, ctx.db, ctx.lease, PartRecord(
-        path=name, row_ids=tuple(r.row for r in results),
+        path=name, data=encoded.data, row_ids=tuple(r.row for r in results),
         failed_rows=sum(r.finish_reason == "error" for r in results), generated_tokens=tokens,
-        size_bytes=written.size_bytes, sha256=written.sha256, block_seconds=seconds,
-        engine_stats=_last_block_stats(ctx.engine) if tokens else None))
+        size_bytes=len(encoded.data), sha256=encoded.sha256, block_seconds=seconds,
+        engine_stats=_last_block_stats(ctx.engine) if tokens else None),
+        before_commit=(lambda: kill_point("during_commit")) if first_engine_part else None)
     for r in results:
         ctx.progress.pop(r.row, None)
     ctx.reporter.block_committed(rows=len(results), failed=sum(r.finish_reason == "error" for r in results),
                                  tokens=tokens, seconds=seconds)
     return done
+
+
+def shard_rows(ctx: ShardContext) -> list[InputRow]:
+    """The lease's input rows: from the store, or from the input file for a job that reads it."""
+    job, lease = ctx.job, ctx.lease
+    if not job.inputs_in_store:
+        return read_rows(job.input_path, job.prompt_column, job.id_column, lease.row_start, lease.row_end)
+    stored = ctx.store_call(store.shard_input, ctx.db, lease.shard_id)
+    if stored is None:
+        raise UserError(f"job {job.id}: shard {lease.shard_index} has no stored prompts",
+                        "enqueue the input file again")
+    return read_shard_rows(*stored, row_start=lease.row_start, row_end=lease.row_end,
+                           where=f"job {job.id} shard {lease.shard_index}")
 
 
 def run_shard(ctx: ShardContext) -> ShardOutcome:
@@ -182,8 +198,7 @@ def run_shard(ctx: ShardContext) -> ShardOutcome:
     done_rows = ctx.store_call(store.committed_rows, ctx.db, lease.shard_id)
     saved = ctx.store_call(store.load_progress, ctx.db, lease.shard_id)
     ctx.progress = {r: p for r, p in saved.items() if r not in done_rows}
-    inputs = [r for r in read_rows(job.input_path, job.prompt_column, job.id_column, lease.row_start, lease.row_end)
-              if r.row not in done_rows]
+    inputs = [r for r in shard_rows(ctx) if r.row not in done_rows]
     ctx.reporter.shard_started(job=job, lease=lease, rows=len(inputs), already_done=len(done_rows),
                                resumed_tokens=sum(len(p.ids) for p in ctx.progress.values()))
     if ctx.progress:

@@ -2,9 +2,10 @@
 
 Set by environment variable (tests set them on a worker subprocess); unset, each call is a
 dictionary lookup and nothing else.
-  FLEXJOB_TEST_KILL_AT=prefill|decode:<step>|after_progress|during_part_write|before_commit
+  FLEXJOB_TEST_KILL_AT=prefill|decode:<step>|after_progress|before_commit|during_commit
       the worker SIGKILLs itself there (a real crash: no cleanup, no finally blocks);
-      during_part_write and before_commit aim at the first part with generated rows
+      before_commit and during_commit (inside the open commit transaction, every write done)
+      aim at the first part with generated rows
   FLEXJOB_TEST_POISON_ROW=<row>
       any engine call whose block includes that input row raises PoisonRowError
 """

@@ -37,6 +37,7 @@ from jobrunner import store
 from jobrunner.errors import UserError
 from jobrunner.io.enqueue import JobParams, model_fingerprint
 from jobrunner.io.inputs import fingerprint_file
+from jobrunner.io.shard_inputs import id_type_of
 from jobrunner.store import EventKind, Lease, LeaseLost
 from jobrunner.worker.blocks import ShardContext, ShardOutcome, generation_params, run_shard
 from jobrunner.worker.host_locks import DeviceLock, exclusive
@@ -206,7 +207,7 @@ class Worker:
                            gen_params=generation_params(params, engine.tokenizer, engine.config.eos_token_ids),
                            progress_every=self.config.progress_every,
                            should_stop=lambda: self.stop_signal is not None or keeper.interrupted(),
-                           reporter=self.reporter, store_call=self._call, id_type=self._id_type(job),
+                           reporter=self.reporter, store_call=self._call, id_type=self._id_type(job, lease),
                            between_blocks=lambda: self._between_blocks(engine, lease))
         try:
             outcome = self._run_guarded(ctx)
@@ -268,6 +269,10 @@ class Worker:
             pass
 
     def _changed_since_enqueue(self, job: Job) -> str | None:
+        return (None if job.inputs_in_store else self._input_file_changed(job)) or self._model_changed(job)
+
+    @staticmethod
+    def _input_file_changed(job: Job) -> str | None:
         path = Path(job.input_path)
         if not path.is_file():
             return f"input file {path} no longer exists"
@@ -276,6 +281,9 @@ class Worker:
             if fingerprint_file(path) != job.input_fingerprint:
                 return (f"input file {path} changed after enqueue (its content no longer matches); "
                         f"restore it and run `flexjob retry {job.id}`, or enqueue the new file")
+        return None
+
+    def _model_changed(self, job: Job) -> str | None:
         if not Path(job.model_dir).is_dir():
             return f"model directory {job.model_dir} no longer exists"
         if job.model_dir not in self._model_fingerprints:
@@ -318,10 +326,13 @@ class Worker:
                                      # a block bigger than a shard would hold rows it never gets
                                      max_block_size=job.shard_rows).policy
 
-    def _id_type(self, job: Job) -> pa.DataType | None:
+    def _id_type(self, job: Job, lease: Lease) -> pa.DataType | None:
         if job.id_column is None:
             return None
-        return pq.ParquetFile(job.input_path).schema_arrow.field(job.id_column).type
+        if not job.inputs_in_store:
+            return pq.ParquetFile(job.input_path).schema_arrow.field(job.id_column).type
+        stored = self._call(store.shard_input, self.db, lease.shard_id)
+        return None if stored is None else id_type_of(stored[0])
 
     def _between_blocks(self, engine: Engine, lease: Lease) -> None:
         """Learn the disk bandwidth the finished blocks saw (the stored profile), then maybe re-plan."""

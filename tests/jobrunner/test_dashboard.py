@@ -54,7 +54,7 @@ def new_job(db, name: str, *, rows: int, shard_rows: int = 4, priority: int = 0)
 
 def commit(db, lease, rows: list[int], *, tokens: int):
     return store.commit_block(db, lease, PartRecord(
-        path=f"part-{lease.shard_index}-{rows[0]}.parquet", row_ids=tuple(rows), failed_rows=0,
+        path=f"part-{lease.shard_index}-{rows[0]}.parquet", data=b"", row_ids=tuple(rows), failed_rows=0,
         generated_tokens=tokens, size_bytes=100, sha256="0" * 64, block_seconds=2.5, engine_stats=BLOCK_STATS))
 
 

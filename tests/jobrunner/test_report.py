@@ -31,7 +31,7 @@ def new_job(db, rows: int = 12):
 def commit(db, lease, rows, *, tokens: int, seconds: float, rss_gib: float = 0.0, gpu_gib: float = 0.0):
     stats = {"peak_rss_bytes": int(rss_gib * GIB), "peak_gpu_bytes": int(gpu_gib * GIB), "prefill_s": 0.1,
              "transfers": {"disk_read": [10**9, 1.0]}} if tokens else None
-    store.commit_block(db, lease, PartRecord(path=f"p{rows[0]}.parquet", row_ids=tuple(rows),
+    store.commit_block(db, lease, PartRecord(path=f"p{rows[0]}.parquet", data=b"", row_ids=tuple(rows),
                                              failed_rows=0 if tokens else len(rows), generated_tokens=tokens,
                                              size_bytes=1, sha256="0" * 64, block_seconds=seconds, engine_stats=stats))
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 import pytest
+from sqlalchemy import update
+from sqlalchemy.orm import Session
 
 from jobrunner import store
 from jobrunner.store.db import open_store
@@ -10,7 +12,9 @@ from jobrunner.io.enqueue import JobParams, enqueue
 from jobrunner.errors import UserError
 from jobrunner.store.models import JobStatus
 from jobrunner.io.results import retry, write_results
+from jobrunner.store.models import Job
 from tests.support.jobs import SAMPLE_PROMPTS, read_results
+from tests.support.store_damage import flip_part_byte, lose_part, truncate_part
 
 
 @pytest.fixture
@@ -39,14 +43,13 @@ def test_a_missing_part_is_named_and_retry_regenerates_exactly_its_rows(tmp_path
     db, job = finished_job
     before = read_results(write_results(db, job.id, tmp_path / "before.parquet").path)
     part = store.job_parts(db, job.id)[3]
-    path = tmp_path / "flexjob-results" / f"job-{job.id}" / part.path
-    path.unlink()
+    lose_part(db, part.id)
     with pytest.raises(UserError) as err:
         write_results(db, job.id, tmp_path / "out.parquet")
-    assert str(err.value) == f"job {job.id}: result part {path} is missing"
+    assert str(err.value) == f"job {job.id}: result part {part.path} is missing"
     assert f"flexjob retry {job.id}" in err.value.hint
     report = retry(db, job.id)
-    assert report.lines[0] == f"result part {path} is missing"
+    assert report.lines[0] == f"result part {part.path} is missing"
     assert f"{part.num_rows} rows of 1 damaged parts will be generated again" in report.lines
     assert store.get_job(db, job.id).status == JobStatus.QUEUED
     summary = run_worker(db, block=2)
@@ -54,18 +57,37 @@ def test_a_missing_part_is_named_and_retry_regenerates_exactly_its_rows(tmp_path
     assert read_results(write_results(db, job.id, tmp_path / "after.parquet").path) == before
 
 
-def test_a_corrupt_part_is_named(tmp_path, finished_job):
+def test_a_corrupt_part_is_named_never_merged_and_regenerated(tmp_path, finished_job, run_worker):
     db, job = finished_job
+    before = read_results(write_results(db, job.id, tmp_path / "before.parquet").path)
     part = store.job_parts(db, job.id)[0]
-    path = tmp_path / "flexjob-results" / f"job-{job.id}" / part.path
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-    with pytest.raises(UserError, match=rf"^job {job.id}: result part {path} is corrupt \(checksum mismatch\)$"):
+    flip_part_byte(db, part.id)
+    with pytest.raises(UserError, match=rf"^job {job.id}: result part {part.path} is corrupt \(checksum mismatch\)$"):
         write_results(db, job.id, tmp_path / "out.parquet")
-    path.write_bytes(b"short")
+    truncate_part(db, part.id, 5)
     with pytest.raises(UserError, match=r"is corrupt \(size 5, expected \d+\)"):
         write_results(db, job.id, tmp_path / "out.parquet")
+    assert not (tmp_path / "out.parquet").exists()
+    retry(db, job.id)
+    assert run_worker(db, block=2).rows_done == part.num_rows
+    assert read_results(write_results(db, job.id, tmp_path / "after.parquet").path) == before
+
+
+def test_a_part_file_of_an_earlier_flexjob_is_read_from_the_results_dir(tmp_path, finished_job):
+    """Stores upgraded from a flexjob that kept parts as files under the job's results_dir."""
+    db, job = finished_job
+    before = read_results(write_results(db, job.id, tmp_path / "before.parquet").path)
+    part = store.job_parts(db, job.id)[2]
+    results_dir = tmp_path / "old-results"
+    results_dir.mkdir()
+    (results_dir / part.path).write_bytes(store.part_bytes(db, part.id))
+    lose_part(db, part.id)
+    with Session(db) as s, s.begin():
+        s.execute(update(Job).where(Job.id == job.id).values(results_dir=str(results_dir)))
+    assert read_results(write_results(db, job.id, tmp_path / "after.parquet").path) == before
+    (results_dir / part.path).unlink()
+    with pytest.raises(UserError, match=f"result part {results_dir / part.path} is missing"):
+        write_results(db, job.id, tmp_path / "gone.parquet")
 
 
 def test_an_incomplete_job_is_refused_unless_partial(tmp_path, tiny_model, prompts_file, run_worker):

@@ -26,7 +26,7 @@ def new_job(key: str = "k1", *, rows: int = 10, shard_rows: int = 4, priority: i
 
 
 def part_for(lease, rows: list[int], *, failed: int = 0) -> PartRecord:
-    return PartRecord(path=f"part-{lease.shard_index}-{lease.attempt}-{rows[0]}.parquet", row_ids=tuple(rows),
+    return PartRecord(path=f"part-{lease.shard_index}-{lease.attempt}-{rows[0]}.parquet", data=b"", row_ids=tuple(rows),
                       failed_rows=failed, generated_tokens=4 * len(rows), size_bytes=1, sha256="0" * 64,
                       block_seconds=0.1)
 

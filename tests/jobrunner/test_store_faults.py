@@ -73,7 +73,7 @@ def test_a_worker_whose_connections_are_killed_finishes_the_job(tmp_path, pg_url
     db = open_store(url)
     prompts = write_prompts(tmp_path / "p.parquet", SAMPLE_PROMPTS)
     params = JobParams(max_new_tokens=8)
-    job = enqueue(db, prompts, model_dir=tiny_model, params=params, shard_rows=3, results_root=tmp_path / "r").job
+    job = enqueue(db, prompts, model_dir=tiny_model, params=params, shard_rows=3).job
     proc = subprocess.Popen(flexjob_command("work", "--db", url, "--exit-when-idle", "--gpu-batch-size", 3,
                                             "--progress-every", 2, "--offload-dir", tmp_path / "offload"),
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -103,8 +103,7 @@ def one_job(tmp_path, model, *, rows: int, max_new_tokens: int, url: str | None 
     url = url or f"sqlite:///{tmp_path / 'f.db'}"
     db = open_store(url)
     job = enqueue(db, write_prompts(tmp_path / "p.parquet", SAMPLE_PROMPTS[:rows]), model_dir=model,
-                  params=JobParams(max_new_tokens=max_new_tokens), shard_rows=rows,
-                  results_root=tmp_path / "results").job
+                  params=JobParams(max_new_tokens=max_new_tokens), shard_rows=rows).job
     return url, db, job
 
 

@@ -25,6 +25,7 @@ from jobrunner.worker.loop import DeviceLock, PlainReporter, Worker, WorkerConfi
 from tests.support.jobs import SAMPLE_PROMPTS, read_results, write_prompts
 from jobrunner.store.events import EventKind
 from tests.support import store_reads
+from tests.support.store_damage import flip_shard_input_byte, forget_stored_prompts
 
 MAX_NEW = 6
 
@@ -128,7 +129,7 @@ def test_an_expired_lease_is_taken_over_and_the_late_commit_rejected(tmp_path, t
     time.sleep(0.6)
     run_worker(db)  # takes the shard over and finishes it
     with pytest.raises(LeaseLost):
-        store.commit_block(db, stale, PartRecord(path="late.parquet", row_ids=(0, 1), failed_rows=0,
+        store.commit_block(db, stale, PartRecord(path="late.parquet", data=b"", row_ids=(0, 1), failed_rows=0,
                                                  generated_tokens=2, size_bytes=1, sha256="0" * 64,
                                                  block_seconds=0.1))
     rows = pq.read_table(write_results(db, job.id, tmp_path / "out.parquet").path).column("row").to_pylist()
@@ -137,9 +138,35 @@ def test_an_expired_lease_is_taken_over_and_the_late_commit_rejected(tmp_path, t
     assert any(e.kind == EventKind.LEASE_EXPIRED for e in store_reads.events(db, job_id=job.id))
 
 
-def test_a_changed_input_file_fails_the_job_with_a_clear_message(tmp_path, tiny_model, prompts_file, run_worker):
+def test_the_prompts_live_in_the_store_so_the_input_file_may_change_or_go(tmp_path, tiny_model, prompts_file,
+                                                                           run_worker):
+    db = open_store(f"sqlite:///{tmp_path / 'f.db'}")
+    job = enqueue(db, prompts_file, model_dir=tiny_model, id_column="id", shard_rows=4,
+                  params=JobParams(max_new_tokens=2)).job
+    write_prompts(prompts_file, ["something else entirely"])
+    prompts_file.rename(tmp_path / "moved.parquet")
+    run_worker(db)
+    table = pq.read_table(write_results(db, job.id, tmp_path / "out.parquet").path)
+    assert store.get_job(db, job.id).status == JobStatus.COMPLETED
+    assert table.column("prompt").to_pylist() == SAMPLE_PROMPTS
+    assert table.column("id").to_pylist() == [f"p{i}" for i in range(len(SAMPLE_PROMPTS))]
+
+
+def test_damaged_stored_prompts_fail_the_job_naming_the_shard(tmp_path, tiny_model, prompts_file, run_worker):
+    db = open_store(f"sqlite:///{tmp_path / 'f.db'}")
+    job = enqueue(db, prompts_file, model_dir=tiny_model, shard_rows=4, params=JobParams(max_new_tokens=2)).job
+    flip_shard_input_byte(db, store.list_shards(db, job.id)[1].id)
+    run_worker(db)
+    job = store.get_job(db, job.id)
+    assert job.status == JobStatus.FAILED
+    assert job.error == f"job {job.id} shard 1: the stored prompts are damaged (checksum mismatch)"
+
+
+def test_a_job_that_reads_its_input_file_fails_when_the_file_changed(tmp_path, tiny_model, prompts_file, run_worker):
+    """Jobs enqueued by an earlier flexjob read their input file, checking its fingerprint."""
     db = open_store(f"sqlite:///{tmp_path / 'f.db'}")
     job = enqueue(db, prompts_file, model_dir=tiny_model, params=JobParams(max_new_tokens=2)).job
+    forget_stored_prompts(db, job.id)
     write_prompts(prompts_file, ["something else entirely"])
     run_worker(db)
     job = store.get_job(db, job.id)
@@ -207,8 +234,7 @@ def test_a_replan_is_applied_at_a_block_boundary_and_recorded(tmp_path, tiny_mod
 @pytest.mark.postgres
 def test_the_whole_path_on_postgresql(tmp_path, tiny_model, prompts_file, pg_url, run_worker):
     db = open_store(pg_url)
-    job = enqueue(db, prompts_file, model_dir=tiny_model, shard_rows=5, params=JobParams(max_new_tokens=3),
-                  results_root=tmp_path / "results").job
+    job = enqueue(db, prompts_file, model_dir=tiny_model, shard_rows=5, params=JobParams(max_new_tokens=3)).job
     run_worker(db, block=4)
     rows = pq.read_table(write_results(db, job.id, tmp_path / "out.parquet").path).column("row").to_pylist()
     assert rows == list(range(len(SAMPLE_PROMPTS)))
