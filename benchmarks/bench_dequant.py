@@ -55,10 +55,11 @@ def measure(shape, *, bits: int, group_size: int, repeat: int, disk_gbps: float)
 
 
 def measure_matmul(shape, *, batch: int, group_size: int, repeat: int) -> dict:
-    """One linear at `batch` rows, bf16: dense weight; dequantise + dense; torch's fused int4 kernel."""
+    """One linear at `batch` rows, bf16: dense weight; dequantise + dense; torch's fused int4 kernel
+    (repacking the stored codes into its layout, and the engine's batch-invariant call)."""
     import torch.nn.functional as F
 
-    from engine.runtime.compression import int4pack_for_cpu
+    from engine.model import int4_matmul
 
     w = (0.02 * torch.randn(shape)).to(torch.bfloat16)  # [out, in]
     x = torch.randn(batch, shape[1], dtype=torch.bfloat16)
@@ -67,10 +68,10 @@ def measure_matmul(shape, *, batch: int, group_size: int, repeat: int) -> dict:
     row = {"shape": list(shape), "batch": batch,
            "linear_bf16_ms": best_ms(lambda: F.linear(x, w), repeat),
            "dequant_then_linear_ms": best_ms(lambda: F.linear(x, dequantize(q, torch.bfloat16, out=buf)), repeat)}
-    if hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and group_size in (32, 64, 128, 256):
-        packed, sz = int4pack_for_cpu(q)
-        row["fused_int4_ms"] = best_ms(
-            lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, sz), repeat)
+    if int4_matmul.fits(tuple(shape), 4, group_size, torch.bfloat16, torch.device("cpu")):
+        weight = int4_matmul.pack(q)
+        row["repack_ms"] = best_ms(lambda: int4_matmul.pack(q, out=weight.packed.view(-1)), repeat)
+        row["fused_int4_ms"] = best_ms(lambda: int4_matmul.linear(x, weight), repeat)
     return row
 
 

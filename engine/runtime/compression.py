@@ -304,30 +304,3 @@ def from_bytes(buf: torch.Tensor, shape, *, num_bits: int = 4, group_size: int =
     minimum = buf[min_at:min_at + 2 * n_groups].view(torch.float16).view(*layout.lead, ng)
     return QuantizedTensor(data=data, scale=scale, minimum=minimum, shape=tuple(int(s) for s in shape),
                            dim=dim, group_size=group_size, num_bits=num_bits)
-
-
-# --------------------------------------------------------------------------------------------
-# fused 4-bit matmul on the CPU (no dequantised copy of the weight)
-
-
-def int4pack_for_cpu(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Operands of torch's fused CPU kernel for a 4-bit weight [out, in] grouped along `in`:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x_bf16, packed, q.group_size, scales_and_zeros)
-    computes x @ dequantize(q).T without materialising the weight. The kernel's dequantisation
-    is (code - 8) * scale + zero, so zero = minimum + 8 * scale; scales_and_zeros is bf16
-    [in / group, out, 2]. Needs in % group == 0 and group in {32, 64, 128, 256}.
-    """
-    out_features, in_features = q.shape if len(q.shape) == 2 else (0, 0)
-    if (q.num_bits != 4 or len(q.shape) != 2 or q.dim != 1 or q.group_size not in (32, 64, 128, 256)
-            or in_features % q.group_size):
-        raise ValueError("the fused int4 kernel takes 4-bit [out, in] weights grouped along `in` in "
-                         "groups of 32/64/128/256 that divide `in`")
-    codes = torch.empty(out_features, in_features, dtype=torch.int32)
-    _unpack_into(codes.view(out_features, -1, q.group_size),
-                 q.data.view(out_features, -1, q.data.shape[-1]),
-                 _layout(q.shape, 4, q.group_size, 1)[0])
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    scale = q.scale.float()
-    zero = q.minimum.float() + 8 * scale
-    scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
-    return packed, scales_and_zeros.to(torch.bfloat16)

@@ -2,8 +2,11 @@
 
 Resident tensors (GPU/CPU tiers) are read once and kept in the compute dtype; disk tensors are
 read every time their layer runs (with O_DIRECT), converted, and dropped after use. Compressed
-(4-bit) tensors stay packed on every tier, in memory too, and are dequantised on the compute device
-right before their layer runs: memory and link bytes both shrink ~3.5x. `replace`
+(4-bit) tensors stay packed on every tier, in memory too: memory and link bytes both shrink ~3.5x.
+A 4-bit matrix that the fused CPU kernel takes (bfloat16 on the CPU, engine.model.int4_matmul) is
+held in that kernel's layout (same size) and multiplied without a dequantised copy; a disk copy
+is repacked into it after each read, with byte operations on the packed bytes. Other compressed
+tensors are dequantised on the compute device right before their layer runs. `replace`
 re-places the model for a new policy, moving only the tensors whose tier changes.
 """
 from __future__ import annotations
@@ -15,6 +18,8 @@ from typing import Callable, Union
 
 import torch
 
+from engine.model import int4_matmul
+from engine.model.int4_matmul import Int4Weight
 from engine.runtime.compression import QuantizedTensor, dequantize, from_bytes, row_sections
 from engine.model.config import ModelConfig
 from engine.runtime.policy import Policy
@@ -26,7 +31,7 @@ from engine.model.checkpoint import TensorEntry, WeightStore, layer_names
 
 # What the math receives per tensor name: a tensor, packed 4-bit codes (a lookup table), or a
 # function from row ids to rows (a lookup table that stays where it is).
-LayerTensor = Union[torch.Tensor, QuantizedTensor, Callable[[torch.Tensor], torch.Tensor]]
+LayerTensor = Union[torch.Tensor, QuantizedTensor, Int4Weight, Callable[[torch.Tensor], torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class PlacedWeights:
         self.resident: dict[str, dict[str, torch.Tensor]] = {}
         self._layer_index = {name: i for i, name in enumerate(layer_names(cfg))}
         self._dequant_buffers: dict[tuple, torch.Tensor] = {}
+        self._repack_buffers: dict[tuple, torch.Tensor] = {}  # kernel-layout codes of streamed 4-bit matrices
         self._stream_buffers: dict[tuple, torch.Tensor] = {}  # converted streamed tensors, by slot
         self._raw_buffers: dict[str, torch.Tensor] = {}  # aligned read buffers of one decoder layer, by tensor
         self.replace(policy)
@@ -72,11 +78,30 @@ class PlacedWeights:
                 elif old in (Tier.GPU, Tier.CPU):
                     resident[entry.name] = self._place(resident[entry.name], new)
                 else:
-                    resident[entry.name] = self._place(self._read(layer, entry, ready=False), new)
+                    resident[entry.name] = self._held(entry, self._place(self._read(layer, entry, ready=False), new))
         self.tiers = new_tiers
         return moved
 
-    def _place(self, t: torch.Tensor, tier: Tier) -> torch.Tensor:
+    def _fused(self, entry: TensorEntry) -> bool:
+        """Whether `entry` runs on the fused 4-bit kernel (engine.model.int4_matmul)."""
+        return (entry.compressed and entry.name not in ROW_LOOKUP_TABLES
+                and int4_matmul.fits(entry.shape, entry.num_bits, entry.group_size, self.dtype, self.device))
+
+    def _held(self, entry: TensorEntry, t: torch.Tensor) -> torch.Tensor | Int4Weight:
+        """What a resident tensor is kept as: the fused kernel's operands (repacked once) or `t`."""
+        return self._repacked(entry, t) if self._fused(entry) else t
+
+    def _repacked(self, entry: TensorEntry, packed: torch.Tensor, out: torch.Tensor | None = None) -> Int4Weight:
+        """Stored 4-bit bytes -> the fused kernel's operands (timed like a dequantisation)."""
+        started = time.perf_counter()
+        q = from_bytes(packed, entry.shape, num_bits=entry.num_bits, group_size=entry.group_size, dim=-1)
+        weight = int4_matmul.pack(q, out=out)
+        self.stats.add(DEQUANTIZE, weight.packed.numel(), time.perf_counter() - started)
+        return weight
+
+    def _place(self, t: torch.Tensor | Int4Weight, tier: Tier) -> torch.Tensor | Int4Weight:
+        if isinstance(t, Int4Weight):
+            return t  # only made for a CPU compute device, where both memory tiers are RAM
         if tier == Tier.GPU:
             return t.to(self.device)
         t = t.to("cpu")
@@ -174,9 +199,16 @@ class PlacedWeights:
         stored bytes just read (`raw`) or from its resident copy."""
         if raw is None:
             held = self.resident[layer][entry.name]
+            if isinstance(held, Int4Weight):
+                return held
             if entry.compressed:
                 return self._ready(entry, held, self._slot(layer))
             return to_device(held, self.device, self.stats, CPU_TO_GPU)
+        if self._fused(entry):
+            key = (self._slot(layer), entry.name, entry.shape)
+            if key not in self._repack_buffers:
+                self._repack_buffers[key] = torch.empty(entry.shape[0] * entry.shape[1] // 2, dtype=torch.uint8)
+            return self._repacked(entry, raw, self._repack_buffers[key])
         if entry.compressed:
             return self._ready(entry, raw, self._slot(layer))
         # Converted into a buffer kept per (layer parity, tensor): no page faults.

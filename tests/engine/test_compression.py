@@ -8,6 +8,7 @@ import torch
 
 from engine.runtime.compression import (ALIGN, QuantizedTensor, dequantize, from_bytes, packed_nbytes,
                                 quantize, to_bytes)
+from engine.model import int4_matmul
 from engine.model.config import preset
 from engine.model.config import hf_tensor_shapes
 
@@ -219,21 +220,71 @@ def test_cache_slices_along_the_sequence_axis():
     assert torch.equal(dequantize(store), dequantize(q))
 
 
-@pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"),
-                    reason="this torch has no fused CPU int4 matmul")
+fused = pytest.mark.skipif(not int4_matmul.available(), reason="this torch has no fused CPU int4 matmul")
+
+
+def _codes(q):
+    """Each element's 4-bit code, recovered from the dequantised values (not from the packing)."""
+    n, k = q.shape
+    scale = q.scale.float().repeat_interleave(q.group_size, dim=1)
+    minimum = q.minimum.float().repeat_interleave(q.group_size, dim=1)
+    step = torch.where(scale == 0, 1.0, scale)
+    return ((dequantize(q, torch.float32) - minimum) / step).round().to(torch.int32).view(n, k)
+
+
+@fused
+@pytest.mark.parametrize("out_features", [64, 96, 112, 192])
 @pytest.mark.parametrize("group", [32, 64, 128])
-def test_int4pack_matmul_matches_dequantised_weight(group):
-    from engine.runtime.compression import int4pack_for_cpu
-    w = 0.02 * torch.randn(96, 256)  # [out, in]
+def test_repacking_equals_torchs_own_int4_packing(out_features, group):
+    q = quantize(torch.randn(out_features, 256), group_size=group)
+    expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_codes(q), 1)
+    assert torch.equal(int4_matmul.pack(q).packed.reshape(-1), expected.reshape(-1))
+
+
+@fused
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+def test_fused_linear_matches_dequantised_weight_within_bf16_rounding(group):
+    torch.manual_seed(group)
+    w = 0.02 * torch.randn(192, 512) + 0.01 * torch.randn(192, 1)  # [out, in], groups off zero too
+    bias = torch.randn(192).to(torch.bfloat16)
     q = quantize(w, group_size=group)
-    packed, scales_and_zeros = int4pack_for_cpu(q)
-    x = torch.randn(5, 256).to(torch.bfloat16)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)
-    ref = x.float() @ dequantize(q, torch.float32).T  # [5, 96]
-    # Only bf16 rounding apart (scale and zero are bf16 in the kernel).
-    assert (y.float() - ref).abs().max() <= 0.02 * ref.abs().max()
-    with pytest.raises(ValueError):
-        int4pack_for_cpu(quantize(w, num_bits=3))
+    x = torch.randn(7, 512).to(torch.bfloat16)
+    y = int4_matmul.linear(x, int4_matmul.pack(q), bias).float()
+    deq = dequantize(q, torch.float32)
+    ref = x.float() @ deq.T + bias.float()
+    # The kernel takes scale and zero (= minimum + 8 scale) in bf16 and rounds its result to bf16:
+    # each weight is off by at most 2^-9 (|zero| + 8 |scale|), the sum by 2^-9 of itself (+ bias).
+    scale = q.scale.float().repeat_interleave(group, dim=1)
+    weight_error = 2 ** -9 * ((q.minimum.float().repeat_interleave(group, dim=1) + 8 * scale).abs() + 8 * scale)
+    tol = x.float().abs() @ weight_error.T + 2 ** -8 * (ref.abs() + bias.float().abs())
+    assert ((y - ref).abs() <= tol).all()
+    assert (y - ref).abs().max() > 0  # the fused path really ran (bf16 output)
+
+
+@fused
+def test_fused_linear_rows_do_not_depend_on_the_batch():
+    # A row's output is the same bits whether it is alone, first, last, or among other rows.
+    torch.manual_seed(3)
+    weight = int4_matmul.pack(quantize(torch.randn(320, 1024), group_size=64))
+    x = torch.randn(37, 1024).to(torch.bfloat16)
+    whole = int4_matmul.linear(x, weight)
+    for size in (1, 2, 3, 4, 5, 9, 16, 33):
+        for start in (0, 1, 37 - size):
+            assert torch.equal(int4_matmul.linear(x[start:start + size], weight), whole[start:start + size])
+    others = torch.randn(6, 1024).to(torch.bfloat16)
+    for r in (0, 17, 36):
+        batch = torch.cat((others[:r % 5], x[r:r + 1], others))
+        assert torch.equal(int4_matmul.linear(batch, weight)[r % 5], whole[r])
+        assert torch.equal(int4_matmul.linear(x[r].view(1, 1, -1), weight).view(-1), whole[r])
+
+
+def test_fused_kernel_takes_only_what_it_can_compute():
+    cpu = torch.device("cpu")
+    assert not int4_matmul.fits((96, 256), 3, 64, torch.bfloat16, cpu)       # 3 bits
+    assert not int4_matmul.fits((96, 256), 4, 64, torch.float32, cpu)        # float32 activations
+    assert not int4_matmul.fits((96, 250), 4, 50, torch.bfloat16, cpu)       # group size
+    assert not int4_matmul.fits((100, 256), 4, 64, torch.bfloat16, cpu)      # out % 16
+    assert int4_matmul.fits((96, 256), 4, 64, torch.bfloat16, cpu) == int4_matmul.available()
 
 
 @pytest.mark.gpu
