@@ -23,6 +23,7 @@ class EventKind(str, enum.Enum):
     LEASE_EXPIRED = "lease_expired"      # a shard taken over after its holder's lease ran out
     WORKER_DEAD = "worker_dead"          # a shard taken over at once: its holder's process is gone
     BLOCK_COMMITTED = "block_committed"
+    WRITE_FENCED = "write_fenced"        # a superseded lease holder's write (commit, progress, heartbeat) refused
     ENGINE_ERROR = "engine_error"
     REPLAN = "replan"
     WORKER_STARTED = "worker_started"

@@ -6,10 +6,11 @@ claimed again, so a worker presumed dead can never commit over its successor.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from typing import Callable
+from typing import Callable, Iterator
 
 from sqlalchemy import Engine, and_, insert, or_, select, update
 from sqlalchemy.orm import Session
@@ -108,10 +109,25 @@ def _fenced_shard(s: Session, lease: Lease) -> Shard:
     return shard
 
 
+@contextmanager
+def _fenced_write(engine: Engine, lease: Lease, write: str) -> Iterator[Session]:
+    """A lease holder's write transaction. A write refused by fencing is rolled back and logged in a
+    transaction of its own (a WRITE_FENCED event: the proof that a superseded holder wrote nothing)."""
+    try:
+        with write_tx(engine) as s:
+            yield s
+    except LeaseLost as exc:
+        with write_tx(engine) as s:
+            add_event(s, EventKind.WRITE_FENCED, job_id=lease.job_id, shard_id=lease.shard_id,
+                      worker_id=lease.worker_id, message=f"{write} refused: {exc}",
+                      data={"write": write, "attempt": lease.attempt, "shard_index": lease.shard_index})
+        raise
+
+
 def heartbeat(engine: Engine, lease: Lease, *, lease_s: float, now: datetime | None = None) -> JobStatus:
     """Renew the lease; returns the job's status so the worker notices a cancel. Raises LeaseLost."""
     now = now or utcnow()
-    with write_tx(engine) as s:
+    with _fenced_write(engine, lease, "heartbeat") as s:
         shard = _fenced_shard(s, lease)
         shard.lease_expires_at = now + timedelta(seconds=lease_s)
         shard.heartbeat_at = now
@@ -123,7 +139,7 @@ def save_progress(engine: Engine, lease: Lease, rows: dict[int, RowProgress], *,
     """Replace the shard's KV-free checkpoint with the generated ids of its rows in flight."""
     now = utcnow()
     payload = {str(r): {"ids": list(p.ids), "finish": p.finish} for r, p in rows.items()}
-    with write_tx(engine) as s:
+    with _fenced_write(engine, lease, "progress save") as s:
         _fenced_shard(s, lease)
         checkpoint = s.get(Checkpoint, lease.shard_id)
         if checkpoint is None:
@@ -160,7 +176,7 @@ def commit_block(engine: Engine, lease: Lease, part: PartRecord, *,
     Committing the same part again (a retry after a lost connection) changes nothing.
     `before_commit` runs inside the transaction, after every write (a crash-test hook)."""
     now = utcnow()
-    with write_tx(engine) as s:
+    with _fenced_write(engine, lease, "commit") as s:
         registered = s.scalars(select(ResultPart.id).where(ResultPart.shard_id == lease.shard_id,
                                                            ResultPart.attempt == lease.attempt,
                                                            ResultPart.path == part.path)).first()
@@ -228,7 +244,7 @@ def release_shard(engine: Engine, lease: Lease, *, reason: str, error: str | Non
     """Give a shard back (SIGTERM, cancel, or a crash of the block): its checkpoint stays for the
     next claim. With `error`, count an engine failure; past the limit the shard and job fail."""
     now = utcnow()
-    with write_tx(engine) as s:
+    with _fenced_write(engine, lease, "release") as s:
         shard = _fenced_shard(s, lease)
         job = get_job_locked(s, lease.job_id)
         shard.worker_id, shard.lease_expires_at, shard.updated_at = None, None, now
@@ -256,7 +272,7 @@ def release_shard(engine: Engine, lease: Lease, *, reason: str, error: str | Non
 def fail_job_for_lease(engine: Engine, lease: Lease, error: str) -> None:
     """A problem no retry can fix (input or model changed): fail the job, naming the cause."""
     now = utcnow()
-    with write_tx(engine) as s:
+    with _fenced_write(engine, lease, "job failure") as s:
         shard = _fenced_shard(s, lease)
         shard.status, shard.error, shard.worker_id, shard.lease_expires_at = ShardStatus.FAILED, error, None, None
         _fail_job(s, get_job_locked(s, lease.job_id), error, now)
