@@ -7,8 +7,12 @@ decoding turns such a bit into a different token wherever two logits are close. 
 (He et al., "Defeating Nondeterminism in LLM Inference", 2025) is to give every reduction one
 fixed order: here, by calling the library only with shapes that never vary.
 
-- `linear`: rows go to the library in chunks of exactly `rows_per_call(dtype)` rows (the last
-  chunk zero-padded), so every row of every call, prefill or decode, sees the same kernel.
+- `linear`: rows go to the library in chunks of fixed sizes (the last chunk zero-padded): the
+  reference size `rows_per_call(dtype)`, and the other sizes of `chunk_sizes(dtype)` only where a
+  one-off check on random rows finds that the library gives every row bit for bit the reference's
+  numbers at that size (oneDNN's bf16 kernels on AVX512-BF16 do for 2..4096 rows). So a decode
+  step of 32 rows is one 32-row call, a prefill of 4096 rows one 4096-row call, and every row of every
+  call, prefill or decode, gets the reference's numbers.
 - `attend`: each (row, head) pair's keys are aligned so that the row's first real position sits
   at index 0 (the cache is left-padded per block, so a row's index would otherwise depend on its
   neighbours' prompt lengths); queries go to `bmm` in groups of exactly `QUERIES_PER_CALL`; the key
@@ -23,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from engine.model import int4_matmul
-from engine.model.kernel_shapes import KEY_ALIGN, QUERIES_PER_CALL, rows_per_call
+from engine.model.kernel_shapes import KEY_ALIGN, QUERIES_PER_CALL, chunk_plan, rows_per_call
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | int4_matmul.Int4Weight,
@@ -34,18 +38,47 @@ def linear(x: torch.Tensor, weight: torch.Tensor | int4_matmul.Int4Weight,
         return int4_matmul.linear(x, weight, bias)
     lead, k = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, k)
-    m, chunk = rows.shape[0], rows_per_call(str(x.dtype).removeprefix("torch."))
-    padded = -(-m // chunk) * chunk
+    m, dtype_name = rows.shape[0], str(x.dtype).removeprefix("torch.")
+    plan = chunk_plan(m, dtype_name, lambda size: _agrees(size, rows_per_call(dtype_name), weight, bias))
+    padded = sum(plan)
     if padded != m:
         rows = torch.cat((rows, rows.new_zeros(padded - m, k)))
     out = torch.empty(padded, weight.shape[0], dtype=x.dtype, device=x.device)
-    for start in range(0, padded, chunk):
-        part, into = rows[start:start + chunk], out[start:start + chunk]
-        if bias is None:
-            torch.mm(part, weight.t(), out=into)
-        else:
-            torch.addmm(bias, part, weight.t(), out=into)
+    start = 0
+    for size in plan:
+        _call(rows[start:start + size], weight, bias, out[start:start + size])
+        start += size
     return out[:m].view(*lead, weight.shape[0])
+
+
+def _call(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, into: torch.Tensor) -> torch.Tensor:
+    if bias is None:
+        return torch.mm(rows, weight.t(), out=into)
+    return torch.addmm(bias, rows, weight.t(), out=into)
+
+
+_AGREEMENT: dict[tuple, bool] = {}
+
+
+def _agrees(size: int, ref: int, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether calls of `size` rows give every row bit for bit what calls of `ref` rows give, for this
+    weight's shape, dtype and device (checked once, on random rows: a library that picks another
+    kernel or another reduction order for the other size shows it in nearly every row)."""
+    key = (size, ref, tuple(weight.shape), weight.dtype, weight.device, bias is not None)
+    if key not in _AGREEMENT:
+        gen = torch.Generator().manual_seed(size)
+        x = torch.randn(ref, weight.shape[1], generator=gen).to(weight.device, weight.dtype)
+        want = _call(x, weight, bias, torch.empty(ref, weight.shape[0], dtype=x.dtype, device=x.device))
+        if size < ref:  # the reference rows, `size` at a time
+            got = torch.empty_like(want)
+            for start in range(0, ref, size):
+                _call(x[start:start + size], weight, bias, got[start:start + size])
+        else:  # the reference rows at every offset of one call
+            x = x.repeat(size // ref, 1)
+            got = _call(x, weight, bias, torch.empty(size, weight.shape[0], dtype=x.dtype, device=x.device))
+            want = want.repeat(size // ref, 1)
+        _AGREEMENT[key] = torch.equal(got, want)
+    return _AGREEMENT[key]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: torch.Tensor,

@@ -48,15 +48,16 @@ def _compute_bw(hw: HardwareProfile) -> float:
 
 def _matmul_time(hw: HardwareProfile, flops: float, weight_bytes: float, *, rows: float, calls: int) -> float:
     """`calls` linear layers of `rows` input rows over `weight_bytes` (compute dtype) each, `flops` in
-    all. The engine's batch-invariant linear sends the rows in fixed chunks (the last one padded),
-    each chunk one library call that streams the weights: the profile's measured table at the
-    chunk's row count where there is one, else the roofline (the slower of doing the padded FLOPs
-    and streaming the weights from device memory once per chunk)."""
-    chunks, chunk_rows = linear_calls(rows, hw.compute_dtype)
-    measured = hw.linear_seconds(chunk_rows, weight_bytes)
-    if measured is not None:
-        return calls * chunks * measured
-    padded_flops = flops * chunks * chunk_rows / max(rows, 1.0)
+    all. The engine's batch-invariant linear sends the rows in chunks of fixed sizes (the last one
+    padded), each chunk one library call that streams the weights: the profile's measured table at
+    each chunk's row count where there is one, else the roofline (the slower of doing the padded
+    FLOPs and streaming the weights from device memory once per chunk)."""
+    plan = linear_calls(rows, hw.compute_dtype)
+    measured = [hw.linear_seconds(chunk_rows, weight_bytes) for _, chunk_rows in plan]
+    if None not in measured:
+        return calls * sum(chunks * seconds for (chunks, _), seconds in zip(plan, measured))
+    chunks = sum(n for n, _ in plan)
+    padded_flops = flops * sum(n * chunk_rows for n, chunk_rows in plan) / max(rows, 1.0)
     return max(padded_flops / hw.flops(), calls * chunks * weight_bytes / _compute_bw(hw))
 
 
