@@ -133,7 +133,7 @@ def test_measured_linear_table_interpolates_and_drives_the_compute_term():
     assert HardwareProfile().linear_seconds(32, 1e6) is None
 
     # The decode compute of an all-RAM layer is num_gpu_batches calls over the layer's weights, each
-    # at the batch-invariant linear's chunk (a bf16 chunk is 128 rows: 32 rows are padded up to it),
+    # at the batch-invariant linear's chunk (32 rows are one bf16 call of 32 rows),
     # plus fixed op costs and attention; the roofline does not apply.
     cfg, policy = preset("1.3b"), Policy.from_percents([0, 100, 0, 100, 0, 100], gpu_batch_size=32,
                                                        num_gpu_batches=2)
@@ -142,7 +142,7 @@ def test_measured_linear_table_interpolates_and_drives_the_compute_term():
     (_, fast_layer), _ = phase_terms(cfg, hw, sh, x, decode=True)
     (_, slow_layer), _ = phase_terms(cfg, slow, sh, x, decode=True)
     weights = 2 * cfg.layer_param_count()  # bf16 bytes
-    assert slow_layer["compute"] - fast_layer["compute"] == pytest.approx(2 * hw.linear_seconds(128, weights))
+    assert slow_layer["compute"] - fast_layer["compute"] == pytest.approx(2 * hw.linear_seconds(32, weights))
 
 
 def test_compute_scale_multiplies_layer_compute_and_cpu_conversion_does_not_overlap():
