@@ -8,7 +8,7 @@ best of `--repeats` is kept. In RAM, 4-bit matrices run on the fused int4 kernel
 (engine.model.int4_matmul); from disk they read ~3.5x fewer bytes and are repacked for that kernel
 (or dequantised where it does not apply). Reports tokens/s, the 4-bit / 16-bit ratio, prefill
 seconds, disk bytes and seconds, repack/dequantisation seconds per step and peak RSS.
-Results: benchmarks/results/compression_speed.json.
+Results: benchmarks/results/compression_speed.json (`--out`).
 """
 from __future__ import annotations
 
@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--placements", default="ram,disk")
     ap.add_argument("--cpu-mem", type=float, default=2.0, help="GiB, for the disk runs")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=RESULTS / "compression_speed.json")
     opts = ap.parse_args()
     rows = []
     for _ in range(opts.repeats):
@@ -91,8 +92,8 @@ def main() -> None:
                 rows += run_pair(opts.model, opts.work_dir / "offload", prompt_len=opts.prompt_len,
                                  gen_len=opts.gen_len, gbs=gbs, nb=nb, cpu_mem=opts.cpu_mem, placement=placement)
     ratios = print_table(best_rows(rows))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "compression_speed.json").write_text(json.dumps(
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps(
         {"rows": rows, "ratios": ratios, "args": {k: str(v) for k, v in vars(opts).items()}}, indent=1))
 
 

@@ -266,13 +266,13 @@ def test_fused_linear_rows_do_not_depend_on_the_batch():
     # A row's output is the same bits whether it is alone, first, last, or among other rows.
     torch.manual_seed(3)
     weight = int4_matmul.pack(quantize(torch.randn(320, 1024), group_size=64))
-    x = torch.randn(37, 1024).to(torch.bfloat16)
+    x = torch.randn(300, 1024).to(torch.bfloat16)  # more rows than one call takes
     whole = int4_matmul.linear(x, weight)
-    for size in (1, 2, 3, 4, 5, 9, 16, 33):
-        for start in (0, 1, 37 - size):
+    for size in (1, 2, 3, 4, 5, 9, 16, 33, 259):
+        for start in (0, 1, 37 - size % 37):
             assert torch.equal(int4_matmul.linear(x[start:start + size], weight), whole[start:start + size])
     others = torch.randn(6, 1024).to(torch.bfloat16)
-    for r in (0, 17, 36):
+    for r in (0, 17, 36, 299):
         batch = torch.cat((others[:r % 5], x[r:r + 1], others))
         assert torch.equal(int4_matmul.linear(batch, weight)[r % 5], whole[r])
         assert torch.equal(int4_matmul.linear(x[r].view(1, 1, -1), weight).view(-1), whole[r])
