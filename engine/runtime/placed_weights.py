@@ -4,8 +4,8 @@ Resident tensors (GPU/CPU tiers) are read once and kept in the compute dtype; di
 read every time their layer runs (with O_DIRECT), converted, and dropped after use. Compressed
 (4-bit) tensors stay packed on every tier, in memory too: memory and link bytes both shrink ~3.5x.
 A 4-bit matrix that the fused CPU kernel takes (bfloat16 on the CPU, engine.model.int4_matmul) is
-held in that kernel's layout (same size) and multiplied without a dequantised copy; a disk copy
-is repacked into it after each read, with byte operations on the packed bytes. Other compressed
+held in that kernel's layout (same size) and multiplied without a dequantised copy; on disk it is
+read from a copy in that layout (engine.runtime.int4_files, written once). Other compressed
 tensors are dequantised on the compute device right before their layer runs. `replace`
 re-places the model for a new policy, moving only the tensors whose tier changes.
 """
@@ -20,6 +20,7 @@ import torch
 
 from engine.model import int4_matmul
 from engine.model.int4_matmul import Int4Weight
+from engine.runtime.int4_files import KernelLayoutFiles, Span, spans
 from engine.runtime.compression import QuantizedTensor, dequantize, from_bytes, row_sections
 from engine.model.config import ModelConfig
 from engine.runtime.policy import Policy
@@ -57,7 +58,8 @@ class PlacedWeights:
         self.resident: dict[str, dict[str, torch.Tensor]] = {}
         self._layer_index = {name: i for i, name in enumerate(layer_names(cfg))}
         self._dequant_buffers: dict[tuple, torch.Tensor] = {}
-        self._repack_buffers: dict[tuple, torch.Tensor] = {}  # kernel-layout codes of streamed 4-bit matrices
+        self._kernel_files = KernelLayoutFiles(store.root)
+        self._kernel_buffers: dict[tuple, torch.Tensor] = {}  # read buffers of streamed fused matrices, by slot
         self._stream_buffers: dict[tuple, torch.Tensor] = {}  # converted streamed tensors, by slot
         self._raw_buffers: dict[str, torch.Tensor] = {}  # aligned read buffers of one decoder layer, by tensor
         self.replace(policy)
@@ -75,6 +77,9 @@ class PlacedWeights:
                 moved += entry.nbytes
                 if new == Tier.DISK:
                     resident.pop(entry.name, None)
+                    if self._fused(entry):
+                        self._kernel_files.ensure(layer, self._fused_entries(layer),
+                                                  lambda e, layer=layer: self._read_raw(layer, e, reuse=False))
                 elif old in (Tier.GPU, Tier.CPU):
                     resident[entry.name] = self._place(resident[entry.name], new)
                 else:
@@ -87,15 +92,32 @@ class PlacedWeights:
         return (entry.compressed and entry.name not in ROW_LOOKUP_TABLES
                 and int4_matmul.fits(entry.shape, entry.num_bits, entry.group_size, self.dtype, self.device))
 
+    def _fused_entries(self, layer: str) -> list[TensorEntry]:
+        return [e for e in self.store.layers[layer] if self._fused(e)]
+
+    def _spans(self, layer: str) -> dict[str, Span]:
+        return spans(self._fused_entries(layer))
+
+    def _read_kernel_layout(self, layer: str, entry: TensorEntry) -> torch.Tensor:
+        """A streamed fused matrix's operands, read into a buffer kept per (layer parity, tensor): the
+        kernel uses them in place while the next layer is read."""
+        span = self._spans(layer)[entry.name]
+        key = (self._slot(layer), entry.name, entry.shape)
+        if key not in self._kernel_buffers:
+            self._kernel_buffers[key] = aligned_empty(span.nbytes)
+        buf = self._kernel_buffers[key][:span.nbytes]
+        self.disk.read_into(self._kernel_files.path(layer), span.offset, buf)
+        return buf
+
     def _held(self, entry: TensorEntry, t: torch.Tensor) -> torch.Tensor | Int4Weight:
         """What a resident tensor is kept as: the fused kernel's operands (repacked once) or `t`."""
         return self._repacked(entry, t) if self._fused(entry) else t
 
-    def _repacked(self, entry: TensorEntry, packed: torch.Tensor, out: torch.Tensor | None = None) -> Int4Weight:
+    def _repacked(self, entry: TensorEntry, packed: torch.Tensor) -> Int4Weight:
         """Stored 4-bit bytes -> the fused kernel's operands (timed like a dequantisation)."""
         started = time.perf_counter()
         q = from_bytes(packed, entry.shape, num_bits=entry.num_bits, group_size=entry.group_size, dim=-1)
-        weight = int4_matmul.pack(q, out=out)
+        weight = int4_matmul.pack(q)
         self.stats.add(DEQUANTIZE, weight.packed.numel(), time.perf_counter() - started)
         return weight
 
@@ -162,7 +184,8 @@ class PlacedWeights:
         threads it only oversubscribes the cores (opt-1.3b 4-bit, fp32 on 2 cores: dequantisation ran
         at 1.3 GB/s on the I/O thread against 2.5 inline, and each decode step took 18 % longer)."""
         decoder = layer.startswith("decoder.")  # the embedding and head are read once a step: no pinned copies
-        raw = {e.name: self._read_raw(layer, e, reuse=decoder) for e in self.store.layers[layer]
+        raw = {e.name: (self._read_kernel_layout(layer, e) if self._fused(e) else self._read_raw(layer, e, reuse=decoder))
+               for e in self.store.layers[layer]
                if self.tiers[layer][e.name] == Tier.DISK and e.name not in ROW_LOOKUP_TABLES}
         if self.device.type == "cuda":
             return FetchedLayer(layer, ready=self.finish(FetchedLayer(layer, raw=raw)))
@@ -205,10 +228,7 @@ class PlacedWeights:
                 return self._ready(entry, held, self._slot(layer))
             return to_device(held, self.device, self.stats, CPU_TO_GPU)
         if self._fused(entry):
-            key = (self._slot(layer), entry.name, entry.shape)
-            if key not in self._repack_buffers:
-                self._repack_buffers[key] = torch.empty(entry.shape[0] * entry.shape[1] // 2, dtype=torch.uint8)
-            return self._repacked(entry, raw, self._repack_buffers[key])
+            return KernelLayoutFiles.weight(raw, entry, self._spans(layer)[entry.name])
         if entry.compressed:
             return self._ready(entry, raw, self._slot(layer))
         # Converted into a buffer kept per (layer parity, tensor): no page faults.
