@@ -64,7 +64,7 @@ def _claimer(url: str, index: int, start: mp.Barrier, out: mp.Queue) -> None:
     db = open_store(url, migrate=False)
     worker_id = store.register_worker(db, device=f"claimer-{index}")
     claims, claim_ms, retried = [], [], []
-    retry = StoreRetry(budget_s=120.0, report=lambda line: None)  # the worker's retry of store calls
+    retry = StoreRetry(budget_s=600.0, report=lambda line: None)  # the worker's retry of store calls
 
     def counted(fn):
         def call(*args, **kwargs):

@@ -1,0 +1,142 @@
+"""A chaos run over simulated machines, and what is checked and counted after it.
+
+`run_chaos` keeps a fixed number of `flexjob work` processes on each machine while the jobs run,
+SIGKILLs one every few seconds (mostly shard holders, so their shards are taken over) and now and
+then SIGSTOPs a holder for longer than its lease, then SIGCONTs it (its shard goes to another
+worker meanwhile; its late writes are fenced off). Afterwards `tally_store` counts what the store
+logged, `generated_columns` reads `flexjob results` output without the columns that say when and
+by which attempt a row was made.
+"""
+from __future__ import annotations
+
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from tests.support import store_reads
+from tests.support.machines import Machine
+
+# Columns that differ between two correct runs: which attempt made a row, when, and how fast.
+RUN_COLUMNS = ("attempt", "block_seconds", "finished_at")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChaosPlan:
+    kills: int                          # SIGKILLs in all
+    stalls: int                         # SIGSTOPs of a shard holder, spread between the kills
+    stall_s: float                      # longer than the workers' lease
+    gap_s: tuple[float, float]          # random wait between two kills
+    holder_share: float = 0.7           # how often the victim is a worker holding a shard
+    deadline_s: float = 900.0
+
+
+@dataclass
+class ChaosTally:
+    kills: int = 0
+    holder_kills: int = 0
+    stalls: int = 0
+    workers_started: int = 0
+    seconds: float = 0.0
+    victims: list[str] = field(default_factory=list)
+
+
+def holders(db, job_ids: list[int]) -> set[tuple[str, int]]:
+    """(host name, pid in its namespace) of the workers that hold a shard of the jobs now."""
+    from jobrunner import store
+    from jobrunner.store.models import ShardStatus
+
+    held = {s.worker_id for j in job_ids for s in store.list_shards(db, j) if s.status == ShardStatus.LEASED}
+    return {(w.hostname, w.pid) for w in store_reads.workers(db) if w.id in held}
+
+
+def jobs_finished(db, job_ids: list[int]) -> bool:
+    from jobrunner import store
+    from jobrunner.store.models import JobStatus
+
+    return all(store.get_job(db, j).status in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+               for j in job_ids)
+
+
+def run_chaos(db, job_ids: list[int], machines: list[tuple[Machine, int]], work_args: list[str],
+              plan: ChaosPlan, rng: random.Random) -> ChaosTally:
+    """Run workers on the machines (machine, how many) until the jobs finish, with the plan's faults."""
+    tally, stalled = ChaosTally(), {}  # stalled: pid -> (worker, when to resume it)
+    started = time.monotonic()
+    while not jobs_finished(db, job_ids) and time.monotonic() - started < plan.deadline_s:
+        for machine, count in machines:
+            while len(machine.running()) < count:
+                machine.start_worker(*work_args)
+                tally.workers_started += 1
+        time.sleep(rng.uniform(*plan.gap_s))
+        for pid, (worker, until) in list(stalled.items()):
+            if time.monotonic() >= until:
+                worker.signal(signal.SIGCONT)
+                del stalled[pid]
+        running = [w for m, _ in machines for w in m.running() if w.pid not in stalled]
+        held = holders(db, job_ids)
+        busy = [w for w in running if (w.machine.name, w.inner_pid) in held]
+        if tally.kills < plan.kills and running:
+            victim = rng.choice(busy if busy and rng.random() < plan.holder_share else running)
+            tally.holder_kills += victim in busy
+            tally.victims.append(f"{victim.machine.name}:{victim.inner_pid}{'*' if victim in busy else ''}")
+            victim.kill()
+            tally.kills += 1
+            busy = [w for w in busy if w is not victim]
+        due = tally.kills >= (tally.stalls + 1) * plan.kills // (plan.stalls + 1)
+        if tally.stalls < plan.stalls and not stalled and busy and due:
+            victim = rng.choice(busy)
+            victim.signal(signal.SIGSTOP)
+            stalled[victim.pid] = (victim, time.monotonic() + plan.stall_s)  # resumed after stall_s, above
+            tally.stalls += 1
+    for worker, _ in stalled.values():
+        worker.signal(signal.SIGCONT)
+    for machine, _ in machines:
+        for worker in machine.running():
+            worker.proc.wait(timeout=300)
+    tally.seconds = time.monotonic() - started
+    return tally
+
+
+def tally_store(db, job_ids: list[int]) -> dict:
+    """What the store logged of the run: takeovers by kind, writes refused by fencing, resumed work."""
+    from jobrunner.store import EventKind
+
+    def count(kind: EventKind) -> list:
+        return [e for j in job_ids for e in store_reads.events(db, job_id=j, kinds=[kind])]
+
+    fenced = count(EventKind.WRITE_FENCED)
+    resumed = count(EventKind.SHARD_RESUMED)
+    return {"takeovers_dead": len(count(EventKind.WORKER_DEAD)),
+            "takeovers_expired": len(count(EventKind.LEASE_EXPIRED)),
+            "fenced_writes": len(fenced),
+            "fenced_commits": sum(1 for e in fenced if (e.data or {}).get("write") == "commit"),
+            "fenced_by_write": _counts((e.data or {}).get("write", "?") for e in fenced),
+            "resumed_shards": len(resumed),
+            "resumed_tokens": sum((e.data or {}).get("tokens", 0) for e in resumed),
+            "claims": len(count(EventKind.SHARD_CLAIMED))}
+
+
+def _counts(items) -> dict:
+    out: dict = {}
+    for item in items:
+        out[item] = out.get(item, 0) + 1
+    return out
+
+
+def orphaned_leases(db, job_ids: list[int]) -> list[str]:
+    """Shards not done, or done with a lease still set: none after a finished run."""
+    from jobrunner import store
+    from jobrunner.store.models import ShardStatus
+
+    return [f"job {j} shard {s.shard_index}: {s.status.value}" for j in job_ids for s in store.list_shards(db, j)
+            if s.status != ShardStatus.DONE or s.lease_expires_at is not None]
+
+
+def generated_columns(path: Path) -> list[dict]:
+    """A `flexjob results` Parquet file's rows, without the columns of RUN_COLUMNS."""
+    table = pq.read_table(path)
+    return table.drop_columns([c for c in RUN_COLUMNS if c in table.column_names]).to_pylist()
