@@ -184,8 +184,15 @@ class WeightStore:
             return store
         with _conversion_lock(root):
             # Another process may have converted it while we waited for the lock.
-            return cls._open_complete(root) or cls(root, convert_checkpoint(model_dir, cfg, root, on_layer,
-                                                                             compression))
+            store = cls._open_complete(root)
+            if store is not None:
+                return store
+            try:
+                return cls(root, convert_checkpoint(model_dir, cfg, root, on_layer, compression))
+            except BaseException:
+                for partial in root.glob("*.tmp"):  # a full disk must not stay full of half-written files
+                    partial.unlink(missing_ok=True)
+                raise
 
     @classmethod
     def _open_complete(cls, root: Path) -> "WeightStore | None":

@@ -80,7 +80,10 @@ def record_block(disk_dir: str | Path, transfers: Mapping[str, tuple[float, floa
         if not changes:
             return prof
         prof = prof.replace(**changes, probed_gbps=probed, learned_blocks=prof.learned_blocks + 1)
-        prof.save(path)
+        try:
+            prof.save(path)
+        except OSError:
+            return None  # learning is best effort: a full disk must not stop generation
         return prof
 
 

@@ -112,18 +112,39 @@ class BlockRunner:
                                      policy.activations_cpu_percent) for k in range(K)] for j in range(L + 2)]
         self.act_path = [workdir / f"act-{k}.bin" for k in range(K)]
         self.acts: list[Future | None] = [None] * K
+        self.store_error: BaseException | None = None  # set on the I/O thread by a failed store
 
     # -- I/O helpers: submitted to the I/O thread with overlap, run inline without -------------
     def submit(self, fn, *args) -> Future:
         if self.ctx.io is None:
             return _Done(fn(*args))
-        return self.ctx.io.submit(fn, *args)
+        return self.ctx.io.submit(self._unless_a_store_failed, fn, *args)
+
+    def submit_store(self, fn, *args) -> None:
+        """A write nobody waits for: if it fails (a full disk), every later I/O call and the next
+        layer raise its error, rather than what reading the missing data back would lead to."""
+        if self.ctx.io is None:
+            fn(*args)
+        else:
+            self.ctx.io.submit(self._recording_failure, fn, *args)
+
+    def _unless_a_store_failed(self, fn, *args):
+        if self.store_error is not None:
+            raise self.store_error
+        return fn(*args)
+
+    def _recording_failure(self, fn, *args) -> None:
+        try:
+            self._unless_a_store_failed(fn, *args)
+        except BaseException as exc:
+            self.store_error = self.store_error or exc
+            raise
 
     def _store_act(self, j: int, k: int, h: torch.Tensor) -> None:
         tier = self.act_tiers[j][k]
         if tier == Tier.DISK:
             shape, data = h.shape, h.to("cpu").contiguous()
-            self.submit(self.ctx.disk.write, self.act_path[k], 0, data)
+            self.submit_store(self.ctx.disk.write, self.act_path[k], 0, data)
             self.acts[k] = self.submit(self._read_act, k, shape, data.numel() * data.element_size())
         else:
             self.acts[k] = _Done(h if tier == Tier.GPU else h.to("cpu"))
@@ -183,6 +204,8 @@ class BlockRunner:
             self.cache_reads[j, k] = self.submit(part.read, self._cache_device(part), self.ctx.stats, buffers)
 
     def _run_layer(self, j: int, w: dict, params: GenerationParams) -> None:
+        if self.store_error is not None:
+            raise self.store_error
         L = self.ctx.cfg.num_layers
         if j == 0 or j == L + 1:
             self._prefetch_weights(j)
@@ -244,7 +267,7 @@ class BlockRunner:
         """Store what `part.encode` gave: on the I/O thread for a disk part (a raw tensor copied
         contiguous first, as the compute thread goes on with its storage)."""
         if part.tier == Tier.DISK:
-            self.submit(part.append, stored.contiguous() if isinstance(stored, torch.Tensor) else stored)
+            self.submit_store(part.append, stored.contiguous() if isinstance(stored, torch.Tensor) else stored)
         else:
             part.append(stored)
 

@@ -15,7 +15,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
 
 import pyarrow as pa
@@ -30,6 +29,7 @@ from jobrunner.io.inputs import InputRow, read_rows
 from jobrunner.io.shard_inputs import read_shard_rows
 from jobrunner.io.parts import ResultRow, part_name, rows_to_table, to_parquet_bytes
 from jobrunner.store import EventKind, Lease, LeaseLost, PartRecord, RowProgress
+from jobrunner.worker.disk_full import disk_full_cause
 from jobrunner.worker.fault_hooks import kill_point, raise_if_poisoned
 from jobrunner.worker.store_retry import TRANSIENT, StoreRetry
 
@@ -43,6 +43,7 @@ class ShardOutcome(str, enum.Enum):
     DONE = "done"            # every row of the shard is committed
     STOPPED = "stopped"      # should_stop fired: progress kept in memory for the worker to save or drop
     FAILED = "failed"        # the job failed, or the shard crashed and was released for a retry
+    DISK_FULL = "disk_full"  # the disk tier filled up: progress saved, the shard released
     LOST = "lost"            # the lease was taken over: nothing more may be written
     CANCELLED = "cancelled"  # the job was cancelled; rows in flight were saved, the shard released
 
@@ -259,6 +260,9 @@ def _generate_isolating(ctx: ShardContext, block: list[PreparedRow]) -> dict[int
         except (LeaseLost, *TRANSIENT):
             raise  # a progress save found the shard taken over, or the store gone: not the engine's fault
         except Exception as exc:  # noqa: BLE001 - any engine crash: retry, then isolate
+            full = disk_full_cause(exc, ctx.engine.offload_dir)
+            if full is not None:
+                raise full from exc  # the machine's disk, not the rows: the worker backs off
             last_error = exc
             ctx.store_call(store.record_event, ctx.db, EventKind.ENGINE_ERROR, job_id=ctx.job.id,
                            shard_id=ctx.lease.shard_id, worker_id=ctx.lease.worker_id,

@@ -40,6 +40,7 @@ from jobrunner.io.inputs import fingerprint_file
 from jobrunner.io.shard_inputs import id_type_of
 from jobrunner.store import EventKind, Lease, LeaseLost
 from jobrunner.worker.blocks import ShardContext, ShardOutcome, generation_params, run_shard
+from jobrunner.worker.disk_full import DiskFull, DiskFullBackoff, disk_full_cause
 from jobrunner.worker.host_locks import DeviceLock, exclusive
 from jobrunner.worker.lease_keeper import LeaseKeeper
 from jobrunner.store.models import Job, ShardStatus, utcnow
@@ -101,6 +102,7 @@ class Worker:
         self._shards_done = 0
         self._start = (0, 0)  # the reporter's rows and tokens when the loop started
         self._announced_waits: set[tuple] = set()  # shards this worker said it waits for
+        self._disk_backoff = DiskFullBackoff()
 
     # -- signals --------------------------------------------------------------------------
     def _on_signal(self, signum, _frame) -> None:
@@ -161,8 +163,12 @@ class Worker:
                 self._call(store.release_shard, self.db, lease, reason="worker reached --max-jobs")
                 return "max-jobs"
             jobs_seen.add(lease.job_id)
-            if self._work_on(lease) is ShardOutcome.DONE:
+            outcome = self._work_on(lease)
+            if outcome is ShardOutcome.DISK_FULL:
+                self._wake.wait(self._disk_backoff.next_wait())
+            elif outcome is ShardOutcome.DONE:
                 self._shards_done += 1
+                self._disk_backoff.reset()
         return "signal"
 
     def _take_over_dead_workers(self) -> None:
@@ -197,6 +203,8 @@ class Worker:
         params = JobParams.from_dict(job.params)
         try:
             engine = self._engine_for(job, params)
+        except DiskFull as exc:
+            return self._step_back_for_disk(lease, exc, progress={})
         except BaseException:
             self._call(store.release_shard, self.db, lease, reason="worker could not load the model")
             raise
@@ -224,11 +232,16 @@ class Worker:
         except LeaseLost as exc:
             self.reporter.message(f"lease lost: {exc}")
             return ShardOutcome.LOST
+        except DiskFull as exc:
+            return self._step_back_for_disk(lease, exc, progress=ctx.progress)
         except UserError as exc:  # the input no longer matches the job (e.g. rows missing)
             self.reporter.message(f"job {job.id} failed: {exc}")
             self._fail_quietly(lease, str(exc))
             return ShardOutcome.FAILED
         except Exception as exc:  # noqa: BLE001 - a bug or a broken host: retry later, elsewhere
+            full = disk_full_cause(exc, Path(self.config.offload_dir))
+            if full is not None:
+                return self._step_back_for_disk(lease, full, progress=ctx.progress)
             traceback.print_exc(file=sys.stderr)
             self.reporter.message(f"shard {lease.shard_index} of job {job.id} crashed: {type(exc).__name__}: {exc}")
             self._release_quietly(lease, reason="crashed", error=f"{type(exc).__name__}: {exc}",
@@ -255,6 +268,21 @@ class Worker:
             return ShardOutcome.CANCELLED
         self.reporter.message(f"saved {saved} generated tokens of {len(ctx.progress)} rows; lease released")
         return ShardOutcome.STOPPED
+
+    def _step_back_for_disk(self, lease: Lease, full: DiskFull, *, progress: dict) -> ShardOutcome:
+        """Save the rows in flight, release the shard and say so; the claim loop then backs off."""
+        wait_s = self._disk_backoff.peek()
+        self.reporter.message(f"{full}; shard {lease.shard_index} released, retrying in {wait_s:.0f} s")
+        self._call(store.record_event, self.db, EventKind.DISK_FULL, job_id=lease.job_id, shard_id=lease.shard_id,
+                   worker_id=self.worker_id, message=str(full),
+                   data={"directory": str(full.directory), "free_bytes": full.free_bytes, "retry_in_s": wait_s})
+        try:
+            if progress:
+                self._call(store.save_progress, self.db, lease, dict(progress), decode_step=-1)
+            self._call(store.release_shard, self.db, lease, reason="disk full")
+        except LeaseLost:
+            return ShardOutcome.LOST
+        return ShardOutcome.DISK_FULL
 
     def _fail_quietly(self, lease: Lease, error: str) -> None:
         try:
@@ -305,9 +333,16 @@ class Worker:
             # Workers sharing a disk directory would convert the checkpoint into the same weight
             # store files at once; one at a time, the second finds the store complete.
             with exclusive(Path(self.config.offload_dir) / "flexjob-engine-load.lock"):
-                self._engine = Engine(job.model_dir, policy, dtype=params.dtype,
-                                      offload_dir=self.config.offload_dir, gpu_mem_gib=self.config.gpu_mem_gib,
-                                      cpu_mem_gib=self.config.cpu_mem_gib, throttle_gbps=self.config.throttle_gbps)
+                try:
+                    self._engine = Engine(job.model_dir, policy, dtype=params.dtype,
+                                          offload_dir=self.config.offload_dir, gpu_mem_gib=self.config.gpu_mem_gib,
+                                          cpu_mem_gib=self.config.cpu_mem_gib,
+                                          throttle_gbps=self.config.throttle_gbps)
+                except Exception as exc:
+                    full = disk_full_cause(exc, Path(self.config.offload_dir))
+                    if full is None:
+                        raise
+                    raise full from exc
             self._engine_key = key
             self._call(store.worker_seen, self.db, self.worker_id, policy=policy.to_dict())
         return self._engine
