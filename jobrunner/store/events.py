@@ -25,6 +25,7 @@ class EventKind(str, enum.Enum):
     BLOCK_COMMITTED = "block_committed"
     WRITE_FENCED = "write_fenced"        # a superseded lease holder's write (commit, progress, heartbeat) refused
     ENGINE_ERROR = "engine_error"
+    CHECKPOINT_DAMAGED = "checkpoint_damaged"  # saved progress failed its checksum: dropped, rows redone
     DISK_FULL = "disk_full"              # a worker's disk tier filled up: shard released, worker backs off
     REPLAN = "replan"
     WORKER_STARTED = "worker_started"

@@ -129,6 +129,7 @@ class Checkpoint(Base):
     attempt: Mapped[int] = mapped_column(Integer)
     # {"<row>": {"ids": [...], "finish": "stop" | "length" | null}}
     rows: Mapped[dict] = mapped_column(JSON)
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)  # of `rows`' canonical JSON
     decode_step: Mapped[int] = mapped_column(Integer, default=0)
     saved_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 

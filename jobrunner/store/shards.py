@@ -7,12 +7,14 @@ claimed again, so a worker presumed dead can never commit over its successor.
 from __future__ import annotations
 
 from contextlib import contextmanager
+import hashlib
+import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from typing import Callable, Iterator
 
-from sqlalchemy import Engine, and_, insert, or_, select, update
+from sqlalchemy import Engine, and_, delete, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from jobrunner.store.events import EventKind
@@ -144,20 +146,47 @@ def save_progress(engine: Engine, lease: Lease, rows: dict[int, RowProgress], *,
         checkpoint = s.get(Checkpoint, lease.shard_id)
         if checkpoint is None:
             s.add(Checkpoint(shard_id=lease.shard_id, attempt=lease.attempt, rows=payload,
-                             decode_step=decode_step, saved_at=now))
+                             sha256=_seal(payload), decode_step=decode_step, saved_at=now))
         else:
-            checkpoint.attempt, checkpoint.rows = lease.attempt, payload
+            checkpoint.attempt, checkpoint.rows, checkpoint.sha256 = lease.attempt, payload, _seal(payload)
             checkpoint.decode_step, checkpoint.saved_at = decode_step, now
 
 
+def _seal(rows: dict) -> str:
+    """The checkpoint's checksum: sha256 of its canonical JSON."""
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _checkpoint_problem(checkpoint: Checkpoint) -> str | None:
+    if checkpoint.sha256 is not None and _seal(checkpoint.rows) != checkpoint.sha256:
+        return "checksum mismatch"
+    for row, saved in checkpoint.rows.items():
+        ids = saved.get("ids") if isinstance(saved, dict) else None
+        if not row.isdigit() or not isinstance(ids, list) or not all(isinstance(i, int) and i >= 0 for i in ids) \
+                or saved.get("finish") not in (None, "stop", "length"):
+            return f"row {row!r} is malformed"
+    return None
+
+
 def load_progress(engine: Engine, shard_id: int) -> dict[int, RowProgress]:
-    """The saved in-flight rows of a shard (possibly from an earlier attempt): row -> progress."""
+    """The saved in-flight rows of a shard (possibly from an earlier attempt): row -> progress.
+    A damaged checkpoint is never resumed from: it is dropped, with a checkpoint_damaged event,
+    and its rows are generated again from their prompts."""
     with read_tx(engine) as s:
         checkpoint = s.get(Checkpoint, shard_id)
         if checkpoint is None:
             return {}
-        return {int(r): RowProgress(ids=tuple(v["ids"]), finish=v.get("finish"))
-                for r, v in checkpoint.rows.items()}
+        problem = _checkpoint_problem(checkpoint)
+        if problem is None:
+            return {int(r): RowProgress(ids=tuple(v["ids"]), finish=v.get("finish"))
+                    for r, v in checkpoint.rows.items()}
+    with write_tx(engine) as s:
+        shard = s.get(Shard, shard_id)
+        s.execute(delete(Checkpoint).where(Checkpoint.shard_id == shard_id))
+        add_event(s, EventKind.CHECKPOINT_DAMAGED, job_id=shard.job_id, shard_id=shard_id,
+                  message=f"saved progress of shard {shard.shard_index} is damaged ({problem}); its rows start over",
+                  data={"problem": problem})
+    return {}
 
 
 def committed_rows(engine: Engine, shard_id: int) -> set[int]:
@@ -204,6 +233,7 @@ def commit_block(engine: Engine, lease: Lease, part: PartRecord, *,
         if checkpoint is not None:
             committed = {str(r) for r in part.row_ids}
             checkpoint.rows = {r: v for r, v in checkpoint.rows.items() if r not in committed}
+            checkpoint.sha256 = _seal(checkpoint.rows)
         job = get_job_locked(s, lease.job_id)
         job.done_rows += len(part.row_ids)
         job.failed_rows += part.failed_rows

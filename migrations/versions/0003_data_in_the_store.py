@@ -1,7 +1,7 @@
 """Prompts and result parts live in the database: a shard's input rows are copied at enqueue
 (`shard_inputs`) and each part's Parquet bytes are written with its registration (`part_data`),
-so that workers on different machines share nothing but the store. Jobs enqueued before keep
-reading their input file and part files (`jobs.inputs_in_store` false).
+so that workers on different machines share nothing but the store; checkpoints carry a checksum.
+Jobs enqueued before keep reading their input file and part files (`jobs.inputs_in_store` false).
 
 Revision ID: 0003
 Revises: 0002
@@ -20,6 +20,8 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.add_column(sa.Column('inputs_in_store', sa.Boolean(), nullable=False, server_default=sa.false()))
+    with op.batch_alter_table('checkpoints', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('sha256', sa.String(length=64), nullable=True))
     op.create_table(
         'shard_inputs',
         sa.Column('shard_id', sa.Integer(), sa.ForeignKey('shards.id', ondelete='CASCADE'), primary_key=True),
@@ -36,5 +38,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table('part_data')
     op.drop_table('shard_inputs')
+    with op.batch_alter_table('checkpoints', schema=None) as batch_op:
+        batch_op.drop_column('sha256')
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.drop_column('inputs_in_store')

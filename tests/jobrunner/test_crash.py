@@ -20,6 +20,7 @@ from jobrunner.io.results import write_results
 from tests.support.jobs import SAMPLE_PROMPTS, flexjob_command, read_results, write_prompts
 from jobrunner.store.events import EventKind
 from tests.support import store_reads
+from tests.support.store_damage import tamper_checkpoint
 
 MAX_NEW = 8
 PROGRESS_EVERY = 2
@@ -94,6 +95,24 @@ def test_sigkill_then_restart_gives_identical_output(tmp_path, tiny_model, crash
     assert store.get_job(db, job.id).status == JobStatus.COMPLETED
     got = read_results(write_results(db, job.id, tmp_path / "out.parquet").path)
     assert got == uninterrupted[mode]
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_is_detected_and_its_rows_redone(tmp_path, tiny_model, crash_inputs, uninterrupted,
+                                                             run_worker):
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    db = open_store(url)
+    job = enqueue(db, crash_inputs, model_dir=tiny_model, params=MODES["seeded"], shard_rows=6).job
+    killed = run(work_args(url, tmp_path / "offload"), cwd=tmp_path,
+                 env_extra={"FLEXJOB_TEST_KILL_AT": f"decode:{KILL_STEP}"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    [shard] = store.list_shards(db, job.id)
+    tamper_checkpoint(db, shard.id)
+    run_worker(db, block=BLOCK, progress_every=PROGRESS_EVERY)
+    [damaged] = store_reads.events(db, job_id=job.id, kinds=[EventKind.CHECKPOINT_DAMAGED])
+    assert damaged.message == "saved progress of shard 0 is damaged (checksum mismatch); its rows start over"
+    got = read_results(write_results(db, job.id, tmp_path / "out.parquet").path)
+    assert got == uninterrupted["seeded"]
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.orm import Session
 
-from jobrunner.store.models import Job, PartData, Shard, ShardInput
+from jobrunner.store.models import Checkpoint, Job, PartData, Shard, ShardInput
 
 
 def _rewrite_part(db: Engine, part_id: int, change) -> bytes:
@@ -46,3 +46,13 @@ def forget_stored_prompts(db: Engine, job_id: int) -> None:
         shard_ids = select(Shard.id).where(Shard.job_id == job_id)
         s.execute(delete(ShardInput).where(ShardInput.shard_id.in_(shard_ids)))
         s.execute(update(Job).where(Job.id == job_id).values(inputs_in_store=False))
+
+
+def tamper_checkpoint(db: Engine, shard_id: int) -> None:
+    """Change one saved token id, as a bit flip in the stored JSON would."""
+    with Session(db) as s, s.begin():
+        checkpoint = s.get(Checkpoint, shard_id)
+        rows = {r: dict(v) for r, v in checkpoint.rows.items()}
+        row = next(r for r, v in rows.items() if v["ids"])
+        rows[row]["ids"] = [rows[row]["ids"][0] ^ 1] + rows[row]["ids"][1:]
+        checkpoint.rows = rows
