@@ -30,7 +30,7 @@ class ChaosPlan:
     stalls: int                         # SIGSTOPs of a shard holder, spread between the kills
     stall_s: float                      # longer than the workers' lease
     gap_s: tuple[float, float]          # random wait between two kills
-    holder_share: float = 0.7           # how often the victim is a worker holding a shard
+    holder_share: float = 0.8           # how often the victim must hold a shard (else: any worker)
     deadline_s: float = 900.0
 
 
@@ -79,8 +79,9 @@ def run_chaos(db, job_ids: list[int], machines: list[tuple[Machine, int]], work_
         running = [w for m, _ in machines for w in m.running() if w.pid not in stalled]
         held = holders(db, job_ids)
         busy = [w for w in running if (w.machine.name, w.inner_pid) in held]
-        if tally.kills < plan.kills and running:
-            victim = rng.choice(busy if busy and rng.random() < plan.holder_share else running)
+        pool = busy if rng.random() < plan.holder_share else running  # no holder now: no kill this round
+        if tally.kills < plan.kills and pool:
+            victim = rng.choice(pool)
             tally.holder_kills += victim in busy
             tally.victims.append(f"{victim.machine.name}:{victim.inner_pid}{'*' if victim in busy else ''}")
             victim.kill()
