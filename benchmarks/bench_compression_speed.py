@@ -85,14 +85,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "compression_speed.json")
     opts = ap.parse_args()
     rows = []
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(opts.repeats):
         for block in opts.blocks.split(","):
             gbs, nb = (int(x) for x in block.split("x"))
             for placement in opts.placements.split(","):
                 rows += run_pair(opts.model, opts.work_dir / "offload", prompt_len=opts.prompt_len,
                                  gen_len=opts.gen_len, gbs=gbs, nb=nb, cpu_mem=opts.cpu_mem, placement=placement)
-    ratios = print_table(best_rows(rows))
-    opts.out.parent.mkdir(parents=True, exist_ok=True)
+                write(opts, rows)  # after every pair: a run cut short keeps what it measured
+    write(opts, rows, print_table(best_rows(rows)))
+
+
+def write(opts: argparse.Namespace, rows: list[dict], ratios: list[dict] | None = None) -> None:
     opts.out.write_text(json.dumps(
         {"rows": rows, "ratios": ratios, "args": {k: str(v) for k, v in vars(opts).items()}}, indent=1))
 
