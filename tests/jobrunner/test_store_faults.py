@@ -20,6 +20,7 @@ from jobrunner.store.models import JobStatus, Shard
 from jobrunner.worker.store_retry import StoreRetry
 from tests.jobrunner.test_store import new_job, part_for
 from tests.support import store_reads
+from tests.support.tcp_proxy import TcpProxy
 from tests.support.jobs import SAMPLE_PROMPTS, flexjob_command, read_results, write_prompts
 
 pytestmark = pytest.mark.postgres
@@ -92,6 +93,43 @@ def test_a_worker_whose_connections_are_killed_finishes_the_job(tmp_path, pg_url
     assert store.get_job(db, job.id).status == JobStatus.COMPLETED
     assert {s.attempt for s in store.list_shards(db, job.id)} == {1}  # never released, never taken over
     assert not store_reads.events(db, job_id=job.id, kinds=[EventKind.ENGINE_ERROR])
+    got = read_results(write_results(db, job.id, tmp_path / "out.parquet").path)
+    clean = open_store(f"sqlite:///{tmp_path / 'clean.db'}")
+    reference = enqueue(clean, prompts, model_dir=tiny_model, params=params, shard_rows=3).job
+    run_worker(clean, block=3)
+    assert got == read_results(write_results(clean, reference.id, tmp_path / "clean.parquet").path)
+
+
+@pytest.mark.slow
+def test_a_worker_rides_out_a_store_that_is_unreachable_for_a_while(tmp_path, pg_url, tiny_model, run_worker):
+    """The network to PostgreSQL is cut (open connections dropped, new ones refused) for 6 s, twice,
+    mid-run (longer than the 3 s between heartbeats, shorter than the 12 s lease): the worker
+    retries with backoff, says so, and the job completes as a clean run does."""
+    proxy = TcpProxy(("127.0.0.1", 5432))
+    url = pg_url.replace("@127.0.0.1:5432/", f"@127.0.0.1:{proxy.port}/")
+    assert url != pg_url
+    db = open_store(pg_url)
+    prompts = write_prompts(tmp_path / "p.parquet", SAMPLE_PROMPTS)
+    params = JobParams(max_new_tokens=16)
+    job = enqueue(db, prompts, model_dir=tiny_model, params=params, shard_rows=3).job
+    proc = subprocess.Popen(flexjob_command("work", "--db", url, "--exit-when-idle", "--gpu-batch-size", 3,
+                                            "--progress-every", 2, "--lease", 12, "--offload-dir", tmp_path / "offload"),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for rows_before_cut in (1, 7):
+            deadline = time.monotonic() + 120
+            while store.get_job(db, job.id).done_rows < rows_before_cut and time.monotonic() < deadline:
+                time.sleep(0.2)
+            proxy.cut()
+            time.sleep(6.0)
+            proxy.restore()
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    assert "job store unreachable" in output and "reachable again" in output
+    assert store.get_job(db, job.id).status == JobStatus.COMPLETED
     got = read_results(write_results(db, job.id, tmp_path / "out.parquet").path)
     clean = open_store(f"sqlite:///{tmp_path / 'clean.db'}")
     reference = enqueue(clean, prompts, model_dir=tiny_model, params=params, shard_rows=3).job
