@@ -12,7 +12,14 @@ import math
 ROWS_PER_CALL = {"float32": 32, "bfloat16": 128, "float16": 128}
 CHUNK_SIZES = {"float32": (8, 16, 32, 64, 128), "bfloat16": (8, 16, 32, 64, 128, 512, 1024, 2048, 4096),
                "float16": (8, 16, 32, 64, 128, 512, 1024, 2048, 4096)}  # each a divisor or multiple of the reference
-QUERIES_PER_CALL = 8  # >= 2 keeps MKL off its one-row (gemv) path, whose sums run in another order
+# The reference query group of attention's matrix products: every query's numbers are those of a
+# group of exactly this many (>= 2 keeps MKL off its one-row gemv path, whose sums run in another
+# order). Other sizes in QUERY_GROUP_SIZES are used only where the library gives every query the
+# reference's numbers bit for bit (kernels.attend checks each call shape once): one query for a
+# decode step, a whole prompt's queries for a prefill.
+QUERIES_PER_CALL = 8
+QUERY_GROUP_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+SCORES_PER_CALL = 2 ** 25  # the most scores one attention call holds (64 MiB in bfloat16)
 KEY_ALIGN = 64  # a multiple of every SIMD width, so softmax never takes a scalar tail
 ATTENTION_OPS_PER_QUERY_GROUP = 6  # bmm, mask, fill, softmax, bmm, copy out
 
@@ -25,14 +32,25 @@ def chunk_sizes(dtype_name: str) -> tuple[int, ...]:
     return CHUNK_SIZES.get(dtype_name, (rows_per_call(dtype_name),))
 
 
-def chunk_plan(rows: int, dtype_name: str, usable=lambda size: True) -> list[int]:
-    """The row count of each library call for `rows` rows, in order: calls of the largest usable size
-    while at least that many rows are left, then one call of the smallest usable size that holds the
-    rest (zero-padded). The reference size is always usable."""
-    ref = rows_per_call(dtype_name)
-    sizes = [s for s in chunk_sizes(dtype_name) if s == ref or usable(s)]
-    whole, rest = divmod(rows, sizes[-1])
+def _plan(count: int, sizes, usable) -> list[int]:
+    """Calls of the largest usable size while at least that many items are left, then one call of
+    the smallest usable size that holds the rest (zero-padded)."""
+    sizes = [s for s in sizes if usable(s)]
+    whole, rest = divmod(count, sizes[-1])
     return [sizes[-1]] * whole + ([next(s for s in sizes if s >= rest)] if rest else [])
+
+
+def chunk_plan(rows: int, dtype_name: str, usable=lambda size: True) -> list[int]:
+    """The row count of each linear-layer call for `rows` rows (the reference size is always usable)."""
+    ref = rows_per_call(dtype_name)
+    return _plan(rows, chunk_sizes(dtype_name), lambda size: size == ref or usable(size))
+
+
+def query_plan(queries: int, pairs: int = 1, keys: int = 1) -> list[int]:
+    """The query-group sizes of one attention over `queries` queries of `pairs` pairs and `keys`
+    keys: groups as large as SCORES_PER_CALL scores allow (at least the reference group)."""
+    cap = max(QUERIES_PER_CALL, SCORES_PER_CALL // max(1, pairs * keys))
+    return _plan(queries, QUERY_GROUP_SIZES, lambda size: size <= cap)
 
 
 def linear_calls(rows: float, dtype_name: str) -> list[tuple[int, int]]:
@@ -43,5 +61,6 @@ def linear_calls(rows: float, dtype_name: str) -> list[tuple[int, int]]:
 
 
 def attention_calls(queries: float) -> int:
-    """Query groups one (layer, micro-batch) attention sends to the library."""
-    return max(1, math.ceil(queries / QUERIES_PER_CALL))
+    """Query groups one (layer, micro-batch) attention sends to the library (groups of every size in
+    QUERY_GROUP_SIZES counted as usable)."""
+    return len(query_plan(max(1, math.ceil(queries))))

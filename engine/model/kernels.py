@@ -15,7 +15,9 @@ fixed order: here, by calling the library only with shapes that never vary.
   call, prefill or decode, gets the reference's numbers.
 - `attend`: each (row, head) pair's keys are aligned so that the row's first real position sits
   at index 0 (the cache is left-padded per block, so a row's index would otherwise depend on its
-  neighbours' prompt lengths); queries go to `bmm` in groups of exactly `QUERIES_PER_CALL`; the key
+  neighbours' prompt lengths); queries go to `bmm` in groups of the sizes of `query_plan` (a
+  decode step's one query, a prefill's whole prompt), each size used only where a one-off check
+  finds every query's numbers bit for bit those of the reference group `QUERIES_PER_CALL`; the key
   axis is padded with masked positions to a multiple of `KEY_ALIGN`. Masked keys add exact zeros
   to every sum, and the same positions always fall in the same SIMD lanes, so a decode step
   computes a position's attention bit for bit as the prefill of the same prompt does.
@@ -24,10 +26,13 @@ Shapes: n (row, head) pairs, S queries, T cached positions, D head_dim.
 """
 from __future__ import annotations
 
+import math
+import threading
+
 import torch
 
 from engine.model import int4_matmul
-from engine.model.kernel_shapes import KEY_ALIGN, QUERIES_PER_CALL, chunk_plan, rows_per_call
+from engine.model.kernel_shapes import KEY_ALIGN, QUERIES_PER_CALL, chunk_plan, query_plan, rows_per_call
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | int4_matmul.Int4Weight,
@@ -94,26 +99,58 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: torch.Tenso
     n, S, D = q.shape
     T = k.shape[0]
     runs = _runs(first)
-    kh, vh = _aligned(k, runs, q.dtype), _aligned(v, runs, q.dtype)  # [n, T', D]
+    kh, vh = _aligned(k, runs, q.dtype, "keys"), _aligned(v, runs, q.dtype, "values")  # [n, T', D]
     if query_pos is None:
         query_pos = torch.arange(T - S, T, device=q.device)
     # Aligned position of every query (a padding query sees the row's first real key only).
     query_pos = (query_pos.to(q.device)[None, :] - first[:, None]).clamp_(min=0)  # [n, S]
     out = torch.empty_like(q)
-    for g in range(0, S, QUERIES_PER_CALL):
-        pos = query_pos[:, g:g + QUERIES_PER_CALL]
-        qg = q[:, g:g + QUERIES_PER_CALL]
-        if qg.shape[1] < QUERIES_PER_CALL:  # pad with copies of the last query (never NaN)
-            fill = QUERIES_PER_CALL - qg.shape[1]
-            qg = torch.cat((qg, qg[:, -1:].expand(n, fill, D)), dim=1)
-            pos = torch.cat((pos, pos[:, -1:].expand(n, fill)), dim=1)
-        keys = min(-(-(int(pos.max()) + 1) // KEY_ALIGN) * KEY_ALIGN, kh.shape[1])
-        scores = torch.bmm(qg, kh[:, :keys].transpose(1, 2))  # [n, G, keys]
-        hidden = torch.arange(keys, device=q.device)[None, None, :] > pos[:, :, None]
-        probs = torch.softmax(scores.masked_fill_(hidden, float("-inf")), dim=-1)
-        got = min(QUERIES_PER_CALL, S - g)
-        out[:, g:g + got] = torch.bmm(probs, vh[:, :keys])[:, :got]
+    start = 0
+    for size in query_plan(S, n, kh.shape[1]):
+        _attend_group(q, kh, vh, query_pos, out, start, size)
+        start += size
     return out
+
+
+def _attend_group(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, query_pos: torch.Tensor,
+                  out: torch.Tensor, start: int, size: int) -> None:
+    """Queries start .. start+size-1 (padded with copies of the last query, never NaN) into `out`;
+    split into reference groups where the library's numbers for `size` differ from theirs."""
+    n, S, D = q.shape
+    got = min(size, S - start)
+    pos, qg = query_pos[:, start:start + got], q[:, start:start + got]
+    keys = min(-(-(int(pos.max()) + 1) // KEY_ALIGN) * KEY_ALIGN, kh.shape[1])
+    if size != QUERIES_PER_CALL and not _group_agrees(size, n, keys, D, q.dtype, q.device):
+        for sub in range(start, start + got, QUERIES_PER_CALL):
+            _attend_group(q, kh, vh, query_pos, out, sub, QUERIES_PER_CALL)
+        return
+    if got < size:
+        qg = torch.cat((qg, qg[:, -1:].expand(n, size - got, D)), dim=1)
+        pos = torch.cat((pos, pos[:, -1:].expand(n, size - got)), dim=1)
+    scores = torch.bmm(qg, kh[:, :keys].transpose(1, 2), out=_scratch("scores", (n, size, keys), q.dtype, q.device))
+    scores.masked_fill_(torch.arange(keys, device=q.device) > pos[:, :, None], float("-inf"))
+    out[:, start:start + got] = torch.bmm(torch.softmax(scores, dim=-1), vh[:, :keys])[:, :got]
+
+
+_GROUP_AGREEMENT: dict[tuple, bool] = {}
+
+
+def _group_agrees(size: int, n: int, keys: int, D: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a group of `size` queries gets, from the scores product through softmax to the value
+    product, every query's numbers bit for bit as the reference group does, for n pairs over
+    `keys` keys (checked once per call shape, on random numbers)."""
+    key = (size, n, keys, D, dtype, device)
+    if key not in _GROUP_AGREEMENT:
+        gen = torch.Generator().manual_seed(size)
+        q, k, v = (torch.randn(n, rows, D, generator=gen).to(device, dtype)
+                   for rows in (max(size, QUERIES_PER_CALL), keys, keys))
+
+        def product(queries: torch.Tensor) -> torch.Tensor:
+            return torch.bmm(torch.softmax(torch.bmm(queries, k.transpose(1, 2)), dim=-1), v)
+
+        want = torch.cat([product(q[:, g:g + QUERIES_PER_CALL]) for g in range(0, q.shape[1], QUERIES_PER_CALL)], 1)
+        _GROUP_AGREEMENT[key] = torch.equal(product(q[:, :size]), want[:, :size])
+    return _GROUP_AGREEMENT[key]
 
 
 def _runs(first: torch.Tensor) -> list[tuple[int, int]]:
@@ -123,12 +160,12 @@ def _runs(first: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(values.tolist(), counts.tolist()))
 
 
-def _aligned(x: torch.Tensor, runs: list[tuple[int, int]], dtype: torch.dtype) -> torch.Tensor:
+def _aligned(x: torch.Tensor, runs: list[tuple[int, int]], dtype: torch.dtype, slot: str) -> torch.Tensor:
     """[T, n, D] -> [n, T', D], contiguous, with each pair's first real position at index 0; T' is T
     rounded up to KEY_ALIGN, the positions past a pair's last one zero (masked by every query).
-    One strided copy per run of pairs that share a shift."""
+    One strided copy per run of pairs that share a shift, into the thread's `slot` scratch buffer."""
     T, n, D = x.shape
-    out = torch.empty(n, -(-T // KEY_ALIGN) * KEY_ALIGN, D, dtype=dtype, device=x.device)
+    out = _scratch(slot, (n, -(-T // KEY_ALIGN) * KEY_ALIGN, D), dtype, x.device)
     start = 0
     for shift, count in runs:
         rows = slice(start, start + count)
@@ -136,3 +173,17 @@ def _aligned(x: torch.Tensor, runs: list[tuple[int, int]], dtype: torch.dtype) -
         out[rows, T - shift:].zero_()
         start += count
     return out
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A buffer of `shape` that the calling thread reuses from call to call (grown when too small):
+    attention rewrites its aligned keys, values and scores every call, and a fresh multi-MB tensor
+    would cost its page faults every time (the engine's allocator unmaps big blocks when freed)."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    numel, key = math.prod(shape), (slot, dtype, device)
+    if key not in buffers or buffers[key].numel() < numel:
+        buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffers[key][:numel].view(shape)
