@@ -1,22 +1,23 @@
 """FlexGen's tutorial experiment: memory vs speed for five placements of opt-1.3b.
 
-    python examples/flexgen_tutorial_policies.py --model models/opt-1.3b [--gen-len 32]
+    python examples/flexgen_tutorial_policies.py --model /work/models/opt-1.3b [--gen-len 32] [--out DIR]
+    python examples/flexgen_tutorial_policies.py --quick       # a two-layer opt-125m, seconds
 
 Runs each of the tutorial's `--percent` policies through `flexjob generate` in its own process and
-prints the peak memory per tier and the throughput of each. Without a GPU the "GPU" share is RAM
+prints the peak memory per tier and the throughput of each; writes tutorial_policies.json and
+tutorial_policies.png (per policy: peak RSS and weights per tier, GiB, beside tokens/s) under --out.
+Peak RSS is the child's kernel high-water mark (ru_maxrss). Without a GPU the "GPU" share is RAM
 (the compute device's memory), so the first and third policies differ from the others only in
 where the KV cache and activations live; the disk share is a real, page-cache-bypassing disk tier.
-(Create the model first: `flexjob make-model 1.3b -o models/opt-1.3b`.)
+(Create the model first: `flexjob make-model 1.3b -o /work/models/opt-1.3b`.)
 """
 from __future__ import annotations
 
 import argparse
-import re
-import subprocess
-import sys
+import tempfile
 from pathlib import Path
 
-from engine.runtime.paths import engine_home
+from generate_runs import machine_line, quick_model, run_generate, write_results
 
 TUTORIAL_POLICIES = [
     "100 0 100 0 100 0",   # everything on the GPU
@@ -25,39 +26,74 @@ TUTORIAL_POLICIES = [
     "5 95 0 100 0 100",
     "70 30 0 100 0 100",
 ]
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
-def run_policy(model: Path, percent: str, args) -> dict:
-    cmd = [sys.executable, "-m", "jobrunner.cli", "generate", "--model", str(model),
-           "--max-new-tokens", str(args.gen_len), "--gpu-batch-size", str(args.gpu_batch_size),
-           "--percent", *percent.split(), "--offload-dir", str(args.offload_dir)]
-    for _ in range(args.gpu_batch_size):
-        cmd += ["--prompt", args.prompt]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"percent": percent, "error": proc.stderr.strip().splitlines()[0] if proc.stderr else "failed"}
-    out = proc.stdout
-    number = lambda pattern: float(re.search(pattern, out).group(1))  # noqa: E731
-    return {"percent": percent, "tokens_per_s": number(r"overall: ([\d.]+)"),
-            "peak_rss_gib": number(r"peak RSS: ([\d.]+)"),
-            "weights": re.search(r"weights per tier \(GiB\): (.*)", out).group(1)}
+def chart(rows: list[dict], title: str):
+    """Left: peak RSS (measured) and weights per tier for each policy; right: tokens/s."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.5))
+    mem, speed = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    labels = [r["percent"] for r in rows]
+    x = range(len(rows))
+    series = [("peak RSS (RAM)", lambda r: r["peak_rss_gib"]),
+              ("weights on GPU", lambda r: r["weights_gib"]["gpu"]),
+              ("weights in RAM", lambda r: r["weights_gib"]["cpu"]),
+              ("weights on disk", lambda r: r["weights_gib"]["disk"])]
+    width = 0.8 / len(series)
+    for i, (name, value) in enumerate(series):
+        mem.bar([k + (i - 1.5) * width for k in x], [value(r) if r["ok"] else 0 for r in rows], width, label=name)
+    speed.bar(list(x), [r.get("tokens_per_s", 0) for r in rows], color="tab:green")
+    for ax, ylabel in ((mem, "GiB"), (speed, "generated tokens/s")):
+        ax.set_xticks(list(x), labels, rotation=25, fontsize=8)
+        ax.set_xlabel("--percent (weights, cache, activations: GPU CPU)")
+        ax.set_ylabel(ylabel)
+    for k, r in enumerate(rows):
+        if not r["ok"]:
+            speed.text(k, 0, "failed", ha="center", va="bottom", color="red")
+    mem.set_ylim(0, 1.35 * max([r["peak_rss_gib"] for r in rows] + [0.1]))
+    mem.legend(fontsize=8, ncol=2, loc="upper center")
+    mem.set_title("peak memory per tier")
+    speed.set_title("throughput")
+    fig.suptitle(title, fontsize=10)
+    return fig
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--model", type=Path)
+    ap.add_argument("--quick", action="store_true", help="a two-layer opt-125m in a temp dir, tiny run")
     ap.add_argument("--gen-len", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--gpu-batch-size", type=int, default=4)
-    ap.add_argument("--prompt", default="Paris is the capital city of")
-    ap.add_argument("--offload-dir", type=Path, default=engine_home())
+    ap.add_argument("--offload-dir", type=Path, help="disk tier (default: a temp dir)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the JSON and PNG go")
     args = ap.parse_args()
-    print(f"{'--percent':<22}{'tokens/s':>10}{'peak RSS GiB':>14}  weights per tier (GiB)")
-    for percent in TUTORIAL_POLICIES:
-        r = run_policy(args.model, percent, args)
-        if "error" in r:
-            print(f"{percent:<22}  {r['error']}")
-        else:
-            print(f"{percent:<22}{r['tokens_per_s']:>10.2f}{r['peak_rss_gib']:>14.2f}  {r['weights']}")
+    if not args.quick and args.model is None:
+        ap.error("--model is required without --quick")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = quick_model(Path(tmp)) if args.quick else args.model
+        gen_len, batch = (2, 2) if args.quick else (args.gen_len, args.gpu_batch_size)
+        offload = args.offload_dir or Path(tmp) / "offload"
+        print(f"{'--percent':<22}{'tokens/s':>10}{'peak RSS GiB':>14}  weights per tier (GiB)")
+        rows = []
+        for percent in TUTORIAL_POLICIES:
+            r = run_generate(model, percent=percent, batch=batch, prompt_len=args.prompt_len,
+                             gen_len=gen_len, offload_dir=offload)
+            rows.append(r)
+            if r["ok"]:
+                tiers = ", ".join(f"{k} {v:.2f}" for k, v in r["weights_gib"].items())
+                print(f"{percent:<22}{r['tokens_per_s']:>10.2f}{r['peak_rss_gib']:>14.2f}  {tiers}", flush=True)
+            else:
+                print(f"{percent:<22}  failed: {r['error']}", flush=True)
+    load = machine_line()
+    print(load)
+    data = {"model": model.name, "prompt_len": args.prompt_len, "gen_len": gen_len, "gpu_batch_size": batch,
+            "machine": load, "policies": rows}
+    title = f"{model.name}: FlexGen tutorial policies, batch {batch}, prompt {args.prompt_len}, gen {gen_len} ({load})"
+    for path in write_results(args.out, "tutorial_policies", data, chart(rows, title)):
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
