@@ -63,7 +63,7 @@ def chart(rows: list[dict], title: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path)
-    ap.add_argument("--quick", action="store_true", help="a two-layer opt-125m in a temp dir, tiny run")
+    ap.add_argument("--quick", action="store_true", help="a tiny run; without --model, on a two-layer opt-125m made in a temp dir")
     ap.add_argument("--gen-len", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--gpu-batch-size", type=int, default=4)
@@ -73,7 +73,7 @@ def main() -> None:
     if not args.quick and args.model is None:
         ap.error("--model is required without --quick")
     with tempfile.TemporaryDirectory() as tmp:
-        model = quick_model(Path(tmp)) if args.quick else args.model
+        model = args.model or quick_model(Path(tmp))
         gen_len, batch = (2, 2) if args.quick else (args.gen_len, args.gpu_batch_size)
         offload = args.offload_dir or Path(tmp) / "offload"
         print(f"{'--percent':<22}{'tokens/s':>10}{'peak RSS GiB':>14}  weights per tier (GiB)")

@@ -1,0 +1,128 @@
+"""Weights' RAM share swept 0-100 % (the rest on disk) on opt-1.3b: tokens/s and peak RSS per point.
+
+    flexjob make-model 1.3b -o /work/models/opt-1.3b
+    python examples/weights_ram_sweep.py --model /work/models/opt-1.3b [--plan-cpu-mem 2] [--out DIR]
+    python examples/weights_ram_sweep.py --quick       # a two-layer opt-125m, seconds
+
+Every point runs `flexjob generate --percent 0 W 0 100 0 100` (W % of the weights in RAM, the rest
+streamed from the page-cache-bypassing disk tier; KV cache and activations in RAM) in its own
+process with one fixed block (--gpu-batch-size, one micro-batch), so only the weights' placement
+changes. Peak RSS is the child's ru_maxrss. The planner's pick for a RAM budget of --plan-cpu-mem
+GiB (`flexjob plan --json`, block capped at the same size) is run too and marked on the chart: it
+shows where the LP puts the weights when RAM is short and what that costs in speed.
+Writes weights_ram_sweep.json and weights_ram_sweep.png under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from generate_runs import machine_line, quick_model, run_child, run_generate, write_results
+
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+SHARES = (0, 25, 50, 75, 100)
+
+
+def planner_pick(model: Path, cpu_mem: float, args) -> dict:
+    """`flexjob plan --json` for this model, workload and block cap: its policy as generate flags."""
+    cmd = [sys.executable, "-m", "jobrunner.cli", "plan", "--model", str(model), "--cpu-mem", str(cpu_mem),
+           "--prompt-len", str(args.prompt_len), "--gen-len", str(args.gen_len), "--compression", "off",
+           "--max-block-size", str(args.batch), "--offload-dir", str(args.offload_dir), "--json"]
+    r = run_child(cmd)
+    if r["returncode"] != 0:
+        return {"ok": False, "error": r["stderr"].strip()[-300:]}
+    plan = json.loads(r["stdout"])
+    pol = plan["policy"]
+    percent = " ".join(f"{pol[k]:g}" for k in ("weights_gpu_percent", "weights_cpu_percent", "cache_gpu_percent",
+                                                 "cache_cpu_percent", "activations_gpu_percent",
+                                                 "activations_cpu_percent"))
+    return {"ok": True, "percent": percent, "gpu_batch_size": pol["gpu_batch_size"],
+            "num_gpu_batches": pol["num_gpu_batches"], "predicted_tokens_per_s": plan["tokens_per_s"],
+            "predicted_peak_gib": plan["peak_gib"], "describe": plan["describe"],
+            "weights_ram_percent": pol["weights_gpu_percent"] + pol["weights_cpu_percent"]}
+
+
+def chart(points: list[dict], pick: dict, cpu_mem: float, title: str):
+    """tokens/s (left axis) and peak RSS (right axis) against the weights' RAM share; the pick as stars."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 5))
+    speed = fig.add_subplot(1, 1, 1)
+    rss = speed.twinx()
+    ok = [p for p in points if p["ok"]]
+    speed.plot([p["share"] for p in ok], [p["tokens_per_s"] for p in ok], "o-", color="tab:blue", label="tokens/s")
+    rss.plot([p["share"] for p in ok], [p["peak_rss_gib"] for p in ok], "s--", color="tab:orange",
+             label="peak RSS")
+    if pick.get("ok"):
+        x = pick["weights_ram_percent"]
+        speed.axvline(x, color="gray", linestyle=":")
+        run = pick.get("run", {})
+        if run.get("ok"):
+            speed.plot([x], [run["tokens_per_s"]], "*", color="tab:blue", markersize=16)
+            rss.plot([x], [run["peak_rss_gib"]], "*", color="tab:orange", markersize=16)
+        speed.annotate(f"planner, --cpu-mem {cpu_mem:g}:\n{x:.0f} % of weights in RAM\n"
+                       f"predicted {pick['predicted_tokens_per_s']:.2f} tokens/s", (x, 0), xytext=(5, 10),
+                       textcoords="offset points", fontsize=8)
+        rss.axhline(cpu_mem, color="tab:orange", linestyle=":", linewidth=1, label=f"{cpu_mem:g} GiB budget")
+    speed.set_xlabel("weights in RAM, % (the rest streamed from disk)")
+    speed.set_ylabel("generated tokens/s", color="tab:blue")
+    rss.set_ylabel("peak RSS, GiB", color="tab:orange")
+    speed.set_ylim(bottom=0)
+    rss.set_ylim(bottom=0)
+    lines = speed.get_legend_handles_labels()[0] + rss.get_legend_handles_labels()[0]
+    speed.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="upper left")
+    speed.set_title(title, fontsize=9)
+    return fig
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path)
+    ap.add_argument("--quick", action="store_true", help="a tiny run; without --model, on a two-layer opt-125m made in a temp dir")
+    ap.add_argument("--batch", type=int, default=8, help="the fixed block: rows in one micro-batch")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--gen-len", type=int, default=8)
+    ap.add_argument("--plan-cpu-mem", type=float, default=2.0, help="RAM budget (GiB) for the planner's pick")
+    ap.add_argument("--offload-dir", type=Path, help="disk tier (default: a temp dir)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = ap.parse_args()
+    if not args.quick and args.model is None:
+        ap.error("--model is required without --quick")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or quick_model(Path(tmp))
+        if args.quick:
+            args.batch, args.gen_len = 2, 2
+        args.offload_dir = args.offload_dir or Path(tmp) / "offload"
+        run = dict(batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len, offload_dir=args.offload_dir)
+        points = []
+        print(f"{'weights in RAM %':<18}{'tokens/s':>10}{'peak RSS GiB':>14}")
+        for share in SHARES:
+            p = {"share": share, **run_generate(model, percent=f"0 {share} 0 100 0 100", **run)}
+            points.append(p)
+            print(f"{share:<18}{p.get('tokens_per_s', float('nan')):>10.2f}{p['peak_rss_gib']:>14.2f}  "
+                  f"{p.get('error', '')}", flush=True)
+        pick = planner_pick(model, args.plan_cpu_mem, args)
+        if pick["ok"]:
+            extra = ("--num-gpu-batches", str(pick["num_gpu_batches"]))
+            pick["run"] = run_generate(model, percent=pick["percent"], cpu_mem=args.plan_cpu_mem,
+                                       **{**run, "batch": pick["gpu_batch_size"]}, extra=extra)
+            print(f"planner (--cpu-mem {args.plan_cpu_mem:g}): {pick['describe']} -> "
+                  f"{pick['run'].get('tokens_per_s', pick['run'].get('error'))} tokens/s, "
+                  f"peak RSS {pick['run']['peak_rss_gib']:.2f} GiB", flush=True)
+        else:
+            print(f"planner: {pick['error']}")
+    load = machine_line()
+    print(load)
+    data = {"model": model.name, "batch": args.batch, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
+            "plan_cpu_mem_gib": args.plan_cpu_mem, "machine": load, "points": points, "planner": pick}
+    title = (f"{model.name}: weights' RAM share, block {args.batch}, prompt {args.prompt_len}, gen {args.gen_len} "
+             f"({load})")
+    for path in write_results(args.out, "weights_ram_sweep", data, chart(points, pick, args.plan_cpu_mem, title)):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
