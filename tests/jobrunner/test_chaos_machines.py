@@ -18,6 +18,7 @@ from tests.support.machines import namespaces_unavailable, start_machine
 
 LEASE_S = 6.0
 KILLS = 4
+STALL_S = 40.0
 
 
 def _setup_skip() -> None:
@@ -34,7 +35,7 @@ def test_two_machines_sharing_only_postgres_lose_and_duplicate_nothing(tmp_path,
     from benchmarks.bench_chaos import ChaosConfig, enqueue_jobs, read_results
     from tests.support.cli_jobs import code_prompts
 
-    cfg = ChaosConfig(rows=36, shard_rows=4, max_new_tokens=10, block=2, lease_s=LEASE_S)
+    cfg = ChaosConfig(rows=16, shard_rows=2, max_new_tokens=6, block=2, lease_s=LEASE_S)
     prompts = code_prompts(tmp_path / "prompts.parquet", cfg.rows)
     with store_url("sqlite", tmp_path / "clean") as clean_url:
         clean_jobs = enqueue_jobs(cfg, clean_url, tiny_model, prompts, tmp_path / "clean" / "enqueue")
@@ -44,7 +45,9 @@ def test_two_machines_sharing_only_postgres_lose_and_duplicate_nothing(tmp_path,
         jobs = enqueue_jobs(cfg, url, tiny_model, prompts, tmp_path / "enqueue")
         db = open_store(url, must_exist=True)
         machines = [(start_machine(name, tmp_path / name), 1) for name in ("chaos-m1", "chaos-m2")]
-        plan = ChaosPlan(kills=KILLS, stalls=1, stall_s=LEASE_S * 2.5, gap_s=(1.5, 3.0), holder_share=1.0)
+        # A long stall: the other machine's worker finishes what it holds, then takes the stalled
+        # shard over when its lease runs out (the only rule between machines).
+        plan = ChaosPlan(kills=KILLS, stalls=1, stall_s=STALL_S, gap_s=(1.5, 3.0), holder_share=1.0)
         try:
             tally = run_chaos(db, list(jobs.values()), machines, cfg.work_args(url), plan, random.Random(5))
         finally:
