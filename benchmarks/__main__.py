@@ -11,6 +11,9 @@ systems alternated within a part so a shared host's noise hits both sides):
   planner      the planner's pick vs hand-written policies, measured and predicted (bench_planner_sweep)
   compression  4-bit weights on/off with the weights read from disk         (bench_compression_speed)
   jobrunner    enqueue + work + results vs the engine alone; commit latency (bench_jobrunner)
+  claims       (opt-in) claims/s of 8 concurrent claimer processes, SQLite and PostgreSQL (bench_claims)
+  chaos        (opt-in, root) random kills and stalls of workers on simulated machines; every row once,
+               output equal to a clean run (bench_chaos; --quick: its quick size)
   flexgen      (--suite gpu) FlexLLMGen side by side on the same policy, prompt 512, gen 32; skipped
                with the reason when there is no CUDA device or no `flexgen` package
 `--suite cpu` hides any GPU from itself and its children; `--suite gpu` runs the CPU parts that way in
@@ -50,7 +53,8 @@ from datetime import date
 from pathlib import Path
 
 from benchmarks.suite_config import SuiteConfig, ensure_model, host_facts
-from benchmarks.suite_parts import CPU_DEFAULT_PARTS, CPU_PARTS, GPU_PARTS, PARTS, Part, flexgen_unavailable
+from benchmarks.suite_parts import (CPU_DEFAULT_PARTS, CPU_PARTS, GPU_PARTS, PARTS, RELIABILITY_PARTS, Part,
+                                    flexgen_unavailable)
 from benchmarks.suite_report import parts_from_json, write_json, write_markdown, write_plots
 
 
@@ -59,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[SuiteConfig, argparse.Nam
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=("cpu", "gpu"), default="cpu")
     ap.add_argument("--quick", action="store_true", help="shrink everything: a smoke run of every part")
-    ap.add_argument("--parts", default="", help=f"comma list of parts to run, from {', '.join(GPU_PARTS)} "
+    ap.add_argument("--parts", default="", help=f"comma list of parts to run, from {', '.join(GPU_PARTS)}, "
+                                                f"{', '.join(RELIABILITY_PARTS)} "
                                                 f"(default: all of --suite gpu's; --suite cpu's leave out "
                                                 f"llama-disk, which takes well over 30 minutes on 2 cores)")
     ap.add_argument("--model-size", default=None, help="OPT size of the generated model (default 1.3b; 125m "
@@ -79,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[SuiteConfig, argparse.Nam
     chosen = tuple(p for p in opts.parts.split(",") if p) or known
     unknown = [p for p in chosen if p not in PARTS]
     if unknown:
-        ap.error(f"unknown part {unknown[0]!r}; parts: {', '.join(GPU_PARTS)}")
+        ap.error(f"unknown part {unknown[0]!r}; parts: {', '.join((*GPU_PARTS, *RELIABILITY_PARTS))}")
     return replace(cfg, parts=chosen), opts
 
 

@@ -56,6 +56,9 @@ class SuiteConfig:
     jobrunner_rows: int = 64
     jobrunner_new_tokens: int = 16
     commit_blocks: int = 100
+    # Reliability (opt-in parts): shards for the claim race; the chaos run's size.
+    claims_shards: int = 2000
+    chaos_quick: bool = False
     # Llama-family rows: the ram part's settings on a 1B, the disk part's on an 8B (16 GB of fp16
     # weights) under llama_disk_cpu_mem, which also holds the 8B's 1 GiB embedding and 1 GiB head.
     llama_ram: ModelShape = ModelShape("llama-1b")
@@ -75,6 +78,7 @@ class SuiteConfig:
                        planner_policies=("all RAM 8x1",), planner_max_block=8, planner_cpu_mem=1.0,
                        compression_block=(4, 1),
                        jobrunner_layers=2, jobrunner_rows=8, jobrunner_new_tokens=4, commit_blocks=10,
+                       claims_shards=200, chaos_quick=True,
                        llama_ram=ModelShape("llama-1b", 2, 256), llama_disk=ModelShape("llama-8b", 2, 256),
                        llama_disk_cpu_mem=1.0,
                        gpu_prompt_len=16, gpu_block=(4, 1))

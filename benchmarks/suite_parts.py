@@ -15,6 +15,8 @@ from typing import Callable
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))  # the bench_* scripts import each other by their bare names
+import bench_chaos  # noqa: E402
+import bench_claims  # noqa: E402
 import bench_compression_speed  # noqa: E402
 import bench_engine  # noqa: E402
 import bench_jobrunner  # noqa: E402
@@ -133,6 +135,34 @@ def part_jobrunner(cfg: SuiteConfig, model: Path, dtype: str) -> Part:
                        ("commit_ms_p95", "commit ms p95"), ("part_write_ms_p50", "part encode ms p50")))
 
 
+def part_claims(cfg: SuiteConfig, model: Path, dtype: str) -> Part:
+    """Claim throughput of 8 claimer processes on SQLite and PostgreSQL (bench_claims)."""
+    result = bench_claims.bench(shards=cfg.claims_shards, claimers=8, repeats=1, backends=bench_claims.BACKENDS,
+                                work=cfg.work_dir / "claims")
+    rows = [{"system": f"claims, {r['backend']}", "config": f"{r['claimers']} claimers, {r['shards']} shards", **r}
+            for r in result["rows"]]
+    skipped = "".join(f"; {b} skipped: {why}" for b, why in result["skipped"].items())
+    return Part("claims", f"Claims (each with its commit) per second, single-row shards{skipped}", rows,
+                (("claims_per_s", "claims/s"), ("claim_ms_p50", "p50 ms"), ("claim_ms_p95", "p95 ms"),
+                 ("double_claims", "double claims"), ("retries", "store errors retried"), ("ok", "ok")))
+
+
+def part_chaos(cfg: SuiteConfig, model: Path, dtype: str) -> Part:
+    """Random kills and stalls on simulated machines (bench_chaos; --quick: its quick size)."""
+    chaos = bench_chaos.ChaosConfig()
+    result = bench_chaos.bench(chaos.quick() if cfg.chaos_quick else chaos, cfg.work_dir / "chaos")
+    rows = [{"system": f"chaos {p['phase']}, {p['backend']}",
+             "config": f"{sum(n for _, n in p['machines'])} workers on {len(p['machines'])} machine(s)", **p}
+            for p in result["phases"]]
+    skipped = "".join(f"; {ph} skipped: {why}" for ph, why in result["skipped"].items())
+    return Part("chaos", f"Chaos: 2 jobs x {result['rows_per_job']} rows, clean run {result['clean_seconds']:.0f} s"
+                         f"{skipped}", rows,
+                (("kills", "kills"), ("holder_kills", "of holders"), ("stalls", "stalls"),
+                 ("takeovers_dead", "taken over (dead)"), ("takeovers_expired", "taken over (expired)"),
+                 ("fenced_writes", "writes fenced"), ("fenced_commits", "commits fenced"),
+                 ("redone_steps_at_most", "redone steps <="), ("wall_vs_clean", "wall x clean"), ("ok", "ok")))
+
+
 FLEXGEN_THROUGHPUT = re.compile(r"total throughput:\s*([0-9.]+)\s*token/s")
 
 
@@ -185,9 +215,13 @@ def _run_flexgen(cfg: SuiteConfig, percent: list[int], gbs: int, nb: int) -> dic
 
 PARTS: dict[str, Callable[[SuiteConfig, Path, str], Part]] = {
     "ram": part_ram, "disk": part_disk, "llama-ram": part_llama_ram, "llama-disk": part_llama_disk,
-    "planner": part_planner, "compression": part_compression, "jobrunner": part_jobrunner, "flexgen": part_flexgen}
+    "planner": part_planner, "compression": part_compression, "jobrunner": part_jobrunner, "flexgen": part_flexgen,
+    "claims": part_claims, "chaos": part_chaos}
 # Parts that compute on the CPU (in --suite gpu they run in a child that cannot see the GPU).
 CPU_PARTS = ("ram", "disk", "llama-ram", "llama-disk", "planner", "compression", "jobrunner")
+# Reliability parts (the job store under load and faults): run only when --parts names them; chaos
+# needs root (namespaces) and takes ~10 minutes at full size.
+RELIABILITY_PARTS = ("claims", "chaos")
 # llama-disk takes hours on a 2-core host: --suite cpu runs it only when --parts names it.
 CPU_DEFAULT_PARTS = tuple(p for p in CPU_PARTS if p != "llama-disk")
 GPU_PARTS = (*CPU_PARTS, "flexgen")
