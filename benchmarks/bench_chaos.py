@@ -21,6 +21,7 @@ block_seconds and finished_at identical to the clean run; no shard left leased. 
 (commits among them), tokens resumed from checkpoints, an upper bound on redone decode steps
 (each takeover loses at most --progress-every steps of its rows in flight), wall time vs clean.
 Needs root (namespaces); PostgreSQL phase skipped with the reason when the server is unreachable.
+The full size is for a quiet host: on a busy 2-core one the clean run alone takes ~6 min per job.
 Results go to benchmarks/results/chaos.json.
 """
 from __future__ import annotations

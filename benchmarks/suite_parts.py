@@ -220,7 +220,7 @@ PARTS: dict[str, Callable[[SuiteConfig, Path, str], Part]] = {
 # Parts that compute on the CPU (in --suite gpu they run in a child that cannot see the GPU).
 CPU_PARTS = ("ram", "disk", "llama-ram", "llama-disk", "planner", "compression", "jobrunner")
 # Reliability parts (the job store under load and faults): run only when --parts names them; chaos
-# needs root (namespaces) and takes ~10 minutes at full size.
+# needs root (namespaces); its full size takes well over 10 minutes on a busy 2-core host.
 RELIABILITY_PARTS = ("claims", "chaos")
 # llama-disk takes hours on a 2-core host: --suite cpu runs it only when --parts names it.
 CPU_DEFAULT_PARTS = tuple(p for p in CPU_PARTS if p != "llama-disk")
