@@ -10,6 +10,7 @@ by which attempt a row was made.
 from __future__ import annotations
 
 import random
+from collections import Counter
 import signal
 import time
 from dataclasses import dataclass, field
@@ -115,17 +116,10 @@ def tally_store(db, job_ids: list[int]) -> dict:
             "takeovers_expired": len(count(EventKind.LEASE_EXPIRED)),
             "fenced_writes": len(fenced),
             "fenced_commits": sum(1 for e in fenced if (e.data or {}).get("write") == "commit"),
-            "fenced_by_write": _counts((e.data or {}).get("write", "?") for e in fenced),
+            "fenced_by_write": dict(Counter((e.data or {}).get("write", "?") for e in fenced)),
             "resumed_shards": len(resumed),
             "resumed_tokens": sum((e.data or {}).get("tokens", 0) for e in resumed),
             "claims": len(count(EventKind.SHARD_CLAIMED))}
-
-
-def _counts(items) -> dict:
-    out: dict = {}
-    for item in items:
-        out[item] = out.get(item, 0) + 1
-    return out
 
 
 def orphaned_leases(db, job_ids: list[int]) -> list[str]:
