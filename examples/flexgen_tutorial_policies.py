@@ -87,13 +87,18 @@ def main() -> None:
                 print(f"{percent:<22}{r['tokens_per_s']:>10.2f}{r['peak_rss_gib']:>14.2f}  {tiers}", flush=True)
             else:
                 print(f"{percent:<22}  failed: {r['error']}", flush=True)
-    load = machine_line()
-    print(load)
-    data = {"model": model.name, "prompt_len": args.prompt_len, "gen_len": gen_len, "gpu_batch_size": batch,
-            "machine": load, "policies": rows}
-    title = f"{model.name}: FlexGen tutorial policies, batch {batch}, prompt {args.prompt_len}, gen {gen_len} ({load})"
-    for path in write_results(args.out, "tutorial_policies", data, chart(rows, title)):
+            paths = save(rows, model.name, args.prompt_len, gen_len, batch, args.out)  # a cut run keeps its rows
+    print(machine_line())
+    for path in paths:
         print(f"wrote {path}")
+
+
+def save(rows: list[dict], model: str, prompt_len: int, gen_len: int, batch: int, out: Path) -> tuple[Path, Path]:
+    load = machine_line()
+    data = {"model": model, "prompt_len": prompt_len, "gen_len": gen_len, "gpu_batch_size": batch,
+            "machine": load, "policies": rows}
+    title = f"{model}: FlexGen tutorial policies, batch {batch}, prompt {prompt_len}, gen {gen_len} ({load})"
+    return write_results(out, "tutorial_policies", data, chart(rows, title))
 
 
 if __name__ == "__main__":

@@ -61,17 +61,18 @@ def chart(points: list[dict], pick: dict, cpu_mem: float, title: str):
         speed.axvline(x, color="gray", linestyle=":")
         run = pick.get("run", {})
         if run.get("ok"):
-            speed.plot([x], [run["tokens_per_s"]], "*", color="tab:blue", markersize=16)
+            speed.plot([x], [run["tokens_per_s"]], "*", color="tab:blue", markersize=16,
+                       label="planner's pick, measured")
             rss.plot([x], [run["peak_rss_gib"]], "*", color="tab:orange", markersize=16)
         speed.annotate(f"planner, --cpu-mem {cpu_mem:g}:\n{x:.0f} % of weights in RAM\n"
-                       f"predicted {pick['predicted_tokens_per_s']:.2f} tokens/s", (x, 0), xytext=(5, 10),
-                       textcoords="offset points", fontsize=8)
+                       f"predicted {pick['predicted_tokens_per_s']:.2f} tokens/s", (x, 0), xytext=(-5 if x > 50 else 5, 10),
+                       textcoords="offset points", fontsize=8, ha="right" if x > 50 else "left")
         rss.axhline(cpu_mem, color="tab:orange", linestyle=":", linewidth=1, label=f"{cpu_mem:g} GiB budget")
     speed.set_xlabel("weights in RAM, % (the rest streamed from disk)")
     speed.set_ylabel("generated tokens/s", color="tab:blue")
     rss.set_ylabel("peak RSS, GiB", color="tab:orange")
-    speed.set_ylim(bottom=0)
-    rss.set_ylim(bottom=0)
+    speed.set_ylim(0, 1.3 * max([p.get("tokens_per_s", 0) for p in points] + [0.01]))
+    rss.set_ylim(0, 1.3 * max([p["peak_rss_gib"] for p in points] + [cpu_mem]))
     lines = speed.get_legend_handles_labels()[0] + rss.get_legend_handles_labels()[0]
     speed.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="upper left")
     speed.set_title(title, fontsize=9)
@@ -97,13 +98,14 @@ def main() -> None:
             args.batch, args.gen_len = 2, 2
         args.offload_dir = args.offload_dir or Path(tmp) / "offload"
         run = dict(batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len, offload_dir=args.offload_dir)
-        points = []
+        points, pick = [], {}
         print(f"{'weights in RAM %':<18}{'tokens/s':>10}{'peak RSS GiB':>14}")
         for share in SHARES:
             p = {"share": share, **run_generate(model, percent=f"0 {share} 0 100 0 100", **run)}
             points.append(p)
             print(f"{share:<18}{p.get('tokens_per_s', float('nan')):>10.2f}{p['peak_rss_gib']:>14.2f}  "
                   f"{p.get('error', '')}", flush=True)
+            save(args, model, points, pick)   # after every point: a run cut short still leaves its figures
         pick = planner_pick(model, args.plan_cpu_mem, args)
         if pick["ok"]:
             extra = ("--num-gpu-batches", str(pick["num_gpu_batches"]))
@@ -114,14 +116,18 @@ def main() -> None:
                   f"peak RSS {pick['run']['peak_rss_gib']:.2f} GiB", flush=True)
         else:
             print(f"planner: {pick['error']}")
+        print(machine_line())
+        for path in save(args, model, points, pick):
+            print(f"wrote {path}")
+
+
+def save(args, model: Path, points: list[dict], pick: dict) -> tuple[Path, Path]:
     load = machine_line()
-    print(load)
     data = {"model": model.name, "batch": args.batch, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
             "plan_cpu_mem_gib": args.plan_cpu_mem, "machine": load, "points": points, "planner": pick}
     title = (f"{model.name}: weights' RAM share, block {args.batch}, prompt {args.prompt_len}, gen {args.gen_len} "
              f"({load})")
-    for path in write_results(args.out, "weights_ram_sweep", data, chart(points, pick, args.plan_cpu_mem, title)):
-        print(f"wrote {path}")
+    return write_results(args.out, "weights_ram_sweep", data, chart(points, pick, args.plan_cpu_mem, title))
 
 
 if __name__ == "__main__":
