@@ -212,6 +212,9 @@ def commit_block(engine: Engine, lease: Lease, part: PartRecord, *,
         if registered is not None:  # a retry of a commit that went in but whose answer was lost
             return s.get(Shard, lease.shard_id).status == ShardStatus.DONE
         shard = _fenced_shard(s, lease)
+        # The job row is locked before the inserts below, whose foreign keys take a share lock on
+        # it: two commits that each held that share lock and then asked for the row lock deadlocked.
+        job = get_job_locked(s, lease.job_id)
         already = set()
         for row_ids in s.scalars(select(ResultPart.row_ids).where(ResultPart.shard_id == shard.id)):
             already.update(row_ids)
@@ -234,7 +237,6 @@ def commit_block(engine: Engine, lease: Lease, part: PartRecord, *,
             committed = {str(r) for r in part.row_ids}
             checkpoint.rows = {r: v for r, v in checkpoint.rows.items() if r not in committed}
             checkpoint.sha256 = _seal(checkpoint.rows)
-        job = get_job_locked(s, lease.job_id)
         job.done_rows += len(part.row_ids)
         job.failed_rows += part.failed_rows
         job.generated_tokens += part.generated_tokens
