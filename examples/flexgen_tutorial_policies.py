@@ -13,11 +13,9 @@ where the KV cache and activations live; the disk share is a real, page-cache-by
 """
 from __future__ import annotations
 
-import argparse
-import tempfile
 from pathlib import Path
 
-from generate_runs import machine_line, quick_model, run_generate, write_results
+from generate_runs import example_model, example_parser, machine_line, run_generate, write_results
 
 TUTORIAL_POLICIES = [
     "100 0 100 0 100 0",   # everything on the GPU
@@ -26,7 +24,6 @@ TUTORIAL_POLICIES = [
     "5 95 0 100 0 100",
     "70 30 0 100 0 100",
 ]
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
 def chart(rows: list[dict], title: str):
@@ -61,25 +58,14 @@ def chart(rows: list[dict], title: str):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path)
-    ap.add_argument("--quick", action="store_true", help="a tiny run; without --model, on a two-layer opt-125m made in a temp dir")
-    ap.add_argument("--gen-len", type=int, default=32)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--gpu-batch-size", type=int, default=4)
-    ap.add_argument("--offload-dir", type=Path, help="disk tier (default: a temp dir)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the JSON and PNG go")
+    ap = example_parser(__doc__, batch=4, gen_len=32)
     args = ap.parse_args()
-    if not args.quick and args.model is None:
-        ap.error("--model is required without --quick")
-    with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or quick_model(Path(tmp))
-        gen_len, batch = (2, 2) if args.quick else (args.gen_len, args.gpu_batch_size)
-        offload = args.offload_dir or Path(tmp) / "offload"
+    with example_model(ap, args) as model:
+        prompt_len, gen_len, batch, offload = args.prompt_len, args.gen_len, args.batch, args.offload_dir
         print(f"{'--percent':<22}{'tokens/s':>10}{'peak RSS GiB':>14}  weights per tier (GiB)")
         rows = []
         for percent in TUTORIAL_POLICIES:
-            r = run_generate(model, percent=percent, batch=batch, prompt_len=args.prompt_len,
+            r = run_generate(model, percent=percent, batch=batch, prompt_len=prompt_len,
                              gen_len=gen_len, offload_dir=offload)
             rows.append(r)
             if r["ok"]:
@@ -87,7 +73,7 @@ def main() -> None:
                 print(f"{percent:<22}{r['tokens_per_s']:>10.2f}{r['peak_rss_gib']:>14.2f}  {tiers}", flush=True)
             else:
                 print(f"{percent:<22}  failed: {r['error']}", flush=True)
-            paths = save(rows, model.name, args.prompt_len, gen_len, batch, args.out)  # a cut run keeps its rows
+            paths = save(rows, model.name, prompt_len, gen_len, batch, args.out)  # a cut run keeps its rows
     print(machine_line())
     for path in paths:
         print(f"wrote {path}")

@@ -6,6 +6,7 @@ so each policy is measured in a fresh process, as FlexGen's tutorial does.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -13,9 +14,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 GIB = 1024 ** 3
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "results"   # git-ignored
 # A prompt of ordinary words; `--max-input-length` cuts it to the requested number of tokens.
 PROMPT_WORDS = "Paris is the capital city of France and one of the oldest cities of Europe".split()
 
@@ -109,3 +112,31 @@ def machine_line() -> str:
 def quick_model(tmp_dir: Path) -> Path:
     """A two-layer opt-125m in tmp_dir, for `--quick` runs that take seconds."""
     return ensure_model("125m", tmp_dir / "opt-125m-2l", layers=2)
+
+
+def example_parser(doc: str, *, batch: int, gen_len: int) -> argparse.ArgumentParser:
+    """The options every example takes: the model (or --quick), the workload, the disk tier, --out."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path)
+    ap.add_argument("--quick", action="store_true",
+                    help="batch 2, gen 2; without --model, on a two-layer opt-125m made in a temp dir")
+    ap.add_argument("--batch", "--gpu-batch-size", dest="batch", type=int, default=batch,
+                    help="rows in one micro-batch (one block)")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--gen-len", type=int, default=gen_len)
+    ap.add_argument("--offload-dir", type=Path, help="disk tier (default: a temp dir)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the JSON and PNG go")
+    return ap
+
+
+@contextmanager
+def example_model(ap: argparse.ArgumentParser, args: argparse.Namespace):
+    """The model to run (for --quick without --model, made in a temp dir), with args.offload_dir set
+    and --quick's tiny workload applied; the temp dir goes when the block ends."""
+    if not args.quick and args.model is None:
+        ap.error("--model is required without --quick")
+    with tempfile.TemporaryDirectory() as tmp:
+        args.offload_dir = args.offload_dir or Path(tmp) / "offload"
+        if args.quick:
+            args.batch, args.gen_len = 2, 2
+        yield args.model or quick_model(Path(tmp))

@@ -17,15 +17,12 @@ Batch 4, prompt 32, gen 8 by default: minutes on two cores, most of it reading w
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 from pathlib import Path
 
-from generate_runs import machine_line, quick_model, run_generate, write_results
+from generate_runs import example_model, example_parser, machine_line, run_generate, write_results
 from rss_watchdog import run_capped
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 HF_LOAD = ("import sys, torch, transformers\n"
            "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)\n"
            "print('loaded', sum(p.numel() for p in m.parameters()), 'parameters')\n")
@@ -72,22 +69,11 @@ def chart(rows: list[dict], cap_gib: float, title: str):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path)
-    ap.add_argument("--quick", action="store_true", help="a tiny run; without --model, on a two-layer opt-125m made in a temp dir")
+    ap = example_parser(__doc__, batch=4, gen_len=8)
     ap.add_argument("--cap-gib", type=float, default=4.0)
     ap.add_argument("--percent", default="0 10 0 100 0 100", help='the streamed run\'s policy; "" = the planner\'s')
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--gen-len", type=int, default=8)
-    ap.add_argument("--offload-dir", type=Path, help="disk tier (default: a temp dir; the weight store is ~13 GB)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args()
-    if not args.quick and args.model is None:
-        ap.error("--model is required without --quick")
-    with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or quick_model(Path(tmp))
-        args.offload_dir = args.offload_dir or Path(tmp) / "offload"
+    with example_model(ap, args) as model:
         percent = args.percent or None
         rows = [transformers_load(model, args.cap_gib),
                 engine_run(model, "100 0 100 0 100 0", args.cap_gib, args, "flexjob, every weight in RAM"),

@@ -14,15 +14,12 @@ Writes weights_ram_sweep.json and weights_ram_sweep.png under --out.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
-from generate_runs import machine_line, quick_model, run_child, run_generate, write_results
+from generate_runs import example_model, example_parser, machine_line, run_child, run_generate, write_results
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 SHARES = (0, 25, 50, 75, 100)
 
 
@@ -80,23 +77,10 @@ def chart(points: list[dict], pick: dict, cpu_mem: float, title: str):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path)
-    ap.add_argument("--quick", action="store_true", help="a tiny run; without --model, on a two-layer opt-125m made in a temp dir")
-    ap.add_argument("--batch", type=int, default=8, help="the fixed block: rows in one micro-batch")
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--gen-len", type=int, default=8)
+    ap = example_parser(__doc__, batch=8, gen_len=8)
     ap.add_argument("--plan-cpu-mem", type=float, default=2.0, help="RAM budget (GiB) for the planner's pick")
-    ap.add_argument("--offload-dir", type=Path, help="disk tier (default: a temp dir)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args()
-    if not args.quick and args.model is None:
-        ap.error("--model is required without --quick")
-    with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or quick_model(Path(tmp))
-        if args.quick:
-            args.batch, args.gen_len = 2, 2
-        args.offload_dir = args.offload_dir or Path(tmp) / "offload"
+    with example_model(ap, args) as model:
         run = dict(batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len, offload_dir=args.offload_dir)
         points, pick = [], {}
         print(f"{'weights in RAM %':<18}{'tokens/s':>10}{'peak RSS GiB':>14}")
