@@ -17,6 +17,7 @@ Batch 4, prompt 32, gen 8 by default: minutes on two cores, most of it reading w
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -31,7 +32,9 @@ HF_LOAD = ("import sys, torch, transformers\n"
 def transformers_load(model: Path, cap_gib: float) -> dict:
     r = run_capped([sys.executable, "-c", HF_LOAD, str(model)], cap_gib)
     ok = r["returncode"] == 0
-    outcome = ("loaded" if ok else f"killed at the cap after {r['wall_s']:.0f} s" if r["killed"] == "cap"
+    outcome = ("loaded" if ok else f"killed at the cap after {r['wall_s']:.0f} s\n"
+               f"(anonymous {r['peak_rss_anon_gib']:.2f} GiB, VmRSS {r['peak_vmrss_gib']:.2f} GiB)"
+               if r["killed"] == "cap"
                else f"failed ({r['killed'] or 'exit ' + str(r['returncode'])})")
     return {"run": "transformers from_pretrained (bf16)", "ok": ok, "outcome": outcome,
             "peak_rss_gib": r["peak_rss_anon_gib"], **r}
@@ -40,8 +43,9 @@ def transformers_load(model: Path, cap_gib: float) -> dict:
 def engine_run(model: Path, percent: str | None, cap_gib: float, args, name: str) -> dict:
     r = run_generate(model, percent=percent, cpu_mem=cap_gib, batch=args.batch, prompt_len=args.prompt_len,
                      gen_len=args.gen_len, offload_dir=args.offload_dir)
+    needs = None if r["ok"] else re.search(r"needs ([\d.]+ GiB)", r["error"])
     outcome = (f"completed, {r['tokens_per_s']:.2f} tokens/s" if r["ok"]
-               else "refused: " + r["error"][-160:])
+               else f"refused before loading: needs {needs.group(1)}" if needs else "failed: " + r["error"][-120:])
     return {"run": name, "outcome": outcome, **r}
 
 
@@ -55,7 +59,7 @@ def chart(rows: list[dict], cap_gib: float, title: str):
     bars = ax.bar(range(len(rows)), [r["peak_rss_gib"] for r in rows], color=colours)
     ax.axhline(cap_gib, color="black", linestyle="--", label=f"cap {cap_gib:g} GiB")
     for bar, r in zip(bars, rows):
-        text = r["outcome"] if len(r["outcome"]) < 60 else r["outcome"][:57] + "..."
+        text = r["outcome"] if len(r["outcome"]) < 90 else r["outcome"][:87] + "..."
         ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.05, text, ha="center", va="bottom",
                 fontsize=7, wrap=True)
     ax.set_xticks(range(len(rows)), [r["run"] for r in rows], fontsize=8)
