@@ -15,6 +15,7 @@ Writes weights_ram_sweep.json and weights_ram_sweep.png under --out.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -61,8 +62,10 @@ def chart(points: list[dict], pick: dict, cpu_mem: float, title: str):
             speed.plot([x], [run["tokens_per_s"]], "*", color="tab:blue", markersize=16,
                        label="planner's pick, measured")
             rss.plot([x], [run["peak_rss_gib"]], "*", color="tab:orange", markersize=16)
+        measured = ("" if run.get("ok", True) else "\nrun: refused, " +
+                    (re.search(r"needs [\d.]+ GiB", run["error"]) or re.search(".{0,40}", run["error"])).group(0))
         speed.annotate(f"planner, --cpu-mem {cpu_mem:g}:\n{x:.0f} % of weights in RAM\n"
-                       f"predicted {pick['predicted_tokens_per_s']:.2f} tokens/s", (x, 0), xytext=(-5 if x > 50 else 5, 10),
+                       f"predicted {pick['predicted_tokens_per_s']:.2f} tokens/s{measured}", (x, 0), xytext=(-5 if x > 50 else 5, 10),
                        textcoords="offset points", fontsize=8, ha="right" if x > 50 else "left")
         rss.axhline(cpu_mem, color="tab:orange", linestyle=":", linewidth=1, label=f"{cpu_mem:g} GiB budget")
     speed.set_xlabel("weights in RAM, % (the rest streamed from disk)")
