@@ -33,11 +33,19 @@ def chunk_sizes(dtype_name: str) -> tuple[int, ...]:
 
 
 def _plan(count: int, sizes, usable) -> list[int]:
-    """Calls of the largest usable size while at least that many items are left, then one call of
-    the smallest usable size that holds the rest (zero-padded)."""
-    sizes = [s for s in sizes if usable(s)]
-    whole, rest = divmod(count, sizes[-1])
-    return [sizes[-1]] * whole + ([next(s for s in sizes if s >= rest)] if rest else [])
+    """Calls of the largest usable size that fits while at least that many items are left, then one
+    call of the smallest usable size that holds the rest (zero-padded). A size is checked for
+    usability only when it is the next candidate, so no check runs for a size the plan cannot use
+    (a check costs a call of that size)."""
+    ascending = sorted(sizes)
+    plan: list[int] = []
+    whole_size = next((s for s in reversed(ascending) if s <= count and usable(s)), None)
+    if whole_size is not None:
+        whole, count = divmod(count, whole_size)
+        plan = [whole_size] * whole
+    if count:
+        plan.append(next(s for s in ascending if s >= count and usable(s)))
+    return plan
 
 
 def chunk_plan(rows: int, dtype_name: str, usable=lambda size: True) -> list[int]:

@@ -69,7 +69,7 @@ def _agrees(size: int, ref: int, weight: torch.Tensor, bias: torch.Tensor | None
     """Whether calls of `size` rows give every row bit for bit what calls of `ref` rows give, for this
     weight's shape, dtype and device (checked once, on random rows: a library that picks another
     kernel or another reduction order for the other size shows it in nearly every row)."""
-    key = (size, ref, tuple(weight.shape), weight.dtype, weight.device, bias is not None)
+    key = (size, ref, tuple(weight.shape), weight.dtype, weight.device, bias is not None, torch.get_num_threads())
     if key not in _AGREEMENT:
         gen = torch.Generator().manual_seed(size)
         x = torch.randn(ref, weight.shape[1], generator=gen).to(weight.device, weight.dtype)
@@ -139,7 +139,7 @@ def _group_agrees(size: int, n: int, keys: int, D: int, dtype: torch.dtype, devi
     """Whether a group of `size` queries gets, from the scores product through softmax to the value
     product, every query's numbers bit for bit as the reference group does, for n pairs over
     `keys` keys (checked once per call shape, on random numbers)."""
-    key = (size, n, keys, D, dtype, device)
+    key = (size, n, keys, D, dtype, device, torch.get_num_threads())
     if key not in _GROUP_AGREEMENT:
         gen = torch.Generator().manual_seed(size)
         q, k, v = (torch.randn(n, rows, D, generator=gen).to(device, dtype)
