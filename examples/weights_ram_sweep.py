@@ -55,28 +55,37 @@ def chart(points: list[dict], pick: dict, cpu_mem: float, title: str):
     rss.plot([p["share"] for p in ok], [p["peak_rss_gib"] for p in ok], "s--", color="tab:orange",
              label="peak RSS")
     if pick.get("ok"):
-        x = pick["weights_ram_percent"]
-        speed.axvline(x, color="gray", linestyle=":")
-        run = pick.get("run", {})
-        if run.get("ok"):
-            speed.plot([x], [run["tokens_per_s"]], "*", color="tab:blue", markersize=16,
-                       label="planner's pick, measured")
-            rss.plot([x], [run["peak_rss_gib"]], "*", color="tab:orange", markersize=16)
-        measured = ("" if run.get("ok", True) else "\nrun: refused, " +
-                    (re.search(r"needs [\d.]+ GiB", run["error"]) or re.search(".{0,40}", run["error"])).group(0))
-        speed.annotate(f"planner, --cpu-mem {cpu_mem:g}:\n{x:.0f} % of weights in RAM\n"
-                       f"predicted {pick['predicted_tokens_per_s']:.2f} tokens/s{measured}", (x, 0), xytext=(-5 if x > 50 else 5, 10),
-                       textcoords="offset points", fontsize=8, ha="right" if x > 50 else "left")
-        rss.axhline(cpu_mem, color="tab:orange", linestyle=":", linewidth=1, label=f"{cpu_mem:g} GiB budget")
+        _mark_pick(speed, rss, pick, cpu_mem)
     speed.set_xlabel("weights in RAM, % (the rest streamed from disk)")
     speed.set_ylabel("generated tokens/s", color="tab:blue")
     rss.set_ylabel("peak RSS, GiB", color="tab:orange")
-    speed.set_ylim(0, 1.3 * max([p.get("tokens_per_s", 0) for p in points] + [0.01]))
-    rss.set_ylim(0, 1.3 * max([p["peak_rss_gib"] for p in points] + [cpu_mem]))
+    picked = [r for r in (pick.get("run", {}), pick.get("run_uncapped", {})) if r.get("ok")]
+    speed.set_ylim(0, 1.3 * max([p.get("tokens_per_s", 0) for p in points + picked] + [0.01]))
+    rss.set_ylim(0, 1.3 * max([p["peak_rss_gib"] for p in points + picked] + [cpu_mem]))
     lines = speed.get_legend_handles_labels()[0] + rss.get_legend_handles_labels()[0]
     speed.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="upper left")
     speed.set_title(title, fontsize=9)
     return fig
+
+
+def _mark_pick(speed, rss, pick: dict, cpu_mem: float) -> None:
+    """The planner's pick: a vertical line at its weights' RAM share, its measured run as stars
+    (measured without the budget when the engine refused it under the budget), and the budget."""
+    x = pick["weights_ram_percent"]
+    speed.axvline(x, color="gray", linestyle=":")
+    run = pick.get("run", {})
+    measured = run if run.get("ok") else pick.get("run_uncapped", {})
+    if measured.get("ok"):
+        speed.plot([x], [measured["tokens_per_s"]], "*", color="tab:blue", markersize=16,
+                   label="planner's pick, measured" + ("" if run.get("ok") else " without the budget"))
+        rss.plot([x], [measured["peak_rss_gib"]], "*", color="tab:orange", markersize=16)
+    refusal = ("" if run.get("ok", True) else "\nrefused under the budget: " +
+               (re.search(r"needs [\d.]+ GiB", run["error"]) or re.search(".{0,40}", run["error"])).group(0))
+    speed.annotate(f"planner, --cpu-mem {cpu_mem:g}:\n{x:.0f} % of weights in RAM\n"
+                   f"predicted {pick['predicted_tokens_per_s']:.2f} tokens/s{refusal}", (x, 0),
+                   xytext=(-5 if x > 50 else 5, 10), textcoords="offset points", fontsize=8,
+                   ha="right" if x > 50 else "left")
+    rss.axhline(cpu_mem, color="tab:orange", linestyle=":", linewidth=1, label=f"{cpu_mem:g} GiB budget")
 
 
 def main() -> None:
@@ -96,8 +105,10 @@ def main() -> None:
         pick = planner_pick(model, args.plan_cpu_mem, args)
         if pick["ok"]:
             extra = ("--num-gpu-batches", str(pick["num_gpu_batches"]))
-            pick["run"] = run_generate(model, percent=pick["percent"], cpu_mem=args.plan_cpu_mem,
-                                       **{**run, "batch": pick["gpu_batch_size"]}, extra=extra)
+            pick_run = dict(model=model, percent=pick["percent"], **{**run, "batch": pick["gpu_batch_size"]}, extra=extra)
+            pick["run"] = run_generate(cpu_mem=args.plan_cpu_mem, **pick_run)
+            if not pick["run"]["ok"]:   # refused under the budget: measure what it takes without one
+                pick["run_uncapped"] = run_generate(**pick_run)
             print(f"planner (--cpu-mem {args.plan_cpu_mem:g}): {pick['describe']} -> "
                   f"{pick['run'].get('tokens_per_s', pick['run'].get('error'))} tokens/s, "
                   f"peak RSS {pick['run']['peak_rss_gib']:.2f} GiB", flush=True)
