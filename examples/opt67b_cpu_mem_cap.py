@@ -14,6 +14,9 @@ Three runs, each in its own process, against the same cap (--cap-gib, default 4)
    planner's choice with --percent ""): runs to completion; its peak RSS is the child's ru_maxrss.
 Writes cpu_mem_cap.json and cpu_mem_cap.png (peak RSS per run against the cap) under --out.
 Batch 4, prompt 32, gen 8 by default: minutes on two cores, most of it reading weights from disk.
+On a fresh --offload-dir the streamed run first converts the checkpoint into the weight store
+(minutes more; that run's peak RSS is the conversion's): pass the same --offload-dir again to
+measure the generation alone.
 """
 from __future__ import annotations
 
