@@ -183,7 +183,8 @@ def _scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torc
     attention rewrites its aligned keys, values and scores every call, and a fresh multi-MB tensor
     would cost its page faults every time (the engine's allocator unmaps big blocks when freed)."""
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
-    numel, key = math.prod(shape), (slot, dtype, device)
+    # A buffer made under inference_mode (the profiler's probes) cannot be written outside it.
+    numel, key = math.prod(shape), (slot, dtype, device, torch.is_inference_mode_enabled())
     if key not in buffers or buffers[key].numel() < numel:
         buffers[key] = torch.empty(numel, dtype=dtype, device=device)
     return buffers[key][:numel].view(shape)
