@@ -14,7 +14,6 @@ Parquet inputs. Ids are written as text.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -59,29 +58,18 @@ class _Seen:
     model: str | None = None
 
 
-def convert_input(source: Path, source_fingerprint: str, out_dir: Path, *, column: str,
+def convert_input(source: Path, out_dir: Path, *, column: str,
                   id_column: str | None, limit: int | None) -> ConvertedInput:
-    """Write (or find) the Parquet copy of a JSONL/CSV file; at most `limit` rows."""
-    key = hashlib.sha256(json.dumps([source_fingerprint, column, id_column, limit]).encode()).hexdigest()[:24]
-    dest = out_dir / f"input-{key}.parquet"
-    meta = dest.with_suffix(".json")
-    if dest.is_file() and meta.is_file():
-        return _described(dest, json.loads(meta.read_text()))
+    """Write the Parquet copy of a JSONL/CSV file into `out_dir`; at most `limit` rows."""
+    dest = out_dir / "input.parquet"
     seen = _Seen()
     reader = _jsonl_rows if input_kind(source) == "jsonl" else _csv_rows
     out_dir.mkdir(parents=True, exist_ok=True)
     if _write_parquet(dest, reader(source, column, id_column, seen), limit) == 0:
         dest.unlink()
         raise UserError(f"{source}: the file has 0 rows", "there is nothing to generate")
-    described = {"id_column": ID if seen.has_ids else None, "model": seen.model,
-                 "params": {k: list(v) if isinstance(v, tuple) else v for k, v in seen.params.items()}}
-    meta.write_text(json.dumps(described))
-    return _described(dest, described)
-
-
-def _described(dest: Path, described: dict) -> ConvertedInput:
-    params = {k: tuple(v) if isinstance(v, list) else v for k, v in described["params"].items()}
-    return ConvertedInput(path=dest, id_column=described["id_column"], params=params, model=described["model"])
+    return ConvertedInput(path=dest, id_column=ID if seen.has_ids else None, params=dict(seen.params),
+                          model=seen.model)
 
 
 def _write_parquet(dest: Path, rows: Iterator[tuple[str | None, str | None]], limit: int | None) -> int:

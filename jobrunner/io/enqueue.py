@@ -139,7 +139,7 @@ def _prepare_input(input_path: Path, stack: ExitStack, *, column: str, id_column
     staging = flexjob_home() / "staging"
     staging.mkdir(parents=True, exist_ok=True)
     out_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=staging)))
-    converted = convert_input(input_path, source_fp, out_dir, column=column, id_column=id_column, limit=limit)
+    converted = convert_input(input_path, out_dir, column=column, id_column=id_column, limit=limit)
     info = inspect_input(converted.path, "prompt", converted.id_column)
     return _PreparedInput(info=info, column="prompt", id_column=converted.id_column, source_fingerprint=source_fp,
                           params=_with_file_params(params, converted, input_path))

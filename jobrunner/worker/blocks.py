@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Callable, Protocol
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from sqlalchemy import Engine as StoreEngine
 
 from engine.runtime.rows import GenerationParams, RowInput, RowResult, StepUpdate
@@ -26,7 +27,7 @@ from jobrunner.io.enqueue import JobParams
 from jobrunner.store.models import Job
 from jobrunner.errors import UserError
 from jobrunner.io.inputs import InputRow, read_rows
-from jobrunner.io.shard_inputs import read_shard_rows
+from jobrunner.io.shard_inputs import id_type_of, read_shard_rows
 from jobrunner.io.parts import ResultRow, part_name, rows_to_table, to_parquet_bytes
 from jobrunner.store import EventKind, Lease, LeaseLost, PartRecord, RowProgress
 from jobrunner.worker.disk_full import disk_full_cause
@@ -85,7 +86,7 @@ class ShardContext:
     should_stop: Callable[[], bool]
     reporter: ShardReporter
     store_call: StoreRetry          # every store call goes through it: a dropped connection is retried
-    id_type: pa.DataType | None = None  # the type of the job's id column, if it has one
+    id_type: pa.DataType | None = None  # the type of the job's id column, if it has one (set by run_shard)
     progress: dict[int, RowProgress] = field(default_factory=dict)
     blocks_written: int = 0
     engine_parts_written: int = 0     # parts with generated rows (the crash-test hooks aim at the first)
@@ -179,17 +180,20 @@ def commit_rows(ctx: ShardContext, results: list[ResultRow], *, seconds: float, 
     return done
 
 
-def shard_rows(ctx: ShardContext) -> list[InputRow]:
-    """The lease's input rows: from the store, or from the input file for a job that reads it."""
+def shard_rows(ctx: ShardContext) -> tuple[list[InputRow], pa.DataType | None]:
+    """The lease's input rows and the type of the job's id column (None without one): from the
+    store, or from the input file for a job that reads it."""
     job, lease = ctx.job, ctx.lease
     if not job.inputs_in_store:
-        return read_rows(job.input_path, job.prompt_column, job.id_column, lease.row_start, lease.row_end)
+        id_type = pq.ParquetFile(job.input_path).schema_arrow.field(job.id_column).type if job.id_column else None
+        return read_rows(job.input_path, job.prompt_column, job.id_column, lease.row_start, lease.row_end), id_type
     stored = ctx.store_call(store.shard_input, ctx.db, lease.shard_id)
     if stored is None:
         raise UserError(f"job {job.id}: shard {lease.shard_index} has no stored prompts",
                         "enqueue the input file again")
-    return read_shard_rows(*stored, row_start=lease.row_start, row_end=lease.row_end,
+    rows = read_shard_rows(*stored, row_start=lease.row_start, row_end=lease.row_end,
                            where=f"job {job.id} shard {lease.shard_index}")
+    return rows, id_type_of(stored[0])
 
 
 def run_shard(ctx: ShardContext) -> ShardOutcome:
@@ -199,7 +203,8 @@ def run_shard(ctx: ShardContext) -> ShardOutcome:
     done_rows = ctx.store_call(store.committed_rows, ctx.db, lease.shard_id)
     saved = ctx.store_call(store.load_progress, ctx.db, lease.shard_id)
     ctx.progress = {r: p for r, p in saved.items() if r not in done_rows}
-    inputs = [r for r in shard_rows(ctx) if r.row not in done_rows]
+    rows, ctx.id_type = shard_rows(ctx)
+    inputs = [r for r in rows if r.row not in done_rows]
     ctx.reporter.shard_started(job=job, lease=lease, rows=len(inputs), already_done=len(done_rows),
                                resumed_tokens=sum(len(p.ids) for p in ctx.progress.values()))
     if ctx.progress:

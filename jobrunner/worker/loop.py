@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from sqlalchemy import Engine as StoreEngine
 
 from engine.planning.hardware import HardwareProfile
@@ -37,7 +35,6 @@ from jobrunner import store
 from jobrunner.errors import UserError
 from jobrunner.io.enqueue import JobParams, model_fingerprint
 from jobrunner.io.inputs import fingerprint_file
-from jobrunner.io.shard_inputs import id_type_of
 from jobrunner.store import EventKind, Lease, LeaseLost
 from jobrunner.worker.blocks import ShardContext, ShardOutcome, generation_params, run_shard
 from jobrunner.worker.disk_full import DiskFull, DiskFullBackoff, disk_full_cause
@@ -215,7 +212,7 @@ class Worker:
                            gen_params=generation_params(params, engine.tokenizer, engine.config.eos_token_ids),
                            progress_every=self.config.progress_every,
                            should_stop=lambda: self.stop_signal is not None or keeper.interrupted(),
-                           reporter=self.reporter, store_call=self._call, id_type=self._id_type(job, lease),
+                           reporter=self.reporter, store_call=self._call,
                            between_blocks=lambda: self._between_blocks(engine, lease))
         try:
             outcome = self._run_guarded(ctx)
@@ -360,14 +357,6 @@ class Worker:
                                      gen_len=params.max_new_tokens,
                                      # a block bigger than a shard would hold rows it never gets
                                      max_block_size=job.shard_rows).policy
-
-    def _id_type(self, job: Job, lease: Lease) -> pa.DataType | None:
-        if job.id_column is None:
-            return None
-        if not job.inputs_in_store:
-            return pq.ParquetFile(job.input_path).schema_arrow.field(job.id_column).type
-        stored = self._call(store.shard_input, self.db, lease.shard_id)
-        return None if stored is None else id_type_of(stored[0])
 
     def _between_blocks(self, engine: Engine, lease: Lease) -> None:
         """Learn the disk bandwidth the finished blocks saw (the stored profile), then maybe re-plan."""
