@@ -61,12 +61,17 @@ if args.get("offload"):
 model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=dtype, **kwargs).eval()
 B = args["batch"]
 ids = torch.tensor([[100 + (i * 7 + j) % 5000 for j in range(args["prompt_len"])] for i in range(B)])
+prefill_s = None
 with torch.no_grad():
+    if args.get("time_prefill"):  # generate's prefill alone: one new token
+        started = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False, pad_token_id=1)
+        prefill_s = time.perf_counter() - started
     started = time.perf_counter()
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args["gen_len"],
                          min_new_tokens=args["gen_len"], do_sample=False, pad_token_id=1)
     elapsed = time.perf_counter() - started
-print(json.dumps({"tokens_per_s": B * args["gen_len"] / elapsed, "seconds": elapsed}))
+print(json.dumps({"tokens_per_s": B * args["gen_len"] / elapsed, "seconds": elapsed, "prefill_s": prefill_s}))
 """
 
 
@@ -150,7 +155,7 @@ def run_in_ram(base: dict, hf_batches: list[int], blocks: list[tuple[int, int]],
     rows = []
     for kind, shape in [x for pair in zip(hf, ours) for x in pair] + hf[len(ours):] + ours[len(hf):]:
         if kind == "hf":
-            r = run_child_rss(HF_RUN, {**base, "batch": shape})
+            r = run_child_rss(HF_RUN, {**base, "batch": shape, "time_prefill": True})
             rows.append({"part": "a", "system": "transformers", "config": f"batch {shape}", **r})
         else:
             r = run_child_rss(ENGINE_RUN, {**base, "percent": [100, 0, 100, 0, 100, 0], "gbs": shape[0],

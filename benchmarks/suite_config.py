@@ -37,15 +37,16 @@ class SuiteConfig:
     gen_len: int = 32
     # In RAM: transformers' batches and the engine's blocks, alternated.
     hf_batches: tuple[int, ...] = (16, 32)
-    ram_blocks: tuple[tuple[int, int], ...] = ((16, 1), (32, 1))
+    ram_blocks: tuple[tuple[int, int], ...] = ((32, 1), (64, 1))
     # Over capacity: the engine's weights on disk under cpu_mem, and accelerate with the same max_memory.
     cpu_mem: float = 2.0
     disk_percent: str = "0 10 0 0 100 0"
     disk_blocks: tuple[tuple[int, int], ...] = ((16, 2),)
     hf_disk_batch: int = 16
     # Planner pick vs hand-written policies (names from bench_planner_sweep.HAND_WRITTEN).
-    planner_policies: tuple[str, ...] = ("all RAM 16x1", "cache on disk 16x2", "weights 50% RAM 16x1",
-                                         "weights on disk 16x1")
+    planner_policies: tuple[str, ...] = ("all RAM 8x1", "all RAM 16x1", "cache on disk 16x2", "weights 80% RAM 16x1",
+                                         "weights 50% RAM 16x1", "weights 50% RAM 16x2", "weights on disk 16x1",
+                                         "4-bit weights in RAM 16x1")
     planner_max_block: int = 32
     planner_cpu_mem: float = 4.0  # room for the all-in-RAM policies next to the disk-bound ones
     # Compression on/off: weights read from disk each step, uncompressed vs 4-bit.

@@ -88,25 +88,36 @@ def _agrees(size: int, ref: int, weight: torch.Tensor, bias: torch.Tensor | None
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: torch.Tensor,
            query_pos: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention, one (row, head) pair at a time.
+    """Causal attention over a position-major cache, one (row, head) pair at a time.
 
     q: [n, S, D] (pre-scaled); k, v: [T, n, D] (the cache layout); first: [n] long, each pair's first
     real position (left padding before it); query_pos: [S] long, each query's cache position, the
     same for every pair (default T-S .. T-1: the last S positions; grouped-query attention stacks
     several heads' queries of one pair, so positions repeat). A query attends to its row's
-    positions first .. its own. Returns [n, S, D] in q's dtype.
+    positions first .. its own. Returns [n, S, D] in q's dtype. The keys and values are copied
+    into the aligned layout of `attend_aligned` first.
     """
-    n, S, D = q.shape
     T = k.shape[0]
-    runs = _runs(first)
+    runs = pair_runs(first)
     kh, vh = _aligned(k, runs, q.dtype, "keys"), _aligned(v, runs, q.dtype, "values")  # [n, T', D]
     if query_pos is None:
-        query_pos = torch.arange(T - S, T, device=q.device)
+        query_pos = torch.arange(T - q.shape[1], T, device=q.device)
+    return attend_aligned(q, kh, vh, first, query_pos)
+
+
+def attend_aligned(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, first: torch.Tensor,
+                   query_pos: torch.Tensor) -> torch.Tensor:
+    """`attend` over keys and values already in the aligned layout: kh, vh [n, C, D] (any stride
+    between pairs), each pair's first real position at index 0, finite numbers (zeros) past its
+    last, and C a multiple of KEY_ALIGN that covers every query's position. This is the layout a
+    memory-resident cache keeps (engine.runtime.kv_cache), so attention reads it in place."""
+    n, S, D = q.shape
     # Aligned position of every query (a padding query sees the row's first real key only).
     query_pos = (query_pos.to(q.device)[None, :] - first[:, None]).clamp_(min=0)  # [n, S]
     out = torch.empty_like(q)
     start = 0
-    for size in query_plan(S, n, kh.shape[1]):
+    needed = -(-(int(query_pos.max()) + 1) // KEY_ALIGN) * KEY_ALIGN
+    for size in query_plan(S, n, min(needed, kh.shape[1])):
         _attend_group(q, kh, vh, query_pos, out, start, size)
         start += size
     return out
@@ -153,7 +164,7 @@ def _group_agrees(size: int, n: int, keys: int, D: int, dtype: torch.dtype, devi
     return _GROUP_AGREEMENT[key]
 
 
-def _runs(first: torch.Tensor) -> list[tuple[int, int]]:
+def pair_runs(first: torch.Tensor) -> list[tuple[int, int]]:
     """(shift, pair count) of each run of equal `first`: pairs of one row share it and sit side by
     side (a row, or a row's heads in one part of the cache)."""
     values, counts = torch.unique_consecutive(first, return_counts=True)

@@ -62,8 +62,8 @@ def qkv(w: dict, cfg: OPTConfig, h: torch.Tensor, positions: torch.Tensor | None
     """The attention block's input projections. h: [B, S, h] -> q (pre-scaled), k, v: [B, S, h].
     `positions` is unused: OPT's positions enter once, at the embedding (rotary families use them here)."""
     x = _layer_norm(w, "self_attn_layer_norm", h) if cfg.do_layer_norm_before else h
-    # In-place where the operand is a fresh intermediate: every new multi-MB tensor costs page faults
-    # (the allocator hands big blocks back to the OS at once, see budgets.limit_allocator_slack).
+    # In-place where the operand is a fresh intermediate: every new multi-MB tensor costs memory
+    # traffic, and page faults where it is bigger than the allocator keeps (budgets.configure_allocator).
     q = linear(x, w["self_attn.q_proj.weight"], w["self_attn.q_proj.bias"]).mul_(cfg.head_dim ** -0.5)
     k = linear(x, w["self_attn.k_proj.weight"], w["self_attn.k_proj.bias"])
     v = linear(x, w["self_attn.v_proj.weight"], w["self_attn.v_proj.bias"])

@@ -3,8 +3,7 @@
 The profile's kernel figures (a linear layer's time per weight byte, attention bandwidth, op
 dispatch) are each measured alone, on one weight shape. A real layer also runs LayerNorms, ReLU,
 residual adds, the cache append and allocations between them, and it allocates its multi-MB
-intermediates fresh (the engine returns big blocks to the OS at once to keep RSS within the CPU budget,
-so each costs page faults); and a small-batch matmul's speed depends on the weight's shape (fp32
+intermediates fresh (under the engine's allocator setting, so the biggest cost page faults); and a small-batch matmul's speed depends on the weight's shape (fp32
 on an AVX2 host: 17 to 66 GFLOP/s at 32 rows for the two MLP shapes of opt-1.3b). So the profiler
 times `engine.model.opt` itself, for a prefill micro-batch and decode micro-batches of several sizes,
 and the output head, and stores measured / predicted (`HardwareProfile.compute_scale`, on an
@@ -20,12 +19,13 @@ import torch
 
 from engine.model.checkpoint import layer_tensor_specs
 from engine.model.families import family_math
-from engine.model.kernels import attend
+from engine.model.kernels import attend_aligned
 from engine.model.config import layer_tensor_shapes, preset
 from engine.planning.cost_inputs import Placement, Shape
 from engine.planning.cost_time import phase_terms
 from engine.planning.hardware import HardwareProfile
-from engine.runtime.budgets import limit_allocator_slack
+from engine.runtime.budgets import configure_allocator
+from engine.runtime.kv_cache import AlignedPairs
 from engine.runtime.policy import Policy
 
 PREFILL_ROWS, PROMPT_LEN = 8, 128      # one prefill micro-batch: 1024 tokens
@@ -39,18 +39,17 @@ def _layer_weights(cfg, device: torch.device, dtype: torch.dtype) -> dict[str, t
     return {name: torch.full(shape, 0.01, device=device, dtype=dtype) for name, shape in layer_tensor_shapes(cfg)}
 
 
-def _layer_step(cfg, w, h: torch.Tensor, cache: torch.Tensor, start: int) -> torch.Tensor:
+def _layer_step(cfg, w, h: torch.Tensor, cache: AlignedPairs, start: int) -> torch.Tensor:
     """What the schedule runs for one micro-batch in one layer (cache in RAM): q/k/v, append to the
-    position-major cache [T, 2, B, h], attend over it, output projection and MLP."""
+    cache's aligned keys and values, attend over them in place, output projection and MLP."""
     layers, s = family_math(cfg), h.shape[1]
     positions = torch.arange(start, start + s, device=h.device).expand(h.shape[0], s)
     q, k, v = layers.qkv(w, cfg, h, positions)
-    cache[start:start + s].copy_(layers.cache_rows(k, v))
-    full = cache[:start + s].view(start + s, 2, -1, cfg.head_dim)  # [T, 2, B*Hkv, D]: (row, KV head) pairs
-    first = torch.zeros(full.shape[2], dtype=torch.long, device=h.device)
+    rows = layers.cache_rows(k, v)
+    cache.write(start, rows.reshape(s, 2, -1, cfg.head_dim))  # (row, KV head) pairs
     q_pairs = layers.to_pairs(cfg, q)
     query_pos = torch.arange(start, start + s, device=h.device).repeat(q_pairs.shape[1] // s)
-    attn = layers.from_pairs(cfg, attend(q_pairs, full[:, 0], full[:, 1], first, query_pos))
+    attn = layers.from_pairs(cfg, attend_aligned(q_pairs, cache.keys, cache.values, cache.first, query_pos))
     return layers.mlp(w, cfg, layers.attention_output(w, cfg, h, attn))
 
 
@@ -80,7 +79,7 @@ def measure_compute_scale(hw: HardwareProfile, device: str, dtype: torch.dtype, 
     `timed(fn)` returns the seconds per call (the profiler's timer). Every point is timed in
     ROUNDS rounds over all points and its fastest round counts: a neighbour's burst of a few
     seconds on a shared host (seen: one point 2x off) then spoils one round, not the figure."""
-    limit_allocator_slack()  # the engine's allocator setting: big intermediates cost page faults there
+    configure_allocator()  # the engine's allocator setting: big intermediates cost page faults there
     cfg = dataclasses.replace(cfg or preset("1.3b"), num_layers=1)
     dev = torch.device(device)
     w, head = _layer_weights(cfg, dev, dtype), _head_weights(cfg, dev, dtype)
@@ -97,21 +96,28 @@ def measure_compute_scale(hw: HardwareProfile, device: str, dtype: torch.dtype, 
 def _time_points(cfg, w: dict, head: dict, timed) -> dict[str, float]:
     """Seconds per call of a prefill micro-batch, decode micro-batches and the head, once each."""
     dev, dtype = next(iter(w.values())).device, next(iter(w.values())).dtype
-    hid, kv, total = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, PROMPT_LEN + GEN_LEN
+    hid, total = cfg.hidden_size, PROMPT_LEN + GEN_LEN
     out = {}
     with torch.inference_mode():
         x = torch.full((PREFILL_ROWS, PROMPT_LEN, hid), 0.1, device=dev, dtype=dtype)
-        cache = torch.zeros(total, 2, PREFILL_ROWS, kv, device=dev, dtype=dtype)
+        cache = _cache(cfg, PREFILL_ROWS, total, dev, dtype)
         out["prefill"] = timed(lambda: _layer_step(cfg, w, x, cache, 0))
         context = PROMPT_LEN + GEN_LEN // 2
         for rows in DECODE_ROW_COUNTS:
             x = torch.full((rows, 1, hid), 0.1, device=dev, dtype=dtype)
-            cache = torch.full((total, 2, rows, kv), 0.1, device=dev, dtype=dtype)
+            cache = _cache(cfg, rows, total, dev, dtype)
+            cache.keys[:, :context].fill_(0.1)
+            cache.values[:, :context].fill_(0.1)
             out[f"decode:{rows}"] = timed(lambda: _layer_step(cfg, w, x, cache, context))
         for rows in DECODE_ROW_COUNTS:
             x = torch.full((rows, hid), 0.1, device=dev, dtype=dtype)
             out[f"head:{rows}"] = timed(lambda: family_math(cfg).output_logits(head, cfg, x))
     return out
+
+
+def _cache(cfg, rows: int, max_len: int, device: torch.device, dtype: torch.dtype) -> AlignedPairs:
+    pairs = rows * cfg.num_kv_heads
+    return AlignedPairs(torch.zeros(pairs, dtype=torch.long), max_len, cfg.head_dim, dtype, device, pin=False)
 
 
 def _head_weights(cfg, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:

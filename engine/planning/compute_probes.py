@@ -59,16 +59,17 @@ def weight_stream_gbps(seconds: float = 0.25, *, dtype: torch.dtype = torch.bflo
 def cpu_attention_gbps(seconds: float = 0.25, *, batch: int = 4, heads: int = 16, ctx: int = 512,
                        head_dim: int = 64, dtype: torch.dtype = torch.bfloat16) -> float:
     """KV-cache bytes/s of one decode attention step on the CPU: the engine's own batch-invariant
-    kernel over the cache layout ([ctx, pairs, head_dim] keys and values)."""
-    from engine.model.kernels import attend
+    kernel over a memory part's layout (aligned [pairs, ctx, head_dim] keys and values, read in place)."""
+    from engine.model.kernels import attend_aligned
 
     pairs = batch * heads
     q = torch.full((pairs, 1, head_dim), 0.1, dtype=dtype)
-    k = torch.full((ctx, pairs, head_dim), 0.1, dtype=dtype)
-    v = torch.full((ctx, pairs, head_dim), 0.1, dtype=dtype)
+    k = torch.full((pairs, ctx, head_dim), 0.1, dtype=dtype)
+    v = torch.full((pairs, ctx, head_dim), 0.1, dtype=dtype)
     first = torch.zeros(pairs, dtype=torch.long)
+    query_pos = torch.tensor([ctx - 1])
     with torch.inference_mode():
-        per = timed(lambda: attend(q, k, v, first), seconds)
+        per = timed(lambda: attend_aligned(q, k, v, first, query_pos), seconds)
     return 2 * k.numel() * k.element_size() / per / 1e9
 
 

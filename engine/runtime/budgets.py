@@ -15,6 +15,7 @@ import torch
 
 from engine.errors import BudgetError
 from engine.model.config import ModelConfig
+from engine.model.kernel_shapes import KEY_ALIGN
 from engine.runtime.compression import packed_nbytes, quantize_scratch_bytes
 from engine.runtime.placement import cache_pair_split, slot_tier
 from engine.runtime.policy import CompressionConfig, Policy
@@ -114,11 +115,12 @@ def _activation_bytes(cfg: ModelConfig, policy: Policy, act: int) -> dict[Tier, 
 def cache_slot_bytes(cfg: ModelConfig, policy: Policy, max_len: int, element_size: int) -> int:
     """Bytes of one (layer, micro-batch) cache slot at max_len positions, as held: [max_len, 2,
     rows * KV heads, head_dim] (the cache holds the KV heads only: grouped-query attention), in the
-    compute dtype, or with compress_cache packed group-wise along head_dim (codes + fp16 scale and
-    minimum per group; engine.runtime.kv_cache)."""
+    compute dtype with max_len rounded up to KEY_ALIGN (attention's aligned layout of a part in
+    memory; a disk part holds max_len positions), or with compress_cache packed group-wise along
+    head_dim (codes + fp16 scale and minimum per group; engine.runtime.kv_cache)."""
     vectors = max_len * 2 * policy.gpu_batch_size * cfg.num_kv_heads
     if not policy.compress_cache or not vectors:
-        return vectors * cfg.head_dim * element_size
+        return -(-max_len // KEY_ALIGN) * KEY_ALIGN * 2 * policy.gpu_batch_size * cfg.num_kv_heads * cfg.head_dim * element_size
     comp = policy.compression
     return packed_nbytes((vectors, cfg.head_dim), comp.num_bits, comp.group_size)
 
@@ -134,13 +136,15 @@ def estimate_memory(cfg: ModelConfig, store: WeightStore | StoreLayout, policy: 
     B, h = policy.gpu_batch_size, cfg.hidden_size
     max_len = prompt_len + max(gen_len - 1, 0)
     cache, disk_cache_buffers = _cache_bytes(cfg, policy, cache_slot_bytes(cfg, policy, max_len, size))
-    # Attention reads a micro-batch's keys and values as a left-aligned copy in the compute dtype
-    # (engine.model.kernels.attend); a compressed cache is dequantised into one more such copy first.
-    # Quantising the positions a prefill appends takes float32 scratch (one micro-batch at a time).
+    # Attention reads the keys and values of a disk or compressed part as an aligned copy in the
+    # compute dtype (engine.model.kernels.attend; a part in memory is read in place); a compressed
+    # cache is dequantised into one more such copy first. Quantising the positions a prefill
+    # appends takes float32 scratch (one micro-batch at a time).
     slot16 = cache_slot_bytes(cfg, policy.replace(compress_cache=False), max_len, size)
-    attention = slot16
+    attention = slot16 * cache_pair_split(B * cfg.num_kv_heads, policy.cache_gpu_percent,
+                                          policy.cache_cpu_percent)[2] // max(1, B * cfg.num_kv_heads)
     if policy.compress_cache:
-        attention += slot16 + quantize_scratch_bytes(prompt_len * 2 * B * cfg.num_kv_heads * cfg.head_dim)
+        attention = 2 * slot16 + quantize_scratch_bytes(prompt_len * 2 * B * cfg.num_kv_heads * cfg.head_dim)
     act = prompt_len * B * h * size
     acts = _activation_bytes(cfg, policy, act)
     # Transient compute memory of one micro-batch's prefill: q/k/v/out, the attention's query and
@@ -148,6 +152,7 @@ def estimate_memory(cfg: ModelConfig, store: WeightStore | StoreLayout, policy: 
     working = (prompt_len * B * (6 * h + cfg.mlp_width) * size + B * prompt_len * max_len
                + B * cfg.vocab_size * 4 * 2 + attention) if prompt_len else 0
     if process_bytes is None:
+        release_free_heap()
         process_bytes = psutil.Process().memory_info().rss
     process = max(0, process_bytes - resident_ram_bytes)
     if device.type == "cuda":
@@ -185,27 +190,43 @@ def check_budgets(cfg: ModelConfig, store: WeightStore, policy: Policy, device: 
     return est
 
 
-def limit_allocator_slack() -> None:
-    """Make glibc hand freed tensor memory back to the OS at once.
-
-    Weight buffers of a few MB churn every layer on two threads (compute and I/O); by default glibc
-    serves them from per-thread heaps that keep freed pages resident (~60 MB of slack measured on
-    opt-125m), which would break a tight CPU budget. Above 1 MiB, allocations become private
-    mappings that are unmapped on free.
-    """
+def _libc():
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
-    if not name:
-        return
     try:
-        libc = ctypes.CDLL(name)
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
-        libc.mallopt(M_TRIM_THRESHOLD, 1 << 20)
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+def release_free_heap() -> None:
+    """Return the heap's free pages to the OS (glibc's malloc_trim): one-off work such as converting
+    a checkpoint leaves freed blocks that configure_allocator's heap would otherwise keep resident,
+    and the process's RSS is measured against the CPU budget."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def configure_allocator() -> None:
+    """Set glibc's thresholds for tensor memory: blocks up to 64 MiB come from the heap and are
+    reused when freed; bigger ones are private mappings unmapped on free.
+
+    A prefill's intermediates (q/k/v, the MLP's hidden layer, LayerNorm outputs: 16-128 MiB each on
+    opt-1.3b at 32-64 rows x 128 positions) are allocated and freed once per layer. Unmapped at
+    free, each costs its page faults again in the next layer: 10-15 % of a bf16 prefill, measured.
+    Kept, they cost what the budget's transient "working" memory already counts (one prefill
+    micro-batch's intermediates). The heap's top is returned to the OS past 64 MiB free, and glibc's
+    own threshold would otherwise move with the sizes freed, so RSS would depend on history.
+    """
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):  # not glibc: nothing to tune
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 64 << 20)
+    libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
 
 
 class RssSampler:

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from engine.runtime.budgets import RssSampler, check_budgets, limit_allocator_slack
+from engine.runtime.budgets import RssSampler, check_budgets, configure_allocator
 from engine.errors import PromptTooLongError
 from engine.model.config import load_config
 from engine.runtime.placed_weights import PlacedWeights
@@ -54,7 +54,7 @@ class Engine:
                  on_convert: Callable[[str, int, int], None] | None = None, tokenizer=None) -> None:
         self.model_dir = Path(model_dir)
         self.config = load_config(self.model_dir)
-        limit_allocator_slack()
+        configure_allocator()
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = resolve_dtype(dtype, self.device)
         self.gpu_mem_gib, self.cpu_mem_gib = gpu_mem_gib, cpu_mem_gib

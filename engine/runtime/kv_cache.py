@@ -7,11 +7,14 @@ every layer moves the same share of its cache and the cost model's per-layer fra
 Attention is independent per pair, so each part is attended on its own and no split cache is
 ever reassembled.
 
-Layout of a part: position-major, so appending a decode step is one contiguous write and reading
-the first T positions is one contiguous read, on every tier (a disk part is a file with the same
-layout). With `compress_cache` a part holds three position-major planes instead (4-bit codes, fp16
-scales, fp16 minimums; groups along head_dim, FlexGen's scheme), written and read the same way,
-and dequantised on the compute device right before attention.
+Layout of a part in memory (GPU or RAM), uncompressed: attention's own (`AlignedPairs`), keys and
+values pair-major with each pair's first real position at index 0, so a decode step's attention
+reads the cache in place instead of copying it into that layout every layer and step.
+Layout of a part on disk: position-major, so appending a decode step is one contiguous write and
+reading the first T positions is one contiguous read. With `compress_cache` a part holds three
+position-major planes on any tier (4-bit codes, fp16 scales, fp16 minimums; groups along head_dim,
+FlexGen's scheme), written and read the same way, and dequantised on the compute device right
+before attention.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from engine.model.kernel_shapes import KEY_ALIGN
+from engine.model.kernels import pair_runs
 from engine.runtime.compression import QuantizedTensor, dequantize, quantize
 from engine.runtime.placement import cache_pair_split
 from engine.runtime.policy import CompressionConfig
@@ -74,16 +79,71 @@ class Plane:
             self.path.unlink(missing_ok=True)
 
 
+class AlignedPairs:
+    """Keys and values of `count` pairs, each [count, capacity, head_dim] and zero-filled, with pair
+    p's position P at index P - first[p]: the layout `kernels.attend_aligned` reads in place. The
+    capacity is max_len rounded up to KEY_ALIGN, so every key count attention asks for is there."""
+
+    def __init__(self, first: torch.Tensor, max_len: int, head_dim: int, dtype: torch.dtype,
+                 on: torch.device, pin: bool) -> None:
+        count = first.shape[0]
+        capacity = -(-max_len // KEY_ALIGN) * KEY_ALIGN
+        self.keys, self.values = (torch.zeros((count, capacity, head_dim), dtype=dtype, device=on, pin_memory=pin)
+                                  for _ in range(2))
+        self.first = first.to(on)
+        self.runs, start = [], 0  # (shift, first pair, pair count) of each run of pairs that share `first`
+        for shift, run in pair_runs(first):
+            self.runs.append((shift, start, run))
+            start += run
+        self.last_shift = max(shift for shift, _, _ in self.runs) if self.runs else 0
+        self.pair_index = torch.arange(count, device=on)
+
+    def write(self, start: int, rows: torch.Tensor) -> None:
+        """rows: [s, 2, count, head_dim], the keys and values of positions start .. start+s-1
+        (a pair's positions before its first real one are padding, not stored)."""
+        s = rows.shape[0]
+        rows = rows.to(self.keys.device)
+        if s == 1 and start >= self.last_shift:  # a decode step: one position per pair, scattered
+            at = start - self.first
+            self.keys[self.pair_index, at] = rows[0, 0]
+            self.values[self.pair_index, at] = rows[0, 1]
+            return
+        for shift, lo, run in self.runs:
+            skip = max(shift - start, 0)
+            if skip >= s:
+                continue
+            at, pairs = start + skip - shift, slice(lo, lo + run)
+            self.keys[pairs, at:at + s - skip] = rows[skip:, 0, pairs].transpose(0, 1)
+            self.values[pairs, at:at + s - skip] = rows[skip:, 1, pairs].transpose(0, 1)
+
+    def read(self, length: int) -> torch.Tensor:
+        """The first `length` positions in the position-major layout [length, 2, count, head_dim]
+        (zeros at padding positions)."""
+        out = self.keys.new_zeros((length, 2, self.keys.shape[0], self.keys.shape[2]))
+        for shift, lo, run in self.runs:
+            pairs = slice(lo, lo + run)
+            out[shift:, 0, pairs] = self.keys[pairs, :max(length - shift, 0)].transpose(0, 1)
+            out[shift:, 1, pairs] = self.values[pairs, :max(length - shift, 0)].transpose(0, 1)
+        return out
+
+
 class CachePart:
     """Pairs [first, first + count) of a slot, on one tier: [max_len, 2, count, head_dim]."""
 
     def __init__(self, tier: Tier, first: int, count: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, disk: DiskTier, path: Path,
-                 compression: CompressionConfig | None) -> None:
+                 compression: CompressionConfig | None, first_position: torch.Tensor) -> None:
+        """first_position: [count] long, each pair's first real position (left padding before it)."""
         self.tier, self.pairs, self.dtype, self.compression = tier, slice(first, first + count), dtype, compression
         self.count, self.head_dim = count, head_dim
         self.length = 0
-        if compression is None:
+        self.aligned: AlignedPairs | None = None
+        self.planes: list[Plane] = []
+        if compression is None and tier != Tier.DISK:
+            on = device if tier == Tier.GPU else torch.device("cpu")
+            self.aligned = AlignedPairs(first_position, max_len, head_dim, dtype, on,
+                                        pin=tier == Tier.CPU and device.type == "cuda")
+        elif compression is None:
             self.planes = [Plane((2, count, head_dim), dtype, max_len, tier, device, disk, path)]
         else:
             # Learn the planes' row shapes from one quantised position.
@@ -102,6 +162,9 @@ class CachePart:
         and an uncompressed one then has one more row, [T + 1, ...], for the caller's new position."""
         if self.length == 0:
             return None
+        if self.aligned is not None:
+            full = self.aligned.read(self.length)
+            return to_device(full, device, stats) if device is not None and stats is not None else full
         room = 1 if self.compression is None else 0
         planes = [p.read(self.length, buffers, i, room) for i, p in enumerate(self.planes)]
         if device is not None and stats is not None:
@@ -129,7 +192,9 @@ class CachePart:
         """new: [s, 2, count, head_dim], this part's keys and values of the positions just computed
         (raw, or as `encode` gave them)."""
         stored = self.encode(new)
-        if isinstance(stored, QuantizedTensor):
+        if self.aligned is not None:
+            self.aligned.write(self.length, stored)
+        elif isinstance(stored, QuantizedTensor):
             for plane, part in zip(self.planes, (stored.data, stored.scale, stored.minimum)):
                 plane.write(self.length, part)
         else:
@@ -137,6 +202,7 @@ class CachePart:
         self.length += stored.shape[0]
 
     def close(self) -> None:
+        self.aligned = None
         for p in self.planes:
             p.close()
 
@@ -146,15 +212,19 @@ class CacheSlot:
 
     def __init__(self, rows: int, max_len: int, num_heads: int, head_dim: int, gpu_percent: float,
                  cpu_percent: float, dtype: torch.dtype, device: torch.device, disk: DiskTier, path: Path,
-                 *, compression: CompressionConfig | None = None) -> None:
+                 *, compression: CompressionConfig | None = None, first: torch.Tensor | None = None) -> None:
+        """first: [rows * num_heads] long, each pair's first real position (default 0: no padding)."""
+        if first is None:
+            first = torch.zeros(rows * num_heads, dtype=torch.long)
+        first = first.cpu()
         counts = cache_pair_split(rows * num_heads, gpu_percent, cpu_percent)
-        self.parts, first = [], 0
+        self.parts, first_pair = [], 0
         for tier, count in zip((Tier.GPU, Tier.CPU, Tier.DISK), counts):
             if count:
-                self.parts.append(CachePart(tier, first, count, max_len, head_dim, dtype, device, disk,
+                self.parts.append(CachePart(tier, first_pair, count, max_len, head_dim, dtype, device, disk,
                                             path.with_name(f"{path.stem}-{tier.value}{path.suffix}"),
-                                            compression))
-                first += count
+                                            compression, first[first_pair:first_pair + count]))
+                first_pair += count
 
     @property
     def disk_part(self) -> CachePart | None:

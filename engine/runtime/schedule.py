@@ -16,7 +16,8 @@ from typing import Callable
 import torch
 
 from engine.model.families import family_math
-from engine.model.kernels import attend
+from engine.model.kernel_shapes import KEY_ALIGN
+from engine.model.kernels import attend, attend_aligned
 from engine.runtime.kv_cache import CachePart, CacheSlot
 from engine.model.config import ModelConfig
 from engine.runtime.placed_weights import PlacedWeights
@@ -103,7 +104,7 @@ class BlockRunner:
         self.cache = [[CacheSlot(len(mb.rows), max_len, cfg.num_kv_heads, cfg.head_dim, policy.cache_gpu_percent,
                                  policy.cache_cpu_percent, ctx.dtype, ctx.device, ctx.disk,
                                  workdir / f"kv-{j}-{k}.bin",
-                                 compression=policy.compression if policy.compress_cache else None)
+                                 compression=policy.compression if policy.compress_cache else None, first=mb.first)
                        for k, mb in enumerate(self.mbs)] for j in range(L)]
         self.cache_reads: dict[tuple[int, int], Future] = {}  # (layer, micro-batch) -> disk part read ahead
         # Two sets of read buffers, alternating by slot: the slot in use and the one read ahead.
@@ -252,6 +253,10 @@ class BlockRunner:
         if mb.length == mb.query_len:  # the prefill: nothing cached yet, attend the new positions whole
             out = []
             for part in slot.parts:
+                if part.aligned is not None:
+                    out.append(self._attend_in_place(part, q_pairs[part.pairs], new[:, :, part.pairs],
+                                                     mb.first[part.pairs], query_pos))
+                    continue
                 stored = part.encode(new[:, :, part.pairs])
                 self._append(part, stored)
                 seen = part.attended(stored)
@@ -275,26 +280,39 @@ class BlockRunner:
                      query_pos: torch.Tensor, read: Future | None) -> torch.Tensor:
         """One part's attention for a decode step: q [n, G, D], new [1, 2, n, D], first [n], query_pos [G]."""
         ctx = self.ctx
-        if part.tier == Tier.DISK or part.compression is not None:
-            # The cache read so far plus the new position as the cache will hold it.
-            where = self._cache_device(part)
-            prev = read.result() if read is not None else part.read(where, ctx.stats)
-            stored = part.encode(new)
-            seen = part.attended(stored)
-            if prev.shape[0] > part.length:  # read with room: write the new position in place
-                full = prev
-                full[part.length:].copy_(seen)
-            else:
-                full = torch.cat((prev.to(where, new.dtype), seen.to(where)))
-            self._append(part, stored)
+        if part.aligned is not None:
+            return self._attend_in_place(part, q, new, first, query_pos)
+        # A disk or compressed part: the cache read so far plus the new position as the cache will hold it.
+        where = self._cache_device(part)
+        prev = read.result() if read is not None else part.read(where, ctx.stats)
+        stored = part.encode(new)
+        seen = part.attended(stored)
+        if prev.shape[0] > part.length:  # read with room: write the new position in place
+            full = prev
+            full[part.length:].copy_(seen)
         else:
-            part.append(new)
-            full = part.read()
+            full = torch.cat((prev.to(where, new.dtype), seen.to(where)))
+        self._append(part, stored)
         if ctx.policy.cpu_cache_compute and full.device.type == "cpu" and q.device.type != "cpu":
             # Attention where the cache lives: ship q (small) instead of the cache (large).
             return attend(q.cpu(), full[:, 0], full[:, 1], first.cpu(), query_pos.cpu()).to(q.device)
         full = to_device(full, ctx.device, ctx.stats)
         return attend(q, full[:, 0], full[:, 1], first, query_pos)
+
+    def _attend_in_place(self, part: CachePart, q: torch.Tensor, new: torch.Tensor, first: torch.Tensor,
+                         query_pos: torch.Tensor) -> torch.Tensor:
+        """Append the step's positions to a memory part and attend over its aligned keys and values
+        where they are (a prefill's S queries or a decode step's one)."""
+        part.append(new)
+        keys, values = part.aligned.keys, part.aligned.values
+        if keys.device == q.device:
+            return attend_aligned(q, keys, values, first, query_pos)
+        if self.ctx.policy.cpu_cache_compute and keys.device.type == "cpu":
+            # Attention where the cache lives: ship q (small) instead of the cache (large).
+            return attend_aligned(q.cpu(), keys, values, first.cpu(), query_pos.cpu()).to(q.device)
+        used = min(-(-(part.length - int(first.min())) // KEY_ALIGN) * KEY_ALIGN, keys.shape[1])
+        keys, values = (to_device(t[:, :used], self.ctx.device, self.ctx.stats) for t in (keys, values))
+        return attend_aligned(q, keys, values, first, query_pos)
 
     def _sample(self, mb: MicroBatch, logits: torch.Tensor, params: GenerationParams) -> None:
         results = [r.result for r in mb.rows]

@@ -60,3 +60,39 @@ def test_disk_part_reads_into_the_callers_kept_buffer_with_room(tmp_path):
             assert buffers[0].data_ptr() == ptr  # the same buffer, sized for the whole slot once
         ptr = buffers[0].data_ptr()
     slot.close()
+
+
+def test_a_memory_part_keeps_each_pair_aligned_at_its_first_real_position(tmp_path):
+    """Rows left-padded to one prompt length: a memory part stores pair p's position P at index
+    P - first[p] (zeros elsewhere), reads back the position-major cache that was written, and
+    attention over it in place gives what a float64 masked softmax gives, and bit for bit what
+    attention over the position-major copy gives."""
+    from engine.model.kernels import attend, attend_aligned
+
+    heads, head_dim, prompt = 2, 16, 4
+    first = torch.tensor([0, 2, 3]).repeat_interleave(heads)  # prompts of 4, 2 and 1 tokens
+    disk = DiskTier(tmp_path, TransferStats())
+    slot = CacheSlot(3, prompt + 2, heads, head_dim, 0, 100, torch.float32, torch.device("cpu"), disk,
+                     tmp_path / "kv.bin", first=first)
+    (part,) = slot.parts
+    torch.manual_seed(0)
+    written = torch.randn(prompt + 2, 2, 6, head_dim)
+    padding = torch.arange(prompt + 2)[:, None] < first[None, :]  # [T, pairs]
+    written[padding[:, None, :, None].expand_as(written)] = 0.0
+    for chunk in (written[:prompt], written[prompt:prompt + 1], written[prompt + 1:]):
+        part.append(chunk)
+    keys = part.aligned.keys
+    for p, f in enumerate(first.tolist()):
+        assert torch.equal(keys[p, :prompt + 2 - f], written[f:, 0, p])
+        assert not keys[p, prompt + 2 - f:].any()
+    assert torch.equal(part.read(), written)
+
+    q = torch.randn(6, 1, head_dim)
+    query_pos = torch.tensor([prompt + 1])
+    got = attend_aligned(q, part.aligned.keys, part.aligned.values, first, query_pos)
+    assert torch.equal(got, attend(q, written[:, 0], written[:, 1], first, query_pos))
+    for p, f in enumerate(first.tolist()):
+        k, v = written[f:, 0, p].double(), written[f:, 1, p].double()
+        want = torch.softmax(q[p].double() @ k.T, dim=-1) @ v
+        torch.testing.assert_close(got[p].double(), want, rtol=1e-5, atol=1e-6)
+    slot.close()
