@@ -24,6 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or imported by the suite
+import memory_cgroup  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -71,31 +74,50 @@ with torch.no_grad():
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args["gen_len"],
                          min_new_tokens=args["gen_len"], do_sample=False, pad_token_id=1)
     elapsed = time.perf_counter() - started
-print(json.dumps({"tokens_per_s": B * args["gen_len"] / elapsed, "seconds": elapsed, "prefill_s": prefill_s}))
+import resource
+print(json.dumps({"tokens_per_s": B * args["gen_len"] / elapsed, "seconds": elapsed, "prefill_s": prefill_s,
+                  "self_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
 
-def run_child(code: str, args: dict, source: Path = ROOT) -> dict:
+def run_child(code: str, args: dict, source: Path = ROOT, preexec_fn=None) -> dict:
     """Run `code` in a fresh Python importing flexjob from `source`; returns its JSON line plus the
-    child's peak RSS (wait4)."""
+    child's peak RSS (wait4). `preexec_fn` runs in the child before Python starts (a memory cgroup)."""
     proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(args)], cwd=source, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(source)})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(source)},
+                            preexec_fn=preexec_fn)
     out, err = proc.communicate()
     _, status, usage = os.wait4(proc.pid, 0) if proc.returncode is None else (0, proc.returncode, None)
     if proc.returncode != 0:
+        if proc.returncode == -9:
+            return {"error": "killed (SIGKILL: out of memory under its limit)"}
         return {"error": err.strip().splitlines()[-1] if err.strip() else f"exit {proc.returncode}"}
     result = json.loads(out.strip().splitlines()[-1])
     result.setdefault("peak_rss", 0)
     return result
 
 
-def run_child_rss(code: str, args: dict) -> dict:
+def run_child_rss(code: str, args: dict, preexec_fn=None) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    result = run_child(code, args)
+    result = run_child(code, args, preexec_fn=preexec_fn)
     after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     # ru_maxrss of children is the max over all children: only trust it when it grew.
-    result["child_maxrss"] = after * 1024 if after > before else None
+    result["child_maxrss"] = after * 1024 if after > before else result.get("self_maxrss")
     return result
+
+
+def run_limited(code: str, args: dict, limit_gib: float | None) -> dict:
+    """`run_child_rss` inside a memory cgroup of `limit_gib` (process and page cache together), when
+    given and possible here; the row says which limit held, or why none could."""
+    if limit_gib is None:
+        return {**run_child_rss(code, args), "memory_limit": "none"}
+    why_not = memory_cgroup.available()
+    if why_not:
+        return {**run_child_rss(code, args), "memory_limit": f"none ({why_not})"}
+    with memory_cgroup.memory_limit(limit_gib, f"flexjob-bench-{os.getpid()}") as (enter, stats):
+        result = run_child_rss(code, args, preexec_fn=enter)
+        result.update(stats())
+    return {**result, "memory_limit": f"{limit_gib:g} GiB"}
 
 
 def drop_page_cache(directory: Path) -> None:
@@ -168,21 +190,28 @@ def run_in_ram(base: dict, hf_batches: list[int], blocks: list[tuple[int, int]],
 def run_over_capacity(base: dict, disk_percent: str, blocks: list[tuple[int, int]], work_dir: Path, *,
                       cpu_mem: float, hf_batch: int) -> list[dict]:
     """Part (b): the engine with weights on disk under `cpu_mem` GiB (page cache dropped before each run)
-    and transformers + accelerate disk offload with the same `max_memory`."""
+    and transformers + accelerate disk offload. Where a memory cgroup is possible (root), every run
+    is held to `cpu_mem` GiB of process and page cache together, as on a machine with that much RAM:
+    accelerate's `max_memory` (half the limit, leaving it room for activations) places weights but
+    limits nothing, and without the cgroup its offload folder is read back from the page cache.
+    accelerate also runs once without a limit, with `max_memory` = `cpu_mem`, for comparison."""
     percent = [float(x) for x in disk_percent.split()]
     offload = work_dir / "offload"
     rows = []
     for gbs, nb in blocks:
         drop_page_cache(offload)
-        r = run_child_rss(ENGINE_RUN, {**base, "percent": percent, "gbs": gbs, "nb": nb, "offload": str(offload),
-                                       "cpu_mem": cpu_mem})
+        r = run_limited(ENGINE_RUN, {**base, "percent": percent, "gbs": gbs, "nb": nb, "offload": str(offload),
+                                     "cpu_mem": cpu_mem}, cpu_mem)
         rows.append({"part": "b", "system": "flexjob", "config": f"{gbs}x{nb} {disk_percent}", **r})
         print(rows[-1], flush=True)
-    drop_page_cache(Path(base["model"]))
-    r = run_child_rss(HF_RUN, {**base, "batch": hf_batch, "offload": str(work_dir / "accel"), "cpu_mem": cpu_mem})
-    rows.append({"part": "b", "system": "transformers+accelerate",
-                 "config": f"batch {hf_batch} max_memory {cpu_mem}GiB", **r})
-    print(rows[-1], flush=True)
+    for max_memory, limit in ((cpu_mem / 2, cpu_mem), (cpu_mem, None)):
+        drop_page_cache(Path(base["model"]))
+        drop_page_cache(work_dir / "accel")
+        r = run_limited(HF_RUN, {**base, "batch": hf_batch, "offload": str(work_dir / "accel"), "cpu_mem": max_memory},
+                        limit)
+        rows.append({"part": "b", "system": "transformers+accelerate",
+                     "config": f"batch {hf_batch} max_memory {max_memory:g}GiB, limit {r['memory_limit']}", **r})
+        print(rows[-1], flush=True)
     return rows
 
 

@@ -67,7 +67,8 @@ def part_disk(cfg: SuiteConfig, model: Path, dtype: str) -> Part:
     return Part("disk", f"Over capacity (`--cpu-mem {cfg.cpu_mem:g}`): flexjob, weights on disk, vs transformers + "
                         f"accelerate disk offload (page cache dropped)", rows,
                 (("roofline_fraction", "roofline fraction"), ("disk_read_bytes", "disk bytes read"),
-                 ("seconds", "seconds"), ("peak_rss_gib", "peak RSS GiB")))
+                 ("seconds", "seconds"), ("peak_rss_gib", "peak RSS GiB"), ("memory_limit", "memory limit"),
+                 ("error", "error")))
 
 
 def part_llama_ram(cfg: SuiteConfig, model: Path, dtype: str) -> Part:

@@ -29,10 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.model.kernel_shapes import INT4_GROUP_SIZES
 from engine.runtime.compression import QuantizedTensor
 
-GROUP_SIZES = INT4_GROUP_SIZES  # the kernel's supported groups along the input dimension
+GROUP_SIZES = (32, 64, 128, 256)  # the kernel's supported groups along the input dimension
 FEATURES_PER_BLOCK = 64  # output features per packed block (AVX-512)
 ROW_BLOCK = 4  # the kernel's row block (BLOCK_M)
 MAX_ROWS_PER_CALL = 256

@@ -20,8 +20,6 @@ CHUNK_SIZES = {"float32": (8, 16, 32, 64, 128), "bfloat16": (8, 16, 32, 64, 128,
 QUERIES_PER_CALL = 8
 QUERY_GROUP_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 SCORES_PER_CALL = 2 ** 25  # the most scores one attention call holds (64 MiB in bfloat16)
-# The group sizes (along the input dimension) of the fused 4-bit CPU matmul (engine.model.int4_matmul).
-INT4_GROUP_SIZES = (32, 64, 128, 256)
 KEY_ALIGN = 64  # a multiple of every SIMD width, so softmax never takes a scalar tail
 ATTENTION_OPS_PER_QUERY_GROUP = 6  # bmm, mask, fill, softmax, bmm, copy out
 

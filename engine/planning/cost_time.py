@@ -14,8 +14,7 @@ from typing import Any
 import numpy as np
 
 from engine.model.config import OPTConfig, model_key
-from engine.model.kernel_shapes import (ATTENTION_OPS_PER_QUERY_GROUP, INT4_GROUP_SIZES, attention_calls,
-                                        linear_calls)
+from engine.model.kernel_shapes import ATTENTION_OPS_PER_QUERY_GROUP, attention_calls, linear_calls
 from engine.planning.cost_inputs import (GB, OPS_PER_LAYER, TENSORS_PER_LAYER, Placement, Shape, Sizes,
                                          WeightSplit, compression_factor, elem_bytes, sizes, weight_split)
 from engine.planning.hardware import HardwareProfile
@@ -117,22 +116,13 @@ def _cache_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z
     return {"disk": disk, "cpu_to_gpu": c_to_g, "gpu_to_cpu": g_to_c, "compute": compute}
 
 
-def fused_int4(hw: HardwareProfile, sh: Shape) -> bool:
-    """Whether a layer's 4-bit matrices run on the fused CPU kernel (engine.model.int4_matmul), which
-    reads them packed and dequantises nothing per step: bfloat16 on a host without a GPU, 4 bits,
-    one of the kernel's groups."""
-    comp = sh.compression
-    return (not hw.has_gpu and hw.compute_dtype == "bfloat16" and comp.num_bits == 4
-            and comp.group_size in INT4_GROUP_SIZES)
-
-
 def _layer_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z: Sizes, ws: WeightSplit,
                  r: _Rates, *, decode: bool) -> Terms:
     t = _cache_terms(cfg, hw, sh, x, z, r, _weight_and_activation_terms(cfg, hw, sh, x, z, ws, r, decode=decode),
                      decode=decode)
     # The engine's whole layer against the sum of its kernels (measured by the profiler).
     compute = t["compute"] * hw.scale_for(model_key(cfg), "decode" if decode else "prefill", sh.gpu_batch_size)
-    if sh.compress_weight and not fused_int4(hw, sh):
+    if sh.compress_weight:
         compute = compute + z.w16 * r.dequant
     # Per-request disk latency (linear stand-in for "one request per tensor / micro-batch when any
     # of it is on disk"): it dominates when small tensors or one-token cache appends go to disk.

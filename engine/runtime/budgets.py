@@ -210,23 +210,33 @@ def release_free_heap() -> None:
         libc.malloc_trim(0)
 
 
-def configure_allocator() -> None:
-    """Set glibc's thresholds for tensor memory: blocks up to 64 MiB come from the heap and are
-    reused when freed; bigger ones are private mappings unmapped on free.
+def configure_allocator(keep_freed: bool = False) -> None:
+    """Set glibc's thresholds for tensor memory. With `keep_freed`, blocks up to 256 MiB come from
+    the heap and are reused when freed (only bigger ones are unmapped on free); without it, every
+    block over 1 MiB is a private mapping unmapped on free, so RSS holds only live tensors.
 
     A prefill's intermediates (q/k/v, the MLP's hidden layer, LayerNorm outputs: 16-128 MiB each on
     opt-1.3b at 32-64 rows x 128 positions) are allocated and freed once per layer. Unmapped at
-    free, each costs its page faults again in the next layer: 10-15 % of a bf16 prefill, measured.
-    Kept, they cost what the budget's transient "working" memory already counts (one prefill
-    micro-batch's intermediates). The heap's top is returned to the OS past 64 MiB free, and glibc's
-    own threshold would otherwise move with the sizes freed, so RSS would depend on history.
+    free, each costs its page faults again in the next layer: a 32-row bf16 prefill of opt-1.3b
+    took 19.8-24.5 s with a 1 MiB threshold, 18.0-19.9 s with 64 MiB and 15.3-15.5 s with 256 MiB
+    (peak RSS within 0.1 GiB of each other). Kept freed blocks cost up to one more copy of the
+    transient working memory, plus fragmentation, so the engine keeps them only where the CPU budget
+    has room for that (Engine._run_block). Fixed thresholds, because glibc's own moves with the
+    sizes freed and RSS would depend on history.
     """
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt"):  # not glibc: nothing to tune
         return
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    libc.mallopt(M_MMAP_THRESHOLD, 64 << 20)
-    libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
+    threshold = (256 << 20) if keep_freed else (1 << 20)
+    libc.mallopt(M_MMAP_THRESHOLD, threshold)
+    libc.mallopt(M_TRIM_THRESHOLD, threshold)
+
+
+def room_to_keep_freed(est: MemoryEstimate, cpu_mem_gib: float | None) -> bool:
+    """Whether the CPU budget holds the estimate plus one more copy of its transient working memory
+    (what configure_allocator(keep_freed=True) may keep resident)."""
+    return cpu_mem_gib is None or est.cpu_total + est.cpu.get("working", 0) <= cpu_mem_gib * GIB
 
 
 class RssSampler:

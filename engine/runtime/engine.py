@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from engine.runtime.budgets import RssSampler, check_budgets, configure_allocator
+from engine.runtime.budgets import RssSampler, check_budgets, configure_allocator, room_to_keep_freed
 from engine.errors import PromptTooLongError
 from engine.model.config import load_config
 from engine.runtime.placed_weights import PlacedWeights
@@ -139,9 +139,10 @@ class Engine:
     def _run_block(self, rows: list[BlockRow], params, stop_ids, block_index, on_step, should_stop) -> bool:
         prompt_len = max(len(r.context_ids) for r in rows)
         gen_len = max(r.max_new_tokens - len(r.result.generated_ids) for r in rows)
-        check_budgets(self.config, self.weights.store, self.policy, self.device, self.dtype, self.gpu_mem_gib,
-                      self.cpu_mem_gib, prompt_len=prompt_len, gen_len=gen_len,
-                      resident_ram_bytes=self.weights.ram_bytes())
+        est = check_budgets(self.config, self.weights.store, self.policy, self.device, self.dtype,
+                            self.gpu_mem_gib, self.cpu_mem_gib, prompt_len=prompt_len, gen_len=gen_len,
+                            resident_ram_bytes=self.weights.ram_bytes())
+        configure_allocator(keep_freed=room_to_keep_freed(est, self.cpu_mem_gib))
         ctx = ScheduleContext(self.config, self.policy, self.device, self.dtype, self.weights, self.disk,
                               self.transfers, self._io if self.policy.overlap else None)
         workdir = Path(tempfile.mkdtemp(prefix="block-", dir=self.offload_dir))
