@@ -22,12 +22,11 @@ Writes suite-<date>.md (a table per part, CPU flags, dtype, command line), suite
 suite-<date>-{tokens,roofline,planner}.png under --out (default benchmarks/results/).
 
 Models are random-weight OPT and Llama-family models of the real dimensions (engine.model.synthetic),
-made once under --work-dir. Estimated time of the default CPU suite (opt-1.3b, prompt 128, gen 32) on a
-quiet 2-core host with AMX/AVX512-BF16 (bfloat16), from the issue's measured rates (transformers ~25
-tokens/s, flexjob ~12 in RAM, ~8 over capacity, ~3 with 4-bit weights): making the model ~2 min, ram
-~4 min (4 runs), disk ~4 min (2 runs + host profile), llama-ram ~6 min (a model of about the same
-size, made and run 4 times), planner ~7 min (5 runs), compression ~3 min (2 runs), jobrunner ~1 min:
-about 27 minutes, under 30. An AVX2-only host computes in float32, 3-14x slower (docs/BENCHMARKS.md:
+made once under --work-dir. Measured time of the default CPU suite (opt-1.3b, prompt 128, gen 32) on a
+quiet 2-core AMD Zen4 with AVX512-BF16 (bfloat16): 20 minutes in all (ram 3.5 min for 4 runs, disk
+3-5 min: flexjob, accelerate under the memory limit and without it, llama-ram 3.5 min, planner 7 min
+for 9 runs, compression 2 min, jobrunner under 1 min, plus making the models and the host profile).
+An AVX2-only host computes in float32, 3-14x slower (docs/BENCHMARKS.md:
 transformers 1.8, flexjob 3.9 tokens/s): choose `--model-size 350m` there.
 llama-disk is left out of --suite cpu's default because it alone takes longer than the whole suite: on
 that 2-core host, with the rates above scaled by parameter count (8.0B vs 1.3B, ~6x), making the model
