@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +72,33 @@ def test_an_unknown_part_is_refused_with_the_known_ones(tmp_path):
     assert proc.returncode == 2
     assert "unknown part 'speed'" in proc.stderr and "compression" in proc.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_the_over_capacity_memory_limit_holds_a_child_to_it(tmp_path):
+    """A child in the benchmark's memory cgroup is killed when it touches more than the limit and
+    runs when it stays under it; the cgroup's peak usage counts the file pages it read too."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import memory_cgroup
+
+    why_not = memory_cgroup.available()
+    if why_not:
+        pytest.skip(why_not)
+    data = tmp_path / "data.bin"
+    with open(data, "wb") as f:
+        f.write(b"\1" * (96 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # read back from disk, by the child
+    # Every page of the file through a mapping: file pages only, no copy in the process's own memory.
+    read_it = (f"import mmap; f = open({str(data)!r}, 'rb'); m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ); "
+               "print(sum(m[i] for i in range(0, len(m), 4096)))")
+    touch = "x = bytearray({mib} << 20); print('touched')"
+    for code, limit, survives in ((touch.format(mib=400), 0.25, False), (touch.format(mib=64), 0.25, True),
+                                  (read_it, 0.5, True)):
+        with memory_cgroup.memory_limit(limit, f"flexjob-test-{limit}") as (enter, stats):
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=enter)
+            usage = stats()
+        assert (proc.returncode == 0) == survives, (code, proc.returncode, proc.stderr[-300:])
+        assert usage["cgroup_peak_bytes"] is None or usage["cgroup_peak_bytes"] <= limit * 2**30
+        if code == read_it:  # the read file's pages were charged to the cgroup with the process
+            assert usage["cgroup_peak_bytes"] is None or usage["cgroup_peak_bytes"] > 96 << 20
