@@ -24,6 +24,8 @@ from engine.runtime.weight_tiers import ROW_LOOKUP_TABLES, bytes_by_tier, plan_w
 from engine.model.checkpoint import TensorEntry, WeightStore, layer_names, layer_tensor_specs
 
 GIB = 1024**3
+# Writes the schedule queues on its I/O thread at once, each holding a copy of what it writes.
+STORES_IN_FLIGHT = 2
 # What the compute libraries allocate on first use and keep (oneDNN/MKL scratch and caches, thread
 # pools): 31-34 MiB of RSS measured on x86 CPUs with one or two threads, whatever the model.
 RUNTIME_BYTES = 40 * 2**20
@@ -147,10 +149,14 @@ def estimate_memory(cfg: ModelConfig, store: WeightStore | StoreLayout, policy: 
         attention = 2 * slot16 + quantize_scratch_bytes(prompt_len * 2 * B * cfg.num_kv_heads * cfg.head_dim)
     act = prompt_len * B * h * size
     acts = _activation_bytes(cfg, policy, act)
+    # Copies held by queued disk writes: a prefill's keys and values of a micro-batch's disk pairs,
+    # or a hidden state bound for disk.
+    disk_pairs = cache_pair_split(B * cfg.num_kv_heads, policy.cache_gpu_percent, policy.cache_cpu_percent)[2]
+    queued_write = max(prompt_len * 2 * disk_pairs * cfg.head_dim * size, act if acts[Tier.DISK] else 0)
     # Transient compute memory of one micro-batch's prefill: q/k/v/out, the attention's query and
     # output copies, the MLP's intermediate, the mask, and float32 logits of the last position.
     working = (prompt_len * B * (6 * h + cfg.mlp_width) * size + B * prompt_len * max_len
-               + B * cfg.vocab_size * 4 * 2 + attention) if prompt_len else 0
+               + B * cfg.vocab_size * 4 * 2 + attention + STORES_IN_FLIGHT * queued_write) if prompt_len else 0
     if process_bytes is None:
         release_free_heap()
         process_bytes = psutil.Process().memory_info().rss

@@ -9,6 +9,7 @@ run inline. The math lives in `layers`, placement in `placement`, bytes in `tier
 from __future__ import annotations
 
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -18,6 +19,7 @@ import torch
 from engine.model.families import family_math
 from engine.model.kernel_shapes import KEY_ALIGN
 from engine.model.kernels import attend, attend_aligned
+from engine.runtime.budgets import STORES_IN_FLIGHT
 from engine.runtime.kv_cache import CachePart, CacheSlot
 from engine.model.config import ModelConfig
 from engine.runtime.placed_weights import PlacedWeights
@@ -27,6 +29,7 @@ from engine.runtime.rows import GenerationParams, RowResult, StepUpdate
 from engine.model.sampling import choose_tokens
 from engine.runtime.tiers import DiskTier, Tier, TransferStats, to_device
 from engine.model.checkpoint import layer_names
+
 
 
 @dataclass
@@ -114,6 +117,7 @@ class BlockRunner:
         self.act_path = [workdir / f"act-{k}.bin" for k in range(K)]
         self.acts: list[Future | None] = [None] * K
         self.store_error: BaseException | None = None  # set on the I/O thread by a failed store
+        self.stores_in_flight: deque[Future] = deque()
 
     # -- I/O helpers: submitted to the I/O thread with overlap, run inline without -------------
     def submit(self, fn, *args) -> Future:
@@ -123,11 +127,16 @@ class BlockRunner:
 
     def submit_store(self, fn, *args) -> None:
         """A write nobody waits for: if it fails (a full disk), every later I/O call and the next
-        layer raise its error, rather than what reading the missing data back would lead to."""
+        layer raise its error, rather than what reading the missing data back would lead to.
+        At most STORES_IN_FLIGHT wait on the I/O thread: each holds a copy of what it writes (a
+        prefill's keys and values of a micro-batch), and a disk slower than the compute thread
+        would otherwise queue one per micro-batch and layer, past the CPU budget."""
         if self.ctx.io is None:
             fn(*args)
-        else:
-            self.ctx.io.submit(self._recording_failure, fn, *args)
+            return
+        while len(self.stores_in_flight) >= STORES_IN_FLIGHT:
+            self.stores_in_flight.popleft().exception()  # waits; a failure is in store_error
+        self.stores_in_flight.append(self.ctx.io.submit(self._recording_failure, fn, *args))
 
     def _unless_a_store_failed(self, fn, *args):
         if self.store_error is not None:
