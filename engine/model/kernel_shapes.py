@@ -24,6 +24,11 @@ KEY_ALIGN = 64  # a multiple of every SIMD width, so softmax never takes a scala
 ATTENTION_OPS_PER_QUERY_GROUP = 6  # bmm, mask, fill, softmax, bmm, copy out
 
 
+def key_capacity(positions: int) -> int:
+    """`positions` rounded up to KEY_ALIGN: the key count attention reads for them."""
+    return -(-positions // KEY_ALIGN) * KEY_ALIGN
+
+
 def rows_per_call(dtype_name: str) -> int:
     return ROWS_PER_CALL.get(dtype_name, 128)
 

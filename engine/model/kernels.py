@@ -32,7 +32,7 @@ import threading
 import torch
 
 from engine.model import int4_matmul
-from engine.model.kernel_shapes import KEY_ALIGN, QUERIES_PER_CALL, chunk_plan, query_plan, rows_per_call
+from engine.model.kernel_shapes import QUERIES_PER_CALL, chunk_plan, key_capacity, query_plan, rows_per_call
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | int4_matmul.Int4Weight,
@@ -116,8 +116,7 @@ def attend_aligned(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, first: t
     query_pos = (query_pos.to(q.device)[None, :] - first[:, None]).clamp_(min=0)  # [n, S]
     out = torch.empty_like(q)
     start = 0
-    needed = -(-(int(query_pos.max()) + 1) // KEY_ALIGN) * KEY_ALIGN
-    for size in query_plan(S, n, min(needed, kh.shape[1])):
+    for size in query_plan(S, n, min(key_capacity(int(query_pos.max()) + 1), kh.shape[1])):
         _attend_group(q, kh, vh, query_pos, out, start, size)
         start += size
     return out
@@ -130,7 +129,7 @@ def _attend_group(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, query_pos
     n, S, D = q.shape
     got = min(size, S - start)
     pos, qg = query_pos[:, start:start + got], q[:, start:start + got]
-    keys = min(-(-(int(pos.max()) + 1) // KEY_ALIGN) * KEY_ALIGN, kh.shape[1])
+    keys = min(key_capacity(int(pos.max()) + 1), kh.shape[1])
     if size != QUERIES_PER_CALL and not _group_agrees(size, n, keys, D, q.dtype, q.device):
         for sub in range(start, start + got, QUERIES_PER_CALL):
             _attend_group(q, kh, vh, query_pos, out, sub, QUERIES_PER_CALL)
@@ -176,7 +175,7 @@ def _aligned(x: torch.Tensor, runs: list[tuple[int, int]], dtype: torch.dtype, s
     rounded up to KEY_ALIGN, the positions past a pair's last one zero (masked by every query).
     One strided copy per run of pairs that share a shift, into the thread's `slot` scratch buffer."""
     T, n, D = x.shape
-    out = _scratch(slot, (n, -(-T // KEY_ALIGN) * KEY_ALIGN, D), dtype, x.device)
+    out = _scratch(slot, (n, key_capacity(T), D), dtype, x.device)
     start = 0
     for shift, count in runs:
         rows = slice(start, start + count)

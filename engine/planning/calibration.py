@@ -3,9 +3,10 @@
 The profile's kernel figures (a linear layer's time per weight byte, attention bandwidth, op
 dispatch) are each measured alone, on one weight shape. A real layer also runs LayerNorms, ReLU,
 residual adds, the cache append and allocations between them, and it allocates its multi-MB
-intermediates fresh (under the engine's allocator setting, so the biggest cost page faults); and a small-batch matmul's speed depends on the weight's shape (fp32
-on an AVX2 host: 17 to 66 GFLOP/s at 32 rows for the two MLP shapes of opt-1.3b). So the profiler
-times `engine.model.opt` itself, for a prefill micro-batch and decode micro-batches of several sizes,
+intermediates fresh (under the engine's allocator setting for a tight budget, so each costs page
+faults); and a small-batch matmul's speed depends on the weight's shape (fp32 on an AVX2 host: 17
+to 66 GFLOP/s at 32 rows for the two MLP shapes of opt-1.3b). So the profiler times
+`engine.model.opt` itself, for a prefill micro-batch and decode micro-batches of several sizes,
 and the output head, and stores measured / predicted (`HardwareProfile.compute_scale`, on an
 opt-1.3b-sized layer), which the cost model applies to every layer's compute. A model that is
 planned on this host gets the same measured at its own dimensions (`model_compute_scale`).

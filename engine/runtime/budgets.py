@@ -15,7 +15,7 @@ import torch
 
 from engine.errors import BudgetError
 from engine.model.config import ModelConfig
-from engine.model.kernel_shapes import KEY_ALIGN
+from engine.model.kernel_shapes import key_capacity
 from engine.runtime.compression import packed_nbytes, quantize_scratch_bytes
 from engine.runtime.placement import cache_pair_split, slot_tier
 from engine.runtime.policy import CompressionConfig, Policy
@@ -122,7 +122,7 @@ def cache_slot_bytes(cfg: ModelConfig, policy: Policy, max_len: int, element_siz
     head_dim (codes + fp16 scale and minimum per group; engine.runtime.kv_cache)."""
     vectors = max_len * 2 * policy.gpu_batch_size * cfg.num_kv_heads
     if not policy.compress_cache or not vectors:
-        return -(-max_len // KEY_ALIGN) * KEY_ALIGN * 2 * policy.gpu_batch_size * cfg.num_kv_heads * cfg.head_dim * element_size
+        return key_capacity(max_len) * 2 * policy.gpu_batch_size * cfg.num_kv_heads * cfg.head_dim * element_size
     comp = policy.compression
     return packed_nbytes((vectors, cfg.head_dim), comp.num_bits, comp.group_size)
 
@@ -142,16 +142,16 @@ def estimate_memory(cfg: ModelConfig, store: WeightStore | StoreLayout, policy: 
     # compute dtype (engine.model.kernels.attend; a part in memory is read in place); a compressed
     # cache is dequantised into one more such copy first. Quantising the positions a prefill
     # appends takes float32 scratch (one micro-batch at a time).
+    pairs = B * cfg.num_kv_heads
+    disk_pairs = cache_pair_split(pairs, policy.cache_gpu_percent, policy.cache_cpu_percent)[2]
     slot16 = cache_slot_bytes(cfg, policy.replace(compress_cache=False), max_len, size)
-    attention = slot16 * cache_pair_split(B * cfg.num_kv_heads, policy.cache_gpu_percent,
-                                          policy.cache_cpu_percent)[2] // max(1, B * cfg.num_kv_heads)
+    attention = slot16 * disk_pairs // max(1, pairs)
     if policy.compress_cache:
         attention = 2 * slot16 + quantize_scratch_bytes(prompt_len * 2 * B * cfg.num_kv_heads * cfg.head_dim)
     act = prompt_len * B * h * size
     acts = _activation_bytes(cfg, policy, act)
     # Copies held by queued disk writes: a prefill's keys and values of a micro-batch's disk pairs,
     # or a hidden state bound for disk.
-    disk_pairs = cache_pair_split(B * cfg.num_kv_heads, policy.cache_gpu_percent, policy.cache_cpu_percent)[2]
     queued_write = max(prompt_len * 2 * disk_pairs * cfg.head_dim * size, act if acts[Tier.DISK] else 0)
     # Transient compute memory of one micro-batch's prefill: q/k/v/out, the attention's query and
     # output copies, the MLP's intermediate, the mask, and float32 logits of the last position.

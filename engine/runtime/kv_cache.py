@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from engine.model.kernel_shapes import KEY_ALIGN
+from engine.model.kernel_shapes import key_capacity
 from engine.model.kernels import pair_runs
 from engine.runtime.compression import QuantizedTensor, dequantize, quantize
 from engine.runtime.placement import cache_pair_split
@@ -87,8 +87,7 @@ class AlignedPairs:
     def __init__(self, first: torch.Tensor, max_len: int, head_dim: int, dtype: torch.dtype,
                  on: torch.device, pin: bool) -> None:
         count = first.shape[0]
-        capacity = -(-max_len // KEY_ALIGN) * KEY_ALIGN
-        self.keys, self.values = (torch.zeros((count, capacity, head_dim), dtype=dtype, device=on, pin_memory=pin)
+        self.keys, self.values = (torch.zeros((count, key_capacity(max_len), head_dim), dtype=dtype, device=on, pin_memory=pin)
                                   for _ in range(2))
         self.first = first.to(on)
         self.runs, start = [], 0  # (shift, first pair, pair count) of each run of pairs that share `first`

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from engine.model.families import family_math
-from engine.model.kernel_shapes import KEY_ALIGN
+from engine.model.kernel_shapes import key_capacity
 from engine.model.kernels import attend, attend_aligned
 from engine.runtime.budgets import STORES_IN_FLIGHT
 from engine.runtime.kv_cache import CachePart, CacheSlot
@@ -29,7 +29,6 @@ from engine.runtime.rows import GenerationParams, RowResult, StepUpdate
 from engine.model.sampling import choose_tokens
 from engine.runtime.tiers import DiskTier, Tier, TransferStats, to_device
 from engine.model.checkpoint import layer_names
-
 
 
 @dataclass
@@ -319,7 +318,7 @@ class BlockRunner:
         if self.ctx.policy.cpu_cache_compute and keys.device.type == "cpu":
             # Attention where the cache lives: ship q (small) instead of the cache (large).
             return attend_aligned(q.cpu(), keys, values, first.cpu(), query_pos.cpu()).to(q.device)
-        used = min(-(-(part.length - int(first.min())) // KEY_ALIGN) * KEY_ALIGN, keys.shape[1])
+        used = min(key_capacity(part.length - int(first.min())), keys.shape[1])
         keys, values = (to_device(t[:, :used], self.ctx.device, self.ctx.stats) for t in (keys, values))
         return attend_aligned(q, keys, values, first, query_pos)
 
