@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 
 import torch
 
@@ -77,15 +78,18 @@ def measure_compute_scale(hw: HardwareProfile, device: str, dtype: torch.dtype, 
     "decode" (DECODE_ROWS), and, per row count of a decode micro-batch, "decode:R" and "head:R"
     (the final LayerNorm and the output head over R rows: a vocabulary-wide matmul whose speed at
     small R the generic linear table, timed on one shape, misses by up to 2x).
-    `timed(fn)` returns the seconds per call (the profiler's timer). Every point is timed in
-    ROUNDS rounds over all points and its fastest round counts: a neighbour's burst of a few
-    seconds on a shared host (seen: one point 2x off) then spoils one round, not the figure."""
+    `timed(fn)` returns the seconds per call: the profiler passes its median call, not its fastest,
+    because the engine runs layer after layer for minutes and sees the host as it is, not at its
+    best (2-vCPU Zen4, bf16, 8 rows: the fastest of one layer's calls gave a decode step 1.5x
+    faster than the engine's, where 24 calls in a row averaged within 10 % of it). Every point is
+    timed in ROUNDS rounds over all points and the median round counts: a neighbour's burst of a
+    few seconds on a shared host (seen: one point 2x off) then spoils one round, not the figure."""
     configure_allocator()  # the engine's allocator setting: big intermediates cost page faults there
     cfg = dataclasses.replace(cfg or preset("1.3b"), num_layers=1)
     dev = torch.device(device)
     w, head = _layer_weights(cfg, dev, dtype), _head_weights(cfg, dev, dtype)
     rounds = [_time_points(cfg, w, head, timed) for _ in range(ROUNDS)]
-    measured = {point: min(r[point] for r in rounds) for point in rounds[0]}
+    measured = {point: statistics.median(r[point] for r in rounds) for point in rounds[0]}
     scale = {"prefill": measured["prefill"] / _predicted(cfg, hw, "prefill", PREFILL_ROWS, "layer")}
     for rows in DECODE_ROW_COUNTS:
         scale[f"decode:{rows}"] = measured[f"decode:{rows}"] / _predicted(cfg, hw, "decode", rows, "layer")

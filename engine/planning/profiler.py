@@ -25,7 +25,7 @@ from engine.planning.disk_probes import (DEFAULT_DISK_BYTES, cpu_busy, measure_d
                                          measure_io_interference)
 from engine.planning.hardware import PROFILE_VERSION, HardwareProfile
 from engine.planning.profile_store import profile_path
-from engine.planning.timing import sync_for, timed, watch_load
+from engine.planning.timing import sync_for, timed, typical, watch_load
 from engine.runtime.devices import DTYPE_NAMES, dtype_name, resolve_dtype, torch_dtype
 
 MAX_AGE_S = 7 * 24 * 3600
@@ -65,7 +65,7 @@ def calibrate_model(prof: HardwareProfile, model: OPTConfig, seconds_per_test: f
     if calibration_bytes(model, dtype) > free / 10:
         return prof
     scale = measure_compute_scale(prof, device, dtype,
-                                  lambda fn: timed(fn, 2 * seconds_per_test, sync_for(device)), model)
+                                  lambda fn: typical(fn, 2 * seconds_per_test, sync_for(device)), model)
     return prof.replace(model_compute_scale={**prof.model_compute_scale, model_key(model): scale})
 
 
@@ -129,5 +129,5 @@ def _measure_probes(disk_dir: str | Path, *, disk_bytes: int | None, seconds_per
         cpu_mem_gib=psutil.virtual_memory().total / 2 ** 30,
         disk_free_gib=shutil.disk_usage(disk_dir).free / 2 ** 30, **fields)
     scale = measure_compute_scale(prof, device, dtype,
-                                  lambda fn: timed(fn, 2 * seconds_per_test, sync_for(device)))
+                                  lambda fn: typical(fn, 2 * seconds_per_test, sync_for(device)))
     return prof.replace(compute_scale=scale)

@@ -144,6 +144,12 @@ def timed(fn: Callable[[], object], seconds: float, sync: Callable[[], None] = l
     return time_calls(fn, seconds, sync).best
 
 
+def typical(fn: Callable[[], object], seconds: float, sync: Callable[[], None] = lambda: None) -> float:
+    """Seconds of the median call of fn over about `seconds` (see time_calls): what a long run of
+    such calls averages on this host as it is, where `timed` gives what the host can do at best."""
+    return time_calls(fn, seconds, sync).median
+
+
 def best_of(measure: Callable[[], float], repeats: int) -> float:
     """The fewest seconds of `repeats` runs of a probe that times itself (a disk pass, say)."""
     return record(Timing(tuple(measure() for _ in range(repeats)))).best
