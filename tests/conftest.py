@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import engine  # noqa: F401  (before torch loads: the allocator settings the engine runs with)
 from tests.support.jobs import SAMPLE_PROMPTS, write_prompts
 
 PG_SERVER_URL = os.environ.get("FLEXJOB_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
