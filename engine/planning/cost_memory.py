@@ -16,7 +16,8 @@ from engine.model.config import OPTConfig
 from engine.planning.cost_inputs import Placement, Shape, Sizes, elem_bytes, sizes, weight_split
 from engine.planning.cost_time import resource_max
 from engine.planning.hardware import HardwareProfile
-from engine.runtime.budgets import StoreLayout, estimate_memory
+from engine.runtime.budgets import StoreLayout, estimate_memory, prefill_working_bytes
+from engine.runtime.compression import quantize_scratch_bytes
 from engine.runtime.devices import torch_dtype
 from engine.runtime.policy import Policy
 
@@ -67,8 +68,9 @@ def _phases(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, z: Sizes) -> tuple[_
     # Largest live intermediates of one micro-batch: attention (q,k,v + scores + probs) or MLP.
     inter_pre = el * b * (max(3 * s * h + 2 * nh * s * s, s * f + s * h) + s * h)
     # ... and never below what the engine's own budget check counts (engine.runtime.budgets), which a
-    # planned policy must pass: q/k/v/out and the MLP's intermediate, the mask, logits twice.
-    inter_pre = max(inter_pre, el * b * s * (4 * h + f) + b * s * (s + n) + 8 * b * cfg.vocab_size)
+    # planned policy must pass, for the parts that depend neither on the placement nor on compression.
+    in_memory = Policy.from_percents([100, 0, 100, 0, 100, 0], gpu_batch_size=b)
+    inter_pre = max(inter_pre, prefill_working_bytes(cfg, in_memory, s, s + max(n - 1, 0), el))
     inter_dec = el * b * (max(3 * h + 2 * nh * (s + n), f + h) + h) + 4 * b * cfg.vocab_size
     return (_Phase(z.act_pre, b * s * h * el, inter_pre, False),
             _Phase(z.act_dec, b * h * el, inter_dec, True))
@@ -78,9 +80,9 @@ def _ram_only_peak(z: Sizes, x: Placement, w: _Weights, p: _Phase, w_work16: Any
     """Without a GPU one memory holds the "gpu" and "cpu" shares; weights resident in RAM are used
     in place, only what comes from disk needs double buffers."""
     home = w.held + (x.cg + x.cc) * z.kv_total + (x.hg + x.hc) * p.act
-    work = w.staging + w_work16 + 2 * p.act_mb * w.activations_on_disk + p.inter
+    work = w.staging + w_work16 + kv_work16 + 2 * p.act_mb * w.activations_on_disk + p.inter
     if p.decode:  # a slot read ahead, the one in use, and it with the new position appended
-        work = work + 3 * z.kv_mb_full * x.cd + kv_work16
+        work = work + 3 * z.kv_mb_full * x.cd
     return home + work
 
 
@@ -92,7 +94,7 @@ def _gpu_peak(sh: Shape, z: Sizes, x: Placement, w: _Weights, p: _Phase, w_work1
         work = work + 2 * z.kv_mb_full * moved + kv_work16
     else:
         s, n = sh.prompt_len, sh.gen_len
-        work = work + 2 * (z.kv_mb_full * s / (s + n)) * (1 - x.cg)  # new cache waiting to be stored
+        work = work + 2 * (z.kv_mb_full * s / (s + n)) * (1 - x.cg) + kv_work16  # new cache waiting to be stored
     return home + work
 
 
@@ -121,7 +123,11 @@ def memory_peaks(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *
     # Dequantised copies are made into buffers the engine keeps: two decoder layers' (alternating)
     # and the output head's (the embedding table dequantises only the rows it gathers).
     w_work16 = 2 * z.w16 + z.head16 if sh.compress_weight else 0.0
-    kv_work16 = z.kv_mb_full16 if sh.compress_cache else 0.0
+    # A compressed cache is attended as two uncompressed copies of a slot, after quantising scratch
+    # (engine.runtime.budgets.prefill_working_bytes).
+    kv_work16 = (2 * z.kv_mb_full16 + quantize_scratch_bytes(sh.prompt_len * 2 * sh.gpu_batch_size
+                                                              * cfg.num_kv_heads * cfg.head_dim)
+                 if sh.compress_cache else 0.0)
     disk_peak = w.disk + x.cd * z.kv_total + x.hd * z.act_pre
     if not hw.has_gpu:
         return {"gpu": [], "cpu": [_ram_only_peak(z, x, w, p, w_work16, kv_work16) for p in phases],

@@ -249,6 +249,17 @@ class BlockRunner:
 
     def _decoder(self, w: dict, h: torch.Tensor, slot: CacheSlot, read: Future | None,
                  mb: MicroBatch) -> torch.Tensor:
+        # The attention's intermediates (q/k/v, the stacked cache rows, the query pairs: ~7 hidden
+        # states of the micro-batch) are freed when _attention returns, before the MLP allocates its
+        # own: held to the end of the layer they set the prefill's peak (engine.runtime.budgets).
+        attn = self._attention(w, h, slot, read, mb)
+        h = self.layers.attention_output(w, self.ctx.cfg, h, attn)
+        del attn
+        return self.layers.mlp(w, self.ctx.cfg, h)
+
+    def _attention(self, w: dict, h: torch.Tensor, slot: CacheSlot, read: Future | None,
+                   mb: MicroBatch) -> torch.Tensor:
+        """The micro-batch's attention output [B, s, h], its keys and values appended to the cache."""
         cfg = self.ctx.cfg
         layers = self.layers
         q, k, v = layers.qkv(w, cfg, h, mb.step_positions)
@@ -272,9 +283,7 @@ class BlockRunner:
         else:
             out = [self._attend_part(part, q_pairs[part.pairs], new[:, :, part.pairs], mb.first[part.pairs],
                                      query_pos, read if part.tier == Tier.DISK else None) for part in slot.parts]
-        attn = layers.from_pairs(cfg, out[0] if len(out) == 1 else torch.cat(out))
-        h = layers.attention_output(w, cfg, h, attn)
-        return layers.mlp(w, cfg, h)
+        return layers.from_pairs(cfg, out[0] if len(out) == 1 else torch.cat(out))
 
     def _append(self, part: CachePart, stored) -> None:
         """Store what `part.encode` gave: on the I/O thread for a disk part (a raw tensor copied
