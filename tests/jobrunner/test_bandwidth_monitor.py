@@ -35,7 +35,9 @@ def test_throttled_disk_leads_to_a_replan_that_reads_less_from_it():
     assert traffic_per_token(CFG, HW, old, **WORK)["disk_read"] > 0  # the start plan uses the disk
     for _ in range(3):
         assert mon.observe(_block(1.05)) is None  # within 30 % of the profile
-    slow = HW.disk_read_gbps / 4
+    # The start plan streams part of its cache; the all-RAM re-plan must gain the 10 % margin (at a
+    # quarter of the bandwidth it gains 9 %).
+    slow = HW.disk_read_gbps / 6
     assert mon.observe(_block(slow)) is None  # one block is not a trend
     decision = mon.observe(_block(slow))
     assert decision is not None and decision.apply
