@@ -16,8 +16,8 @@ from engine.model.config import OPTConfig
 from engine.planning.cost_inputs import Placement, Shape, Sizes, elem_bytes, sizes, weight_split
 from engine.planning.cost_time import resource_max
 from engine.planning.hardware import HardwareProfile
-from engine.runtime.budgets import StoreLayout, estimate_memory, prefill_working_bytes
-from engine.runtime.compression import quantize_scratch_bytes
+from engine.runtime.budgets import (StoreLayout, cache_quantize_scratch_bytes, estimate_memory,
+                                   prefill_working_bytes)
 from engine.runtime.devices import torch_dtype
 from engine.runtime.policy import Policy
 
@@ -125,8 +125,7 @@ def memory_peaks(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *
     w_work16 = 2 * z.w16 + z.head16 if sh.compress_weight else 0.0
     # A compressed cache is attended as two uncompressed copies of a slot, after quantising scratch
     # (engine.runtime.budgets.prefill_working_bytes).
-    kv_work16 = (2 * z.kv_mb_full16 + quantize_scratch_bytes(sh.prompt_len * 2 * sh.gpu_batch_size
-                                                              * cfg.num_kv_heads * cfg.head_dim)
+    kv_work16 = (2 * z.kv_mb_full16 + cache_quantize_scratch_bytes(cfg, sh.gpu_batch_size, sh.prompt_len)
                  if sh.compress_cache else 0.0)
     disk_peak = w.disk + x.cd * z.kv_total + x.hd * z.act_pre
     if not hw.has_gpu:

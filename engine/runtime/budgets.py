@@ -176,7 +176,7 @@ def prefill_working_bytes(cfg: ModelConfig, policy: Policy, prompt_len: int, max
     slot16 = cache_slot_bytes(cfg, policy.replace(compress_cache=False), max_len, size)
     attention = slot16 * disk_pairs // max(1, pairs)
     if policy.compress_cache:
-        attention = 2 * slot16 + quantize_scratch_bytes(prompt_len * 2 * pairs * cfg.head_dim)
+        attention = 2 * slot16 + cache_quantize_scratch_bytes(cfg, B, prompt_len)
     # Copies held by queued disk writes: a prefill's keys and values of a micro-batch's disk pairs,
     # or a hidden state bound for disk.
     act = prompt_len * B * h * size
@@ -184,6 +184,11 @@ def prefill_working_bytes(cfg: ModelConfig, policy: Policy, prompt_len: int, max
                        act if _activation_bytes(cfg, policy, act)[Tier.DISK] else 0)
     return (prompt_len * B * (6 * h + cfg.mlp_width) * size + attention_scratch_bytes(cfg, B, prompt_len, size)
             + B * cfg.vocab_size * 4 * 2 + attention + STORES_IN_FLIGHT * queued_write)
+
+
+def cache_quantize_scratch_bytes(cfg: ModelConfig, rows: int, prompt_len: int) -> int:
+    """Float32 scratch of quantising the keys and values a prefill appends for `rows` rows."""
+    return quantize_scratch_bytes(prompt_len * 2 * rows * cfg.num_kv_heads * cfg.head_dim)
 
 
 def attention_scratch_bytes(cfg: ModelConfig, rows: int, prompt_len: int, element_size: int) -> int:

@@ -252,9 +252,7 @@ class BlockRunner:
         # The attention's intermediates (q/k/v, the stacked cache rows, the query pairs: ~7 hidden
         # states of the micro-batch) are freed when _attention returns, before the MLP allocates its
         # own: held to the end of the layer they set the prefill's peak (engine.runtime.budgets).
-        attn = self._attention(w, h, slot, read, mb)
-        h = self.layers.attention_output(w, self.ctx.cfg, h, attn)
-        del attn
+        h = self.layers.attention_output(w, self.ctx.cfg, h, self._attention(w, h, slot, read, mb))
         return self.layers.mlp(w, self.ctx.cfg, h)
 
     def _attention(self, w: dict, h: torch.Tensor, slot: CacheSlot, read: Future | None,
