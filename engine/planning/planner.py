@@ -273,7 +273,7 @@ def _solve_fitting(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, budgets: dict
     LP's linear model approximates them): while a tier's peak is over, solve again with that tier's
     budget lowered by the excess; then win back, by bisection, what the lowering overshot."""
     limits, over = dict(budgets), None
-    for _ in range(8):
+    for attempt in range(8):
         found = _lp_policy(cfg, hw, sh, limits, budgets, prompt_len, gen_len)
         if found is None:
             return None
@@ -282,7 +282,10 @@ def _solve_fitting(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, budgets: dict
         over, limits = dict(limits), dict(limits)
         for tier, limit in budgets.items():
             if limit is not None and found[2].peak_gib[tier] > limit:
-                limits[tier] -= (found[2].peak_gib[tier] - limit) * 1.01
+                # Exact peaks move in whole tensors and cache slots, so a lowering by the excess
+                # alone can creep towards the budget without reaching it: each retry lowers twice
+                # as far, and the bisection below wins back what that overshoots.
+                limits[tier] -= (found[2].peak_gib[tier] - limit) * 1.01 * 2 ** attempt
                 if limits[tier] <= 0:
                     return None
     else:
