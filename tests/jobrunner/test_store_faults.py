@@ -109,7 +109,8 @@ def test_a_worker_rides_out_a_store_that_is_unreachable_for_a_while(tmp_path, pg
     url = pg_url.replace("@127.0.0.1:5432/", f"@127.0.0.1:{proxy.port}/")
     assert url != pg_url
     db = open_store(pg_url)
-    prompts = write_prompts(tmp_path / "p.parquet", SAMPLE_PROMPTS)
+    # 20 shards: on a fast host one takes ~0.1 s, and the job must outlast both cuts' starts.
+    prompts = write_prompts(tmp_path / "p.parquet", SAMPLE_PROMPTS * 5)
     params = JobParams(max_new_tokens=16)
     job = enqueue(db, prompts, model_dir=tiny_model, params=params, shard_rows=3).job
     proc = subprocess.Popen(flexjob_command("work", "--db", url, "--exit-when-idle", "--gpu-batch-size", 3,
@@ -120,6 +121,7 @@ def test_a_worker_rides_out_a_store_that_is_unreachable_for_a_while(tmp_path, pg
             deadline = time.monotonic() + 120
             while store.get_job(db, job.id).done_rows < rows_before_cut and time.monotonic() < deadline:
                 time.sleep(0.2)
+            assert store.get_job(db, job.id).status != JobStatus.COMPLETED, "the job finished before the cut"
             proxy.cut()
             time.sleep(6.0)
             proxy.restore()

@@ -92,8 +92,14 @@ def run_chaos(db, job_ids: list[int], machines: list[tuple[Machine, int]], work_
         if tally.stalls < plan.stalls and not stalled and busy and due:
             victim = rng.choice(busy)
             victim.signal(signal.SIGSTOP)
-            stalled[victim.pid] = (victim, time.monotonic() + plan.stall_s)  # resumed after stall_s, above
-            tally.stalls += 1
+            # `busy` was read before the kill; a fast worker may have committed since. Stopped, it
+            # cannot change the store, so this second look is final: a worker holding nothing is
+            # resumed at once and another holder is stalled in a later round.
+            if (victim.machine.name, victim.inner_pid) in holders(db, job_ids):
+                stalled[victim.pid] = (victim, time.monotonic() + plan.stall_s)  # resumed after stall_s, above
+                tally.stalls += 1
+            else:
+                victim.signal(signal.SIGCONT)
     for worker, _ in stalled.values():
         worker.signal(signal.SIGCONT)
     for machine, _ in machines:
