@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from engine.planning.timing import best_of, timed
+from engine.planning.timing import best_of, timed, typical
 
 DEFAULT_DISK_BYTES = 256 * 2 ** 20
 WRITE_REPEATS = 2
@@ -51,7 +51,9 @@ def measure_io_interference(disk_dir: Path, dtype: torch.dtype, seconds: float =
     """Share of a decode-shaped matmul's time lost while a thread reads the disk beside it (the
     engine's I/O thread shares the cores on a CPU-only host). Decode-shaped because decode steps
     stream their weights from memory and suffer most: on a 2-vCPU AVX2 VM 0.59 at 32 rows against
-    0.41 at 512; instrumented, the engine's decode lost ~0.6 s of compute per second of I/O."""
+    0.41 at 512; instrumented, the engine's decode lost ~0.6 s of compute per second of I/O.
+    Median calls, not fastest: the fastest call beside the reader is the one it disturbed least
+    (2-vCPU Zen4, bf16: 0.05-0.14 from the fastest calls, 0.18-0.19 from the median ones)."""
     path = disk_dir.resolve() / f".flexjob-interference-probe-{os.getpid()}"
     buf = mmap.mmap(-1, _CHUNK)
     buf.write(os.urandom(_CHUNK))
@@ -71,10 +73,10 @@ def measure_io_interference(disk_dir: Path, dtype: torch.dtype, seconds: float =
             with torch.inference_mode():
                 for w in ws:
                     torch.nn.functional.linear(x, w)
-        alone = timed(step, seconds)
+        alone = typical(step, seconds)
         thread = threading.Thread(target=reader, daemon=True)
         thread.start()
-        beside = timed(step, seconds)
+        beside = typical(step, seconds)
         stop.set()
         thread.join()
         return max(0.0, 1.0 - alone / beside)
