@@ -61,24 +61,29 @@ def _matmul_time(hw: HardwareProfile, flops: float, weight_bytes: float, *, rows
     return max(padded_flops / hw.flops(), calls * chunks * weight_bytes / _compute_bw(hw))
 
 
+def _convert_s(sh: Shape, z: Sizes, ws: WeightSplit, r: _Rates) -> Any:
+    """Converting the fp16 layer weights streamed from disk to the compute dtype."""
+    return 0.0 if sh.compress_weight else z.w16 * ws.layers_on_disk * r.convert
+
+
 def _weight_and_activation_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z: Sizes,
                                  ws: WeightSplit, r: _Rates, *, decode: bool) -> Terms:
     """A decoder layer's weights, loaded once per step and shared by the block (the point of the
     zig-zag), its activations loaded and stored per micro-batch, and its dense compute. The store is
     fp16; a bf16/fp32 engine converts what it streams from disk on the I/O thread. Without a GPU
     that conversion runs on the cores that compute, so it adds to compute rather than overlapping
-    with it (the disk read itself is DMA and does overlap)."""
+    with it (the disk read itself is DMA and does overlap): `_layer_terms` adds it there, after
+    the calibration's scale, which is a ratio for the layer's kernels, not for conversion."""
     gpu, tokens = hw.has_gpu, 1 if decode else sh.prompt_len
     act = z.act_dec if decode else z.act_pre
-    convert_s = 0.0 if sh.compress_weight else z.w16 * ws.layers_on_disk * r.convert
-    disk = z.w_disk * ws.layers_on_disk * r.read + (convert_s if gpu else 0.0)
+    disk = z.w_disk * ws.layers_on_disk * r.read + (_convert_s(sh, z, ws, r) if gpu else 0.0)
     c_to_g = z.w * (1 - ws.matmul_on_gpu) * r.c2g
     disk = disk + act * x.hd * (r.read + r.write)
     c_to_g = c_to_g + act * (x.hc + x.hd) * r.c2g
     g_to_c = act * (x.hc + x.hd) * r.g2c
     dense_flops = 2 * sh.block_size * tokens * cfg.layer_param_count()
     compute = (_matmul_time(hw, dense_flops, z.w16, rows=sh.gpu_batch_size * tokens, calls=sh.num_gpu_batches)
-               + sh.num_gpu_batches * OPS_PER_LAYER * hw.op_overhead_s + (0.0 if gpu else convert_s))
+               + sh.num_gpu_batches * OPS_PER_LAYER * hw.op_overhead_s)
     return {"disk": disk, "cpu_to_gpu": c_to_g, "gpu_to_cpu": g_to_c, "compute": compute}
 
 
@@ -124,6 +129,8 @@ def _layer_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z
     compute = t["compute"] * hw.scale_for(model_key(cfg), "decode" if decode else "prefill", sh.gpu_batch_size)
     if sh.compress_weight:
         compute = compute + z.w16 * r.dequant
+    if not hw.has_gpu:
+        compute = compute + _convert_s(sh, z, ws, r)
     # Per-request disk latency (linear stand-in for "one request per tensor / micro-batch when any
     # of it is on disk"): it dominates when small tensors or one-token cache appends go to disk.
     r_lat, w_lat, nb = hw.disk_read_latency_s, hw.disk_sync_latency_s, sh.num_gpu_batches
