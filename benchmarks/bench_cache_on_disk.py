@@ -17,9 +17,14 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import RESULTS, ROOT, run_child  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
+from benchmarks.suite_config import cpu_flags  # noqa: E402
 
 CHILD = r"""
 import concurrent.futures as cf, json, os, sys, threading, time
@@ -28,7 +33,8 @@ from engine.runtime.engine import Engine
 from engine.runtime.policy import Policy
 from engine.runtime.rows import GenerationParams, RowInput
 
-model, offload, percents, rows, gen_len, overlap = sys.argv[1:7]
+args = json.loads(sys.argv[1])
+rows, gen_len = args["rows"], args["gen_len"]
 waited = [0.0]
 result, main = cf.Future.result, threading.main_thread()
 
@@ -42,12 +48,12 @@ def timed_result(self, timeout=None):
         waited[0] += time.perf_counter() - started
 
 cf.Future.result = timed_result
-policy = Policy.from_percents([float(p) for p in percents.split()], gpu_batch_size=int(rows),
-                              num_gpu_batches=1).replace(overlap=overlap == "1")
-with Engine(model, policy, offload_dir=offload) as eng:
+policy = Policy.from_percents([float(p) for p in args["percents"].split()], gpu_batch_size=rows,
+                              num_gpu_batches=1).replace(overlap=args["overlap"])
+with Engine(args["model"], policy, offload_dir=args["offload"]) as eng:
     prompts = [RowInput(row_id=i, prompt_ids=tuple(2 + (i * 31 + j) % 5000 for j in range(128)))
-               for i in range(int(rows))]
-    eng.generate(prompts, GenerationParams(max_new_tokens=int(gen_len)))
+               for i in range(rows)]
+    eng.generate(prompts, GenerationParams(max_new_tokens=gen_len))
     block = eng.stats.blocks[-1]
     tick, threads = os.sysconf("SC_CLK_TCK"), []
     for tid in os.listdir("/proc/self/task"):
@@ -57,7 +63,7 @@ with Engine(model, policy, offload_dir=offload) as eng:
     compute = threads[:2]  # the main thread and torch's other intra-op thread: the two busiest
     rest = threads[2:]
     print(json.dumps({"prefill_s": block.prefill_s,
-                      "decode_step_s": (block.total_s - block.prefill_s) / max(int(gen_len) - 1, 1),
+                      "decode_step_s": (block.total_s - block.prefill_s) / max(gen_len - 1, 1),
                       "waited_s": waited[0],
                       "disk_read_gb": block.transfers.get("disk_read", (0, 0))[0] / 1e9,
                       "compute_user_s": sum(u for u, _ in compute), "compute_sys_s": sum(s for _, s in compute),
@@ -69,16 +75,13 @@ COLUMNS = ("prefill_s", "decode_step_s", "waited_s", "disk_read_gb", "compute_us
 
 
 def run(args, percents: str, overlap: bool) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, args.model, args.offload_dir, percents, str(args.rows),
-                           str(args.gen_len), "1" if overlap else "0"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{percents}: {proc.stderr.strip().splitlines()[-1]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def cpu_flags() -> str:
-    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
-    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
+    # The child runs from the repository root: paths are passed absolute.
+    result = run_child(CHILD, {"model": str(Path(args.model).resolve()),
+                               "offload": str(Path(args.offload_dir).resolve()), "percents": percents,
+                               "rows": args.rows, "gen_len": args.gen_len, "overlap": overlap})
+    if "error" in result:
+        raise SystemExit(f"{percents}: {result['error']}")
+    return result
 
 
 def main() -> None:
@@ -91,7 +94,7 @@ def main() -> None:
     parser.add_argument("--policies", default="0 100 0 100 0 100;0 100 0 76.55 0 100",
                         help="';'-separated percents (weights, cache, activations: GPU CPU each)")
     parser.add_argument("--no-overlap-too", action="store_true", help="also run each disk policy without overlap")
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     cases = [(p.strip(), True) for p in args.policies.split(";")]
     if args.no_overlap_too:
@@ -103,7 +106,8 @@ def main() -> None:
             runs.setdefault(name, []).append(run(args, percents, overlap))
             print(f"round {round_index + 1}: {name}: {runs[name][-1]}", flush=True)
     medians = {name: {c: statistics.median(r[c] for r in rs) for c in COLUMNS} for name, rs in runs.items()}
-    print(f"\nCPU flags: {cpu_flags()}; {args.rounds} rounds, medians; prompt 128, gen {args.gen_len}")
+    flags = " ".join(flag for flag, present in cpu_flags().items() if present)
+    print(f"\nCPU flags: {flags}; {args.rounds} rounds, medians; prompt 128, gen {args.gen_len}")
     print("| policy | " + " | ".join(COLUMNS) + " |")
     print("|---|" + "---|" * len(COLUMNS))
     for name, m in medians.items():
@@ -111,7 +115,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cache_on_disk.json").write_text(json.dumps(
-        {"machine": platform.machine(), "cpu_flags": cpu_flags(), "args": vars(args), "runs": runs,
+        {"machine": platform.machine(), "cpu_flags": flags, "args": vars(args), "runs": runs,
          "medians": medians}, indent=1))
 
 

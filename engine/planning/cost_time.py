@@ -61,9 +61,10 @@ def _matmul_time(hw: HardwareProfile, flops: float, weight_bytes: float, *, rows
     return max(padded_flops / hw.flops(), calls * chunks * weight_bytes / _compute_bw(hw))
 
 
-def _convert_s(sh: Shape, z: Sizes, ws: WeightSplit, r: _Rates) -> Any:
-    """Converting the fp16 layer weights streamed from disk to the compute dtype."""
-    return 0.0 if sh.compress_weight else z.w16 * ws.layers_on_disk * r.convert
+def _convert_s(sh: Shape, fp16_bytes_from_disk: Any, r: _Rates) -> Any:
+    """Converting fp16 weights streamed from disk to the compute dtype (4-bit ones are dequantised
+    instead, charged apart)."""
+    return 0.0 if sh.compress_weight else fp16_bytes_from_disk * r.convert
 
 
 def _weight_and_activation_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z: Sizes,
@@ -76,7 +77,7 @@ def _weight_and_activation_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape,
     the calibration's scale, which is a ratio for the layer's kernels, not for conversion."""
     gpu, tokens = hw.has_gpu, 1 if decode else sh.prompt_len
     act = z.act_dec if decode else z.act_pre
-    disk = z.w_disk * ws.layers_on_disk * r.read + (_convert_s(sh, z, ws, r) if gpu else 0.0)
+    disk = z.w_disk * ws.layers_on_disk * r.read + (_convert_s(sh, z.w16 * ws.layers_on_disk, r) if gpu else 0.0)
     c_to_g = z.w * (1 - ws.matmul_on_gpu) * r.c2g
     disk = disk + act * x.hd * (r.read + r.write)
     c_to_g = c_to_g + act * (x.hc + x.hd) * r.c2g
@@ -130,7 +131,7 @@ def _layer_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z
     if sh.compress_weight:
         compute = compute + z.w16 * r.dequant
     if not hw.has_gpu:
-        compute = compute + _convert_s(sh, z, ws, r)
+        compute = compute + _convert_s(sh, z.w16 * ws.layers_on_disk, r)
     # Per-request disk latency (linear stand-in for "one request per tensor / micro-batch when any
     # of it is on disk"): it dominates when small tensors or one-token cache appends go to disk.
     r_lat, w_lat, nb = hw.disk_read_latency_s, hw.disk_sync_latency_s, sh.num_gpu_batches
@@ -149,7 +150,7 @@ def _head_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z:
     compute = compute * hw.scale_for(model_key(cfg), "head", b)
     if sh.compress_weight:
         compute = compute + z.head16 * r.dequant
-    convert_s = 0.0 if sh.compress_weight else z.head16 * ws.head_on_disk * r.convert
+    convert_s = _convert_s(sh, z.head16 * ws.head_on_disk, r)
     return {"disk": z.head_disk * ws.head_on_disk * r.read + (convert_s if gpu else 0.0),
             "cpu_to_gpu": z.head * (1 - ws.matmul_on_gpu) * r.c2g,
             "gpu_to_cpu": 0.0 * x.wd, "compute": compute + (0.0 if gpu else convert_s) + 0.0 * x.wd}
