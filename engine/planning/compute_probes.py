@@ -10,25 +10,27 @@ from __future__ import annotations
 
 import torch
 
+from engine.model.kernels import attend_aligned, library_linear
 from engine.planning.timing import sync_for, timed
 
 
 def matmul_flops(device: str, dtype: torch.dtype, seconds: float = 0.25) -> float:
-    """Dense FLOP/s of a linear layer in the engine's layout (weight [out, in]; F.linear), which on
-    some CPUs is many times faster than a @ b of the same size in bf16."""
+    """Dense FLOP/s of a linear layer in the engine's layout (weight [out, in]) through the library
+    call the engine makes (kernels.library_linear), which on some CPUs is many times faster than
+    a @ b of the same size in bf16."""
     n = 2048 if device == "cuda" else 1024
     x = torch.full((n, n), 0.5, device=device, dtype=dtype)
     w = torch.full((n, n), 0.01, device=device, dtype=dtype)
     with torch.inference_mode():
-        return 2 * n ** 3 / timed(lambda: torch.nn.functional.linear(x, w), seconds, sync_for(device))
+        return 2 * n ** 3 / timed(lambda: library_linear(x, w), seconds, sync_for(device))
 
 
 LINEAR_ROWS = (1, 8, 32, 128, 512, 2048)
 
 
 def linear_table(device: str, dtype: torch.dtype, seconds: float = 0.25) -> dict[str, float]:
-    """Seconds per weight byte of F.linear at several row counts, cycling through weights that do
-    not fit in the caches. Measured here (bf16, 2 vCPU Zen4): 17 GB/s of weights at 1 row, 367
+    """Seconds per weight byte of the engine's linear call at several row counts, cycling through
+    weights that do not fit in the caches. Measured here (bf16, 2 vCPU Zen4): 17 GB/s of weights at 1 row, 367
     GFLOP/s at 32 rows, 590 at 128, 1080 at 2048: a single peak FLOP/s and a single bandwidth
     (the roofline) predict a 32-row decode matmul twice too fast."""
     k, n = 2048, 8192
@@ -41,7 +43,7 @@ def linear_table(device: str, dtype: torch.dtype, seconds: float = 0.25) -> dict
 
             def run(x=x, used=used):
                 for w in used:
-                    torch.nn.functional.linear(x, w)
+                    library_linear(x, w)
             nbytes = sum(w.numel() * w.element_size() for w in used)
             table[str(rows)] = timed(run, seconds, sync_for(device)) / nbytes
     return table
@@ -60,8 +62,6 @@ def cpu_attention_gbps(seconds: float = 0.25, *, batch: int = 4, heads: int = 16
                        head_dim: int = 64, dtype: torch.dtype = torch.bfloat16) -> float:
     """KV-cache bytes/s of one decode attention step on the CPU: the engine's own batch-invariant
     kernel over a memory part's layout (aligned [pairs, ctx, head_dim] keys and values, read in place)."""
-    from engine.model.kernels import attend_aligned
-
     pairs = batch * heads
     q = torch.full((pairs, 1, head_dim), 0.1, dtype=dtype)
     k = torch.full((pairs, ctx, head_dim), 0.1, dtype=dtype)
