@@ -1,10 +1,11 @@
 """Linear layers over 4-bit weights without a dequantised copy: torch's fused CPU kernel
 `aten._weight_int4pack_mm_for_cpu` with bfloat16 activations.
 
-The kernel (aten/src/ATen/native/cpu/int4mm_kernel.cpp, AVX-512 path) works on blocks of 4 rows
-by 64 output features; for each output element it dequantises w = (code - 8) * scale + zero in
-float32 (scale, zero: bfloat16 per group of the input dimension) and accumulates a * w with one
-float32 FMA per input position, in input order, then rounds the sum to bfloat16 once. Nothing is
+The kernel (aten/src/ATen/native/cpu/int4mm_kernel.cpp) works on blocks of 4 rows by 64 output
+features on AVX-512 (32 on AVX2); for each output element it dequantises
+w = (code - 8) * scale + zero in float32 (scale, zero: bfloat16 per group of the input dimension)
+and accumulates a * w with one float32 FMA per input position, in input order, then rounds the sum
+to bfloat16 once. Nothing is
 split along the input dimension and no sum is shared between rows, so a row's output depends on
 its own activations and the weight only.
 The one thing a call's shape picks is the row-block variant (1..4 rows, for the last block), so
@@ -20,8 +21,12 @@ zero = m + 8 s, both rounded to bfloat16 (the kernel takes them in the activatio
 kernel's weights differ from dequantize(q, float32) by at most half a bfloat16 ulp of zero plus
 8 half-ulps of s, about as far as dequantize(q, bfloat16) rounds each weight anyway.
 
-Packed layout (the kernel's, AVX-512, 64 output features per block): uint8 [N / 64, K, 32], byte j
-of (block b, input k) holds feature 64 b + j in its low nibble and 64 b + 32 + j in its high one.
+Packed layout (the kernel's): blocks of F output features, F = 64 where torch's kernel runs its
+AVX-512 path and 32 on its AVX2 one, uint8 [N / F, K, F / 2]: byte j of (block b, input k) holds
+feature F b + j in its low nibble and F b + F / 2 + j in its high one; a last, narrower block holds
+features 2i and 2i + 1 in byte i. F is found once per process by packing a probe matrix with
+torch's own `_convert_weight_to_int4pack_for_cpu` (`features_per_block`); where neither layout
+matches, the fused path is not used.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ import torch
 from engine.runtime.compression import QuantizedTensor
 
 GROUP_SIZES = (32, 64, 128, 256)  # the kernel's supported groups along the input dimension
-FEATURES_PER_BLOCK = 64  # output features per packed block (AVX-512)
+BLOCK_CANDIDATES = (64, 32)  # output features per packed block: AVX-512, AVX2
 ROW_BLOCK = 4  # the kernel's row block (BLOCK_M)
 MAX_ROWS_PER_CALL = 256
 
@@ -54,7 +59,34 @@ class Int4Weight:
 
 
 def available() -> bool:
-    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+    return features_per_block() is not None
+
+
+_BLOCK: list[int | None] = []
+
+
+def features_per_block() -> int | None:
+    """Output features per packed block of torch's kernel on this CPU (None: no fused kernel, or a
+    layout that `pack` does not write). Packs 128 x 64 known codes both ways and compares."""
+    if not _BLOCK:
+        found = None
+        if hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+                torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
+            codes = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+            theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1).reshape(-1)
+            ours = _codes_to_ours(codes, group=32)
+            found = next((f for f in BLOCK_CANDIDATES if torch.equal(_pack_codes(ours, 128, 64, 32, f), theirs)),
+                         None)
+        _BLOCK.append(found)
+    return _BLOCK[0]
+
+
+def _codes_to_ours(codes: torch.Tensor, group: int) -> torch.Tensor:
+    """int32 codes [n, k] in our packing (engine.runtime.compression): per group, element i in the
+    low nibble of byte i and element i + group / 2 in its high one. -> uint8 [n, k / 2]."""
+    n, k = codes.shape
+    c = codes.to(torch.uint8).view(n, k // group, 2, group // 2)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2)
 
 
 def fits(shape: tuple[int, ...], num_bits: int, group_size: int, dtype: torch.dtype,
@@ -71,27 +103,34 @@ def pack(q: QuantizedTensor, *, out: torch.Tensor | None = None) -> Int4Weight:
     operations only (no int32 codes, no dequantisation): half the bytes of the weight touched a
     few times. `out` (uint8, out * in / 2 elements) is filled in place, e.g. a reused buffer."""
     n, k = q.shape
-    g, half = q.group_size, q.group_size // 2
-    blocks, groups = n // FEATURES_PER_BLOCK, k // g
+    packed = _pack_codes(q.data, n, k, q.group_size, features_per_block(), out)
+    return Int4Weight(packed=packed.view(n, k // 2), scales_and_zeros=scales_and_zeros(q), group_size=q.group_size)
+
+
+def _pack_codes(data: torch.Tensor, n: int, k: int, g: int, block: int,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Our packed codes of an [n, k] matrix (groups of g) in the kernel's layout of `block`
+    features per block (see the module doc). -> uint8 [n * k / 2]."""
+    half, blocks, groups = g // 2, n // block, k // g
     if out is None:
         out = torch.empty(n * k // 2, dtype=torch.uint8)
-    data = q.data.reshape(n, groups, half)
-    full = blocks * FEATURES_PER_BLOCK
-    pairs = data[:full].reshape(blocks, 2, 32, groups, half)
-    low_rows, high_rows = pairs[:, 0], pairs[:, 1]  # features 64b + j and 64b + 32 + j
+    data = data.reshape(n, groups, half)
+    full = blocks * block
+    pairs = data[:full].reshape(blocks, 2, block // 2, groups, half)
+    low_rows, high_rows = pairs[:, 0], pairs[:, 1]  # features F b + j and F b + F / 2 + j
     # out[b, kk, j] viewed as [b, j, group, slot, i] with kk = group * g + slot * half + i
-    into = out[:full * k // 2].view(blocks, groups, 2, half, 32).permute(0, 4, 1, 2, 3)
+    into = out[:full * k // 2].view(blocks, groups, 2, half, block // 2).permute(0, 4, 1, 2, 3)
     # slot 0 (first half of a group): our low nibbles; slot 1: our high nibbles
     torch.bitwise_or(low_rows & 0x0F, high_rows << 4, out=into[:, :, :, 0])
     torch.bitwise_or(low_rows >> 4, high_rows & 0xF0, out=into[:, :, :, 1])
     if full < n:
         _pack_tail(data[full:], out[full * k // 2:])
-    return Int4Weight(packed=out.view(n, k // 2), scales_and_zeros=scales_and_zeros(q), group_size=g)
+    return out
 
 
 def _pack_tail(data: torch.Tensor, out: torch.Tensor) -> None:
-    """The last block of 16, 32 or 48 features (e.g. a vocabulary of 50272): the kernel packs it
-    as [K, n / 2] with features 2i and 2i + 1 in the low and high nibble of byte i."""
+    """The last, narrower block (16, 32 or 48 features, e.g. of a vocabulary of 50272): the kernel
+    packs it as [K, n / 2] with features 2i and 2i + 1 in the low and high nibble of byte i."""
     n, groups, half = data.shape
     codes = torch.stack((data & 0x0F, data >> 4), dim=2).view(n, -1).t()  # [K, n], input order
     torch.bitwise_or(codes[:, 0::2], codes[:, 1::2] << 4, out=out.view(-1, n // 2))

@@ -3,7 +3,9 @@ matrix streamed from the disk tier each step is read straight into the kernel's 
 as it lies in the read buffer (repacking the store's bytes each step cost about as much time as
 the disk saved: opt-1.3b, ~1 s a step on two cores, the transposition of bytes dominating).
 
-One file per layer, <store root>/int4pack/<layer>.bin: per fused matrix, in store order, its packed
+One file per layer, <store root>/int4pack-f<F>/<layer>.bin, F the kernel's features per block on
+this CPU (the layout differs between torch's AVX-512 and AVX2 kernels, and a store may be read by
+both kinds of host): per fused matrix, in store order, its packed
 codes (uint8 [out, in / 2], engine.model.int4_matmul's layout) then its scales and zeros
 (bfloat16 [in / group, out, 2]), each section on a page boundary (O_DIRECT). As many bytes as the
 store's copy. Written to a temporary file and renamed: a file that exists is complete.
@@ -48,7 +50,7 @@ def spans(entries: list[TensorEntry]) -> dict[str, Span]:
 
 class KernelLayoutFiles:
     def __init__(self, store_root: Path) -> None:
-        self.dir = store_root / "int4pack"
+        self.dir = store_root / f"int4pack-f{int4_matmul.features_per_block()}"
 
     def path(self, layer: str) -> Path:
         return self.dir / f"{layer}.bin"
