@@ -26,8 +26,8 @@ made once under --work-dir. Measured time of the default CPU suite (opt-1.3b, pr
 quiet 2-core AMD Zen4 with AVX512-BF16 (bfloat16): 20 minutes in all (ram 3.5 min for 4 runs, disk
 3-5 min: flexjob, accelerate under the memory limit and without it, llama-ram 3.5 min, planner 7 min
 for 9 runs, compression 2 min, jobrunner under 1 min, plus making the models and the host profile).
-An AVX2-only host computes in float32, 3-14x slower (docs/BENCHMARKS.md:
-transformers 1.8, flexjob 3.9 tokens/s): choose `--model-size 350m` there.
+An AVX2-only host computes in float32, 2-3x slower (docs/BENCHMARKS.md, 2-core Zen2: transformers
+7.1-7.3, flexjob 8.9-9.7 tokens/s in RAM): the ram part alone takes ~10 minutes there.
 llama-disk is left out of --suite cpu's default because it alone takes longer than the whole suite: on
 that 2-core host, with the rates above scaled by parameter count (8.0B vs 1.3B, ~6x), making the model
 and converting its weight store (16 GB each) ~15 min, flexjob's 16x2 block ~13 min (1,024 tokens at
