@@ -10,9 +10,9 @@ import math
 # weight shape): small ones so that a decode step computes no padding rows, large ones so that a
 # prefill streams each weight matrix fewer times.
 ROWS_PER_CALL = {"float32": 32, "bfloat16": 128, "float16": 128}
-# Measured on 2-vCPU hosts: oneDNN's bf16 kernels (AVX512-BF16) and MKL's fp32 sgemm (AVX2) give
-# every size from 8 to 4096 rows the reference's bits; a 4096-row fp32 prefill sent in 128-row calls
-# ran at 0.6x the speed of one call.
+# Measured on 2-vCPU hosts: oneDNN's bf16 kernels (AVX512-BF16), its fp32 ones and MKL's sgemm
+# (AVX2) give every size from 2 to 4096 rows the reference's bits; a 4096-row fp32 prefill sent in
+# 128-row calls ran at 0.6x the speed of one call.
 CHUNK_SIZES = {name: (8, 16, 32, 64, 128, 512, 1024, 2048, 4096)
                for name in ("float32", "bfloat16", "float16")}  # each a divisor or multiple of the reference
 # The reference query group of attention's matrix products: every query's numbers are those of a

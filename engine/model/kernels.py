@@ -63,7 +63,7 @@ def library_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """One call of the math library: rows [M, K] @ weight [N, K].T (+ bias). float32 on the CPU goes
     to oneDNN where torch has it: MKL's sgemm, torch's default there, ran a 32-row decode matmul at
     48-68 GFLOP/s where oneDNN ran 104-112 (2-vCPU AVX2 Zen2), and a 4096-row prefill 1.1-1.25x
-    slower. bfloat16 already goes to oneDNN through torch.mm."""
+    slower. Other dtypes keep torch.mm (bfloat16 on a CPU with native bf16 runs on oneDNN there)."""
     if rows.dtype == torch.float32 and rows.device.type == "cpu" and _onednn_fp32():
         out = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
         return out if into is None else into.copy_(out)
