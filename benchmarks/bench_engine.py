@@ -80,10 +80,23 @@ print(json.dumps({"tokens_per_s": B * args["gen_len"] / elapsed, "seconds": elap
 """
 
 
+# Appended to every child's code: its own peak RSS since exec (VmHWM). wait4's ru_maxrss is not
+# that: Linux carries the forking parent's high-water mark across exec, so a child of a suite that
+# had just made a 3 GB model reported 2.9 GiB where its own peak was 1.5.
+_REPORT_PEAK = """
+import json as _json, os as _os
+_status = "/proc/self/status"
+print(_json.dumps({"vm_hwm": next((int(line.split()[1]) * 1024 for line in open(_status)
+                                   if line.startswith("VmHWM:")), None) if _os.path.exists(_status) else None}))
+"""
+
+
 def run_child(code: str, args: dict, source: Path = ROOT, preexec_fn=None) -> dict:
     """Run `code` in a fresh Python importing flexjob from `source`; returns its JSON line plus the
-    child's peak RSS (wait4). `preexec_fn` runs in the child before Python starts (a memory cgroup)."""
-    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(args)], cwd=source, stdout=subprocess.PIPE,
+    child's own peak RSS (`vm_hwm`). `preexec_fn` runs in the child before Python starts (a memory
+    cgroup)."""
+    proc = subprocess.Popen([sys.executable, "-c", code + _REPORT_PEAK, json.dumps(args)], cwd=source,
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(source)},
                             preexec_fn=preexec_fn)
     out, err = proc.communicate()
@@ -92,7 +105,8 @@ def run_child(code: str, args: dict, source: Path = ROOT, preexec_fn=None) -> di
         if proc.returncode == -9:
             return {"error": "killed (SIGKILL: out of memory under its limit)"}
         return {"error": err.strip().splitlines()[-1] if err.strip() else f"exit {proc.returncode}"}
-    result = json.loads(out.strip().splitlines()[-1])
+    *_, line, peak = out.strip().splitlines()
+    result = {**json.loads(line), **json.loads(peak)}
     result.setdefault("peak_rss", 0)
     return result
 
@@ -101,8 +115,9 @@ def run_child_rss(code: str, args: dict, preexec_fn=None) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     result = run_child(code, args, preexec_fn=preexec_fn)
     after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    # ru_maxrss of children is the max over all children: only trust it when it grew.
-    result["child_maxrss"] = after * 1024 if after > before else result.get("self_maxrss")
+    # The child's own high-water mark where the OS tells it; else ru_maxrss of children, the max
+    # over all children (and carried across exec: see _REPORT_PEAK), trusted only when it grew.
+    result["child_maxrss"] = result.get("vm_hwm") or (after * 1024 if after > before else result.get("self_maxrss"))
     return result
 
 
