@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
-import time
+import threading
 from pathlib import Path
 
 import click
@@ -79,12 +80,21 @@ def _watch(console, read, interval: float) -> None:
 
     from jobrunner.observe.dashboard import render_dashboard
 
+    # Ctrl-C must end the dashboard even when it lands inside a library call that catches the
+    # KeyboardInterrupt (a database driver cleaning up), or when the shell started flexjob with
+    # SIGINT ignored: the handler also sets a flag that the loop checks.
+    interrupted = threading.Event()
+
+    def on_interrupt(signum, frame):
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
         snapshot = read()
         with Live(render_dashboard(snapshot, width=console.width), console=console, auto_refresh=False,
                   redirect_stderr=False) as live:
-            while True:
-                time.sleep(interval)
+            while not interrupted.wait(interval):
                 try:
                     snapshot = read()
                     live.update(render_dashboard(snapshot, width=console.width), refresh=True)
@@ -93,6 +103,8 @@ def _watch(console, read, interval: float) -> None:
                     live.update(Group(problem, render_dashboard(snapshot, width=console.width)), refresh=True)
     except KeyboardInterrupt:
         pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @main.command("report")
