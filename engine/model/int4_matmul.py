@@ -30,6 +30,7 @@ matches, the fused path is not used.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -62,23 +63,17 @@ def available() -> bool:
     return features_per_block() is not None
 
 
-_BLOCK: list[int | None] = []
-
-
+@functools.cache
 def features_per_block() -> int | None:
     """Output features per packed block of torch's kernel on this CPU (None: no fused kernel, or a
     layout that `pack` does not write). Packs 128 x 64 known codes both ways and compares."""
-    if not _BLOCK:
-        found = None
-        if hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
-                torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
-            codes = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
-            theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1).reshape(-1)
-            ours = _codes_to_ours(codes, group=32)
-            found = next((f for f in BLOCK_CANDIDATES if torch.equal(_pack_codes(ours, 128, 64, 32, f), theirs)),
-                         None)
-        _BLOCK.append(found)
-    return _BLOCK[0]
+    ops = torch.ops.aten
+    if not (hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")):
+        return None
+    codes = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    theirs = ops._convert_weight_to_int4pack_for_cpu(codes, 1).reshape(-1)
+    ours = _codes_to_ours(codes, group=32)
+    return next((f for f in BLOCK_CANDIDATES if torch.equal(_pack_codes(ours, 128, 64, 32, f), theirs)), None)
 
 
 def _codes_to_ours(codes: torch.Tensor, group: int) -> torch.Tensor:

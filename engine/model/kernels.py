@@ -26,6 +26,7 @@ Shapes: n (row, head) pairs, S queries, T cached positions, D head_dim.
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
@@ -74,24 +75,19 @@ def library_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return torch.addmm(bias, rows, weight.t(), out=into)
 
 
-_ONEDNN_FP32: list[bool] = []
-
-
+@functools.cache
 def _onednn_fp32() -> bool:
     """Whether torch's oneDNN linear runs here and agrees with torch.mm to float32 rounding (checked
     once per process; a build without it, or one that fails, keeps MKL)."""
-    if not _ONEDNN_FP32:
-        ok = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-        if ok:
-            gen = torch.Generator().manual_seed(0)
-            x, w = torch.randn(8, 64, generator=gen), torch.randn(32, 64, generator=gen)
-            try:
-                got = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-                ok = got.shape == (8, 32) and torch.allclose(got, x @ w.t(), rtol=1e-4, atol=1e-4)
-            except RuntimeError:
-                ok = False
-        _ONEDNN_FP32.append(ok)
-    return _ONEDNN_FP32[0]
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(8, 64, generator=gen), torch.randn(32, 64, generator=gen)
+    try:
+        got = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    except RuntimeError:
+        return False
+    return got.shape == (8, 32) and torch.allclose(got, x @ w.t(), rtol=1e-4, atol=1e-4)
 
 
 _AGREEMENT: dict[tuple, bool] = {}
