@@ -8,7 +8,8 @@
 (b) Weights on disk under --cpu-mem: this engine (page cache bypassed: O_DIRECT reads) vs
     transformers + accelerate disk offload (`device_map` with `max_memory`), whose measured peak RSS
     must fit the same budget. Also the fraction of the roofline reached: per step
-    max(bytes read from disk / measured uncached read bandwidth, FLOPs / measured FLOP/s).
+    max(bytes read from disk / measured uncached read bandwidth, FLOPs / measured FLOP/s), summed
+    over the steps (`roofline`).
 Every run is a fresh subprocess (honest peak RSS via wait4); runs alternate so machine noise hits
 both sides alike. Page cache is dropped for the model files between disk runs (fadvise).
 Results: benchmarks/results/engine.json.
@@ -35,6 +36,7 @@ import json, sys, time
 from engine.runtime.engine import Engine
 from engine.runtime.policy import Policy
 from engine.runtime.rows import GenerationParams, RowInput
+from engine.runtime.tiers import Tier
 args = json.loads(sys.argv[1])
 policy = Policy.from_percents(args["percent"], gpu_batch_size=args["gbs"], num_gpu_batches=args["nb"],
                               compress_weight=args.get("compress_weight", False),
@@ -50,7 +52,8 @@ b = engine.stats.blocks[0]
 print(json.dumps({"tokens_per_s": engine.stats.generated_tokens / elapsed, "seconds": elapsed,
                   "prefill_s": b.prefill_s, "disk_read_bytes": b.transfers.get("disk_read", (0, 0))[0],
                   "disk_read_s": b.transfers.get("disk_read", (0, 0))[1], "peak_rss": engine.stats.peak_rss_bytes,
-                  "dequantize_s": b.transfers.get("dequantize", (0, 0))[1], "steps": args["gen_len"]}))
+                  "dequantize_s": b.transfers.get("dequantize", (0, 0))[1], "steps": args["gen_len"],
+                  "weights_disk_bytes": engine.weights.bytes_by_tier()[Tier.DISK]}))
 """
 
 HF_RUN = r"""
@@ -231,22 +234,40 @@ def run_over_capacity(base: dict, disk_percent: str, blocks: list[tuple[int, int
 
 
 def roofline(rows: list[dict], cfg, opts) -> None:
-    """Per-run roofline: max(disk bytes / uncached read bandwidth, FLOPs / FLOP/s), both measured."""
+    """Per-run roofline, step by step: the sum over the prefill and each decode step of
+    max(disk seconds, FLOPs / FLOP/s), all measured on this host. Disk seconds charge the weights
+    read from the disk tier (once per step) at the read bandwidth of settled files and the KV cache
+    bytes (the rest of what the run read, growing with the position) at that of files read back
+    right after they were written, as the cache is one step later."""
     from engine.planning.profiler import load_or_measure_profile
     profile = load_or_measure_profile(opts.work_dir / "offload")
     flops_per_s = profile.flops("cpu", opts.dtype)
-    read_bw = profile.disk_read_gbps
+    settled_bw = profile.disk_read_gbps * 1e9
+    fresh_bw = (profile.disk_read_fresh_gbps or profile.disk_read_gbps) * 1e9
+    head = cfg.vocab_size * cfg.embed_dim  # the LM head runs on each row's last position only
+    # Multiplied weights per token: not the lookup tables, and the head apart (untied, it is counted)
+    body = cfg.param_count() - cfg.lookup_table_param_count() - (0 if cfg.tie_word_embeddings else head)
     for row in rows:
         if row["part"] != "b" or row["system"] != "flexjob" or "error" in row:
             continue
-        tokens = int(row["config"].split("x")[0]) * int(row["config"].split("x")[1].split()[0])
-        flops = 2 * cfg.param_count() * tokens * (opts.gen_len + opts.prompt_len)
-        t_io = row["disk_read_bytes"] / (read_bw * 1e9) if read_bw else 0.0
-        t_compute = flops / flops_per_s if flops_per_s else 0.0
-        row["roofline_s"] = max(t_io, t_compute)
+        block_rows = int(row["config"].split("x")[0]) * int(row["config"].split("x")[1].split()[0])
+        steps = opts.gen_len
+        weight_bytes = min(row.get("weights_disk_bytes", row["disk_read_bytes"] / steps),
+                           row["disk_read_bytes"] / steps)
+        cache_bytes = row["disk_read_bytes"] - weight_bytes * steps
+        # Decode step i (1 .. gen-1) reads the cache of prompt + i positions.
+        positions = [opts.prompt_len + i for i in range(1, steps)]
+        step_flops = [2 * (body * opts.prompt_len + head) * block_rows] + \
+                     [2 * (body + head) * block_rows] * len(positions)
+        step_cache = [0.0] + [cache_bytes * p / sum(positions) for p in positions] if positions else [0.0]
+        per_step = [max(weight_bytes / settled_bw + c / fresh_bw, f / flops_per_s)
+                    for f, c in zip(step_flops, step_cache)]
+        row["roofline_s"] = sum(per_step)
         row["roofline_fraction"] = row["roofline_s"] / row["seconds"] if row["seconds"] else None
-        row["measured_read_gbps"] = read_bw
-        row["measured_flops"] = flops_per_s
+        row["roofline_disk_bound_steps"] = sum(
+            weight_bytes / settled_bw + c / fresh_bw > f / flops_per_s for f, c in zip(step_flops, step_cache))
+        row.update(measured_read_gbps=profile.disk_read_gbps, measured_fresh_read_gbps=fresh_bw / 1e9,
+                   measured_flops=flops_per_s, weights_read_bytes=weight_bytes * steps, cache_read_bytes=cache_bytes)
 
 
 def summarise(rows: list[dict], opts) -> None:

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -100,8 +101,19 @@ def _fs_type(path: Path) -> str:
     return fstype
 
 
-def measure_disk(disk_dir: Path, nbytes: int = DEFAULT_DISK_BYTES) -> tuple[float, float, str]:
-    """(write GB/s with fsync, read GB/s with the page cache bypassed, how it was bypassed)."""
+@dataclass(frozen=True)
+class DiskProbe:
+    """What `measure_disk` found, GB/s: `read_gbps` is for files that have sat a while (the weight
+    store), `fresh_read_gbps` for a file read back right after it was written (a KV cache on disk
+    is read one step after it was written); the two are equal where nothing settled was there."""
+    write_gbps: float
+    read_gbps: float
+    fresh_read_gbps: float
+    method: str
+
+
+def measure_disk(disk_dir: Path, nbytes: int = DEFAULT_DISK_BYTES) -> DiskProbe:
+    """Write bandwidth with fsync and read bandwidth with the page cache bypassed."""
     nbytes = max(_CHUNK, nbytes // _CHUNK * _CHUNK)
     path = disk_dir.resolve() / f".flexjob-disk-probe-{os.getpid()}"
     buf = mmap.mmap(-1, _CHUNK)  # page-aligned, as O_DIRECT requires
@@ -111,16 +123,16 @@ def measure_disk(disk_dir: Path, nbytes: int = DEFAULT_DISK_BYTES) -> tuple[floa
         # is served partly by the host's cache of it (see below), which the engine's reads are not.
         write_s = best_of(lambda: _write_probe(path, nbytes, buf), WRITE_REPEATS)
         read_s, method = _read_uncached(path, nbytes, buf)
-        read_gbps = nbytes / read_s / 1e9
+        fresh_gbps = read_gbps = nbytes / read_s / 1e9
         settled = _settled_files(disk_dir.resolve(), nbytes)
         if settled and method == "O_DIRECT":
-            # A file just written reads faster than the engine's files will (on a 2-vCPU cloud VM
-            # 2.4-3.7 GB/s against 1.7-2.1 for weight files written an hour before, back to back):
-            # the host still caches what it was just sent. Read what the engine reads, if it is here.
+            # A file just written reads faster than the engine's weight files will (on a 2-vCPU
+            # cloud VM 2.4-3.7 GB/s against 1.7-2.1 for weight files written an hour before, back
+            # to back): the host still caches what it was just sent. Read what the engine reads.
             seconds = sum(_read_uncached(f, n, buf)[0] for f, n in settled)
             read_gbps = sum(n for _, n in settled) / seconds / 1e9
             method += ", files written earlier"
-        return nbytes / write_s / 1e9, read_gbps, method
+        return DiskProbe(nbytes / write_s / 1e9, read_gbps, fresh_gbps, method)
     finally:
         buf.close()
         path.unlink(missing_ok=True)

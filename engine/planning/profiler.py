@@ -8,6 +8,7 @@ older than MAX_AGE_S or a refresh is asked for.
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import socket
 import time
@@ -96,14 +97,14 @@ def _measure_probes(disk_dir: str | Path, *, disk_bytes: int | None, seconds_per
     cpu_dtype = _engine_dtype(False)  # what CPU-side work (attention, RAM weights) runs in
     fields: dict = {}
     if has_gpu:
-        write_gbps, read_gbps, method = measure_disk(disk_dir, disk_bytes)
+        disk = measure_disk(disk_dir, disk_bytes)
     else:
         # Without a GPU the engine reads the disk while the same cores compute (virtio and the copy
         # out of the block layer need CPU too): on a 2-core VM reads under a matmul load ran at
         # 0.8 GB/s against 1.2-1.3 alone. The cost model needs what the engine will see.
         with cpu_busy(dtype):
-            write_gbps, read_gbps, method = measure_disk(disk_dir, disk_bytes)
-        method += ", under compute load"
+            disk = measure_disk(disk_dir, disk_bytes)
+        disk = dataclasses.replace(disk, method=disk.method + ", under compute load")
         fields["io_compute_interference"] = measure_io_interference(disk_dir, dtype, seconds_per_test)
     read_lat, sync_lat = measure_disk_latency(disk_dir, seconds_per_test)
     flops = {"cpu": {dtype_name(dt): matmul_flops("cpu", dt, seconds_per_test) for dt in CPU_DTYPES}}
@@ -116,9 +117,10 @@ def _measure_probes(disk_dir: str | Path, *, disk_bytes: int | None, seconds_per
     device = "cuda" if has_gpu else "cpu"
     prof = HardwareProfile(
         host=socket.gethostname(), source=f"measured by flexjob (torch {torch.__version__})",
-        created_at=time.time(), disk_dir=str(disk_dir.resolve()), disk_read_method=method,
+        created_at=time.time(), disk_dir=str(disk_dir.resolve()), disk_read_method=disk.method,
         compute_dtype=dtype_name(dtype),
-        disk_read_gbps=read_gbps, disk_write_gbps=write_gbps, disk_read_latency_s=read_lat,
+        disk_read_gbps=disk.read_gbps, disk_write_gbps=disk.write_gbps, disk_read_latency_s=read_lat,
+        disk_read_fresh_gbps=disk.fresh_read_gbps,
         disk_sync_latency_s=sync_lat,
         cpu_mem_gbps=weight_stream_gbps(seconds_per_test, dtype=cpu_dtype),
         cpu_attention_gbps=cpu_attention_gbps(seconds_per_test, dtype=cpu_dtype),

@@ -18,6 +18,7 @@ def test_short_real_measurement_is_stored_and_reused(tmp_path):
     home, disk = tmp_path / "home", tmp_path / "disk"
     prof = load_or_measure_profile(disk, home=home, **FAST)
     assert prof.disk_read_gbps > 0 and prof.disk_write_gbps > 0 and prof.cpu_mem_gbps > 0
+    assert prof.disk_read_fresh_gbps > 0
     assert prof.cpu_attention_gbps > 0 and prof.dequant_gbps > 0 and prof.op_overhead_s > 0
     assert prof.disk_read_latency_s >= 0 and prof.disk_sync_latency_s > 0
     assert prof.convert_gbps > 0 or prof.compute_dtype == "float16"
@@ -50,9 +51,10 @@ def test_short_real_measurement_is_stored_and_reused(tmp_path):
 
 
 def test_disk_probe_reports_how_the_page_cache_was_bypassed(tmp_path):
-    write, read, method = measure_disk(tmp_path, 8 * 2 ** 20)
-    assert write > 0 and read > 0
-    assert method in ("O_DIRECT", "fadvise") or method.startswith("page-cache")
+    probe = measure_disk(tmp_path, 8 * 2 ** 20)
+    assert probe.write_gbps > 0 and probe.read_gbps > 0
+    assert probe.fresh_read_gbps == probe.read_gbps  # nothing settled here: the probe file is all there is
+    assert probe.method in ("O_DIRECT", "fadvise") or probe.method.startswith("page-cache")
 
 
 def test_a_damaged_profile_is_measured_again(tmp_path):
@@ -102,10 +104,10 @@ def test_disk_read_is_measured_on_files_written_earlier_when_the_directory_has_t
     os.utime(old, (0, 0))  # written long ago; `new` was written just now
     assert _settled_files(disk, 16 * 2 ** 20) == [(old, 16 * 2 ** 20)]
     assert _settled_files(disk, 32 * 2 ** 20) == []  # not enough settled bytes: the probe it is
-    write, read, method = measure_disk(disk, 16 * 2 ** 20)
-    assert write > 0 and read > 0
-    if method.startswith("O_DIRECT"):
-        assert method == "O_DIRECT, files written earlier"
+    probe = measure_disk(disk, 16 * 2 ** 20)
+    assert probe.write_gbps > 0 and probe.read_gbps > 0 and probe.fresh_read_gbps > 0
+    if probe.method.startswith("O_DIRECT"):
+        assert probe.method == "O_DIRECT, files written earlier"
     assert sorted(p.name for p in disk.rglob("*") if p.is_file()) == ["decoder.0.bin", "decoder.1.bin"]
 
 
