@@ -36,7 +36,6 @@ import json, sys, time
 from engine.runtime.engine import Engine
 from engine.runtime.policy import Policy
 from engine.runtime.rows import GenerationParams, RowInput
-from engine.runtime.tiers import Tier
 args = json.loads(sys.argv[1])
 policy = Policy.from_percents(args["percent"], gpu_batch_size=args["gbs"], num_gpu_batches=args["nb"],
                               compress_weight=args.get("compress_weight", False),
@@ -53,7 +52,7 @@ print(json.dumps({"tokens_per_s": engine.stats.generated_tokens / elapsed, "seco
                   "prefill_s": b.prefill_s, "disk_read_bytes": b.transfers.get("disk_read", (0, 0))[0],
                   "disk_read_s": b.transfers.get("disk_read", (0, 0))[1], "peak_rss": engine.stats.peak_rss_bytes,
                   "dequantize_s": b.transfers.get("dequantize", (0, 0))[1], "steps": args["gen_len"],
-                  "weights_disk_bytes": engine.weights.bytes_by_tier()[Tier.DISK]}))
+                  "weights_disk_bytes": engine.weights.disk_bytes_per_step()}))
 """
 
 HF_RUN = r"""
@@ -210,8 +209,8 @@ def run_over_capacity(base: dict, disk_percent: str, blocks: list[tuple[int, int
     """Part (b): the engine with weights on disk under `cpu_mem` GiB (page cache dropped before each run)
     and transformers + accelerate disk offload. Where a memory cgroup is possible (root), every run
     is held to `cpu_mem` GiB of process and page cache together, as on a machine with that much RAM:
-    accelerate's `max_memory` (half the limit, leaving it room for activations) places weights but
-    limits nothing, and without the cgroup its offload folder is read back from the page cache.
+    accelerate's `max_memory` (half the limit, leaving it room for activations; a quarter where half is
+    killed) places weights but limits nothing, and without the cgroup its offload folder is read back from the page cache.
     accelerate also runs once without a limit, with `max_memory` = `cpu_mem`, for comparison."""
     percent = [float(x) for x in disk_percent.split()]
     offload = work_dir / "offload"
@@ -222,7 +221,11 @@ def run_over_capacity(base: dict, disk_percent: str, blocks: list[tuple[int, int
                                      "cpu_mem": cpu_mem}, cpu_mem)
         rows.append({"part": "b", "system": "flexjob", "config": f"{gbs}x{nb} {disk_percent}", **r})
         print(rows[-1], flush=True)
-    for max_memory, limit in ((cpu_mem / 2, cpu_mem), (cpu_mem, None)):
+    # Under the limit: max_memory at half of it, and where that is killed (float32 activations and
+    # the loading path need more than half), at a quarter; then once without a limit.
+    for max_memory, limit in ((cpu_mem / 2, cpu_mem), (cpu_mem / 4, cpu_mem), (cpu_mem, None)):
+        if limit is not None and max_memory < cpu_mem / 2 and "killed" not in rows[-1].get("error", ""):
+            continue
         drop_page_cache(Path(base["model"]))
         drop_page_cache(work_dir / "accel")
         r = run_limited(HF_RUN, {**base, "batch": hf_batch, "offload": str(work_dir / "accel"), "cpu_mem": max_memory},
@@ -254,7 +257,7 @@ def roofline(rows: list[dict], cfg, opts) -> None:
         steps = opts.gen_len
         weight_bytes = min(row.get("weights_disk_bytes", row["disk_read_bytes"] / steps),
                            row["disk_read_bytes"] / steps)
-        cache_bytes = row["disk_read_bytes"] - weight_bytes * steps
+        cache_bytes = row["disk_read_bytes"] - weight_bytes * steps  # and the embedding's rows: KiB a step
         # Decode step i (1 .. gen-1) reads the cache of prompt + i positions.
         positions = [opts.prompt_len + i for i in range(1, steps)]
         step_flops = [2 * (body * opts.prompt_len + head) * block_rows] + \

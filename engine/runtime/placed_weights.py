@@ -269,6 +269,12 @@ class PlacedWeights:
         """Bytes of weights each tier holds (compute dtype, or packed when compressed)."""
         return bytes_by_tier(self.store, self.tiers, torch.empty((), dtype=self.dtype).element_size())
 
+    def disk_bytes_per_step(self) -> int:
+        """Bytes a step reads from the disk tier for the weights: each disk tensor once, in whole
+        pages (O_DIRECT), but the lookup tables, of which only the rows a step needs are read."""
+        return sum(align_up(e.nbytes) for layer, tiers in self.tiers.items() for e in self.store.layers[layer]
+                   if tiers[e.name] == Tier.DISK and e.name not in ROW_LOOKUP_TABLES)
+
     def ram_bytes(self) -> int:
         """Bytes of weights held in host RAM (the CPU tier, and the GPU tier when the "GPU" is RAM)."""
         by_tier = self.bytes_by_tier()
