@@ -238,21 +238,30 @@ def run_over_capacity(base: dict, disk_percent: str, blocks: list[tuple[int, int
 
 def roofline(rows: list[dict], cfg, opts) -> None:
     """Per-run roofline, step by step: the sum over the prefill and each decode step of
-    max(disk seconds, FLOPs / FLOP/s), all measured on this host. Disk seconds charge the weights
-    read from the disk tier (once per step) at the read bandwidth of settled files and the KV cache
-    bytes (the rest of what the run read, growing with the position) at that of files read back
-    right after they were written, as the cache is one step later."""
+    max(disk seconds, FLOPs / FLOP/s). Disk seconds charge the weights read from the disk tier (once
+    per step) at the read bandwidth of files that have sat a while and the KV cache (the rest of
+    what the run read, growing with the position) at that of a file read back right after it was
+    written, as the cache is one step later: both probed now, alone on the machine (the profile's
+    figures are taken beside a compute load, for the planner), and never below the rate the run's
+    own reads reached. FLOP/s: the fastest dense matmul the profile saw, the probe's or a row count
+    of its linear-layer table (they differ by up to 40 % on a shared 2-core VM)."""
+    from engine.planning.disk_probes import measure_disk
     from engine.planning.profiler import load_or_measure_profile
-    profile = load_or_measure_profile(opts.work_dir / "offload")
-    flops_per_s = profile.flops("cpu", opts.dtype)
-    settled_bw = profile.disk_read_gbps * 1e9
-    fresh_bw = (profile.disk_read_fresh_gbps or profile.disk_read_gbps) * 1e9
+    from engine.runtime.devices import torch_dtype
+    offload = opts.work_dir / "offload"
+    profile = load_or_measure_profile(offload)
+    element = torch_dtype(opts.dtype).itemsize
+    flops_per_s = max([profile.flops("cpu", opts.dtype)] + [2 * int(rows) / element / s_per_byte for rows, s_per_byte
+                                                            in profile.linear_s_per_byte.items()])
+    probe = measure_disk(offload)
     head = cfg.vocab_size * cfg.embed_dim  # the LM head runs on each row's last position only
     # Multiplied weights per token: not the lookup tables, and the head apart (untied, it is counted)
     body = cfg.param_count() - cfg.lookup_table_param_count() - (0 if cfg.tie_word_embeddings else head)
     for row in rows:
         if row["part"] != "b" or row["system"] != "flexjob" or "error" in row:
             continue
+        seen = row["disk_read_bytes"] / row["disk_read_s"] if row.get("disk_read_s") else 0.0
+        settled_bw, fresh_bw = max(probe.read_gbps * 1e9, seen), max(probe.fresh_read_gbps * 1e9, seen)
         block_rows = int(row["config"].split("x")[0]) * int(row["config"].split("x")[1].split()[0])
         steps = opts.gen_len
         weight_bytes = min(row.get("weights_disk_bytes", row["disk_read_bytes"] / steps),
@@ -262,15 +271,15 @@ def roofline(rows: list[dict], cfg, opts) -> None:
         positions = [opts.prompt_len + i for i in range(1, steps)]
         step_flops = [2 * (body * opts.prompt_len + head) * block_rows] + \
                      [2 * (body + head) * block_rows] * len(positions)
-        step_cache = [0.0] + [cache_bytes * p / sum(positions) for p in positions] if positions else [0.0]
-        per_step = [max(weight_bytes / settled_bw + c / fresh_bw, f / flops_per_s)
-                    for f, c in zip(step_flops, step_cache)]
+        step_io = [weight_bytes / settled_bw] + [weight_bytes / settled_bw + cache_bytes * p / sum(positions) / fresh_bw
+                                                 for p in positions]
+        per_step = [max(io, f / flops_per_s) for io, f in zip(step_io, step_flops)]
         row["roofline_s"] = sum(per_step)
         row["roofline_fraction"] = row["roofline_s"] / row["seconds"] if row["seconds"] else None
-        row["roofline_disk_bound_steps"] = sum(
-            weight_bytes / settled_bw + c / fresh_bw > f / flops_per_s for f, c in zip(step_flops, step_cache))
-        row.update(measured_read_gbps=profile.disk_read_gbps, measured_fresh_read_gbps=fresh_bw / 1e9,
-                   measured_flops=flops_per_s, weights_read_bytes=weight_bytes * steps, cache_read_bytes=cache_bytes)
+        row["roofline_disk_bound_steps"] = sum(io > f / flops_per_s for io, f in zip(step_io, step_flops))
+        row.update(measured_read_gbps=settled_bw / 1e9, measured_fresh_read_gbps=fresh_bw / 1e9,
+                   measured_flops=flops_per_s, weights_read_bytes=weight_bytes * steps, cache_read_bytes=cache_bytes,
+                   roofline_prefill_s=per_step[0])
 
 
 def summarise(rows: list[dict], opts) -> None:

@@ -29,7 +29,7 @@ LINK_FIELDS = {
 }
 
 PROFILE_HINT = "write one with engine.planning.profiler.measure_profile(...).save(FILE), or by hand"
-PROFILE_VERSION = 9  # a stored profile of another version is measured again: its fields mean other things
+PROFILE_VERSION = 8  # a stored profile of another version is measured again: its fields mean other things
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,9 +47,6 @@ class HardwareProfile:
 
     # Bandwidths, GB/s.
     disk_read_gbps: float = 1.0
-    # A file read back right after it was written (a KV cache on disk is read one step later): on
-    # a VM the host may still cache it and serve it faster; 0: not measured, as disk_read_gbps.
-    disk_read_fresh_gbps: float = 0.0
     disk_write_gbps: float = 1.0
     disk_read_latency_s: float = 0.0     # one small uncached read: the floor of every disk read
     disk_sync_latency_s: float = 0.0     # one small write + fdatasync (the engine syncs what it writes)

@@ -120,7 +120,6 @@ def _measure_probes(disk_dir: str | Path, *, disk_bytes: int | None, seconds_per
         created_at=time.time(), disk_dir=str(disk_dir.resolve()), disk_read_method=disk.method,
         compute_dtype=dtype_name(dtype),
         disk_read_gbps=disk.read_gbps, disk_write_gbps=disk.write_gbps, disk_read_latency_s=read_lat,
-        disk_read_fresh_gbps=disk.fresh_read_gbps,
         disk_sync_latency_s=sync_lat,
         cpu_mem_gbps=weight_stream_gbps(seconds_per_test, dtype=cpu_dtype),
         cpu_attention_gbps=cpu_attention_gbps(seconds_per_test, dtype=cpu_dtype),

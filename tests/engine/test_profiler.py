@@ -18,7 +18,6 @@ def test_short_real_measurement_is_stored_and_reused(tmp_path):
     home, disk = tmp_path / "home", tmp_path / "disk"
     prof = load_or_measure_profile(disk, home=home, **FAST)
     assert prof.disk_read_gbps > 0 and prof.disk_write_gbps > 0 and prof.cpu_mem_gbps > 0
-    assert prof.disk_read_fresh_gbps > 0
     assert prof.cpu_attention_gbps > 0 and prof.dequant_gbps > 0 and prof.op_overhead_s > 0
     assert prof.disk_read_latency_s >= 0 and prof.disk_sync_latency_s > 0
     assert prof.convert_gbps > 0 or prof.compute_dtype == "float16"
