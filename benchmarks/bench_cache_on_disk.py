@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import RESULTS, ROOT, run_child  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-from benchmarks.suite_config import cpu_flags  # noqa: E402
+from benchmarks.suite_config import present_flags  # noqa: E402
 
 CHILD = r"""
 import concurrent.futures as cf, json, os, sys, threading, time
@@ -106,7 +106,7 @@ def main() -> None:
             runs.setdefault(name, []).append(run(args, percents, overlap))
             print(f"round {round_index + 1}: {name}: {runs[name][-1]}", flush=True)
     medians = {name: {c: statistics.median(r[c] for r in rs) for c in COLUMNS} for name, rs in runs.items()}
-    flags = " ".join(flag for flag, present in cpu_flags().items() if present)
+    flags = present_flags()
     print(f"\nCPU flags: {flags}; {args.rounds} rounds, medians; prompt 128, gen {args.gen_len}")
     print("| policy | " + " | ".join(COLUMNS) + " |")
     print("|---|" + "---|" * len(COLUMNS))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import ENGINE_RUN, ROOT, RESULTS, drop_page_cache, run_child  # noqa: E402
+from suite_config import present_flags  # noqa: E402
 
 CASES = {  # name -> (gpu_batch_size, num_gpu_batches, percents)
     "32x1 in RAM": (32, 1, [100, 0, 100, 0, 100, 0]),
@@ -27,14 +27,6 @@ CASES = {  # name -> (gpu_batch_size, num_gpu_batches, percents)
     "8x1 in RAM": (8, 1, [100, 0, 100, 0, 100, 0]),
     "32x2 weights 50% on disk": (32, 2, [0, 50, 100, 0, 100, 0]),
 }
-
-
-def cpu_flags() -> str:
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return platform.processor()
-    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
 
 
 def export(rev: str, into: Path) -> Path:
@@ -72,7 +64,7 @@ def main() -> None:
                 measured.setdefault((name, label), []).append(r["tokens_per_s"])
                 print(f"{label:6} {name:28} {r['tokens_per_s']:7.2f} tokens/s", flush=True)
     rows = []
-    print(f"\nCPU: {cpu_flags()}; dtype {opts.dtype}; prompt {opts.prompt_len}, gen {opts.gen_len}\n")
+    print(f"\nCPU: {present_flags()}; dtype {opts.dtype}; prompt {opts.prompt_len}, gen {opts.gen_len}\n")
     print("| case | before tokens/s | after tokens/s | after / before |\n|---|---|---|---|")
     for name in opts.cases.split(","):
         before, after = (statistics.median(measured[name, k]) for k in ("before", "after"))
@@ -80,7 +72,7 @@ def main() -> None:
         print(f"| {name} | {before:.2f} | {after:.2f} | {after / before:.2f} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "invariance_cost.json").write_text(json.dumps(
-        {"cpu": cpu_flags(), "dtype": opts.dtype, "before": opts.before, "rows": rows}, indent=1))
+        {"cpu": present_flags(), "dtype": opts.dtype, "before": opts.before, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

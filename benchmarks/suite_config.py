@@ -104,6 +104,11 @@ def cpu_flags() -> dict[str, bool]:
     return {flag: flag in flags for flag in CPU_FLAGS}
 
 
+def present_flags() -> str:
+    """The flags of CPU_FLAGS this CPU has, space-separated (for a report's heading)."""
+    return " ".join(flag for flag, present in cpu_flags().items() if present)
+
+
 def host_facts() -> dict:
     """Host name, CPU model, core count and flags: the context every figure needs."""
     model = ""
