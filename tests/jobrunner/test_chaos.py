@@ -55,9 +55,13 @@ def test_random_kills_and_a_stall_lose_and_duplicate_nothing(tmp_path, tiny_mode
     while store.get_job(db, job.id).status != JobStatus.COMPLETED and time.monotonic() < deadline:
         time.sleep(rng.uniform(0.3, 1.2))  # kills come faster than a replacement worker starts
         running = [w for w in workers if w.poll() is None and w is not stalled]
-        if kills < KILLS and running:
-            victim = rng.choice(running)
-            holder_kills += victim.pid in holding(db, job.id)
+        # The first kill waits for a worker that holds a shard (on a slow host the kills would
+        # otherwise all land on workers still starting); the others fall at random.
+        held = holding(db, job.id)
+        victims = running if holder_kills else [w for w in running if w.pid in held]
+        if kills < KILLS and victims:
+            victim = rng.choice(victims)
+            holder_kills += victim.pid in held
             victim.send_signal(signal.SIGKILL)
             victim.wait()
             kills += 1
