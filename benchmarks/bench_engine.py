@@ -221,11 +221,8 @@ def run_over_capacity(base: dict, disk_percent: str, blocks: list[tuple[int, int
                                      "cpu_mem": cpu_mem}, cpu_mem)
         rows.append({"part": "b", "system": "flexjob", "config": f"{gbs}x{nb} {disk_percent}", **r})
         print(rows[-1], flush=True)
-    # Under the limit: max_memory at half of it, and where that is killed (float32 activations and
-    # the loading path need more than half), at a quarter; then once without a limit.
-    for max_memory, limit in ((cpu_mem / 2, cpu_mem), (cpu_mem / 4, cpu_mem), (cpu_mem, None)):
-        if limit is not None and max_memory < cpu_mem / 2 and "killed" not in rows[-1].get("error", ""):
-            continue
+
+    def accelerate(max_memory: float, limit: float | None) -> dict:
         drop_page_cache(Path(base["model"]))
         drop_page_cache(work_dir / "accel")
         r = run_limited(HF_RUN, {**base, "batch": hf_batch, "offload": str(work_dir / "accel"), "cpu_mem": max_memory},
@@ -233,6 +230,13 @@ def run_over_capacity(base: dict, disk_percent: str, blocks: list[tuple[int, int
         rows.append({"part": "b", "system": "transformers+accelerate",
                      "config": f"batch {hf_batch} max_memory {max_memory:g}GiB, limit {r['memory_limit']}", **r})
         print(rows[-1], flush=True)
+        return r
+
+    # Under the limit: max_memory at half of it, and where that is killed (float32 activations and
+    # the loading path need more than half), at a quarter; then once without a limit.
+    if "killed" in accelerate(cpu_mem / 2, cpu_mem).get("error", ""):
+        accelerate(cpu_mem / 4, cpu_mem)
+    accelerate(cpu_mem, None)
     return rows
 
 
@@ -264,8 +268,7 @@ def roofline(rows: list[dict], cfg, opts) -> None:
         settled_bw, fresh_bw = max(probe.read_gbps * 1e9, seen), max(probe.fresh_read_gbps * 1e9, seen)
         block_rows = int(row["config"].split("x")[0]) * int(row["config"].split("x")[1].split()[0])
         steps = opts.gen_len
-        weight_bytes = min(row.get("weights_disk_bytes", row["disk_read_bytes"] / steps),
-                           row["disk_read_bytes"] / steps)
+        weight_bytes = min(row["weights_disk_bytes"], row["disk_read_bytes"] / steps)
         cache_bytes = row["disk_read_bytes"] - weight_bytes * steps  # and the embedding's rows: KiB a step
         # Decode step i (1 .. gen-1) reads the cache of prompt + i positions.
         positions = [opts.prompt_len + i for i in range(1, steps)]

@@ -33,8 +33,8 @@ def test_quick_cpu_suite_writes_markdown_json_and_plots_with_a_measured_row_per_
         assert part["error"] is None and part["skipped"] is None, name
         assert any((row.get("tokens_per_s") or 0) > 0 for row in part["rows"]), name
     assert set(report["host"]["flags"]) == {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
-    # The disk part's roofline splits what the run read into its weights (each disk-tier weight once
-    # per step, the zig-zag schedule's promise, for all micro-batches of the block) and its KV cache.
+    # The disk part's roofline splits what the run read into its weights (every disk-tier weight
+    # charged once per step: the run read at least that much) and the rest, its KV cache.
     (ours,) = [r for r in report["parts"]["disk"]["rows"] if r["system"] == "flexjob"]
     steps = ours["steps"]
     assert ours["weights_disk_bytes"] > 0 and ours["cache_read_bytes"] > 0
