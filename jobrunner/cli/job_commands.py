@@ -105,6 +105,7 @@ def work_command(percent, gpu_batch_size, num_gpu_batches, gpu_mem, cpu_mem, off
     """
     from jobrunner.worker.loop import PlainReporter, Worker, WorkerConfig
     from jobrunner.worker.replan import ProfileReplanner, stored_profile
+    from jobrunner.worker.store_retry import StoreRetry
 
     explicit = (percent or gpu_batch_size is not None or num_gpu_batches is not None or compress_weight
                 or compress_cache or cpu_cache_compute)
@@ -122,7 +123,9 @@ def work_command(percent, gpu_batch_size, num_gpu_batches, gpu_mem, cpu_mem, off
     replanner = (ProfileReplanner(hardware, gpu_mem_gib=gpu_mem, cpu_mem_gib=cpu_mem)
                  if replan and hardware is not None else None)
     reporter = _RichReporter() if sys.stderr.isatty() else PlainReporter()
-    summary = Worker(_open(db), config, reporter=reporter, replanner=replanner).run()
+    # A worker outlives a store that is restarting as it starts, as it does one that drops later.
+    store_engine = StoreRetry(budget_s=lease_s, report=reporter.message)(_open, db)
+    summary = Worker(store_engine, config, reporter=reporter, replanner=replanner).run()
     click.echo(f"worker stopped ({summary.stopped_by}): {summary.shards_done} shards, {summary.rows_done} rows, "
                f"{summary.tokens} tokens", err=True)
     if summary.stopped_by == "signal":

@@ -25,9 +25,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, InterfaceError, NoSuchModuleError, OperationalError
 
-from jobrunner.errors import UserError
+from jobrunner.errors import StoreUnreachable, UserError
 from jobrunner.home import default_store_path
 
 ENV_VAR = "FLEXJOB_DB"
@@ -170,9 +170,9 @@ def migrate_to_head(engine: Engine) -> None:
     head = script.get_current_head()
     try:
         current = schema_revision(engine)
-    except OperationalError as exc:
-        raise UserError(f"cannot open database {describe_url(engine)}: {exc.orig}",
-                        "check the --db URL / FLEXJOB_DB and that the server is running") from None
+    except (OperationalError, InterfaceError) as exc:
+        raise StoreUnreachable(f"cannot open database {describe_url(engine)}: {exc.orig}",
+                               "check the --db URL / FLEXJOB_DB and that the server is running") from None
     if current == head:
         return
     known = {rev.revision for rev in script.walk_revisions()}

@@ -18,9 +18,11 @@ from typing import ParamSpec, TypeVar
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from jobrunner.errors import StoreUnreachable
+
 P = ParamSpec("P")
 R = TypeVar("R")
-TRANSIENT = (OperationalError, InterfaceError)
+TRANSIENT = (OperationalError, InterfaceError, StoreUnreachable)  # the last: a drop while opening
 BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)  # then 8 s between tries
 
 

@@ -51,9 +51,13 @@ def test_random_kills_and_a_stall_lose_and_duplicate_nothing(tmp_path, tiny_mode
     workers = [start_worker(url, tmp_path) for _ in range(2)]
     kills = holder_kills = 0
     stalled: subprocess.Popen | None = None
+    stall_ends = 0.0  # while set, the stalled worker is stopped and two others run beside it
     deadline = time.monotonic() + 800
     while store.get_job(db, job.id).status != JobStatus.COMPLETED and time.monotonic() < deadline:
         time.sleep(rng.uniform(0.3, 1.2))  # kills come faster than a replacement worker starts
+        if stall_ends and time.monotonic() >= stall_ends:
+            stalled.send_signal(signal.SIGCONT)
+            stall_ends = 0.0
         running = [w for w in workers if w.poll() is None and w is not stalled]
         # The first kill waits for a worker that holds a shard (on a slow host the kills would
         # otherwise all land on workers still starting); the others fall at random.
@@ -68,11 +72,14 @@ def test_random_kills_and_a_stall_lose_and_duplicate_nothing(tmp_path, tiny_mode
         elif stalled is None and running and holding(db, job.id) & {w.pid for w in running}:
             stalled = next(w for w in running if w.pid in holding(db, job.id))
             stalled.send_signal(signal.SIGSTOP)
-            time.sleep(STALL_S)
-            stalled.send_signal(signal.SIGCONT)
+            stall_ends = time.monotonic() + STALL_S
+        # Workers keep coming during the stall: one of them takes the shard over once its lease has
+        # run out (before that its holder counts as live and an idle worker exits).
         workers = [w for w in workers if w.poll() is None]
-        while len(workers) < 2:
+        while len([w for w in workers if not (stall_ends and w is stalled)]) < 2:
             workers.append(start_worker(url, tmp_path))
+    if stall_ends:  # the job was finished by others while it was stopped
+        stalled.send_signal(signal.SIGCONT)
     for w in workers:
         w.wait(timeout=120)
     assert store.get_job(db, job.id).status == JobStatus.COMPLETED

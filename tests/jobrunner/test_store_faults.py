@@ -137,3 +137,33 @@ def test_a_worker_rides_out_a_store_that_is_unreachable_for_a_while(tmp_path, pg
     reference = enqueue(clean, prompts, model_dir=tiny_model, params=params, shard_rows=3).job
     run_worker(clean, block=3)
     assert got == read_results(write_results(clean, reference.id, tmp_path / "clean.parquet").path)
+
+
+@pytest.mark.slow
+def test_a_worker_started_while_the_store_is_down_waits_for_it(tmp_path, pg_url, tiny_model):
+    """The server is unreachable as the worker opens the store: it says so, retries, and once the
+    network is back it does the whole job (instead of exiting with 'cannot open database')."""
+    proxy = TcpProxy(("127.0.0.1", 5432))
+    url = pg_url.replace("@127.0.0.1:5432/", f"@127.0.0.1:{proxy.port}/")
+    db = open_store(pg_url)
+    job = enqueue(db, write_prompts(tmp_path / "p.parquet", SAMPLE_PROMPTS), model_dir=tiny_model,
+                  params=JobParams(max_new_tokens=4), shard_rows=3).job
+    proxy.cut()
+    proc = subprocess.Popen(flexjob_command("work", "--db", url, "--exit-when-idle", "--gpu-batch-size", 3,
+                                            "--lease", 30, "--offload-dir", tmp_path / "offload"),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        before = []
+        for line in proc.stdout:  # until the worker has tried and failed to open the store
+            before.append(line)
+            if "job store unreachable" in line:
+                break
+        proxy.restore()
+        after, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, "".join(before) + after
+    assert "cannot open database" in before[-1] and "reachable again" in after
+    assert store.get_job(db, job.id).status == JobStatus.COMPLETED
+    assert store.get_job(db, job.id).done_rows == len(SAMPLE_PROMPTS)
