@@ -32,11 +32,12 @@ import threading
 
 import torch
 
-from engine.model import int4_matmul
+from engine.model import int4_matmul, packed_weight
+from engine.model.packed_weight import PackedWeight
 from engine.model.kernel_shapes import QUERIES_PER_CALL, chunk_plan, key_capacity, query_plan, rows_per_call
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | int4_matmul.Int4Weight,
+def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight | int4_matmul.Int4Weight,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear whose rows do not depend on how many rows share the call. x: [..., K] -> [..., N].
     A 4-bit weight in the fused kernel's layout runs on that kernel (engine.model.int4_matmul)."""
@@ -59,12 +60,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor | int4_matmul.Int4Weight,
     return out[:m].view(*lead, weight.shape[0])
 
 
-def library_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+def library_linear(rows: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None,
                    into: torch.Tensor | None = None) -> torch.Tensor:
     """One call of the math library: rows [M, K] @ weight [N, K].T (+ bias). float32 on the CPU goes
     to oneDNN where torch has it: MKL's sgemm, torch's default there, ran a 32-row decode matmul at
     48-68 GFLOP/s where oneDNN ran 104-112 (2-vCPU AVX2 Zen2), and a 4096-row prefill 1.1-1.25x
-    slower. Other dtypes keep torch.mm (bfloat16 on a CPU with native bf16 runs on oneDNN there)."""
+    slower. Other dtypes keep torch.mm (bfloat16 on a CPU with native bf16 runs on oneDNN there).
+    A packed weight (pack_for_cpu) goes to oneDNN as it is."""
+    if isinstance(weight, PackedWeight):
+        out = packed_weight.linear(rows, weight, bias)
+        return out if into is None else into.copy_(out)
     if rows.dtype == torch.float32 and rows.device.type == "cpu" and _onednn_fp32():
         out = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
         return out if into is None else into.copy_(out)
@@ -90,6 +95,24 @@ def _onednn_fp32() -> bool:
     return got.shape == (8, 32) and torch.allclose(got, x @ w.t(), rtol=1e-4, atol=1e-4)
 
 
+def pack_for_cpu(weight: torch.Tensor) -> torch.Tensor | PackedWeight:
+    """A matrix that stays in RAM, in the layout the library would otherwise reorder it into on
+    every call (engine.model.packed_weight), where that gives every row the plain weight's numbers
+    at the reference call size (checked once per shape, dtype and thread count); else `weight`."""
+    if not packed_weight.packable(weight):
+        return weight
+    key = ("packed", tuple(weight.shape), weight.dtype, torch.get_num_threads())
+    if key not in _AGREEMENT:
+        gen = torch.Generator().manual_seed(weight.shape[0] * 31 + weight.shape[1])
+        plain = torch.randn(tuple(weight.shape), generator=gen).to(weight.dtype)
+        bias = torch.randn(weight.shape[0], generator=gen).to(weight.dtype)
+        rows = torch.randn(rows_per_call(str(weight.dtype).removeprefix("torch.")), weight.shape[1],
+                           generator=gen).to(weight.dtype)
+        _AGREEMENT[key] = torch.equal(library_linear(rows, packed_weight.pack(plain), bias),
+                                      library_linear(rows, plain, bias))
+    return packed_weight.pack(weight) if _AGREEMENT[key] else weight
+
+
 _AGREEMENT: dict[tuple, bool] = {}
 
 
@@ -97,7 +120,8 @@ def _agrees(size: int, ref: int, weight: torch.Tensor, bias: torch.Tensor | None
     """Whether calls of `size` rows give every row bit for bit what calls of `ref` rows give, for this
     weight's shape, dtype and device (checked once, on random rows: a library that picks another
     kernel or another reduction order for the other size shows it in nearly every row)."""
-    key = (size, ref, tuple(weight.shape), weight.dtype, weight.device, bias is not None, torch.get_num_threads())
+    key = (size, ref, type(weight), tuple(weight.shape), weight.dtype, weight.device, bias is not None,
+           torch.get_num_threads())
     if key not in _AGREEMENT:
         gen = torch.Generator().manual_seed(size)
         x = torch.randn(ref, weight.shape[1], generator=gen).to(weight.device, weight.dtype)

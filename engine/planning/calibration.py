@@ -21,7 +21,7 @@ import torch
 
 from engine.model.checkpoint import layer_tensor_specs
 from engine.model.families import family_math
-from engine.model.kernels import attend_aligned
+from engine.model.kernels import attend_aligned, pack_for_cpu
 from engine.model.config import layer_tensor_shapes, preset
 from engine.planning.cost_inputs import Placement, Shape
 from engine.planning.cost_time import phase_terms
@@ -38,7 +38,14 @@ ROUNDS = 3
 
 def _layer_weights(cfg, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     # Values do not matter for timing (and filling is fast); LayerNorm gains of 0.01 are harmless.
-    return {name: torch.full(shape, 0.01, device=device, dtype=dtype) for name, shape in layer_tensor_shapes(cfg)}
+    return _as_resident({name: torch.full(shape, 0.01, device=device, dtype=dtype)
+                         for name, shape in layer_tensor_shapes(cfg)})
+
+
+def _as_resident(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The matrices as the engine holds weights that stay in RAM on a CPU (packed once,
+    engine.model.packed_weight): a compute-bound run is one whose weights stay there."""
+    return {name: pack_for_cpu(t) if t.dim() == 2 else t for name, t in weights.items()}
 
 
 def _layer_step(cfg, w, h: torch.Tensor, cache: AlignedPairs, start: int) -> torch.Tensor:
@@ -126,5 +133,5 @@ def _cache(cfg, rows: int, max_len: int, device: torch.device, dtype: torch.dtyp
 
 
 def _head_weights(cfg, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {name: torch.full(shape, 0.01, device=device, dtype=dtype)
-            for name, shape in layer_tensor_specs(cfg, "head")}
+    return _as_resident({name: torch.full(shape, 0.01, device=device, dtype=dtype)
+                         for name, shape in layer_tensor_specs(cfg, "head")})

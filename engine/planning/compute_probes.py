@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.model.kernels import attend_aligned, library_linear
+from engine.model.kernels import attend_aligned, library_linear, pack_for_cpu
 from engine.planning.timing import sync_for, timed
 
 
@@ -34,7 +34,8 @@ def linear_table(device: str, dtype: torch.dtype, seconds: float = 0.25) -> dict
     GFLOP/s at 32 rows, 590 at 128, 1080 at 2048: a single peak FLOP/s and a single bandwidth
     (the roofline) predict a 32-row decode matmul twice too fast."""
     k, n = 2048, 8192
-    weights = [torch.full((n, k), 0.01, device=device, dtype=dtype) for _ in range(8)]  # 8 x 32 MiB in bf16
+    # 8 x 32 MiB in bf16, held as the engine holds weights that stay in RAM (packed on a CPU).
+    weights = [pack_for_cpu(torch.full((n, k), 0.01, device=device, dtype=dtype)) for _ in range(8)]
     table = {}
     with torch.inference_mode():
         for rows in LINEAR_ROWS:
@@ -44,7 +45,7 @@ def linear_table(device: str, dtype: torch.dtype, seconds: float = 0.25) -> dict
             def run(x=x, used=used):
                 for w in used:
                     library_linear(x, w)
-            nbytes = sum(w.numel() * w.element_size() for w in used)
+            nbytes = len(used) * n * k * x.element_size()
             table[str(rows)] = timed(run, seconds, sync_for(device)) / nbytes
     return table
 

@@ -20,6 +20,8 @@ import torch
 
 from engine.model import int4_matmul
 from engine.model.int4_matmul import Int4Weight
+from engine.model.kernels import pack_for_cpu
+from engine.model.packed_weight import PackedWeight
 from engine.runtime.int4_files import KernelLayoutFiles, Span, spans
 from engine.runtime.compression import QuantizedTensor, dequantize, from_bytes, row_sections
 from engine.model.config import ModelConfig
@@ -32,7 +34,7 @@ from engine.model.checkpoint import TensorEntry, WeightStore, layer_names
 
 # What the math receives per tensor name: a tensor, packed 4-bit codes (a lookup table), or a
 # function from row ids to rows (a lookup table that stays where it is).
-LayerTensor = Union[torch.Tensor, QuantizedTensor, Int4Weight, Callable[[torch.Tensor], torch.Tensor]]
+LayerTensor = Union[torch.Tensor, QuantizedTensor, Int4Weight, PackedWeight, Callable[[torch.Tensor], torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -109,9 +111,14 @@ class PlacedWeights:
         self.disk.read_into(self._kernel_files.path(layer), span.offset, buf)
         return buf
 
-    def _held(self, entry: TensorEntry, t: torch.Tensor) -> torch.Tensor | Int4Weight:
-        """What a resident tensor is kept as: the fused kernel's operands (repacked once) or `t`."""
-        return self._repacked(entry, t) if self._fused(entry) else t
+    def _held(self, entry: TensorEntry, t: torch.Tensor) -> torch.Tensor | Int4Weight | PackedWeight:
+        """What a resident tensor is kept as: the fused kernel's operands (repacked once), a matrix
+        in the layout the CPU's math library would reorder it into on every call (packed once), or `t`."""
+        if self._fused(entry):
+            return self._repacked(entry, t)
+        if self.device.type == "cpu" and not entry.compressed and entry.name not in ROW_LOOKUP_TABLES:
+            return pack_for_cpu(t)
+        return t
 
     def _repacked(self, entry: TensorEntry, packed: torch.Tensor) -> Int4Weight:
         """Stored 4-bit bytes -> the fused kernel's operands (timed like a dequantisation)."""
@@ -121,8 +128,8 @@ class PlacedWeights:
         self.stats.add(DEQUANTIZE, weight.packed.numel(), time.perf_counter() - started)
         return weight
 
-    def _place(self, t: torch.Tensor | Int4Weight, tier: Tier) -> torch.Tensor | Int4Weight:
-        if isinstance(t, Int4Weight):
+    def _place(self, t: torch.Tensor | Int4Weight | PackedWeight, tier: Tier) -> torch.Tensor | Int4Weight | PackedWeight:
+        if isinstance(t, (Int4Weight, PackedWeight)):
             return t  # only made for a CPU compute device, where both memory tiers are RAM
         if tier == Tier.GPU:
             return t.to(self.device)
@@ -222,7 +229,7 @@ class PlacedWeights:
         stored bytes just read (`raw`) or from its resident copy."""
         if raw is None:
             held = self.resident[layer][entry.name]
-            if isinstance(held, Int4Weight):
+            if isinstance(held, (Int4Weight, PackedWeight)):
                 return held
             if entry.compressed:
                 return self._ready(entry, held, self._slot(layer))
