@@ -86,16 +86,20 @@ def sweep(opts: argparse.Namespace) -> tuple[list[dict], str, object]:
     from engine.model.config import load_config
     from engine.runtime.policy import Policy
     from engine.planning.profiler import load_or_measure_profile
-    from jobrunner.worker.replan import plan_for_this_process
+    from engine.planning.planner import plan
+    from jobrunner.worker.replan import worker_reserved_gib
 
     cfg = load_config(opts.model)
     offload = opts.work_dir / "offload"
     offload.mkdir(parents=True, exist_ok=True)
     dtype = default_dtype_name()
     hw = load_or_measure_profile(offload, refresh=opts.refresh_profile, model=cfg)
-    planned = plan_for_this_process(cfg, hw, gpu_mem_gib=None, cpu_mem_gib=opts.cpu_mem, gen_len=opts.gen_len,
-                                    prompt_len=opts.prompt_len, max_block_size=opts.max_block,
-                                    allow_compression=opts.compression)
+    # Planned for the fresh worker process each policy runs in (as `flexjob plan` does), not for this
+    # one, which holds the profile's and the calibration's leftovers.
+    planned = plan(cfg, hw, gpu_mem_gib=None, cpu_mem_gib=opts.cpu_mem, gen_len=opts.gen_len,
+                   prompt_len=opts.prompt_len, max_block_size=opts.max_block,
+                   compress_options=(False, True) if opts.compression else (False,),
+                   cpu_reserved_gib=worker_reserved_gib())
     pp = planned.policy
     candidates = [(name, Policy.from_percents(pct, gpu_batch_size=gbs, num_gpu_batches=nb, compress_weight=cw))
                   for name, pct, gbs, nb, cw in HAND_WRITTEN] + [("planner", pp)]

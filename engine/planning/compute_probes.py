@@ -28,14 +28,16 @@ def matmul_flops(device: str, dtype: torch.dtype, seconds: float = 0.25) -> floa
 LINEAR_ROWS = (1, 8, 32, 128, 512, 2048)
 
 
-def linear_table(device: str, dtype: torch.dtype, seconds: float = 0.25) -> dict[str, float]:
+def linear_table(device: str, dtype: torch.dtype, seconds: float = 0.25, *, packed: bool = True) -> dict[str, float]:
     """Seconds per weight byte of the engine's linear call at several row counts, cycling through
     weights that do not fit in the caches. Measured here (bf16, 2 vCPU Zen4): 17 GB/s of weights at 1 row, 367
     GFLOP/s at 32 rows, 590 at 128, 1080 at 2048: a single peak FLOP/s and a single bandwidth
     (the roofline) predict a 32-row decode matmul twice too fast."""
     k, n = 2048, 8192
-    # 8 x 32 MiB in bf16, held as the engine holds weights that stay in RAM (packed on a CPU).
-    weights = [pack_for_cpu(torch.full((n, k), 0.01, device=device, dtype=dtype)) for _ in range(8)]
+    # 8 x 32 MiB in bf16, held as the engine holds weights that stay in RAM (packed on a CPU), or
+    # as it multiplies those streamed from disk (plain).
+    hold = pack_for_cpu if packed else (lambda w: w)
+    weights = [hold(torch.full((n, k), 0.01, device=device, dtype=dtype)) for _ in range(8)]
     table = {}
     with torch.inference_mode():
         for rows in LINEAR_ROWS:

@@ -46,14 +46,15 @@ def _compute_bw(hw: HardwareProfile) -> float:
     return (hw.gpu_mem_gbps if hw.has_gpu else hw.cpu_mem_gbps) * GB
 
 
-def _matmul_time(hw: HardwareProfile, flops: float, weight_bytes: float, *, rows: float, calls: int) -> float:
+def _matmul_time(hw: HardwareProfile, flops: float, weight_bytes: float, *, rows: float, calls: int,
+                 streamed: bool = False) -> float:
     """`calls` linear layers of `rows` input rows over `weight_bytes` (compute dtype) each, `flops` in
     all. The engine's batch-invariant linear sends the rows in chunks of fixed sizes (the last one
     padded), each chunk one library call that streams the weights: the profile's measured table at
     each chunk's row count where there is one, else the roofline (the slower of doing the padded
     FLOPs and streaming the weights from device memory once per chunk)."""
     plan = linear_calls(rows, hw.compute_dtype)
-    measured = [hw.linear_seconds(chunk_rows, weight_bytes) for _, chunk_rows in plan]
+    measured = [hw.linear_seconds(chunk_rows, weight_bytes, streamed=streamed) for _, chunk_rows in plan]
     if None not in measured:
         return calls * sum(chunks * seconds for (chunks, _), seconds in zip(plan, measured))
     chunks = sum(n for n, _ in plan)
@@ -83,8 +84,11 @@ def _weight_and_activation_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape,
     c_to_g = c_to_g + act * (x.hc + x.hd) * r.c2g
     g_to_c = act * (x.hc + x.hd) * r.g2c
     dense_flops = 2 * sh.block_size * tokens * cfg.layer_param_count()
-    compute = (_matmul_time(hw, dense_flops, z.w16, rows=sh.gpu_batch_size * tokens, calls=sh.num_gpu_batches)
-               + sh.num_gpu_batches * OPS_PER_LAYER * hw.op_overhead_s)
+    rows, calls = sh.gpu_batch_size * tokens, sh.num_gpu_batches
+    held = _matmul_time(hw, dense_flops, z.w16, rows=rows, calls=calls)
+    # A CPU engine multiplies the matrices it streams from disk unpacked, at their own rate.
+    streamed = _matmul_time(hw, dense_flops, z.w16, rows=rows, calls=calls, streamed=True) if not gpu else held
+    compute = held + (streamed - held) * ws.layers_on_disk + calls * OPS_PER_LAYER * hw.op_overhead_s
     return {"disk": disk, "cpu_to_gpu": c_to_g, "gpu_to_cpu": g_to_c, "compute": compute}
 
 

@@ -71,6 +71,9 @@ class HardwareProfile:
     # of input rows ("1", "32", ...), weights beyond the caches. Decode micro-batches sit between the
     # memory roofline and peak FLOP/s, where kernels reach neither; empty: the cost model's roofline.
     linear_s_per_byte: dict[str, float] = field(default_factory=dict)
+    # The same for a matrix streamed from disk, which the CPU engine multiplies unpacked (the table
+    # above is for matrices held in RAM, packed once: engine.model.packed_weight); empty: the same.
+    linear_streamed_s_per_byte: dict[str, float] = field(default_factory=dict)
     # Measured / predicted compute time of the engine's own decoder layer, by phase ("prefill",
     # "decode"): what the kernels measured alone leave out (engine.planning.calibration); empty: 1.
     compute_scale: dict[str, float] = field(default_factory=dict)
@@ -112,13 +115,14 @@ class HardwareProfile:
             return min(by_dtype.values())
         return 1e11
 
-    def linear_seconds(self, rows: float, weight_bytes: float) -> float | None:
+    def linear_seconds(self, rows: float, weight_bytes: float, *, streamed: bool = False) -> float | None:
         """Seconds of one linear layer over `rows` input rows and `weight_bytes` of weights, from the
         measured table (log-linear between row counts; beyond the largest, time grows with the rows:
-        compute-bound); None without a table."""
-        if not self.linear_s_per_byte:
+        compute-bound) of matrices held in memory, or `streamed` from disk; None without a table."""
+        table = (streamed and self.linear_streamed_s_per_byte) or self.linear_s_per_byte
+        if not table:
             return None
-        points = sorted((float(m), t) for m, t in self.linear_s_per_byte.items())
+        points = sorted((float(m), t) for m, t in table.items())
         rows = max(float(rows), points[0][0])
         if rows >= points[-1][0]:
             return weight_bytes * points[-1][1] * rows / points[-1][0]

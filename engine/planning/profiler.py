@@ -127,6 +127,7 @@ def _measure_probes(disk_dir: str | Path, *, disk_bytes: int | None, seconds_per
         convert_gbps=convert_gbps(dtype, seconds_per_test) if dtype != torch.float16 else 0.0,
         matmul_flops=flops, op_overhead_s=op_overhead_s(device, dtype),
         linear_s_per_byte=linear_table(device, dtype, seconds_per_test),
+        linear_streamed_s_per_byte=linear_table(device, dtype, seconds_per_test, packed=False) if device == "cpu" else {},
         cpu_mem_gib=psutil.virtual_memory().total / 2 ** 30,
         disk_free_gib=shutil.disk_usage(disk_dir).free / 2 ** 30, **fields)
     scale = measure_compute_scale(prof, device, dtype,

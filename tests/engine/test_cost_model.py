@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.planning.cost_inputs import (GIB, Placement, Shape, compression_factor, head_weight_bytes, layer_weight_bytes)
+from engine.planning.cost_inputs import (GIB, Placement, Shape, compression_factor, head_weight_bytes, layer_weight_bytes,
+                                         weight_split)
 from engine.planning.cost_model import block_time, estimate, traffic_per_token
 from engine.planning.cost_memory import peak_bytes
 from engine.planning.cost_time import phase_terms
@@ -143,6 +144,29 @@ def test_measured_linear_table_interpolates_and_drives_the_compute_term():
     (_, slow_layer), _ = phase_terms(cfg, slow, sh, x, decode=True)
     weights = 2 * cfg.layer_param_count()  # bf16 bytes
     assert slow_layer["compute"] - fast_layer["compute"] == pytest.approx(2 * hw.linear_seconds(32, weights))
+
+
+def test_matrices_streamed_from_disk_compute_at_the_streamed_table_on_a_cpu():
+    """The CPU engine holds the matrices it keeps in RAM packed and multiplies streamed ones plain:
+    the share of a decoder layer on disk computes at the streamed table's rate, the rest at the
+    held one's (a profile without a streamed table: the same for both)."""
+    held = {"1": 1e-10, "32": 2e-10, "2048": 4e-9}
+    hw = HardwareProfile(cpu_mem_gbps=20, matmul_flops={"cpu": {"bfloat16": 1e12}}, linear_s_per_byte=held,
+                         disk_read_gbps=100, disk_write_gbps=100)
+    slower = hw.replace(linear_streamed_s_per_byte={k: 1.5 * v for k, v in held.items()})
+    assert slower.linear_seconds(32, 1e6, streamed=True) == pytest.approx(1.5 * hw.linear_seconds(32, 1e6))
+    assert hw.linear_seconds(32, 1e6, streamed=True) == hw.linear_seconds(32, 1e6)
+    cfg = preset("1.3b")
+    weights = 2 * cfg.layer_param_count()  # bf16 bytes of one decoder layer
+    for percents in ([0, 100, 0, 100, 0, 100], [0, 50, 0, 100, 0, 100]):
+        policy = Policy.from_percents(percents, gpu_batch_size=32, num_gpu_batches=1)
+        sh, x = Shape.from_policy(policy, prompt_len=128, gen_len=8), Placement.from_policy(policy)
+        (_, same), _ = phase_terms(cfg, hw, sh, x, decode=True)
+        (_, streamed), _ = phase_terms(cfg, slower, sh, x, decode=True)
+        on_disk = weight_split(cfg, x).layers_on_disk  # the decoder layers' share (tables go first)
+        assert on_disk == 0 if percents[1] == 100 else 0.3 < on_disk < 0.5
+        extra = 0.5 * hw.linear_seconds(32, weights) * on_disk
+        assert streamed["compute"] - same["compute"] == pytest.approx(extra, rel=1e-6, abs=1e-12)
 
 
 def test_compute_scale_multiplies_layer_compute_and_cpu_conversion_does_not_overlap():
