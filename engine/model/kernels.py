@@ -98,19 +98,19 @@ def _onednn_fp32() -> bool:
 def pack_for_cpu(weight: torch.Tensor) -> torch.Tensor | PackedWeight:
     """A matrix that stays in RAM, in the layout the library would otherwise reorder it into on
     every call (engine.model.packed_weight), where that gives every row the plain weight's numbers
-    at the reference call size (checked once per shape, dtype and thread count); else `weight`."""
+    at the reference call size (checked once per shape, dtype and thread count, on the first such
+    matrix and random rows: no second matrix-sized buffer); else `weight`."""
     if not packed_weight.packable(weight):
         return weight
+    packed = packed_weight.pack(weight)
     key = ("packed", tuple(weight.shape), weight.dtype, torch.get_num_threads())
     if key not in _AGREEMENT:
         gen = torch.Generator().manual_seed(weight.shape[0] * 31 + weight.shape[1])
-        plain = torch.randn(tuple(weight.shape), generator=gen).to(weight.dtype)
         bias = torch.randn(weight.shape[0], generator=gen).to(weight.dtype)
         rows = torch.randn(rows_per_call(str(weight.dtype).removeprefix("torch.")), weight.shape[1],
                            generator=gen).to(weight.dtype)
-        _AGREEMENT[key] = torch.equal(library_linear(rows, packed_weight.pack(plain), bias),
-                                      library_linear(rows, plain, bias))
-    return packed_weight.pack(weight) if _AGREEMENT[key] else weight
+        _AGREEMENT[key] = torch.equal(library_linear(rows, packed, bias), library_linear(rows, weight, bias))
+    return packed if _AGREEMENT[key] else weight
 
 
 _AGREEMENT: dict[tuple, bool] = {}

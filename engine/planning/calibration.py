@@ -43,7 +43,7 @@ def _layer_weights(cfg, device: torch.device, dtype: torch.dtype) -> dict[str, t
 
 
 def _as_resident(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The matrices as the engine holds weights that stay in RAM on a CPU (packed once,
+    """A decoder layer's matrices as the engine holds those that stay in RAM on a CPU (packed once,
     engine.model.packed_weight): a compute-bound run is one whose weights stay there."""
     return {name: pack_for_cpu(t) if t.dim() == 2 else t for name, t in weights.items()}
 
@@ -133,5 +133,5 @@ def _cache(cfg, rows: int, max_len: int, device: torch.device, dtype: torch.dtyp
 
 
 def _head_weights(cfg, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return _as_resident({name: torch.full(shape, 0.01, device=device, dtype=dtype)
-                         for name, shape in layer_tensor_specs(cfg, "head")})
+    return {name: torch.full(shape, 0.01, device=device, dtype=dtype)
+            for name, shape in layer_tensor_specs(cfg, "head")}  # the engine keeps the head plain

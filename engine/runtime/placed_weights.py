@@ -85,7 +85,8 @@ class PlacedWeights:
                 elif old in (Tier.GPU, Tier.CPU):
                     resident[entry.name] = self._place(resident[entry.name], new)
                 else:
-                    resident[entry.name] = self._held(entry, self._place(self._read(layer, entry, ready=False), new))
+                    resident[entry.name] = self._held(layer, entry,
+                                                      self._place(self._read(layer, entry, ready=False), new))
         self.tiers = new_tiers
         return moved
 
@@ -111,12 +112,14 @@ class PlacedWeights:
         self.disk.read_into(self._kernel_files.path(layer), span.offset, buf)
         return buf
 
-    def _held(self, entry: TensorEntry, t: torch.Tensor) -> torch.Tensor | Int4Weight | PackedWeight:
-        """What a resident tensor is kept as: the fused kernel's operands (repacked once), a matrix
-        in the layout the CPU's math library would reorder it into on every call (packed once), or `t`."""
+    def _held(self, layer: str, entry: TensorEntry, t: torch.Tensor) -> torch.Tensor | Int4Weight | PackedWeight:
+        """What a resident tensor is kept as: the fused kernel's operands (repacked once), a decoder
+        layer's matrix in the layout the CPU's math library would reorder it into on every call
+        (packed once), or `t`. The head stays plain: it runs once a step, and its packed copy would
+        be one more 0.2-1 GB beside the plain one while it is made."""
         if self._fused(entry):
             return self._repacked(entry, t)
-        if self.device.type == "cpu" and not entry.compressed and entry.name not in ROW_LOOKUP_TABLES:
+        if self.device.type == "cpu" and not entry.compressed and layer.startswith("decoder."):
             return pack_for_cpu(t)
         return t
 

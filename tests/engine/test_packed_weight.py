@@ -1,7 +1,7 @@
 """Matrices held in RAM are packed once into the CPU math library's layout, and that changes no bit:
 a packed weight gives every row, at every call size, what the plain weight gives (the plain call is
-the oracle for bits, F.linear for values), and the engine holds RAM-resident matrices packed and
-streamed ones plain."""
+the oracle for bits, F.linear for values), and the engine holds a decoder layer's RAM-resident
+matrices packed and streamed ones, and the head's, plain."""
 from __future__ import annotations
 
 import pytest
@@ -48,10 +48,12 @@ def test_the_engine_packs_the_matrices_it_holds_in_ram_and_streams_the_others_pl
         policy = Policy.from_percents(percents, gpu_batch_size=2, num_gpu_batches=1)
         with Engine(model, policy, dtype="float32", offload_dir=tmp_path / "offload") as engine:
             weights = engine.weights
-            return {name: type(weights.finish(weights.fetch("decoder.0"))[name])
-                    for name in ("self_attn.q_proj.weight", "fc1.weight", "fc1.bias")}
+            kinds = {name: type(weights.finish(weights.fetch("decoder.0"))[name])
+                     for name in ("self_attn.q_proj.weight", "fc1.weight", "fc1.bias")}
+            return kinds | {"lm_head.weight": type(weights.finish(weights.fetch("head"))["lm_head.weight"])}
 
+    # The head runs once a step and stays plain (its packed copy would double it while it is made).
     assert held([0, 100, 0, 100, 0, 100]) == {"self_attn.q_proj.weight": PackedWeight, "fc1.weight": PackedWeight,
-                                              "fc1.bias": torch.Tensor}
+                                              "fc1.bias": torch.Tensor, "lm_head.weight": torch.Tensor}
     on_disk = held([0, 0, 0, 100, 0, 100])
     assert on_disk["self_attn.q_proj.weight"] is torch.Tensor and on_disk["fc1.weight"] is torch.Tensor
