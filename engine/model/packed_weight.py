@@ -5,7 +5,8 @@ kernels.library_linear) reorders a plain [N, K] weight into the library's blocke
 every call. A prefill call of thousands of rows hides that; a decode step of a few rows pays it for
 every matrix, every step. On a 2-vCPU Zen4 (AVX512-BF16) a 32-row bf16 call ran at 244-290 GFLOP/s
 from a plain weight and 330-379 from a packed one (float32 at 8-32 rows: 1.2-1.5x); 4096-row calls
-ran alike. A weight that stays in RAM is packed once, when it is placed (engine.runtime.placed_weights).
+ran alike. A decoder layer's matrix that stays in RAM is packed once, when it is placed
+(engine.runtime.placed_weights).
 
 Whether the packed call sums in the plain call's order is the library's business: kernels.pack_for_cpu
 uses a packed weight only where a check (once per shape, dtype and thread count, on random rows)
