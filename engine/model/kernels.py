@@ -102,8 +102,8 @@ def pack_for_cpu(weight: torch.Tensor) -> torch.Tensor | PackedWeight:
     matrix and random rows: no second matrix-sized buffer); else `weight`."""
     if not packed_weight.packable(weight):
         return weight
-    packed = packed_weight.pack(weight)
     key = ("packed", tuple(weight.shape), weight.dtype, torch.get_num_threads())
+    packed = packed_weight.pack(weight) if _AGREEMENT.get(key, True) else None  # not where it disagreed
     if key not in _AGREEMENT:
         gen = torch.Generator().manual_seed(weight.shape[0] * 31 + weight.shape[1])
         bias = torch.randn(weight.shape[0], generator=gen).to(weight.dtype)

@@ -45,7 +45,7 @@ def _layer_weights(cfg, device: torch.device, dtype: torch.dtype) -> dict[str, t
 def _as_resident(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A decoder layer's matrices as the engine holds those that stay in RAM on a CPU (packed once,
     engine.model.packed_weight): a compute-bound run is one whose weights stay there."""
-    return {name: pack_for_cpu(t) if t.dim() == 2 else t for name, t in weights.items()}
+    return {name: pack_for_cpu(t) for name, t in weights.items()}  # vectors come back as they are
 
 
 def _layer_step(cfg, w, h: torch.Tensor, cache: AlignedPairs, start: int) -> torch.Tensor:
