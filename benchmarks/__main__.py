@@ -3,7 +3,8 @@
 Parts (each reuses one bench_*.py script's functions; every run is a fresh subprocess, one at a time,
 systems alternated within a part so a shared host's noise hits both sides):
   ram          flexjob vs transformers `generate`, all weights in RAM      (bench_engine, part a)
-  disk         flexjob weights on disk under --cpu-mem vs transformers + accelerate disk offload,
+  disk         flexjob under --cpu-mem (the planner's pick, blocks <= 64 rows, and the hand-written
+               placement `0 10 0 0 100 0` at 16x2) vs transformers + accelerate disk offload,
                with the fraction of the roofline reached                    (bench_engine, part b)
   llama-ram    the ram part on a Llama-shaped 1B (llama-1b: GQA, RoPE, SwiGLU; HF's LlamaForCausalLM)
   llama-disk   the disk part on a Llama-shaped 8B (llama-8b, 16 GB of fp16 weights) under --cpu-mem 8;

@@ -23,6 +23,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or imported by the suite
@@ -160,7 +161,10 @@ def main() -> None:
     ap.add_argument("--cpu-mem", type=float, default=2.0, help="Budget for (b), GiB.")
     ap.add_argument("--hf-batches", default="8,16,32")
     ap.add_argument("--blocks", default="32x1,32x2,64x2", help="Engine block shapes for (a): GBSxN.")
-    ap.add_argument("--disk-blocks", default="32x4,64x4", help="Engine block shapes for (b).")
+    ap.add_argument("--disk-planned", type=int, default=64, metavar="MAX_BLOCK",
+                    help="(b) also runs the planner's pick with blocks up to this many rows (0: not)")
+    ap.add_argument("--disk-blocks", default="16x2", help="Engine block shapes for (b)'s hand-written placement "
+                                                         "('' for none).")
     ap.add_argument("--disk-percent", default="0 10 0 0 100 0", help="Engine placement for (b).")
     ap.add_argument("--hf-disk-batch", type=int, default=8)
     ap.add_argument("--skip", default="", help="Comma list of parts to skip: a,b")
@@ -174,8 +178,11 @@ def main() -> None:
     if "a" not in opts.skip:
         rows += run_in_ram(base, [int(b) for b in opts.hf_batches.split(",")], parse_blocks(opts.blocks), offload)
     if "b" not in opts.skip:
-        rows += run_over_capacity(base, opts.disk_percent, parse_blocks(opts.disk_blocks), opts.work_dir,
-                                  cpu_mem=opts.cpu_mem, hf_batch=opts.hf_disk_batch)
+        runs = hand_written_runs(opts.disk_percent, parse_blocks(opts.disk_blocks) if opts.disk_blocks else [])
+        if opts.disk_planned:
+            runs.insert(0, planned_run(opts.model, opts.work_dir, cpu_mem=opts.cpu_mem, prompt_len=opts.prompt_len,
+                                       gen_len=opts.gen_len, max_block=opts.disk_planned))
+        rows += run_over_capacity(base, runs, opts.work_dir, cpu_mem=opts.cpu_mem, hf_batch=opts.hf_disk_batch)
         roofline(rows, cfg, opts)
 
     summarise(rows, opts)
@@ -204,22 +211,71 @@ def run_in_ram(base: dict, hf_batches: list[int], blocks: list[tuple[int, int]],
     return rows
 
 
-def run_over_capacity(base: dict, disk_percent: str, blocks: list[tuple[int, int]], work_dir: Path, *,
-                      cpu_mem: float, hf_batch: int) -> list[dict]:
-    """Part (b): the engine with weights on disk under `cpu_mem` GiB (page cache dropped before each run)
+@dataclass(frozen=True)
+class DiskRun:
+    """One engine run of part (b): FlexGen's six percents and a block shape; `label` says where they
+    came from (the planner's pick or a hand-written placement)."""
+    percent: tuple[float, ...]
+    gbs: int
+    nb: int
+    label: str = ""
+
+    @property
+    def config(self) -> str:
+        pct = " ".join(f"{p:g}" for p in self.percent)
+        return f"{self.gbs}x{self.nb} {pct}" + (f" ({self.label})" if self.label else "")
+
+
+def hand_written_runs(disk_percent: str, blocks: list[tuple[int, int]]) -> list[DiskRun]:
+    percent = tuple(float(x) for x in disk_percent.split())
+    return [DiskRun(percent, gbs, nb) for gbs, nb in blocks]
+
+
+def plan_for_worker(model: Path, offload: Path, *, cpu_mem: float, prompt_len: int, gen_len: int,
+                    max_block: int | None, compression: bool = False, refresh_profile: bool = False):
+    """The planner's pick for `model` under `cpu_mem` GiB, as `flexjob plan` makes it: for the fresh
+    worker process a policy runs in, not for this one, which holds the profile's and the calibration's
+    leftovers. -> (model config, hardware profile, the planner's Plan)."""
+    from engine.model.config import load_config
+    from engine.planning.planner import plan
+    from engine.planning.profiler import load_or_measure_profile
+    from jobrunner.worker.replan import worker_reserved_gib
+
+    cfg = load_config(model)
+    offload.mkdir(parents=True, exist_ok=True)
+    hw = load_or_measure_profile(offload, refresh=refresh_profile, model=cfg)
+    planned = plan(cfg, hw, gpu_mem_gib=None, cpu_mem_gib=cpu_mem, gen_len=gen_len, prompt_len=prompt_len,
+                   max_block_size=max_block, compress_options=(False, True) if compression else (False,),
+                   cpu_reserved_gib=worker_reserved_gib())
+    return cfg, hw, planned
+
+
+def planned_run(model: Path, work_dir: Path, *, cpu_mem: float, prompt_len: int, gen_len: int,
+                max_block: int) -> DiskRun:
+    """The planner's pick under `cpu_mem` (uncompressed, blocks <= max_block rows), as `flexjob work
+    --cpu-mem` would run it."""
+    _, _, planned = plan_for_worker(model, work_dir / "offload", cpu_mem=cpu_mem, prompt_len=prompt_len,
+                                    gen_len=gen_len, max_block=max_block)
+    p = planned.policy
+    return DiskRun(tuple(p.percents), p.gpu_batch_size, p.num_gpu_batches,
+                   f"planner's pick, predicted {planned.tokens_per_s:.2f} tokens/s")
+
+
+def run_over_capacity(base: dict, runs: list[DiskRun], work_dir: Path, *, cpu_mem: float,
+                      hf_batch: int) -> list[dict]:
+    """Part (b): the engine under `cpu_mem` GiB, once per run in `runs` (page cache dropped before each),
     and transformers + accelerate disk offload. Where a memory cgroup is possible (root), every run
     is held to `cpu_mem` GiB of process and page cache together, as on a machine with that much RAM:
     accelerate's `max_memory` (half the limit, leaving it room for activations; a quarter where half is
     killed) places weights but limits nothing, and without the cgroup its offload folder is read back from the page cache.
     accelerate also runs once without a limit, with `max_memory` = `cpu_mem`, for comparison."""
-    percent = [float(x) for x in disk_percent.split()]
     offload = work_dir / "offload"
     rows = []
-    for gbs, nb in blocks:
+    for run in runs:
         drop_page_cache(offload)
-        r = run_limited(ENGINE_RUN, {**base, "percent": percent, "gbs": gbs, "nb": nb, "offload": str(offload),
-                                     "cpu_mem": cpu_mem}, cpu_mem)
-        rows.append({"part": "b", "system": "flexjob", "config": f"{gbs}x{nb} {disk_percent}", **r})
+        r = run_limited(ENGINE_RUN, {**base, "percent": list(run.percent), "gbs": run.gbs, "nb": run.nb,
+                                     "offload": str(offload), "cpu_mem": cpu_mem}, cpu_mem)
+        rows.append({"part": "b", "system": "flexjob", "config": run.config, "block_rows": run.gbs * run.nb, **r})
         print(rows[-1], flush=True)
 
     def accelerate(max_memory: float, limit: float | None) -> dict:
@@ -266,7 +322,7 @@ def roofline(rows: list[dict], cfg, opts) -> None:
             continue
         seen = row["disk_read_bytes"] / row["disk_read_s"] if row.get("disk_read_s") else 0.0
         settled_bw, fresh_bw = max(probe.read_gbps * 1e9, seen), max(probe.fresh_read_gbps * 1e9, seen)
-        block_rows = int(row["config"].split("x")[0]) * int(row["config"].split("x")[1].split()[0])
+        block_rows = row["block_rows"]
         steps = opts.gen_len
         weight_bytes = min(row["weights_disk_bytes"], row["disk_read_bytes"] / steps)
         cache_bytes = row["disk_read_bytes"] - weight_bytes * steps  # and the embedding's rows: KiB a step

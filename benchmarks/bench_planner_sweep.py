@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import ENGINE_RUN, RESULTS, drop_page_cache, run_child_rss  # noqa: E402
+from bench_engine import ENGINE_RUN, RESULTS, drop_page_cache, plan_for_worker, run_child_rss  # noqa: E402
 
 # (name, percents, gpu_batch_size, num_gpu_batches, compress_weight): what a user who read FlexGen's README might try
 # on a CPU-only host: everything in RAM at several batch sizes, the KV cache on disk to afford
@@ -83,23 +83,13 @@ def sweep(opts: argparse.Namespace) -> tuple[list[dict], str, object]:
     returns (one row per policy, the model's name, the hardware profile). `opts` carries main's options."""
     from engine.planning.cost_model import estimate
     from engine.runtime.devices import default_dtype_name
-    from engine.model.config import load_config
     from engine.runtime.policy import Policy
-    from engine.planning.profiler import load_or_measure_profile
-    from engine.planning.planner import plan
-    from jobrunner.worker.replan import worker_reserved_gib
 
-    cfg = load_config(opts.model)
     offload = opts.work_dir / "offload"
-    offload.mkdir(parents=True, exist_ok=True)
     dtype = default_dtype_name()
-    hw = load_or_measure_profile(offload, refresh=opts.refresh_profile, model=cfg)
-    # Planned for the fresh worker process each policy runs in (as `flexjob plan` does), not for this
-    # one, which holds the profile's and the calibration's leftovers.
-    planned = plan(cfg, hw, gpu_mem_gib=None, cpu_mem_gib=opts.cpu_mem, gen_len=opts.gen_len,
-                   prompt_len=opts.prompt_len, max_block_size=opts.max_block,
-                   compress_options=(False, True) if opts.compression else (False,),
-                   cpu_reserved_gib=worker_reserved_gib())
+    cfg, hw, planned = plan_for_worker(opts.model, offload, cpu_mem=opts.cpu_mem, prompt_len=opts.prompt_len,
+                                       gen_len=opts.gen_len, max_block=opts.max_block,
+                                       compression=opts.compression, refresh_profile=opts.refresh_profile)
     pp = planned.policy
     candidates = [(name, Policy.from_percents(pct, gpu_batch_size=gbs, num_gpu_batches=nb, compress_weight=cw))
                   for name, pct, gbs, nb, cw in HAND_WRITTEN] + [("planner", pp)]

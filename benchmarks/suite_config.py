@@ -38,8 +38,11 @@ class SuiteConfig:
     # In RAM: transformers' batches and the engine's blocks, alternated.
     hf_batches: tuple[int, ...] = (16, 32)
     ram_blocks: tuple[tuple[int, int], ...] = ((32, 1), (64, 1))
-    # Over capacity: the engine's weights on disk under cpu_mem, and accelerate with the same max_memory.
+    # Over capacity: the engine under cpu_mem, and accelerate with the same max_memory. The engine runs
+    # the planner's pick (blocks <= disk_max_block rows), as `flexjob work --cpu-mem` would, and each
+    # of disk_blocks with the hand-written placement disk_percent.
     cpu_mem: float = 2.0
+    disk_max_block: int = 64
     disk_percent: str = "0 10 0 0 100 0"
     disk_blocks: tuple[tuple[int, int], ...] = ((16, 2),)
     hf_disk_batch: int = 16
@@ -75,7 +78,7 @@ class SuiteConfig:
         """Everything shrunk so the whole suite takes seconds per run: 125m with 2 layers (the Llama
         models: 2 layers, hidden 256), gen 4, one policy or block each."""
         return replace(self, model_size="125m", num_layers=2, prompt_len=16, gen_len=4, hf_batches=(4,),
-                       ram_blocks=((4, 1),), disk_blocks=((4, 1),), hf_disk_batch=4, cpu_mem=1.0,
+                       ram_blocks=((4, 1),), disk_blocks=((4, 1),), disk_max_block=8, hf_disk_batch=4, cpu_mem=1.0,
                        planner_policies=("all RAM 8x1",), planner_max_block=8, planner_cpu_mem=1.0,
                        compression_block=(4, 1),
                        jobrunner_layers=2, jobrunner_rows=8, jobrunner_new_tokens=4, commit_blocks=10,

@@ -58,14 +58,18 @@ def part_ram(cfg: SuiteConfig, model: Path, dtype: str) -> Part:
 def part_disk(cfg: SuiteConfig, model: Path, dtype: str) -> Part:
     from engine.model.config import load_config
 
-    rows = bench_engine.run_over_capacity(_base(cfg, model, dtype), cfg.disk_percent, list(cfg.disk_blocks),
-                                          cfg.work_dir, cpu_mem=cfg.cpu_mem, hf_batch=cfg.hf_disk_batch)
+    runs = [bench_engine.planned_run(model, cfg.work_dir, cpu_mem=cfg.cpu_mem, prompt_len=cfg.prompt_len,
+                                     gen_len=cfg.gen_len, max_block=cfg.disk_max_block),
+            *bench_engine.hand_written_runs(cfg.disk_percent, list(cfg.disk_blocks))]
+    rows = bench_engine.run_over_capacity(_base(cfg, model, dtype), runs, cfg.work_dir, cpu_mem=cfg.cpu_mem,
+                                          hf_batch=cfg.hf_disk_batch)
     opts = argparse.Namespace(work_dir=cfg.work_dir, dtype=dtype, gen_len=cfg.gen_len, prompt_len=cfg.prompt_len)
     bench_engine.roofline(rows, load_config(model), opts)
     for r in rows:
         r["peak_rss_gib"] = _rss(r)
-    return Part("disk", f"Over capacity (`--cpu-mem {cfg.cpu_mem:g}`): flexjob, weights on disk, vs transformers + "
-                        f"accelerate disk offload (page cache dropped)", rows,
+    return Part("disk", f"Over capacity (`--cpu-mem {cfg.cpu_mem:g}`): flexjob (the planner's pick, blocks <= "
+                        f"{cfg.disk_max_block} rows, and a hand-written placement) vs transformers + accelerate "
+                        f"disk offload (page cache dropped)", rows,
                 (("roofline_fraction", "roofline fraction"), ("disk_read_bytes", "disk bytes read"),
                  ("seconds", "seconds"), ("peak_rss_gib", "peak RSS GiB"), ("memory_limit", "memory limit"),
                  ("error", "error")))

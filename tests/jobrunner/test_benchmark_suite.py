@@ -33,14 +33,18 @@ def test_quick_cpu_suite_writes_markdown_json_and_plots_with_a_measured_row_per_
         assert part["error"] is None and part["skipped"] is None, name
         assert any((row.get("tokens_per_s") or 0) > 0 for row in part["rows"]), name
     assert set(report["host"]["flags"]) == {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
-    # The disk part's roofline splits what the run read into its weights (every disk-tier weight
-    # charged once per step: the run read at least that much) and the rest, its KV cache.
-    (ours,) = [r for r in report["parts"]["disk"]["rows"] if r["system"] == "flexjob"]
-    steps = ours["steps"]
-    assert ours["weights_disk_bytes"] > 0 and ours["cache_read_bytes"] > 0
-    assert ours["weights_read_bytes"] == ours["weights_disk_bytes"] * steps
-    assert ours["weights_read_bytes"] + ours["cache_read_bytes"] == ours["disk_read_bytes"]
-    assert 0 < ours["roofline_s"] and 0 < ours["roofline_fraction"] and ours["roofline_disk_bound_steps"] <= steps
+    # The disk part runs the planner's pick and the hand-written placement; its roofline splits what
+    # each run read into its weights (every disk-tier weight charged once per step: the run read at
+    # least that much) and the rest, its KV cache.
+    planned, hand = [r for r in report["parts"]["disk"]["rows"] if r["system"] == "flexjob"]
+    assert "planner's pick" in planned["config"] and hand["config"].startswith("4x1 0 10 0 0 100 0")
+    assert hand["weights_disk_bytes"] > 0 and hand["cache_read_bytes"] > 0
+    for ours in (planned, hand):
+        steps = ours["steps"]
+        assert ours["weights_read_bytes"] == ours["weights_disk_bytes"] * steps
+        assert ours["weights_read_bytes"] + ours["cache_read_bytes"] == ours["disk_read_bytes"]
+        assert 0 < ours["roofline_s"] and 0 < ours["roofline_fraction"]
+        assert ours["roofline_disk_bound_steps"] <= steps
     llama = report["parts"]["llama-ram"]
     assert {r["system"] for r in llama["rows"] if r["tokens_per_s"] > 0} == {"flexjob", "transformers"}
     text = md.read_text()
