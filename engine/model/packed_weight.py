@@ -45,7 +45,7 @@ def packable(weight: torch.Tensor) -> bool:
     """Whether `weight` can be packed here: a 2-D bfloat16 or float32 CPU matrix, on a torch build
     with oneDNN's reorder and linear."""
     return (weight.device.type == "cpu" and weight.dim() == 2 and weight.dtype in (torch.bfloat16, torch.float32)
-            and _library_packs())
+            and _library_packs(weight.dtype))
 
 
 def pack(weight: torch.Tensor) -> PackedWeight:
@@ -55,13 +55,15 @@ def pack(weight: torch.Tensor) -> PackedWeight:
 
 
 @functools.cache
-def _library_packs() -> bool:
-    """Whether this torch build has oneDNN's weight reorder and linear (checked once per process)."""
+def _library_packs(dtype: torch.dtype) -> bool:
+    """Whether this torch build and CPU have oneDNN's weight reorder and linear for `dtype` (checked
+    once per process and dtype: oneDNN refuses to reorder bfloat16 weights on a CPU without
+    AVX512BW/VL/DQ or AVX-NE-CONVERT, e.g. an AVX2-only one)."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:
-        w = torch.randn(16, 32)
-        got = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 32), pack(w).packed, None, "none", [], "")
+        w = torch.randn(16, 32).to(dtype)
+        got = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 32, dtype=dtype), pack(w).packed, None, "none", [], "")
     except (RuntimeError, AttributeError):
         return False
     return got.shape == (2, 16)

@@ -71,7 +71,9 @@ def _phases(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, z: Sizes) -> tuple[_
     # planned policy must pass, for the parts that depend neither on the placement nor on compression.
     in_memory = Policy.from_percents([100, 0, 100, 0, 100, 0], gpu_batch_size=b)
     inter_pre = max(inter_pre, prefill_working_bytes(cfg, in_memory, s, s + max(n - 1, 0), el))
-    inter_dec = el * b * (max(3 * h + 2 * nh * (s + n), f + h) + h) + 4 * b * cfg.vocab_size
+    # A decode step's MLP runs over the whole block at once; its attention per micro-batch.
+    B = sh.block_size
+    inter_dec = el * (max(b * (3 * h + 2 * nh * (s + n)), B * (f + h)) + B * h) + 4 * b * cfg.vocab_size
     return (_Phase(z.act_pre, b * s * h * el, inter_pre, False),
             _Phase(z.act_dec, b * h * el, inter_dec, True))
 

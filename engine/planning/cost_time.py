@@ -84,7 +84,8 @@ def _weight_and_activation_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape,
     c_to_g = c_to_g + act * (x.hc + x.hd) * r.c2g
     g_to_c = act * (x.hc + x.hd) * r.g2c
     dense_flops = 2 * sh.block_size * tokens * cfg.layer_param_count()
-    rows, calls = sh.gpu_batch_size * tokens, sh.num_gpu_batches
+    # A decode step's projections and MLP take the whole block's rows in one call (schedule._decode_layer).
+    rows, calls = (sh.block_size, 1) if decode else (sh.gpu_batch_size * tokens, sh.num_gpu_batches)
     held = _matmul_time(hw, dense_flops, z.w16, rows=rows, calls=calls)
     # A CPU engine multiplies the matrices it streams from disk unpacked, at their own rate.
     streamed = _matmul_time(hw, dense_flops, z.w16, rows=rows, calls=calls, streamed=True) if not gpu else held
@@ -131,7 +132,8 @@ def _layer_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z
     t = _cache_terms(cfg, hw, sh, x, z, r, _weight_and_activation_terms(cfg, hw, sh, x, z, ws, r, decode=decode),
                      decode=decode)
     # The engine's whole layer against the sum of its kernels (measured by the profiler).
-    compute = t["compute"] * hw.scale_for(model_key(cfg), "decode" if decode else "prefill", sh.gpu_batch_size)
+    compute = t["compute"] * hw.scale_for(model_key(cfg), "decode" if decode else "prefill",
+                                          sh.block_size if decode else sh.gpu_batch_size)
     if sh.compress_weight:
         compute = compute + z.w16 * r.dequant
     if not hw.has_gpu:

@@ -182,7 +182,10 @@ def prefill_working_bytes(cfg: ModelConfig, policy: Policy, prompt_len: int, max
     act = prompt_len * B * h * size
     queued_write = max(prompt_len * 2 * disk_pairs * cfg.head_dim * size,
                        act if _activation_bytes(cfg, policy, act)[Tier.DISK] else 0)
-    return (prompt_len * B * (6 * h + cfg.mlp_width) * size + attention_scratch_bytes(cfg, B, prompt_len, size)
+    # Hidden-state-sized intermediates: a prefill's micro-batch, or a decode step's whole block
+    # (its projections and MLP take every micro-batch's rows at once).
+    token_rows = max(prompt_len * B, policy.block_size)
+    return (token_rows * (6 * h + cfg.mlp_width) * size + attention_scratch_bytes(cfg, B, prompt_len, size)
             + B * cfg.vocab_size * 4 * 2 + attention + STORES_IN_FLIGHT * queued_write)
 
 

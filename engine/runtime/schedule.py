@@ -230,16 +230,45 @@ class BlockRunner:
                 self._sample(mb, self.layers.output_logits(w, self.ctx.cfg, h[:, -1]), params)
             return
         slots = self.cache[j - 1]
+        if self.mbs[0].query_len == 1 and len(self.mbs) > 1:
+            self._decode_layer(j, w, slots)
+            return
         for k, mb in enumerate(self.mbs):
-            # The I/O thread works in the order the compute thread needs things: micro-batch 1's
-            # cache, the next layer's weights, then its first micro-batch's cache.
-            if k == 0 and len(self.mbs) == 1:
-                self._prefetch_weights(j)
-            self._prefetch_cache(j, k)
-            if k == 0 and len(self.mbs) > 1:
-                self._prefetch_weights(j)
+            self._prefetch_in_order(j, k)
             h = to_device(self.acts[k].result(), self.ctx.device, self.ctx.stats)
             self._store_act(j, k, self._decoder(w, h, slots[k], self.cache_reads.pop((j, k), None), mb))
+
+    def _prefetch_in_order(self, j: int, k: int) -> None:
+        """Before micro-batch k of layer j: the I/O thread works in the order the compute thread needs
+        things: micro-batch 1's cache, the next layer's weights, then its first micro-batch's cache."""
+        if k == 0 and len(self.mbs) == 1:
+            self._prefetch_weights(j)
+        self._prefetch_cache(j, k)
+        if k == 0 and len(self.mbs) > 1:
+            self._prefetch_weights(j)
+
+    def _decode_layer(self, j: int, w: dict, slots: list[CacheSlot]) -> None:
+        """A decode step's decoder layer over the whole block: the projections and the MLP take every
+        micro-batch's rows in one call, so each matrix is streamed through the cores once per step
+        instead of once per micro-batch (a few-row matmul is bound by reading its weights; a
+        decode step's activations are a few MB, where a prefill's are what micro-batches bound).
+        Attention stays per micro-batch, over its own cache slot. A row's bits do not change: the
+        linear layers give each row the same bits at every call size (kernels.linear), and
+        LayerNorm, the residual adds and the activation work row by row."""
+        cfg, layers = self.ctx.cfg, self.layers
+        hs = [to_device(act.result(), self.ctx.device, self.ctx.stats) for act in self.acts]
+        sizes = [h.shape[0] for h in hs]
+        h = torch.cat(hs)
+        self._prefetch_in_order(j, 0)  # the next layer's weights are read while this one computes
+        q, k, v = layers.qkv(w, cfg, h, torch.cat([mb.step_positions for mb in self.mbs]))
+        attn = []
+        for i, (mb, q_mb, k_mb, v_mb) in enumerate(zip(self.mbs, q.split(sizes), k.split(sizes), v.split(sizes))):
+            if i:
+                self._prefetch_in_order(j, i)
+            attn.append(self._attend_step(q_mb, k_mb, v_mb, slots[i], self.cache_reads.pop((j, i), None), mb))
+        h = layers.mlp(w, cfg, layers.attention_output(w, cfg, h, torch.cat(attn)))
+        for i, h_mb in enumerate(h.split(sizes)):
+            self._store_act(j, i, h_mb)
 
     def _cache_device(self, part: CachePart) -> torch.device:
         """Where a part of the cache is attended: on the CPU with cpu_cache_compute, else the compute device."""
@@ -258,9 +287,14 @@ class BlockRunner:
     def _attention(self, w: dict, h: torch.Tensor, slot: CacheSlot, read: Future | None,
                    mb: MicroBatch) -> torch.Tensor:
         """The micro-batch's attention output [B, s, h], its keys and values appended to the cache."""
+        q, k, v = self.layers.qkv(w, self.ctx.cfg, h, mb.step_positions)
+        return self._attend_step(q, k, v, slot, read, mb)
+
+    def _attend_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: CacheSlot,
+                     read: Future | None, mb: MicroBatch) -> torch.Tensor:
+        """Attention of one micro-batch's projected q, k, v [B, s, .] over its cache slot -> [B, s, h]."""
         cfg = self.ctx.cfg
         layers = self.layers
-        q, k, v = layers.qkv(w, cfg, h, mb.step_positions)
         rows = layers.cache_rows(k, v)  # [s, 2, B, Hkv*D]
         new = rows.reshape(rows.shape[0], 2, -1, cfg.head_dim)  # [s, 2, B*Hkv, D]: the (row, KV head) pairs
         q_pairs = layers.to_pairs(cfg, q)  # [B*Hkv, G*s, D]: the G query heads of each pair, head-major

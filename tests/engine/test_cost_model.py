@@ -133,9 +133,9 @@ def test_measured_linear_table_interpolates_and_drives_the_compute_term():
     assert hw.linear_seconds(4096, 1e6) == pytest.approx(8e-3)  # beyond: compute-bound, grows with rows
     assert HardwareProfile().linear_seconds(32, 1e6) is None
 
-    # The decode compute of an all-RAM layer is num_gpu_batches calls over the layer's weights, each
-    # at the batch-invariant linear's chunk (32 rows are one bf16 call of 32 rows),
-    # plus fixed op costs and attention; the roofline does not apply.
+    # The decode compute of an all-RAM layer is one call over the layer's weights with the whole
+    # block's rows (2 micro-batches of 32: one bf16 call of 64 rows, not two of 32), plus fixed op
+    # costs and attention; the roofline does not apply.
     cfg, policy = preset("1.3b"), Policy.from_percents([0, 100, 0, 100, 0, 100], gpu_batch_size=32,
                                                        num_gpu_batches=2)
     sh, x = Shape.from_policy(policy, prompt_len=128, gen_len=8), Placement.from_policy(policy)
@@ -143,7 +143,12 @@ def test_measured_linear_table_interpolates_and_drives_the_compute_term():
     (_, fast_layer), _ = phase_terms(cfg, hw, sh, x, decode=True)
     (_, slow_layer), _ = phase_terms(cfg, slow, sh, x, decode=True)
     weights = 2 * cfg.layer_param_count()  # bf16 bytes
-    assert slow_layer["compute"] - fast_layer["compute"] == pytest.approx(2 * hw.linear_seconds(32, weights))
+    assert slow_layer["compute"] - fast_layer["compute"] == pytest.approx(hw.linear_seconds(64, weights))
+    (_, prefill_fast), _ = phase_terms(cfg, hw, sh, x, decode=False)
+    (_, prefill_slow), _ = phase_terms(cfg, slow, sh, x, decode=False)
+    # A prefill runs micro-batch by micro-batch: two calls of 32 x 128 rows.
+    assert prefill_slow["compute"] - prefill_fast["compute"] == pytest.approx(
+        2 * hw.linear_seconds(32 * 128, weights), rel=1e-6)
 
 
 def test_matrices_streamed_from_disk_compute_at_the_streamed_table_on_a_cpu():

@@ -57,3 +57,16 @@ def test_the_engine_packs_the_matrices_it_holds_in_ram_and_streams_the_others_pl
                                               "fc1.bias": torch.Tensor, "lm_head.weight": torch.Tensor}
     on_disk = held([0, 0, 0, 100, 0, 100])
     assert on_disk["self_attn.q_proj.weight"] is torch.Tensor and on_disk["fc1.weight"] is torch.Tensor
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_dtype_gets_a_held_weight_that_multiplies_like_the_plain_one(dtype):
+    """On every CPU, in every dtype the engine runs (bfloat16 too where it is emulated and oneDNN
+    cannot reorder it), holding a matrix gives a weight that multiplies bit for bit like the plain
+    one: packed where the library can, the plain tensor where it cannot."""
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(128, 64, generator=gen).to(dtype)
+    rows = torch.randn(40, 64, generator=gen).to(dtype)
+    held = pack_for_cpu(weight)
+    assert isinstance(held, PackedWeight) == packed_weight.packable(weight)
+    assert torch.equal(linear(rows, held), linear(rows, weight))
