@@ -56,6 +56,16 @@ print(json.dumps({"tokens_per_s": engine.stats.generated_tokens / elapsed, "seco
                   "weights_disk_bytes": engine.weights.disk_bytes_per_step()}))
 """
 
+STORE_RUN = r"""
+import json, sys
+from pathlib import Path
+from engine.model.checkpoint import WeightStore
+from engine.model.config import load_config
+args = json.loads(sys.argv[1])
+WeightStore.open_or_convert(Path(args["model"]), load_config(Path(args["model"])), Path(args["offload"]))
+print(json.dumps({}))
+"""
+
 HF_RUN = r"""
 import json, sys, time, torch
 args = json.loads(sys.argv[1])
@@ -270,6 +280,9 @@ def run_over_capacity(base: dict, runs: list[DiskRun], work_dir: Path, *, cpu_me
     killed) places weights but limits nothing, and without the cgroup its offload folder is read back from the page cache.
     accelerate also runs once without a limit, with `max_memory` = `cpu_mem`, for comparison."""
     offload = work_dir / "offload"
+    # The weight store is made first, in a child of its own: converting the checkpoint maps it whole,
+    # and that child's peak is not the measured run's.
+    run_child(STORE_RUN, {"model": base["model"], "offload": str(offload)})
     rows = []
     for run in runs:
         drop_page_cache(offload)

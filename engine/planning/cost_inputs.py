@@ -7,12 +7,14 @@ fraction here: `cost_time.resource_max` and the LP's linearised max do that.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from engine.model.config import OPTConfig
+from engine.model.kernel_shapes import key_capacity
 from engine.planning.hardware import HardwareProfile
 from engine.runtime.devices import DTYPE_BYTES
 from engine.runtime.placement import cache_pair_split
@@ -170,13 +172,22 @@ class Sizes:
     lookup_disk: float
     kv_new_pre: float   # cache written by prefill, per layer, as stored
     kv_dec: float       # cache read by one decode step, per layer (average context), as stored
-    kv_dec16: float     # the same in fp16 (what attention reads)
+    kv_dec16: float     # the same in the compute dtype
+    kv_att16: float     # what a decode step's attention on a CPU reads: every context rounded up to KEY_ALIGN
     kv_tok: float       # cache appended per decode step, per layer, as stored
     kv_total: float     # whole cache of the block, all layers, at full length, as stored
     kv_mb_full: float   # one micro-batch's cache of one layer at full length, as stored
     kv_mb_full16: float
     act_pre: float      # hidden states of the block between two layers, prefill
     act_dec: float
+
+
+@functools.cache
+def mean_keys_attended(prompt_len: int, gen_len: int) -> float:
+    """Keys per pair a decode step's attention reads, averaged over the decode steps: the context
+    (prompt + tokens so far) rounded up to KEY_ALIGN (engine.model.kernels.attend_aligned)."""
+    steps = [key_capacity(prompt_len + i) for i in range(1, max(gen_len, 2))]
+    return sum(steps) / len(steps)
 
 
 def sizes(cfg: OPTConfig, sh: Shape, hw: HardwareProfile) -> Sizes:
@@ -195,6 +206,7 @@ def sizes(cfg: OPTConfig, sh: Shape, hw: HardwareProfile) -> Sizes:
         lookup=lk * wf, lookup_disk=lk * wf,
         kv_new_pre=B * s * kv_row_tok * cf,
         kv_dec=B * ctx_avg * kv_row_tok * cf, kv_dec16=B * ctx_avg * kv_row_tok,
+        kv_att16=B * mean_keys_attended(s, n) * kv_row_tok,
         kv_tok=B * kv_row_tok * cf,
         kv_total=cfg.num_layers * B * (s + n) * kv_row_tok * cf,
         kv_mb_full=b * (s + n) * kv_row_tok * cf, kv_mb_full16=b * (s + n) * kv_row_tok,

@@ -118,10 +118,16 @@ def _cache_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z
             + z.kv_dec16 * (x.cc + x.cd) / (hw.cpu_attention_gbps * GB)
         g_to_c = g_to_c + B * h * elem_bytes(hw) * (x.cc + x.cd) * r.g2c
         c_to_g = c_to_g + B * h * elem_bytes(hw) * (x.cc + x.cd) * r.c2g
-    else:
+    elif gpu:
         c_to_g = c_to_g + z.kv_dec * (x.cc + x.cd) * r.c2g
-        attn_bw = hw.gpu_mem_gbps if gpu else hw.cpu_attention_gbps
-        compute = compute + z.kv_dec16 / (attn_bw * GB)
+        compute = compute + z.kv_dec16 / (hw.gpu_mem_gbps * GB)
+    else:
+        # The CPU's attention reads whole KEY_ALIGN groups of keys, and a part it does not hold in
+        # its aligned layout (on disk, or compressed) is copied into that layout first, every step
+        # (each byte read and written: twice what the memory stream rate reads).
+        copied = x.cd + (x.cg + x.cc if sh.compress_cache else 0.0)
+        compute = compute + z.kv_att16 / (hw.cpu_attention_gbps * GB) \
+            + 2 * z.kv_dec16 * copied / (hw.cpu_mem_gbps * GB)
     if sh.compress_cache:
         compute = compute + z.kv_dec16 * r.dequant
     return {"disk": disk, "cpu_to_gpu": c_to_g, "gpu_to_cpu": g_to_c, "compute": compute}

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.planning.cost_inputs import (GIB, Placement, Shape, compression_factor, head_weight_bytes, layer_weight_bytes,
-                                         weight_split)
+from engine.planning.cost_inputs import (GB, GIB, Placement, Shape, compression_factor, head_weight_bytes,
+                                         layer_weight_bytes, sizes, weight_split)
 from engine.planning.cost_model import block_time, estimate, traffic_per_token
 from engine.planning.cost_memory import peak_bytes
 from engine.planning.cost_time import phase_terms
@@ -223,3 +223,21 @@ def test_scale_for_interpolates_between_timed_row_counts():
     assert hw.scale_for("other", "head", 8) == 1.0  # never timed: the kernels' sum as is
     assert hw.scale_for("mine", "prefill", 8) == 1.2 and hw.scale_for("mine", "head", 2) == 3.0
     assert hw.scale_for("mine", "decode", 8) == 1.0  # a model's own entry replaces the generic one whole
+
+
+def test_a_cpu_decode_step_reads_whole_key_groups_and_copies_a_disk_cache_into_the_aligned_layout():
+    """On a CPU, decode attention reads every context rounded up to KEY_ALIGN keys, and a cache part
+    on disk is copied into attention's aligned layout each step (read and written once, at the
+    memory stream rate); a part in RAM is read in place."""
+    hw = HardwareProfile(cpu_mem_gbps=20, cpu_attention_gbps=10, matmul_flops={"cpu": {"float32": 1e11}},
+                         disk_read_gbps=1, disk_write_gbps=1, io_compute_interference=0.0, compute_dtype="float32")
+    cfg = preset("1.3b")
+    ram = Policy.from_percents([0, 100, 0, 100, 0, 100], gpu_batch_size=16, num_gpu_batches=2)
+    disk = Policy.from_percents([0, 100, 0, 0, 0, 100], gpu_batch_size=16, num_gpu_batches=2)
+    sh = Shape.from_policy(ram, prompt_len=128, gen_len=32)
+    z = sizes(cfg, sh, hw)
+    # Contexts 129 .. 159 all read 192 keys (3 groups of 64), against an average context of 144.
+    assert z.kv_att16 == pytest.approx(z.kv_dec16 * 192 / 144)
+    (_, in_ram), _ = phase_terms(cfg, hw, sh, Placement.from_policy(ram), decode=True)
+    (_, on_disk), _ = phase_terms(cfg, hw, sh, Placement.from_policy(disk), decode=True)
+    assert on_disk["compute"] - in_ram["compute"] == pytest.approx(2 * z.kv_dec16 / (20 * GB))
