@@ -3,8 +3,8 @@
 Parts (each reuses one bench_*.py script's functions; every run is a fresh subprocess, one at a time,
 systems alternated within a part so a shared host's noise hits both sides):
   ram          flexjob vs transformers `generate`, all weights in RAM      (bench_engine, part a)
-  disk         flexjob under --cpu-mem (the planner's pick, blocks <= 64 rows, and the hand-written
-               placement `0 10 0 0 100 0` at 16x2) vs transformers + accelerate disk offload,
+  disk         flexjob under --cpu-mem (the planner's pick, blocks <= 64 rows; --quick: also the
+               hand-written `0 10 0 0 100 0`) vs transformers + accelerate disk offload,
                with the fraction of the roofline reached                    (bench_engine, part b)
   llama-ram    the ram part on a Llama-shaped 1B (llama-1b: GQA, RoPE, SwiGLU; HF's LlamaForCausalLM)
   llama-disk   the disk part on a Llama-shaped 8B (llama-8b, 16 GB of fp16 weights) under --cpu-mem 8;
@@ -27,8 +27,9 @@ made once under --work-dir. Measured time of the default CPU suite (opt-1.3b, pr
 quiet 2-core AMD Zen4 with AVX512-BF16 (bfloat16): 20 minutes in all (ram 3.5 min for 4 runs, disk
 3-5 min: flexjob, accelerate under the memory limit and without it, llama-ram 3.5 min, planner 7 min
 for 9 runs, compression 2 min, jobrunner under 1 min, plus making the models and the host profile).
-An AVX2-only host computes in float32, 2-3x slower (docs/BENCHMARKS.md, 2-core Zen2: transformers
-7.1-7.3, flexjob 8.9-9.7 tokens/s in RAM): the ram part alone takes ~10 minutes there.
+(measured with a fixed 32-row block in the disk part; the planner's 64-row pick adds a few minutes). An AVX2-only host computes in float32, 2-3x slower (docs/BENCHMARKS.md, 2-core Zen3:
+the ram part 11.4 minutes, the disk part 18 with the pick and the 16x2 block): the full suite is
+well over 30 minutes there.
 llama-disk is left out of --suite cpu's default because it alone takes longer than the whole suite: on
 that 2-core host, with the rates above scaled by parameter count (8.0B vs 1.3B, ~6x), making the model
 and converting its weight store (16 GB each) ~15 min, flexjob's 16x2 block ~13 min (1,024 tokens at
