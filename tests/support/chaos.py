@@ -54,6 +54,29 @@ def holders(db, job_ids: list[int]) -> set[tuple[str, int]]:
     return {(w.hostname, w.pid) for w in store_reads.workers(db) if w.id in held}
 
 
+def holds_row_locks(db, host: str, pid: int) -> bool:
+    """Whether the worker (host name, pid in its namespace) holds a lock on its worker row or on a
+    shard it leases now: it is inside a write transaction (PostgreSQL; SQLite has no row locks)."""
+    from sqlalchemy import select
+    from sqlalchemy.exc import DBAPIError
+    from sqlalchemy.orm import Session
+
+    from jobrunner.store.models import Shard, Worker
+
+    if db.dialect.name != "postgresql":
+        return False
+    ids = [w.id for w in store_reads.workers(db) if (w.hostname, w.pid) == (host, pid)]
+    with Session(db) as s:
+        try:
+            s.execute(select(Worker.id).where(Worker.id.in_(ids)).with_for_update(nowait=True)).all()
+            s.execute(select(Shard.id).where(Shard.worker_id.in_(ids)).with_for_update(nowait=True)).all()
+        except DBAPIError:
+            return True
+        finally:
+            s.rollback()
+    return False
+
+
 def jobs_finished(db, job_ids: list[int]) -> bool:
     from jobrunner import store
     from jobrunner.store.models import JobStatus
@@ -95,7 +118,11 @@ def run_chaos(db, job_ids: list[int], machines: list[tuple[Machine, int]], work_
             # `busy` was read before the kill; a fast worker may have committed since. Stopped, it
             # cannot change the store, so this second look is final: a worker holding nothing is
             # resumed at once and another holder is stalled in a later round.
-            if (victim.machine.name, victim.inner_pid) in holders(db, job_ids):
+            # Stopped inside a write transaction, it would hold its rows' locks: the takeover waits
+            # for them, and once resumed it finishes its write under a lease nobody took, so that
+            # stall tests no fencing; it is resumed too.
+            if ((victim.machine.name, victim.inner_pid) in holders(db, job_ids)
+                    and not holds_row_locks(db, victim.machine.name, victim.inner_pid)):
                 stalled[victim.pid] = (victim, time.monotonic() + plan.stall_s)  # resumed after stall_s, above
                 tally.stalls += 1
             else:
