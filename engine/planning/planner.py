@@ -276,7 +276,9 @@ def _solve_fitting(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, budgets: dict
     for attempt in range(8):
         found = _lp_policy(cfg, hw, sh, limits, budgets, prompt_len, gen_len)
         if found is None:
-            return None
+            # Lowered past what any placement fits: a fitting one may lie between the two limits
+            # (peaks move in whole slots, so a bigger budget can miss where a smaller one fits).
+            return _between(cfg, hw, sh, over, limits, budgets, prompt_len, gen_len) if over else None
         if found[2].fits(budgets):
             break
         over, limits = dict(limits), dict(limits)
@@ -298,6 +300,23 @@ def _solve_fitting(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, budgets: dict
         else:
             over = mid
     return found
+
+
+def _between(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, over: dict, infeasible: dict,
+             budgets: dict[str, float | None], prompt_len: int, gen_len: int,
+             rounds: int = 6) -> tuple[float, Policy, Estimate] | None:
+    """Bisect the LP's limits between `over` (its placement exceeds the budgets) and `infeasible`
+    (no placement) for one that fits the budgets."""
+    for _ in range(rounds):
+        mid = {t: None if lim is None else (lim + infeasible[t]) / 2 for t, lim in over.items()}
+        trial = _lp_policy(cfg, hw, sh, mid, budgets, prompt_len, gen_len)
+        if trial is None:
+            infeasible = mid
+        elif trial[2].fits(budgets):
+            return trial
+        else:
+            over = mid
+    return None
 
 
 def _lp_policy(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, limits: dict[str, float | None],

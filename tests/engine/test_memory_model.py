@@ -78,6 +78,23 @@ def test_every_plan_passes_the_engine_budget_check():
     assert retried <= 10
 
 
+def test_the_budget_a_refusal_names_is_accepted_whatever_the_process_holds():
+    """The refusal's smallest CPU budget for one of the cases above (opt-6.7b x 8 layers, float32),
+    with the process's own memory swept finely: the planner must accept it every time. The exact
+    peaks move in whole slots, so the LP's first placement under a bigger budget can miss where a
+    smaller budget fits (seen at 1.156 and 1.166 GiB held by the process)."""
+    rng = random.Random(16)
+    cfg, hw, _, _, _, work = [_case(rng) for _ in range(2)][1]
+    assert (cfg.name, cfg.num_layers, hw.compute_dtype) == ("opt-6.7b", 8, "float32")
+    for step in range(21):
+        reserved = 1.15 + step * 0.001
+        with pytest.raises(BudgetError) as refusal:
+            plan(cfg, hw, gpu_mem_gib=None, cpu_mem_gib=reserved + 1.95, cpu_reserved_gib=reserved, **SMALL, **work)
+        named = refusal.value.smallest_gib["cpu"]
+        result = plan(cfg, hw, gpu_mem_gib=None, cpu_mem_gib=named, cpu_reserved_gib=reserved, **SMALL, **work)
+        assert result.peak_gib["cpu"] <= named
+
+
 @pytest.mark.parametrize("compression", [None, CompressionConfig()])
 def test_store_layout_sizes_a_converted_store(tmp_path, compression):
     cfg = preset("125m", num_layers=2, hidden_size=256)
