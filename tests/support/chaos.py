@@ -29,10 +29,13 @@ RUN_COLUMNS = ("attempt", "block_seconds", "finished_at")
 class ChaosPlan:
     kills: int                          # SIGKILLs in all
     stalls: int                         # SIGSTOPs of a shard holder, spread between the kills
-    stall_s: float                      # longer than the workers' lease
+    stall_s: float                      # longer than the workers' lease; the least a stall lasts
     gap_s: tuple[float, float]          # random wait between two kills
     holder_share: float = 0.8           # how often the victim must hold a shard (else: any worker)
     deadline_s: float = 900.0
+
+
+STALL_CAP = 4  # a stall whose shard nobody takes over ends after this many times stall_s
 
 
 @dataclass
@@ -88,7 +91,12 @@ def jobs_finished(db, job_ids: list[int]) -> bool:
 def run_chaos(db, job_ids: list[int], machines: list[tuple[Machine, int]], work_args: list[str],
               plan: ChaosPlan, rng: random.Random) -> ChaosTally:
     """Run workers on the machines (machine, how many) until the jobs finish, with the plan's faults."""
-    tally, stalled = ChaosTally(), {}  # stalled: pid -> (worker, when to resume it)
+    # stalled: pid -> (worker, the earliest and the latest time to resume it). A stalled holder is
+    # resumed once its shard has been taken over: its next write (a heartbeat at least) must then
+    # be fenced. Workers claim shards in job and shard order, so a lapsed lease on a later job waits
+    # for the earlier job's pending shards: on a slow host the takeover can come well after stall_s,
+    # and resumed before it, the holder would renew its lapsed lease.
+    tally, stalled = ChaosTally(), {}
     started = time.monotonic()
     while not jobs_finished(db, job_ids) and time.monotonic() - started < plan.deadline_s:
         for machine, count in machines:
@@ -96,8 +104,10 @@ def run_chaos(db, job_ids: list[int], machines: list[tuple[Machine, int]], work_
                 machine.start_worker(*work_args)
                 tally.workers_started += 1
         time.sleep(rng.uniform(*plan.gap_s))
-        for pid, (worker, until) in list(stalled.items()):
-            if time.monotonic() >= until:
+        held = holders(db, job_ids) if stalled else set()
+        for pid, (worker, earliest, latest) in list(stalled.items()):
+            now = time.monotonic()
+            if now >= latest or (now >= earliest and (worker.machine.name, worker.inner_pid) not in held):
                 worker.signal(signal.SIGCONT)
                 del stalled[pid]
         running = [w for m, _ in machines for w in m.running() if w.pid not in stalled]
@@ -123,11 +133,12 @@ def run_chaos(db, job_ids: list[int], machines: list[tuple[Machine, int]], work_
             # stall tests no fencing; it is resumed too.
             if ((victim.machine.name, victim.inner_pid) in holders(db, job_ids)
                     and not holds_row_locks(db, victim.machine.name, victim.inner_pid)):
-                stalled[victim.pid] = (victim, time.monotonic() + plan.stall_s)  # resumed after stall_s, above
+                now = time.monotonic()
+                stalled[victim.pid] = (victim, now + plan.stall_s, now + STALL_CAP * plan.stall_s)
                 tally.stalls += 1
             else:
                 victim.signal(signal.SIGCONT)
-    for worker, _ in stalled.values():
+    for worker, _, _ in stalled.values():
         worker.signal(signal.SIGCONT)
     for machine, _ in machines:
         for worker in machine.running():
