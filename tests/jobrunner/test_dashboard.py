@@ -60,7 +60,8 @@ def commit(db, lease, rows: list[int], *, tokens: int):
 
 def build_store(db) -> dict:
     """Every state a dashboard meets; returns the ids the tests look for."""
-    past = utcnow() - timedelta(minutes=10)
+    start = utcnow()
+    past = start - timedelta(minutes=10)
     finisher = store.register_worker(db, device="cuda:0", policy=Policy().to_dict())
     done = new_job(db, "done-run", rows=4)
     commit(db, store.claim_shard(db, finisher, lease_s=60), [0, 1, 2, 3], tokens=32)
@@ -76,7 +77,7 @@ def build_store(db) -> dict:
     crashed = store.register_worker(db, device="cuda:0")
     store.claim_shard(db, crashed, lease_s=60, now=past)        # the live job's first holder died
     worker = store.register_worker(db, device="cuda:0", policy=Policy().to_dict())
-    first = store.claim_shard(db, worker, lease_s=60)
+    first = store.claim_shard(db, worker, lease_s=60, now=start)  # 540 s after that lease ran out, exactly
     assert first.job_id == live.id and first.took_over
     commit(db, first, [0, 1, 2, 3], tokens=32)
     second = store.claim_shard(db, worker, lease_s=60)
