@@ -49,7 +49,8 @@ def test_truncated_safetensors(tiny_model, tmp_path):
     for f in tiny_model.iterdir():
         data = f.read_bytes()
         (broken / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
-    proc = flexjob("generate", "--model", broken, "--prompt", "x", "--offload-dir", tmp_path / "o")
+    proc = flexjob("generate", "--model", broken, "--prompt", "x", "--offload-dir", tmp_path / "o",
+                   "--percent", "0", "100", "0", "100", "0", "100")  # a placement given: no hardware profile
     assert_one_line_error(proc, "model.safetensors")
 
 

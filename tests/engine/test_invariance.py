@@ -115,6 +115,10 @@ def assert_policies_and_resumes_agree(model: Path, offload: Path, dtype: str, ro
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
 def test_every_policy_and_resume_point_gives_the_same_ids(model, offload, dtype, params):
+    if dtype == "bfloat16" and params is SAMPLED and not _bf16_is_native():
+        # Sampling draws from float32 logits with the row's own generator: what it adds is
+        # dtype-independent and checked in float32; the greedy case checks the emulated kernels.
+        pytest.skip("bfloat16 is emulated on this CPU (no avx512_bf16/amx_bf16): greedy covers its kernels")
     rows = [RowInput(row_id=i, prompt_ids=p) for i, p in enumerate(prompts())]
     assert_policies_and_resumes_agree(model, offload, dtype, rows, params)
 
