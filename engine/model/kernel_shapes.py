@@ -24,6 +24,10 @@ QUERIES_PER_CALL = 8
 QUERY_GROUP_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 SCORES_PER_CALL = 2 ** 25  # the most scores one attention call holds (64 MiB in bfloat16)
 KEY_ALIGN = 64  # a multiple of every SIMD width, so softmax never takes a scalar tail
+# A prefill's queries go in groups of at most this many: each group multiplies only the keys up to
+# its last query (rounded up to KEY_ALIGN), so the causal triangle's upper half is skipped group by
+# group (a 128-token prompt computes 3/4 of the square, a 2048-token one about half).
+CAUSAL_QUERY_GROUP = KEY_ALIGN
 ATTENTION_OPS_PER_QUERY_GROUP = 6  # bmm, mask, fill, softmax, bmm, copy out
 
 
@@ -64,9 +68,21 @@ def chunk_plan(rows: int, dtype_name: str, usable=lambda size: True) -> list[int
 
 def query_plan(queries: int, pairs: int = 1, keys: int = 1) -> list[int]:
     """The query-group sizes of one attention over `queries` queries of `pairs` pairs and `keys`
-    keys: groups as large as SCORES_PER_CALL scores allow (at least the reference group)."""
-    cap = max(QUERIES_PER_CALL, SCORES_PER_CALL // max(1, pairs * keys))
+    keys: groups of up to CAUSAL_QUERY_GROUP, fewer where SCORES_PER_CALL scores allow fewer (at
+    least the reference group)."""
+    cap = max(QUERIES_PER_CALL, min(CAUSAL_QUERY_GROUP, SCORES_PER_CALL // max(1, pairs * keys)))
     return _plan(queries, QUERY_GROUP_SIZES, lambda size: size <= cap)
+
+
+def attended_scores(queries: int) -> int:
+    """Query-key products per pair of a prefill over `queries` consecutive positions from 0: each
+    query group against the keys up to its last query (what kernels.attend computes)."""
+    total, start = 0, 0
+    for size in query_plan(queries):
+        end = min(start + size, queries)
+        total += size * key_capacity(end)
+        start = end
+    return total
 
 
 def linear_calls(rows: float, dtype_name: str) -> list[tuple[int, int]]:

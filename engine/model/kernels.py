@@ -16,11 +16,14 @@ fixed order: here, by calling the library only with shapes that never vary.
 - `attend`: each (row, head) pair's keys are aligned so that the row's first real position sits
   at index 0 (the cache is left-padded per block, so a row's index would otherwise depend on its
   neighbours' prompt lengths); queries go to `bmm` in groups of the sizes of `query_plan` (a
-  decode step's one query, a prefill's whole prompt), each size used only where a one-off check
+  decode step's one query, a prefill's prompt 64 at a time, each group against the keys up to its
+  last query: the causal triangle's upper half is skipped), each size used only where a one-off check
   finds every query's numbers bit for bit those of the reference group `QUERIES_PER_CALL`; the key
-  axis is padded with masked positions to a multiple of `KEY_ALIGN`. Masked keys add exact zeros
-  to every sum, and the same positions always fall in the same SIMD lanes, so a decode step
-  computes a position's attention bit for bit as the prefill of the same prompt does.
+  axis is padded with masked positions to a multiple of `KEY_ALIGN`, and the value product goes
+  to the library `KEY_ALIGN` keys at a time (`weighted_values`). Masked keys add exact zeros to
+  every sum, and the same positions always fall in the same SIMD lanes, so a decode step computes
+  a position's attention bit for bit as the prefill of the same prompt does, whatever the
+  neighbours' lengths.
 
 Shapes: n (row, head) pairs, S queries, T cached positions, D head_dim.
 """
@@ -34,7 +37,7 @@ import torch
 
 from engine.model import int4_matmul, packed_weight
 from engine.model.packed_weight import PackedWeight
-from engine.model.kernel_shapes import QUERIES_PER_CALL, chunk_plan, key_capacity, query_plan, rows_per_call
+from engine.model.kernel_shapes import KEY_ALIGN, QUERIES_PER_CALL, chunk_plan, key_capacity, query_plan, rows_per_call
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight | int4_matmul.Int4Weight,
@@ -190,7 +193,24 @@ def _attend_group(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, query_pos
         pos = torch.cat((pos, pos[:, -1:].expand(n, size - got)), dim=1)
     scores = torch.bmm(qg, kh[:, :keys].transpose(1, 2), out=_scratch("scores", (n, size, keys), q.dtype, q.device))
     scores.masked_fill_(torch.arange(keys, device=q.device) > pos[:, :, None], float("-inf"))
-    out[:, start:start + got] = torch.bmm(torch.softmax(scores, dim=-1), vh[:, :keys])[:, :got]
+    weighted = weighted_values(torch.softmax(scores, dim=-1), vh[:, :keys],
+                               _scratch("weighted", (n, size, D), q.dtype, q.device),
+                               _scratch("partial", (n, size, D), q.dtype, q.device))
+    out[:, start:start + got] = weighted[:, :got]
+
+
+def weighted_values(probs: torch.Tensor, values: torch.Tensor, into: torch.Tensor | None = None,
+                    partial: torch.Tensor | None = None) -> torch.Tensor:
+    """probs [n, S, C] @ values [n, C, D], KEY_ALIGN keys per library call, the calls' results
+    added in key order. One call over all C keys would let the library block its sum over the key
+    axis by C (MKL's fp32 batched product does, from 192 keys on): a query's output would then depend
+    on how many keys its neighbours make the call read, and a prefill's on its query group. Keys past
+    a query's last add exact zeros, so its output is the same for every C that covers it."""
+    n, S, C = probs.shape
+    into = torch.bmm(probs[:, :, :KEY_ALIGN], values[:, :KEY_ALIGN], out=into)
+    for at in range(KEY_ALIGN, C, KEY_ALIGN):
+        into.add_(torch.bmm(probs[:, :, at:at + KEY_ALIGN], values[:, at:at + KEY_ALIGN], out=partial))
+    return into
 
 
 _GROUP_AGREEMENT: dict[tuple, bool] = {}
@@ -207,7 +227,7 @@ def _group_agrees(size: int, n: int, keys: int, D: int, dtype: torch.dtype, devi
                    for rows in (max(size, QUERIES_PER_CALL), keys, keys))
 
         def product(queries: torch.Tensor) -> torch.Tensor:
-            return torch.bmm(torch.softmax(torch.bmm(queries, k.transpose(1, 2)), dim=-1), v)
+            return weighted_values(torch.softmax(torch.bmm(queries, k.transpose(1, 2)), dim=-1), v)
 
         want = torch.cat([product(q[:, g:g + QUERIES_PER_CALL]) for g in range(0, q.shape[1], QUERIES_PER_CALL)], 1)
         _GROUP_AGREEMENT[key] = torch.equal(product(q[:, :size]), want[:, :size])

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from engine.model.config import OPTConfig, model_key
-from engine.model.kernel_shapes import ATTENTION_OPS_PER_QUERY_GROUP, attention_calls, linear_calls
+from engine.model.kernel_shapes import (ATTENTION_OPS_PER_QUERY_GROUP, attended_scores, attention_calls,
+                                        linear_calls)
 from engine.planning.cost_inputs import (GB, OPS_PER_LAYER, TENSORS_PER_LAYER, Placement, Shape, Sizes,
                                          WeightSplit, compression_factor, elem_bytes, sizes, weight_split)
 from engine.planning.hardware import HardwareProfile
@@ -103,7 +104,7 @@ def _cache_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z
     groups = attention_calls(1 if decode else s * cfg.num_heads // cfg.num_kv_heads)
     compute = compute + sh.num_gpu_batches * groups * ATTENTION_OPS_PER_QUERY_GROUP * hw.op_overhead_s
     if not decode:
-        compute = compute + 4 * B * s * s * h / hw.flops()
+        compute = compute + 4 * B * attended_scores(s) * h / hw.flops()  # QK and PV, 2 flops a product
         g_to_c = g_to_c + z.kv_new_pre * (x.cc + x.cd) * r.g2c
         disk = disk + z.kv_new_pre * x.cd * r.write
         if sh.compress_cache:
