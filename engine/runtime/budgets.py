@@ -196,11 +196,12 @@ def cache_quantize_scratch_bytes(cfg: ModelConfig, rows: int, prompt_len: int) -
 
 def attention_scratch_bytes(cfg: ModelConfig, rows: int, prompt_len: int, element_size: int) -> int:
     """A prefill's largest attention call (engine.model.kernels): its scores (a reused buffer), their
-    softmax and the boolean mask, for `rows` rows' query groups over the prompt's keys."""
+    softmax and the boolean mask, for `rows` rows' query groups over the prompt's keys, and the
+    value product's result and partial result (two more reused buffers)."""
     pairs, keys = rows * cfg.num_kv_heads, key_capacity(prompt_len)
     queries = prompt_len * cfg.num_heads // cfg.num_kv_heads
-    scores = pairs * max(query_plan(queries, pairs, keys)) * keys
-    return scores * (2 * element_size + 1)
+    group = max(query_plan(queries, pairs, keys))
+    return pairs * group * (keys * (2 * element_size + 1) + 2 * cfg.head_dim * element_size)
 
 
 def _describe(parts: dict[str, int]) -> str:

@@ -142,6 +142,25 @@ def test_compressed_weights_and_cache_are_invariant_among_themselves(model, offl
     assert plain != reference  # compression really changed the numbers
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_past_128_positions_are_the_same_alone_beside_longer_rows_and_resumed(model, offload, dtype):
+    # Attention over more than 128 keys is where a library's sum over the key axis can be blocked
+    # by the call's key count, which the longest row of a block sets (kernels.weighted_values).
+    rng = random.Random(5)
+    lengths = (140, 333, 190, 260, 150, 301)
+    rows = [RowInput(row_id=i, prompt_ids=tuple(rng.randrange(4, 50000) for _ in range(n)))
+            for i, n in enumerate(lengths)]
+    alone = {}
+    for row in rows:
+        alone |= generate(model, offload, policy("1x1 all in RAM"), dtype, [row], GREEDY)
+    assert_same(alone, generate(model, offload, policy("12x1 all in RAM"), dtype, rows, GREEDY), "one block")
+    assert_same(alone, generate(model, offload, policy("2x2 cache on disk"), dtype, rows, GREEDY, 3), "2x2")
+    got = generate(model, offload, policy("3x4 cache split, no overlap"), dtype, resumed_rows(rows, alone), GREEDY, 4)
+    assert_same(alone, got, "resumed")
+    assert len(set(alone.values())) > len(rows) // 2
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
