@@ -206,7 +206,7 @@ def weighted_values(probs: torch.Tensor, values: torch.Tensor, into: torch.Tenso
     axis by C (MKL's fp32 batched product does, from 192 keys on): a query's output would then depend
     on how many keys its neighbours make the call read, and a prefill's on its query group. Keys past
     a query's last add exact zeros, so its output is the same for every C that covers it."""
-    n, S, C = probs.shape
+    C = probs.shape[-1]
     into = torch.bmm(probs[:, :, :KEY_ALIGN], values[:, :KEY_ALIGN], out=into)
     for at in range(KEY_ALIGN, C, KEY_ALIGN):
         into.add_(torch.bmm(probs[:, :, at:at + KEY_ALIGN], values[:, at:at + KEY_ALIGN], out=partial))
