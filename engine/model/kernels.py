@@ -35,7 +35,7 @@ import threading
 
 import torch
 
-from engine.model import int4_matmul, packed_weight
+from engine.model import int4_matmul, native_attention, packed_weight
 from engine.model.packed_weight import PackedWeight
 from engine.model.kernel_shapes import KEY_ALIGN, QUERIES_PER_CALL, chunk_plan, key_capacity, query_plan, rows_per_call
 
@@ -164,14 +164,24 @@ def attend_aligned(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, first: t
     """`attend` over keys and values already in the aligned layout: kh, vh [n, C, D] (any stride
     between pairs), each pair's first real position at index 0, finite numbers (zeros) past its
     last, and C a multiple of KEY_ALIGN that covers every query's position. This is the layout a
-    memory-resident cache keeps (engine.runtime.kv_cache), so attention reads it in place."""
-    n, S, D = q.shape
+    memory-resident cache keeps (engine.runtime.kv_cache), so attention reads it in place.
+    On a CPU it runs on the native kernel (engine.model.native_attention) where that is built,
+    else, and on a GPU, on the library's batched products (`attend_aligned_library`)."""
     # Aligned position of every query (a padding query sees the row's first real key only).
-    query_pos = (query_pos.to(q.device)[None, :] - first[:, None]).clamp_(min=0)  # [n, S]
+    last_key = (query_pos.to(q.device)[None, :] - first[:, None]).clamp_(min=0)  # [n, S]
+    if native_attention.supports(q, kh, vh):
+        return native_attention.attend(q, kh, vh, last_key)
+    return attend_aligned_library(q, kh, vh, last_key)
+
+
+def attend_aligned_library(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, last_key: torch.Tensor) -> torch.Tensor:
+    """`attend_aligned` through `bmm` in the fixed query groups of `query_plan`, the value product
+    KEY_ALIGN keys per call; last_key [n, S]: each query's aligned position."""
+    n, S, D = q.shape
     out = torch.empty_like(q)
     start = 0
-    for size in query_plan(S, n, min(key_capacity(int(query_pos.max()) + 1), kh.shape[1])):
-        _attend_group(q, kh, vh, query_pos, out, start, size)
+    for size in query_plan(S, n, min(key_capacity(int(last_key.max()) + 1), kh.shape[1])):
+        _attend_group(q, kh, vh, last_key, out, start, size)
         start += size
     return out
 

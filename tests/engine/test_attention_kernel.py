@@ -1,14 +1,23 @@
-"""kernels.attend against itself: a query's output does not depend on how many keys its neighbours
+"""Attention against itself: a query's output does not depend on how many keys its neighbours
 make the call read, nor on which group of queries it came in (prefill vs decode), and it is the
-plain causal softmax attention of float64 to rounding."""
+plain causal softmax attention of float64 to rounding. Both implementations: the native kernel
+(engine.model.native_attention, what a CPU runs where a C compiler is) and the library's batched
+products (kernels.attend_aligned_library, what a GPU runs)."""
 from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from engine.model.kernels import attend
+from engine.model import native_attention
+from engine.model.kernel_shapes import key_capacity
+from engine.model.kernels import attend_aligned_library
 
 D = 64
+IMPLEMENTATIONS = ["native", "library"]
 
 
 def cache(positions: int, pairs: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
@@ -18,34 +27,78 @@ def cache(positions: int, pairs: int, dtype: torch.dtype, seed: int) -> tuple[to
     return q, k, v
 
 
+def attend(impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """q [n, S, D] at the last S of T positions over a left-padded cache k, v [T, n, D] whose pair p
+    starts at first[p]: aligned here (pair p's first real key at index 0, zeros past its last), then
+    attended by one implementation."""
+    T, n, _ = k.shape
+    kh, vh = (torch.zeros(n, key_capacity(T), D, dtype=k.dtype) for _ in range(2))
+    for p in range(n):
+        kh[p, :T - first[p]], vh[p, :T - first[p]] = k[first[p]:, p], v[first[p]:, p]
+    last_key = (torch.arange(T - q.shape[1], T)[None, :] - first[:, None]).clamp(min=0)
+    if impl == "native":
+        if not native_attention.available():
+            pytest.skip("the native attention kernel is not built here (no C compiler)")
+        return native_attention.attend(q, kh, vh, last_key)
+    return attend_aligned_library(q, kh, vh, last_key)
+
+
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int, pos: int) -> torch.Tensor:
     """One pair's query at `pos` over its keys first .. pos, in float64."""
     keys, values = k[first:pos + 1].double(), v[first:pos + 1].double()
     return torch.softmax(q.double() @ keys.T, dim=-1) @ values
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_decode_query_is_the_same_whatever_its_neighbours_lengths(dtype):
+def test_a_decode_query_is_the_same_whatever_its_neighbours_lengths(impl, dtype):
     # Pair 0's row has 300 positions (its first real one at 100 in a left-padded cache of 400);
     # alone, its query at the last position reads 320 aligned keys; beside a row of 400 positions
     # the call reads 448 (from 64 on, per pair). Long keys are where a library's reduction blocks
     # over the key axis change with its length.
     q, k, v = cache(400, 64, dtype, seed=1)
     last = q[:, -1:]
-    beside_long = attend(last, k, v, torch.tensor([100] + [0] * 63))
-    alone = attend(last[:1], k[:, :1], v[:, :1], torch.tensor([100]))
+    beside_long = attend(impl, last, k, v, torch.tensor([100] + [0] * 63))
+    alone = attend(impl, last[:1], k[100:, :1], v[100:, :1], torch.tensor([0]))
     assert torch.equal(beside_long[:1], alone)
     want = reference(q[0, -1], k[:, 0], v[:, 0], 100, 399).to(dtype)
     torch.testing.assert_close(alone[0, 0], want, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_prefill_gives_every_position_what_a_decode_step_there_gives(dtype):
+def test_a_prefill_gives_every_position_what_a_decode_step_there_gives(impl, dtype):
     # A 330-position prefill over 32 pairs with different left padding, against decode steps at
     # positions inside each group of queries and past 128 keys.
     q, k, v = cache(330, 32, dtype, seed=2)
     first = torch.arange(32) % 5
-    prefill = attend(q, k, v, first)
+    prefill = attend(impl, q, k, v, first)
     for pos in (5, 63, 64, 127, 128, 150, 191, 192, 255, 256, 300, 329):
-        step = attend(q[:, pos:pos + 1], k[:pos + 1], v[:pos + 1], first)
+        step = attend(impl, q[:, pos:pos + 1], k[:pos + 1], v[:pos + 1], first)
         assert torch.equal(prefill[:, pos:pos + 1], step), f"position {pos}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_two_implementations_agree_to_rounding_and_match_float64(dtype):
+    q, k, v = cache(200, 48, dtype, seed=3)
+    first = torch.arange(48) % 7 * 9  # pairs whose padding covers some queries: those see their first key
+    native, library = attend("native", q, k, v, first), attend("library", q, k, v, first)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(native, library, **tolerance)
+    for p, pos in ((0, 0), (5, 199), (13, 40), (47, 150)):
+        start = int(first[p])  # a padding query (pos < start) sees its row's first real key only
+        want = reference(q[p, pos], k[:, p], v[:, p], start, max(pos, start))
+        torch.testing.assert_close(native[p, pos].double(), want, **tolerance)
+
+
+def test_the_kernel_is_built_wherever_a_c_compiler_is():
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine: attention runs on the library path")
+    assert native_attention.available()
+
+
+def test_the_switch_turns_the_kernel_off():
+    code = "from engine.model import native_attention; print(native_attention.available())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, native_attention.ENV_SWITCH: "0"}).stdout
+    assert out.strip() == "False"

@@ -1,0 +1,117 @@
+/* Causal softmax attention over the aligned cache layout, one (pair, query) at a time, with every
+ * sum in one fixed order: a query's output depends only on its own query, keys and values, never
+ * on how many keys or queries share the call. Built and loaded by engine/model/native_attention.py.
+ *
+ * q [n, S, D] and out [n, S, D] contiguous; keys and values [n, C, D] with rows of D contiguous and
+ * `pair_stride` elements between pairs; pos [n, S]: the last key each query attends (0-based, the
+ * pair's first real position at 0). D is a multiple of LANES.
+ *
+ * Per query: scores q.k over D in LANES partial sums added in a fixed tree, softmax with expf and
+ * a sequential sum over keys, then out = sum over keys of p * v in key order, each of the D
+ * outputs its own sequential sum (vectorised across D, which reorders nothing).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LANES 8
+
+static inline float f32_dot(const float *a, const float *b, int D) {
+    float acc[LANES] = {0};
+    for (int i = 0; i < D; i += LANES)
+        for (int j = 0; j < LANES; j++) acc[j] += a[i + j] * b[i + j];
+    return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+}
+
+static inline float bf16_to_f32(uint16_t x) {
+    uint32_t bits = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does */
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40); /* NaN stays NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+static inline float bf16_dot(const float *a, const uint16_t *b, int D) {
+    float acc[LANES] = {0};
+    for (int i = 0; i < D; i += LANES)
+        for (int j = 0; j < LANES; j++) acc[j] += a[i + j] * bf16_to_f32(b[i + j]);
+    return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+}
+
+/* Softmax of scores[0..last] in place; returns nothing, scores become probabilities. */
+static inline void softmax_in_place(float *scores, int64_t last) {
+    float top = scores[0];
+    for (int64_t c = 1; c <= last; c++) top = scores[c] > top ? scores[c] : top;
+    float total = 0.0f;
+    for (int64_t c = 0; c <= last; c++) {
+        scores[c] = expf(scores[c] - top);
+        total += scores[c];
+    }
+    for (int64_t c = 0; c <= last; c++) scores[c] = scores[c] / total;
+}
+
+void attend_f32(const float *q, const float *keys, const float *values, const int64_t *pos, float *out,
+                int64_t n, int64_t S, int64_t D, int64_t pair_stride, int64_t max_keys, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        float *scores = malloc(sizeof(float) * (size_t)max_keys);
+        float *acc = malloc(sizeof(float) * (size_t)D);
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < n; p++) {
+            const float *k = keys + p * pair_stride, *v = values + p * pair_stride;
+            for (int64_t s = 0; s < S; s++) {
+                const float *qs = q + (p * S + s) * D;
+                int64_t last = pos[p * S + s];
+                for (int64_t c = 0; c <= last; c++) scores[c] = f32_dot(qs, k + c * D, (int)D);
+                softmax_in_place(scores, last);
+                for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
+                for (int64_t c = 0; c <= last; c++) {
+                    const float w = scores[c], *row = v + c * D;
+                    for (int64_t d = 0; d < D; d++) acc[d] += w * row[d];
+                }
+                memcpy(out + (p * S + s) * D, acc, sizeof(float) * (size_t)D);
+            }
+        }
+        free(scores);
+        free(acc);
+    }
+}
+
+void attend_bf16(const uint16_t *q, const uint16_t *keys, const uint16_t *values, const int64_t *pos,
+                 uint16_t *out, int64_t n, int64_t S, int64_t D, int64_t pair_stride, int64_t max_keys,
+                 int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        float *scores = malloc(sizeof(float) * (size_t)max_keys);
+        float *acc = malloc(sizeof(float) * (size_t)D);
+        float *qs = malloc(sizeof(float) * (size_t)D);
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < n; p++) {
+            const uint16_t *k = keys + p * pair_stride, *v = values + p * pair_stride;
+            for (int64_t s = 0; s < S; s++) {
+                for (int64_t d = 0; d < D; d++) qs[d] = bf16_to_f32(q[(p * S + s) * D + d]);
+                int64_t last = pos[p * S + s];
+                for (int64_t c = 0; c <= last; c++) scores[c] = bf16_dot(qs, k + c * D, (int)D);
+                softmax_in_place(scores, last);
+                for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
+                for (int64_t c = 0; c <= last; c++) {
+                    const float w = scores[c];
+                    const uint16_t *row = v + c * D;
+                    for (int64_t d = 0; d < D; d++) acc[d] += w * bf16_to_f32(row[d]);
+                }
+                for (int64_t d = 0; d < D; d++) out[(p * S + s) * D + d] = f32_to_bf16(acc[d]);
+            }
+        }
+        free(scores);
+        free(acc);
+        free(qs);
+    }
+}
