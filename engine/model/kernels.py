@@ -148,14 +148,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: torch.Tenso
     real position (left padding before it); query_pos: [S] long, each query's cache position, the
     same for every pair (default T-S .. T-1: the last S positions; grouped-query attention stacks
     several heads' queries of one pair, so positions repeat). A query attends to its row's
-    positions first .. its own. Returns [n, S, D] in q's dtype. The keys and values are copied
-    into the aligned layout of `attend_aligned` first.
+    positions first .. its own. Returns [n, S, D] in q's dtype. The native kernel reads the cache
+    where it is; the library path copies it into the aligned layout of `attend_aligned` first.
     """
     T = k.shape[0]
-    runs = pair_runs(first)
-    kh, vh = _aligned(k, runs, q.dtype, "keys"), _aligned(v, runs, q.dtype, "values")  # [n, T', D]
     if query_pos is None:
         query_pos = torch.arange(T - q.shape[1], T, device=q.device)
+    if native_attention.supports(q, k, v):  # reads the position-major cache in place
+        last_key = (query_pos.to(q.device)[None, :] - first[:, None]).clamp_(min=0)
+        return native_attention.attend_position_major(q, k, v, first, last_key)
+    runs = pair_runs(first)
+    kh, vh = _aligned(k, runs, q.dtype, "keys"), _aligned(v, runs, q.dtype, "values")  # [n, T', D]
     return attend_aligned(q, kh, vh, first, query_pos)
 
 
@@ -170,7 +173,7 @@ def attend_aligned(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, first: t
     # Aligned position of every query (a padding query sees the row's first real key only).
     last_key = (query_pos.to(q.device)[None, :] - first[:, None]).clamp_(min=0)  # [n, S]
     if native_attention.supports(q, kh, vh):
-        return native_attention.attend(q, kh, vh, last_key)
+        return native_attention.attend_aligned(q, kh, vh, last_key)
     return attend_aligned_library(q, kh, vh, last_key)
 
 

@@ -2,13 +2,17 @@
  * sum in one fixed order: a query's output depends only on its own query, keys and values, never
  * on how many keys or queries share the call. Built and loaded by engine/model/native_attention.py.
  *
- * q [n, S, D] and out [n, S, D] contiguous; keys and values [n, C, D] with rows of D contiguous and
- * `pair_stride` elements between pairs; pos [n, S]: the last key each query attends (0-based, the
- * pair's first real position at 0). D is a multiple of LANES.
+ * q [n, S, D] and out [n, S, D] contiguous. Pair p's keys start at keys + offset[p] (its first
+ * real position) and follow each other `key_stride` elements apart, each a contiguous row of D;
+ * its values are at the same offsets from `values`. So the kernel reads the pair-major aligned
+ * layout of a cache in memory (offset p * capacity * D, stride D) and the position-major layout
+ * of one read from disk (offset first[p] * n * D + p * D, stride n * D) alike, in place.
+ * last [n, S]: the last key each query attends, counted from the pair's first. D is a multiple of
+ * LANES.
  *
- * Per query: scores q.k over D in LANES partial sums added in a fixed tree, softmax with expf and
- * a sequential sum over keys, then out = sum over keys of p * v in key order, each of the D
- * outputs its own sequential sum (vectorised across D, which reorders nothing).
+ * Per query: scores q.k over D in LANES partial sums added in a fixed tree, softmax with expf and a sequential sum over
+ * keys, then out = sum over keys of p * v in key order, each of the D outputs its own sequential
+ * sum (vectorised across D, which reorders nothing).
  */
 #include <math.h>
 #include <stdint.h>
@@ -17,11 +21,13 @@
 
 #define LANES 8
 
-static inline float f32_dot(const float *a, const float *b, int D) {
+#define TREE(acc) (((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])))
+
+static inline float f32_dot(const float *a, const float *b, int64_t D) {
     float acc[LANES] = {0};
-    for (int i = 0; i < D; i += LANES)
+    for (int64_t i = 0; i < D; i += LANES)
         for (int j = 0; j < LANES; j++) acc[j] += a[i + j] * b[i + j];
-    return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    return TREE(acc);
 }
 
 static inline float bf16_to_f32(uint16_t x) {
@@ -39,11 +45,11 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torc
     return (uint16_t)(bits >> 16);
 }
 
-static inline float bf16_dot(const float *a, const uint16_t *b, int D) {
+static inline float bf16_dot(const float *a, const uint16_t *b, int64_t D) {
     float acc[LANES] = {0};
-    for (int i = 0; i < D; i += LANES)
+    for (int64_t i = 0; i < D; i += LANES)
         for (int j = 0; j < LANES; j++) acc[j] += a[i + j] * bf16_to_f32(b[i + j]);
-    return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    return TREE(acc);
 }
 
 /* Softmax of scores[0..last] in place; returns nothing, scores become probabilities. */
@@ -58,23 +64,23 @@ static inline void softmax_in_place(float *scores, int64_t last) {
     for (int64_t c = 0; c <= last; c++) scores[c] = scores[c] / total;
 }
 
-void attend_f32(const float *q, const float *keys, const float *values, const int64_t *pos, float *out,
-                int64_t n, int64_t S, int64_t D, int64_t pair_stride, int64_t max_keys, int threads) {
+void attend_f32(const float *q, const float *keys, const float *values, const int64_t *offset, int64_t key_stride,
+                const int64_t *pos, float *out, int64_t n, int64_t S, int64_t D, int64_t max_keys, int threads) {
 #pragma omp parallel num_threads(threads)
     {
         float *scores = malloc(sizeof(float) * (size_t)max_keys);
         float *acc = malloc(sizeof(float) * (size_t)D);
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < n; p++) {
-            const float *k = keys + p * pair_stride, *v = values + p * pair_stride;
+            const float *k = keys + offset[p], *v = values + offset[p];
             for (int64_t s = 0; s < S; s++) {
                 const float *qs = q + (p * S + s) * D;
                 int64_t last = pos[p * S + s];
-                for (int64_t c = 0; c <= last; c++) scores[c] = f32_dot(qs, k + c * D, (int)D);
+                for (int64_t c = 0; c <= last; c++) scores[c] = f32_dot(qs, k + c * key_stride, D);
                 softmax_in_place(scores, last);
                 for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
                 for (int64_t c = 0; c <= last; c++) {
-                    const float w = scores[c], *row = v + c * D;
+                    const float w = scores[c], *row = v + c * key_stride;
                     for (int64_t d = 0; d < D; d++) acc[d] += w * row[d];
                 }
                 memcpy(out + (p * S + s) * D, acc, sizeof(float) * (size_t)D);
@@ -85,9 +91,9 @@ void attend_f32(const float *q, const float *keys, const float *values, const in
     }
 }
 
-void attend_bf16(const uint16_t *q, const uint16_t *keys, const uint16_t *values, const int64_t *pos,
-                 uint16_t *out, int64_t n, int64_t S, int64_t D, int64_t pair_stride, int64_t max_keys,
-                 int threads) {
+void attend_bf16(const uint16_t *q, const uint16_t *keys, const uint16_t *values, const int64_t *offset,
+                 int64_t key_stride, const int64_t *pos, uint16_t *out, int64_t n, int64_t S, int64_t D,
+                 int64_t max_keys, int threads) {
 #pragma omp parallel num_threads(threads)
     {
         float *scores = malloc(sizeof(float) * (size_t)max_keys);
@@ -95,16 +101,16 @@ void attend_bf16(const uint16_t *q, const uint16_t *keys, const uint16_t *values
         float *qs = malloc(sizeof(float) * (size_t)D);
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < n; p++) {
-            const uint16_t *k = keys + p * pair_stride, *v = values + p * pair_stride;
+            const uint16_t *k = keys + offset[p], *v = values + offset[p];
             for (int64_t s = 0; s < S; s++) {
                 for (int64_t d = 0; d < D; d++) qs[d] = bf16_to_f32(q[(p * S + s) * D + d]);
                 int64_t last = pos[p * S + s];
-                for (int64_t c = 0; c <= last; c++) scores[c] = bf16_dot(qs, k + c * D, (int)D);
+                for (int64_t c = 0; c <= last; c++) scores[c] = bf16_dot(qs, k + c * key_stride, D);
                 softmax_in_place(scores, last);
                 for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
                 for (int64_t c = 0; c <= last; c++) {
                     const float w = scores[c];
-                    const uint16_t *row = v + c * D;
+                    const uint16_t *row = v + c * key_stride;
                     for (int64_t d = 0; d < D; d++) acc[d] += w * bf16_to_f32(row[d]);
                 }
                 for (int64_t d = 0; d < D; d++) out[(p * S + s) * D + d] = f32_to_bf16(acc[d]);

@@ -40,29 +40,46 @@ def available() -> bool:
     return _library() is not None
 
 
-def supports(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor) -> bool:
-    """Whether `attend` can take these tensors: CPU, float32 or bfloat16, head_dim a multiple of LANES,
-    keys and values with contiguous rows and the same stride between pairs."""
-    return (q.device.type == "cpu" and q.dtype in _DTYPES and kh.dtype == vh.dtype == q.dtype
-            and q.shape[-1] % LANES == 0 and kh.stride(2) == 1 and kh.stride(1) == q.shape[-1]
-            and vh.stride() == kh.stride() and available())
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the kernel can take these tensors: on the CPU, float32 or bfloat16, head_dim a multiple
+    of LANES, each key and value a contiguous row, keys and values laid out alike."""
+    return (q.device.type == "cpu" and q.dtype in _DTYPES and k.dtype == v.dtype == q.dtype
+            and q.shape[-1] % LANES == 0 and k.stride(-1) == 1 and v.stride() == k.stride() and available())
 
 
-def attend(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, last_key: torch.Tensor) -> torch.Tensor:
-    """q [n, S, D]; kh, vh [n, C, D] (the aligned layout, one stride between pairs); last_key [n, S]:
-    the last aligned key each query attends (it attends 0 .. last_key). Returns [n, S, D]."""
+def attend_aligned(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, last_key: torch.Tensor) -> torch.Tensor:
+    """q [n, S, D]; kh, vh [n, C, D], the aligned layout (pair p's first real position at index 0);
+    last_key [n, S]: the last aligned key each query attends (it attends 0 .. last_key). -> [n, S, D]."""
+    if last_key.numel() and int(last_key.max()) >= kh.shape[1]:
+        raise ValueError(f"attention over {kh.shape[1]} keys asked for key {int(last_key.max())}")
+    offsets = torch.arange(kh.shape[0], dtype=torch.int64) * kh.stride(0)
+    return _run(q, kh, vh, offsets, kh.stride(1), last_key)
+
+
+def attend_position_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: torch.Tensor,
+                          last_key: torch.Tensor) -> torch.Tensor:
+    """q [n, S, D]; k, v [T, n, D], a cache as read from disk (pair p's first real position at
+    first[p]), attended in place; last_key [n, S] counted from each pair's first. -> [n, S, D]."""
+    first = first.to(torch.int64).cpu()
+    if last_key.numel() and int((last_key.amax(dim=1).cpu() + first).max()) >= k.shape[0]:
+        raise ValueError(f"attention over {k.shape[0]} positions asked for one past them")
+    offsets = first * k.stride(0) + torch.arange(k.shape[1], dtype=torch.int64) * k.stride(1)
+    return _run(q, k, v, offsets, k.stride(0), last_key)
+
+
+def _run(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, key_stride: int,
+         last_key: torch.Tensor) -> torch.Tensor:
     n, S, D = q.shape
-    q = q.contiguous()
-    last_key = last_key.to(torch.int64).contiguous()
+    q, last_key = q.contiguous(), last_key.to(torch.int64).contiguous()
     out = torch.empty_like(q)
     if out.numel() == 0:
         return out
-    keys = int(last_key.max()) + 1
-    if int(last_key.min()) < 0 or keys > kh.shape[1]:
-        raise ValueError(f"attention over {kh.shape[1]} keys asked for key {keys - 1}")
+    if int(last_key.min()) < 0:
+        raise ValueError("a query attends no key")
     kernel = getattr(_library(), _DTYPES[q.dtype])
-    kernel(ctypes.c_void_p(q.data_ptr()), ctypes.c_void_p(kh.data_ptr()), ctypes.c_void_p(vh.data_ptr()),
-           ctypes.c_void_p(last_key.data_ptr()), ctypes.c_void_p(out.data_ptr()), n, S, D, kh.stride(0), keys,
+    pointer = ctypes.c_void_p
+    kernel(pointer(q.data_ptr()), pointer(keys.data_ptr()), pointer(values.data_ptr()), pointer(offsets.data_ptr()),
+           key_stride, pointer(last_key.data_ptr()), pointer(out.data_ptr()), n, S, D, int(last_key.max()) + 1,
            torch.get_num_threads())
     return out
 
@@ -78,7 +95,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for name in _DTYPES.values():
-        getattr(lib, name).argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_int]
+        getattr(lib, name).argtypes = [ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
         getattr(lib, name).restype = None
     return lib
 

@@ -122,8 +122,10 @@ def _cache_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z
     elif gpu:
         c_to_g = c_to_g + z.kv_dec * (x.cc + x.cd) * r.c2g
         compute = compute + z.kv_dec16 / (hw.gpu_mem_gbps * GB)
+    elif hw.cpu_attention_in_place:  # the native kernel: each pair's context, wherever it lies
+        compute = compute + z.kv_dec16 / (hw.cpu_attention_gbps * GB)
     else:
-        # The CPU's attention reads whole KEY_ALIGN groups of keys, and a part it does not hold in
+        # The library path reads whole KEY_ALIGN groups of keys, and a part it does not hold in
         # its aligned layout (on disk, or compressed) is copied into that layout first, every step
         # (each byte read and written: twice what the memory stream rate reads).
         copied = x.cd + (x.cg + x.cc if sh.compress_cache else 0.0)

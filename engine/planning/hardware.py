@@ -29,7 +29,7 @@ LINK_FIELDS = {
 }
 
 PROFILE_HINT = "write one with engine.planning.profiler.measure_profile(...).save(FILE), or by hand"
-PROFILE_VERSION = 9  # a stored profile of another version is measured again: its fields mean other things
+PROFILE_VERSION = 10  # a stored profile of another version is measured again: its fields mean other things
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +55,10 @@ class HardwareProfile:
     gpu_to_cpu_gbps: float = 0.0
     gpu_mem_gbps: float = 0.0            # device memory bandwidth (HBM/GDDR)
     cpu_attention_gbps: float = 10.0     # KV-cache bytes a decode attention on the CPU gets through per s
+    # Whether the CPU attends every part of the cache where it lies, each pair's context only (the
+    # native kernel, engine.model.native_attention); else whole KEY_ALIGN groups, and a part on
+    # disk or compressed is first copied into the aligned layout (the library path).
+    cpu_attention_in_place: bool = False
     dequant_gbps: float = 5.0            # fp16 output bytes/s of 4-bit group-wise decompression on the compute device
     convert_gbps: float = 0.0            # fp16 -> compute dtype conversion of weights read from disk (0: none)
     # Seconds of compute lost per second the disk tier is busy, on a host without a GPU (the I/O

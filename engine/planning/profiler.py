@@ -19,6 +19,7 @@ import torch
 
 from engine.model.config import OPTConfig, model_key
 from engine.planning.calibration import calibration_bytes, measure_compute_scale
+from engine.model import native_attention
 from engine.planning.compute_probes import (convert_gbps, cpu_attention_gbps, dequant_gbps, device_copy_gbps,
                                             linear_table, matmul_flops, op_overhead_s, pinned_copy_gbps,
                                             weight_stream_gbps)
@@ -123,6 +124,7 @@ def _measure_probes(disk_dir: str | Path, *, disk_bytes: int | None, seconds_per
         disk_sync_latency_s=sync_lat,
         cpu_mem_gbps=weight_stream_gbps(seconds_per_test, dtype=cpu_dtype),
         cpu_attention_gbps=cpu_attention_gbps(seconds_per_test, dtype=cpu_dtype),
+        cpu_attention_in_place=native_attention.available(),
         dequant_gbps=dequant_gbps(device, dtype, seconds_per_test),
         convert_gbps=convert_gbps(dtype, seconds_per_test) if dtype != torch.float16 else 0.0,
         matmul_flops=flops, op_overhead_s=op_overhead_s(device, dtype),

@@ -39,7 +39,7 @@ def attend(impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: 
     if impl == "native":
         if not native_attention.available():
             pytest.skip("the native attention kernel is not built here (no C compiler)")
-        return native_attention.attend(q, kh, vh, last_key)
+        return native_attention.attend_aligned(q, kh, vh, last_key)
     return attend_aligned_library(q, kh, vh, last_key)
 
 
@@ -89,6 +89,21 @@ def test_the_two_implementations_agree_to_rounding_and_match_float64(dtype):
         start = int(first[p])  # a padding query (pos < start) sees its row's first real key only
         want = reference(q[p, pos], k[:, p], v[:, p], start, max(pos, start))
         torch.testing.assert_close(native[p, pos].double(), want, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_cache_read_from_disk_is_attended_in_place_as_one_held_in_memory_is(dtype):
+    # The disk's position-major layout [T, 2, n, D] (keys and values interleaved per position) and
+    # memory's aligned one give every query the same bits: a cache moved between tiers by a new
+    # placement, or split across them, attends alike.
+    if not native_attention.available():
+        pytest.skip("the native attention kernel is not built here (no C compiler)")
+    q, k, v = cache(150, 24, dtype, seed=4)
+    first = torch.arange(24) % 6 * 11
+    as_read = torch.stack((k, v), dim=1)  # [T, 2, n, D]
+    last_key = (torch.arange(150)[None, :] - first[:, None]).clamp(min=0)
+    in_place = native_attention.attend_position_major(q, as_read[:, 0], as_read[:, 1], first, last_key)
+    assert torch.equal(in_place, attend("native", q, k, v, first))
 
 
 def test_the_kernel_is_built_wherever_a_c_compiler_is():

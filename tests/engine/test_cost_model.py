@@ -1,6 +1,8 @@
 """The cost model: units, compression, overlap, CPU-only folding, and float/numpy agreement."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -241,3 +243,23 @@ def test_a_cpu_decode_step_reads_whole_key_groups_and_copies_a_disk_cache_into_t
     (_, in_ram), _ = phase_terms(cfg, hw, sh, Placement.from_policy(ram), decode=True)
     (_, on_disk), _ = phase_terms(cfg, hw, sh, Placement.from_policy(disk), decode=True)
     assert on_disk["compute"] - in_ram["compute"] == pytest.approx(2 * z.kv_dec16 / (20 * GB))
+
+
+def test_a_cpu_that_attends_in_place_reads_each_context_and_copies_no_disk_cache():
+    """With the native kernel a decode step's attention reads each pair's own context, from RAM or
+    from the buffer a disk read filled, at the measured attention rate: a part on disk costs its
+    read, no copy."""
+    hw = HardwareProfile(cpu_mem_gbps=20, cpu_attention_gbps=10, matmul_flops={"cpu": {"float32": 1e11}},
+                         disk_read_gbps=1, disk_write_gbps=1, io_compute_interference=0.0, compute_dtype="float32",
+                         cpu_attention_in_place=True)
+    library = dataclasses.replace(hw, cpu_attention_in_place=False)
+    cfg = preset("1.3b")
+    ram = Policy.from_percents([0, 100, 0, 100, 0, 100], gpu_batch_size=16, num_gpu_batches=2)
+    disk = Policy.from_percents([0, 100, 0, 0, 0, 100], gpu_batch_size=16, num_gpu_batches=2)
+    sh = Shape.from_policy(ram, prompt_len=128, gen_len=32)
+    z = sizes(cfg, sh, hw)
+    (_, in_ram), _ = phase_terms(cfg, hw, sh, Placement.from_policy(ram), decode=True)
+    (_, on_disk), _ = phase_terms(cfg, hw, sh, Placement.from_policy(disk), decode=True)
+    (_, library_in_ram), _ = phase_terms(cfg, library, sh, Placement.from_policy(ram), decode=True)
+    assert on_disk["compute"] == pytest.approx(in_ram["compute"])
+    assert library_in_ram["compute"] - in_ram["compute"] == pytest.approx((z.kv_att16 - z.kv_dec16) / (10 * GB))
