@@ -64,14 +64,20 @@ static inline void softmax_in_place(float *scores, int64_t last) {
     for (int64_t c = 0; c <= last; c++) scores[c] = scores[c] / total;
 }
 
-void attend_f32(const float *q, const float *keys, const float *values, const int64_t *offset, int64_t key_stride,
+int attend_f32(const float *q, const float *keys, const float *values, const int64_t *offset, int64_t key_stride,
                 const int64_t *pos, float *out, int64_t n, int64_t S, int64_t D, int64_t max_keys, int threads) {
+    int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
         float *scores = malloc(sizeof(float) * (size_t)max_keys);
         float *acc = malloc(sizeof(float) * (size_t)D);
+        if (!scores || !acc) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < n; p++) {
+            if (!scores || !acc) continue;
             const float *k = keys + offset[p], *v = values + offset[p];
             for (int64_t s = 0; s < S; s++) {
                 const float *qs = q + (p * S + s) * D;
@@ -89,18 +95,25 @@ void attend_f32(const float *q, const float *keys, const float *values, const in
         free(scores);
         free(acc);
     }
+    return failed; /* 1: a thread could not allocate its scratch, its pairs were not computed */
 }
 
-void attend_bf16(const uint16_t *q, const uint16_t *keys, const uint16_t *values, const int64_t *offset,
+int attend_bf16(const uint16_t *q, const uint16_t *keys, const uint16_t *values, const int64_t *offset,
                  int64_t key_stride, const int64_t *pos, uint16_t *out, int64_t n, int64_t S, int64_t D,
                  int64_t max_keys, int threads) {
+    int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
         float *scores = malloc(sizeof(float) * (size_t)max_keys);
         float *acc = malloc(sizeof(float) * (size_t)D);
         float *qs = malloc(sizeof(float) * (size_t)D);
+        if (!scores || !acc || !qs) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < n; p++) {
+            if (!scores || !acc || !qs) continue;
             const uint16_t *k = keys + offset[p], *v = values + offset[p];
             for (int64_t s = 0; s < S; s++) {
                 for (int64_t d = 0; d < D; d++) qs[d] = bf16_to_f32(q[(p * S + s) * D + d]);
@@ -120,4 +133,5 @@ void attend_bf16(const uint16_t *q, const uint16_t *keys, const uint16_t *values
         free(acc);
         free(qs);
     }
+    return failed;
 }

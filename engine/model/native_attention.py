@@ -43,7 +43,8 @@ def available() -> bool:
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the kernel can take these tensors: on the CPU, float32 or bfloat16, head_dim a multiple
     of LANES, each key and value a contiguous row, keys and values laid out alike."""
-    return (q.device.type == "cpu" and q.dtype in _DTYPES and k.dtype == v.dtype == q.dtype
+    return (q.device.type == k.device.type == v.device.type == "cpu" and q.dtype in _DTYPES
+            and k.dtype == v.dtype == q.dtype
             and q.shape[-1] % LANES == 0 and k.stride(-1) == 1 and v.stride() == k.stride() and available())
 
 
@@ -78,9 +79,11 @@ def _run(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offsets: tor
         raise ValueError("a query attends no key")
     kernel = getattr(_library(), _DTYPES[q.dtype])
     pointer = ctypes.c_void_p
-    kernel(pointer(q.data_ptr()), pointer(keys.data_ptr()), pointer(values.data_ptr()), pointer(offsets.data_ptr()),
-           key_stride, pointer(last_key.data_ptr()), pointer(out.data_ptr()), n, S, D, int(last_key.max()) + 1,
-           torch.get_num_threads())
+    failed = kernel(pointer(q.data_ptr()), pointer(keys.data_ptr()), pointer(values.data_ptr()),
+                    pointer(offsets.data_ptr()), key_stride, pointer(last_key.data_ptr()), pointer(out.data_ptr()),
+                    n, S, D, int(last_key.max()) + 1, torch.get_num_threads())
+    if failed:
+        raise MemoryError("native attention could not allocate its per-thread scratch")
     return out
 
 
@@ -96,7 +99,7 @@ def _library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for name in _DTYPES.values():
         getattr(lib, name).argtypes = [ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
-        getattr(lib, name).restype = None
+        getattr(lib, name).restype = ctypes.c_int
     return lib
 
 
