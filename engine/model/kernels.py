@@ -154,12 +154,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: torch.Tenso
     T = k.shape[0]
     if query_pos is None:
         query_pos = torch.arange(T - q.shape[1], T, device=q.device)
+    last_key = _last_keys(q, first, query_pos)
     if native_attention.supports(q, k, v):  # reads the position-major cache in place
-        last_key = (query_pos.to(q.device)[None, :] - first[:, None]).clamp_(min=0)
         return native_attention.attend_position_major(q, k, v, first, last_key)
     runs = pair_runs(first)
     kh, vh = _aligned(k, runs, q.dtype, "keys"), _aligned(v, runs, q.dtype, "values")  # [n, T', D]
-    return attend_aligned(q, kh, vh, first, query_pos)
+    return attend_aligned_library(q, kh, vh, last_key)
 
 
 def attend_aligned(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, first: torch.Tensor,
@@ -170,11 +170,16 @@ def attend_aligned(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, first: t
     memory-resident cache keeps (engine.runtime.kv_cache), so attention reads it in place.
     On a CPU it runs on the native kernel (engine.model.native_attention) where that is built,
     else, and on a GPU, on the library's batched products (`attend_aligned_library`)."""
-    # Aligned position of every query (a padding query sees the row's first real key only).
-    last_key = (query_pos.to(q.device)[None, :] - first[:, None]).clamp_(min=0)  # [n, S]
+    last_key = _last_keys(q, first, query_pos)
     if native_attention.supports(q, kh, vh):
         return native_attention.attend_aligned(q, kh, vh, last_key)
     return attend_aligned_library(q, kh, vh, last_key)
+
+
+def _last_keys(q: torch.Tensor, first: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+    """[n, S]: each query's aligned position, the last key it attends (a padding query, before its
+    row's first real position, sees that first key only)."""
+    return (query_pos.to(q.device)[None, :] - first[:, None]).clamp_(min=0)
 
 
 def attend_aligned_library(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, last_key: torch.Tensor) -> torch.Tensor:

@@ -23,21 +23,17 @@
 
 #define TREE(acc) (((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])))
 
-static inline float f32_dot(const float *a, const float *b, int64_t D) {
-    float acc[LANES] = {0};
-    for (int64_t i = 0; i < D; i += LANES)
-        for (int j = 0; j < LANES; j++) acc[j] += a[i + j] * b[i + j];
-    return TREE(acc);
-}
+static inline float f32_load(float x) { return x; }
+static inline float f32_store(float x) { return x; }
 
-static inline float bf16_to_f32(uint16_t x) {
+static inline float bf16_load(uint16_t x) {
     uint32_t bits = (uint32_t)x << 16;
     float f;
     memcpy(&f, &bits, 4);
     return f;
 }
 
-static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does */
+static inline uint16_t bf16_store(float f) {  /* round to nearest even, as torch does */
     uint32_t bits;
     memcpy(&bits, &f, 4);
     if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40); /* NaN stays NaN */
@@ -45,14 +41,7 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torc
     return (uint16_t)(bits >> 16);
 }
 
-static inline float bf16_dot(const float *a, const uint16_t *b, int64_t D) {
-    float acc[LANES] = {0};
-    for (int64_t i = 0; i < D; i += LANES)
-        for (int j = 0; j < LANES; j++) acc[j] += a[i + j] * bf16_to_f32(b[i + j]);
-    return TREE(acc);
-}
-
-/* Softmax of scores[0..last] in place; returns nothing, scores become probabilities. */
+/* Softmax of scores[0..last] in place: scores become probabilities. */
 static inline void softmax_in_place(float *scores, int64_t last) {
     float top = scores[0];
     for (int64_t c = 1; c <= last; c++) top = scores[c] > top ? scores[c] : top;
@@ -64,74 +53,50 @@ static inline void softmax_in_place(float *scores, int64_t last) {
     for (int64_t c = 0; c <= last; c++) scores[c] = scores[c] / total;
 }
 
-int attend_f32(const float *q, const float *keys, const float *values, const int64_t *offset, int64_t key_stride,
-                const int64_t *pos, float *out, int64_t n, int64_t S, int64_t D, int64_t max_keys, int threads) {
-    int failed = 0;
-#pragma omp parallel num_threads(threads)
-    {
-        float *scores = malloc(sizeof(float) * (size_t)max_keys);
-        float *acc = malloc(sizeof(float) * (size_t)D);
-        if (!scores || !acc) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(static)
-        for (int64_t p = 0; p < n; p++) {
-            if (!scores || !acc) continue;
-            const float *k = keys + offset[p], *v = values + offset[p];
-            for (int64_t s = 0; s < S; s++) {
-                const float *qs = q + (p * S + s) * D;
-                int64_t last = pos[p * S + s];
-                for (int64_t c = 0; c <= last; c++) scores[c] = f32_dot(qs, k + c * key_stride, D);
-                softmax_in_place(scores, last);
-                for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
-                for (int64_t c = 0; c <= last; c++) {
-                    const float w = scores[c], *row = v + c * key_stride;
-                    for (int64_t d = 0; d < D; d++) acc[d] += w * row[d];
-                }
-                memcpy(out + (p * S + s) * D, acc, sizeof(float) * (size_t)D);
-            }
-        }
-        free(scores);
-        free(acc);
+/* One kernel per element type T: loads widen to float, every sum runs in float, stores round back.
+ * Returns 1 when a thread could not allocate its scratch (its pairs were then not computed). */
+#define ATTEND(NAME, T, LOAD, STORE)                                                                  \
+    static inline float NAME##_dot(const float *a, const T *b, int64_t D) {                          \
+        float acc[LANES] = {0};                                                                      \
+        for (int64_t i = 0; i < D; i += LANES)                                                       \
+            for (int j = 0; j < LANES; j++) acc[j] += a[i + j] * LOAD(b[i + j]);                     \
+        return TREE(acc);                                                                            \
+    }                                                                                                \
+    int NAME(const T *q, const T *keys, const T *values, const int64_t *offset, int64_t key_stride,  \
+             const int64_t *pos, T *out, int64_t n, int64_t S, int64_t D, int64_t max_keys,           \
+             int threads) {                                                                          \
+        int failed = 0;                                                                              \
+        _Pragma("omp parallel num_threads(threads)") {                                               \
+            float *scores = malloc(sizeof(float) * (size_t)max_keys);                                \
+            float *acc = malloc(sizeof(float) * (size_t)D);                                          \
+            float *qs = malloc(sizeof(float) * (size_t)D);                                           \
+            int ready = scores && acc && qs;                                                         \
+            if (!ready) {                                                                            \
+                _Pragma("omp atomic write") failed = 1;                                              \
+            }                                                                                        \
+            _Pragma("omp for schedule(static)") for (int64_t p = 0; p < n; p++) {                    \
+                if (!ready) continue;                                                                \
+                const T *k = keys + offset[p], *v = values + offset[p];                              \
+                for (int64_t s = 0; s < S; s++) {                                                    \
+                    for (int64_t d = 0; d < D; d++) qs[d] = LOAD(q[(p * S + s) * D + d]);            \
+                    int64_t last = pos[p * S + s];                                                   \
+                    for (int64_t c = 0; c <= last; c++) scores[c] = NAME##_dot(qs, k + c * key_stride, D); \
+                    softmax_in_place(scores, last);                                                  \
+                    for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;                                   \
+                    for (int64_t c = 0; c <= last; c++) {                                            \
+                        const float w = scores[c];                                                   \
+                        const T *row = v + c * key_stride;                                           \
+                        for (int64_t d = 0; d < D; d++) acc[d] += w * LOAD(row[d]);                  \
+                    }                                                                                \
+                    for (int64_t d = 0; d < D; d++) out[(p * S + s) * D + d] = STORE(acc[d]);        \
+                }                                                                                    \
+            }                                                                                        \
+            free(scores);                                                                            \
+            free(acc);                                                                               \
+            free(qs);                                                                                \
+        }                                                                                            \
+        return failed;                                                                               \
     }
-    return failed; /* 1: a thread could not allocate its scratch, its pairs were not computed */
-}
 
-int attend_bf16(const uint16_t *q, const uint16_t *keys, const uint16_t *values, const int64_t *offset,
-                 int64_t key_stride, const int64_t *pos, uint16_t *out, int64_t n, int64_t S, int64_t D,
-                 int64_t max_keys, int threads) {
-    int failed = 0;
-#pragma omp parallel num_threads(threads)
-    {
-        float *scores = malloc(sizeof(float) * (size_t)max_keys);
-        float *acc = malloc(sizeof(float) * (size_t)D);
-        float *qs = malloc(sizeof(float) * (size_t)D);
-        if (!scores || !acc || !qs) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(static)
-        for (int64_t p = 0; p < n; p++) {
-            if (!scores || !acc || !qs) continue;
-            const uint16_t *k = keys + offset[p], *v = values + offset[p];
-            for (int64_t s = 0; s < S; s++) {
-                for (int64_t d = 0; d < D; d++) qs[d] = bf16_to_f32(q[(p * S + s) * D + d]);
-                int64_t last = pos[p * S + s];
-                for (int64_t c = 0; c <= last; c++) scores[c] = bf16_dot(qs, k + c * key_stride, D);
-                softmax_in_place(scores, last);
-                for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
-                for (int64_t c = 0; c <= last; c++) {
-                    const float w = scores[c];
-                    const uint16_t *row = v + c * key_stride;
-                    for (int64_t d = 0; d < D; d++) acc[d] += w * bf16_to_f32(row[d]);
-                }
-                for (int64_t d = 0; d < D; d++) out[(p * S + s) * D + d] = f32_to_bf16(acc[d]);
-            }
-        }
-        free(scores);
-        free(acc);
-        free(qs);
-    }
-    return failed;
-}
+ATTEND(attend_f32, float, f32_load, f32_store)
+ATTEND(attend_bf16, uint16_t, bf16_load, bf16_store)
