@@ -12,7 +12,10 @@ fixed order: here, by calling the library only with shapes that never vary.
   one-off check on random rows finds that the library gives every row bit for bit the reference's
   numbers at that size (oneDNN's bf16 kernels on AVX512-BF16 do for 2..4096 rows). So a decode
   step of 32 rows is one 32-row call, a prefill of 4096 rows one 4096-row call, and every row of every
-  call, prefill or decode, gets the reference's numbers.
+  call gets the reference's numbers. Where a dtype has a faster library for the prefill's thousands
+  of rows than for a decode step's few (float32 on a CPU: MKL and oneDNN), the library follows the
+  token's role, not the step: prompt tokens always go to the prefill library, generated tokens to
+  the decode library, also when a resumed row's saved tokens are computed in its prefill step.
 - `attend`: each (row, head) pair's keys are aligned so that the row's first real position sits
   at index 0 (the cache is left-padded per block, so a row's index would otherwise depend on its
   neighbours' prompt lengths); queries go to `bmm` in groups of the sizes of `query_plan` (a
@@ -41,39 +44,60 @@ from engine.model.kernel_shapes import KEY_ALIGN, QUERIES_PER_CALL, chunk_plan, 
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight | int4_matmul.Int4Weight,
-           bias: torch.Tensor | None = None) -> torch.Tensor:
+           bias: torch.Tensor | None = None, prompt: bool | torch.Tensor = False) -> torch.Tensor:
     """F.linear whose rows do not depend on how many rows share the call. x: [..., K] -> [..., N].
+    `prompt` says which rows are prompt tokens (True: all, False: none, or a bool tensor over x's
+    leading dims): those go to the prefill library, the rest to the decode library, so a token's
+    numbers depend on its role only, never on the step that computes it (`library_linear`).
     A 4-bit weight in the fused kernel's layout runs on that kernel (engine.model.int4_matmul)."""
     if isinstance(weight, int4_matmul.Int4Weight):
         return int4_matmul.linear(x, weight, bias)
     lead, k = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, k)
-    m, dtype_name = rows.shape[0], str(x.dtype).removeprefix("torch.")
-    plan = chunk_plan(m, dtype_name, lambda size: _agrees(size, rows_per_call(dtype_name), weight, bias))
+    if isinstance(prompt, torch.Tensor):
+        mask = prompt.reshape(-1).to(rows.device)
+        if not prefill_library_differs(weight, rows.dtype, rows.device) or bool(mask.all()) or not mask.any():
+            prompt = bool(mask.any())
+        else:  # a resumed row's saved tokens beside prompt tokens: each group with its own library
+            out = torch.empty(rows.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+            for role, index in ((True, mask.nonzero()[:, 0]), (False, (~mask).nonzero()[:, 0])):
+                out[index] = _chunked_linear(rows[index], weight, bias, role)
+            return out.view(*lead, weight.shape[0])
+    return _chunked_linear(rows, weight, bias, bool(prompt)).view(*lead, weight.shape[0])
+
+
+def _chunked_linear(rows: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None,
+                    prefill: bool) -> torch.Tensor:
+    """rows [M, K] in calls of the fixed sizes of chunk_plan (the last one zero-padded) -> [M, N]."""
+    m, k = rows.shape
+    dtype_name = str(rows.dtype).removeprefix("torch.")
+    plan = chunk_plan(m, dtype_name, lambda size: _agrees(size, rows_per_call(dtype_name), weight, bias, prefill))
     if plan == [m]:  # one call, no padding: its output is the result
-        return library_linear(rows, weight, bias).view(*lead, weight.shape[0])
+        return library_linear(rows, weight, bias, prefill=prefill)
     padded = sum(plan)
     if padded != m:
         rows = torch.cat((rows, rows.new_zeros(padded - m, k)))
-    out = torch.empty(padded, weight.shape[0], dtype=x.dtype, device=x.device)
+    out = torch.empty(padded, weight.shape[0], dtype=rows.dtype, device=rows.device)
     start = 0
     for size in plan:
-        library_linear(rows[start:start + size], weight, bias, out[start:start + size])
+        library_linear(rows[start:start + size], weight, bias, out[start:start + size], prefill=prefill)
         start += size
-    return out[:m].view(*lead, weight.shape[0])
+    return out[:m]
 
 
 def library_linear(rows: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None,
-                   into: torch.Tensor | None = None) -> torch.Tensor:
-    """One call of the math library: rows [M, K] @ weight [N, K].T (+ bias). float32 on the CPU goes
-    to oneDNN where torch has it: MKL's sgemm, torch's default there, ran a 32-row decode matmul at
-    48-68 GFLOP/s where oneDNN ran 104-112 (2-vCPU AVX2 Zen2), and a 4096-row prefill 1.1-1.25x
-    slower. Other dtypes keep torch.mm (bfloat16 on a CPU with native bf16 runs on oneDNN there).
-    A packed weight (pack_for_cpu) goes to oneDNN as it is."""
+                   into: torch.Tensor | None = None, *, prefill: bool = False) -> torch.Tensor:
+    """One call of the math library: rows [M, K] @ weight [N, K].T (+ bias). float32 on the CPU
+    has two libraries, each faster at its own shapes (2-vCPU AVX2 Zen3, opt-1.3b matrices): a
+    decode step's 32-64 rows run on oneDNN (65-120 GFLOP/s; MKL's sgemm 20-97) and a prefill's
+    thousands on MKL's sgemm (torch.mm there: 128-148 GFLOP/s; oneDNN 102-127). So prompt tokens
+    (`prefill`) go to MKL and generated tokens to oneDNN, whatever step computes them
+    (`linear`). Other dtypes and devices have one library (bfloat16 on a CPU with native bf16 runs
+    on oneDNN through torch.mm). A packed weight (pack_for_cpu) goes to oneDNN as it is."""
     if isinstance(weight, PackedWeight):
         out = packed_weight.linear(rows, weight, bias)
         return out if into is None else into.copy_(out)
-    if rows.dtype == torch.float32 and rows.device.type == "cpu" and _onednn_fp32():
+    if not prefill and prefill_library_differs(weight, rows.dtype, rows.device):
         out = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
         return out if into is None else into.copy_(out)
     if into is None:
@@ -83,10 +107,17 @@ def library_linear(rows: torch.Tensor, weight: torch.Tensor | PackedWeight, bias
     return torch.addmm(bias, rows, weight.t(), out=into)
 
 
+def prefill_library_differs(weight, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether prompt and generated tokens go to different libraries for this weight: a plain
+    float32 matrix on a CPU where torch has oneDNN's linear (library_linear)."""
+    return (dtype == torch.float32 and device.type == "cpu" and isinstance(weight, torch.Tensor)
+            and _onednn_fp32())
+
+
 @functools.cache
 def _onednn_fp32() -> bool:
     """Whether torch's oneDNN linear runs here and agrees with torch.mm to float32 rounding (checked
-    once per process; a build without it, or one that fails, keeps MKL)."""
+    once per process; a build without it, or one that fails, keeps MKL for every token)."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return False
     gen = torch.Generator().manual_seed(0)
@@ -102,8 +133,12 @@ def pack_for_cpu(weight: torch.Tensor) -> torch.Tensor | PackedWeight:
     """A matrix that stays in RAM, in the layout the library would otherwise reorder it into on
     every call (engine.model.packed_weight), where that gives every row the plain weight's numbers
     at the reference call size (checked once per shape, dtype and thread count, on the first such
-    matrix and random rows: no second matrix-sized buffer); else `weight`."""
-    if not packed_weight.packable(weight):
+    matrix and random rows: no second matrix-sized buffer); else `weight`. A float32 matrix stays
+    plain where prompt tokens go to MKL (library_linear), which cannot read oneDNN's layout: on a
+    2-vCPU Zen3 a 6-layer opt-1.3b decode step of 32 rows took 0.38-0.40 s plain and 0.41-0.44 s
+    packed (oneDNN reorders a plain weight inside each call), while the prefill ran 1.25x faster on
+    MKL than on packed oneDNN."""
+    if prefill_library_differs(weight, weight.dtype, weight.device) or not packed_weight.packable(weight):
         return weight
     key = ("packed", tuple(weight.shape), weight.dtype, torch.get_num_threads())
     packed = packed_weight.pack(weight) if _AGREEMENT.get(key, True) else None  # not where it disagreed
@@ -119,22 +154,23 @@ def pack_for_cpu(weight: torch.Tensor) -> torch.Tensor | PackedWeight:
 _AGREEMENT: dict[tuple, bool] = {}
 
 
-def _agrees(size: int, ref: int, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def _agrees(size: int, ref: int, weight: torch.Tensor, bias: torch.Tensor | None, prefill: bool) -> bool:
     """Whether calls of `size` rows give every row bit for bit what calls of `ref` rows give, for this
-    weight's shape, dtype and device (checked once, on random rows: a library that picks another
-    kernel or another reduction order for the other size shows it in nearly every row)."""
+    weight's shape, dtype and device and the library of `prefill` (checked once, on random rows: a
+    library that picks another kernel or another reduction order for the other size shows it in
+    nearly every row)."""
     key = (size, ref, type(weight), tuple(weight.shape), weight.dtype, weight.device, bias is not None,
-           torch.get_num_threads())
+           prefill, torch.get_num_threads())
     if key not in _AGREEMENT:
         gen = torch.Generator().manual_seed(size)
         x = torch.randn(ref, weight.shape[1], generator=gen).to(weight.device, weight.dtype)
-        want = library_linear(x, weight, bias)
+        want = library_linear(x, weight, bias, prefill=prefill)
         if size < ref:  # the reference rows, `size` at a time
             got = torch.empty_like(want)
             for start in range(0, ref, size):
-                library_linear(x[start:start + size], weight, bias, got[start:start + size])
+                library_linear(x[start:start + size], weight, bias, got[start:start + size], prefill=prefill)
         else:  # the reference rows at every offset of one call
-            got = library_linear(x.repeat(size // ref, 1), weight, bias)
+            got = library_linear(x.repeat(size // ref, 1), weight, bias, prefill=prefill)
             want = want.repeat(size // ref, 1)
         _AGREEMENT[key] = torch.equal(got, want)
     return _AGREEMENT[key]

@@ -65,23 +65,23 @@ def _rotate(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -
 
 
 def input_embed(w: dict, cfg: LlamaConfig, token_ids: torch.Tensor, positions: torch.Tensor,
-                dtype: torch.dtype) -> torch.Tensor:
+                dtype: torch.dtype, prompt: bool | torch.Tensor = False) -> torch.Tensor:
     # token_ids: [B, S] -> [B, S, h]; positions enter at every layer's q and k (RoPE), not here
     return embedding(token_ids, w["embed_tokens.weight"], dtype)
 
 
-def output_logits(w: dict, cfg: LlamaConfig, h: torch.Tensor) -> torch.Tensor:
+def output_logits(w: dict, cfg: LlamaConfig, h: torch.Tensor, prompt: bool | torch.Tensor = False) -> torch.Tensor:
     # h: [B, h] (the last position only) -> logits [B, vocab] in float32 for sampling
-    return linear(rms_norm(h, w["norm.weight"], cfg.rms_norm_eps), w["lm_head.weight"]).float()
+    return linear(rms_norm(h, w["norm.weight"], cfg.rms_norm_eps), w["lm_head.weight"], prompt=prompt).float()
 
 
-def qkv(w: dict, cfg: LlamaConfig, h: torch.Tensor, positions: torch.Tensor
-        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def qkv(w: dict, cfg: LlamaConfig, h: torch.Tensor, positions: torch.Tensor,
+        prompt: bool | torch.Tensor = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """h: [B, S, h], positions [B, S] -> q (rotated, pre-scaled) [B, S, H*D], k (rotated), v [B, S, Hkv*D]."""
     x = rms_norm(h, w["input_layernorm.weight"], cfg.rms_norm_eps)
-    q = linear(x, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"))
-    k = linear(x, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"))
-    v = linear(x, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias"))
+    q = linear(x, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"), prompt)
+    k = linear(x, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"), prompt)
+    v = linear(x, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias"), prompt)
     cos, sin = rotary(cfg, positions, x.dtype)
     return _rotate(q, cfg.num_heads, cos, sin).mul_(cfg.head_dim ** -0.5), _rotate(k, cfg.num_kv_heads, cos, sin), v
 
@@ -101,12 +101,14 @@ def from_pairs(cfg: LlamaConfig, x: torch.Tensor) -> torch.Tensor:
     return x.view(B, cfg.num_kv_heads, G, S, D).permute(0, 3, 1, 2, 4).reshape(B, S, -1)
 
 
-def attention_output(w: dict, cfg: LlamaConfig, residual: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    return linear(attn, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias")).add_(residual)
+def attention_output(w: dict, cfg: LlamaConfig, residual: torch.Tensor, attn: torch.Tensor,
+                     prompt: bool | torch.Tensor = False) -> torch.Tensor:
+    return linear(attn, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"), prompt).add_(residual)
 
 
-def mlp(w: dict, cfg: LlamaConfig, h: torch.Tensor) -> torch.Tensor:
+def mlp(w: dict, cfg: LlamaConfig, h: torch.Tensor, prompt: bool | torch.Tensor = False) -> torch.Tensor:
     # h: [B, S, h] -> [B, S, h]: down(silu(gate(x)) * up(x)) + h
     x = rms_norm(h, w["post_attention_layernorm.weight"], cfg.rms_norm_eps)
-    gated = F.silu(linear(x, w["mlp.gate_proj.weight"])).mul_(linear(x, w["mlp.up_proj.weight"]))
-    return linear(gated, w["mlp.down_proj.weight"]).add_(h)
+    gate, up = linear(x, w["mlp.gate_proj.weight"], prompt=prompt), linear(x, w["mlp.up_proj.weight"], prompt=prompt)
+    gated = F.silu(gate).mul_(up)
+    return linear(gated, w["mlp.down_proj.weight"], prompt=prompt).add_(h)

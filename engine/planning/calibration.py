@@ -53,13 +53,14 @@ def _layer_step(cfg, w, h: torch.Tensor, cache: AlignedPairs, start: int) -> tor
     cache's aligned keys and values, attend over them in place, output projection and MLP."""
     layers, s = family_math(cfg), h.shape[1]
     positions = torch.arange(start, start + s, device=h.device).expand(h.shape[0], s)
-    q, k, v = layers.qkv(w, cfg, h, positions)
+    prompt = start == 0  # a prefill's tokens are prompt tokens, a decode step's generated ones
+    q, k, v = layers.qkv(w, cfg, h, positions, prompt)
     rows = layers.cache_rows(k, v)
     cache.write(start, rows.reshape(s, 2, -1, cfg.head_dim))  # (row, KV head) pairs
     q_pairs = layers.to_pairs(cfg, q)
     query_pos = torch.arange(start, start + s, device=h.device).repeat(q_pairs.shape[1] // s)
     attn = layers.from_pairs(cfg, attend_aligned(q_pairs, cache.keys, cache.values, cache.first, query_pos))
-    return layers.mlp(w, cfg, layers.attention_output(w, cfg, h, attn))
+    return layers.mlp(w, cfg, layers.attention_output(w, cfg, h, attn, prompt), prompt)
 
 
 def calibration_bytes(cfg, dtype: torch.dtype) -> int:

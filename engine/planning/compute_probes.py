@@ -22,10 +22,11 @@ def matmul_flops(device: str, dtype: torch.dtype, seconds: float = 0.25) -> floa
     x = torch.full((n, n), 0.5, device=device, dtype=dtype)
     w = torch.full((n, n), 0.01, device=device, dtype=dtype)
     with torch.inference_mode():
-        return 2 * n ** 3 / timed(lambda: library_linear(x, w), seconds, sync_for(device))
+        return 2 * n ** 3 / timed(lambda: library_linear(x, w, prefill=True), seconds, sync_for(device))
 
 
 LINEAR_ROWS = (1, 8, 32, 128, 512, 2048)
+PREFILL_ROWS_FROM = 512  # from here on the table times the prefill's library (a prefill's calls are this big)
 
 
 def linear_table(device: str, dtype: torch.dtype, seconds: float = 0.25, *, packed: bool = True) -> dict[str, float]:
@@ -44,9 +45,9 @@ def linear_table(device: str, dtype: torch.dtype, seconds: float = 0.25, *, pack
             x = torch.full((rows, k), 0.5, device=device, dtype=dtype)
             used = weights if rows < 512 else weights[:2]  # big row counts are compute-bound: fewer suffice
 
-            def run(x=x, used=used):
+            def run(x=x, used=used, prefill=rows >= PREFILL_ROWS_FROM):
                 for w in used:
-                    library_linear(x, w)
+                    library_linear(x, w, prefill=prefill)
             nbytes = len(used) * n * k * x.element_size()
             table[str(rows)] = timed(run, seconds, sync_for(device)) / nbytes
     return table

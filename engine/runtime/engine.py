@@ -127,7 +127,7 @@ class Engine:
                 res.finish_reason = "length"
             else:
                 pending.append(BlockRow(result=res, context_ids=list(row.prompt_ids) + list(row.generated_ids),
-                                        max_new_tokens=params.max_new_tokens))
+                                        max_new_tokens=params.max_new_tokens, prompt_len=len(row.prompt_ids)))
         block = self.policy.block_size
         with self.rss:
             for index in range(0, len(pending), block):

@@ -48,6 +48,7 @@ class BlockRow:
     result: RowResult
     context_ids: list[int]  # prompt + tokens generated before this run
     max_new_tokens: int
+    prompt_len: int  # how many of context_ids are the prompt
 
 
 class _Done(Future):
@@ -72,6 +73,16 @@ class MicroBatch:
             self.input_ids[i, prompt_len - n:] = torch.tensor(row.context_ids, dtype=torch.long)
             self.valid[i, prompt_len - n:] = True
         self.valid[:, prompt_len:] = True  # generated positions are never padding
+        # Which of the prefill's tokens are prompt tokens: all but a resumed row's saved generated
+        # tokens, which are computed with the decode steps' library as when they were generated
+        # (kernels.linear), so a resumed row continues with the numbers of an uninterrupted run.
+        saved = [len(row.context_ids) - row.prompt_len for row in rows]
+        self.prefill_prompt: bool | torch.Tensor = True
+        if any(saved):
+            self.prefill_prompt = torch.ones((B, prompt_len), dtype=torch.bool, device=device)
+            for i, count in enumerate(saved):
+                if count:
+                    self.prefill_prompt[i, prompt_len - count:] = False
         self.positions = layers.positions_from_mask(self.valid)
         # Each row's first real cache position, repeated for its KV heads: [B*Hkv] in pair order.
         self.first = (prompt_len - torch.tensor([len(r.context_ids) for r in rows])).repeat_interleave(kv_heads)
@@ -87,6 +98,11 @@ class MicroBatch:
     @property
     def step_positions(self) -> torch.Tensor:
         return self.positions[:, self.length - self.query_len: self.length]
+
+    @property
+    def step_prompt(self) -> bool | torch.Tensor:
+        """Which of the step's tokens are prompt tokens: the prefill's (bar saved ones), no decode step's."""
+        return self.prefill_prompt if self.length == self.query_len else False
 
 
 class BlockRunner:
@@ -222,12 +238,14 @@ class BlockRunner:
             self._prefetch_cache(0, len(self.mbs) - 1)  # the first decoder layer's first slot
             for k, mb in enumerate(self.mbs):
                 self._store_act(j, k, self.layers.input_embed(w, self.ctx.cfg, mb.next_ids, mb.step_positions,
-                                                        self.ctx.dtype))
+                                                              self.ctx.dtype, mb.step_prompt))
             return
         if j == L + 1:
             for k, mb in enumerate(self.mbs):
                 h = to_device(self.acts[k].result(), self.ctx.device, self.ctx.stats)
-                self._sample(mb, self.layers.output_logits(w, self.ctx.cfg, h[:, -1]), params)
+                prompt = mb.step_prompt
+                last_prompt = prompt[:, -1] if isinstance(prompt, torch.Tensor) else prompt
+                self._sample(mb, self.layers.output_logits(w, self.ctx.cfg, h[:, -1], last_prompt), params)
             return
         slots = self.cache[j - 1]
         if self.mbs[0].query_len == 1 and len(self.mbs) > 1:
@@ -281,13 +299,14 @@ class BlockRunner:
         # The attention's intermediates (q/k/v, the stacked cache rows, the query pairs: ~7 hidden
         # states of the micro-batch) are freed when _attention returns, before the MLP allocates its
         # own: held to the end of the layer they set the prefill's peak (engine.runtime.budgets).
-        h = self.layers.attention_output(w, self.ctx.cfg, h, self._attention(w, h, slot, read, mb))
-        return self.layers.mlp(w, self.ctx.cfg, h)
+        prompt = mb.step_prompt
+        h = self.layers.attention_output(w, self.ctx.cfg, h, self._attention(w, h, slot, read, mb), prompt)
+        return self.layers.mlp(w, self.ctx.cfg, h, prompt)
 
     def _attention(self, w: dict, h: torch.Tensor, slot: CacheSlot, read: Future | None,
                    mb: MicroBatch) -> torch.Tensor:
         """The micro-batch's attention output [B, s, h], its keys and values appended to the cache."""
-        q, k, v = self.layers.qkv(w, self.ctx.cfg, h, mb.step_positions)
+        q, k, v = self.layers.qkv(w, self.ctx.cfg, h, mb.step_positions, mb.step_prompt)
         return self._attend_step(q, k, v, slot, read, mb)
 
     def _attend_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: CacheSlot,

@@ -1,0 +1,65 @@
+"""Prompt tokens and generated tokens may go to different math libraries (float32 on a CPU: MKL for
+the prefill's thousands of rows, oneDNN for a decode step's few), and a token's numbers then depend
+on its role only: every row gets, bit for bit, what it gets alone in a call of its own role, also
+when a resumed row's saved tokens sit beside prompt tokens in one step. F.linear in float64 is the
+oracle for values; the engine-level proof (every policy and resume point gives the same ids) is
+tests/engine/test_invariance.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.model import packed_weight
+from engine.model.kernels import linear, pack_for_cpu, prefill_library_differs
+
+CPU = torch.device("cpu")
+two_libraries = pytest.mark.skipif(not prefill_library_differs(torch.zeros(1, 1), torch.float32, CPU),
+                                   reason="this torch build has one float32 library (no oneDNN linear)")
+
+
+def _operands(seed: int, rows: int, shape=(384, 256)):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, shape[1], generator=gen), torch.randn(shape, generator=gen),
+            torch.randn(shape[0], generator=gen))
+
+
+@pytest.mark.parametrize("prompt", [True, False], ids=["prompt", "generated"])
+def test_each_role_gives_a_row_the_same_bits_at_every_call_size(prompt):
+    x, w, b = _operands(1, 4100)
+    whole = linear(x, w, b, prompt)
+    for start, count in ((0, 1), (5, 7), (100, 32), (0, 600), (2000, 2100)):
+        assert torch.equal(linear(x[start:start + count], w, b, prompt), whole[start:start + count]), (start, count)
+    torch.testing.assert_close(whole.double(), F.linear(x.double(), w.double(), b.double()), rtol=1e-4, atol=1e-3)
+
+
+def test_a_step_mixing_prompt_and_saved_tokens_gives_each_token_its_roles_bits():
+    """A resumed block's prefill: rows [B, S] whose last few positions are saved generated tokens."""
+    x, w, b = _operands(2, 3 * 40)
+    x = x.view(3, 40, -1)
+    prompt = torch.ones(3, 40, dtype=torch.bool)
+    prompt[1, 30:] = False  # row 1 resumed after 10 saved tokens
+    prompt[2, 39:] = False  # row 2 after one
+    got = linear(x, w, b, prompt)
+    want = torch.where(prompt[..., None], linear(x, w, b, True), linear(x, w, b, False))
+    assert torch.equal(got, want)
+    assert torch.equal(got[1, 30:], linear(x[1, 30:], w, b, False))  # as its decode steps computed them
+    assert torch.equal(linear(x, w, b, torch.ones(3, 40, dtype=torch.bool)), linear(x, w, b, True))
+
+
+@two_libraries
+def test_the_two_libraries_round_differently_here_so_the_role_matters():
+    """Where prefill_library_differs, sending a saved token to the prefill library would change its
+    bits: this is what makes test_invariance's resume checks a test of the routing."""
+    x, w, b = _operands(3, 256, shape=(768, 768))
+    prefill, decode = linear(x, w, b, True), linear(x, w, b, False)
+    assert not torch.equal(prefill, decode)
+    torch.testing.assert_close(prefill, decode, rtol=1e-4, atol=1e-4)
+
+
+@two_libraries
+def test_float32_matrices_stay_plain_where_the_prefill_reads_them_with_mkl():
+    weight = torch.randn(256, 128)
+    assert pack_for_cpu(weight) is weight
+    if packed_weight.packable(torch.zeros(2, 2, dtype=torch.bfloat16)):
+        assert isinstance(pack_for_cpu(weight.bfloat16()), packed_weight.PackedWeight)  # one library there
