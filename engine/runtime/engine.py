@@ -28,7 +28,8 @@ from engine.model.config import load_config
 from engine.runtime.placed_weights import PlacedWeights
 from engine.runtime.policy import Policy
 from engine.runtime.rows import GenerationParams, RowInput, RowResult, StepUpdate
-from engine.runtime.schedule import BlockRow, BlockRunner, ScheduleContext
+from engine.runtime.micro_batch import BlockRow
+from engine.runtime.schedule import BlockRunner, ScheduleContext
 from engine.runtime.stats import EngineStats
 from engine.runtime.tiers import DiskTier, TransferStats
 from engine.model.checkpoint import WeightStore

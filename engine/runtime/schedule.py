@@ -4,7 +4,8 @@ A block is up to gpu_batch_size x num_gpu_batches rows. For every step (step 0 i
 every layer, the layer's weights are loaded once and shared by all micro-batches of the block, and
 while micro-batch k computes, the I/O thread already loads the next layer's weights and the next
 micro-batch's KV cache, and stores finished activations and cache. Without overlap the same loads
-run inline. The math lives in `layers`, placement in `placement`, bytes in `tiers`.
+run inline. The math lives in `layers`, placement in `placement`, bytes in `tiers`, the rows in
+`micro_batch`.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from engine.model.config import ModelConfig
 from engine.runtime.placed_weights import PlacedWeights
 from engine.runtime.placement import slot_tier
 from engine.runtime.policy import Policy
-from engine.runtime.rows import GenerationParams, RowResult, StepUpdate
+from engine.runtime.micro_batch import BlockRow, MicroBatch
+from engine.runtime.rows import GenerationParams, StepUpdate
 from engine.model.sampling import choose_tokens
 from engine.runtime.tiers import DiskTier, Tier, TransferStats, to_device
 from engine.model.checkpoint import layer_names
@@ -43,66 +45,12 @@ class ScheduleContext:
     io: ThreadPoolExecutor | None  # None: no overlap
 
 
-@dataclass
-class BlockRow:
-    result: RowResult
-    context_ids: list[int]  # prompt + tokens generated before this run
-    max_new_tokens: int
-    prompt_len: int  # how many of context_ids are the prompt
-
-
 class _Done(Future):
     """An already-finished future, for running the same code without overlap."""
 
     def __init__(self, value) -> None:
         super().__init__()
         self.set_result(value)
-
-
-class MicroBatch:
-    """Token ids, padding mask and positions of one micro-batch for the whole block."""
-
-    def __init__(self, rows: list[BlockRow], prompt_len: int, max_len: int, pad_id: int, kv_heads: int,
-                 layers, device) -> None:
-        self.rows = rows
-        B = len(rows)
-        self.input_ids = torch.full((B, prompt_len), pad_id, dtype=torch.long)
-        self.valid = torch.zeros((B, max_len), dtype=torch.bool)
-        for i, row in enumerate(rows):
-            n = len(row.context_ids)
-            self.input_ids[i, prompt_len - n:] = torch.tensor(row.context_ids, dtype=torch.long)
-            self.valid[i, prompt_len - n:] = True
-        self.valid[:, prompt_len:] = True  # generated positions are never padding
-        # Which of the prefill's tokens are prompt tokens: all but a resumed row's saved generated
-        # tokens, which are computed with the decode steps' library as when they were generated
-        # (kernels.linear), so a resumed row continues with the numbers of an uninterrupted run.
-        saved = [len(row.context_ids) - row.prompt_len for row in rows]
-        self.prefill_prompt: bool | torch.Tensor = True
-        if any(saved):
-            self.prefill_prompt = torch.ones((B, prompt_len), dtype=torch.bool, device=device)
-            for i, count in enumerate(saved):
-                if count:
-                    self.prefill_prompt[i, prompt_len - count:] = False
-        self.positions = layers.positions_from_mask(self.valid)
-        # Each row's first real cache position, repeated for its KV heads: [B*Hkv] in pair order.
-        self.first = (prompt_len - torch.tensor([len(r.context_ids) for r in rows])).repeat_interleave(kv_heads)
-        self.input_ids, self.positions, self.first = (t.to(device) for t in
-                                                      (self.input_ids, self.positions, self.first))
-        self.length = 0  # positions in the cache after this step
-        self.next_ids = self.input_ids  # the step's input: the prompt first, then the sampled tokens
-
-    def begin_step(self, query_len: int) -> None:
-        self.length += query_len
-        self.query_len = query_len
-
-    @property
-    def step_positions(self) -> torch.Tensor:
-        return self.positions[:, self.length - self.query_len: self.length]
-
-    @property
-    def step_prompt(self) -> bool | torch.Tensor:
-        """Which of the step's tokens are prompt tokens: the prefill's (bar saved ones), no decode step's."""
-        return self.prefill_prompt if self.length == self.query_len else False
 
 
 class BlockRunner:
