@@ -54,12 +54,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight | int4_matmul.In
         return int4_matmul.linear(x, weight, bias)
     lead, k = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, k)
-    if isinstance(prompt, torch.Tensor):
+    if not prefill_library_differs(weight, rows.dtype, rows.device):
+        prompt = False  # one library for every token: one set of size checks, no device sync on a mask
+    elif isinstance(prompt, torch.Tensor):
         mask = prompt.reshape(-1)
-        if not prefill_library_differs(weight, rows.dtype, rows.device):
-            prompt = False  # one library for every token here (no device sync to read the mask)
-        elif bool(mask.all()) or not mask.any():
-            prompt = bool(mask.all())
+        every, some = bool(mask.all()), bool(mask.any())
+        if every or not some:
+            prompt = every
         else:  # a resumed row's saved tokens beside prompt tokens: each group with its own library
             out = torch.empty(rows.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
             for role, index in ((True, mask.nonzero()[:, 0]), (False, (~mask).nonzero()[:, 0])):

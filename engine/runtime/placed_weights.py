@@ -115,8 +115,9 @@ class PlacedWeights:
     def _held(self, layer: str, entry: TensorEntry, t: torch.Tensor) -> torch.Tensor | Int4Weight | PackedWeight:
         """What a resident tensor is kept as: the fused kernel's operands (repacked once), a decoder
         layer's matrix in the layout the CPU's math library would reorder it into on every call
-        (packed once, where every token's library reads that layout: kernels.pack_for_cpu), or `t`. The head stays plain: it runs once a step, and its packed copy would
-        be one more 0.2-1 GB beside the plain one while it is made."""
+        (packed once, where every token's library reads that layout: kernels.pack_for_cpu), or
+        `t`. The head stays plain: it runs once a step, and its packed copy would be one more
+        0.2-1 GB beside the plain one while it is made."""
         if self._fused(entry):
             return self._repacked(entry, t)
         if self.device.type == "cpu" and not entry.compressed and layer.startswith("decoder."):
