@@ -138,6 +138,38 @@ def scales_and_zeros(q: QuantizedTensor) -> torch.Tensor:
     return torch.stack((scale, zero), dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
 
 
+def dequantize(weight: Int4Weight, *, out: torch.Tensor | None = None, codes: torch.Tensor | None = None,
+               elements_per_pass: int = 1 << 20) -> torch.Tensor:
+    """The kernel's weights as a bfloat16 [out, in] matrix (a transposed view of an input-major
+    [in, out] buffer, the layout x @ W.T reads), each (code - 8) * scale + zero in float32 rounded
+    once: bit for bit the weights the kernel multiplies (tests/engine/test_compression.py).
+    `out` (bfloat16) and `codes` (uint8), in.out elements each, are reused buffers (fresh ones
+    cost their page faults on every call). Works on whole groups of inputs, about
+    `elements_per_pass` weights at a time, so that the float32 temporaries stay small."""
+    n, k = weight.shape
+    f, g = features_per_block(), weight.group_size
+    flat = weight.packed.reshape(-1)
+    codes = torch.empty(k, n, dtype=torch.uint8) if codes is None else codes.view(k, n)
+    full = n // f * f
+    blocks = flat[:full * k // 2].view(n // f, k, f // 2).transpose(0, 1)  # [in, block, F / 2]: see the module doc
+    into = codes[:, :full].view(k, n // f, 2, f // 2)
+    torch.bitwise_and(blocks, 0x0F, out=into[:, :, 0])
+    torch.bitwise_right_shift(blocks, 4, out=into[:, :, 1])
+    if full < n:  # the narrower last block: features 2i and 2i + 1 in byte i
+        tail = flat[full * k // 2:].view(k, (n - full) // 2)
+        pairs = codes[:, full:].view(k, (n - full) // 2, 2)
+        torch.bitwise_and(tail, 0x0F, out=pairs[:, :, 0])
+        torch.bitwise_right_shift(tail, 4, out=pairs[:, :, 1])
+    out = torch.empty(k, n, dtype=torch.bfloat16) if out is None else out.view(k, n)
+    scale, zero = weight.scales_and_zeros.float().unbind(-1)  # each [in / group, out]
+    groups_per_pass = max(1, elements_per_pass // (g * n))
+    for start in range(0, k // g, groups_per_pass):
+        part = slice(start, start + groups_per_pass)
+        grid = codes.view(k // g, g, n)[part].float().sub_(8)
+        out.view(k // g, g, n)[part] = torch.addcmul(zero[part, None], grid, scale[part, None])
+    return out.t()
+
+
 def linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W.T (+ bias) for bfloat16 x: [..., in] -> [..., out], row by row identical whatever the
     number of rows (zero-padded to whole ROW_BLOCKs)."""

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import math
 
-# The reference row count of a linear-layer call, by dtype: every row's numbers are those of a
-# call of exactly this many rows. Other sizes in CHUNK_SIZES are used only where the library gives
-# every row bit for bit what the reference call gives (kernels.linear checks each size once per
+# The reference row count of a linear-layer call, by dtype and token role: every generated token's
+# numbers are those of a call of exactly ROWS_PER_CALL rows, every prompt token's those of a call of
+# PROMPT_ROWS_PER_CALL rows. Other sizes in CHUNK_SIZES are used only where the library gives every
+# row bit for bit what the role's reference call gives (kernels.linear checks each size once per
 # weight shape): small ones so that a decode step computes no padding rows, large ones so that a
 # prefill streams each weight matrix fewer times.
-ROWS_PER_CALL = {"float32": 32, "bfloat16": 128, "float16": 128}
-# Measured on 2-vCPU hosts: oneDNN's bf16 kernels (AVX512-BF16), its fp32 ones and MKL's sgemm
-# (AVX2) give every size from 2 to 4096 rows the reference's bits; a 4096-row fp32 prefill sent in
-# 128-row calls ran at 0.6x the speed of one call.
-CHUNK_SIZES = {name: (8, 16, 32, 64, 128, 512, 1024, 2048, 4096)
-               for name in ("float32", "bfloat16", "float16")}  # each a divisor or multiple of the reference
+ROWS_PER_CALL = {"float32": 32, "bfloat16": 32, "float16": 32}
+PROMPT_ROWS_PER_CALL = {"float32": 32, "bfloat16": 256, "float16": 256}
+# Measured on 2-vCPU hosts: oneDNN's bf16 kernels on AVX512-BF16 (Zen4), its fp32 ones and MKL's
+# sgemm (AVX2) give every size from 2 to 4096 rows the same bits; a 4096-row fp32 prefill sent in
+# 128-row calls ran at 0.6x the speed of one call. oneDNN's bf16 kernels on AMX (Xeon) fall into
+# classes by call size, {8, 16, 32}, {64, 128, 256} (for some shapes {128, 256} apart from 64) and
+# {512 .. 4096} (for some shapes the same as the first): one reference per role keeps a decode
+# step's 32 rows in one 32-row call (1.3-1.6 TFLOP/s) and a prefill in 256-row calls (1.8-2.5),
+# where a single reference of 128 rows padded each decode call to 128.
+CHUNK_SIZES = {name: (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+               for name in ("float32", "bfloat16", "float16")}  # each a divisor or multiple of a reference
 # The reference query group of attention's matrix products: every query's numbers are those of a
 # group of exactly this many (>= 2 keeps MKL off its one-row gemv path, whose sums run in another
 # order). Other sizes in QUERY_GROUP_SIZES are used only where the library gives every query the
@@ -36,8 +42,8 @@ def key_capacity(positions: int) -> int:
     return -(-positions // KEY_ALIGN) * KEY_ALIGN
 
 
-def rows_per_call(dtype_name: str) -> int:
-    return ROWS_PER_CALL.get(dtype_name, 128)
+def rows_per_call(dtype_name: str, prompt: bool = False) -> int:
+    return (PROMPT_ROWS_PER_CALL if prompt else ROWS_PER_CALL).get(dtype_name, 128)
 
 
 def chunk_sizes(dtype_name: str) -> tuple[int, ...]:
@@ -60,9 +66,10 @@ def _plan(count: int, sizes, usable) -> list[int]:
     return plan
 
 
-def chunk_plan(rows: int, dtype_name: str, usable=lambda size: True) -> list[int]:
-    """The row count of each linear-layer call for `rows` rows (the reference size is always usable)."""
-    ref = rows_per_call(dtype_name)
+def chunk_plan(rows: int, dtype_name: str, usable=lambda size: True, prompt: bool = False) -> list[int]:
+    """The row count of each linear-layer call for `rows` rows of one token role (the role's
+    reference size is always usable)."""
+    ref = rows_per_call(dtype_name, prompt)
     return _plan(rows, chunk_sizes(dtype_name), lambda size: size == ref or usable(size))
 
 
@@ -85,10 +92,10 @@ def attended_scores(queries: int) -> int:
     return total
 
 
-def linear_calls(rows: float, dtype_name: str) -> list[tuple[int, int]]:
-    """(calls, rows per call) for one linear layer over `rows` input rows, by call size (every
-    size in CHUNK_SIZES counted as usable: the library's usual answer)."""
-    plan = chunk_plan(max(1, math.ceil(rows)), dtype_name)
+def linear_calls(rows: float, dtype_name: str, prompt: bool = False) -> list[tuple[int, int]]:
+    """(calls, rows per call) for one linear layer over `rows` input rows of one token role, by
+    call size (every size in CHUNK_SIZES counted as usable: the library's usual answer)."""
+    plan = chunk_plan(max(1, math.ceil(rows)), dtype_name, prompt=prompt)
     return [(plan.count(size), size) for size in sorted(set(plan))]
 
 

@@ -8,14 +8,14 @@ decoding turns such a bit into a different token wherever two logits are close. 
 fixed order: here, by calling the library only with shapes that never vary.
 
 - `linear`: rows go to the library in chunks of fixed sizes (the last chunk zero-padded): the
-  reference size `rows_per_call(dtype)`, and the other sizes of `chunk_sizes(dtype)` only where a
-  one-off check on random rows finds that the library gives every row bit for bit the reference's
-  numbers at that size (oneDNN's bf16 kernels on AVX512-BF16 do for 2..4096 rows). So a decode
-  step of 32 rows is one 32-row call, a prefill of 4096 rows one 4096-row call, and every row of every
-  call gets the reference's numbers. Where a dtype has a faster library for the prefill's thousands
-  of rows than for a decode step's few (float32 on a CPU: MKL and oneDNN), the library follows the
-  token's role, not the step: prompt tokens always go to the prefill library, generated tokens to
-  the decode library, also when a resumed row's saved tokens are computed in its prefill step.
+  reference size `rows_per_call(dtype, role)`, and the other sizes of `chunk_sizes(dtype)` only
+  where a one-off check on random rows finds that the library gives every row bit for bit the
+  reference's numbers at that size (oneDNN's bf16 kernels on AVX512-BF16 do for 2..4096 rows; on
+  AMX they fall into classes by size). So a decode step of 32 rows is one 32-row call, and every
+  row of every call gets its reference's numbers. The reference, and for float32 on a CPU the
+  library (MKL for a prefill's thousands of rows, oneDNN for a decode step's few), follow the
+  token's role, not the step: prompt tokens are always computed the prompt's way, generated
+  tokens the decode way, also when a resumed row's saved tokens are computed in its prefill step.
 - `attend`: each (row, head) pair's keys are aligned so that the row's first real position sits
   at index 0 (the cache is left-padded per block, so a row's index would otherwise depend on its
   neighbours' prompt lengths); queries go to `bmm` in groups of the sizes of `query_plan` (a
@@ -44,70 +44,100 @@ from engine.model.kernel_shapes import KEY_ALIGN, QUERIES_PER_CALL, chunk_plan, 
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight | int4_matmul.Int4Weight,
-           bias: torch.Tensor | None = None, prompt: bool | torch.Tensor = False) -> torch.Tensor:
+           bias: torch.Tensor | None = None, prompt: bool | torch.Tensor = False, relu: bool = False) -> torch.Tensor:
     """F.linear whose rows do not depend on how many rows share the call. x: [..., K] -> [..., N].
     `prompt` says which rows are prompt tokens (True: all, False: none, or a bool tensor over x's
-    leading dims): those go to the prefill library, the rest to the decode library, so a token's
-    numbers depend on its role only, never on the step that computes it (`library_linear`).
-    A 4-bit weight in the fused kernel's layout runs on that kernel (engine.model.int4_matmul)."""
-    if isinstance(weight, int4_matmul.Int4Weight):
-        return int4_matmul.linear(x, weight, bias)
+    leading dims). Where the two roles are computed differently (`roles_differ`), each row goes
+    the way of its role, so a token's numbers depend on its role only, never on the step that
+    computes it (a resumed row's saved tokens are computed in its prefill step, as generated ones).
+    `relu`: max(0, .) of the result, inside oneDNN's call where it runs (one pass over the output
+    fewer; the same bits, since rounding keeps a number's sign)."""
     lead, k = x.shape[:-1], x.shape[-1]
-    rows = x.reshape(-1, k)
-    if not prefill_library_differs(weight, rows.dtype, rows.device):
-        prompt = False  # one library for every token: one set of size checks, no device sync on a mask
+    rows, n = x.reshape(-1, k), weight.shape[0]
+    if not roles_differ(weight, rows.dtype, rows.device):
+        prompt = False  # one way for every token: one set of size checks, no device sync on a mask
     elif isinstance(prompt, torch.Tensor):
         mask = prompt.reshape(-1)
         every, some = bool(mask.all()), bool(mask.any())
         if every or not some:
             prompt = every
-        else:  # a resumed row's saved tokens beside prompt tokens: each group with its own library
-            out = torch.empty(rows.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+        else:  # a resumed row's saved tokens beside prompt tokens: each group its own way
+            out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
             for role, index in ((True, mask.nonzero()[:, 0]), (False, (~mask).nonzero()[:, 0])):
-                out[index] = _chunked_linear(rows[index], weight, bias, role)
-            return out.view(*lead, weight.shape[0])
-    return _chunked_linear(rows, weight, bias, bool(prompt)).view(*lead, weight.shape[0])
+                out[index] = _role_linear(rows[index], weight, bias, role, relu)
+            return out.view(*lead, n)
+    return _role_linear(rows, weight, bias, bool(prompt), relu).view(*lead, n)
+
+
+def roles_differ(weight, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether prompt and generated tokens are computed differently for this weight on this device:
+    float32 on two libraries (`prefill_library_differs`), a 4-bit weight in the fused kernel's
+    layout (prompt tokens multiply its dequantised copy on the library: a prefill's thousands of
+    rows run several times faster there than on the fused kernel), or references of different
+    sizes for the two roles (kernel_shapes.PROMPT_ROWS_PER_CALL, on a CPU)."""
+    if isinstance(weight, int4_matmul.Int4Weight):
+        return True
+    name = str(dtype).removeprefix("torch.")
+    return prefill_library_differs(weight, dtype, device) or (
+        device.type == "cpu" and rows_per_call(name, prompt=True) != rows_per_call(name))
+
+
+def _role_linear(rows: torch.Tensor, weight: torch.Tensor | PackedWeight | int4_matmul.Int4Weight,
+                 bias: torch.Tensor | None, prompt: bool, relu: bool = False) -> torch.Tensor:
+    """rows [M, K] of one token role -> [M, N]."""
+    if isinstance(weight, int4_matmul.Int4Weight):
+        if not prompt:
+            out = int4_matmul.linear(rows, weight, bias)
+            return out.relu_() if relu else out
+        n, k = weight.shape
+        weight = int4_matmul.dequantize(weight, out=_scratch("dequantised", (n, k), torch.bfloat16, rows.device),
+                                        codes=_scratch("codes", (n, k), torch.uint8, rows.device))
+    return _chunked_linear(rows, weight, bias, prompt, relu)
 
 
 def _chunked_linear(rows: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None,
-                    prefill: bool) -> torch.Tensor:
+                    prompt: bool, relu: bool = False) -> torch.Tensor:
     """rows [M, K] in calls of the fixed sizes of chunk_plan (the last one zero-padded) -> [M, N]."""
     m, k = rows.shape
     dtype_name = str(rows.dtype).removeprefix("torch.")
-    plan = chunk_plan(m, dtype_name, lambda size: _agrees(size, rows_per_call(dtype_name), weight, bias, prefill))
+    ref = rows_per_call(dtype_name, prompt)
+    plan = chunk_plan(m, dtype_name, lambda size: _agrees(size, ref, weight, bias, prompt), prompt=prompt)
     if plan == [m]:  # one call, no padding: its output is the result
-        return library_linear(rows, weight, bias, prefill=prefill)
+        return library_linear(rows, weight, bias, prefill=prompt, relu=relu)
     padded = sum(plan)
     if padded != m:
         rows = torch.cat((rows, rows.new_zeros(padded - m, k)))
     out = torch.empty(padded, weight.shape[0], dtype=rows.dtype, device=rows.device)
     start = 0
     for size in plan:
-        library_linear(rows[start:start + size], weight, bias, out[start:start + size], prefill=prefill)
+        library_linear(rows[start:start + size], weight, bias, out[start:start + size], prefill=prompt, relu=relu)
         start += size
     return out[:m]
 
 
 def library_linear(rows: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None,
-                   into: torch.Tensor | None = None, *, prefill: bool = False) -> torch.Tensor:
+                   into: torch.Tensor | None = None, *, prefill: bool = False, relu: bool = False) -> torch.Tensor:
     """One call of the math library: rows [M, K] @ weight [N, K].T (+ bias). float32 on the CPU
     has two libraries, each faster at its own shapes (2-vCPU AVX2 Zen3, opt-1.3b matrices): a
     decode step's 32-64 rows run on oneDNN (65-120 GFLOP/s; MKL's sgemm 20-97) and a prefill's
     thousands on MKL's sgemm (torch.mm there: 128-148 GFLOP/s; oneDNN 102-127). So prompt tokens
     (`prefill`) go to MKL and generated tokens to oneDNN, whatever step computes them
     (`linear`). Other dtypes and devices have one library (bfloat16 on a CPU with native bf16 runs
-    on oneDNN through torch.mm). A packed weight (pack_for_cpu) goes to oneDNN as it is."""
+    on oneDNN through torch.mm). A packed weight (pack_for_cpu) goes to oneDNN as it is. `relu`
+    runs in oneDNN's call (a post-op) where the call is oneDNN's, else on the result."""
     if isinstance(weight, PackedWeight):
-        out = packed_weight.linear(rows, weight, bias)
+        out = packed_weight.linear(rows, weight, bias, relu)
         return out if into is None else into.copy_(out)
     if not prefill and prefill_library_differs(weight, rows.dtype, rows.device):
-        out = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+        out = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "relu" if relu else "none", [], "")
         return out if into is None else into.copy_(out)
     if into is None:
         into = torch.empty(rows.shape[0], weight.shape[0], dtype=rows.dtype, device=rows.device)
     if bias is None:
-        return torch.mm(rows, weight.t(), out=into)
-    return torch.addmm(bias, rows, weight.t(), out=into)
+        torch.mm(rows, weight.t(), out=into)
+    else:
+        torch.addmm(bias, rows, weight.t(), out=into)
+    return into.relu_() if relu else into
 
 
 def prefill_library_differs(weight, dtype: torch.dtype, device: torch.device) -> bool:
@@ -135,8 +165,8 @@ def _onednn_fp32() -> bool:
 def pack_for_cpu(weight: torch.Tensor) -> torch.Tensor | PackedWeight:
     """A matrix that stays in RAM, in the layout the library would otherwise reorder it into on
     every call (engine.model.packed_weight), where that gives every row the plain weight's numbers
-    at the reference call size (checked once per shape, dtype and thread count, on the first such
-    matrix and random rows: no second matrix-sized buffer); else `weight`. A float32 matrix stays
+    at each role's reference call size (checked once per shape, dtype and thread count, on the
+    first such matrix and random rows: no second matrix-sized buffer); else `weight`. A float32 matrix stays
     plain where prompt tokens go to MKL (library_linear), which cannot read oneDNN's layout: on a
     2-vCPU Zen3 a 6-layer opt-1.3b decode step of 32 rows took a median 0.384 s plain and 0.387 s
     packed (oneDNN reorders a plain weight inside each call; a layer's matrices alone, 5-10 % slower
@@ -148,9 +178,10 @@ def pack_for_cpu(weight: torch.Tensor) -> torch.Tensor | PackedWeight:
     if key not in _AGREEMENT:
         gen = torch.Generator().manual_seed(weight.shape[0] * 31 + weight.shape[1])
         bias = torch.randn(weight.shape[0], generator=gen).to(weight.dtype)
-        rows = torch.randn(rows_per_call(str(weight.dtype).removeprefix("torch.")), weight.shape[1],
-                           generator=gen).to(weight.dtype)
-        _AGREEMENT[key] = torch.equal(library_linear(rows, packed, bias), library_linear(rows, weight, bias))
+        name = str(weight.dtype).removeprefix("torch.")
+        references = {rows_per_call(name), rows_per_call(name, prompt=True)}  # each role's
+        rows = [torch.randn(ref, weight.shape[1], generator=gen).to(weight.dtype) for ref in sorted(references)]
+        _AGREEMENT[key] = all(torch.equal(library_linear(r, packed, bias), library_linear(r, weight, bias)) for r in rows)
     return packed if _AGREEMENT[key] else weight
 
 
@@ -162,7 +193,8 @@ def _agrees(size: int, ref: int, weight: torch.Tensor, bias: torch.Tensor | None
     weight's shape, dtype and device and the library of `prefill` (checked once, on random rows: a
     library that picks another kernel or another reduction order for the other size shows it in
     nearly every row)."""
-    key = (size, ref, type(weight), tuple(weight.shape), weight.dtype, weight.device, bias is not None,
+    layout = tuple(weight.stride()) if isinstance(weight, torch.Tensor) else None  # a transposed view runs other kernels
+    key = (size, ref, type(weight), tuple(weight.shape), layout, weight.dtype, weight.device, bias is not None,
            prefill, torch.get_num_threads())
     if key not in _AGREEMENT:
         gen = torch.Generator().manual_seed(size)

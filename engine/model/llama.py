@@ -70,9 +70,10 @@ def input_embed(w: dict, cfg: LlamaConfig, token_ids: torch.Tensor, positions: t
     return embedding(token_ids, w["embed_tokens.weight"], dtype)
 
 
-def output_logits(w: dict, cfg: LlamaConfig, h: torch.Tensor, prompt: bool | torch.Tensor = False) -> torch.Tensor:
-    # h: [B, h] (the last position only) -> logits [B, vocab] in float32 for sampling
-    return linear(rms_norm(h, w["norm.weight"], cfg.rms_norm_eps), w["lm_head.weight"], prompt=prompt).float()
+def output_logits(w: dict, cfg: LlamaConfig, h: torch.Tensor) -> torch.Tensor:
+    # h: [B, h] (the last position only) -> logits [B, vocab] in float32 for sampling; always the
+    # generated way (one row per row and step, also after a prefill: engine.model.opt)
+    return linear(rms_norm(h, w["norm.weight"], cfg.rms_norm_eps), w["lm_head.weight"]).float()
 
 
 def qkv(w: dict, cfg: LlamaConfig, h: torch.Tensor, positions: torch.Tensor,

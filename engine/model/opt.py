@@ -46,13 +46,14 @@ def input_embed(w: dict, cfg: OPTConfig, token_ids: torch.Tensor, positions: tor
 
 
 
-def output_logits(w: dict, cfg: OPTConfig, h: torch.Tensor, prompt: bool | torch.Tensor = False) -> torch.Tensor:
-    # h: [B, h] (the last position only) -> logits [B, vocab] in float32 for sampling
+def output_logits(w: dict, cfg: OPTConfig, h: torch.Tensor) -> torch.Tensor:
+    # h: [B, h] (the last position only) -> logits [B, vocab] in float32 for sampling. Its rows are
+    # one per row and step, a decode step's few, also after a prefill: always the generated way.
     if cfg.has_final_layer_norm:
         h = F.layer_norm(h, (cfg.hidden_size,), w["final_layer_norm.weight"], w["final_layer_norm.bias"], LN_EPS)
     if cfg.has_projections:
-        h = linear(h, w["project_out.weight"], prompt=prompt)
-    return linear(h, w["lm_head.weight"], prompt=prompt).float()
+        h = linear(h, w["project_out.weight"])
+    return linear(h, w["lm_head.weight"]).float()
 
 
 def _layer_norm(w: dict, name: str, h: torch.Tensor) -> torch.Tensor:
@@ -98,7 +99,7 @@ def attention_output(w: dict, cfg: OPTConfig, residual: torch.Tensor, attn: torc
 def mlp(w: dict, cfg: OPTConfig, h: torch.Tensor, prompt: bool | torch.Tensor = False) -> torch.Tensor:
     # h: [B, S, h] -> [B, S, h]
     x = _layer_norm(w, "final_layer_norm", h) if cfg.do_layer_norm_before else h
-    x = linear(x, w["fc1.weight"], w["fc1.bias"], prompt).relu_()
+    x = linear(x, w["fc1.weight"], w["fc1.bias"], prompt, relu=True)
     h = linear(x, w["fc2.weight"], w["fc2.bias"], prompt).add_(h)
     return h if cfg.do_layer_norm_before else _layer_norm(w, "final_layer_norm", h)
 

@@ -36,9 +36,9 @@ class PackedWeight:
         return torch.device("cpu")
 
 
-def linear(rows: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    """rows [M, K] @ weight.T (+ bias) -> [M, N], one library call."""
-    return torch.ops.mkldnn._linear_pointwise(rows, weight.packed, bias, "none", [], "")
+def linear(rows: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None, relu: bool = False) -> torch.Tensor:
+    """rows [M, K] @ weight.T (+ bias), max(0, .) of it with `relu` -> [M, N], one library call."""
+    return torch.ops.mkldnn._linear_pointwise(rows, weight.packed, bias, "relu" if relu else "none", [], "")
 
 
 def packable(weight: torch.Tensor) -> bool:
@@ -49,8 +49,9 @@ def packable(weight: torch.Tensor) -> bool:
 
 
 def pack(weight: torch.Tensor) -> PackedWeight:
-    # The row count is a hint for the layout; every call size runs on the result.
-    hint = rows_per_call(str(weight.dtype).removeprefix("torch."))
+    # The row count is a hint for the layout; every call size runs on the result, as fast (AMX, bf16:
+    # 32- and 256-row calls within 2 % with a hint of 32 or 256).
+    hint = rows_per_call(str(weight.dtype).removeprefix("torch."), prompt=True)
     return PackedWeight(torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), hint), weight.shape, weight.dtype)
 
 

@@ -28,7 +28,7 @@ from engine.model.kernels import pair_runs
 from engine.runtime.compression import QuantizedTensor, dequantize, quantize
 from engine.runtime.placement import cache_pair_split
 from engine.runtime.policy import CompressionConfig
-from engine.runtime.tiers import DiskTier, Tier, TransferStats, aligned_empty, to_device
+from engine.runtime.tiers import DiskTier, Tier, TransferStats, aligned_empty, to_device, zeroed
 
 
 class Plane:
@@ -87,7 +87,7 @@ class AlignedPairs:
     def __init__(self, first: torch.Tensor, max_len: int, head_dim: int, dtype: torch.dtype,
                  on: torch.device, pin: bool) -> None:
         count = first.shape[0]
-        self.keys, self.values = (torch.zeros((count, key_capacity(max_len), head_dim), dtype=dtype, device=on, pin_memory=pin)
+        self.keys, self.values = (zeroed((count, key_capacity(max_len), head_dim), dtype, on, pin=pin)
                                   for _ in range(2))
         self.first = first.to(on)
         self.runs, start = [], 0  # (shift, first pair, pair count) of each run of pairs that share `first`

@@ -191,9 +191,7 @@ class BlockRunner:
         if j == L + 1:
             for k, mb in enumerate(self.mbs):
                 h = to_device(self.acts[k].result(), self.ctx.device, self.ctx.stats)
-                prompt = mb.step_prompt
-                last_prompt = prompt[:, -1] if isinstance(prompt, torch.Tensor) else prompt
-                self._sample(mb, self.layers.output_logits(w, self.ctx.cfg, h[:, -1], last_prompt), params)
+                self._sample(mb, self.layers.output_logits(w, self.ctx.cfg, h[:, -1]), params)
             return
         slots = self.cache[j - 1]
         if self.mbs[0].query_len == 1 and len(self.mbs) > 1:

@@ -9,6 +9,8 @@ bandwidth (a test knob for re-planning).
 """
 from __future__ import annotations
 
+import math
+import mmap
 import os
 import threading
 import time
@@ -73,6 +75,21 @@ def aligned_empty(nbytes: int, *, pin: bool = False) -> torch.Tensor:
     raw = torch.empty(size + ALIGN, dtype=torch.uint8, pin_memory=pin)
     shift = (-raw.data_ptr()) % ALIGN
     return raw[shift:shift + size]
+
+
+def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, *, pin: bool = False) -> torch.Tensor:
+    """A zero-filled tensor. In RAM (not pinned) its memory is a fresh anonymous mapping, which the
+    kernel hands out zeroed page by page as it is first written, instead of a fill over the whole
+    tensor up front: a 32-row opt-1.3b block's cache (1.2 GB in bfloat16) took 1.4 s to zero-fill
+    at the start of its prefill, and nothing measurable written lazily (2-vCPU Xeon). The mapping
+    is unmapped when the tensor is freed."""
+    if device.type != "cpu" or pin:
+        return torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    region = torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)  # the tensor keeps the mapping alive
+    return region.view(dtype).view(shape)
 
 
 class DiskTier:

@@ -9,6 +9,7 @@ import torch
 from engine.runtime.compression import (ALIGN, QuantizedTensor, dequantize, from_bytes, packed_nbytes,
                                 quantize, to_bytes)
 from engine.model import int4_matmul
+from engine.model.kernels import linear
 from engine.model.config import preset
 from engine.model.config import hf_tensor_shapes
 
@@ -276,6 +277,34 @@ def test_fused_linear_rows_do_not_depend_on_the_batch():
         batch = torch.cat((others[:r % 5], x[r:r + 1], others))
         assert torch.equal(int4_matmul.linear(batch, weight)[r % 5], whole[r])
         assert torch.equal(int4_matmul.linear(x[r].view(1, 1, -1), weight).view(-1), whole[r])
+
+
+@fused
+@pytest.mark.parametrize("out_features", [192, 2064])  # 2064: a narrower last block, as a vocabulary's
+def test_dequantised_copy_holds_the_kernels_own_weights(out_features):
+    # The kernel times an identity matrix gives each weight it uses, rounded to bf16 once.
+    torch.manual_seed(out_features)
+    weight = int4_matmul.pack(quantize(torch.randn(out_features, 256), group_size=64))
+    kernels_weights = int4_matmul.linear(torch.eye(256, dtype=torch.bfloat16), weight).t()
+    assert torch.equal(int4_matmul.dequantize(weight, elements_per_pass=1000), kernels_weights)
+    assert torch.equal(int4_matmul.dequantize(weight), kernels_weights)
+
+
+@fused
+def test_prompt_tokens_multiply_the_dequantised_copy_and_keep_their_role():
+    # Prompt tokens run on the library over the dequantised weight, generated tokens on the fused
+    # kernel; in a mixed call each row gets its role's bits, whatever its neighbours.
+    torch.manual_seed(5)
+    weight = int4_matmul.pack(quantize(0.05 * torch.randn(320, 512), group_size=64))
+    bias = torch.randn(320).to(torch.bfloat16)
+    x = torch.randn(40, 512).to(torch.bfloat16)
+    as_prompt, as_generated = linear(x, weight, bias, True), linear(x, weight, bias, False)
+    assert torch.equal(as_generated, int4_matmul.linear(x, weight, bias))
+    assert torch.equal(as_prompt, linear(x, int4_matmul.dequantize(weight), bias, True))
+    assert not torch.equal(as_prompt, as_generated)  # two computations, really
+    mask = torch.arange(40) % 3 == 0
+    mixed = linear(x, weight, bias, mask)
+    assert torch.equal(mixed[mask], as_prompt[mask]) and torch.equal(mixed[~mask], as_generated[~mask])
 
 
 def test_fused_kernel_takes_only_what_it_can_compute():

@@ -63,3 +63,42 @@ def test_float32_matrices_stay_plain_where_the_prefill_reads_them_with_mkl():
     assert pack_for_cpu(weight) is weight
     if packed_weight.packable(torch.zeros(2, 2, dtype=torch.bfloat16)):
         assert isinstance(pack_for_cpu(weight.bfloat16()), packed_weight.PackedWeight)  # one library there
+
+
+def _bf16_native() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (else oneDNN emulates it, many times slower)."""
+    flags = open("/proc/cpuinfo").read().split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not _bf16_native(), reason="bfloat16 is emulated on this CPU (no AVX512-BF16 or AMX)"))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("held", ["plain", "packed"])
+@pytest.mark.parametrize("prompt", [True, False], ids=["prompt", "generated"])
+def test_relu_inside_the_call_gives_the_bits_of_relu_after_it(dtype, held, prompt):
+    # oneDNN applies it to the float accumulator before rounding; rounding keeps signs, so the
+    # result is max(0, rounded) bit for bit, for each role and each way a matrix is held.
+    x, w, b = (t.to(dtype) for t in _operands(4, 300))
+    weight = pack_for_cpu(w) if held == "packed" else w
+    fused = linear(x, weight, b, prompt, relu=True)
+    assert torch.equal(fused, linear(x, weight, b, prompt).relu_())
+    assert (fused == 0).any() and (fused > 0).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
+def test_a_transposed_view_and_a_contiguous_matrix_of_one_shape_keep_their_own_size_checks(dtype):
+    # The library picks kernels by the weight's layout too (AMX, bf16: a [K, N] buffer read as its
+    # transpose agrees at other call sizes than a contiguous [N, K] matrix), so a size found usable
+    # for one layout must not be taken for the other.
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(700, 2048, generator=gen).to(dtype)
+    contiguous = torch.randn(6144, 2048, generator=gen).to(dtype)
+    transposed = torch.randn(2048, 6144, generator=gen).to(dtype).t()
+    for weight in (transposed, contiguous):
+        for prompt in (True, False):
+            whole = linear(x, weight, None, prompt)
+            for start, count in ((0, 1), (3, 7), (10, 40), (5, 300)):
+                assert torch.equal(linear(x[start:start + count], weight, None, prompt), whole[start:start + count])
