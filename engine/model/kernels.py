@@ -100,8 +100,8 @@ def _chunked_linear(rows: torch.Tensor, weight: torch.Tensor | PackedWeight, bia
     """rows [M, K] in calls of the fixed sizes of chunk_plan (the last one zero-padded) -> [M, N]."""
     m, k = rows.shape
     dtype_name = str(rows.dtype).removeprefix("torch.")
-    ref = rows_per_call(dtype_name, prompt)
-    plan = chunk_plan(m, dtype_name, lambda size: _agrees(size, ref, weight, bias, prompt), prompt=prompt)
+    ref = rows_per_call(dtype_name, prompt, rows.device.type)
+    plan = chunk_plan(m, dtype_name, lambda size: _agrees(size, ref, weight, bias, prompt), prompt, rows.device.type)
     if plan == [m]:  # one call, no padding: its output is the result
         return library_linear(rows, weight, bias, prefill=prompt, relu=relu)
     padded = sum(plan)
