@@ -35,8 +35,9 @@ def test_two_machines_sharing_only_postgres_lose_and_duplicate_nothing(tmp_path,
     from benchmarks.bench_chaos import ChaosConfig, enqueue_jobs, read_results
     from tests.support.cli_jobs import code_prompts
 
-    # 2 jobs x 16 shards: on a fast host a 16-row job finished in 14 s, before the fourth kill.
-    cfg = ChaosConfig(rows=32, shard_rows=2, max_new_tokens=6, block=2, lease_s=LEASE_S)
+    # 2 jobs x 32 shards: on fast hosts a 16-row job finished in 14 s, and two 32-row jobs before
+    # the fourth kill (2-vCPU Xeon with AMX).
+    cfg = ChaosConfig(rows=64, shard_rows=2, max_new_tokens=6, block=2, lease_s=LEASE_S)
     prompts = code_prompts(tmp_path / "prompts.parquet", cfg.rows)
     with store_url("sqlite", tmp_path / "clean") as clean_url:
         clean_jobs = enqueue_jobs(cfg, clean_url, tiny_model, prompts, tmp_path / "clean" / "enqueue")
