@@ -143,7 +143,7 @@ def dequantize(weight: Int4Weight, *, out: torch.Tensor | None = None, codes: to
     """The kernel's weights as a bfloat16 [out, in] matrix (a transposed view of an input-major
     [in, out] buffer, the layout x @ W.T reads), each (code - 8) * scale + zero in float32 rounded
     once: bit for bit the weights the kernel multiplies (tests/engine/test_compression.py).
-    `out` (bfloat16) and `codes` (uint8), in.out elements each, are reused buffers (fresh ones
+    `out` (bfloat16) and `codes` (uint8), in x out elements each, are reused buffers (fresh ones
     cost their page faults on every call). Works on whole groups of inputs, about
     `elements_per_pass` weights at a time, so that the float32 temporaries stay small."""
     n, k = weight.shape

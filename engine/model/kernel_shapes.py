@@ -18,7 +18,7 @@ GPU_ROWS_PER_CALL = {"float32": 32, "bfloat16": 128, "float16": 128}  # a GPU: o
 # 128-row calls ran at 0.6x the speed of one call. oneDNN's bf16 kernels on AMX (Xeon) fall into
 # classes by call size, {8, 16, 32}, {64, 128, 256} (for some shapes {128, 256} apart from 64) and
 # {512 .. 4096} (for some shapes the same as the first): one reference per role keeps a decode
-# step's 32 rows in one 32-row call (1.3-1.6 TFLOP/s) and a prefill in 256-row calls (1.8-2.5),
+# step's 32 rows in one 32-row call (1.3-1.6 TFLOP/s) and a prefill in 256-row calls (2.1-3.3),
 # where a single reference of 128 rows padded each decode call to 128.
 CHUNK_SIZES = {name: (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
                for name in ("float32", "bfloat16", "float16")}  # each a divisor or multiple of a reference
@@ -96,10 +96,11 @@ def attended_scores(queries: int) -> int:
     return total
 
 
-def linear_calls(rows: float, dtype_name: str, prompt: bool = False) -> list[tuple[int, int]]:
-    """(calls, rows per call) for one linear layer over `rows` input rows of one token role, by
-    call size (every size in CHUNK_SIZES counted as usable: the library's usual answer)."""
-    plan = chunk_plan(max(1, math.ceil(rows)), dtype_name, prompt=prompt)
+def linear_calls(rows: float, dtype_name: str) -> list[tuple[int, int]]:
+    """(calls, rows per call) for one linear layer over `rows` input rows, by call size (every
+    size in CHUNK_SIZES counted as usable, the library's usual answer: then the plan is the same
+    for either token role)."""
+    plan = chunk_plan(max(1, math.ceil(rows)), dtype_name)
     return [(plan.count(size), size) for size in sorted(set(plan))]
 
 
