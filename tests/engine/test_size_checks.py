@@ -44,3 +44,12 @@ def test_a_damaged_file_is_ignored_and_rewritten(tmp_path):
     Path(first["file"]).write_text("{not json")
     assert _child(tmp_path)["answers"] == first["answers"]
     assert len(json.loads(Path(first["file"]).read_text())) == 3
+
+
+def test_a_setting_that_steers_the_library_gets_a_file_of_its_own(tmp_path):
+    plain = _child(tmp_path)["file"]
+    env = dict(os.environ, FLEXJOB_HOME=str(tmp_path), ONEDNN_MAX_CPU_ISA="AVX2")
+    out = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300, check=True)
+    steered = json.loads(out.stdout.strip().splitlines()[-1])["file"]
+    assert steered != plain and Path(steered).exists() and Path(plain).exists()
