@@ -35,12 +35,14 @@ def path() -> Path:
     cpu = ""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = "\n".join(next((line for line in lines if line.startswith(field)), "") for field in ("model name", "flags"))
+        cpu = "\n".join(next((line for line in lines if line.startswith(field)), "")
+                        for field in ("model name", "flags"))
     except OSError:
         pass
     # Settings that steer the libraries' kernel choice (e.g. ONEDNN_MAX_CPU_ISA) are part of it too.
     steering = repr(sorted((k, v) for k, v in os.environ.items() if k.startswith(LIBRARY_ENV_PREFIXES)))
-    digest = hashlib.sha256("\0".join((torch.__version__, torch.__config__.show(), cpu, steering)).encode()).hexdigest()[:16]
+    described = "\0".join((torch.__version__, torch.__config__.show(), cpu, steering))
+    digest = hashlib.sha256(described.encode()).hexdigest()[:16]
     return engine_home() / "kernels" / f"call-sizes-{digest}.json"
 
 
