@@ -190,30 +190,34 @@ _AGREEMENT: dict[tuple, bool] = {}
 
 def _agrees(size: int, ref: int, weight: torch.Tensor, bias: torch.Tensor | None, prefill: bool) -> bool:
     """Whether calls of `size` rows give every row bit for bit what calls of `ref` rows give, for this
-    weight's shape, dtype and device and the library of `prefill` (checked once, on random rows: a
-    library that picks another kernel or another reduction order for the other size shows it in
-    nearly every row)."""
+    weight's shape, layout, dtype and device and the library of `prefill` (checked once per machine:
+    engine.model.size_checks remembers a CPU check's answer for later processes)."""
     layout = tuple(weight.stride()) if isinstance(weight, torch.Tensor) else None  # a transposed view runs other kernels
     key = (size, ref, type(weight), tuple(weight.shape), layout, weight.dtype, weight.device, bias is not None,
            prefill, torch.get_num_threads())
-    stored = repr(key[:2] + (type(weight).__name__,) + key[3:]) if weight.device.type == "cpu" else None
-    if key not in _AGREEMENT and stored is not None and size_checks.recall(stored) is not None:
-        _AGREEMENT[key] = size_checks.recall(stored)  # an earlier process on this machine checked it
     if key not in _AGREEMENT:
-        gen = torch.Generator().manual_seed(size)
-        x = torch.randn(ref, weight.shape[1], generator=gen).to(weight.device, weight.dtype)
-        want = library_linear(x, weight, bias, prefill=prefill)
-        if size < ref:  # the reference rows, `size` at a time
-            got = torch.empty_like(want)
-            for start in range(0, ref, size):
-                library_linear(x[start:start + size], weight, bias, got[start:start + size], prefill=prefill)
-        else:  # the reference rows at every offset of one call
-            got = library_linear(x.repeat(size // ref, 1), weight, bias, prefill=prefill)
-            want = want.repeat(size // ref, 1)
-        _AGREEMENT[key] = torch.equal(got, want)
-        if stored is not None:
+        stored = repr(key[:2] + (type(weight).__name__,) + key[3:]) if weight.device.type == "cpu" else None
+        known = size_checks.recall(stored) if stored is not None else None
+        _AGREEMENT[key] = known if known is not None else _check_agreement(size, ref, weight, bias, prefill)
+        if stored is not None and known is None:
             size_checks.remember(stored, _AGREEMENT[key])
     return _AGREEMENT[key]
+
+
+def _check_agreement(size: int, ref: int, weight: torch.Tensor, bias: torch.Tensor | None, prefill: bool) -> bool:
+    """`_agrees`, checked on random rows: a library that picks another kernel or another reduction
+    order for the other size shows it in nearly every row."""
+    gen = torch.Generator().manual_seed(size)
+    x = torch.randn(ref, weight.shape[1], generator=gen).to(weight.device, weight.dtype)
+    want = library_linear(x, weight, bias, prefill=prefill)
+    if size < ref:  # the reference rows, `size` at a time
+        got = torch.empty_like(want)
+        for start in range(0, ref, size):
+            library_linear(x[start:start + size], weight, bias, got[start:start + size], prefill=prefill)
+    else:  # the reference rows at every offset of one call
+        got = library_linear(x.repeat(size // ref, 1), weight, bias, prefill=prefill)
+        want = want.repeat(size // ref, 1)
+    return torch.equal(got, want)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: torch.Tensor,

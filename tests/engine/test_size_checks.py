@@ -21,8 +21,8 @@ print(json.dumps({"answers": answers, "file": str(size_checks.path())}))
 """
 
 
-def _child(home: Path) -> dict:
-    env = dict(os.environ, FLEXJOB_HOME=str(home))
+def _child(home: Path, **settings: str) -> dict:
+    env = dict(os.environ, FLEXJOB_HOME=str(home), **settings)
     out = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -48,8 +48,5 @@ def test_a_damaged_file_is_ignored_and_rewritten(tmp_path):
 
 def test_a_setting_that_steers_the_library_gets_a_file_of_its_own(tmp_path):
     plain = _child(tmp_path)["file"]
-    env = dict(os.environ, FLEXJOB_HOME=str(tmp_path), ONEDNN_MAX_CPU_ISA="AVX2")
-    out = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300, check=True)
-    steered = json.loads(out.stdout.strip().splitlines()[-1])["file"]
+    steered = _child(tmp_path, ONEDNN_MAX_CPU_ISA="AVX2")["file"]
     assert steered != plain and Path(steered).exists() and Path(plain).exists()
