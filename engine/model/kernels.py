@@ -38,12 +38,16 @@ import threading
 
 import torch
 
-from engine.model import int4_matmul, native_attention, packed_weight, size_checks
+from engine.model import int4_float32, int4_matmul, native_attention, packed_weight, size_checks
 from engine.model.packed_weight import PackedWeight
+from engine.runtime.compression import QuantizedTensor, dequantize
 from engine.model.kernel_shapes import KEY_ALIGN, QUERIES_PER_CALL, chunk_plan, key_capacity, query_plan, rows_per_call
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight | int4_matmul.Int4Weight,
+Weight = torch.Tensor | PackedWeight | int4_matmul.Int4Weight | QuantizedTensor
+
+
+def linear(x: torch.Tensor, weight: Weight,
            bias: torch.Tensor | None = None, prompt: bool | torch.Tensor = False, relu: bool = False) -> torch.Tensor:
     """F.linear whose rows do not depend on how many rows share the call. x: [..., K] -> [..., N].
     `prompt` says which rows are prompt tokens (True: all, False: none, or a bool tensor over x's
@@ -71,28 +75,38 @@ def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight | int4_matmul.In
 
 def roles_differ(weight, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether prompt and generated tokens are computed differently for this weight on this device:
-    float32 on two libraries (`prefill_library_differs`), a 4-bit weight in the fused kernel's
-    layout (prompt tokens multiply its dequantised copy on the library: a prefill's thousands of
-    rows run several times faster there than on the fused kernel), or references of different
-    sizes for the two roles (kernel_shapes.PROMPT_ROWS_PER_CALL, on a CPU)."""
-    if isinstance(weight, int4_matmul.Int4Weight):
+    float32 on two libraries (`prefill_library_differs`), a 4-bit weight that a 4-bit kernel
+    multiplies (int4_matmul in bfloat16, int4_float32 in float32; prompt tokens multiply its
+    dequantised copy on the library: a prefill's thousands of rows run faster there), or references
+    of different sizes for the two roles (kernel_shapes.PROMPT_ROWS_PER_CALL, on a CPU)."""
+    if isinstance(weight, (int4_matmul.Int4Weight, QuantizedTensor)):
         return True
     name = str(dtype).removeprefix("torch.")
     return prefill_library_differs(weight, dtype, device) or (
         device.type == "cpu" and rows_per_call(name, prompt=True) != rows_per_call(name))
 
 
-def _role_linear(rows: torch.Tensor, weight: torch.Tensor | PackedWeight | int4_matmul.Int4Weight,
-                 bias: torch.Tensor | None, prompt: bool, relu: bool = False) -> torch.Tensor:
-    """rows [M, K] of one token role -> [M, N]."""
-    if isinstance(weight, int4_matmul.Int4Weight):
+def _role_linear(rows: torch.Tensor, weight: Weight, bias: torch.Tensor | None, prompt: bool,
+                 relu: bool = False) -> torch.Tensor:
+    """rows [M, K] of one token role -> [M, N]. A 4-bit weight: generated tokens on its kernel
+    (each row's bits independent of the call, so no fixed call sizes), prompt tokens on the
+    library over its dequantised copy, made in a reused buffer."""
+    if isinstance(weight, (QuantizedTensor, int4_matmul.Int4Weight)):
         if not prompt:
-            out = int4_matmul.linear(rows, weight, bias)
+            kernel = int4_float32.linear if isinstance(weight, QuantizedTensor) else int4_matmul.linear
+            out = kernel(rows, weight, bias)
             return out.relu_() if relu else out
-        n, k = weight.shape
-        weight = int4_matmul.dequantize(weight, out=_scratch("dequantised", (n, k), torch.bfloat16, rows.device),
-                                        codes=_scratch("codes", (n, k), torch.uint8, rows.device))
+        weight = _dequantised(weight, rows.device)
     return _chunked_linear(rows, weight, bias, prompt, relu)
+
+
+def _dequantised(weight: QuantizedTensor | int4_matmul.Int4Weight, device: torch.device) -> torch.Tensor:
+    """A 4-bit weight as the compute dtype's [out, in] matrix, in this thread's reused buffers."""
+    n, k = weight.shape
+    if isinstance(weight, QuantizedTensor):
+        return dequantize(weight, torch.float32, out=_scratch("dequantised", (n, k), torch.float32, device))
+    return int4_matmul.dequantize(weight, out=_scratch("dequantised", (n, k), torch.bfloat16, device),
+                                  codes=_scratch("codes", (n, k), torch.uint8, device))
 
 
 def _chunked_linear(rows: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None,

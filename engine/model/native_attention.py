@@ -6,31 +6,26 @@ with a mask, a softmax and a partial product per slice, each a pass over memory.
 each pair's keys and values once, in order, and its sums cannot depend on the call's shape, so a
 prefill and a decode step give a position the same numbers by construction.
 
-It is C compiled on first use with the machine's compiler (`cc`, OpenMP, the host's vector
-instructions) into `<flexjob home>/kernels/` and loaded with ctypes; torch's headers are not needed,
-so the build takes about a second. Where no compiler works, or FLEXJOB_NATIVE_ATTENTION=0, the
+It is C compiled on first use with the machine's compiler and loaded with ctypes
+(engine.model.native_build). Where no compiler works, or FLEXJOB_NATIVE_ATTENTION=0, the
 library path runs instead (`available()` says which), with the same invariance and other low bits.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-from engine.runtime.paths import engine_home
+from engine.model import native_build
 
 SOURCE = Path(__file__).with_name("native_attention.c")
 LANES = 8  # the kernel's partial sums in a dot product: head_dim must be a multiple
 ENV_SWITCH = "FLEXJOB_NATIVE_ATTENTION"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-fast-math")
 _DTYPES = {torch.float32: "attend_f32", torch.bfloat16: "attend_bf16"}
 log = logging.getLogger(__name__)
 
@@ -92,7 +87,7 @@ def _library() -> ctypes.CDLL | None:
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
     try:
-        lib = ctypes.CDLL(str(_built()))
+        lib = ctypes.CDLL(str(native_build.built(SOURCE, "attention")))
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("native attention unavailable (%s); attention runs on torch's batched products", exc)
         return None
@@ -101,38 +96,3 @@ def _library() -> ctypes.CDLL | None:
         getattr(lib, name).argtypes = [ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
         getattr(lib, name).restype = ctypes.c_int
     return lib
-
-
-def _built() -> Path:
-    """The shared library for this source, compiler and machine, built once into the kernels folder
-    (written under a temporary name and renamed, so concurrent workers never load half a file)."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise OSError("no C compiler (cc or gcc) on PATH")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *FLAGS, _cpu_flags()])
-                            .encode()).hexdigest()[:16]
-    folder = engine_home() / "kernels"
-    target = folder / f"attention-{digest}.so"
-    if target.exists():
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as scratch:
-        built = Path(scratch) / target.name
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
-                                capture_output=True, text=True, timeout=300)
-        if result.returncode != 0:
-            raise OSError(f"{compiler} failed: {result.stderr.strip().splitlines()[-1:]}")
-        os.replace(built, target)
-    return target
-
-
-def _cpu_flags() -> str:
-    """The CPU's feature flags (-march=native builds for them; another CPU gets its own build)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return ""

@@ -5,8 +5,9 @@ read every time their layer runs (with O_DIRECT), converted, and dropped after u
 (4-bit) tensors stay packed on every tier, in memory too: memory and link bytes both shrink ~3.5x.
 A 4-bit matrix that the fused CPU kernel takes (bfloat16 on the CPU, engine.model.int4_matmul) is
 held in that kernel's layout (same size) and multiplied without a dequantised copy; on disk it is
-read from a copy in that layout (engine.runtime.int4_files, written once). Other compressed
-tensors are dequantised on the compute device right before their layer runs. `replace`
+read from a copy in that layout (engine.runtime.int4_files, written once). In float32 on the CPU
+the native kernel (engine.model.int4_float32) multiplies the stored bytes as they are, held or read.
+Other compressed tensors are dequantised on the compute device right before their layer runs. `replace`
 re-places the model for a new policy, moving only the tensors whose tier changes.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Callable, Union
 
 import torch
 
-from engine.model import int4_matmul
+from engine.model import int4_float32, int4_matmul
 from engine.model.int4_matmul import Int4Weight
 from engine.model.kernels import pack_for_cpu
 from engine.model.packed_weight import PackedWeight
@@ -44,6 +45,11 @@ class FetchedLayer:
     layer: str
     raw: dict[str, torch.Tensor] = field(default_factory=dict)
     ready: dict[str, LayerTensor] | None = None
+
+
+def _stored_4bit(buf: torch.Tensor, entry: TensorEntry) -> QuantizedTensor:
+    """A stored 4-bit matrix inside a read buffer, as views (no copy)."""
+    return from_bytes(buf, entry.shape, num_bits=entry.num_bits, group_size=entry.group_size, dim=-1)
 
 
 def _as_fp16(buf: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
@@ -95,31 +101,44 @@ class PlacedWeights:
         return (entry.compressed and entry.name not in ROW_LOOKUP_TABLES
                 and int4_matmul.fits(entry.shape, entry.num_bits, entry.group_size, self.dtype, self.device))
 
+    def _in_place(self, entry: TensorEntry) -> bool:
+        """Whether `entry` is multiplied as its stored 4-bit bytes (engine.model.int4_float32)."""
+        return (entry.compressed and entry.name not in ROW_LOOKUP_TABLES
+                and int4_float32.fits(entry.shape, entry.num_bits, entry.group_size, self.dtype, self.device))
+
     def _fused_entries(self, layer: str) -> list[TensorEntry]:
         return [e for e in self.store.layers[layer] if self._fused(e)]
 
     def _spans(self, layer: str) -> dict[str, Span]:
         return spans(self._fused_entries(layer))
 
-    def _read_kernel_layout(self, layer: str, entry: TensorEntry) -> torch.Tensor:
-        """A streamed fused matrix's operands, read into a buffer kept per (layer parity, tensor): the
-        kernel uses them in place while the next layer is read."""
-        span = self._spans(layer)[entry.name]
+    def _read_for_kernel(self, layer: str, entry: TensorEntry) -> torch.Tensor:
+        """A streamed 4-bit matrix that a kernel multiplies where it lies (the fused kernel's copy,
+        or the stored bytes), read into a buffer kept per (layer parity, tensor): the kernel uses it
+        while the next layer is read."""
+        if self._fused(entry):
+            span = self._spans(layer)[entry.name]
+            path, offset, nbytes = self._kernel_files.path(layer), span.offset, span.nbytes
+        else:
+            path, offset, nbytes = self.store.path(layer), entry.offset, align_up(entry.nbytes)
         key = (self._slot(layer), entry.name, entry.shape)
         if key not in self._kernel_buffers:
-            self._kernel_buffers[key] = aligned_empty(span.nbytes)
-        buf = self._kernel_buffers[key][:span.nbytes]
-        self.disk.read_into(self._kernel_files.path(layer), span.offset, buf)
+            self._kernel_buffers[key] = aligned_empty(nbytes)
+        buf = self._kernel_buffers[key][:nbytes]
+        self.disk.read_into(path, offset, buf)
         return buf
 
-    def _held(self, layer: str, entry: TensorEntry, t: torch.Tensor) -> torch.Tensor | Int4Weight | PackedWeight:
-        """What a resident tensor is kept as: the fused kernel's operands (repacked once), a decoder
+    def _held(self, layer: str, entry: TensorEntry, t: torch.Tensor) -> LayerTensor:
+        """What a resident tensor is kept as: the fused kernel's operands (repacked once), the stored
+        4-bit bytes as a QuantizedTensor (where the native kernel reads them), a decoder
         layer's matrix in the layout the CPU's math library would reorder it into on every call
         (packed once, where every token's library reads that layout: kernels.pack_for_cpu), or
         `t`. The head stays plain: it runs once a step, and its packed copy would be one more
         0.2-1 GB beside the plain one while it is made."""
         if self._fused(entry):
             return self._repacked(entry, t)
+        if self._in_place(entry):
+            return _stored_4bit(t, entry)
         if self.device.type == "cpu" and not entry.compressed and layer.startswith("decoder."):
             return pack_for_cpu(t)
         return t
@@ -132,8 +151,8 @@ class PlacedWeights:
         self.stats.add(DEQUANTIZE, weight.packed.numel(), time.perf_counter() - started)
         return weight
 
-    def _place(self, t: torch.Tensor | Int4Weight | PackedWeight, tier: Tier) -> torch.Tensor | Int4Weight | PackedWeight:
-        if isinstance(t, (Int4Weight, PackedWeight)):
+    def _place(self, t: LayerTensor, tier: Tier) -> LayerTensor:
+        if isinstance(t, (Int4Weight, PackedWeight, QuantizedTensor)):
             return t  # only made for a CPU compute device, where both memory tiers are RAM
         if tier == Tier.GPU:
             return t.to(self.device)
@@ -195,7 +214,8 @@ class PlacedWeights:
         threads it only oversubscribes the cores (opt-1.3b 4-bit, fp32 on 2 cores: dequantisation ran
         at 1.3 GB/s on the I/O thread against 2.5 inline, and each decode step took 18 % longer)."""
         decoder = layer.startswith("decoder.")  # the embedding and head are read once a step: no pinned copies
-        raw = {e.name: (self._read_kernel_layout(layer, e) if self._fused(e) else self._read_raw(layer, e, reuse=decoder))
+        raw = {e.name: (self._read_for_kernel(layer, e) if self._fused(e) or self._in_place(e)
+                        else self._read_raw(layer, e, reuse=decoder))
                for e in self.store.layers[layer]
                if self.tiers[layer][e.name] == Tier.DISK and e.name not in ROW_LOOKUP_TABLES}
         if self.device.type == "cuda":
@@ -233,13 +253,15 @@ class PlacedWeights:
         stored bytes just read (`raw`) or from its resident copy."""
         if raw is None:
             held = self.resident[layer][entry.name]
-            if isinstance(held, (Int4Weight, PackedWeight)):
+            if isinstance(held, (Int4Weight, PackedWeight, QuantizedTensor)):
                 return held
             if entry.compressed:
                 return self._ready(entry, held, self._slot(layer))
             return to_device(held, self.device, self.stats, CPU_TO_GPU)
         if self._fused(entry):
             return KernelLayoutFiles.weight(raw, entry, self._spans(layer)[entry.name])
+        if self._in_place(entry):
+            return _stored_4bit(raw, entry)
         if entry.compressed:
             return self._ready(entry, raw, self._slot(layer))
         # Converted into a buffer kept per (layer parity, tensor): no page faults.

@@ -1,0 +1,87 @@
+"""Linear layers over 4-bit weights for float32 activations on the CPU, without a dequantised copy
+(int4_float32.c, built with engine.model.native_build).
+
+torch has no fast 4-bit kernel for float32 activations on an AVX2 CPU (its int4 kernel's float32
+path is scalar, ~2 GFLOP/s), so a float32 job dequantised every 4-bit matrix before its layer ran:
+on two AVX2 cores that was ~1.3 s of a 32-row opt-1.3b decode step and a float32 copy of two
+layers in memory. This kernel unpacks each weight once per call into a small buffer and runs
+every row of the call over it with FMAs, reading the weights as they are stored
+(engine.runtime.compression's layout: a matrix held in RAM or read from disk is used in place).
+
+A row's numbers do not depend on the call (the C file says how), so generated tokens take this
+kernel at any number of rows without padding. Its low bits are its own, not the library's on the
+dequantised matrix: prompt tokens multiply a dequantised copy on the library (a prefill's
+thousands of rows run faster on MKL's sgemm), which engine.model.kernels.linear keeps apart by
+token role, as it does for the other 4-bit kernel (engine.model.int4_matmul).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+
+from engine.model import native_build
+from engine.runtime.compression import QuantizedTensor
+
+SOURCE = Path(__file__).with_name("int4_float32.c")
+COLUMNS_PER_PANEL = 4  # the kernel's COLS: output features a thread takes at a time
+MAX_GROUP = 512  # the kernel's BLOCK_K: a group must fit in one dequantised block
+ENV_SWITCH = "FLEXJOB_NATIVE_INT4"
+FLAGS = (*native_build.BASE_FLAGS, "-ffp-contract=off")  # dequantisation is a multiply then an add, as torch's
+log = logging.getLogger(__name__)
+
+
+def available() -> bool:
+    """Whether 4-bit matrices with float32 activations run on the native kernel in this process."""
+    return _library() is not None
+
+
+def fits(shape: tuple[int, ...], num_bits: int, group_size: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a stored [out, in] matrix can run on the kernel: 4 bits grouped along `in`, float32
+    on the CPU, a group of a multiple of 16 inputs (two 8-lane halves per group of bytes) that
+    divides `in`, `out` a multiple of the panel width."""
+    return (num_bits == 4 and len(shape) == 2 and dtype == torch.float32 and device.type == "cpu"
+            and group_size % 16 == 0 and group_size <= MAX_GROUP and shape[1] % group_size == 0
+            and shape[0] % COLUMNS_PER_PANEL == 0 and available())
+
+
+def linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T (+ bias) for float32 x [..., in] and a 4-bit W [out, in] -> [..., out], each row's
+    bits independent of the other rows of the call."""
+    n, k = weight.shape
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, k).contiguous()
+    out = torch.empty(rows.shape[0], n, dtype=torch.float32)
+    if out.numel() == 0:
+        return out.view(*lead, n)
+    codes, minimum, step = weight.data.contiguous(), weight.minimum.contiguous(), weight.scale.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    pointer = ctypes.c_void_p
+    failed = _library().int4_linear_f32(
+        pointer(rows.data_ptr()), pointer(codes.data_ptr()), pointer(minimum.data_ptr()), pointer(step.data_ptr()),
+        None if bias is None else pointer(bias.data_ptr()), pointer(out.data_ptr()),
+        rows.shape[0], n, k, weight.group_size, torch.get_num_threads())
+    if failed:
+        raise MemoryError("the 4-bit float32 kernel could not allocate its per-thread scratch")
+    return out.view(*lead, n)
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    try:
+        lib = ctypes.CDLL(str(native_build.built(SOURCE, "int4-float32", FLAGS)))
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.info("native 4-bit float32 kernel unavailable (%s); 4-bit matrices are dequantised per layer", exc)
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.int4_linear_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
+    lib.int4_linear_f32.restype = ctypes.c_int
+    return lib

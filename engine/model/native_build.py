@@ -1,0 +1,55 @@
+"""C kernels built on first use with the machine's compiler and loaded with ctypes.
+
+A kernel is one C source beside this file, compiled with `cc` (OpenMP, -march=native: the host's
+vector instructions) into `<flexjob home>/kernels/<stem>-<digest>.so`, where the digest covers
+the source, the compiler, the flags and the CPU's feature flags (another CPU gets its own build).
+torch's headers are not needed, so a build takes about a second.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from engine.runtime.paths import engine_home
+
+BASE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-fast-math")
+
+
+def built(source: Path, stem: str, flags: tuple[str, ...] = BASE_FLAGS) -> Path:
+    """The shared library for `source`, built once into the kernels folder (written under a
+    temporary name and renamed, so concurrent workers never load half a file). Raises OSError
+    when no compiler works."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler (cc or gcc) on PATH")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    digest = hashlib.sha256("\0".join([source.read_text(), compiler, version, *flags, cpu_flags()])
+                            .encode()).hexdigest()[:16]
+    folder = engine_home() / "kernels"
+    target = folder / f"{stem}-{digest}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as scratch:
+        built_here = Path(scratch) / target.name
+        result = subprocess.run([compiler, *flags, str(source), "-o", str(built_here), "-lm"],
+                                capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            raise OSError(f"{compiler} failed: {result.stderr.strip().splitlines()[-1:]}")
+        os.replace(built_here, target)
+    return target
+
+
+def cpu_flags() -> str:
+    """The CPU's feature flags line of /proc/cpuinfo ("" where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
