@@ -113,3 +113,10 @@ int int4_linear_f32(const float *x, const uint8_t *codes, const uint16_t *minimu
     }
     return failed;
 }
+
+/* The float32 [N, K] matrix W, row-major, from its stored codes (what compression.dequantize gives). */
+void int4_dequantise_f32(const uint8_t *codes, const uint16_t *minimum, const uint16_t *step, float *out,
+                         int64_t N, int64_t K, int64_t G, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n0 = 0; n0 < N; n0 += COLS) dequantise_panel(codes, minimum, step, K, G, n0, 0, K, out + n0 * K);
+}

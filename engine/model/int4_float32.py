@@ -72,6 +72,18 @@ def linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None =
     return out.view(*lead, n)
 
 
+def dequantize(weight: QuantizedTensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 [out, in] matrix, bit for bit compression.dequantize(weight, float32), in one
+    pass over memory (torch's takes three: unpack, scale, shift); `out` is a reused buffer."""
+    n, k = weight.shape
+    out = torch.empty(n, k, dtype=torch.float32) if out is None else out
+    codes, minimum, step = weight.data.contiguous(), weight.minimum.contiguous(), weight.scale.contiguous()
+    pointer = ctypes.c_void_p
+    _library().int4_dequantise_f32(pointer(codes.data_ptr()), pointer(minimum.data_ptr()), pointer(step.data_ptr()),
+                                   pointer(out.data_ptr()), n, k, weight.group_size, torch.get_num_threads())
+    return out
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     if os.environ.get(ENV_SWITCH, "1") == "0":
@@ -84,4 +96,6 @@ def _library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.int4_linear_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
     lib.int4_linear_f32.restype = ctypes.c_int
+    lib.int4_dequantise_f32.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.int4_dequantise_f32.restype = None
     return lib

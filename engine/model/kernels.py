@@ -40,7 +40,7 @@ import torch
 
 from engine.model import int4_float32, int4_matmul, native_attention, packed_weight, size_checks
 from engine.model.packed_weight import PackedWeight
-from engine.runtime.compression import QuantizedTensor, dequantize
+from engine.runtime.compression import QuantizedTensor
 from engine.model.kernel_shapes import KEY_ALIGN, QUERIES_PER_CALL, chunk_plan, key_capacity, query_plan, rows_per_call
 
 
@@ -86,6 +86,23 @@ def roles_differ(weight, dtype: torch.dtype, device: torch.device) -> bool:
         device.type == "cpu" and rows_per_call(name, prompt=True) != rows_per_call(name))
 
 
+def four_bit_kernel(shape: tuple[int, ...], num_bits: int, group_size: int, dtype: torch.dtype,
+                    device: torch.device):
+    """The module whose kernel multiplies a stored 4-bit [out, in] matrix without a dequantised
+    copy per step (int4_matmul in bfloat16, int4_float32 in float32, on the CPU), or None: the
+    matrix is dequantised before its layer runs."""
+    for module in (int4_matmul, int4_float32):
+        if module.fits(shape, num_bits, group_size, dtype, device):
+            return module
+    return None
+
+
+def prompt_copy_bytes(kernel, numel: int) -> int:
+    """Bytes of the reused buffers that prompt tokens' dequantised copy of a 4-bit matrix of `numel`
+    weights takes with `kernel` (`_dequantised`): float32, or bfloat16 plus its uint8 codes."""
+    return numel * (4 if kernel is int4_float32 else 2 + 1)
+
+
 def _role_linear(rows: torch.Tensor, weight: Weight, bias: torch.Tensor | None, prompt: bool,
                  relu: bool = False) -> torch.Tensor:
     """rows [M, K] of one token role -> [M, N]. A 4-bit weight: generated tokens on its kernel
@@ -104,7 +121,7 @@ def _dequantised(weight: QuantizedTensor | int4_matmul.Int4Weight, device: torch
     """A 4-bit weight as the compute dtype's [out, in] matrix, in this thread's reused buffers."""
     n, k = weight.shape
     if isinstance(weight, QuantizedTensor):
-        return dequantize(weight, torch.float32, out=_scratch("dequantised", (n, k), torch.float32, device))
+        return int4_float32.dequantize(weight, out=_scratch("dequantised", (n, k), torch.float32, device))
     return int4_matmul.dequantize(weight, out=_scratch("dequantised", (n, k), torch.bfloat16, device),
                                   codes=_scratch("codes", (n, k), torch.uint8, device))
 

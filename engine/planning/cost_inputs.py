@@ -12,13 +12,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from engine.model.config import OPTConfig
 from engine.model.kernel_shapes import key_capacity
 from engine.planning.hardware import HardwareProfile
-from engine.runtime.devices import DTYPE_BYTES
+from engine.runtime.budgets import StoreLayout, four_bit_prompt_copy_bytes
+from engine.runtime.devices import DTYPE_BYTES, torch_dtype
 from engine.runtime.placement import cache_pair_split
 from engine.runtime.policy import CompressionConfig, Policy
+from engine.runtime.weight_tiers import ROW_LOOKUP_TABLES, kernel_of
 
 GB = 1e9
 GIB = 2 ** 30
@@ -212,3 +215,24 @@ def sizes(cfg: OPTConfig, sh: Shape, hw: HardwareProfile) -> Sizes:
         kv_mb_full=b * (s + n) * kv_row_tok * cf, kv_mb_full16=b * (s + n) * kv_row_tok,
         act_pre=B * s * h * el, act_dec=B * h * el,
     )
+
+
+def four_bit_prompt_copy(cfg: OPTConfig, sh: Shape, hw: HardwareProfile) -> int | None:
+    """Where a kernel multiplies every 4-bit matrix as it is stored (engine.runtime.weight_tiers.kernel_of),
+    the bytes of prompt tokens' dequantised copy (as engine.runtime.budgets counts them); None where
+    the matrices are dequantised before their layer runs."""
+    if not sh.compress_weight:
+        return None
+    return _four_bit_prompt_copy(cfg, sh.compression, hw.compute_dtype, hw.compute_device)
+
+
+@functools.cache
+def _four_bit_prompt_copy(cfg: OPTConfig, compression: CompressionConfig, dtype_name: str,
+                          device_type: str) -> int | None:
+    layout = StoreLayout.of(cfg, compression)
+    dtype, device = torch_dtype(dtype_name), torch.device(device_type)
+    matrices = [e for entries in layout.layers.values() for e in entries
+                if e.compressed and e.name not in ROW_LOOKUP_TABLES]
+    if not all(kernel_of(e, dtype, device) is not None for e in matrices):
+        return None
+    return four_bit_prompt_copy_bytes(cfg, layout, dtype, device)

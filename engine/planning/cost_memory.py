@@ -13,11 +13,11 @@ import numpy as np
 import torch
 
 from engine.model.config import OPTConfig
-from engine.planning.cost_inputs import Placement, Shape, Sizes, elem_bytes, sizes, weight_split
+from engine.planning.cost_inputs import (Placement, Shape, Sizes, elem_bytes, four_bit_prompt_copy, sizes,
+                                         weight_split)
 from engine.planning.cost_time import resource_max
 from engine.planning.hardware import HardwareProfile
-from engine.runtime.budgets import (StoreLayout, cache_quantize_scratch_bytes, estimate_memory,
-                                   prefill_working_bytes)
+from engine.runtime.budgets import StoreLayout, cache_quantize_scratch_bytes, estimate_memory, prefill_working_bytes
 from engine.runtime.devices import torch_dtype
 from engine.runtime.policy import Policy
 
@@ -33,14 +33,18 @@ class _Weights:
     activations_on_disk: Any  # 1 where any activation slot is on disk (exact), else the fraction
 
 
-def _weights(cfg: OPTConfig, z: Sizes, x: Placement, *, exact: bool) -> _Weights:
+def _weights(cfg: OPTConfig, z: Sizes, x: Placement, *, exact: bool, in_place: bool) -> _Weights:
+    """`in_place`: every 4-bit matrix is multiplied as it was read (no converted copy)."""
     ws = weight_split(cfg, x, exact=exact)
     if exact:  # floats or numpy arrays
         # Streamed decoder layers: converted copies kept for two layers (the one computing, the
         # one read ahead) and raw read buffers for one; a streamed head: its converted copy and
-        # its raw read. Lookup tables on disk need only the rows they gather.
-        staging = (np.where(np.asarray(ws.layers_on_disk) > 1e-9, 2 * z.w + z.w_disk, 0.0)
-                   + np.where(np.asarray(ws.head_on_disk) > 1e-9, z.head + z.head_disk, 0.0))
+        # its raw read. Multiplied in place: read buffers for two layers, and for the head.
+        # Lookup tables on disk need only the rows they gather.
+        layer_staging, head_staging = (2 * z.w_disk, z.head_disk) if in_place else (2 * z.w + z.w_disk,
+                                                                                    z.head + z.head_disk)
+        staging = (np.where(np.asarray(ws.layers_on_disk) > 1e-9, layer_staging, 0.0)
+                   + np.where(np.asarray(ws.head_on_disk) > 1e-9, head_staging, 0.0))
         acts_on_disk = np.where(np.asarray(x.hd) > 1e-9, 1.0, 0.0)
     else:
         staging, acts_on_disk = 2 * z.w * ws.layers_on_disk, x.hd
@@ -120,11 +124,13 @@ def memory_peaks(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *
     re-solves with a tighter budget when the exact figure does not fit. The cache is split inside
     every slot (placement.cache_pair_split), so its staging is linear in the disk fraction."""
     z = sizes(cfg, sh, hw)
-    w = _weights(cfg, z, x, exact=exact)
+    prompt_copy = four_bit_prompt_copy(cfg, sh, hw)
+    w = _weights(cfg, z, x, exact=exact, in_place=prompt_copy is not None)
     phases = _phases(cfg, hw, sh, z)
     # Dequantised copies are made into buffers the engine keeps: two decoder layers' (alternating)
-    # and the output head's (the embedding table dequantises only the rows it gathers).
-    w_work16 = 2 * z.w16 + z.head16 if sh.compress_weight else 0.0
+    # and the output head's (the embedding table dequantises only the rows it gathers); where a
+    # kernel multiplies the 4-bit matrices as they are, only prompt tokens' copy of one matrix.
+    w_work16 = 0.0 if not sh.compress_weight else prompt_copy if prompt_copy is not None else 2 * z.w16 + z.head16
     # A compressed cache is attended as two uncompressed copies of a slot, after quantising scratch
     # (engine.runtime.budgets.prefill_working_bytes).
     kv_work16 = (2 * z.kv_mb_full16 + cache_quantize_scratch_bytes(cfg, sh.gpu_batch_size, sh.prompt_len)

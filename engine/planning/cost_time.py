@@ -17,7 +17,8 @@ from engine.model.config import OPTConfig, model_key
 from engine.model.kernel_shapes import (ATTENTION_OPS_PER_QUERY_GROUP, attended_scores, attention_calls,
                                         linear_calls)
 from engine.planning.cost_inputs import (GB, OPS_PER_LAYER, TENSORS_PER_LAYER, Placement, Shape, Sizes,
-                                         WeightSplit, compression_factor, elem_bytes, sizes, weight_split)
+                                         WeightSplit, compression_factor, elem_bytes, four_bit_prompt_copy, sizes,
+                                         weight_split)
 from engine.planning.hardware import HardwareProfile
 
 Terms = dict[str, Any]  # resource -> busy seconds (float, numpy array or pulp expression)
@@ -70,7 +71,7 @@ def _convert_s(sh: Shape, fp16_bytes_from_disk: Any, r: _Rates) -> Any:
 
 
 def _weight_and_activation_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z: Sizes,
-                                 ws: WeightSplit, r: _Rates, *, decode: bool) -> Terms:
+                                 ws: WeightSplit, r: _Rates, *, decode: bool, in_place: bool) -> Terms:
     """A decoder layer's weights, loaded once per step and shared by the block (the point of the
     zig-zag), its activations loaded and stored per micro-batch, and its dense compute. The store is
     fp16; a bf16/fp32 engine converts what it streams from disk on the I/O thread. Without a GPU
@@ -88,8 +89,10 @@ def _weight_and_activation_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape,
     # A decode step's projections and MLP take the whole block's rows in one call (schedule._decode_layer).
     rows, calls = (sh.block_size, 1) if decode else (sh.gpu_batch_size * tokens, sh.num_gpu_batches)
     held = _matmul_time(hw, dense_flops, z.w16, rows=rows, calls=calls)
-    # A CPU engine multiplies the matrices it streams from disk unpacked, at their own rate.
-    streamed = _matmul_time(hw, dense_flops, z.w16, rows=rows, calls=calls, streamed=True) if not gpu else held
+    # A CPU engine multiplies the matrices it streams from disk unpacked, at their own rate; a
+    # 4-bit kernel (`in_place`) multiplies generated tokens the same way wherever the matrix lies.
+    streamed = (_matmul_time(hw, dense_flops, z.w16, rows=rows, calls=calls, streamed=True)
+                if not (gpu or (in_place and decode)) else held)
     compute = held + (streamed - held) * ws.layers_on_disk + calls * OPS_PER_LAYER * hw.op_overhead_s
     return {"disk": disk, "cpu_to_gpu": c_to_g, "gpu_to_cpu": g_to_c, "compute": compute}
 
@@ -137,14 +140,17 @@ def _cache_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z
 
 
 def _layer_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z: Sizes, ws: WeightSplit,
-                 r: _Rates, *, decode: bool) -> Terms:
-    t = _cache_terms(cfg, hw, sh, x, z, r, _weight_and_activation_terms(cfg, hw, sh, x, z, ws, r, decode=decode),
+                 r: _Rates, *, decode: bool, in_place: bool) -> Terms:
+    """`in_place`: a kernel multiplies the 4-bit matrices as they are (cost_inputs.four_bit_prompt_copy):
+    only prompt tokens dequantise, each micro-batch's call its matrix; else every step the layer."""
+    t = _cache_terms(cfg, hw, sh, x, z, r,
+                     _weight_and_activation_terms(cfg, hw, sh, x, z, ws, r, decode=decode, in_place=in_place),
                      decode=decode)
     # The engine's whole layer against the sum of its kernels (measured by the profiler).
     compute = t["compute"] * hw.scale_for(model_key(cfg), "decode" if decode else "prefill",
                                           sh.block_size if decode else sh.gpu_batch_size)
-    if sh.compress_weight:
-        compute = compute + z.w16 * r.dequant
+    if sh.compress_weight and not (in_place and decode):
+        compute = compute + z.w16 * r.dequant * (sh.num_gpu_batches if in_place else 1)
     if not hw.has_gpu:
         compute = compute + _convert_s(sh, z.w16 * ws.layers_on_disk, r)
     # Per-request disk latency (linear stand-in for "one request per tensor / micro-batch when any
@@ -156,14 +162,15 @@ def _layer_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z
 
 
 def _head_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z: Sizes, ws: WeightSplit,
-                r: _Rates) -> Terms:
+                r: _Rates, *, in_place: bool) -> Terms:
     """The output head (one position per row), loaded once per step. The lookup tables on disk are
-    read by rows (a decode step: one per sequence), not charged."""
+    read by rows (a decode step: one per sequence), not charged. A 4-bit head that a kernel
+    multiplies as it is (`in_place`) is never dequantised (its rows are generated tokens)."""
     gpu, B, b, nb = hw.has_gpu, sh.block_size, sh.gpu_batch_size, sh.num_gpu_batches
     compute = _matmul_time(hw, 2 * B * cfg.embed_dim * cfg.vocab_size, z.head16, rows=b, calls=nb) \
         + nb * 3 * hw.op_overhead_s  # final LayerNorm, LM head, sampling
     compute = compute * hw.scale_for(model_key(cfg), "head", b)
-    if sh.compress_weight:
+    if sh.compress_weight and not in_place:
         compute = compute + z.head16 * r.dequant
     convert_s = _convert_s(sh, z.head16 * ws.head_on_disk, r)
     return {"disk": z.head_disk * ws.head_on_disk * r.read + (convert_s if gpu else 0.0),
@@ -176,8 +183,9 @@ def phase_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
     """Busy time (s) of each resource for one step of the block, as [(count, {resource: time})]:
     the decoder layer (count = num_layers) and the embedding/output head (count 1)."""
     z, ws, r = sizes(cfg, sh, hw), weight_split(cfg, x), _Rates.of(hw)
-    layer = _layer_terms(cfg, hw, sh, x, z, ws, r, decode=decode)
-    head = _head_terms(cfg, hw, sh, x, z, ws, r)
+    in_place = four_bit_prompt_copy(cfg, sh, hw) is not None
+    layer = _layer_terms(cfg, hw, sh, x, z, ws, r, decode=decode, in_place=in_place)
+    head = _head_terms(cfg, hw, sh, x, z, ws, r, in_place=in_place)
     if not hw.has_gpu:  # the I/O thread runs on the cores that compute: overlap is not free
         for stage in (layer, head):
             stage["compute"] = stage["compute"] + hw.io_compute_interference * stage["disk"]

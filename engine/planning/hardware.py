@@ -29,7 +29,7 @@ LINK_FIELDS = {
 }
 
 PROFILE_HINT = "write one with engine.planning.profiler.measure_profile(...).save(FILE), or by hand"
-PROFILE_VERSION = 11  # a stored profile of another version is measured again: its fields mean other things
+PROFILE_VERSION = 12  # a stored profile of another version is measured again: its fields mean other things
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,12 +15,13 @@ import torch
 
 from engine.errors import BudgetError
 from engine.model.config import ModelConfig
+from engine.model.kernels import prompt_copy_bytes
 from engine.model.kernel_shapes import key_capacity, query_plan
 from engine.runtime.compression import packed_nbytes, quantize_scratch_bytes
 from engine.runtime.placement import cache_pair_split, slot_tier
 from engine.runtime.policy import CompressionConfig, Policy
 from engine.runtime.tiers import Tier, align_up
-from engine.runtime.weight_tiers import ROW_LOOKUP_TABLES, bytes_by_tier, plan_weight_tiers
+from engine.runtime.weight_tiers import ROW_LOOKUP_TABLES, bytes_by_tier, kernel_of, plan_weight_tiers
 from engine.model.checkpoint import TensorEntry, WeightStore, layer_names, layer_tensor_specs
 
 GIB = 1024**3
@@ -72,19 +73,29 @@ def _entry(name: str, shape: tuple[int, ...], compression: CompressionConfig | N
     return TensorEntry(name, shape, 0, nbytes, compression.num_bits, compression.group_size)
 
 
-def _weight_bytes(cfg: ModelConfig, store: WeightStore | StoreLayout, policy: Policy,
-                  size: int) -> tuple[dict[Tier, int], int]:
+def _weight_bytes(cfg: ModelConfig, store: WeightStore | StoreLayout, policy: Policy, dtype: torch.dtype,
+                  device: torch.device) -> tuple[dict[Tier, int], int]:
     """Bytes of weights each tier holds, and the buffers streaming needs: two layers in flight (one
     computing, one being prefetched: read from disk and/or dequantised) plus the raw read buffers,
-    one decoder layer's (kept for reuse) and the embedding's or head's while it is converted."""
+    one decoder layer's (kept for reuse) and the embedding's or head's while it is converted.
+    A 4-bit matrix that a kernel multiplies as it is (weight_tiers.kernel_of) has no dequantised
+    copy: streamed, its bytes are read into a buffer kept per layer parity (two for a decoder
+    tensor, one for the head's); its prompt tokens' dequantised copy is one reused buffer, as large
+    as the largest such matrix outside the head (the head computes generated tokens only)."""
+    size = torch.empty((), dtype=dtype).element_size()
     tiers = plan_weight_tiers(store, cfg, policy)
     streamed, decoder_read, other_read = 0, 0, 0
-    for layer, layer_tiers in tiers.items():
+    kernel_reads: dict[tuple, int] = {}
+    for index, (layer, layer_tiers) in enumerate(tiers.items()):
         in_flight = 0  # tensors materialised per use
         read = 0  # raw bytes of the layer's disk tensors, all read before any is converted
         for entry in store.layers[layer]:
             tier = layer_tiers[entry.name]
             if entry.name in ROW_LOOKUP_TABLES:  # rows gathered, never a whole converted copy
+                continue
+            if kernel_of(entry, dtype, device) is not None:
+                if tier == Tier.DISK:
+                    kernel_reads[(index % 2, entry.name, entry.shape)] = align_up(entry.nbytes)
                 continue
             if tier == Tier.DISK or entry.compressed:
                 in_flight += entry.compute_bytes(size)
@@ -95,7 +106,21 @@ def _weight_bytes(cfg: ModelConfig, store: WeightStore | StoreLayout, policy: Po
             decoder_read = max(decoder_read, read)
         else:
             other_read = max(other_read, read)
-    return bytes_by_tier(store, tiers, size), 2 * streamed + decoder_read + other_read
+    buffers = (2 * streamed + decoder_read + other_read + sum(kernel_reads.values())
+               + four_bit_prompt_copy_bytes(cfg, store, dtype, device))
+    return bytes_by_tier(store, tiers, size), buffers
+
+
+def four_bit_prompt_copy_bytes(cfg: ModelConfig, store: WeightStore | StoreLayout, dtype: torch.dtype,
+                               device: torch.device) -> int:
+    """The reused buffer of prompt tokens' dequantised copy of a 4-bit matrix that a kernel
+    multiplies (engine.model.kernels): as large as the largest such matrix outside the head,
+    which computes generated tokens only; 0 where there is none."""
+    head = layer_names(cfg)[-1]
+    sizes = [prompt_copy_bytes(kernel, entry.shape[0] * entry.shape[1])
+             for layer, entries in store.layers.items() if layer != head
+             for entry in entries if (kernel := kernel_of(entry, dtype, device)) is not None]
+    return max(sizes, default=0)
 
 
 def _cache_bytes(cfg: ModelConfig, policy: Policy, slot: int) -> tuple[dict[Tier, int], int]:
@@ -136,7 +161,7 @@ def estimate_memory(cfg: ModelConfig, store: WeightStore | StoreLayout, policy: 
     part of its RSS, so they are taken out of "process" rather than counted twice.
     process_bytes: the process's own memory; None measures this process (its RSS)."""
     size = torch.empty((), dtype=dtype).element_size()
-    weights, stream_buffers = _weight_bytes(cfg, store, policy, size)
+    weights, stream_buffers = _weight_bytes(cfg, store, policy, dtype, device)
     B, h = policy.gpu_batch_size, cfg.hidden_size
     max_len = prompt_len + max(gen_len - 1, 0)
     cache, disk_cache_buffers = _cache_bytes(cfg, policy, cache_slot_bytes(cfg, policy, max_len, size))

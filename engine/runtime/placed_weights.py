@@ -29,7 +29,7 @@ from engine.model.config import ModelConfig
 from engine.runtime.policy import Policy
 from engine.runtime.tiers import (CPU_TO_GPU, DEQUANTIZE, DiskTier, Tier, TransferStats, align_up, aligned_empty,
                                   to_device)
-from engine.runtime.weight_tiers import ROW_LOOKUP_TABLES, bytes_by_tier, plan_weight_tiers
+from engine.runtime.weight_tiers import ROW_LOOKUP_TABLES, bytes_by_tier, kernel_of, plan_weight_tiers
 from engine.model.checkpoint import TensorEntry, WeightStore, layer_names
 
 
@@ -97,14 +97,12 @@ class PlacedWeights:
         return moved
 
     def _fused(self, entry: TensorEntry) -> bool:
-        """Whether `entry` runs on the fused 4-bit kernel (engine.model.int4_matmul)."""
-        return (entry.compressed and entry.name not in ROW_LOOKUP_TABLES
-                and int4_matmul.fits(entry.shape, entry.num_bits, entry.group_size, self.dtype, self.device))
+        """Whether `entry` runs on the fused 4-bit kernel, in its layout (engine.model.int4_matmul)."""
+        return kernel_of(entry, self.dtype, self.device) is int4_matmul
 
     def _in_place(self, entry: TensorEntry) -> bool:
         """Whether `entry` is multiplied as its stored 4-bit bytes (engine.model.int4_float32)."""
-        return (entry.compressed and entry.name not in ROW_LOOKUP_TABLES
-                and int4_float32.fits(entry.shape, entry.num_bits, entry.group_size, self.dtype, self.device))
+        return kernel_of(entry, self.dtype, self.device) is int4_float32
 
     def _fused_entries(self, layer: str) -> list[TensorEntry]:
         return [e for e in self.store.layers[layer] if self._fused(e)]

@@ -3,8 +3,11 @@ there: shared by the placed weights (which put them there) and the budget check 
 before anything is loaded)."""
 from __future__ import annotations
 
+import torch
+
 from engine.model.checkpoint import TensorEntry, WeightStore, layer_names
 from engine.model.config import ModelConfig
+from engine.model.kernels import four_bit_kernel
 from engine.runtime.placement import HEAD, LAYER, LOOKUP, split_weights
 from engine.runtime.policy import Policy
 from engine.runtime.tiers import Tier
@@ -46,3 +49,10 @@ def bytes_by_tier(store: WeightStore, tiers: dict[str, dict[str, Tier]], element
         for entry in store.layers[layer]:
             totals[layer_tiers[entry.name]] += tier_bytes(entry, layer_tiers[entry.name], element_size)
     return totals
+
+
+def kernel_of(entry: TensorEntry, dtype: torch.dtype, device: torch.device):
+    """The 4-bit kernel that multiplies `entry` without a per-step dequantised copy, or None."""
+    if not entry.compressed or entry.name in ROW_LOOKUP_TABLES:
+        return None
+    return four_bit_kernel(entry.shape, entry.num_bits, entry.group_size, dtype, device)

@@ -77,3 +77,10 @@ def test_the_engine_hands_the_kernel_every_stored_4bit_matrix(tiny_model, tmp_pa
                     for name, t in weights.finish(weights.fetch(layer)).items()
                     if isinstance(t, QuantizedTensor) and name not in ROW_LOOKUP_TABLES]
     assert len(in_place) == 2 * 6 + 1  # q, k, v, out, fc1, fc2 of both layers, and the output head
+
+
+@pytest.mark.parametrize("n, k, group", [(64, 256, 64), (12, 1536, 512), (36, 96, 16)])
+def test_its_dequantised_copy_is_compression_dequantize_s(n, k, group):
+    """Prompt tokens multiply this copy: bit for bit what compression.dequantize gives."""
+    q = _matrix(n, k, group, seed=3)
+    assert torch.equal(int4_float32.dequantize(q), dequantize(q, torch.float32))

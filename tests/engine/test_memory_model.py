@@ -143,6 +143,13 @@ if mode in ("plan", "plan-compressed"):  # arg: GiB of budget above this process
     policy = plan(cfg, hw, gpu_mem_gib=None, cpu_mem_gib=budget, prompt_len=prompt_len, gen_len=gen_len,
                   gpu_batch_sizes=(1, 4, 8), num_gpu_batches=(1, 2), compress_options=(mode != "plan",),
                   cpu_reserved_gib=rss / GIB + 0.03).policy
+elif mode == "weights-on-disk":  # arg rows, 4-bit weights all read from disk; the budget: what the engine counts
+    policy = Policy(gpu_batch_size=int(arg), num_gpu_batches=1, weights_gpu_percent=0, weights_cpu_percent=0,
+                    cache_gpu_percent=0, cache_cpu_percent=100, activations_gpu_percent=0,
+                    activations_cpu_percent=100, compress_weight=True)
+    est = estimate_memory(cfg, StoreLayout.of(cfg, policy.compression), policy, cpu, resolve_dtype(None, cpu),
+                          prompt_len=prompt_len, gen_len=gen_len)
+    budget, refused = est.cpu_total / GIB + 0.03, json.dumps(est.cpu)
 else:  # arg rows, all in RAM, cache compressed; the budget halfway between its needs with and without
     policy = Policy(gpu_batch_size=int(arg), num_gpu_batches=1, weights_gpu_percent=0, weights_cpu_percent=100,
                     cache_gpu_percent=0, cache_cpu_percent=100, activations_gpu_percent=0,
@@ -192,6 +199,23 @@ def test_planned_runs_stay_within_their_budget(small_model, tmp_path, mode, marg
     hw = HOST.replace(compute_dtype=default_dtype_name())
     margin_gib *= 2 if hw.compute_dtype == "float32" else 1
     out = _run_child(small_model, tmp_path, mode, str(margin_gib), "32", hw.to_json())
+    assert out["peak"] <= out["budget"]
+
+
+def test_4bit_weights_read_from_disk_need_no_dequantised_copies(small_model, tmp_path):
+    """Where a kernel multiplies the 4-bit matrices as they are read (bfloat16 or float32 on a CPU),
+    the budget counts their read buffers and prompt tokens' copy of one matrix, not a dequantised
+    copy per layer and of the head (the head alone would be 0.14 GiB in float32 here), and a run
+    held to that budget stays within it."""
+    from engine.model import int4_float32, int4_matmul
+    from engine.runtime.devices import resolve_dtype
+    cpu = torch.device("cpu")
+    dtype = resolve_dtype(None, cpu)
+    if not (int4_float32.fits((64, 64), 4, 64, dtype, cpu) or int4_matmul.fits((64, 64), 4, 64, dtype, cpu)):
+        pytest.skip(f"no 4-bit kernel for {dtype} on this CPU: matrices are dequantised per layer")
+    out = _run_child(small_model, tmp_path, "weights-on-disk", "4", "32")
+    head_copy = preset("125m").vocab_size * 768 * torch.empty((), dtype=dtype).element_size()
+    assert json.loads(out["refused"])["streamed weights"] < head_copy / 2
     assert out["peak"] <= out["budget"]
 
 
