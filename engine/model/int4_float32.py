@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import os
-import subprocess
 from pathlib import Path
 
 import torch
@@ -33,7 +30,6 @@ COLUMNS_PER_PANEL = 4  # the kernel's COLS: output features a thread takes at a 
 MAX_GROUP = 512  # the kernel's BLOCK_K: a group must fit in one dequantised block
 ENV_SWITCH = "FLEXJOB_NATIVE_INT4"
 FLAGS = (*native_build.BASE_FLAGS, "-ffp-contract=off")  # dequantisation is a multiply then an add, as torch's
-log = logging.getLogger(__name__)
 
 
 def available() -> bool:
@@ -86,12 +82,9 @@ def dequantize(weight: QuantizedTensor, *, out: torch.Tensor | None = None) -> t
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return None
-    try:
-        lib = ctypes.CDLL(str(native_build.built(SOURCE, "int4-float32", FLAGS)))
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.info("native 4-bit float32 kernel unavailable (%s); 4-bit matrices are dequantised per layer", exc)
+    lib = native_build.load(SOURCE, "int4-float32", switch=ENV_SWITCH, flags=FLAGS,
+                            instead="4-bit matrices are dequantised before their layer runs")
+    if lib is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.int4_linear_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import os
-import subprocess
 from pathlib import Path
 
 import torch
@@ -27,7 +24,6 @@ SOURCE = Path(__file__).with_name("native_attention.c")
 LANES = 8  # the kernel's partial sums in a dot product: head_dim must be a multiple
 ENV_SWITCH = "FLEXJOB_NATIVE_ATTENTION"
 _DTYPES = {torch.float32: "attend_f32", torch.bfloat16: "attend_bf16"}
-log = logging.getLogger(__name__)
 
 
 def available() -> bool:
@@ -84,12 +80,9 @@ def _run(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offsets: tor
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return None
-    try:
-        lib = ctypes.CDLL(str(native_build.built(SOURCE, "attention")))
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.warning("native attention unavailable (%s); attention runs on torch's batched products", exc)
+    lib = native_build.load(SOURCE, "attention", switch=ENV_SWITCH,
+                            instead="attention runs on torch's batched products")
+    if lib is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for name in _DTYPES.values():

@@ -7,7 +7,9 @@ torch's headers are not needed, so a build takes about a second.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -17,6 +19,20 @@ from pathlib import Path
 from engine.runtime.paths import engine_home
 
 BASE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-fast-math")
+log = logging.getLogger(__name__)
+
+
+def load(source: Path, stem: str, *, switch: str, instead: str,
+         flags: tuple[str, ...] = BASE_FLAGS) -> ctypes.CDLL | None:
+    """The kernel's library, built if needed; None where the environment variable `switch` is "0" or
+    no build works (logged once, with `instead`: what runs in its place)."""
+    if os.environ.get(switch, "1") == "0":
+        return None
+    try:
+        return ctypes.CDLL(str(built(source, stem, flags)))
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("%s unavailable (%s); %s", stem, exc, instead)
+        return None
 
 
 def built(source: Path, stem: str, flags: tuple[str, ...] = BASE_FLAGS) -> Path:
