@@ -127,6 +127,10 @@ def test_every_policy_and_resume_point_gives_the_same_ids(model, offload, dtype,
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_compressed_weights_and_cache_are_invariant_among_themselves(model, offload, dtype):
+    if dtype == "bfloat16" and not _bf16_is_native():
+        # 193 s on a 2-core AVX2 host. Jobs there run in float32 (covered here); the fused 4-bit
+        # kernel's row invariance is probed directly in test_compression.
+        pytest.skip("bfloat16 is emulated on this CPU (no avx512_bf16/amx_bf16): 4-bit runs in float32 here")
     rows = [RowInput(row_id=i, prompt_ids=p) for i, p in enumerate(prompts())]
     names = ["1x1 all in RAM", "4x3 weights on disk", "2x2 cache on disk", "32x4 mixed everything",
              "6x2 CPU attention, cache RAM/disk"]
