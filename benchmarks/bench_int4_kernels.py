@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -28,12 +29,10 @@ from engine.model import int4_float32, int4_matmul, kernels
 from engine.model.config import layer_tensor_shapes, preset
 from engine.runtime.compression import dequantize, quantize
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from suite_config import present_flags  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_flags() -> str:
-    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    return " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags)
 
 
 def fastest(calls: dict, repeat: int) -> dict[str, float]:
@@ -66,7 +65,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     rows_list = [int(r) for r in args.rows.split(",")]
     records = []
-    print(f"{platform.processor() or platform.machine()} [{cpu_flags()}], {args.dtype}, "
+    print(f"{platform.processor() or platform.machine()} [{present_flags()}], {args.dtype}, "
           f"{torch.get_num_threads()} threads")
     print(f"{'matrix':>12} {'rows':>5} {'4-bit kernel':>13} {'dense':>7} {'dequantise+dense':>17}  GFLOP/s")
     for n, k in shapes:
@@ -94,7 +93,7 @@ def main() -> None:
             print(f"{n:>5} x {k:<5} dequantise: engine {ms['engine']:.1f} ms, compression.dequantize "
                   f"{ms['compression.dequantize']:.1f} ms")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"cpu_flags": cpu_flags(), "dtype": args.dtype,
+    args.out.write_text(json.dumps({"cpu_flags": present_flags(), "dtype": args.dtype,
                                     "threads": torch.get_num_threads(), "results": records}, indent=1))
     print(f"wrote {args.out}")
 

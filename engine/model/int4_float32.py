@@ -55,13 +55,10 @@ def linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None =
     out = torch.empty(rows.shape[0], n, dtype=torch.float32)
     if out.numel() == 0:
         return out.view(*lead, n)
-    codes, minimum, step = weight.data.contiguous(), weight.minimum.contiguous(), weight.scale.contiguous()
-    if bias is not None:
-        bias = bias.contiguous()
-    pointer = ctypes.c_void_p
+    stored = _stored(weight)  # kept alive until the call returns
+    bias = None if bias is None else bias.contiguous()
     failed = _library().int4_linear_f32(
-        pointer(rows.data_ptr()), pointer(codes.data_ptr()), pointer(minimum.data_ptr()), pointer(step.data_ptr()),
-        None if bias is None else pointer(bias.data_ptr()), pointer(out.data_ptr()),
+        _pointer(rows), *map(_pointer, stored), None if bias is None else _pointer(bias), _pointer(out),
         rows.shape[0], n, k, weight.group_size, torch.get_num_threads())
     if failed:
         raise MemoryError("the 4-bit float32 kernel could not allocate its per-thread scratch")
@@ -73,11 +70,20 @@ def dequantize(weight: QuantizedTensor, *, out: torch.Tensor | None = None) -> t
     pass over memory (torch's takes three: unpack, scale, shift); `out` is a reused buffer."""
     n, k = weight.shape
     out = torch.empty(n, k, dtype=torch.float32) if out is None else out
-    codes, minimum, step = weight.data.contiguous(), weight.minimum.contiguous(), weight.scale.contiguous()
-    pointer = ctypes.c_void_p
-    _library().int4_dequantise_f32(pointer(codes.data_ptr()), pointer(minimum.data_ptr()), pointer(step.data_ptr()),
-                                   pointer(out.data_ptr()), n, k, weight.group_size, torch.get_num_threads())
+    stored = _stored(weight)  # kept alive until the call returns
+    _library().int4_dequantise_f32(*map(_pointer, stored), _pointer(out), n, k, weight.group_size,
+                                   torch.get_num_threads())
     return out
+
+
+def _stored(weight: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The codes, minimums and steps, the kernels' first three operands, each contiguous (the stored
+    layout's sections are; a copy is made only for a view that is not)."""
+    return weight.data.contiguous(), weight.minimum.contiguous(), weight.scale.contiguous()
+
+
+def _pointer(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
 
 
 @functools.cache

@@ -47,8 +47,8 @@ class FetchedLayer:
     ready: dict[str, LayerTensor] | None = None
 
 
-def _stored_4bit(buf: torch.Tensor, entry: TensorEntry) -> QuantizedTensor:
-    """A stored 4-bit matrix inside a read buffer, as views (no copy)."""
+def _as_quantized(buf: torch.Tensor, entry: TensorEntry) -> QuantizedTensor:
+    """The stored compressed tensor inside a read buffer (or its resident copy), as views: no copy."""
     return from_bytes(buf, entry.shape, num_bits=entry.num_bits, group_size=entry.group_size, dim=-1)
 
 
@@ -136,7 +136,7 @@ class PlacedWeights:
         if self._fused(entry):
             return self._repacked(entry, t)
         if self._in_place(entry):
-            return _stored_4bit(t, entry)
+            return _as_quantized(t, entry)
         if self.device.type == "cpu" and not entry.compressed and layer.startswith("decoder."):
             return pack_for_cpu(t)
         return t
@@ -144,7 +144,7 @@ class PlacedWeights:
     def _repacked(self, entry: TensorEntry, packed: torch.Tensor) -> Int4Weight:
         """Stored 4-bit bytes -> the fused kernel's operands (timed like a dequantisation)."""
         started = time.perf_counter()
-        q = from_bytes(packed, entry.shape, num_bits=entry.num_bits, group_size=entry.group_size, dim=-1)
+        q = _as_quantized(packed, entry)
         weight = int4_matmul.pack(q)
         self.stats.add(DEQUANTIZE, weight.packed.numel(), time.perf_counter() - started)
         return weight
@@ -189,7 +189,7 @@ class PlacedWeights:
         most the layer computing and the one being prefetched."""
         packed = to_device(packed, self.device, self.stats, CPU_TO_GPU)
         started = time.perf_counter()
-        q = from_bytes(packed, entry.shape, num_bits=entry.num_bits, group_size=entry.group_size, dim=-1)
+        q = _as_quantized(packed, entry)
         out = dequantize(q, self.dtype, out=self._reused(self._dequant_buffers, slot, entry, self.device))
         # Counted like a link (output bytes, seconds) so benchmarks can report dequantisation time.
         self.stats.add(DEQUANTIZE, out.numel() * out.element_size(), time.perf_counter() - started)
@@ -212,7 +212,7 @@ class PlacedWeights:
         threads it only oversubscribes the cores (opt-1.3b 4-bit, fp32 on 2 cores: dequantisation ran
         at 1.3 GB/s on the I/O thread against 2.5 inline, and each decode step took 18 % longer)."""
         decoder = layer.startswith("decoder.")  # the embedding and head are read once a step: no pinned copies
-        raw = {e.name: (self._read_for_kernel(layer, e) if self._fused(e) or self._in_place(e)
+        raw = {e.name: (self._read_for_kernel(layer, e) if kernel_of(e, self.dtype, self.device) is not None
                         else self._read_raw(layer, e, reuse=decoder))
                for e in self.store.layers[layer]
                if self.tiers[layer][e.name] == Tier.DISK and e.name not in ROW_LOOKUP_TABLES}
@@ -241,7 +241,7 @@ class PlacedWeights:
         held = self.resident[layer][entry.name]
         if entry.compressed:
             packed = to_device(held, self.device, self.stats, CPU_TO_GPU)
-            return from_bytes(packed, entry.shape, num_bits=entry.num_bits, group_size=entry.group_size, dim=-1)
+            return _as_quantized(packed, entry)
         if tier == Tier.CPU and self.device.type == "cuda":
             return functools.partial(self._host_rows, held)
         return to_device(held, self.device, self.stats, CPU_TO_GPU)
@@ -259,7 +259,7 @@ class PlacedWeights:
         if self._fused(entry):
             return KernelLayoutFiles.weight(raw, entry, self._spans(layer)[entry.name])
         if self._in_place(entry):
-            return _stored_4bit(raw, entry)
+            return _as_quantized(raw, entry)
         if entry.compressed:
             return self._ready(entry, raw, self._slot(layer))
         # Converted into a buffer kept per (layer parity, tensor): no page faults.
