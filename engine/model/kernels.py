@@ -38,13 +38,12 @@ import threading
 
 import torch
 
-from engine.model import int4_float32, int4_matmul, native_attention, packed_weight, size_checks
+from engine.model import four_bit, native_attention, packed_weight, size_checks
 from engine.model.packed_weight import PackedWeight
-from engine.runtime.compression import QuantizedTensor
 from engine.model.kernel_shapes import KEY_ALIGN, QUERIES_PER_CALL, chunk_plan, key_capacity, query_plan, rows_per_call
 
 
-Weight = torch.Tensor | PackedWeight | int4_matmul.Int4Weight | QuantizedTensor
+Weight = torch.Tensor | PackedWeight | four_bit.FourBitWeight
 
 
 def linear(x: torch.Tensor, weight: Weight,
@@ -76,31 +75,14 @@ def linear(x: torch.Tensor, weight: Weight,
 def roles_differ(weight, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether prompt and generated tokens are computed differently for this weight on this device:
     float32 on two libraries (`prefill_library_differs`), a 4-bit weight that a 4-bit kernel
-    multiplies (int4_matmul in bfloat16, int4_float32 in float32; prompt tokens multiply its
-    dequantised copy on the library: a prefill's thousands of rows run faster there), or references
+    multiplies (engine.model.four_bit; prompt tokens multiply its dequantised copy on the library:
+    a prefill's thousands of rows run faster there), or references
     of different sizes for the two roles (kernel_shapes.PROMPT_ROWS_PER_CALL, on a CPU)."""
-    if isinstance(weight, (int4_matmul.Int4Weight, QuantizedTensor)):
+    if isinstance(weight, four_bit.FourBitWeight):
         return True
     name = str(dtype).removeprefix("torch.")
     return prefill_library_differs(weight, dtype, device) or (
         device.type == "cpu" and rows_per_call(name, prompt=True) != rows_per_call(name))
-
-
-def four_bit_kernel(shape: tuple[int, ...], num_bits: int, group_size: int, dtype: torch.dtype,
-                    device: torch.device):
-    """The module whose kernel multiplies a stored 4-bit [out, in] matrix without a dequantised
-    copy per step (int4_matmul in bfloat16, int4_float32 in float32, on the CPU), or None: the
-    matrix is dequantised before its layer runs."""
-    for module in (int4_matmul, int4_float32):
-        if module.fits(shape, num_bits, group_size, dtype, device):
-            return module
-    return None
-
-
-def prompt_copy_bytes(kernel, numel: int) -> int:
-    """Bytes of the reused buffers that prompt tokens' dequantised copy of a 4-bit matrix of `numel`
-    weights takes with `kernel` (`_dequantised`): float32, or bfloat16 plus its uint8 codes."""
-    return numel * (4 if kernel is int4_float32 else 2 + 1)
 
 
 def _role_linear(rows: torch.Tensor, weight: Weight, bias: torch.Tensor | None, prompt: bool,
@@ -108,22 +90,13 @@ def _role_linear(rows: torch.Tensor, weight: Weight, bias: torch.Tensor | None, 
     """rows [M, K] of one token role -> [M, N]. A 4-bit weight: generated tokens on its kernel
     (each row's bits independent of the call, so no fixed call sizes), prompt tokens on the
     library over its dequantised copy, made in a reused buffer."""
-    if isinstance(weight, (QuantizedTensor, int4_matmul.Int4Weight)):
+    if isinstance(weight, four_bit.FourBitWeight):
         if not prompt:
-            kernel = int4_float32.linear if isinstance(weight, QuantizedTensor) else int4_matmul.linear
-            out = kernel(rows, weight, bias)
+            out = four_bit.multiply(rows, weight, bias)
             return out.relu_() if relu else out
-        weight = _dequantised(weight, rows.device)
+        weight = four_bit.dequantized(weight, rows.dtype,
+                                      lambda slot, shape, dtype: _scratch(slot, shape, dtype, rows.device))
     return _chunked_linear(rows, weight, bias, prompt, relu)
-
-
-def _dequantised(weight: QuantizedTensor | int4_matmul.Int4Weight, device: torch.device) -> torch.Tensor:
-    """A 4-bit weight as the compute dtype's [out, in] matrix, in this thread's reused buffers."""
-    n, k = weight.shape
-    if isinstance(weight, QuantizedTensor):
-        return int4_float32.dequantize(weight, out=_scratch("dequantised", (n, k), torch.float32, device))
-    return int4_matmul.dequantize(weight, out=_scratch("dequantised", (n, k), torch.bfloat16, device),
-                                  codes=_scratch("codes", (n, k), torch.uint8, device))
 
 
 def _chunked_linear(rows: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None,

@@ -79,22 +79,22 @@ def cpu_attention_gbps(seconds: float = 0.25, *, batch: int = 4, heads: int = 16
 
 def dequant_gbps(device: str, dtype: torch.dtype, seconds: float = 0.25, *, group: int = 64) -> float:
     """Output bytes/s of the engine's own 4-bit group-wise decompression into reused buffers of
-    opt-1.3b-sized MLP weights (8192 x 2048): where a 4-bit kernel takes float32 on the CPU, its
-    one-pass dequantisation (prompt tokens' copy, engine.model.int4_float32), else
+    opt-1.3b-sized MLP weights (8192 x 2048): where a 4-bit kernel reads the stored bytes, its
+    one-pass dequantisation (prompt tokens' copy, engine.model.four_bit), else
     `compression.dequantize` as `PlacedWeights` runs it. Alternates between two outputs as the
     engine's two buffer sets do: one 2048 x 2048 output that stays in the cache measured 6.6 GB/s
     where the engine got 2.5 (fp32, AVX2)."""
-    from engine.model import int4_float32
+    from engine.model import four_bit
     from engine.runtime.compression import dequantize, quantize
 
     q = quantize(torch.rand(8192, 2048, device=device), num_bits=4, group_size=group)
     outs = [torch.empty(q.shape, dtype=dtype, device=device) for _ in range(2)]
-    native = int4_float32.fits(q.shape, 4, group, dtype, torch.device(device))
+    native = four_bit.four_bit_kernel(q.shape, 4, group, dtype, torch.device(device)) in four_bit.READ_IN_PLACE
 
     def run():
         for out in outs:
             if native:
-                int4_float32.dequantize(q, out=out)
+                four_bit.dequantized(q, dtype, lambda slot, shape, dtype, out=out: out)
             else:
                 dequantize(q, dtype, out=out)
     with torch.inference_mode():

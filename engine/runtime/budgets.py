@@ -15,7 +15,7 @@ import torch
 
 from engine.errors import BudgetError
 from engine.model.config import ModelConfig
-from engine.model.kernels import prompt_copy_bytes
+from engine.model.four_bit import prompt_copy_bytes
 from engine.model.kernel_shapes import key_capacity, query_plan
 from engine.runtime.compression import packed_nbytes, quantize_scratch_bytes
 from engine.runtime.placement import cache_pair_split, slot_tier

@@ -3,10 +3,11 @@
 Resident tensors (GPU/CPU tiers) are read once and kept in the compute dtype; disk tensors are
 read every time their layer runs (with O_DIRECT), converted, and dropped after use. Compressed
 (4-bit) tensors stay packed on every tier, in memory too: memory and link bytes both shrink ~3.5x.
-A 4-bit matrix that the fused CPU kernel takes (bfloat16 on the CPU, engine.model.int4_matmul) is
+A 4-bit matrix that torch's fused CPU kernel takes (bfloat16 without AMX, engine.model.int4_matmul) is
 held in that kernel's layout (same size) and multiplied without a dequantised copy; on disk it is
-read from a copy in that layout (engine.runtime.int4_files, written once). In float32 on the CPU
-the native kernel (engine.model.int4_float32) multiplies the stored bytes as they are, held or read.
+read from a copy in that layout (engine.runtime.int4_files, written once). In float32 on the CPU,
+and in bfloat16 on a CPU with AMX, flexjob's own kernels (engine.model.int4_float32,
+engine.model.int4_bfloat16) multiply the stored bytes as they are, held or read.
 Other compressed tensors are dequantised on the compute device right before their layer runs. `replace`
 re-places the model for a new policy, moving only the tensors whose tier changes.
 """
@@ -19,7 +20,7 @@ from typing import Callable, Union
 
 import torch
 
-from engine.model import int4_float32, int4_matmul
+from engine.model import four_bit, int4_matmul
 from engine.model.int4_matmul import Int4Weight
 from engine.model.kernels import pack_for_cpu
 from engine.model.packed_weight import PackedWeight
@@ -101,8 +102,8 @@ class PlacedWeights:
         return kernel_of(entry, self.dtype, self.device) is int4_matmul
 
     def _in_place(self, entry: TensorEntry) -> bool:
-        """Whether `entry` is multiplied as its stored 4-bit bytes (engine.model.int4_float32)."""
-        return kernel_of(entry, self.dtype, self.device) is int4_float32
+        """Whether `entry` is multiplied as its stored 4-bit bytes (engine.model.four_bit.READ_IN_PLACE)."""
+        return kernel_of(entry, self.dtype, self.device) in four_bit.READ_IN_PLACE
 
     def _fused_entries(self, layer: str) -> list[TensorEntry]:
         return [e for e in self.store.layers[layer] if self._fused(e)]

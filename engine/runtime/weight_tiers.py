@@ -7,7 +7,7 @@ import torch
 
 from engine.model.checkpoint import TensorEntry, WeightStore, layer_names
 from engine.model.config import ModelConfig
-from engine.model.kernels import four_bit_kernel
+from engine.model.four_bit import four_bit_kernel
 from engine.runtime.placement import HEAD, LAYER, LOOKUP, split_weights
 from engine.runtime.policy import Policy
 from engine.runtime.tiers import Tier

@@ -207,7 +207,7 @@ def test_4bit_weights_read_from_disk_need_no_dequantised_copies(small_model, tmp
     the budget counts their read buffers and prompt tokens' copy of one matrix, not a dequantised
     copy per layer and of the head (the head alone would be 0.14 GiB in float32 here), and a run
     held to that budget stays within it."""
-    from engine.model.kernels import four_bit_kernel
+    from engine.model.four_bit import four_bit_kernel
     from engine.runtime.devices import resolve_dtype
     cpu = torch.device("cpu")
     dtype = resolve_dtype(None, cpu)

@@ -1,0 +1,102 @@
+"""Linear layers over 4-bit weights for bfloat16 activations on a CPU with AMX, without a dequantised
+copy (int4_bfloat16.c, built with engine.model.native_build).
+
+torch's fused int4 CPU kernel (engine.model.int4_matmul) computes in float32 FMAs: on a 2-vCPU Xeon
+with AMX a 16-row opt-1.3b decode step ran at 0.61x the speed of bfloat16 weights, which AMX
+multiplies several times faster. This kernel dequantises each weight once per call, by table
+lookup, straight into AMX tiles in L1 and multiplies them there, reading the weights as they are
+stored (engine.runtime.compression's layout: a matrix held in RAM or read from disk is used in
+place, with no repacked copy).
+
+A row's numbers do not depend on the call (the C file says how), so generated tokens take this
+kernel at any number of rows without padding. Prompt tokens multiply a dequantised copy with the
+same weights on the library (a prefill's thousands of rows run faster there); engine.model.kernels
+keeps the two roles apart.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from engine.model import native_build
+from engine.runtime.compression import QuantizedTensor
+
+SOURCE = Path(__file__).with_name("int4_bfloat16.c")
+FEATURES_PER_PANEL = 32  # the kernel's FEATURES: two 16-row weight tiles
+MAX_GROUP = 256  # the kernel's BLOCK_K: a group must fit in one dequantised block
+ENV_SWITCH = "FLEXJOB_NATIVE_INT4"
+FLAGS = (*native_build.BASE_FLAGS, "-ffp-contract=off")  # a weight is a multiply then an add
+REQUIRED_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512bw", "avx512vl")
+
+
+def available() -> bool:
+    """Whether 4-bit matrices with bfloat16 activations run on the AMX kernel in this process."""
+    return _library() is not None
+
+
+def fits(shape: tuple[int, ...], num_bits: int, group_size: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a stored [out, in] matrix can run on the kernel: 4 bits grouped along `in`, bfloat16
+    on an AMX CPU, a group of a multiple of 32 inputs (one tile row) that divides `in`, `out` a
+    multiple of the panel width."""
+    return (num_bits == 4 and len(shape) == 2 and dtype == torch.bfloat16 and device.type == "cpu"
+            and group_size % 32 == 0 and group_size <= MAX_GROUP and shape[1] % group_size == 0
+            and shape[0] % FEATURES_PER_PANEL == 0 and available())
+
+
+def linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T (+ bias) for bfloat16 x [..., in] and a 4-bit W [out, in] -> [..., out], each row's
+    bits independent of the other rows of the call."""
+    n, k = weight.shape
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, k).contiguous()
+    out = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
+    if out.numel() == 0:
+        return out.view(*lead, n)
+    stored = _stored(weight)  # kept alive until the call returns
+    bias = None if bias is None else bias.to(torch.bfloat16).contiguous()
+    failed = _library().int4_linear_bf16(
+        _pointer(rows), *map(_pointer, stored), None if bias is None else _pointer(bias), _pointer(out),
+        rows.shape[0], n, k, weight.group_size, torch.get_num_threads())
+    if failed:
+        raise MemoryError("the 4-bit bfloat16 kernel could not allocate its scratch")
+    return out.view(*lead, n)
+
+
+def dequantize(weight: QuantizedTensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The bfloat16 [out, in] matrix of the kernel's weights (each code * step + minimum in float32,
+    rounded once), in one pass over memory; `out` is a reused buffer."""
+    n, k = weight.shape
+    out = torch.empty(n, k, dtype=torch.bfloat16) if out is None else out
+    stored = _stored(weight)  # kept alive until the call returns
+    _library().int4_dequantise_bf16(*map(_pointer, stored), _pointer(out), n, k, weight.group_size,
+                                    torch.get_num_threads())
+    return out
+
+
+def _stored(weight: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The codes, minimums and steps, each contiguous (a copy only for a view that is not)."""
+    return weight.data.contiguous(), weight.minimum.contiguous(), weight.scale.contiguous()
+
+
+def _pointer(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    flags = native_build.cpu_flags().split()
+    if not all(flag in flags for flag in REQUIRED_CPU_FLAGS):
+        return None  # no AMX: torch's int4 kernel (engine.model.int4_matmul) runs instead
+    lib = native_build.load(SOURCE, "int4-bfloat16", switch=ENV_SWITCH, flags=FLAGS,
+                            instead="torch's int4 kernel multiplies 4-bit matrices in bfloat16")
+    if lib is None or lib.int4_bf16_enable() != 0:  # the kernel needs Linux to grant the AMX tile state
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.int4_linear_bf16.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
+    lib.int4_linear_bf16.restype = ctypes.c_int
+    lib.int4_dequantise_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.int4_dequantise_bf16.restype = None
+    return lib
