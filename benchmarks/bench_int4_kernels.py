@@ -2,8 +2,10 @@
 library on the dequantised matrix, and the dequantisation itself.
 
 For each matrix shape of one opt-1.3b layer and its output head, and each row count, the GFLOP/s of
-- `4-bit kernel`: what generated tokens run on (engine.model.int4_float32 in float32,
-  engine.model.int4_matmul in bfloat16), reading the packed weights;
+- `4-bit kernel`: what generated tokens run on (engine.model.four_bit picks it: int4_float32 in
+  float32, int4_bfloat16 in bfloat16 with AMX, else torch's int4 kernel, int4_matmul);
+- `torch int4` (bfloat16 where flexjob's AMX kernel runs): torch's int4 kernel on its repacked
+  copy, what bfloat16 ran on before;
 - `dense`: the library call generated tokens make on an uncompressed matrix
   (engine.model.kernels.library_linear; oneDNN in float32);
 - `dequantise + dense`: a per-step dequantised copy into a reused buffer, then the dense call
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from engine.model import int4_float32, int4_matmul, kernels
+from engine.model import four_bit, int4_matmul, kernels
 from engine.model.config import layer_tensor_shapes, preset
 from engine.runtime.compression import dequantize, quantize
 
@@ -56,38 +58,45 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "int4_kernels.json")
     args = ap.parse_args()
     dtype, cpu = getattr(torch, args.dtype), torch.device("cpu")
-    kernel_module = int4_float32 if dtype == torch.float32 else int4_matmul
     cfg = preset("1.3b")
     shapes = sorted({shape for name, shape in layer_tensor_shapes(cfg) if len(shape) == 2})
     shapes.append((cfg.vocab_size, cfg.hidden_size))  # the output head
-    if not kernel_module.fits(shapes[0], 4, 64, dtype, cpu):
+    kernel_module = four_bit.four_bit_kernel(shapes[0], 4, 64, dtype, cpu)
+    if kernel_module is None:
         raise SystemExit(f"no 4-bit kernel for {args.dtype} on this CPU")
+    beside_torch = kernel_module in four_bit.READ_IN_PLACE and int4_matmul.fits(shapes[0], 4, 64, dtype, cpu)
     gen = torch.Generator().manual_seed(0)
     rows_list = [int(r) for r in args.rows.split(",")]
     records = []
     print(f"{platform.processor() or platform.machine()} [{present_flags()}], {args.dtype}, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'matrix':>12} {'rows':>5} {'4-bit kernel':>13} {'dense':>7} {'dequantise+dense':>17}  GFLOP/s")
+    print(f"kernel: {kernel_module.__name__}")
+    print(f"{'matrix':>12} {'rows':>5} {'4-bit kernel':>13} {'torch int4':>11} {'dense':>7} {'dequantise+dense':>17}"
+          "  GFLOP/s")
     for n, k in shapes:
         q = quantize(torch.randn(n, k, generator=gen) * 0.05, num_bits=4, group_size=64, dim=-1)
-        weight = q if dtype == torch.float32 else int4_matmul.pack(q)
+        weight = q if kernel_module in four_bit.READ_IN_PLACE else int4_matmul.pack(q)
+        repacked = int4_matmul.pack(q) if beside_torch else None
         dense = dequantize(q, dtype)
         buffer = torch.empty_like(dense)
         bias = torch.randn(n, generator=gen).to(dtype)
         for rows in rows_list:
             x = torch.randn(rows, k, generator=gen).to(dtype)
-            best = fastest({
-                "4-bit kernel": lambda: kernel_module.linear(x, weight, bias),
+            calls = {
+                "4-bit kernel": lambda: four_bit.multiply(x, weight, bias),
                 "dense": lambda: kernels.library_linear(x, dense, bias),
                 "dequantise + dense": lambda: kernels.library_linear(x, dequantize(q, dtype, out=buffer), bias),
-            }, args.repeat)
-            gflops = {name: 2 * rows * n * k / s / 1e9 for name, s in best.items()}
+            }
+            if repacked is not None:
+                calls["torch int4"] = lambda: int4_matmul.linear(x, repacked, bias)
+            gflops = {name: 2 * rows * n * k / s / 1e9 for name, s in fastest(calls, args.repeat).items()}
             records.append({"shape": [n, k], "rows": rows, "gflops": gflops})
-            print(f"{n:>5} x {k:<5} {rows:>5} {gflops['4-bit kernel']:>13.0f} {gflops['dense']:>7.0f} "
+            torch_int4 = f"{gflops['torch int4']:>11.0f}" if "torch int4" in gflops else f"{'-':>11}"
+            print(f"{n:>5} x {k:<5} {rows:>5} {gflops['4-bit kernel']:>13.0f} {torch_int4} {gflops['dense']:>7.0f} "
                   f"{gflops['dequantise + dense']:>17.0f}")
-        if dtype == torch.float32:
+        if kernel_module in four_bit.READ_IN_PLACE:
             ms = {name: s * 1e3 for name, s in fastest({
-                "engine": lambda: int4_float32.dequantize(q, out=buffer),
+                "engine": lambda: four_bit.dequantized(q, dtype, lambda slot, shape, dt: buffer),
                 "compression.dequantize": lambda: dequantize(q, dtype, out=buffer)}, args.repeat).items()}
             records.append({"shape": [n, k], "dequantise_ms": ms})
             print(f"{n:>5} x {k:<5} dequantise: engine {ms['engine']:.1f} ms, compression.dequantize "

@@ -53,6 +53,37 @@ def linear_table(device: str, dtype: torch.dtype, seconds: float = 0.25, *, pack
     return table
 
 
+FOUR_BIT_ROWS = (1, 8, 32, 128)
+
+
+def four_bit_linear_table(dtype: torch.dtype, seconds: float = 0.25, *, group: int = 64) -> dict[str, float]:
+    """`linear_table` for generated tokens over 4-bit matrices on the CPU's 4-bit kernel
+    (engine.model.four_bit), in seconds per byte of the matrix in `dtype` (what the cost model
+    counts a layer's weights in); empty where no kernel takes such a matrix. The kernels take any
+    number of rows in one call, and their speed is their own: on AMX flexjob's kernel multiplies
+    a 32-row decode call ~1.3x faster than bfloat16 weights, torch's int4 kernel ~4x slower."""
+    from engine.model import four_bit, int4_matmul
+    from engine.runtime.compression import quantize
+
+    k, n = 2048, 8192
+    kernel = four_bit.four_bit_kernel((n, k), 4, group, dtype, torch.device("cpu"))
+    if kernel is None:
+        return {}
+    gen = torch.Generator().manual_seed(0)
+    quantized = [quantize(torch.randn(n, k, generator=gen).half(), num_bits=4, group_size=group) for _ in range(8)]
+    weights = [int4_matmul.pack(q) if kernel is int4_matmul else q for q in quantized]  # ~70 MB of codes
+    table = {}
+    with torch.inference_mode():
+        for rows in FOUR_BIT_ROWS:
+            x = torch.full((rows, k), 0.5, dtype=dtype)
+
+            def run(x=x):
+                for w in weights:
+                    four_bit.multiply(x, w, None)
+            table[str(rows)] = timed(run, seconds) / (len(weights) * n * k * x.element_size())
+    return table
+
+
 def weight_stream_gbps(seconds: float = 0.25, *, dtype: torch.dtype = torch.bfloat16) -> float:
     """Bytes/s a batch-1 linear layer on the CPU reads its weight at (beyond the caches)."""
     w = torch.full((8192, 4096), 0.01, dtype=dtype)  # values do not matter, filling fast does

@@ -49,12 +49,15 @@ def _compute_bw(hw: HardwareProfile) -> float:
 
 
 def _matmul_time(hw: HardwareProfile, flops: float, weight_bytes: float, *, rows: float, calls: int,
-                 streamed: bool = False) -> float:
+                 streamed: bool = False, four_bit: bool = False) -> float:
     """`calls` linear layers of `rows` input rows over `weight_bytes` (compute dtype) each, `flops` in
     all. The engine's batch-invariant linear sends the rows in chunks of fixed sizes (the last one
     padded), each chunk one library call that streams the weights: the profile's measured table at
     each chunk's row count where there is one, else the roofline (the slower of doing the padded
-    FLOPs and streaming the weights from device memory once per chunk)."""
+    FLOPs and streaming the weights from device memory once per chunk). A 4-bit kernel
+    (`four_bit`) takes every row in one call, at its own measured rate."""
+    if four_bit and hw.linear_4bit_s_per_byte:
+        return calls * hw.linear_seconds(rows, weight_bytes, four_bit=True)
     plan = linear_calls(rows, hw.compute_dtype)
     measured = [hw.linear_seconds(chunk_rows, weight_bytes, streamed=streamed) for _, chunk_rows in plan]
     if None not in measured:
@@ -88,7 +91,7 @@ def _weight_and_activation_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape,
     dense_flops = 2 * sh.block_size * tokens * cfg.layer_param_count()
     # A decode step's projections and MLP take the whole block's rows in one call (schedule._decode_layer).
     rows, calls = (sh.block_size, 1) if decode else (sh.gpu_batch_size * tokens, sh.num_gpu_batches)
-    held = _matmul_time(hw, dense_flops, z.w16, rows=rows, calls=calls)
+    held = _matmul_time(hw, dense_flops, z.w16, rows=rows, calls=calls, four_bit=in_place and decode)
     # A CPU engine multiplies the matrices it streams from disk unpacked, at their own rate; a
     # 4-bit kernel (`in_place`) multiplies generated tokens the same way wherever the matrix lies.
     streamed = (_matmul_time(hw, dense_flops, z.w16, rows=rows, calls=calls, streamed=True)
@@ -167,7 +170,7 @@ def _head_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z:
     read by rows (a decode step: one per sequence), not charged. A 4-bit head that a kernel
     multiplies as it is (`in_place`) is never dequantised (its rows are generated tokens)."""
     gpu, B, b, nb = hw.has_gpu, sh.block_size, sh.gpu_batch_size, sh.num_gpu_batches
-    compute = _matmul_time(hw, 2 * B * cfg.embed_dim * cfg.vocab_size, z.head16, rows=b, calls=nb) \
+    compute = _matmul_time(hw, 2 * B * cfg.embed_dim * cfg.vocab_size, z.head16, rows=b, calls=nb, four_bit=in_place) \
         + nb * 3 * hw.op_overhead_s  # final LayerNorm, LM head, sampling
     compute = compute * hw.scale_for(model_key(cfg), "head", b)
     if sh.compress_weight and not in_place:

@@ -29,7 +29,7 @@ LINK_FIELDS = {
 }
 
 PROFILE_HINT = "write one with engine.planning.profiler.measure_profile(...).save(FILE), or by hand"
-PROFILE_VERSION = 12  # a stored profile of another version is measured again: its fields mean other things
+PROFILE_VERSION = 13  # a stored profile of another version is measured again: its fields mean other things
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,6 +78,9 @@ class HardwareProfile:
     # The same for a matrix streamed from disk, which the CPU engine multiplies unpacked (the table
     # above is for matrices held in RAM, packed once: engine.model.packed_weight); empty: the same.
     linear_streamed_s_per_byte: dict[str, float] = field(default_factory=dict)
+    # The same for generated tokens over a 4-bit matrix on the CPU's 4-bit kernel
+    # (engine.model.four_bit), per byte of the matrix in the compute dtype; empty: the table above.
+    linear_4bit_s_per_byte: dict[str, float] = field(default_factory=dict)
     # Measured / predicted compute time of the engine's own decoder layer, by phase ("prefill",
     # "decode"): what the kernels measured alone leave out (engine.planning.calibration); empty: 1.
     compute_scale: dict[str, float] = field(default_factory=dict)
@@ -119,11 +122,14 @@ class HardwareProfile:
             return min(by_dtype.values())
         return 1e11
 
-    def linear_seconds(self, rows: float, weight_bytes: float, *, streamed: bool = False) -> float | None:
+    def linear_seconds(self, rows: float, weight_bytes: float, *, streamed: bool = False,
+                       four_bit: bool = False) -> float | None:
         """Seconds of one linear layer over `rows` input rows and `weight_bytes` of weights, from the
         measured table (log-linear between row counts; beyond the largest, time grows with the rows:
-        compute-bound) of matrices held in memory, or `streamed` from disk; None without a table."""
-        table = (streamed and self.linear_streamed_s_per_byte) or self.linear_s_per_byte
+        compute-bound) of matrices held in memory, `streamed` from disk, or 4-bit on a 4-bit kernel
+        (`four_bit`); None without a table."""
+        table = ((four_bit and self.linear_4bit_s_per_byte) or (streamed and self.linear_streamed_s_per_byte)
+                 or self.linear_s_per_byte)
         if not table:
             return None
         points = sorted((float(m), t) for m, t in table.items())

@@ -21,8 +21,8 @@ from engine.model.config import OPTConfig, model_key
 from engine.planning.calibration import calibration_bytes, measure_compute_scale
 from engine.model import native_attention
 from engine.planning.compute_probes import (convert_gbps, cpu_attention_gbps, dequant_gbps, device_copy_gbps,
-                                            linear_table, matmul_flops, op_overhead_s, pinned_copy_gbps,
-                                            weight_stream_gbps)
+                                            four_bit_linear_table, linear_table, matmul_flops, op_overhead_s,
+                                            pinned_copy_gbps, weight_stream_gbps)
 from engine.planning.disk_probes import (DEFAULT_DISK_BYTES, cpu_busy, measure_disk, measure_disk_latency,
                                          measure_io_interference)
 from engine.planning.hardware import PROFILE_VERSION, HardwareProfile
@@ -130,6 +130,7 @@ def _measure_probes(disk_dir: str | Path, *, disk_bytes: int | None, seconds_per
         matmul_flops=flops, op_overhead_s=op_overhead_s(device, dtype),
         linear_s_per_byte=linear_table(device, dtype, seconds_per_test),
         linear_streamed_s_per_byte=linear_table(device, dtype, seconds_per_test, packed=False) if device == "cpu" else {},
+        linear_4bit_s_per_byte=four_bit_linear_table(dtype, seconds_per_test) if device == "cpu" else {},
         cpu_mem_gib=psutil.virtual_memory().total / 2 ** 30,
         disk_free_gib=shutil.disk_usage(disk_dir).free / 2 ** 30, **fields)
     scale = measure_compute_scale(prof, device, dtype,

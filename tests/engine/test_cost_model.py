@@ -6,8 +6,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from engine.planning.cost_inputs import (GB, GIB, Placement, Shape, compression_factor, head_weight_bytes,
-                                         layer_weight_bytes, sizes, weight_split)
+from engine.planning.cost_inputs import (GB, GIB, Placement, Shape, compression_factor, four_bit_prompt_copy,
+                                         head_weight_bytes, layer_weight_bytes, sizes, weight_split)
 from engine.planning.cost_model import block_time, estimate, traffic_per_token
 from engine.planning.cost_memory import peak_bytes
 from engine.planning.cost_time import phase_terms
@@ -174,6 +174,33 @@ def test_matrices_streamed_from_disk_compute_at_the_streamed_table_on_a_cpu():
         assert on_disk == 0 if percents[1] == 100 else 0.3 < on_disk < 0.5
         extra = 0.5 * hw.linear_seconds(32, weights) * on_disk
         assert streamed["compute"] - same["compute"] == pytest.approx(extra, rel=1e-6, abs=1e-12)
+
+
+def test_generated_tokens_over_4bit_matrices_compute_at_the_4bit_kernel_table():
+    """Where a 4-bit kernel multiplies every matrix (cost_inputs.four_bit_prompt_copy), a decode step's
+    layer computes at the measured 4-bit table, every row of the block in one call; the prefill
+    multiplies prompt tokens' dequantised copy at the dense table; without the 4-bit table, the dense one."""
+    dense = {"1": 1e-10, "32": 2e-10, "2048": 4e-9}
+    four = {"1": 5e-11, "32": 1e-10, "128": 3e-10}
+    hw = HardwareProfile(cpu_mem_gbps=20, matmul_flops={"cpu": {"bfloat16": 1e12}}, linear_s_per_byte=dense,
+                         compute_dtype="bfloat16")
+    with_table = hw.replace(linear_4bit_s_per_byte=four)
+    assert with_table.linear_seconds(32, 1e6, four_bit=True) == pytest.approx(1e-4)
+    assert hw.linear_seconds(32, 1e6, four_bit=True) == hw.linear_seconds(32, 1e6)
+    cfg = preset("1.3b")
+    policy = Policy.from_percents([0, 100, 0, 100, 0, 100], gpu_batch_size=32, num_gpu_batches=2,
+                                  compress_weight=True)
+    sh, x = Shape.from_policy(policy, prompt_len=128, gen_len=8), Placement.from_policy(policy)
+    if four_bit_prompt_copy(cfg, sh, hw) is None:
+        pytest.skip("no 4-bit kernel for bfloat16 on this CPU: its matrices are dequantised every step")
+    weights = 2 * cfg.layer_param_count()  # bf16 bytes of one decoder layer
+    (_, without), _ = phase_terms(cfg, hw, sh, x, decode=True)
+    (_, measured), _ = phase_terms(cfg, with_table, sh, x, decode=True)
+    assert measured["compute"] - without["compute"] == pytest.approx(
+        with_table.linear_seconds(64, weights, four_bit=True) - hw.linear_seconds(64, weights), rel=1e-6)
+    (_, prefill_without), _ = phase_terms(cfg, hw, sh, x, decode=False)
+    (_, prefill_measured), _ = phase_terms(cfg, with_table, sh, x, decode=False)
+    assert prefill_measured["compute"] == pytest.approx(prefill_without["compute"])
 
 
 def test_compute_scale_multiplies_layer_compute_and_cpu_conversion_does_not_overlap():
