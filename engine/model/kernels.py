@@ -169,8 +169,9 @@ def _onednn_fp32() -> bool:
 def pack_for_cpu(weight: torch.Tensor) -> torch.Tensor | PackedWeight:
     """A matrix that stays in RAM, in the layout the library would otherwise reorder it into on
     every call (engine.model.packed_weight), where that gives every row the plain weight's numbers
-    at each role's reference call size (checked once per shape, dtype and thread count, on the
-    first such matrix and random rows: no second matrix-sized buffer); else `weight`. A float32 matrix stays
+    at each role's reference call size (checked once per shape, dtype and thread count, on a random
+    matrix of that shape and random rows: constant weights would agree in any layout); else
+    `weight`. A float32 matrix stays
     plain where prompt tokens go to MKL (library_linear), which cannot read oneDNN's layout: on a
     2-vCPU Zen3 a 6-layer opt-1.3b decode step of 32 rows took a median 0.384 s plain and 0.387 s
     packed (oneDNN reorders a plain weight inside each call; a layer's matrices alone, 5-10 % slower
@@ -178,15 +179,16 @@ def pack_for_cpu(weight: torch.Tensor) -> torch.Tensor | PackedWeight:
     if prefill_library_differs(weight, weight.dtype, weight.device) or not packed_weight.packable(weight):
         return weight
     key = ("packed", tuple(weight.shape), weight.dtype, torch.get_num_threads())
-    packed = packed_weight.pack(weight) if _AGREEMENT.get(key, True) else None  # not where it disagreed
     if key not in _AGREEMENT:
         gen = torch.Generator().manual_seed(weight.shape[0] * 31 + weight.shape[1])
+        plain = _random_like(weight, gen)
         bias = torch.randn(weight.shape[0], generator=gen).to(weight.dtype)
         name = str(weight.dtype).removeprefix("torch.")
         references = {rows_per_call(name), rows_per_call(name, prompt=True)}  # each role's
         rows = [torch.randn(ref, weight.shape[1], generator=gen).to(weight.dtype) for ref in sorted(references)]
-        _AGREEMENT[key] = all(torch.equal(library_linear(r, packed, bias), library_linear(r, weight, bias)) for r in rows)
-    return packed if _AGREEMENT[key] else weight
+        packed = packed_weight.pack(plain)
+        _AGREEMENT[key] = all(torch.equal(library_linear(r, packed, bias), library_linear(r, plain, bias)) for r in rows)
+    return packed_weight.pack(weight) if _AGREEMENT[key] else weight
 
 
 _AGREEMENT: dict[tuple, bool] = {}
@@ -209,9 +211,13 @@ def _agrees(size: int, ref: int, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def _check_agreement(size: int, ref: int, weight: torch.Tensor, bias: torch.Tensor | None, prefill: bool) -> bool:
-    """`_agrees`, checked on random rows: a library that picks another kernel or another reduction
-    order for the other size shows it in nearly every row."""
+    """`_agrees`, checked on random rows and a random matrix of the weight's shape and layout: a
+    library that picks another kernel or another reduction order for the other size shows it in
+    nearly every row. Not on the weight itself: its values may hide the difference (the planner's
+    calibration multiplies constant matrices, which sum to the same bits in any order)."""
     gen = torch.Generator().manual_seed(size)
+    weight = _random_like(weight, gen)
+    bias = None if bias is None else torch.randn(weight.shape[0], generator=gen).to(weight.device, weight.dtype)
     x = torch.randn(ref, weight.shape[1], generator=gen).to(weight.device, weight.dtype)
     want = library_linear(x, weight, bias, prefill=prefill)
     if size < ref:  # the reference rows, `size` at a time
@@ -222,6 +228,14 @@ def _check_agreement(size: int, ref: int, weight: torch.Tensor, bias: torch.Tens
         got = library_linear(x.repeat(size // ref, 1), weight, bias, prefill=prefill)
         want = want.repeat(size // ref, 1)
     return torch.equal(got, want)
+
+
+def _random_like(weight: torch.Tensor | PackedWeight, gen: torch.Generator) -> torch.Tensor | PackedWeight:
+    """A random matrix of `weight`'s shape, dtype, device and layout (packed, or its strides)."""
+    plain = torch.randn(weight.shape, generator=gen).to(weight.device, weight.dtype)
+    if isinstance(weight, PackedWeight):
+        return packed_weight.pack(plain)
+    return torch.empty_strided(weight.shape, weight.stride(), dtype=weight.dtype, device=weight.device).copy_(plain)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: torch.Tensor,

@@ -24,6 +24,9 @@ import torch
 from engine.runtime.paths import engine_home
 
 LIBRARY_ENV_PREFIXES = ("ONEDNN_", "DNNL_", "MKL_", "MKLDNN_", "OMP_", "KMP_", "ATEN_CPU_CAPABILITY")
+# What a check is: on a random matrix of the weight's shape and layout (kernels._check_agreement).
+# A file written by another kind of check is not read.
+CHECK_KIND = "random matrix"
 
 _lock = threading.Lock()
 _known: dict[str, bool] = {}
@@ -41,7 +44,7 @@ def path() -> Path:
         pass
     # Settings that steer the libraries' kernel choice (e.g. ONEDNN_MAX_CPU_ISA) are part of it too.
     steering = repr(sorted((k, v) for k, v in os.environ.items() if k.startswith(LIBRARY_ENV_PREFIXES)))
-    described = "\0".join((torch.__version__, torch.__config__.show(), cpu, steering))
+    described = "\0".join((CHECK_KIND, torch.__version__, torch.__config__.show(), cpu, steering))
     digest = hashlib.sha256(described.encode()).hexdigest()[:16]
     return engine_home() / "kernels" / f"call-sizes-{digest}.json"
 

@@ -102,3 +102,23 @@ def test_a_transposed_view_and_a_contiguous_matrix_of_one_shape_keep_their_own_s
             whole = linear(x, weight, None, prompt)
             for start, count in ((0, 1), (3, 7), (10, 40), (5, 300)):
                 assert torch.equal(linear(x[start:start + count], weight, None, prompt), whole[start:start + count])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("held", ["plain", "packed"])
+def test_size_checks_made_on_a_constant_matrix_hold_for_a_real_one(dtype, held):
+    """The planner's calibration multiplies constant matrices, which sum to the same bits in any
+    order, so a call size checked on one would pass everywhere. The checks run on random matrices of
+    the shape: a real matrix multiplied after a constant one of its shape still gives each prompt
+    row, at every call size, the bits of its reference (AMX, bf16, 2048 x 2048: 1024-row calls
+    differ from 256-row ones in ~1e-4 of the outputs)."""
+    hold = pack_for_cpu if held == "packed" else (lambda w: w)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(1024, 2048, generator=gen).to(dtype)
+    constant = hold(torch.full((2048, 2048), 0.01, dtype=dtype))
+    linear(x, constant, torch.full((2048,), 0.01, dtype=dtype), True)  # the checks run here, first
+    weight = hold((torch.randn(2048, 2048, generator=gen) * 0.02).to(dtype))
+    bias = torch.randn(2048, generator=gen).to(dtype)
+    whole = linear(x, weight, bias, True)
+    for start, count in ((0, 256), (256, 256), (0, 8), (512, 512)):
+        assert torch.equal(linear(x[start:start + count], weight, bias, True), whole[start:start + count]), (start, count)
