@@ -72,6 +72,39 @@ def linear(x: torch.Tensor, weight: Weight,
     return _role_linear(rows, weight, bias, bool(prompt), relu).view(*lead, n)
 
 
+def relu_mlp(x: torch.Tensor, up: Weight, up_bias: torch.Tensor | None, down: Weight,
+             down_bias: torch.Tensor | None, prompt: bool | torch.Tensor = False) -> torch.Tensor:
+    """linear(relu(linear(x, up, up_bias)), down, down_bias), bit for bit, but chunk by chunk: each
+    chunk of rows goes through both matrices before the next, so the wide hidden activations are
+    never gathered into a whole-batch tensor (a packed matrix's library call returns a fresh
+    tensor, which `linear` copies into its output: on AMX a third of a prefill's time went to
+    such copies, most of them of the hidden activations). Each call has a size at which both
+    matrices give their reference's bits, so every row's numbers are those of `linear`."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, k)
+    dtype_name = str(rows.dtype).removeprefix("torch.")
+    plan: list[int] = []
+    if isinstance(prompt, bool) and not isinstance(up, four_bit.FourBitWeight) \
+            and not isinstance(down, four_bit.FourBitWeight):
+        role = prompt and roles_differ(up, rows.dtype, rows.device)
+        ref = rows_per_call(dtype_name, role, rows.device.type)
+        plan = chunk_plan(rows.shape[0], dtype_name,
+                          lambda size: _agrees(size, ref, up, up_bias, role) and _agrees(size, ref, down, down_bias, role),
+                          role, rows.device.type)
+    if len(plan) < 2:  # one call each (no copies to spare), or a mask of roles: layer by layer
+        return linear(linear(x, up, up_bias, prompt, relu=True), down, down_bias, prompt)
+    padded = sum(plan)
+    if padded != rows.shape[0]:
+        rows = torch.cat((rows, rows.new_zeros(padded - rows.shape[0], k)))
+    out = torch.empty(padded, down.shape[0], dtype=rows.dtype, device=rows.device)
+    start = 0
+    for size in plan:
+        hidden = library_linear(rows[start:start + size], up, up_bias, prefill=role, relu=True)
+        library_linear(hidden, down, down_bias, out[start:start + size], prefill=role)
+        start += size
+    return out[:x.numel() // k].view(*lead, down.shape[0])
+
+
 def roles_differ(weight, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether prompt and generated tokens are computed differently for this weight on this device:
     float32 on two libraries (`prefill_library_differs`), a 4-bit weight that a 4-bit kernel

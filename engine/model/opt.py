@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.model.config import OPTConfig
-from engine.model.kernels import linear
+from engine.model.kernels import linear, relu_mlp
 from engine.runtime.compression import QuantizedTensor, dequantize
 
 POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding reserves the first two rows
@@ -99,8 +99,7 @@ def attention_output(w: dict, cfg: OPTConfig, residual: torch.Tensor, attn: torc
 def mlp(w: dict, cfg: OPTConfig, h: torch.Tensor, prompt: bool | torch.Tensor = False) -> torch.Tensor:
     # h: [B, S, h] -> [B, S, h]
     x = _layer_norm(w, "final_layer_norm", h) if cfg.do_layer_norm_before else h
-    x = linear(x, w["fc1.weight"], w["fc1.bias"], prompt, relu=True)
-    h = linear(x, w["fc2.weight"], w["fc2.bias"], prompt).add_(h)
+    h = relu_mlp(x, w["fc1.weight"], w["fc1.bias"], w["fc2.weight"], w["fc2.bias"], prompt).add_(h)
     return h if cfg.do_layer_norm_before else _layer_norm(w, "final_layer_norm", h)
 
 

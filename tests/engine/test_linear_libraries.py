@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.model import packed_weight
-from engine.model.kernels import linear, pack_for_cpu, prefill_library_differs
+from engine.model.kernels import linear, pack_for_cpu, prefill_library_differs, relu_mlp
 
 CPU = torch.device("cpu")
 two_libraries = pytest.mark.skipif(not prefill_library_differs(torch.zeros(1, 1), torch.float32, CPU),
@@ -122,3 +122,22 @@ def test_size_checks_made_on_a_constant_matrix_hold_for_a_real_one(dtype, held):
     whole = linear(x, weight, bias, True)
     for start, count in ((0, 256), (256, 256), (0, 8), (512, 512)):
         assert torch.equal(linear(x[start:start + count], weight, bias, True), whole[start:start + count]), (start, count)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("held", ["plain", "packed"])
+@pytest.mark.parametrize("prompt", [True, False], ids=["prompt", "generated"])
+def test_the_mlp_chunk_by_chunk_gives_the_bits_of_its_two_layers_one_after_the_other(dtype, held, prompt):
+    hold = pack_for_cpu if held == "packed" else (lambda w: w)
+    gen = torch.Generator().manual_seed(8)
+    up, down = (hold(torch.randn(shape, generator=gen).to(dtype)) for shape in ((1024, 256), (256, 1024)))
+    up_bias, down_bias = (torch.randn(n, generator=gen).to(dtype) for n in (1024, 256))
+    for rows in (1, 300, 1100):
+        x = torch.randn(rows, 256, generator=gen).to(dtype)
+        chained = relu_mlp(x, up, up_bias, down, down_bias, prompt)
+        assert torch.equal(chained, linear(linear(x, up, up_bias, prompt, relu=True), down, down_bias, prompt)), rows
+    mask = torch.zeros(2, 300, dtype=torch.bool)
+    mask[:, :290] = True  # a resumed row's saved tokens beside prompt tokens: each group its role's way
+    x = torch.randn(2, 300, 256, generator=gen).to(dtype)
+    assert torch.equal(relu_mlp(x, up, up_bias, down, down_bias, mask),
+                       linear(linear(x, up, up_bias, mask, relu=True), down, down_bias, mask))
