@@ -25,7 +25,7 @@ CHUNK_SIZES = {name: (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 # The reference query group of attention's matrix products: every query's numbers are those of a
 # group of exactly this many (>= 2 keeps MKL off its one-row gemv path, whose sums run in another
 # order). Other sizes in QUERY_GROUP_SIZES are used only where the library gives every query the
-# reference's numbers bit for bit (kernels.attend checks each call shape once): one query for a
+# reference's numbers bit for bit (attention.attend checks each call shape once): one query for a
 # decode step, a whole prompt's queries for a prefill.
 QUERIES_PER_CALL = 8
 QUERY_GROUP_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -87,7 +87,7 @@ def query_plan(queries: int, pairs: int = 1, keys: int = 1) -> list[int]:
 
 def attended_scores(queries: int) -> int:
     """Query-key products per pair of a prefill over `queries` consecutive positions from 0: each
-    query group against the keys up to its last query (what kernels.attend computes)."""
+    query group against the keys up to its last query (what attention.attend computes)."""
     total, start = 0, 0
     for size in query_plan(queries):
         end = min(start + size, queries)

@@ -7,7 +7,7 @@ output head tied to the token embedding or not. The functions have OPT's signatu
 (engine.model.opt), so the schedule runs either family; what differs is in the pairs:
 the cache holds (row, KV head) pairs, and each pair's queries are the `group_size` query heads that
 share its KV head, stacked along the query axis ([B*Hkv, group*S, D], head-major), so one call of
-engine.model.kernels.attend serves a whole group with its KV read once.
+engine.model.attention.attend serves a whole group with its KV read once.
 Shapes: B rows, S new positions, h hidden, H query heads, Hkv KV heads, D head_dim.
 """
 from __future__ import annotations

@@ -21,7 +21,8 @@ import torch
 
 from engine.model.checkpoint import layer_tensor_specs
 from engine.model.families import family_math
-from engine.model.kernels import attend_aligned, pack_for_cpu
+from engine.model.attention import attend_aligned
+from engine.model.kernels import pack_for_cpu
 from engine.model.config import layer_tensor_shapes, preset
 from engine.planning.cost_inputs import Placement, Shape
 from engine.planning.cost_time import phase_terms
@@ -37,9 +38,15 @@ ROUNDS = 3
 
 
 def _layer_weights(cfg, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    # Values do not matter for timing (and filling is fast); LayerNorm gains of 0.01 are harmless.
-    return _as_resident({name: torch.full(shape, 0.01, device=device, dtype=dtype)
-                         for name, shape in layer_tensor_shapes(cfg)})
+    return _as_resident({name: _random(shape, device, dtype) for name, shape in layer_tensor_shapes(cfg)})
+
+
+def _random(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Values do not matter for timing, but the call-size checks that the first calls run
+    (engine.model.kernels) are remembered for the shape: on a matrix of one repeated value every
+    call size gives the same bits, so such a matrix would pass sizes that real weights fail."""
+    gen = torch.Generator(device=device).manual_seed(math.prod(shape))
+    return (torch.randn(shape, generator=gen, device=device, dtype=dtype) * 0.02)
 
 
 def _as_resident(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -134,5 +141,5 @@ def _cache(cfg, rows: int, max_len: int, device: torch.device, dtype: torch.dtyp
 
 
 def _head_weights(cfg, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {name: torch.full(shape, 0.01, device=device, dtype=dtype)
+    return {name: _random(shape, device, dtype)
             for name, shape in layer_tensor_specs(cfg, "head")}  # the engine keeps the head plain

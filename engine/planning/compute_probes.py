@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.model.kernels import attend_aligned, library_linear, pack_for_cpu
+from engine.model.attention import attend_aligned
+from engine.model.kernels import library_linear, pack_for_cpu
 from engine.planning.timing import sync_for, timed
 
 

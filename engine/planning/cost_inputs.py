@@ -188,7 +188,7 @@ class Sizes:
 @functools.cache
 def mean_keys_attended(prompt_len: int, gen_len: int) -> float:
     """Keys per pair a decode step's attention reads, averaged over the decode steps: the context
-    (prompt + tokens so far) rounded up to KEY_ALIGN (engine.model.kernels.attend_aligned)."""
+    (prompt + tokens so far) rounded up to KEY_ALIGN (engine.model.attention.attend_aligned)."""
     steps = [key_capacity(prompt_len + i) for i in range(1, max(gen_len, 2))]
     return sum(steps) / len(steps)
 

@@ -193,7 +193,7 @@ def prefill_working_bytes(cfg: ModelConfig, policy: Policy, prompt_len: int, max
     queued disk writes hold."""
     B, h, size = policy.gpu_batch_size, cfg.hidden_size, element_size
     # Attention reads the keys and values of a disk or compressed part as an aligned copy in the
-    # compute dtype (engine.model.kernels.attend; a part in memory is read in place); a compressed
+    # compute dtype (engine.model.attention.attend; a part in memory is read in place); a compressed
     # cache is dequantised into one more such copy first. Quantising the positions a prefill
     # appends takes float32 scratch (one micro-batch at a time).
     pairs = B * cfg.num_kv_heads

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from engine.model.kernel_shapes import key_capacity
-from engine.model.kernels import pair_runs
+from engine.model.attention import pair_runs
 from engine.runtime.compression import QuantizedTensor, dequantize, quantize
 from engine.runtime.placement import cache_pair_split
 from engine.runtime.policy import CompressionConfig
@@ -81,7 +81,7 @@ class Plane:
 
 class AlignedPairs:
     """Keys and values of `count` pairs, each [count, capacity, head_dim] and zero-filled, with pair
-    p's position P at index P - first[p]: the layout `kernels.attend_aligned` reads in place. The
+    p's position P at index P - first[p]: the layout `attention.attend_aligned` reads in place. The
     capacity is max_len rounded up to KEY_ALIGN, so every key count attention asks for is there."""
 
     def __init__(self, first: torch.Tensor, max_len: int, head_dim: int, dtype: torch.dtype,

@@ -19,7 +19,7 @@ import torch
 
 from engine.model.families import family_math
 from engine.model.kernel_shapes import key_capacity
-from engine.model.kernels import attend, attend_aligned
+from engine.model.attention import attend, attend_aligned
 from engine.runtime.budgets import STORES_IN_FLIGHT
 from engine.runtime.kv_cache import CachePart, CacheSlot
 from engine.model.config import ModelConfig

@@ -2,7 +2,7 @@
 make the call read, nor on which group of queries it came in (prefill vs decode), and it is the
 plain causal softmax attention of float64 to rounding. Both implementations: the native kernel
 (engine.model.native_attention, what a CPU runs where a C compiler is) and the library's batched
-products (kernels.attend_aligned_library, what a GPU runs)."""
+products (attention.attend_aligned_library, what a GPU runs)."""
 from __future__ import annotations
 
 import shutil
@@ -14,7 +14,7 @@ import torch
 
 from engine.model import native_attention
 from engine.model.kernel_shapes import key_capacity
-from engine.model.kernels import attend_aligned_library
+from engine.model.attention import attend_aligned_library
 
 D = 64
 IMPLEMENTATIONS = ["native", "library"]

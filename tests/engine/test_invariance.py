@@ -150,7 +150,7 @@ def test_compressed_weights_and_cache_are_invariant_among_themselves(model, offl
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rows_past_128_positions_are_the_same_alone_beside_longer_rows_and_resumed(model, offload, dtype):
     # Attention over more than 128 keys is where a library's sum over the key axis can be blocked
-    # by the call's key count, which the longest row of a block sets (kernels.weighted_values).
+    # by the call's key count, which the longest row of a block sets (attention.weighted_values).
     rng = random.Random(5)
     lengths = (140, 333, 190, 260, 150, 301)
     rows = [RowInput(row_id=i, prompt_ids=tuple(rng.randrange(4, 50000) for _ in range(n)))

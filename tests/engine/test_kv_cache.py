@@ -67,7 +67,7 @@ def test_a_memory_part_keeps_each_pair_aligned_at_its_first_real_position(tmp_pa
     P - first[p] (zeros elsewhere), reads back the position-major cache that was written, and
     attention over it in place gives what a float64 masked softmax gives, and bit for bit what
     attention over the position-major copy gives."""
-    from engine.model.kernels import attend, attend_aligned
+    from engine.model.attention import attend, attend_aligned
 
     heads, head_dim, prompt = 2, 16, 4
     first = torch.tensor([0, 2, 3]).repeat_interleave(heads)  # prompts of 4, 2 and 1 tokens
