@@ -49,40 +49,13 @@ def fits(shape: tuple[int, ...], num_bits: int, group_size: int, dtype: torch.dt
 def linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W.T (+ bias) for bfloat16 x [..., in] and a 4-bit W [out, in] -> [..., out], each row's
     bits independent of the other rows of the call."""
-    n, k = weight.shape
-    lead = x.shape[:-1]
-    rows = x.reshape(-1, k).contiguous()
-    out = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
-    if out.numel() == 0:
-        return out.view(*lead, n)
-    stored = _stored(weight)  # kept alive until the call returns
-    bias = None if bias is None else bias.to(torch.bfloat16).contiguous()
-    failed = _library().int4_linear_bf16(
-        _pointer(rows), *map(_pointer, stored), None if bias is None else _pointer(bias), _pointer(out),
-        rows.shape[0], n, k, weight.group_size, torch.get_num_threads())
-    if failed:
-        raise MemoryError("the 4-bit bfloat16 kernel could not allocate its scratch")
-    return out.view(*lead, n)
+    return native_build.quantized_linear(_library().int4_linear_bf16, x, weight, bias, torch.bfloat16)
 
 
 def dequantize(weight: QuantizedTensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """The bfloat16 [out, in] matrix of the kernel's weights (each code * step + minimum in float32,
     rounded once), in one pass over memory; `out` is a reused buffer."""
-    n, k = weight.shape
-    out = torch.empty(n, k, dtype=torch.bfloat16) if out is None else out
-    stored = _stored(weight)  # kept alive until the call returns
-    _library().int4_dequantise_bf16(*map(_pointer, stored), _pointer(out), n, k, weight.group_size,
-                                    torch.get_num_threads())
-    return out
-
-
-def _stored(weight: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The codes, minimums and steps, each contiguous (a copy only for a view that is not)."""
-    return weight.data.contiguous(), weight.minimum.contiguous(), weight.scale.contiguous()
-
-
-def _pointer(t: torch.Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr())
+    return native_build.quantized_dequantise(_library().int4_dequantise_bf16, weight, out, torch.bfloat16)
 
 
 @functools.cache

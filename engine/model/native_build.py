@@ -16,6 +16,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+
+from engine.runtime.compression import QuantizedTensor
 from engine.runtime.paths import engine_home
 
 BASE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-fast-math")
@@ -69,3 +72,43 @@ def cpu_flags() -> str:
     except OSError:
         pass
     return ""
+
+
+def quantized_linear(function, x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """x [..., in] @ W.T (+ bias) -> [..., out] in `dtype` through a 4-bit kernel's C `function` of
+    the shared signature (x, codes, minimum, step, bias, out, M, N, K, group, threads), which returns
+    nonzero when it could not allocate its scratch."""
+    n, k = weight.shape
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, k).contiguous()
+    out = torch.empty(rows.shape[0], n, dtype=dtype)
+    if out.numel() == 0:
+        return out.view(*lead, n)
+    stored = _stored(weight)  # kept alive until the call returns
+    bias = None if bias is None else bias.to(dtype).contiguous()
+    failed = function(_pointer(rows), *map(_pointer, stored), None if bias is None else _pointer(bias), _pointer(out),
+                      rows.shape[0], n, k, weight.group_size, torch.get_num_threads())
+    if failed:
+        raise MemoryError(f"the 4-bit {str(dtype).removeprefix('torch.')} kernel could not allocate its scratch")
+    return out.view(*lead, n)
+
+
+def quantized_dequantise(function, weight: QuantizedTensor, out: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """W as a `dtype` [out, in] matrix through a kernel's C `function` (codes, minimum, step, out, N,
+    K, group, threads); `out` is a reused buffer."""
+    n, k = weight.shape
+    out = torch.empty(n, k, dtype=dtype) if out is None else out
+    stored = _stored(weight)  # kept alive until the call returns
+    function(*map(_pointer, stored), _pointer(out), n, k, weight.group_size, torch.get_num_threads())
+    return out
+
+
+def _stored(weight: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The codes, minimums and steps, the kernels' first three operands, each contiguous (the stored
+    layout's sections are; a copy is made only for a view that is not)."""
+    return weight.data.contiguous(), weight.minimum.contiguous(), weight.scale.contiguous()
+
+
+def _pointer(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
