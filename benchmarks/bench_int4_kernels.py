@@ -3,8 +3,8 @@ library on the dequantised matrix, and the dequantisation itself.
 
 For each matrix shape of one opt-1.3b layer and its output head, and each row count, the GFLOP/s of
 - `4-bit kernel`: what generated tokens run on (engine.model.four_bit picks it: int4_float32 in
-  float32, int4_bfloat16 in bfloat16 with AMX, else torch's int4 kernel, int4_matmul);
-- `torch int4` (bfloat16 where flexjob's AMX kernel runs): torch's int4 kernel on its repacked
+  float32, int4_bfloat16 in bfloat16 with AVX512-BF16, else torch's int4 kernel, int4_matmul);
+- `torch int4` (bfloat16 where flexjob's kernel runs): torch's int4 kernel on its repacked
   copy, what bfloat16 ran on before;
 - `dense`: the library call generated tokens make on an uncompressed matrix
   (engine.model.kernels.library_linear; oneDNN in float32);

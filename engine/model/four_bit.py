@@ -1,7 +1,8 @@
 """Which kernel multiplies a 4-bit matrix without a dequantised copy per step, by compute dtype and
 CPU, and the dequantised copy that prompt tokens multiply on the library instead.
 
-- bfloat16 on a CPU with AMX: engine.model.int4_bfloat16, on the stored bytes;
+- bfloat16 on a CPU with AVX512-BF16 (on AMX tiles where it has them): engine.model.int4_bfloat16,
+  on the stored bytes;
 - bfloat16 elsewhere: torch's int4 kernel (engine.model.int4_matmul), on a repacked copy;
 - float32 on an AVX2 CPU: engine.model.int4_float32, on the stored bytes.
 Each gives a row the same bits in every call, so generated tokens run on it at any number of rows.

@@ -3,10 +3,10 @@
 Resident tensors (GPU/CPU tiers) are read once and kept in the compute dtype; disk tensors are
 read every time their layer runs (with O_DIRECT), converted, and dropped after use. Compressed
 (4-bit) tensors stay packed on every tier, in memory too: memory and link bytes both shrink ~3.5x.
-A 4-bit matrix that torch's fused CPU kernel takes (bfloat16 without AMX, engine.model.int4_matmul) is
-held in that kernel's layout (same size) and multiplied without a dequantised copy; on disk it is
-read from a copy in that layout (engine.runtime.int4_files, written once). In float32 on the CPU,
-and in bfloat16 on a CPU with AMX, flexjob's own kernels (engine.model.int4_float32,
+A 4-bit matrix that torch's fused CPU kernel takes (bfloat16 without AVX512-BF16,
+engine.model.int4_matmul) is held in that kernel's layout (same size) and multiplied without a
+dequantised copy; on disk it is read from a copy in that layout (engine.runtime.int4_files, written
+once). In float32 on the CPU, and in bfloat16 on a CPU with AVX512-BF16, flexjob's own kernels (engine.model.int4_float32,
 engine.model.int4_bfloat16) multiply the stored bytes as they are, held or read.
 Other compressed tensors are dequantised on the compute device right before their layer runs. `replace`
 re-places the model for a new policy, moving only the tensors whose tier changes.

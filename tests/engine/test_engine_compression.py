@@ -53,11 +53,11 @@ def test_compressed_weights_match_hf_on_dequantised_weights(tiny_model, tmp_path
 
 
 @pytest.mark.skipif(four_bit.four_bit_kernel((64, 64), 4, 32, torch.bfloat16, torch.device("cpu")) is None,
-                    reason="no 4-bit kernel for bfloat16 here (neither AMX nor torch's fused CPU int4 matmul)")
+                    reason="no 4-bit kernel for bfloat16 here (neither AVX512-BF16 nor torch's fused CPU int4 matmul)")
 @pytest.mark.parametrize("percent", [(100, 0, 100, 0, 100, 0), (0, 0, 100, 0, 100, 0)], ids=["ram", "disk"])
 def test_4bit_kernel_in_bfloat16_mostly_agrees_with_hf_bfloat16_on_dequantised_weights(tiny_model, tmp_path, percent):
     """In bfloat16 every 4-bit matrix runs on a 4-bit kernel (engine.model.four_bit: the stored bytes
-    on AMX, else torch's repacked after each disk read); bf16 rounding differs between kernels, so
+    with AVX512-BF16, else torch's repacked after each disk read); bf16 rounding differs between kernels, so
     only the first token is compared, as for 16 bits."""
     prompt_ids = encode(tiny_model, PROMPTS)
     comp = CompressionConfig(num_bits=4, group_size=32)
