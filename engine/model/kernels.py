@@ -22,8 +22,10 @@ Attention's batch-invariant kernels are engine.model.attention.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from engine.model import four_bit, packed_weight, size_checks
 from engine.model.packed_weight import PackedWeight
@@ -60,35 +62,56 @@ def linear(x: torch.Tensor, weight: Weight,
     return _role_linear(rows, weight, bias, bool(prompt), relu).view(*lead, n)
 
 
+Multiply = Callable[[Weight, torch.Tensor | None, bool], torch.Tensor]  # (weight, bias, relu) -> rows @ weight.T
+
+
 def relu_mlp(x: torch.Tensor, up: Weight, up_bias: torch.Tensor | None, down: Weight,
              down_bias: torch.Tensor | None, prompt: bool | torch.Tensor = False) -> torch.Tensor:
-    """linear(relu(linear(x, up, up_bias)), down, down_bias), bit for bit, but chunk by chunk: each
-    chunk of rows goes through both matrices before the next, so the wide hidden activations are
-    never gathered into a whole-batch tensor (a packed matrix's library call returns a fresh
-    tensor, which `linear` copies into its output: on AMX a third of a prefill's time went to
-    such copies, most of them of the hidden activations). Each call has a size at which both
-    matrices give their reference's bits, so every row's numbers are those of `linear`."""
+    """linear(relu(linear(x, up, up_bias)), down, down_bias) (OPT's MLP), bit for bit, chunk by
+    chunk (`_mlp_by_chunks`)."""
+    return _mlp_by_chunks(x, [(up, up_bias)], down, down_bias, prompt, lambda multiply: multiply(up, up_bias, True))
+
+
+def gated_mlp(x: torch.Tensor, gate: Weight, up: Weight, down: Weight,
+              prompt: bool | torch.Tensor = False) -> torch.Tensor:
+    """linear(silu(linear(x, gate)) * linear(x, up), down) (Llama's MLP), bit for bit, chunk by
+    chunk (`_mlp_by_chunks`)."""
+    return _mlp_by_chunks(x, [(gate, None), (up, None)], down, None, prompt,
+                          lambda multiply: F.silu(multiply(gate, None, False)).mul_(multiply(up, None, False)))
+
+
+def _mlp_by_chunks(x: torch.Tensor, inner: list[tuple[Weight, torch.Tensor | None]], down: Weight,
+                   down_bias: torch.Tensor | None, prompt: bool | torch.Tensor,
+                   hidden: Callable[[Multiply], torch.Tensor]) -> torch.Tensor:
+    """linear(hidden(linear over x), down, down_bias) where `hidden` makes the wide activations from
+    the `inner` matrices, chunk by chunk: each chunk of rows goes through every matrix before the
+    next, so the hidden activations are never gathered into a whole-batch tensor (a packed
+    matrix's library call returns a fresh tensor, which `linear` copies into its output: on AMX a
+    third of a prefill's time went to such copies, most of them of the hidden activations). Each
+    call has a size at which every matrix gives its reference's bits, so every row's numbers are
+    those of `linear`, and `hidden` is elementwise over rows."""
     lead, k = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, k)
     dtype_name = str(rows.dtype).removeprefix("torch.")
+    matrices = [*inner, (down, down_bias)]
     plan: list[int] = []
-    if isinstance(prompt, bool) and not isinstance(up, four_bit.FourBitWeight) \
-            and not isinstance(down, four_bit.FourBitWeight):
-        role = prompt and roles_differ(up, rows.dtype, rows.device)
+    if isinstance(prompt, bool) and not any(isinstance(w, four_bit.FourBitWeight) for w, _ in matrices):
+        role = prompt and roles_differ(down, rows.dtype, rows.device)
         ref = rows_per_call(dtype_name, role, rows.device.type)
         plan = chunk_plan(rows.shape[0], dtype_name,
-                          lambda size: _agrees(size, ref, up, up_bias, role) and _agrees(size, ref, down, down_bias, role),
+                          lambda size: all(_agrees(size, ref, w, b, role) for w, b in matrices),
                           role, rows.device.type)
     if len(plan) < 2:  # one call each (no copies to spare), or a mask of roles: layer by layer
-        return linear(linear(x, up, up_bias, prompt, relu=True), down, down_bias, prompt)
+        return linear(hidden(lambda w, b, relu: linear(x, w, b, prompt, relu)), down, down_bias, prompt)
     padded = sum(plan)
     if padded != rows.shape[0]:
         rows = torch.cat((rows, rows.new_zeros(padded - rows.shape[0], k)))
     out = torch.empty(padded, down.shape[0], dtype=rows.dtype, device=rows.device)
     start = 0
     for size in plan:
-        hidden = library_linear(rows[start:start + size], up, up_bias, prefill=role, relu=True)
-        library_linear(hidden, down, down_bias, out[start:start + size], prefill=role)
+        chunk = rows[start:start + size]
+        activations = hidden(lambda w, b, relu: library_linear(chunk, w, b, prefill=role, relu=relu))
+        library_linear(activations, down, down_bias, out[start:start + size], prefill=role)
         start += size
     return out[:x.numel() // k].view(*lead, down.shape[0])
 

@@ -16,9 +16,8 @@ import functools
 import math
 
 import torch
-import torch.nn.functional as F
 
-from engine.model.kernels import linear
+from engine.model.kernels import gated_mlp, linear
 from engine.model.llama_config import LlamaConfig
 from engine.model.opt import cache_rows, embedding, positions_from_mask  # noqa: F401 (the same in both families)
 
@@ -110,6 +109,4 @@ def attention_output(w: dict, cfg: LlamaConfig, residual: torch.Tensor, attn: to
 def mlp(w: dict, cfg: LlamaConfig, h: torch.Tensor, prompt: bool | torch.Tensor = False) -> torch.Tensor:
     # h: [B, S, h] -> [B, S, h]: down(silu(gate(x)) * up(x)) + h
     x = rms_norm(h, w["post_attention_layernorm.weight"], cfg.rms_norm_eps)
-    gate, up = linear(x, w["mlp.gate_proj.weight"], prompt=prompt), linear(x, w["mlp.up_proj.weight"], prompt=prompt)
-    gated = F.silu(gate).mul_(up)
-    return linear(gated, w["mlp.down_proj.weight"], prompt=prompt).add_(h)
+    return gated_mlp(x, w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"], w["mlp.down_proj.weight"], prompt).add_(h)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.model import packed_weight
-from engine.model.kernels import linear, pack_for_cpu, prefill_library_differs, relu_mlp
+from engine.model.kernels import gated_mlp, linear, pack_for_cpu, prefill_library_differs, relu_mlp
 
 CPU = torch.device("cpu")
 two_libraries = pytest.mark.skipif(not prefill_library_differs(torch.zeros(1, 1), torch.float32, CPU),
@@ -143,3 +143,25 @@ def test_the_mlp_chunk_by_chunk_gives_the_bits_of_its_two_layers_one_after_the_o
     x = torch.randn(2, 300, 256, generator=gen).to(dtype)
     assert torch.equal(relu_mlp(x, up, up_bias, down, down_bias, mask),
                        linear(linear(x, up, up_bias, mask, relu=True), down, down_bias, mask))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("held", ["plain", "packed"])
+@pytest.mark.parametrize("prompt", [True, False], ids=["prompt", "generated"])
+def test_the_gated_mlp_chunk_by_chunk_gives_the_bits_of_its_three_layers(dtype, held, prompt):
+    """Llama's MLP: down(silu(gate(x)) * up(x)), against its layers one after the other on whole batches."""
+    hold = pack_for_cpu if held == "packed" else (lambda w: w)
+    gen = torch.Generator().manual_seed(9)
+    gate, up, down = (hold((torch.randn(shape, generator=gen) * 0.1).to(dtype))
+                      for shape in ((768, 256), (768, 256), (256, 768)))
+
+    def layers(x, prompt):
+        return linear(F.silu(linear(x, gate, None, prompt)).mul_(linear(x, up, None, prompt)), down, None, prompt)
+
+    for rows in (1, 300, 1100):
+        x = torch.randn(rows, 256, generator=gen).to(dtype)
+        assert torch.equal(gated_mlp(x, gate, up, down, prompt), layers(x, prompt)), rows
+    mask = torch.zeros(2, 300, dtype=torch.bool)
+    mask[:, :290] = True
+    x = torch.randn(2, 300, 256, generator=gen).to(dtype)
+    assert torch.equal(gated_mlp(x, gate, up, down, mask), layers(x, mask))
