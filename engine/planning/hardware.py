@@ -29,7 +29,7 @@ LINK_FIELDS = {
 }
 
 PROFILE_HINT = "write one with engine.planning.profiler.measure_profile(...).save(FILE), or by hand"
-PROFILE_VERSION = 13  # a stored profile of another version is measured again: its fields mean other things
+PROFILE_VERSION = 14  # a stored profile of another version is measured again: its fields mean other things
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,7 +125,7 @@ class HardwareProfile:
     def linear_seconds(self, rows: float, weight_bytes: float, *, streamed: bool = False,
                        four_bit: bool = False) -> float | None:
         """Seconds of one linear layer over `rows` input rows and `weight_bytes` of weights, from the
-        measured table (log-linear between row counts; beyond the largest, time grows with the rows:
+        measured table (a power law between row counts; beyond the largest, time grows with the rows:
         compute-bound) of matrices held in memory, `streamed` from disk, or 4-bit on a 4-bit kernel
         (`four_bit`); None without a table."""
         table = ((four_bit and self.linear_4bit_s_per_byte) or (streamed and self.linear_streamed_s_per_byte)
@@ -137,9 +137,12 @@ class HardwareProfile:
         if rows >= points[-1][0]:
             return weight_bytes * points[-1][1] * rows / points[-1][0]
         for (m0, t0), (m1, t1) in zip(points, points[1:]):
-            if rows <= m1:
+            if rows <= m1:  # a power law between the two: exact where time is flat (memory-bound) or
+                # grows with the rows (compute-bound); a straight line in log(rows) overcounts the
+                # latter (1024 rows between 512 and 2048: 1.24x), which a prefill's calibration at
+                # 1024 rows then carried into 2048- and 4096-row predictions as a 0.8x error
                 frac = math.log(rows / m0) / math.log(m1 / m0)
-                return weight_bytes * (t0 + frac * (t1 - t0))
+                return weight_bytes * t0 * (t1 / t0) ** frac if t0 > 0 and t1 > 0 else weight_bytes * (t0 + frac * (t1 - t0))
         raise AssertionError("unreachable")
 
     def scale_for(self, model: str, part: str, rows: float) -> float:

@@ -130,8 +130,12 @@ def test_measured_linear_table_interpolates_and_drives_the_compute_term():
     assert hw.linear_seconds(1, 1e6) == pytest.approx(1e-4)
     assert hw.linear_seconds(0.5, 1e6) == pytest.approx(1e-4)  # below the table: its first row
     assert hw.linear_seconds(32, 1e6) == pytest.approx(2e-4)
-    # Between rows: linear in log(rows) (sqrt(32 * 2048) = 256 is the geometric midpoint).
-    assert hw.linear_seconds(256, 1e6) == pytest.approx((2e-10 + 4e-9) / 2 * 1e6)
+    # Between rows: a power law (sqrt(32 * 2048) = 256 is the geometric midpoint): the geometric mean.
+    assert hw.linear_seconds(256, 1e6) == pytest.approx((2e-10 * 4e-9) ** 0.5 * 1e6)
+    # Time proportional to the rows (compute-bound) is interpolated exactly, flat time too.
+    proportional = HardwareProfile(linear_s_per_byte={"512": 1e-9, "2048": 4e-9})
+    assert proportional.linear_seconds(1024, 1e6) == pytest.approx(2e-9 * 1e6)
+    assert HardwareProfile(linear_s_per_byte={"1": 1e-10, "8": 1e-10}).linear_seconds(4, 1e6) == pytest.approx(1e-4)
     assert hw.linear_seconds(4096, 1e6) == pytest.approx(8e-3)  # beyond: compute-bound, grows with rows
     assert HardwareProfile().linear_seconds(32, 1e6) is None
 
