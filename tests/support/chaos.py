@@ -35,7 +35,7 @@ class ChaosPlan:
     deadline_s: float = 900.0
 
 
-STALL_CAP = 4  # a stall whose shard nobody takes over ends after this many times stall_s
+STALL_CAP = 8  # a stall whose shard nobody takes over ends after this many times stall_s
 
 
 @dataclass
@@ -46,6 +46,7 @@ class ChaosTally:
     workers_started: int = 0
     seconds: float = 0.0
     victims: list[str] = field(default_factory=list)
+    stall_ends: list[str] = field(default_factory=list)  # per stall: "taken over after N s" or "cap"
 
 
 def holders(db, job_ids: list[int]) -> set[tuple[str, int]]:
@@ -91,11 +92,13 @@ def jobs_finished(db, job_ids: list[int]) -> bool:
 def run_chaos(db, job_ids: list[int], machines: list[tuple[Machine, int]], work_args: list[str],
               plan: ChaosPlan, rng: random.Random) -> ChaosTally:
     """Run workers on the machines (machine, how many) until the jobs finish, with the plan's faults."""
-    # stalled: pid -> (worker, the earliest and the latest time to resume it). A stalled holder is
-    # resumed once its shard has been taken over: its next write (a heartbeat at least) must then
-    # be fenced. Workers claim shards in job and shard order, so a lapsed lease on a later job waits
-    # for the earlier job's pending shards: on a slow host the takeover can come well after stall_s,
-    # and resumed before it, the holder would renew its lapsed lease.
+    # stalled: pid -> (worker, when it was stopped). A stalled holder is resumed once its
+    # shard has been taken over: its next write (a heartbeat at least) must then be fenced. Workers
+    # claim shards in job and shard order, so a lapsed lease on a later job waits for the earlier
+    # job's pending shards: on a slow host the takeover can come minutes after stall_s. It is not
+    # resumed before (resumed early, the holder would renew its lapsed lease and test no fencing);
+    # after STALL_CAP x stall_s it is resumed anyway (a run that cannot take it over fails, it does
+    # not hang), and `tally.stall_ends` says which way each stall ended.
     tally, stalled = ChaosTally(), {}
     started = time.monotonic()
     while not jobs_finished(db, job_ids) and time.monotonic() - started < plan.deadline_s:
@@ -105,9 +108,11 @@ def run_chaos(db, job_ids: list[int], machines: list[tuple[Machine, int]], work_
                 tally.workers_started += 1
         time.sleep(rng.uniform(*plan.gap_s))
         held = holders(db, job_ids) if stalled else set()
-        for pid, (worker, earliest, latest) in list(stalled.items()):
-            now = time.monotonic()
-            if now >= latest or (now >= earliest and (worker.machine.name, worker.inner_pid) not in held):
+        for pid, (worker, since) in list(stalled.items()):
+            waited = time.monotonic() - since
+            taken_over = waited >= plan.stall_s and (worker.machine.name, worker.inner_pid) not in held
+            if taken_over or waited >= STALL_CAP * plan.stall_s:
+                tally.stall_ends.append(f"taken over after {waited:.0f} s" if taken_over else f"cap ({waited:.0f} s)")
                 worker.signal(signal.SIGCONT)
                 del stalled[pid]
         running = [w for m, _ in machines for w in m.running() if w.pid not in stalled]
@@ -125,6 +130,8 @@ def run_chaos(db, job_ids: list[int], machines: list[tuple[Machine, int]], work_
         if tally.stalls < plan.stalls and not stalled and busy and due:
             victim = rng.choice(busy)
             victim.signal(signal.SIGSTOP)
+            victim.wait_stopped()
+            time.sleep(0.5)  # a statement it sent just before it stopped (a shard's last commit) lands first
             # `busy` was read before the kill; a fast worker may have committed since. Stopped, it
             # cannot change the store, so this second look is final: a worker holding nothing is
             # resumed at once and another holder is stalled in a later round.
@@ -133,12 +140,12 @@ def run_chaos(db, job_ids: list[int], machines: list[tuple[Machine, int]], work_
             # stall tests no fencing; it is resumed too.
             if ((victim.machine.name, victim.inner_pid) in holders(db, job_ids)
                     and not holds_row_locks(db, victim.machine.name, victim.inner_pid)):
-                now = time.monotonic()
-                stalled[victim.pid] = (victim, now + plan.stall_s, now + STALL_CAP * plan.stall_s)
+                stalled[victim.pid] = (victim, time.monotonic())
                 tally.stalls += 1
             else:
                 victim.signal(signal.SIGCONT)
-    for worker, _, _ in stalled.values():
+    for worker, since in stalled.values():
+        tally.stall_ends.append(f"still stopped when the run ended ({time.monotonic() - since:.0f} s)")
         worker.signal(signal.SIGCONT)
     for machine, _ in machines:
         for worker in machine.running():

@@ -78,6 +78,18 @@ class SimWorker:
             except ProcessLookupError:
                 pass
 
+    def wait_stopped(self, timeout_s: float = 5.0) -> None:
+        """Until a SIGSTOP has taken effect (state T in /proc), so what is read of it next is final."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                state = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                return  # gone
+            if state in ("T", "t"):
+                return
+            time.sleep(0.005)
+
     def kill(self) -> None:
         self.signal(signal.SIGKILL)
         self.proc.wait()
