@@ -29,7 +29,7 @@ RUN_COLUMNS = ("attempt", "block_seconds", "finished_at")
 class ChaosPlan:
     kills: int                          # SIGKILLs in all
     stalls: int                         # SIGSTOPs of a shard holder, spread between the kills
-    stall_s: float                      # longer than the workers' lease; the least a stall lasts
+    stall_s: float                      # longer than the workers' lease; a stall ends at the takeover, or after STALL_CAP x this
     gap_s: tuple[float, float]          # random wait between two kills
     holder_share: float = 0.8           # how often the victim must hold a shard (else: any worker)
     deadline_s: float = 900.0
@@ -95,9 +95,11 @@ def run_chaos(db, job_ids: list[int], machines: list[tuple[Machine, int]], work_
     # stalled: pid -> (worker, when it was stopped). A stalled holder is resumed once its
     # shard has been taken over: its next write (a heartbeat at least) must then be fenced. Workers
     # claim shards in job and shard order, so a lapsed lease on a later job waits for the earlier
-    # job's pending shards: on a slow host the takeover can come minutes after stall_s. It is not
-    # resumed before (resumed early, the holder would renew its lapsed lease and test no fencing);
-    # after STALL_CAP x stall_s it is resumed anyway (a run that cannot take it over fails, it does
+    # job's pending shards: on a slow host the takeover can come minutes after the lease ran out. It
+    # is not resumed before (resumed early, the holder would renew its lapsed lease and test no
+    # fencing), nor long after (on a fast host the others may finish the jobs meanwhile, and a
+    # worker resumed after the run may exit without a write); after STALL_CAP x stall_s it is
+    # resumed anyway (a run that cannot take it over fails, it does
     # not hang), and `tally.stall_ends` says which way each stall ended.
     tally, stalled = ChaosTally(), {}
     started = time.monotonic()
@@ -110,7 +112,7 @@ def run_chaos(db, job_ids: list[int], machines: list[tuple[Machine, int]], work_
         held = holders(db, job_ids) if stalled else set()
         for pid, (worker, since) in list(stalled.items()):
             waited = time.monotonic() - since
-            taken_over = waited >= plan.stall_s and (worker.machine.name, worker.inner_pid) not in held
+            taken_over = (worker.machine.name, worker.inner_pid) not in held  # it held a shard when stopped
             if taken_over or waited >= STALL_CAP * plan.stall_s:
                 tally.stall_ends.append(f"taken over after {waited:.0f} s" if taken_over else f"cap ({waited:.0f} s)")
                 worker.signal(signal.SIGCONT)
