@@ -126,42 +126,31 @@ def test_size_checks_made_during_the_planners_calibration_hold_for_real_weights(
         assert torch.equal(linear(x[start:start + count], weight, bias, True), whole[start:start + count]), (start, count)
 
 
+def _mlps(family: str, hold, dtype: torch.dtype, gen: torch.Generator):
+    """(the MLP chunk by chunk, the same MLP as its layers one after the other on whole batches)."""
+    if family == "opt":  # linear(relu(linear(x, up)), down)
+        up, down = (hold(torch.randn(shape, generator=gen).to(dtype)) for shape in ((1024, 256), (256, 1024)))
+        up_bias, down_bias = (torch.randn(n, generator=gen).to(dtype) for n in (1024, 256))
+        return (lambda x, prompt: relu_mlp(x, up, up_bias, down, down_bias, prompt),
+                lambda x, prompt: linear(linear(x, up, up_bias, prompt, relu=True), down, down_bias, prompt))
+    gate, up, down = (hold((torch.randn(shape, generator=gen) * 0.1).to(dtype))  # Llama's down(silu(gate(x)) * up(x))
+                      for shape in ((768, 256), (768, 256), (256, 768)))
+    return (lambda x, prompt: gated_mlp(x, gate, up, down, prompt),
+            lambda x, prompt: linear(F.silu(linear(x, gate, None, prompt)).mul_(linear(x, up, None, prompt)),
+                                     down, None, prompt))
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("held", ["plain", "packed"])
 @pytest.mark.parametrize("prompt", [True, False], ids=["prompt", "generated"])
-def test_the_mlp_chunk_by_chunk_gives_the_bits_of_its_two_layers_one_after_the_other(dtype, held, prompt):
-    hold = pack_for_cpu if held == "packed" else (lambda w: w)
+def test_the_mlp_chunk_by_chunk_gives_the_bits_of_its_layers_one_after_the_other(family, dtype, held, prompt):
     gen = torch.Generator().manual_seed(8)
-    up, down = (hold(torch.randn(shape, generator=gen).to(dtype)) for shape in ((1024, 256), (256, 1024)))
-    up_bias, down_bias = (torch.randn(n, generator=gen).to(dtype) for n in (1024, 256))
+    chained, layers = _mlps(family, pack_for_cpu if held == "packed" else (lambda w: w), dtype, gen)
     for rows in (1, 300, 1100):
         x = torch.randn(rows, 256, generator=gen).to(dtype)
-        chained = relu_mlp(x, up, up_bias, down, down_bias, prompt)
-        assert torch.equal(chained, linear(linear(x, up, up_bias, prompt, relu=True), down, down_bias, prompt)), rows
+        assert torch.equal(chained(x, prompt), layers(x, prompt)), rows
     mask = torch.zeros(2, 300, dtype=torch.bool)
     mask[:, :290] = True  # a resumed row's saved tokens beside prompt tokens: each group its role's way
     x = torch.randn(2, 300, 256, generator=gen).to(dtype)
-    assert torch.equal(relu_mlp(x, up, up_bias, down, down_bias, mask),
-                       linear(linear(x, up, up_bias, mask, relu=True), down, down_bias, mask))
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("held", ["plain", "packed"])
-@pytest.mark.parametrize("prompt", [True, False], ids=["prompt", "generated"])
-def test_the_gated_mlp_chunk_by_chunk_gives_the_bits_of_its_three_layers(dtype, held, prompt):
-    """Llama's MLP: down(silu(gate(x)) * up(x)), against its layers one after the other on whole batches."""
-    hold = pack_for_cpu if held == "packed" else (lambda w: w)
-    gen = torch.Generator().manual_seed(9)
-    gate, up, down = (hold((torch.randn(shape, generator=gen) * 0.1).to(dtype))
-                      for shape in ((768, 256), (768, 256), (256, 768)))
-
-    def layers(x, prompt):
-        return linear(F.silu(linear(x, gate, None, prompt)).mul_(linear(x, up, None, prompt)), down, None, prompt)
-
-    for rows in (1, 300, 1100):
-        x = torch.randn(rows, 256, generator=gen).to(dtype)
-        assert torch.equal(gated_mlp(x, gate, up, down, prompt), layers(x, prompt)), rows
-    mask = torch.zeros(2, 300, dtype=torch.bool)
-    mask[:, :290] = True
-    x = torch.randn(2, 300, 256, generator=gen).to(dtype)
-    assert torch.equal(gated_mlp(x, gate, up, down, mask), layers(x, mask))
+    assert torch.equal(chained(x, mask), layers(x, mask))
