@@ -142,7 +142,9 @@ class HardwareProfile:
                 # latter (1024 rows between 512 and 2048: 1.24x), which a prefill's calibration at
                 # 1024 rows then carried into 2048- and 4096-row predictions as a 0.8x error
                 frac = math.log(rows / m0) / math.log(m1 / m0)
-                return weight_bytes * t0 * (t1 / t0) ** frac if t0 > 0 and t1 > 0 else weight_bytes * (t0 + frac * (t1 - t0))
+                if t0 > 0 and t1 > 0:
+                    return weight_bytes * t0 * (t1 / t0) ** frac
+                return weight_bytes * (t0 + frac * (t1 - t0))
         raise AssertionError("unreachable")
 
     def scale_for(self, model: str, part: str, rows: float) -> float:

@@ -20,6 +20,7 @@ from jobrunner.store.db import open_store
 from jobrunner.store.models import JobStatus, ShardStatus
 from tests.support import store_reads
 from tests.support.jobs import SAMPLE_PROMPTS, flexjob_command, read_results, write_prompts
+from tests.support.machines import wait_stopped
 
 KILLS = 6
 LEASE_S = 6.0
@@ -81,6 +82,7 @@ def test_random_kills_and_a_stall_lose_and_duplicate_nothing(tmp_path, tiny_mode
         elif stalled is None and running and holding(db, job.id) & {w.pid for w in running}:
             stalled = next(w for w in running if w.pid in holding(db, job.id))
             stalled.send_signal(signal.SIGSTOP)
+            wait_stopped(stalled.pid)
             stall_ends = time.monotonic() + STALL_MAX_S
             if stalled.pid not in holding(db, job.id):  # it committed its shard before it stopped
                 stalled.send_signal(signal.SIGCONT)

@@ -29,7 +29,8 @@ RUN_COLUMNS = ("attempt", "block_seconds", "finished_at")
 class ChaosPlan:
     kills: int                          # SIGKILLs in all
     stalls: int                         # SIGSTOPs of a shard holder, spread between the kills
-    stall_s: float                      # longer than the workers' lease; a stall ends at the takeover, or after STALL_CAP x this
+    stall_s: float                      # longer than the workers' lease; a stall ends at the takeover, at
+                                        # the latest after STALL_CAP x stall_s
     gap_s: tuple[float, float]          # random wait between two kills
     holder_share: float = 0.8           # how often the victim must hold a shard (else: any worker)
     deadline_s: float = 900.0
@@ -46,7 +47,7 @@ class ChaosTally:
     workers_started: int = 0
     seconds: float = 0.0
     victims: list[str] = field(default_factory=list)
-    stall_ends: list[str] = field(default_factory=list)  # per stall: "taken over after N s" or "cap"
+    stall_ends: list[str] = field(default_factory=list)  # per stall: taken over, the cap, or the run's end
 
 
 def holders(db, job_ids: list[int]) -> set[tuple[str, int]]:
@@ -99,8 +100,8 @@ def run_chaos(db, job_ids: list[int], machines: list[tuple[Machine, int]], work_
     # is not resumed before (resumed early, the holder would renew its lapsed lease and test no
     # fencing), nor long after (on a fast host the others may finish the jobs meanwhile, and a
     # worker resumed after the run may exit without a write); after STALL_CAP x stall_s it is
-    # resumed anyway (a run that cannot take it over fails, it does
-    # not hang), and `tally.stall_ends` says which way each stall ended.
+    # resumed anyway (a run that cannot take it over fails, it does not hang), and
+    # `tally.stall_ends` says which way each stall ended.
     tally, stalled = ChaosTally(), {}
     started = time.monotonic()
     while not jobs_finished(db, job_ids) and time.monotonic() - started < plan.deadline_s:

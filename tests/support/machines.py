@@ -57,6 +57,20 @@ def _inner_pid(pid: int) -> int:
     raise RuntimeError(f"no NSpid for process {pid}")
 
 
+def wait_stopped(pid: int, timeout_s: float = 5.0) -> None:
+    """Until a SIGSTOP to process `pid` has taken effect (state T in /proc): what is read of it
+    next is final. Signals are delivered asynchronously."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return  # gone
+        if state in ("T", "t"):
+            return
+        time.sleep(0.005)
+
+
 @dataclass
 class SimWorker:
     """A `flexjob work` process in a machine: `proc` is nsenter, `pid` the worker out here."""
@@ -78,17 +92,8 @@ class SimWorker:
             except ProcessLookupError:
                 pass
 
-    def wait_stopped(self, timeout_s: float = 5.0) -> None:
-        """Until a SIGSTOP has taken effect (state T in /proc), so what is read of it next is final."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                state = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                return  # gone
-            if state in ("T", "t"):
-                return
-            time.sleep(0.005)
+    def wait_stopped(self) -> None:
+        wait_stopped(self.pid)
 
     def kill(self) -> None:
         self.signal(signal.SIGKILL)
