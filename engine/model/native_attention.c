@@ -53,7 +53,21 @@ static inline void softmax_in_place(float *scores, int64_t last) {
     for (int64_t c = 0; c <= last; c++) scores[c] = scores[c] / total;
 }
 
+/* Pairs per tile: one where each pair's keys are contiguous (the aligned layout: one stream per
+ * pair is faster there) or a pair has many queries (a prefill: its keys stay in L1 for all of them);
+ * else up to 8, fewer where that would leave a thread without pairs. */
+static inline int64_t tile_pairs(int64_t n, int64_t S, int64_t key_stride, int64_t D, int threads) {
+    if (S > 8 || key_stride == D) return 1;
+    int64_t per_thread = (n + threads - 1) / (threads > 0 ? threads : 1);
+    return per_thread < 8 ? (per_thread > 0 ? per_thread : 1) : 8;
+}
+
 /* One kernel per element type T: loads widen to float, every sum runs in float, stores round back.
+ * Pairs go in tiles of `tile`: for each query index s, the tile's scores and then its weighted values
+ * run key by key across the tile's pairs, so a position-major cache (a read from disk, the pairs of a
+ * position side by side) is read in long runs rather than one 2*D-byte row per pair and key (a
+ * decode step reads each key once, straight from memory). Each pair's sums keep their own order
+ * (key by key; a dot product in its fixed tree), so the tile changes no bit.
  * Returns 1 when a thread could not allocate its scratch (its pairs were then not computed). */
 #define ATTEND(NAME, T, LOAD, STORE)                                                                  \
     static inline float NAME##_dot(const float *a, const T *b, int64_t D) {                          \
@@ -66,29 +80,46 @@ static inline void softmax_in_place(float *scores, int64_t last) {
              const int64_t *pos, T *out, int64_t n, int64_t S, int64_t D, int64_t max_keys,           \
              int threads) {                                                                          \
         int failed = 0;                                                                              \
+        const int64_t tile = tile_pairs(n, S, key_stride, D, threads);                              \
         _Pragma("omp parallel num_threads(threads)") {                                               \
-            float *scores = malloc(sizeof(float) * (size_t)max_keys);                                \
-            float *acc = malloc(sizeof(float) * (size_t)D);                                          \
-            float *qs = malloc(sizeof(float) * (size_t)D);                                           \
+            float *scores = malloc(sizeof(float) * (size_t)(max_keys * tile));                       \
+            float *acc = malloc(sizeof(float) * (size_t)(D * tile));                                 \
+            float *qs = malloc(sizeof(float) * (size_t)(D * tile));                                  \
             int ready = scores && acc && qs;                                                         \
             if (!ready) {                                                                            \
                 _Pragma("omp atomic write") failed = 1;                                              \
             }                                                                                        \
-            _Pragma("omp for schedule(static)") for (int64_t p = 0; p < n; p++) {                    \
+            _Pragma("omp for schedule(static)") for (int64_t p0 = 0; p0 < n; p0 += tile) {           \
                 if (!ready) continue;                                                                \
-                const T *k = keys + offset[p], *v = values + offset[p];                              \
+                const int64_t m = n - p0 < tile ? n - p0 : tile;                                     \
                 for (int64_t s = 0; s < S; s++) {                                                    \
-                    for (int64_t d = 0; d < D; d++) qs[d] = LOAD(q[(p * S + s) * D + d]);            \
-                    int64_t last = pos[p * S + s];                                                   \
-                    for (int64_t c = 0; c <= last; c++) scores[c] = NAME##_dot(qs, k + c * key_stride, D); \
-                    softmax_in_place(scores, last);                                                  \
-                    for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;                                   \
-                    for (int64_t c = 0; c <= last; c++) {                                            \
-                        const float w = scores[c];                                                   \
-                        const T *row = v + c * key_stride;                                           \
-                        for (int64_t d = 0; d < D; d++) acc[d] += w * LOAD(row[d]);                  \
+                    int64_t most = 0;                                                                \
+                    for (int64_t t = 0; t < m; t++) {                                                \
+                        const int64_t p = p0 + t;                                                    \
+                        for (int64_t d = 0; d < D; d++) qs[t * D + d] = LOAD(q[(p * S + s) * D + d]); \
+                        for (int64_t d = 0; d < D; d++) acc[t * D + d] = 0.0f;                       \
+                        most = pos[p * S + s] > most ? pos[p * S + s] : most;                        \
                     }                                                                                \
-                    for (int64_t d = 0; d < D; d++) out[(p * S + s) * D + d] = STORE(acc[d]);        \
+                    for (int64_t c = 0; c <= most; c++)                                              \
+                        for (int64_t t = 0; t < m; t++) {                                            \
+                            const int64_t p = p0 + t;                                                \
+                            if (c <= pos[p * S + s])                                                 \
+                                scores[t * max_keys + c] =                                           \
+                                    NAME##_dot(qs + t * D, keys + offset[p] + c * key_stride, D);    \
+                        }                                                                            \
+                    for (int64_t t = 0; t < m; t++) softmax_in_place(scores + t * max_keys, pos[(p0 + t) * S + s]); \
+                    for (int64_t c = 0; c <= most; c++)                                              \
+                        for (int64_t t = 0; t < m; t++) {                                            \
+                            const int64_t p = p0 + t;                                                \
+                            if (c > pos[p * S + s]) continue;                                        \
+                            const float w = scores[t * max_keys + c];                                \
+                            const T *row = values + offset[p] + c * key_stride;                      \
+                            float *a = acc + t * D;                                                  \
+                            for (int64_t d = 0; d < D; d++) a[d] += w * LOAD(row[d]);                \
+                        }                                                                            \
+                    for (int64_t t = 0; t < m; t++)                                                  \
+                        for (int64_t d = 0; d < D; d++)                                              \
+                            out[((p0 + t) * S + s) * D + d] = STORE(acc[t * D + d]);                 \
                 }                                                                                    \
             }                                                                                        \
             free(scores);                                                                            \

@@ -17,9 +17,11 @@ from engine.planning.cost_inputs import (Placement, Shape, Sizes, elem_bytes, fo
                                          weight_split)
 from engine.planning.cost_time import resource_max
 from engine.planning.hardware import HardwareProfile
-from engine.runtime.budgets import StoreLayout, cache_quantize_scratch_bytes, estimate_memory, prefill_working_bytes
+from engine.runtime.budgets import (StoreLayout, cache_quantize_scratch_bytes, cache_read_sets, estimate_memory,
+                                   prefill_working_bytes)
 from engine.runtime.devices import torch_dtype
 from engine.runtime.policy import Policy
+from engine.runtime.weight_tiers import streams_converted_copies
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,8 @@ class _Weights:
 
 
 def _weights(cfg: OPTConfig, z: Sizes, x: Placement, *, exact: bool, in_place: bool) -> _Weights:
-    """`in_place`: every 4-bit matrix is multiplied as it was read (no converted copy)."""
+    """`in_place`: every streamed matrix is used as it was read (no converted copy): 4-bit ones by a
+    kernel, uncompressed ones from their converted copy (engine.runtime.weight_tiers.read_in_place)."""
     ws = weight_split(cfg, x, exact=exact)
     if exact:  # floats or numpy arrays
         # Streamed decoder layers: converted copies kept for two layers (the one computing, the
@@ -82,13 +85,14 @@ def _phases(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, z: Sizes) -> tuple[_
             _Phase(z.act_dec, b * h * el, inter_dec, True))
 
 
-def _ram_only_peak(z: Sizes, x: Placement, w: _Weights, p: _Phase, w_work16: Any, kv_work16: Any) -> Any:
+def _ram_only_peak(sh: Shape, z: Sizes, x: Placement, w: _Weights, p: _Phase, w_work16: Any,
+                   kv_work16: Any) -> Any:
     """Without a GPU one memory holds the "gpu" and "cpu" shares; weights resident in RAM are used
     in place, only what comes from disk needs double buffers."""
     home = w.held + (x.cg + x.cc) * z.kv_total + (x.hg + x.hc) * p.act
     work = w.staging + w_work16 + kv_work16 + 2 * p.act_mb * w.activations_on_disk + p.inter
-    if p.decode:  # a slot read ahead, the one in use, and it with the new position appended
-        work = work + 3 * z.kv_mb_full * x.cd
+    if p.decode:  # the disk part's read buffers and a copy with the new position (budgets._cache_bytes)
+        work = work + (cache_read_sets(sh.num_gpu_batches) + 1) * z.kv_mb_full * x.cd
     return home + work
 
 
@@ -108,7 +112,7 @@ def _cpu_peak(cfg: OPTConfig, sh: Shape, z: Sizes, x: Placement, w: _Weights, p:
     home = w.held - w.on_gpu + x.cc * z.kv_total + x.hc * p.act
     work = w.staging + 2 * p.act_mb * w.activations_on_disk  # staging buffers for what comes from disk
     if p.decode:
-        work = work + 3 * z.kv_mb_full * x.cd
+        work = work + (cache_read_sets(sh.num_gpu_batches) + 1) * z.kv_mb_full * x.cd
         if sh.cpu_cache_compute:  # scores of one micro-batch in fp32 on the CPU
             work = work + 4 * sh.gpu_batch_size * cfg.num_heads * (sh.prompt_len + sh.gen_len) + kv_work16
     return home + work
@@ -125,7 +129,9 @@ def memory_peaks(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *
     every slot (placement.cache_pair_split), so its staging is linear in the disk fraction."""
     z = sizes(cfg, sh, hw)
     prompt_copy = four_bit_prompt_copy(cfg, sh, hw)
-    w = _weights(cfg, z, x, exact=exact, in_place=prompt_copy is not None)
+    in_place = (prompt_copy is not None if sh.compress_weight
+                else streams_converted_copies(torch_dtype(hw.compute_dtype), torch.device(hw.compute_device)))
+    w = _weights(cfg, z, x, exact=exact, in_place=in_place)
     phases = _phases(cfg, hw, sh, z)
     # Dequantised copies are made into buffers the engine keeps: two decoder layers' (alternating)
     # and the output head's (the embedding table dequantises only the rows it gathers); where a
@@ -137,7 +143,7 @@ def memory_peaks(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *
                  if sh.compress_cache else 0.0)
     disk_peak = w.disk + x.cd * z.kv_total + x.hd * z.act_pre
     if not hw.has_gpu:
-        return {"gpu": [], "cpu": [_ram_only_peak(z, x, w, p, w_work16, kv_work16) for p in phases],
+        return {"gpu": [], "cpu": [_ram_only_peak(sh, z, x, w, p, w_work16, kv_work16) for p in phases],
                 "disk": [disk_peak]}
     return {"gpu": [_gpu_peak(sh, z, x, w, p, w_work16, kv_work16) for p in phases],
             "cpu": [_cpu_peak(cfg, sh, z, x, w, p, kv_work16) for p in phases],

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from engine.model.config import OPTConfig, model_key
 from engine.model.kernel_shapes import (ATTENTION_OPS_PER_QUERY_GROUP, attended_scores, attention_calls,
@@ -20,6 +21,8 @@ from engine.planning.cost_inputs import (GB, OPS_PER_LAYER, TENSORS_PER_LAYER, P
                                          WeightSplit, compression_factor, elem_bytes, four_bit_prompt_copy, sizes,
                                          weight_split)
 from engine.planning.hardware import HardwareProfile
+from engine.runtime.devices import torch_dtype
+from engine.runtime.weight_tiers import streams_converted_copies
 
 Terms = dict[str, Any]  # resource -> busy seconds (float, numpy array or pulp expression)
 
@@ -37,7 +40,10 @@ class _Rates:
     @classmethod
     def of(cls, hw: HardwareProfile) -> "_Rates":
         gpu = hw.has_gpu
-        convert = 1.0 / (hw.convert_gbps * GB) if hw.convert_gbps and hw.compute_dtype != "float16" else 0.0
+        # Nothing is converted per step where streamed tensors are read from converted copies.
+        convert = (1.0 / (hw.convert_gbps * GB) if hw.convert_gbps and hw.compute_dtype != "float16"
+                   and not streams_converted_copies(torch_dtype(hw.compute_dtype), torch.device(hw.compute_device))
+                   else 0.0)
         return cls(read=1.0 / (hw.disk_read_gbps * GB), write=1.0 / (hw.disk_write_gbps * GB),
                    c2g=1.0 / (hw.cpu_to_gpu_gbps * GB) if gpu else 0.0,
                    g2c=1.0 / (hw.gpu_to_cpu_gbps * GB) if gpu else 0.0,
@@ -77,7 +83,8 @@ def _weight_and_activation_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape,
                                  ws: WeightSplit, r: _Rates, *, decode: bool, in_place: bool) -> Terms:
     """A decoder layer's weights, loaded once per step and shared by the block (the point of the
     zig-zag), its activations loaded and stored per micro-batch, and its dense compute. The store is
-    fp16; a bf16/fp32 engine converts what it streams from disk on the I/O thread. Without a GPU
+    fp16; an fp32 engine (and a bf16 one with a GPU) converts what it streams from disk (a bf16 one
+    on a CPU reads converted copies: engine.runtime.converted_files). Without a GPU
     that conversion runs on the cores that compute, so it adds to compute rather than overlapping
     with it (the disk read itself is DMA and does overlap): `_layer_terms` adds it there, after
     the calibration's scale, which is a ratio for the layer's kernels, not for conversion."""

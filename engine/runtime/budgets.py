@@ -21,12 +21,21 @@ from engine.runtime.compression import packed_nbytes, quantize_scratch_bytes
 from engine.runtime.placement import cache_pair_split, slot_tier
 from engine.runtime.policy import CompressionConfig, Policy
 from engine.runtime.tiers import Tier, align_up
-from engine.runtime.weight_tiers import ROW_LOOKUP_TABLES, bytes_by_tier, kernel_of, plan_weight_tiers
+from engine.runtime.weight_tiers import (ROW_LOOKUP_TABLES, bytes_by_tier, kernel_of, plan_weight_tiers,
+                                         read_in_place)
 from engine.model.checkpoint import TensorEntry, WeightStore, layer_names, layer_tensor_specs
 
 GIB = 1024**3
 # Writes the schedule queues on its I/O thread at once, each holding a copy of what it writes.
 STORES_IN_FLIGHT = 2
+
+
+def cache_read_sets(num_gpu_batches: int) -> int:
+    """Read buffers the schedule keeps for the disk part of the cache, one slot each: with several
+    micro-batches one per micro-batch (a decode step reads the next layer's slot of a micro-batch
+    into its buffer as soon as that micro-batch has attended this layer, so the disk reads the next
+    layer's cache while this layer's MLP computes); with one, the slot in use and the one read ahead."""
+    return max(num_gpu_batches, 2)
 # What the compute libraries allocate on first use and keep (oneDNN/MKL scratch and caches, thread
 # pools): 31-34 MiB of RSS measured on x86 CPUs with one or two threads, whatever the model.
 RUNTIME_BYTES = 40 * 2**20
@@ -78,9 +87,9 @@ def _weight_bytes(cfg: ModelConfig, store: WeightStore | StoreLayout, policy: Po
     """Bytes of weights each tier holds, and the buffers streaming needs: two layers in flight (one
     computing, one being prefetched: read from disk and/or dequantised) plus the raw read buffers,
     one decoder layer's (kept for reuse) and the embedding's or head's while it is converted.
-    A 4-bit matrix that a kernel multiplies as it is (weight_tiers.kernel_of) has no dequantised
-    copy: streamed, its bytes are read into a buffer kept per layer parity (two for a decoder
-    tensor, one for the head's); its prompt tokens' dequantised copy is one reused buffer, as large
+    A 4-bit matrix that a kernel multiplies as it is, or a tensor read from its copy converted to
+    the compute dtype (weight_tiers.read_in_place), has no converted copy: streamed, its bytes are
+    read into a buffer kept per layer parity (two for a decoder tensor, one for the head's); its prompt tokens' dequantised copy is one reused buffer, as large
     as the largest such matrix outside the head (the head computes generated tokens only)."""
     size = torch.empty((), dtype=dtype).element_size()
     tiers = plan_weight_tiers(store, cfg, policy)
@@ -93,7 +102,7 @@ def _weight_bytes(cfg: ModelConfig, store: WeightStore | StoreLayout, policy: Po
             tier = layer_tiers[entry.name]
             if entry.name in ROW_LOOKUP_TABLES:  # rows gathered, never a whole converted copy
                 continue
-            if kernel_of(entry, dtype, device) is not None:
+            if read_in_place(entry, dtype, device):
                 if tier == Tier.DISK:
                     kernel_reads[(index % 2, entry.name, entry.shape)] = align_up(entry.nbytes)
                 continue
@@ -124,13 +133,14 @@ def four_bit_prompt_copy_bytes(cfg: ModelConfig, store: WeightStore | StoreLayou
 
 
 def _cache_bytes(cfg: ModelConfig, policy: Policy, slot: int) -> tuple[dict[Tier, int], int]:
-    """KV cache bytes per tier for slots of `slot` bytes, and the RAM buffers of its disk part: a
-    slot read ahead, the one in use, and it with the new position appended."""
+    """KV cache bytes per tier for slots of `slot` bytes, and the RAM buffers of its disk part: the
+    read buffers (`cache_read_sets`) and one more slot, a compressed part's dequantised copy with
+    the new position appended."""
     pairs = policy.gpu_batch_size * cfg.num_kv_heads  # every slot is split the same way, by (row, KV head) pairs
     split = cache_pair_split(pairs, policy.cache_gpu_percent, policy.cache_cpu_percent)
     per_tier = {t: cfg.num_layers * policy.num_gpu_batches * slot * n // pairs
                 for t, n in zip((Tier.GPU, Tier.CPU, Tier.DISK), split)}
-    return per_tier, 3 * slot * split[2] // pairs
+    return per_tier, (cache_read_sets(policy.num_gpu_batches) + 1) * slot * split[2] // pairs
 
 
 def _activation_bytes(cfg: ModelConfig, policy: Policy, act: int) -> dict[Tier, int]:

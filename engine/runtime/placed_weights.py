@@ -7,7 +7,9 @@ A 4-bit matrix that torch's fused CPU kernel takes (bfloat16 without AVX512-BF16
 engine.model.int4_matmul) is held in that kernel's layout (same size) and multiplied without a
 dequantised copy; on disk it is read from a copy in that layout (engine.runtime.int4_files, written
 once). In float32 on the CPU, and in bfloat16 on a CPU with AVX512-BF16, flexjob's own kernels (engine.model.int4_float32,
-engine.model.int4_bfloat16) multiply the stored bytes as they are, held or read.
+engine.model.int4_bfloat16) multiply the stored bytes as they are, held or read. In bfloat16 on a CPU
+an uncompressed tensor on disk is read from a copy converted once (engine.runtime.converted_files)
+and used where it was read.
 Other compressed tensors are dequantised on the compute device right before their layer runs. `replace`
 re-places the model for a new policy, moving only the tensors whose tier changes.
 """
@@ -24,13 +26,15 @@ from engine.model import four_bit, int4_matmul
 from engine.model.int4_matmul import Int4Weight
 from engine.model.kernels import pack_for_cpu
 from engine.model.packed_weight import PackedWeight
+from engine.runtime.converted_files import ConvertedFiles
 from engine.runtime.int4_files import KernelLayoutFiles, Span, spans
 from engine.runtime.compression import QuantizedTensor, dequantize, from_bytes, row_sections
 from engine.model.config import ModelConfig
 from engine.runtime.policy import Policy
 from engine.runtime.tiers import (CPU_TO_GPU, DEQUANTIZE, DiskTier, Tier, TransferStats, align_up, aligned_empty,
                                   to_device)
-from engine.runtime.weight_tiers import ROW_LOOKUP_TABLES, bytes_by_tier, kernel_of, plan_weight_tiers
+from engine.runtime.weight_tiers import (ROW_LOOKUP_TABLES, bytes_by_tier, kernel_of, plan_weight_tiers,
+                                         read_in_place)
 from engine.model.checkpoint import TensorEntry, WeightStore, layer_names
 
 
@@ -68,7 +72,8 @@ class PlacedWeights:
         self._layer_index = {name: i for i, name in enumerate(layer_names(cfg))}
         self._dequant_buffers: dict[tuple, torch.Tensor] = {}
         self._kernel_files = KernelLayoutFiles(store.root)
-        self._kernel_buffers: dict[tuple, torch.Tensor] = {}  # read buffers of streamed fused matrices, by slot
+        self._converted_files = ConvertedFiles(store.root, dtype)
+        self._kernel_buffers: dict[tuple, torch.Tensor] = {}  # read buffers of tensors used in place, by slot
         self._stream_buffers: dict[tuple, torch.Tensor] = {}  # converted streamed tensors, by slot
         self._raw_buffers: dict[str, torch.Tensor] = {}  # aligned read buffers of one decoder layer, by tensor
         self.replace(policy)
@@ -89,6 +94,9 @@ class PlacedWeights:
                     if self._fused(entry):
                         self._kernel_files.ensure(layer, self._fused_entries(layer),
                                                   lambda e, layer=layer: self._read_raw(layer, e, reuse=False))
+                    elif self._converted(entry):
+                        self._converted_files.ensure(layer, self.store.layers[layer],
+                                                     lambda e, layer=layer: self._read_raw(layer, e, reuse=False))
                 elif old in (Tier.GPU, Tier.CPU):
                     resident[entry.name] = self._place(resident[entry.name], new)
                 else:
@@ -105,19 +113,25 @@ class PlacedWeights:
         """Whether `entry` is multiplied as its stored 4-bit bytes (engine.model.four_bit.READ_IN_PLACE)."""
         return kernel_of(entry, self.dtype, self.device) in four_bit.READ_IN_PLACE
 
+    def _converted(self, entry: TensorEntry) -> bool:
+        """Whether `entry`, streamed, is read from its copy converted to the compute dtype."""
+        return not entry.compressed and read_in_place(entry, self.dtype, self.device)
+
     def _fused_entries(self, layer: str) -> list[TensorEntry]:
         return [e for e in self.store.layers[layer] if self._fused(e)]
 
     def _spans(self, layer: str) -> dict[str, Span]:
         return spans(self._fused_entries(layer))
 
-    def _read_for_kernel(self, layer: str, entry: TensorEntry) -> torch.Tensor:
-        """A streamed 4-bit matrix that a kernel multiplies where it lies (the fused kernel's copy,
-        or the stored bytes), read into a buffer kept per (layer parity, tensor): the kernel uses it
-        while the next layer is read."""
+    def _read_in_place(self, layer: str, entry: TensorEntry) -> torch.Tensor:
+        """A streamed tensor used where it lies (a 4-bit matrix in the fused kernel's copy or as
+        stored, a tensor in its converted copy), read into a buffer kept per (layer parity, tensor):
+        the math uses it while the next layer is read."""
         if self._fused(entry):
             span = self._spans(layer)[entry.name]
             path, offset, nbytes = self._kernel_files.path(layer), span.offset, span.nbytes
+        elif self._converted(entry):
+            path, offset, nbytes = self._converted_files.path(layer), entry.offset, align_up(entry.nbytes)
         else:
             path, offset, nbytes = self.store.path(layer), entry.offset, align_up(entry.nbytes)
         key = (self._slot(layer), entry.name, entry.shape)
@@ -213,7 +227,7 @@ class PlacedWeights:
         threads it only oversubscribes the cores (opt-1.3b 4-bit, fp32 on 2 cores: dequantisation ran
         at 1.3 GB/s on the I/O thread against 2.5 inline, and each decode step took 18 % longer)."""
         decoder = layer.startswith("decoder.")  # the embedding and head are read once a step: no pinned copies
-        raw = {e.name: (self._read_for_kernel(layer, e) if kernel_of(e, self.dtype, self.device) is not None
+        raw = {e.name: (self._read_in_place(layer, e) if read_in_place(e, self.dtype, self.device)
                         else self._read_raw(layer, e, reuse=decoder))
                for e in self.store.layers[layer]
                if self.tiers[layer][e.name] == Tier.DISK and e.name not in ROW_LOOKUP_TABLES}
@@ -261,6 +275,8 @@ class PlacedWeights:
             return KernelLayoutFiles.weight(raw, entry, self._spans(layer)[entry.name])
         if self._in_place(entry):
             return _as_quantized(raw, entry)
+        if self._converted(entry):
+            return self._converted_files.tensor(raw, entry)
         if entry.compressed:
             return self._ready(entry, raw, self._slot(layer))
         # Converted into a buffer kept per (layer parity, tensor): no page faults.

@@ -20,7 +20,7 @@ import torch
 from engine.model.families import family_math
 from engine.model.kernel_shapes import key_capacity
 from engine.model.attention import attend, attend_aligned
-from engine.runtime.budgets import STORES_IN_FLIGHT
+from engine.runtime.budgets import STORES_IN_FLIGHT, cache_read_sets
 from engine.runtime.kv_cache import CachePart, CacheSlot
 from engine.model.config import ModelConfig
 from engine.runtime.placed_weights import PlacedWeights
@@ -73,8 +73,10 @@ class BlockRunner:
                                  compression=policy.compression if policy.compress_cache else None, first=mb.first)
                        for k, mb in enumerate(self.mbs)] for j in range(L)]
         self.cache_reads: dict[tuple[int, int], Future] = {}  # (layer, micro-batch) -> disk part read ahead
-        # Two sets of read buffers, alternating by slot: the slot in use and the one read ahead.
-        self.cache_read_buffers: tuple[dict, dict] = ({}, {})
+        # Read buffers of the cache's disk part (budgets.cache_read_sets): one set per micro-batch, or
+        # with one micro-batch two, alternating by layer: the slot in use and the one read ahead.
+        self.cache_read_buffers = [{} for _ in range(cache_read_sets(K))]
+        self.step = 0
         self.act_tiers = [[slot_tier(j, k, L + 2, policy.num_gpu_batches, policy.activations_gpu_percent,
                                      policy.activations_cpu_percent) for k in range(K)] for j in range(L + 2)]
         self.act_path = [workdir / f"act-{k}.bin" for k in range(K)]
@@ -134,6 +136,7 @@ class BlockRunner:
         self.weights_next = self.submit(ctx.weights.fetch, names[0])
         try:
             for step in range(self.steps):
+                self.step = step
                 started = time.perf_counter()
                 for mb in self.mbs:
                     mb.begin_step(self.prompt_len if step == 0 else 1)
@@ -169,11 +172,18 @@ class BlockRunner:
         """Start reading the disk part of the cache slot used after layer j's micro-batch k: the I/O
         thread reads in the order the compute thread needs, one slot ahead, across layers."""
         j, k = (j, k + 1) if k + 1 < len(self.mbs) else (j + 1, 0)
-        if j > self.ctx.cfg.num_layers:
+        self._read_cache(j, k)
+
+    def _read_cache(self, j: int, k: int) -> None:
+        """Start reading the disk part of slot (decoder layer j, micro-batch k) on the I/O thread into
+        the read buffers of micro-batch k (of layer j's parity with one micro-batch), unless it is
+        already being read. Every read of a slot is queued after the writes of its earlier positions,
+        and the I/O thread runs in order, so it reads every position written so far."""
+        if not 1 <= j <= self.ctx.cfg.num_layers or (j, k) in self.cache_reads:
             return
         part = self.cache[j - 1][k].disk_part
         if part is not None:
-            buffers = self.cache_read_buffers[(j * len(self.mbs) + k) % 2]
+            buffers = self.cache_read_buffers[k if len(self.mbs) > 1 else j % 2]
             self.cache_reads[j, k] = self.submit(part.read, self._cache_device(part), self.ctx.stats, buffers)
 
     def _run_layer(self, j: int, w: dict, params: GenerationParams) -> None:
@@ -223,13 +233,20 @@ class BlockRunner:
         hs = [to_device(act.result(), self.ctx.device, self.ctx.stats) for act in self.acts]
         sizes = [h.shape[0] for h in hs]
         h = torch.cat(hs)
-        self._prefetch_in_order(j, 0)  # the next layer's weights are read while this one computes
+        for i in range(len(self.mbs)):
+            self._read_cache(j, i)  # queued by the layer before, but in the first decode step's first layer
+        self._prefetch_weights(j)  # the next layer's weights are read while this one computes
         q, k, v = layers.qkv(w, cfg, h, torch.cat([mb.step_positions for mb in self.mbs]))
         attn = []
+        # A micro-batch's read buffers are free once it has attended: the next layer's slot of it is
+        # read into them, so the disk works through this layer's MLP (after the last decoder layer:
+        # the first one's, for the next step).
+        last_step = self.step + 1 >= self.steps
+        next_j = j + 1 if j < cfg.num_layers else (None if last_step else 1)
         for i, (mb, q_mb, k_mb, v_mb) in enumerate(zip(self.mbs, q.split(sizes), k.split(sizes), v.split(sizes))):
-            if i:
-                self._prefetch_in_order(j, i)
             attn.append(self._attend_step(q_mb, k_mb, v_mb, slots[i], self.cache_reads.pop((j, i), None), mb))
+            if next_j is not None:
+                self._read_cache(next_j, i)
         h = layers.mlp(w, cfg, layers.attention_output(w, cfg, h, torch.cat(attn)))
         for i, h_mb in enumerate(h.split(sizes)):
             self._store_act(j, i, h_mb)

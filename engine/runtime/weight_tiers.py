@@ -51,6 +51,22 @@ def bytes_by_tier(store: WeightStore, tiers: dict[str, dict[str, Tier]], element
     return totals
 
 
+def streams_converted_copies(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether uncompressed tensors streamed from the disk tier are read from copies converted once
+    to `dtype` (engine.runtime.converted_files): on a CPU, in a two-byte dtype other than the store's."""
+    return device.type == "cpu" and dtype == torch.bfloat16
+
+
+def read_in_place(entry: TensorEntry, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `entry`, streamed from the disk tier, is used as it lies in its read buffer: a 4-bit
+    matrix that a kernel multiplies as stored, or a converted copy (a buffer kept per layer parity)."""
+    if entry.name in ROW_LOOKUP_TABLES:
+        return False
+    if entry.compressed:
+        return kernel_of(entry, dtype, device) is not None
+    return streams_converted_copies(dtype, device)
+
+
 def kernel_of(entry: TensorEntry, dtype: torch.dtype, device: torch.device):
     """The 4-bit kernel that multiplies `entry` without a per-step dequantised copy, or None."""
     if not entry.compressed or entry.name in ROW_LOOKUP_TABLES:

@@ -217,14 +217,18 @@ def test_compute_scale_multiplies_layer_compute_and_cpu_conversion_does_not_over
         base = phase_terms(cfg, hw, sh, x, decode=decode)[0][1]["compute"]
         scaled = phase_terms(cfg, hw.replace(compute_scale={phase: 1.5}), sh, x, decode=decode)[0][1]["compute"]
         assert scaled == pytest.approx(1.5 * base)
-    # Weights streamed from disk are converted fp16 -> bf16 by the same two cores that compute: on a
-    # CPU-only host that time is compute, not hidden under the disk read.
+    # Weights streamed from disk are converted fp16 -> fp32 by the same two cores that compute: on a
+    # CPU-only host that time is compute, not hidden under the disk read. In bfloat16 they are read
+    # from a copy converted once (engine.runtime.converted_files): nothing to convert per step.
     disk = Policy.from_percents([0, 0, 0, 100, 0, 100], gpu_batch_size=32)
     sh, x = Shape.from_policy(disk, prompt_len=128, gen_len=8), Placement.from_policy(disk)
-    layer = phase_terms(cfg, hw, sh, x, decode=True)[0][1]
-    no_convert = phase_terms(cfg, hw.replace(convert_gbps=0.0), sh, x, decode=True)[0][1]
+    fp32 = hw.replace(compute_dtype="float32", matmul_flops={"cpu": {"float32": 1e12}})
+    layer = phase_terms(cfg, fp32, sh, x, decode=True)[0][1]
+    no_convert = phase_terms(cfg, fp32.replace(convert_gbps=0.0), sh, x, decode=True)[0][1]
     assert layer["disk"] == pytest.approx(no_convert["disk"])
-    assert layer["compute"] - no_convert["compute"] == pytest.approx(2 * cfg.layer_param_count() / 4e9)
+    assert layer["compute"] - no_convert["compute"] == pytest.approx(4 * cfg.layer_param_count() / 4e9)  # fp32 bytes out
+    assert phase_terms(cfg, hw, sh, x, decode=True) == phase_terms(cfg, hw.replace(convert_gbps=0.0), sh, x,
+                                                                   decode=True)
 
 
 def test_io_interference_charges_compute_for_disk_time_only_without_a_gpu():
