@@ -22,6 +22,9 @@ from engine.model import native_build
 
 SOURCE = Path(__file__).with_name("native_attention.c")
 LANES = 8  # the kernel's partial sums in a dot product: head_dim must be a multiple
+# Queries per pair up to which a position-major cache is attended where it lies (the kernel then
+# reads it in tiles of pairs; native_attention.c's tile_pairs uses the same bound).
+IN_PLACE_QUERIES = 8
 ENV_SWITCH = "FLEXJOB_NATIVE_ATTENTION"
 _DTYPES = {torch.float32: "attend_f32", torch.bfloat16: "attend_bf16"}
 
