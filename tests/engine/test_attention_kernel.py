@@ -92,16 +92,19 @@ def test_the_two_implementations_agree_to_rounding_and_match_float64(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_cache_read_from_disk_is_attended_in_place_as_one_held_in_memory_is(dtype):
+@pytest.mark.parametrize("queries", [150, 1])
+def test_a_cache_read_from_disk_is_attended_in_place_as_one_held_in_memory_is(dtype, queries):
     # The disk's position-major layout [T, 2, n, D] (keys and values interleaved per position) and
     # memory's aligned one give every query the same bits: a cache moved between tiers by a new
-    # placement, or split across them, attends alike.
+    # placement, or split across them, attends alike. One query per pair (a decode step) is read
+    # in tiles of pairs, many one pair at a time: the same sums either way.
     if not native_attention.available():
         pytest.skip("the native attention kernel is not built here (no C compiler)")
     q, k, v = cache(150, 24, dtype, seed=4)
+    q = q[:, 150 - queries:]
     first = torch.arange(24) % 6 * 11
     as_read = torch.stack((k, v), dim=1)  # [T, 2, n, D]
-    last_key = (torch.arange(150)[None, :] - first[:, None]).clamp(min=0)
+    last_key = (torch.arange(150 - queries, 150)[None, :] - first[:, None]).clamp(min=0)
     in_place = native_attention.attend_position_major(q, as_read[:, 0], as_read[:, 1], first, last_key)
     assert torch.equal(in_place, attend("native", q, k, v, first))
 
