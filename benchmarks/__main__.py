@@ -74,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[SuiteConfig, argparse.Nam
     ap.add_argument("--work-dir", type=Path, default=SuiteConfig.work_dir,
                     help="models, weight stores and offload files, kept between runs")
     ap.add_argument("--out", type=Path, default=SuiteConfig.out_dir, help="where the report files go")
+    ap.add_argument("--planner-repeats", type=int, default=SuiteConfig.planner_repeats,
+                    help="rounds of the planner part; the median run of each policy counts (3 on a shared host)")
     opts = ap.parse_args(argv)
     cfg = SuiteConfig(suite=opts.suite, work_dir=opts.work_dir, out_dir=opts.out)
     cfg = cfg.quick() if opts.quick else cfg
@@ -81,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[SuiteConfig, argparse.Nam
         cfg = replace(cfg, model_size=opts.model_size)
     if opts.layers:
         cfg = replace(cfg, num_layers=opts.layers)
+    cfg = replace(cfg, planner_repeats=max(1, opts.planner_repeats))
     known = GPU_PARTS if opts.suite == "gpu" else CPU_DEFAULT_PARTS
     chosen = tuple(p for p in opts.parts.split(",") if p) or known
     unknown = [p for p in chosen if p not in PARTS]

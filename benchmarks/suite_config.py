@@ -53,6 +53,7 @@ class SuiteConfig:
                                          "4-bit weights in RAM 16x1")
     planner_max_block: int = 32
     planner_cpu_mem: float = 4.0  # room for the all-in-RAM policies next to the disk-bound ones
+    planner_repeats: int = 1  # rounds over the policies, the median run of each counting (~8 min a round)
     # Compression on/off: weights read from disk each step, uncompressed vs 4-bit.
     compression_block: tuple[int, int] = (8, 1)
     # Job runner overhead: whole path vs engine alone on a small model.

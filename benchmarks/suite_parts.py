@@ -92,7 +92,7 @@ def _on_llama(name: str, shape: ModelShape, part: Part) -> Part:
 
 def part_planner(cfg: SuiteConfig, model: Path, dtype: str) -> Part:
     opts = argparse.Namespace(model=model, work_dir=cfg.work_dir, cpu_mem=cfg.planner_cpu_mem,
-                              prompt_len=cfg.prompt_len, gen_len=cfg.gen_len, repeats=1, refresh_profile=False,
+                              prompt_len=cfg.prompt_len, gen_len=cfg.gen_len, repeats=cfg.planner_repeats, refresh_profile=False,
                               only=",".join((*cfg.planner_policies, "planner")), max_block=cfg.planner_max_block,
                               compression=False)
     swept, _, _ = bench_planner_sweep.sweep(opts)
@@ -100,7 +100,8 @@ def part_planner(cfg: SuiteConfig, model: Path, dtype: str) -> Part:
              "config": f"{r['policy']}: {r['describe']}", "tokens_per_s": r["measured_tokens_per_s"],
              **{k: v for k, v in r.items() if k not in ("policy_dict", "all_runs")}} for r in swept]
     return Part("planner", f"Planner's pick vs hand-written policies (`--cpu-mem {cfg.planner_cpu_mem:g}`, "
-                           f"blocks <= {cfg.planner_max_block})", rows,
+                           f"blocks <= {cfg.planner_max_block}, median of {cfg.planner_repeats} "
+                           f"run{'s' if cfg.planner_repeats > 1 else ''} each)", rows,
                 (("predicted_tokens_per_s", "predicted tokens/s"), ("ratio", "predicted / measured"),
                  ("peak_rss_gib", "peak RSS GiB"), ("error", "error")))
 

@@ -73,6 +73,7 @@ def test_llama_disk_is_opt_in_for_the_cpu_suite_and_in_the_gpu_suites_default_pa
     assert "llama-disk" not in parse_args(["--suite", "cpu"])[0].parts
     assert "llama-ram" in parse_args(["--suite", "cpu"])[0].parts
     assert "llama-disk" in parse_args(["--suite", "gpu"])[0].parts
+    assert parse_args(["--parts", "planner", "--planner-repeats", "3"])[0].planner_repeats == 3
     chosen, _ = parse_args(["--parts", "llama-disk"])
     assert chosen.parts == ("llama-disk",) and chosen.llama_disk.size == "llama-8b" and chosen.llama_disk_cpu_mem < 15
     shown = run_suite("--help", timeout=120).stdout
