@@ -29,13 +29,6 @@ GIB = 1024**3
 # Writes the schedule queues on its I/O thread at once, each holding a copy of what it writes.
 STORES_IN_FLIGHT = 2
 
-
-def cache_read_sets(num_gpu_batches: int) -> int:
-    """Read buffers the schedule keeps for the disk part of the cache, one slot each: with several
-    micro-batches one per micro-batch (a decode step reads the next layer's slot of a micro-batch
-    into its buffer as soon as that micro-batch has attended this layer, so the disk reads the next
-    layer's cache while this layer's MLP computes); with one, the slot in use and the one read ahead."""
-    return max(num_gpu_batches, 2)
 # What the compute libraries allocate on first use and keep (oneDNN/MKL scratch and caches, thread
 # pools): 31-34 MiB of RSS measured on x86 CPUs with one or two threads, whatever the model.
 RUNTIME_BYTES = 40 * 2**20
@@ -89,8 +82,9 @@ def _weight_bytes(cfg: ModelConfig, store: WeightStore | StoreLayout, policy: Po
     one decoder layer's (kept for reuse) and the embedding's or head's while it is converted.
     A 4-bit matrix that a kernel multiplies as it is, or a tensor read from its copy converted to
     the compute dtype (weight_tiers.read_in_place), has no converted copy: streamed, its bytes are
-    read into a buffer kept per layer parity (two for a decoder tensor, one for the head's); its prompt tokens' dequantised copy is one reused buffer, as large
-    as the largest such matrix outside the head (the head computes generated tokens only)."""
+    read into a buffer kept per layer parity (two for a decoder tensor, one for the head's). A 4-bit
+    matrix's prompt tokens' dequantised copy is one reused buffer, as large as the largest such
+    matrix outside the head (the head computes generated tokens only)."""
     size = torch.empty((), dtype=dtype).element_size()
     tiers = plan_weight_tiers(store, cfg, policy)
     streamed, decoder_read, other_read = 0, 0, 0
@@ -130,6 +124,14 @@ def four_bit_prompt_copy_bytes(cfg: ModelConfig, store: WeightStore | StoreLayou
              for layer, entries in store.layers.items() if layer != head
              for entry in entries if (kernel := kernel_of(entry, dtype, device)) is not None]
     return max(sizes, default=0)
+
+
+def cache_read_sets(num_gpu_batches: int) -> int:
+    """Read buffers the schedule keeps for the disk part of the cache, one slot each: with several
+    micro-batches one per micro-batch (a decode step reads the next layer's slot of a micro-batch
+    into its buffer as soon as that micro-batch has attended this layer, so the disk reads the next
+    layer's cache while this layer's MLP computes); with one, the slot in use and the one read ahead."""
+    return max(num_gpu_batches, 2)
 
 
 def _cache_bytes(cfg: ModelConfig, policy: Policy, slot: int) -> tuple[dict[Tier, int], int]:

@@ -24,7 +24,8 @@ def _generate(model, offload, percents, gbs, nbs):
     policy = Policy.from_percents(percents, gpu_batch_size=gbs, num_gpu_batches=nbs)
     with Engine(model, policy, dtype="bfloat16", offload_dir=offload) as engine:
         rows = [RowInput(row_id=i, prompt_ids=p) for i, p in enumerate(PROMPTS)]
-        return engine.weights.store, [r.generated_ids for r in engine.generate(rows, GenerationParams(max_new_tokens=6))]
+        results = engine.generate(rows, GenerationParams(max_new_tokens=6))
+        return engine.weights.store, [r.generated_ids for r in results]
 
 
 def test_streamed_weights_come_from_a_converted_copy_with_the_same_output(tiny_model, tmp_path):
