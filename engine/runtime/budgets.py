@@ -282,36 +282,42 @@ def release_free_heap() -> None:
         libc.malloc_trim(0)
 
 
-def configure_allocator(keep_freed: bool = False) -> None:
-    """Set glibc's thresholds for tensor memory. With `keep_freed`, blocks up to 256 MiB come from
-    the heap and are reused when freed (only bigger ones are unmapped on free); without it, every
-    block over 1 MiB is a private mapping unmapped on free, so RSS holds only live tensors.
+def configure_allocator(keep_freed_bytes: int = 0) -> None:
+    """Set glibc's thresholds for tensor memory: blocks up to `keep_freed_bytes` (at least 1 MiB)
+    come from the heap and are reused when freed; bigger ones are private mappings unmapped on free,
+    so RSS holds only live tensors of that size.
 
-    A prefill's intermediates (q/k/v, the MLP's hidden layer, LayerNorm outputs: 16-128 MiB each on
-    opt-1.3b at 32-64 rows x 128 positions) are allocated and freed once per layer. Unmapped at
+    A prefill's intermediates (q/k/v, the MLP's hidden layer, LayerNorm outputs: 4-128 MiB each on
+    opt-1.3b at 8-64 rows x 128 positions) are allocated and freed once per layer. Unmapped at
     free, each costs its page faults again in the next layer: a 32-row bf16 prefill of opt-1.3b
     took 19.8-24.5 s with a 1 MiB threshold, 18.0-19.9 s with 64 MiB and 15.3-15.5 s with 256 MiB
     (peak RSS within 0.1 GiB of each other). Kept freed blocks cost up to one more copy of the
-    transient working memory, plus fragmentation, so the engine keeps them only where the CPU budget
-    has room for that (Engine._run_block). Fixed thresholds, because glibc's own moves with the
-    sizes freed and RSS would depend on history.
+    transient working memory, plus up to the threshold at the heap's top, so the engine keeps as
+    much as the CPU budget has room for (`freed_bytes_to_keep`, Engine._run_block). Fixed
+    thresholds, because glibc's own moves with the sizes freed and RSS would depend on history.
     """
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt"):  # not glibc: nothing to tune
         return
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    threshold = KEEP_FREED_THRESHOLD if keep_freed else (1 << 20)
+    threshold = max(1 << 20, keep_freed_bytes)
     libc.mallopt(M_MMAP_THRESHOLD, threshold)
     libc.mallopt(M_TRIM_THRESHOLD, threshold)
 
 
-def room_to_keep_freed(est: MemoryEstimate, cpu_mem_gib: float | None) -> bool:
-    """Whether the CPU budget holds what configure_allocator(keep_freed=True) may keep resident on
-    top of the estimate: free blocks at the heap's top up to its trim threshold, and freed blocks
-    inside it up to one more copy of the transient working memory (measured on opt-1.3b, 16 rows:
-    0.37 GiB kept after a prefill whose working memory is 0.1 GiB)."""
-    kept = KEEP_FREED_THRESHOLD + est.cpu.get("working", 0)
-    return cpu_mem_gib is None or est.cpu_total + kept <= cpu_mem_gib * GIB
+def freed_bytes_to_keep(est: MemoryEstimate, cpu_mem_gib: float | None) -> int:
+    """The threshold for configure_allocator that the CPU budget holds on top of the estimate:
+    KEEP_FREED_THRESHOLD without a budget; else what the budget leaves after one more copy of the
+    transient working memory (freed blocks inside the heap; measured on opt-1.3b, 16 rows: 0.37 GiB
+    kept after a prefill whose working memory is 0.1 GiB with the 256 MiB threshold), as a power of
+    two up to KEEP_FREED_THRESHOLD; 0 where that is under 1 MiB. Over capacity under a tight budget
+    a few tens of MiB still keep a small micro-batch's intermediates (opt-1.3b, 8 rows: 4-16 MiB)."""
+    if cpu_mem_gib is None:
+        return KEEP_FREED_THRESHOLD
+    room = int(cpu_mem_gib * GIB) - est.cpu_total - est.cpu.get("working", 0)
+    if room < 1 << 20:
+        return 0
+    return min(KEEP_FREED_THRESHOLD, 1 << (room.bit_length() - 1))
 
 
 class RssSampler:

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from engine.runtime.budgets import RssSampler, check_budgets, configure_allocator, room_to_keep_freed
+from engine.runtime.budgets import RssSampler, check_budgets, configure_allocator, freed_bytes_to_keep
 from engine.errors import PromptTooLongError
 from engine.model.config import load_config
 from engine.runtime.placed_weights import PlacedWeights
@@ -143,7 +143,7 @@ class Engine:
         est = check_budgets(self.config, self.weights.store, self.policy, self.device, self.dtype,
                             self.gpu_mem_gib, self.cpu_mem_gib, prompt_len=prompt_len, gen_len=gen_len,
                             resident_ram_bytes=self.weights.ram_bytes())
-        configure_allocator(keep_freed=room_to_keep_freed(est, self.cpu_mem_gib))
+        configure_allocator(freed_bytes_to_keep(est, self.cpu_mem_gib))
         ctx = ScheduleContext(self.config, self.policy, self.device, self.dtype, self.weights, self.disk,
                               self.transfers, self._io if self.policy.overlap else None)
         workdir = Path(tempfile.mkdtemp(prefix="block-", dir=self.offload_dir))
