@@ -8,18 +8,17 @@ One file per layer, <store root>/<dtype>/<layer>.bin: the layer's store file wit
 uncompressed tensor converted where it lies, so it has the same size and every entry the same
 offset (compressed tensors keep their stored bytes; they are never read from here). The values
 are the fp16 ones converted, as the per-step conversion gives them: outputs do not change.
-Written to a temporary file and renamed: a file that exists is complete.
+Written once (tiers.write_once): a file that exists is complete.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from engine.model.checkpoint import TensorEntry
-from engine.runtime.tiers import align_up
+from engine.runtime.tiers import align_up, write_once
 
 
 class ConvertedFiles:
@@ -33,23 +32,16 @@ class ConvertedFiles:
     def ensure(self, layer: str, entries: list[TensorEntry], read: Callable[[TensorEntry], torch.Tensor]) -> None:
         """Write `layer`'s file unless it exists; `read(entry)` gives an entry's stored bytes (at least
         entry.nbytes of them)."""
-        path = self.path(layer)
-        if path.exists():
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                for entry in entries:
-                    stored = read(entry)[:entry.nbytes]
-                    if not entry.compressed:
-                        stored = stored.view(torch.float16).to(self.dtype).view(torch.uint8)
-                    f.seek(entry.offset)
-                    f.write(stored.numpy().tobytes())
-                f.truncate(max((e.offset + align_up(e.nbytes) for e in entries), default=0))
-            os.replace(tmp, path)  # atomic: readers see no file or a complete one
-        finally:
-            tmp.unlink(missing_ok=True)
+        def write(f) -> None:
+            for entry in entries:
+                stored = read(entry)[:entry.nbytes]
+                if not entry.compressed:
+                    stored = stored.view(torch.float16).to(self.dtype).view(torch.uint8)
+                f.seek(entry.offset)
+                f.write(stored.numpy().tobytes())
+            f.truncate(max((e.offset + align_up(e.nbytes) for e in entries), default=0))
+
+        write_once(self.path(layer), write)
 
     def tensor(self, buf: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
         """The converted tensor inside `buf`, a read of its entry's bytes from this file: a view, no copy."""

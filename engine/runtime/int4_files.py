@@ -8,11 +8,10 @@ this CPU (the layout differs between torch's AVX-512 and AVX2 kernels, and a sto
 both kinds of host): per fused matrix, in store order, its packed
 codes (uint8 [out, in / 2], engine.model.int4_matmul's layout) then its scales and zeros
 (bfloat16 [in / group, out, 2]), each section on a page boundary (O_DIRECT). As many bytes as the
-store's copy. Written to a temporary file and renamed: a file that exists is complete.
+store's copy. Written once (tiers.write_once): a file that exists is complete.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,7 +22,7 @@ from engine.model import int4_matmul
 from engine.model.checkpoint import TensorEntry
 from engine.model.int4_matmul import Int4Weight
 from engine.runtime.compression import from_bytes
-from engine.runtime.tiers import align_up
+from engine.runtime.tiers import align_up, write_once
 
 
 @dataclass(frozen=True)
@@ -57,12 +56,7 @@ class KernelLayoutFiles:
 
     def ensure(self, layer: str, entries: list[TensorEntry], read: Callable[[TensorEntry], torch.Tensor]) -> None:
         """Write `layer`'s file unless it exists; `read(entry)` gives an entry's stored bytes."""
-        path = self.path(layer)
-        if path.exists():
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        def write(f) -> None:
             for entry, span in zip(entries, spans(entries).values()):
                 q = from_bytes(read(entry), entry.shape, num_bits=entry.num_bits, group_size=entry.group_size)
                 weight = int4_matmul.pack(q)
@@ -71,7 +65,8 @@ class KernelLayoutFiles:
                 f.seek(span.offset + align_up(span.packed))
                 f.write(weight.scales_and_zeros.view(torch.uint8).numpy().tobytes())
             f.truncate(sum(s.nbytes for s in spans(entries).values()))
-        os.replace(tmp, path)  # atomic: readers see no file or a complete one
+
+        write_once(self.path(layer), write)
 
     @staticmethod
     def weight(buf: torch.Tensor, entry: TensorEntry, span: Span) -> Int4Weight:

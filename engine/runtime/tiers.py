@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 
@@ -67,6 +68,23 @@ class TransferStats:
             out = {k: (v.bytes, v.seconds) for k, v in self.links.items() if v.bytes}
             self.links = {}
             return out
+
+
+def write_once(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file derived from the weight store unless it exists: `write(f)` fills a temporary
+    file, renamed into place when complete (a reader sees no file or a whole one; concurrent
+    writers each use their own temporary name). On any failure, a full disk included, the
+    temporary file is removed and the error raised."""
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def aligned_empty(nbytes: int, *, pin: bool = False) -> torch.Tensor:
