@@ -17,7 +17,7 @@ from engine.planning.cost_inputs import (Placement, Shape, Sizes, elem_bytes, fo
                                          weight_split)
 from engine.planning.cost_time import resource_max
 from engine.planning.hardware import HardwareProfile
-from engine.runtime.budgets import (StoreLayout, cache_quantize_scratch_bytes, cache_read_sets, estimate_memory,
+from engine.runtime.budgets import (StoreLayout, cache_buffer_slots, cache_quantize_scratch_bytes, estimate_memory,
                                    prefill_working_bytes)
 from engine.runtime.devices import torch_dtype
 from engine.runtime.policy import Policy
@@ -92,7 +92,7 @@ def _ram_only_peak(sh: Shape, z: Sizes, x: Placement, w: _Weights, p: _Phase, w_
     home = w.held + (x.cg + x.cc) * z.kv_total + (x.hg + x.hc) * p.act
     work = w.staging + w_work16 + kv_work16 + 2 * p.act_mb * w.activations_on_disk + p.inter
     if p.decode:  # the disk part's read buffers and a copy with the new position (budgets._cache_bytes)
-        work = work + (cache_read_sets(sh.num_gpu_batches) + 1) * z.kv_mb_full * x.cd
+        work = work + cache_buffer_slots(sh.num_gpu_batches) * z.kv_mb_full * x.cd
     return home + work
 
 
@@ -112,7 +112,7 @@ def _cpu_peak(cfg: OPTConfig, sh: Shape, z: Sizes, x: Placement, w: _Weights, p:
     home = w.held - w.on_gpu + x.cc * z.kv_total + x.hc * p.act
     work = w.staging + 2 * p.act_mb * w.activations_on_disk  # staging buffers for what comes from disk
     if p.decode:
-        work = work + (cache_read_sets(sh.num_gpu_batches) + 1) * z.kv_mb_full * x.cd
+        work = work + cache_buffer_slots(sh.num_gpu_batches) * z.kv_mb_full * x.cd
         if sh.cpu_cache_compute:  # scores of one micro-batch in fp32 on the CPU
             work = work + 4 * sh.gpu_batch_size * cfg.num_heads * (sh.prompt_len + sh.gen_len) + kv_work16
     return home + work

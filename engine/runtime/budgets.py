@@ -134,15 +134,20 @@ def cache_read_sets(num_gpu_batches: int) -> int:
     return max(num_gpu_batches, 2)
 
 
+def cache_buffer_slots(num_gpu_batches: int) -> int:
+    """Slots of RAM the disk part of the cache needs: its read buffers (`cache_read_sets`) and one
+    more, a compressed part's dequantised copy with the new position appended."""
+    return cache_read_sets(num_gpu_batches) + 1
+
+
 def _cache_bytes(cfg: ModelConfig, policy: Policy, slot: int) -> tuple[dict[Tier, int], int]:
-    """KV cache bytes per tier for slots of `slot` bytes, and the RAM buffers of its disk part: the
-    read buffers (`cache_read_sets`) and one more slot, a compressed part's dequantised copy with
-    the new position appended."""
+    """KV cache bytes per tier for slots of `slot` bytes, and the RAM buffers of its disk part
+    (`cache_buffer_slots`)."""
     pairs = policy.gpu_batch_size * cfg.num_kv_heads  # every slot is split the same way, by (row, KV head) pairs
     split = cache_pair_split(pairs, policy.cache_gpu_percent, policy.cache_cpu_percent)
     per_tier = {t: cfg.num_layers * policy.num_gpu_batches * slot * n // pairs
                 for t, n in zip((Tier.GPU, Tier.CPU, Tier.DISK), split)}
-    return per_tier, (cache_read_sets(policy.num_gpu_batches) + 1) * slot * split[2] // pairs
+    return per_tier, cache_buffer_slots(policy.num_gpu_batches) * slot * split[2] // pairs
 
 
 def _activation_bytes(cfg: ModelConfig, policy: Policy, act: int) -> dict[Tier, int]:
