@@ -21,6 +21,11 @@ import torch
 from engine.model import native_build
 
 SOURCE = Path(__file__).with_name("native_attention.c")
+# bfloat16 on AVX512-BF16: keys 16 at a time in vdpbf16ps dot products (native_attention_bf16.c);
+# it takes over the generic kernel's bfloat16 calls where the CPU has those instructions.
+BF16_SOURCE = Path(__file__).with_name("native_attention_bf16.c")
+BF16_CPU_FLAGS = ("avx512_bf16", "avx512bw")
+BF16_HEAD_DIMS = (32, 64, 128, 256)
 LANES = 8  # the kernel's partial sums in a dot product: head_dim must be a multiple
 # Queries per pair up to which a position-major cache is attended where it lies (the kernel then
 # reads it in tiles of pairs; native_attention.c's tile_pairs uses the same bound).
@@ -72,6 +77,8 @@ def _run(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offsets: tor
     if int(last_key.min()) < 0:
         raise ValueError("a query attends no key")
     kernel = getattr(_library(), _DTYPES[q.dtype])
+    if q.dtype == torch.bfloat16 and D in BF16_HEAD_DIMS and _bf16_library() is not None:
+        kernel = _bf16_library().attend_bf16_avx512
     pointer = ctypes.c_void_p
     failed = kernel(pointer(q.data_ptr()), pointer(keys.data_ptr()), pointer(values.data_ptr()),
                     pointer(offsets.data_ptr()), key_stride, pointer(last_key.data_ptr()), pointer(out.data_ptr()),
@@ -91,4 +98,19 @@ def _library() -> ctypes.CDLL | None:
     for name in _DTYPES.values():
         getattr(lib, name).argtypes = [ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
         getattr(lib, name).restype = ctypes.c_int
+    return lib
+
+
+@functools.cache
+def _bf16_library() -> ctypes.CDLL | None:
+    """The AVX512-BF16 kernel, where the CPU has it and it builds (else the generic one runs)."""
+    flags = native_build.cpu_flags().split()
+    if _library() is None or not all(flag in flags for flag in BF16_CPU_FLAGS):
+        return None
+    lib = native_build.load(BF16_SOURCE, "attention-bf16", switch=ENV_SWITCH,
+                            instead="bfloat16 attention runs on the generic native kernel")
+    if lib is not None:
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.attend_bf16_avx512.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
+        lib.attend_bf16_avx512.restype = ctypes.c_int
     return lib
