@@ -10,10 +10,12 @@ import os
 # huge pages (2-vCPU Zen4, --cpu-mem 4, same peak RSS). Set it to 0 to keep 4 KiB pages.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-# OpenMP's worker threads sleep when a parallel region ends instead of spinning for it: the engine's
-# I/O thread (weight and cache reads, cache writes and their syncs) shares the cores with the
-# compute thread's team, and spinning workers kept it off a core, so the team's next region waited
-# for it. Read once, when torch loads libgomp. On a 2-vCPU AVX2 host (float32, 6-layer opt-1.3b,
-# weights and cache on disk, 16x4) a decode step took 1.65-1.79 s against 1.81-1.99 s spinning; all
-# in RAM (32x1) 0.34-0.40 s against 0.36-0.45 s, with the same ids. Set it to ACTIVE to spin.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP's worker threads spin for a short while when a parallel region ends (GOMP_SPINCOUNT
+# iterations, tens of microseconds), then sleep. Sleeping at once (OMP_WAIT_POLICY=PASSIVE) woke a
+# thread for every small operation: all in RAM on a 2-vCPU Xeon (bfloat16, opt-1.3b, 32x1) a decode
+# step took 0.26-0.27 s against 0.23-0.24 s with this spin or spinning without end. Spinning without
+# end (ACTIVE) keeps the cores from the engine's I/O thread, which reads weights and cache from disk
+# between the compute thread's regions (2-vCPU Zen3, weights and cache on disk: a decode step 1.81-1.99 s
+# against 1.65-1.79 s passive). libgomp reads these once, when torch loads it; a wait policy the user
+# sets wins over the spin count.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
