@@ -4,7 +4,9 @@
     python benchmarks/bench_engine.py --model DIR --gen-len 8 --quick          # smoke
 
 (a) All weights in RAM: this engine at several block shapes vs transformers `generate` at batch 8,
-    16, 32. Metric: generated tokens/s over the whole run, prefill included (FlexGen's metric).
+    16, 32. Metric: generated tokens/s over the whole run, prefill included (FlexGen's metric). Each
+    side first runs one prefill of the same batch (one new token), not counted: a process's first
+    calls pay one-off costs (kernel choices, fresh pages). `prefill_s` is that first prefill.
 (b) Weights on disk under --cpu-mem: this engine (page cache bypassed: O_DIRECT reads) vs
     transformers + accelerate disk offload (`device_map` with `max_memory`), whose measured peak RSS
     must fit the same budget. Also the fraction of the roofline reached: per step
@@ -45,12 +47,18 @@ engine = Engine(args["model"], policy, dtype=args["dtype"], offload_dir=args["of
 rows = [RowInput(row_id=i, prompt_ids=tuple(100 + (i * 7 + j) % 5000 for j in range(args["prompt_len"])))
         for i in range(policy.block_size)]
 stop = (-1,)  # never stop early: every row generates gen_len tokens, as in FlexGen's benchmark
+first_prefill_s = None
+if args.get("warm_up"):  # HF_RUN's protocol: one prefill of the same rows first, timed on its own
+    engine.generate(rows, GenerationParams(max_new_tokens=1, stop_token_ids=stop))
+    first_prefill_s = engine.stats.blocks[0].prefill_s
+    engine.stats.blocks.clear()
 started = time.perf_counter()
 engine.generate(rows, GenerationParams(max_new_tokens=args["gen_len"], stop_token_ids=stop))
 elapsed = time.perf_counter() - started
 b = engine.stats.blocks[0]
 print(json.dumps({"tokens_per_s": engine.stats.generated_tokens / elapsed, "seconds": elapsed,
-                  "prefill_s": b.prefill_s, "disk_read_bytes": b.transfers.get("disk_read", (0, 0))[0],
+                  "prefill_s": first_prefill_s if first_prefill_s is not None else b.prefill_s,
+                  "timed_prefill_s": b.prefill_s, "disk_read_bytes": b.transfers.get("disk_read", (0, 0))[0],
                   "disk_read_s": b.transfers.get("disk_read", (0, 0))[1], "peak_rss": engine.stats.peak_rss_bytes,
                   "dequantize_s": b.transfers.get("dequantize", (0, 0))[1], "steps": args["gen_len"],
                   "weights_disk_bytes": engine.weights.disk_bytes_per_step()}))
@@ -215,7 +223,8 @@ def run_in_ram(base: dict, hf_batches: list[int], blocks: list[tuple[int, int]],
             rows.append({"part": "a", "system": "transformers", "config": f"batch {shape}", **r})
         else:
             r = run_child_rss(ENGINE_RUN, {**base, "percent": [100, 0, 100, 0, 100, 0], "gbs": shape[0],
-                                           "nb": shape[1], "offload": str(offload), "cpu_mem": None})
+                                           "nb": shape[1], "offload": str(offload), "cpu_mem": None,
+                                           "warm_up": True})
             rows.append({"part": "a", "system": "flexjob", "config": f"{shape[0]}x{shape[1]} all RAM", **r})
         print(rows[-1], flush=True)
     return rows

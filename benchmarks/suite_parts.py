@@ -51,8 +51,9 @@ def part_ram(cfg: SuiteConfig, model: Path, dtype: str) -> Part:
     for r in rows:
         r["peak_rss_gib"] = _rss(r)
     return Part("ram", f"All weights in RAM: flexjob vs transformers `generate` (prompt {cfg.prompt_len}, "
-                       f"gen {cfg.gen_len})", rows, (("prefill_s", "prefill s"), ("seconds", "seconds"),
-                                                     ("peak_rss_gib", "peak RSS GiB")))
+                       f"gen {cfg.gen_len}; each after one prefill of the same batch, whose time is the "
+                       f"first prefill column)", rows,
+                (("prefill_s", "first prefill s"), ("seconds", "seconds"), ("peak_rss_gib", "peak RSS GiB")))
 
 
 def part_disk(cfg: SuiteConfig, model: Path, dtype: str) -> Part:

@@ -39,6 +39,14 @@ def available() -> bool:
     return _library() is not None
 
 
+def bf16_kernel() -> str | None:
+    """Which kernel bfloat16 attention runs on in this process: "avx512-bf16", "generic", or None
+    (no native kernel: the library path)."""
+    if _library() is None:
+        return None
+    return "avx512-bf16" if _bf16_library() is not None else "generic"
+
+
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the kernel can take these tensors: on the CPU, float32 or bfloat16, head_dim a multiple
     of LANES, each key and value a contiguous row, keys and values laid out alike."""

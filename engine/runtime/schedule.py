@@ -277,18 +277,22 @@ class BlockRunner:
         """Attention of one micro-batch's projected q, k, v [B, s, .] over its cache slot -> [B, s, h]."""
         cfg = self.ctx.cfg
         layers = self.layers
-        rows = layers.cache_rows(k, v)  # [s, 2, B, Hkv*D]
-        new = rows.reshape(rows.shape[0], 2, -1, cfg.head_dim)  # [s, 2, B*Hkv, D]: the (row, KV head) pairs
+        heads = (k.view(*k.shape[:2], -1, cfg.head_dim), v.view(*v.shape[:2], -1, cfg.head_dim))  # [B, s, Hkv, D]
+        prefill = mb.length == mb.query_len  # nothing cached yet: attend the new positions whole
+        new = None
+        if not prefill or any(part.aligned is None for part in slot.parts):
+            rows = layers.cache_rows(k, v)  # [s, 2, B, Hkv*D]
+            new = rows.reshape(rows.shape[0], 2, -1, cfg.head_dim)  # [s, 2, B*Hkv, D]: the (row, KV head) pairs
         q_pairs = layers.to_pairs(cfg, q)  # [B*Hkv, G*s, D]: the G query heads of each pair, head-major
         # Every query's cache position: the step's s positions, once per query head of the pair.
         query_pos = torch.arange(mb.length - mb.query_len, mb.length,
                                  device=q.device).repeat(q_pairs.shape[1] // mb.query_len)
-        if mb.length == mb.query_len:  # the prefill: nothing cached yet, attend the new positions whole
+        if prefill:
             out = []
             for part in slot.parts:
                 if part.aligned is not None:
-                    out.append(self._attend_in_place(part, q_pairs[part.pairs], new[:, :, part.pairs],
-                                                     mb.first[part.pairs], query_pos))
+                    part.append_heads(*heads)
+                    out.append(self._attend_aligned_part(part, q_pairs[part.pairs], mb.first[part.pairs], query_pos))
                     continue
                 stored = part.encode(new[:, :, part.pairs])
                 self._append(part, stored)
@@ -332,9 +336,14 @@ class BlockRunner:
 
     def _attend_in_place(self, part: CachePart, q: torch.Tensor, new: torch.Tensor, first: torch.Tensor,
                          query_pos: torch.Tensor) -> torch.Tensor:
-        """Append the step's positions to a memory part and attend over its aligned keys and values
-        where they are (a prefill's S queries or a decode step's one)."""
+        """Append the step's positions to a memory part and attend over its aligned keys and values."""
         part.append(new)
+        return self._attend_aligned_part(part, q, first, query_pos)
+
+    def _attend_aligned_part(self, part: CachePart, q: torch.Tensor, first: torch.Tensor,
+                             query_pos: torch.Tensor) -> torch.Tensor:
+        """Attention over a memory part's aligned keys and values where they are (a prefill's S
+        queries or a decode step's one)."""
         keys, values = part.aligned.keys, part.aligned.values
         if keys.device == q.device:
             return attend_aligned(q, keys, values, first, query_pos)

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from engine.model import native_attention
+from engine.model import native_attention, native_build
 from engine.model.kernel_shapes import key_capacity
 from engine.model.attention import attend_aligned_library
 
@@ -109,10 +109,35 @@ def test_a_cache_read_from_disk_is_attended_in_place_as_one_held_in_memory_is(dt
     assert torch.equal(in_place, attend("native", q, k, v, first))
 
 
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 256])
+def test_bfloat16_on_avx512_bf16_gives_every_position_its_decode_bits_at_every_head_dim(head_dim):
+    # The AVX512-BF16 kernel weighs values for up to 4 queries per pass in a prefill and for one in
+    # a decode step, with an instance per head_dim: each must give a query its decode step's bits.
+    if native_attention.bf16_kernel() != "avx512-bf16":
+        pytest.skip("this CPU has no AVX512-BF16: bfloat16 attention runs on the generic native kernel")
+    gen = torch.Generator().manual_seed(head_dim)
+    n, T = 6, 70
+    q = (torch.randn(n, T, head_dim, generator=gen) * head_dim ** -0.5).bfloat16()
+    kh, vh = (torch.randn(n, key_capacity(T), head_dim, generator=gen).bfloat16() for _ in range(2))
+    first = torch.tensor([0, 3, 0, 17, 5, 0])
+    last_key = (torch.arange(T)[None, :] - first[:, None]).clamp(min=0)
+    prefill = native_attention.attend_aligned(q, kh, vh, last_key)
+    for pos in (0, 1, 2, 3, 4, 15, 16, 17, 40, 69):
+        step = native_attention.attend_aligned(q[:, pos:pos + 1], kh, vh, last_key[:, pos:pos + 1])
+        assert torch.equal(prefill[:, pos:pos + 1], step), f"position {pos}"
+    for p in range(n):
+        keys = int(last_key[p, -1]) + 1
+        want = torch.softmax(q[p, -1].double() @ kh[p, :keys].double().T, dim=-1) @ vh[p, :keys].double()
+        torch.testing.assert_close(prefill[p, -1].double(), want, rtol=2e-2, atol=2e-2)
+
+
 def test_the_kernel_is_built_wherever_a_c_compiler_is():
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler on this machine: attention runs on the library path")
     assert native_attention.available()
+    flags = native_build.cpu_flags().split()
+    with_avx512_bf16 = all(flag in flags for flag in native_attention.BF16_CPU_FLAGS)
+    assert native_attention.bf16_kernel() == ("avx512-bf16" if with_avx512_bf16 else "generic")
 
 
 def test_the_switch_turns_the_kernel_off():

@@ -96,3 +96,32 @@ def test_a_memory_part_keeps_each_pair_aligned_at_its_first_real_position(tmp_pa
         want = torch.softmax(q[p].double() @ k.T, dim=-1) @ v
         torch.testing.assert_close(got[p].double(), want, rtol=1e-5, atol=1e-6)
     slot.close()
+
+
+@pytest.mark.parametrize("gpu_percent,cpu_percent", [(0, 100), (0, 55), (10, 55)])
+def test_a_prefill_written_from_the_projections_layout_stores_what_the_position_major_rows_store(
+        tmp_path, gpu_percent, cpu_percent):
+    """append_heads (a prefill's keys and values as [B, s, H, D]) against append (the same positions
+    position-major): the same aligned keys and values, for left-padded rows whose runs of equal
+    padding span several rows, and for memory parts that end or start mid-row (10 % and 55 % of 5
+    rows x 3 heads: pair 0 in the first part, pairs 1 .. 8 in the second)."""
+    rows, heads, head_dim, prompt = 5, 3, 8, 6
+    first = torch.tensor([0, 0, 2, 2, 5]).repeat_interleave(heads)
+    torch.manual_seed(1)
+    k, v = (torch.randn(rows, prompt, heads, head_dim) for _ in range(2))
+    position_major = torch.stack((k, v)).permute(2, 0, 1, 3, 4).reshape(prompt, 2, rows * heads, head_dim)
+    slots = [CacheSlot(rows, prompt + 1, heads, head_dim, gpu_percent, cpu_percent, torch.float32,
+                       torch.device("cpu"), DiskTier(tmp_path / name, TransferStats()), tmp_path / name / "kv.bin",
+                       first=first) for name in ("rows", "heads")]
+    in_memory = [[part for part in slot.parts if part.aligned is not None] for slot in slots]
+    assert [part.count for part in in_memory[0]] == {(0, 100): [15], (0, 55): [8], (10, 55): [1, 8]}[gpu_percent, cpu_percent]
+    for by_rows, by_heads in zip(*in_memory):
+        by_rows.append(position_major[:, :, by_rows.pairs])
+        by_heads.append_heads(k, v)
+        assert by_heads.length == by_rows.length == prompt
+        assert torch.equal(by_heads.aligned.keys, by_rows.aligned.keys)
+        assert torch.equal(by_heads.aligned.values, by_rows.aligned.values)
+        real = torch.arange(prompt)[:, None] >= first[by_rows.pairs][None, :]  # [T, pairs]
+        assert torch.equal(by_heads.read(), position_major[:, :, by_rows.pairs] * real[:, None, :, None])
+    for slot in slots:
+        slot.close()
