@@ -55,13 +55,15 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and q.shape[-1] % LANES == 0 and k.stride(-1) == 1 and v.stride() == k.stride() and available())
 
 
-def attend_aligned(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, last_key: torch.Tensor) -> torch.Tensor:
+def attend_aligned(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, last_key: torch.Tensor,
+                   kernel: str | None = None) -> torch.Tensor:
     """q [n, S, D]; kh, vh [n, C, D], the aligned layout (pair p's first real position at index 0);
-    last_key [n, S]: the last aligned key each query attends (it attends 0 .. last_key). -> [n, S, D]."""
+    last_key [n, S]: the last aligned key each query attends (it attends 0 .. last_key). -> [n, S, D].
+    `kernel` ("generic" or "avx512-bf16") picks one for bfloat16 (benchmarks); None: `bf16_kernel()`."""
     if last_key.numel() and int(last_key.max()) >= kh.shape[1]:
         raise ValueError(f"attention over {kh.shape[1]} keys asked for key {int(last_key.max())}")
     offsets = torch.arange(kh.shape[0], dtype=torch.int64) * kh.stride(0)
-    return _run(q, kh, vh, offsets, kh.stride(1), last_key)
+    return _run(q, kh, vh, offsets, kh.stride(1), last_key, kernel)
 
 
 def attend_position_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: torch.Tensor,
@@ -76,7 +78,7 @@ def attend_position_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fir
 
 
 def _run(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, key_stride: int,
-         last_key: torch.Tensor) -> torch.Tensor:
+         last_key: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
     n, S, D = q.shape
     q, last_key = q.contiguous(), last_key.to(torch.int64).contiguous()
     out = torch.empty_like(q)
@@ -84,13 +86,16 @@ def _run(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offsets: tor
         return out
     if int(last_key.min()) < 0:
         raise ValueError("a query attends no key")
-    kernel = getattr(_library(), _DTYPES[q.dtype])
-    if q.dtype == torch.bfloat16 and D in BF16_HEAD_DIMS and _bf16_library() is not None:
-        kernel = _bf16_library().attend_bf16_avx512
+    if q.dtype == torch.bfloat16 and D in BF16_HEAD_DIMS and (kernel or bf16_kernel()) == "avx512-bf16":
+        function = _bf16_library().attend_bf16_avx512
+    else:
+        function = getattr(_library(), _DTYPES[q.dtype])
     pointer = ctypes.c_void_p
-    failed = kernel(pointer(q.data_ptr()), pointer(keys.data_ptr()), pointer(values.data_ptr()),
+    failed = function(pointer(q.data_ptr()), pointer(keys.data_ptr()), pointer(values.data_ptr()),
                     pointer(offsets.data_ptr()), key_stride, pointer(last_key.data_ptr()), pointer(out.data_ptr()),
                     n, S, D, int(last_key.max()) + 1, torch.get_num_threads())
+    if failed == 2:
+        raise ValueError(f"the bfloat16 attention kernel takes head_dim {BF16_HEAD_DIMS}, not {D}")
     if failed:
         raise MemoryError("native attention could not allocate its per-thread scratch")
     return out
