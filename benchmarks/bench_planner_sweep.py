@@ -113,17 +113,20 @@ def sweep(opts: argparse.Namespace) -> tuple[list[dict], str, object]:
             runs[name].append(r)
             print(f"  {name:28} {r.get('tokens_per_s', 0):7.2f} tok/s {r.get('error', '')}", flush=True)
 
+    from jobrunner.worker.replan import worker_reserved_gib
+    # The CPU budget for the engine's tensors, as the planner counts it (the process's own memory off).
+    cpu_budget = None if opts.cpu_mem is None else max(0.0, opts.cpu_mem - worker_reserved_gib())
     rows = []
     for name, policy in candidates:
         ok = [r for r in runs[name] if "tokens_per_s" in r]
         median = sorted(ok, key=lambda r: r["tokens_per_s"])[(len(ok) - 1) // 2] if ok else runs[name][0]
-        pred = estimate(cfg, hw, policy, prompt_len=opts.prompt_len, gen_len=opts.gen_len)
+        pred = estimate(cfg, hw, policy, prompt_len=opts.prompt_len, gen_len=opts.gen_len, cpu_budget_gib=cpu_budget)
         measured = median.get("tokens_per_s")
         # The same prediction at the disk read bandwidth this run saw (what the re-planning monitor
         # feeds the LP): a shared host's disk drifts by 2-3x within an hour, the cost model should not.
         seen_gbps = median["disk_read_bytes"] / median["disk_read_s"] / 1e9 if median.get("disk_read_s") else None
         at_seen = estimate(cfg, hw.replace(disk_read_gbps=seen_gbps), policy, prompt_len=opts.prompt_len,
-                           gen_len=opts.gen_len).tokens_per_s if seen_gbps else pred.tokens_per_s
+                           gen_len=opts.gen_len, cpu_budget_gib=cpu_budget).tokens_per_s if seen_gbps else pred.tokens_per_s
         rows.append({"policy": name, "describe": policy.describe(), "lossy": policy.compress_weight,
                      "policy_dict": policy.to_dict(), "measured_tokens_per_s": measured,
                      "predicted_tokens_per_s": pred.tokens_per_s,

@@ -26,8 +26,8 @@ from engine.model.kernels import pack_for_cpu
 from engine.model.config import layer_tensor_shapes, preset
 from engine.planning.cost_inputs import Placement, Shape
 from engine.planning.cost_time import phase_terms
-from engine.planning.hardware import HardwareProfile
-from engine.runtime.budgets import configure_allocator
+from engine.planning.hardware import PREFILL_KEPT, HardwareProfile
+from engine.runtime.budgets import KEEP_FREED_THRESHOLD, configure_allocator
 from engine.runtime.kv_cache import AlignedPairs
 from engine.runtime.policy import Policy
 
@@ -89,7 +89,9 @@ def _predicted(cfg, hw: HardwareProfile, phase: str, rows: int, part: str) -> fl
 def measure_compute_scale(hw: HardwareProfile, device: str, dtype: torch.dtype, timed,
                           cfg=None) -> dict[str, float]:
     """Measured / predicted compute time of the engine's own code on `device`, for `cfg`'s
-    dimensions (default: opt-1.3b's): "prefill" (one micro-batch of PREFILL_ROWS x PROMPT_LEN),
+    dimensions (default: opt-1.3b's): "prefill" (one micro-batch of PREFILL_ROWS x PROMPT_LEN, its
+    intermediates faulted in anew as under a tight budget), PREFILL_KEPT (the same with the
+    allocator keeping freed blocks, as where the budget has room: engine.runtime.budgets),
     "decode" (DECODE_ROWS), and, per row count of a decode micro-batch, "decode:R" and "head:R"
     (the final LayerNorm and the output head over R rows: a vocabulary-wide matmul whose speed at
     small R the generic linear table, timed on one shape, misses by up to 2x).
@@ -99,13 +101,20 @@ def measure_compute_scale(hw: HardwareProfile, device: str, dtype: torch.dtype, 
     faster than the engine's, where 24 calls in a row averaged within 10 % of it). Every point is
     timed in ROUNDS rounds over all points and the median round counts: a neighbour's burst of a
     few seconds on a shared host (seen: one point 2x off) then spoils one round, not the figure."""
-    configure_allocator()  # the engine's allocator setting: big intermediates cost page faults there
     cfg = dataclasses.replace(cfg or preset("1.3b"), num_layers=1)
     dev = torch.device(device)
     w, head = _layer_weights(cfg, dev, dtype), _head_weights(cfg, dev, dtype)
-    rounds = [_time_points(cfg, w, head, timed) for _ in range(ROUNDS)]
+    rounds = []
+    for _ in range(ROUNDS):
+        configure_allocator()  # a tight budget's setting: big intermediates cost page faults there
+        points = _time_points(cfg, w, head, timed)
+        configure_allocator(KEEP_FREED_THRESHOLD)  # a budget with room: freed intermediates are reused
+        points[PREFILL_KEPT] = _time_prefill(cfg, w, timed)
+        rounds.append(points)
+    configure_allocator()
     measured = {point: statistics.median(r[point] for r in rounds) for point in rounds[0]}
-    scale = {"prefill": measured["prefill"] / _predicted(cfg, hw, "prefill", PREFILL_ROWS, "layer")}
+    scale = {part: measured[part] / _predicted(cfg, hw, "prefill", PREFILL_ROWS, "layer")
+             for part in ("prefill", PREFILL_KEPT)}
     for rows in DECODE_ROW_COUNTS:
         scale[f"decode:{rows}"] = measured[f"decode:{rows}"] / _predicted(cfg, hw, "decode", rows, "layer")
         scale[f"head:{rows}"] = measured[f"head:{rows}"] / _predicted(cfg, hw, "decode", rows, "head")
@@ -118,10 +127,8 @@ def _time_points(cfg, w: dict, head: dict, timed) -> dict[str, float]:
     dev, dtype = next(iter(w.values())).device, next(iter(w.values())).dtype
     hid, total = cfg.hidden_size, PROMPT_LEN + GEN_LEN
     out = {}
+    out["prefill"] = _time_prefill(cfg, w, timed)
     with torch.inference_mode():
-        x = torch.full((PREFILL_ROWS, PROMPT_LEN, hid), 0.1, device=dev, dtype=dtype)
-        cache = _cache(cfg, PREFILL_ROWS, total, dev, dtype)
-        out["prefill"] = timed(lambda: _layer_step(cfg, w, x, cache, 0))
         context = PROMPT_LEN + GEN_LEN // 2
         for rows in DECODE_ROW_COUNTS:
             x = torch.full((rows, 1, hid), 0.1, device=dev, dtype=dtype)
@@ -133,6 +140,15 @@ def _time_points(cfg, w: dict, head: dict, timed) -> dict[str, float]:
             x = torch.full((rows, hid), 0.1, device=dev, dtype=dtype)
             out[f"head:{rows}"] = timed(lambda: family_math(cfg).output_logits(head, cfg, x))
     return out
+
+
+def _time_prefill(cfg, w: dict, timed) -> float:
+    """Seconds per call of one prefill micro-batch (PREFILL_ROWS x PROMPT_LEN) in one layer."""
+    dev, dtype = next(iter(w.values())).device, next(iter(w.values())).dtype
+    with torch.inference_mode():
+        x = torch.full((PREFILL_ROWS, PROMPT_LEN, cfg.hidden_size), 0.1, device=dev, dtype=dtype)
+        cache = _cache(cfg, PREFILL_ROWS, PROMPT_LEN + GEN_LEN, dev, dtype)
+        return timed(lambda: _layer_step(cfg, w, x, cache, 0))
 
 
 def _cache(cfg, rows: int, max_len: int, device: torch.device, dtype: torch.dtype) -> AlignedPairs:

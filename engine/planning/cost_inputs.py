@@ -81,6 +81,10 @@ class Shape:
     cpu_cache_compute: bool = False
     overlap: bool = True
     compression: CompressionConfig = CompressionConfig()
+    # Whether the CPU budget leaves the allocator room to keep a prefill's freed intermediates
+    # (engine.runtime.budgets.freed_bytes_to_keep); where it does not, each is faulted in anew in
+    # every layer, and the prefill is priced at the calibration's faulting rate.
+    keeps_freed_blocks: bool = False
 
     @property
     def block_size(self) -> int:

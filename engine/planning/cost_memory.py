@@ -17,8 +17,8 @@ from engine.planning.cost_inputs import (Placement, Shape, Sizes, elem_bytes, fo
                                          weight_split)
 from engine.planning.cost_time import resource_max
 from engine.planning.hardware import HardwareProfile
-from engine.runtime.budgets import (StoreLayout, cache_buffer_slots, cache_quantize_scratch_bytes, estimate_memory,
-                                   prefill_working_bytes)
+from engine.runtime.budgets import (MemoryEstimate, StoreLayout, cache_buffer_slots, cache_quantize_scratch_bytes,
+                                   estimate_memory, freed_bytes_to_keep, prefill_working_bytes)
 from engine.runtime.devices import torch_dtype
 from engine.runtime.policy import Policy
 from engine.runtime.weight_tiers import streams_converted_copies
@@ -158,13 +158,28 @@ def peak_bytes(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, *,
     return out
 
 
-def engine_peak_bytes(cfg: OPTConfig, hw: HardwareProfile, policy: Policy, *, prompt_len: int,
-                      gen_len: int) -> dict[str, int]:
+def engine_memory(cfg: OPTConfig, hw: HardwareProfile, policy: Policy, *, prompt_len: int,
+                  gen_len: int) -> MemoryEstimate:
     """What the engine's own budget check (engine.runtime.budgets.estimate_memory) counts for a
-    policy on this hardware, per tier, without the process's own memory (the planner takes that off
-    the CPU budget). This, not the linear model above, is the figure every plan must fit."""
+    policy on this hardware, without the process's own memory (the planner takes that off the CPU
+    budget). This, not the linear model above, is the figure every plan must fit."""
     layout = StoreLayout.of(cfg, policy.compression if policy.compress_weight else None)
     device = torch.device("cuda" if hw.has_gpu else "cpu")
-    est = estimate_memory(cfg, layout, policy, device, torch_dtype(hw.compute_dtype), prompt_len=prompt_len,
-                          gen_len=gen_len, process_bytes=0)
+    return estimate_memory(cfg, layout, policy, device, torch_dtype(hw.compute_dtype), prompt_len=prompt_len,
+                           gen_len=gen_len, process_bytes=0)
+
+
+def engine_peak_bytes(est: MemoryEstimate) -> dict[str, int]:
+    """`engine_memory`'s totals per tier."""
     return {"gpu": est.gpu_total, "cpu": est.cpu_total}
+
+
+def keeps_prefill_intermediates(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, est: MemoryEstimate,
+                                cpu_budget_gib: float | None) -> bool:
+    """Whether the allocator keeps a prefill micro-batch's freed hidden-state-sized intermediates
+    (q, k, v, LayerNorm and residual outputs) under this CPU budget, as the engine sets it
+    (engine.runtime.budgets.freed_bytes_to_keep); a device other than the CPU computes elsewhere."""
+    if hw.has_gpu:
+        return True
+    hidden_state = sh.gpu_batch_size * sh.prompt_len * cfg.hidden_size * elem_bytes(hw)
+    return freed_bytes_to_keep(est, cpu_budget_gib) >= hidden_state

@@ -20,12 +20,13 @@ tier); this module combines them into step and block times and a policy's `Estim
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from engine.model.config import OPTConfig
 from engine.planning.cost_inputs import GB, GIB, Placement, Shape
-from engine.planning.cost_memory import engine_peak_bytes, peak_bytes
+from engine.planning.cost_memory import engine_memory, engine_peak_bytes, keeps_prefill_intermediates, peak_bytes
 from engine.planning.cost_time import phase_terms, resource_max
 from engine.planning.hardware import HardwareProfile
 from engine.runtime.policy import Policy
@@ -61,9 +62,14 @@ def block_time(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement) -> 
 
 
 def estimate(cfg: OPTConfig, hw: HardwareProfile, policy: Policy, *, prompt_len: int,
-             gen_len: int) -> Estimate:
-    """Predicted throughput and peak memory of a concrete policy (floats)."""
+             gen_len: int, cpu_budget_gib: float | None = None) -> Estimate:
+    """Predicted throughput and peak memory of a concrete policy (floats). `cpu_budget_gib`: the CPU
+    budget for the engine's tensors (without the process's own memory, as the planner counts it;
+    None: no budget). What it leaves beside the peak decides whether a prefill's freed
+    intermediates are kept or faulted in anew in every layer (cost_memory.keeps_prefill_intermediates)."""
+    memory = engine_memory(cfg, hw, policy, prompt_len=prompt_len, gen_len=gen_len)
     sh = Shape.from_policy(policy, prompt_len=prompt_len, gen_len=gen_len)
+    sh = dataclasses.replace(sh, keeps_freed_blocks=keeps_prefill_intermediates(cfg, hw, sh, memory, cpu_budget_gib))
     x = Placement.from_policy(policy, cfg.num_kv_heads)
     pre = float(step_time(cfg, hw, sh, x, decode=False))
     dec = float(step_time(cfg, hw, sh, x, decode=True))
@@ -75,7 +81,7 @@ def estimate(cfg: OPTConfig, hw: HardwareProfile, policy: Policy, *, prompt_len:
     # GPU and RAM peaks as the engine's budget check counts them (one memory model: a plan the
     # planner accepts is one the engine accepts); the disk's from the cost model.
     peaks = {**peak_bytes(cfg, hw, sh, x, exact=True),
-             **engine_peak_bytes(cfg, hw, policy, prompt_len=prompt_len, gen_len=gen_len)}
+             **engine_peak_bytes(memory)}
     return Estimate(
         tokens_per_s=sh.block_size * gen_len / total, total_s=total, prefill_s=pre, decode_step_s=dec,
         peak_gib={t: float(v) / GIB for t, v in peaks.items()},

@@ -20,7 +20,7 @@ from engine.model.kernel_shapes import (ATTENTION_OPS_PER_QUERY_GROUP, attended_
 from engine.planning.cost_inputs import (GB, OPS_PER_LAYER, TENSORS_PER_LAYER, Placement, Shape, Sizes,
                                          WeightSplit, compression_factor, elem_bytes, four_bit_prompt_copy, sizes,
                                          weight_split)
-from engine.planning.hardware import HardwareProfile
+from engine.planning.hardware import PREFILL_KEPT, HardwareProfile
 from engine.runtime.devices import torch_dtype
 from engine.runtime.weight_tiers import streams_converted_copies
 
@@ -157,7 +157,7 @@ def _layer_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z
                      _weight_and_activation_terms(cfg, hw, sh, x, z, ws, r, decode=decode, in_place=in_place),
                      decode=decode)
     # The engine's whole layer against the sum of its kernels (measured by the profiler).
-    compute = t["compute"] * hw.scale_for(model_key(cfg), "decode" if decode else "prefill",
+    compute = t["compute"] * hw.scale_for(model_key(cfg), "decode" if decode else _prefill_part(cfg, hw, sh),
                                           sh.block_size if decode else sh.gpu_batch_size)
     if sh.compress_weight and not (in_place and decode):
         compute = compute + z.w16 * r.dequant * (sh.num_gpu_batches if in_place else 1)
@@ -169,6 +169,12 @@ def _layer_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z
     disk = t["disk"] + TENSORS_PER_LAYER * ws.layers_on_disk * r_lat + nb * x.hd * (r_lat + w_lat)
     disk = disk + nb * x.cd * (w_lat + (r_lat if decode else 0.0))
     return {"disk": disk, "cpu_to_gpu": t["cpu_to_gpu"], "gpu_to_cpu": t["gpu_to_cpu"], "compute": compute}
+
+
+def _prefill_part(cfg: OPTConfig, hw: HardwareProfile, sh: Shape) -> str:
+    """The calibration point of a prefill layer: with its freed intermediates kept where the shape
+    says the budget has room and the profile measured that case, else with each faulted in anew."""
+    return PREFILL_KEPT if sh.keeps_freed_blocks and hw.has_scale(model_key(cfg), PREFILL_KEPT) else "prefill"
 
 
 def _head_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z: Sizes, ws: WeightSplit,

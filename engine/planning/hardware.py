@@ -29,7 +29,10 @@ LINK_FIELDS = {
 }
 
 PROFILE_HINT = "write one with engine.planning.profiler.measure_profile(...).save(FILE), or by hand"
-PROFILE_VERSION = 14  # a stored profile of another version is measured again: its fields mean other things
+# The calibration point of a prefill layer whose freed intermediates the allocator keeps (the
+# "prefill" point faults each in anew: engine.planning.calibration).
+PREFILL_KEPT = "prefill_kept"
+PROFILE_VERSION = 15  # a stored profile of another version is measured again: its fields mean other things
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,6 +149,11 @@ class HardwareProfile:
                     return weight_bytes * t0 * (t1 / t0) ** frac
                 return weight_bytes * (t0 + frac * (t1 - t0))
         raise AssertionError("unreachable")
+
+    def has_scale(self, model: str, part: str) -> bool:
+        """Whether `scale_for` has a measured figure for `part` (else it answers 1.0)."""
+        own = self.model_compute_scale.get(model) or self.compute_scale
+        return part in own or any(k.startswith(part + ":") for k in own)
 
     def scale_for(self, model: str, part: str, rows: float) -> float:
         """Measured / predicted compute of `part` ("prefill", "decode": a decoder layer; "head": the

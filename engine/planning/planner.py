@@ -329,10 +329,10 @@ def _lp_policy(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, limits: dict[str,
         return None
     lp_s, x = res
     pol = to_policy(sh, x)
-    est = estimate(cfg, hw, pol, prompt_len=prompt_len, gen_len=gen_len)
+    est = estimate(cfg, hw, pol, prompt_len=prompt_len, gen_len=gen_len, cpu_budget_gib=budgets.get("cpu"))
     if not est.fits(budgets):
         pol = _exact_policy(sh, x)
-        est = estimate(cfg, hw, pol, prompt_len=prompt_len, gen_len=gen_len)
+        est = estimate(cfg, hw, pol, prompt_len=prompt_len, gen_len=gen_len, cpu_budget_gib=budgets.get("cpu"))
     return lp_s, pol, est
 
 

@@ -123,7 +123,11 @@ class BandwidthMonitor:
         self.reference = new_hw
         budgets = dict(gpu_mem_gib=self.gpu_mem_gib, cpu_mem_gib=self.cpu_mem_gib,
                        disk_mem_gib=self.disk_mem_gib)
-        old = estimate(self.config, new_hw, self.policy, prompt_len=self.prompt_len, gen_len=self.gen_len)
+        cpu_budget = self.cpu_mem_gib
+        if cpu_budget is not None:  # as plan() counts it: without the process's own memory
+            cpu_budget = max(0.0, cpu_budget - self.plan_kwargs.get("cpu_reserved_gib", 0.0))
+        old = estimate(self.config, new_hw, self.policy, prompt_len=self.prompt_len, gen_len=self.gen_len,
+                       cpu_budget_gib=cpu_budget)
         try:
             new = plan(self.config, new_hw, prompt_len=self.prompt_len, gen_len=self.gen_len,
                        **budgets, **self.plan_kwargs)

@@ -11,7 +11,7 @@ from engine.planning.cost_inputs import (GB, GIB, Placement, Shape, compression_
 from engine.planning.cost_model import block_time, estimate, traffic_per_token
 from engine.planning.cost_memory import peak_bytes
 from engine.planning.cost_time import phase_terms
-from engine.planning.hardware import HardwareProfile, t4_flexgen
+from engine.planning.hardware import PREFILL_KEPT, HardwareProfile, t4_flexgen
 from engine.model.config import preset
 from engine.runtime.policy import CompressionConfig, Policy
 
@@ -229,6 +229,27 @@ def test_compute_scale_multiplies_layer_compute_and_cpu_conversion_does_not_over
     assert layer["compute"] - no_convert["compute"] == pytest.approx(4 * cfg.layer_param_count() / 4e9)  # fp32 bytes out
     assert phase_terms(cfg, hw, sh, x, decode=True) == phase_terms(cfg, hw.replace(convert_gbps=0.0), sh, x,
                                                                    decode=True)
+
+
+def test_a_prefill_is_priced_at_the_kept_rate_only_where_the_cpu_budget_leaves_room_to_keep_freed_blocks():
+    # The engine keeps a prefill's freed intermediates where its CPU budget has room beside the
+    # peak (budgets.freed_bytes_to_keep), else it faults each in anew in every layer: the profile's
+    # two calibration points.
+    cfg = preset("1.3b")
+    hw = HardwareProfile(cpu_mem_gbps=20, disk_read_gbps=2, compute_dtype="bfloat16",
+                         matmul_flops={"cpu": {"bfloat16": 1e12}},
+                         compute_scale={"prefill": 2.0, PREFILL_KEPT: 1.0, "decode": 1.0})
+    ram = Policy.from_percents([0, 100, 0, 100, 0, 100], gpu_batch_size=16)
+    unlimited = estimate(cfg, hw, ram, prompt_len=128, gen_len=8)
+    peak = unlimited.peak_gib["cpu"]
+    roomy, full = (estimate(cfg, hw, ram, prompt_len=128, gen_len=8, cpu_budget_gib=budget)
+                   for budget in (peak + 1.0, peak))
+    assert unlimited.prefill_s == roomy.prefill_s  # room enough: kept
+    assert 1.95 < full.prefill_s / roomy.prefill_s < 2.0  # no room: faulted (the head is not a layer)
+    assert full.decode_step_s == roomy.decode_step_s == unlimited.decode_step_s  # decode allocates little
+    # A profile measured before the kept point existed prices every prefill at the faulting rate.
+    older = hw.replace(compute_scale={"prefill": 2.0, "decode": 1.0})
+    assert estimate(cfg, older, ram, prompt_len=128, gen_len=8).prefill_s == full.prefill_s
 
 
 def test_io_interference_charges_compute_for_disk_time_only_without_a_gpu():

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from engine.planning.hardware import HardwareProfile
+from engine.planning.hardware import PREFILL_KEPT, HardwareProfile
 from engine.planning.disk_probes import _settled_files, measure_disk
 from engine.planning.profile_store import profile_path
 from engine.planning.profiler import load_or_measure_profile
@@ -29,8 +29,8 @@ def test_short_real_measurement_is_stored_and_reused(tmp_path):
     assert table[2048] > 4 * table[1]  # 2048 rows cost more per weight byte than a streaming 1-row matmul
     # The engine's own layer was timed against the cost model's sum of kernels (a ratio near 1: a
     # layer is mostly its matmuls; far off would mean the model misses a whole kernel).
-    assert set(prof.compute_scale) == {"prefill", "decode", *(f"{part}:{rows}" for part in ("decode", "head")
-                                                              for rows in (1, 8, 32, 64))}
+    assert set(prof.compute_scale) == {"prefill", PREFILL_KEPT, "decode",
+                                       *(f"{part}:{rows}" for part in ("decode", "head") for rows in (1, 8, 32, 64))}
     assert all(0.2 < v < 5 for v in prof.compute_scale.values()), prof.compute_scale
     assert prof.model_compute_scale == {}  # no model asked for yet
     method = prof.disk_read_method.removesuffix(", under compute load")  # CPU hosts read beside compute
