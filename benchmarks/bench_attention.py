@@ -18,7 +18,6 @@ import argparse
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,23 +26,11 @@ from engine.model import native_attention
 from engine.model.kernel_shapes import key_capacity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_int4_kernels import fastest  # noqa: E402
 from suite_config import present_flags  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HEADS, HEAD_DIM, LAYERS = 32, 64, 24
-
-
-def fastest_per_call(calls: dict, repeat: int, per_round: int) -> dict[str, float]:
-    """Seconds per call of the fastest round of each variant, the variants alternating round by round."""
-    best = {name: float("inf") for name in calls}
-    for fn in calls.values():
-        fn()
-    for _ in range(repeat):
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], (time.perf_counter() - start) / per_round)
-    return best
 
 
 def main() -> None:
@@ -73,8 +60,8 @@ def main() -> None:
     k, v = caches[0]
     prefill = {name: (lambda name=name: native_attention.attend_aligned(prompt_queries, k, v, causal, kernel=name))
                for name in kernels}
-    decode_s = fastest_per_call(decode, args.repeat, LAYERS)
-    prefill_s = fastest_per_call(prefill, args.repeat, 1)
+    decode_s = {name: s / LAYERS for name, s in fastest(decode, args.repeat).items()}
+    prefill_s = fastest(prefill, args.repeat)
     read_bytes = 2 * pairs * args.keys * HEAD_DIM * 2
     print(f"{platform.processor() or platform.machine()} [{present_flags()}], bfloat16, "
           f"{torch.get_num_threads()} threads; {pairs} pairs, head_dim {HEAD_DIM}")
