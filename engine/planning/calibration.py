@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+from pathlib import Path
 
 import torch
 
@@ -34,6 +35,7 @@ from engine.runtime.policy import Policy
 PREFILL_ROWS, PROMPT_LEN = 8, 128      # one prefill micro-batch: 1024 tokens
 DECODE_ROWS, GEN_LEN = 32, 16           # one decode step attends over prompt + gen/2 = 136 positions
 DECODE_ROW_COUNTS = (1, 8, 32, 64)  # decode micro-batch sizes timed (log-interpolated between)
+MAX_EVICTION_BYTES = 1 << 30
 ROUNDS = 3
 
 
@@ -70,11 +72,42 @@ def _layer_step(cfg, w, h: torch.Tensor, cache: AlignedPairs, start: int) -> tor
     return layers.mlp(w, cfg, layers.attention_output(w, cfg, h, attn, prompt), prompt)
 
 
-def calibration_bytes(cfg, dtype: torch.dtype) -> int:
-    """Memory one calibration needs: a layer's and the output head's weights in `dtype`."""
+def calibration_bytes(cfg, dtype: torch.dtype, device: str = "cpu") -> int:
+    """Memory one calibration needs: a layer's and the output head's weights in `dtype`, and on a
+    CPU the buffer that evicts them from its caches (`_evictor`)."""
     size = torch.empty((), dtype=dtype).element_size()
     layer = sum(math.prod(shape) for _, shape in layer_tensor_shapes(cfg))
-    return size * (layer + cfg.vocab_size * cfg.embed_dim)
+    return size * (layer + cfg.vocab_size * cfg.embed_dim) + (_eviction_bytes() if device == "cpu" else 0)
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache Linux reports for CPU 0 (0 where it reports none)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    largest = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+            largest = max(largest, int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+        except (OSError, ValueError):
+            continue
+    return largest
+
+
+def _eviction_bytes() -> int:
+    return min(2 * last_level_cache_bytes(), MAX_EVICTION_BYTES)
+
+
+def _evictor(device: torch.device):
+    """A pass over a buffer twice the last-level cache (at most MAX_EVICTION_BYTES), run before each
+    timed decode call on a CPU: the engine's decode step reads every layer's weights and cache from
+    DRAM (opt-1.3b's 24 layers are 2.4 GB in bfloat16), where one layer timed over and over stays
+    in a large cache (a 2-vCPU Xeon VM reports 480 MB: a layer's six 32-row linear calls took 7.9 ms
+    repeated on one layer's matrices against 10.4 ms over 12 layers' in turn). None elsewhere."""
+    nbytes = _eviction_bytes() // 4 * 4
+    if device.type != "cpu" or nbytes == 0:
+        return None
+    buffer = torch.ones(nbytes // 4, dtype=torch.float32)
+    return lambda: buffer.sum()
 
 
 def _predicted(cfg, hw: HardwareProfile, phase: str, rows: int, part: str) -> float:
@@ -95,7 +128,8 @@ def measure_compute_scale(hw: HardwareProfile, device: str, dtype: torch.dtype, 
     "decode" (DECODE_ROWS), and, per row count of a decode micro-batch, "decode:R" and "head:R"
     (the final LayerNorm and the output head over R rows: a vocabulary-wide matmul whose speed at
     small R the generic linear table, timed on one shape, misses by up to 2x).
-    `timed(fn)` returns the seconds per call: the profiler passes its median call, not its fastest,
+    `timed(fn, before)` returns the seconds per call of fn, `before` run untimed ahead of each (None:
+    nothing): the profiler passes its median call, not its fastest,
     because the engine runs layer after layer for minutes and sees the host as it is, not at its
     best (2-vCPU Zen4, bf16, 8 rows: the fastest of one layer's calls gave a decode step 1.5x
     faster than the engine's, where 24 calls in a row averaged within 10 % of it). Every point is
@@ -104,10 +138,11 @@ def measure_compute_scale(hw: HardwareProfile, device: str, dtype: torch.dtype, 
     cfg = dataclasses.replace(cfg or preset("1.3b"), num_layers=1)
     dev = torch.device(device)
     w, head = _layer_weights(cfg, dev, dtype), _head_weights(cfg, dev, dtype)
+    evict = _evictor(dev)
     rounds = []
     for _ in range(ROUNDS):
         configure_allocator()  # a tight budget's setting: big intermediates cost page faults there
-        points = _time_points(cfg, w, head, timed)
+        points = _time_points(cfg, w, head, timed, evict)
         configure_allocator(KEEP_FREED_THRESHOLD)  # a budget with room: freed intermediates are reused
         points[PREFILL_KEPT] = _time_prefill(cfg, w, timed)
         rounds.append(points)
@@ -122,8 +157,9 @@ def measure_compute_scale(hw: HardwareProfile, device: str, dtype: torch.dtype, 
     return scale
 
 
-def _time_points(cfg, w: dict, head: dict, timed) -> dict[str, float]:
-    """Seconds per call of a prefill micro-batch, decode micro-batches and the head, once each."""
+def _time_points(cfg, w: dict, head: dict, timed, evict) -> dict[str, float]:
+    """Seconds per call of a prefill micro-batch, decode micro-batches and the head, once each; each
+    decode and head call after `evict` (untimed), as the engine reads them from DRAM."""
     dev, dtype = next(iter(w.values())).device, next(iter(w.values())).dtype
     hid, total = cfg.hidden_size, PROMPT_LEN + GEN_LEN
     out = {}
@@ -135,10 +171,10 @@ def _time_points(cfg, w: dict, head: dict, timed) -> dict[str, float]:
             cache = _cache(cfg, rows, total, dev, dtype)
             cache.keys[:, :context].fill_(0.1)
             cache.values[:, :context].fill_(0.1)
-            out[f"decode:{rows}"] = timed(lambda: _layer_step(cfg, w, x, cache, context))
+            out[f"decode:{rows}"] = timed(lambda: _layer_step(cfg, w, x, cache, context), evict)
         for rows in DECODE_ROW_COUNTS:
             x = torch.full((rows, hid), 0.1, device=dev, dtype=dtype)
-            out[f"head:{rows}"] = timed(lambda: family_math(cfg).output_logits(head, cfg, x))
+            out[f"head:{rows}"] = timed(lambda: family_math(cfg).output_logits(head, cfg, x), evict)
     return out
 
 

@@ -64,10 +64,10 @@ def calibrate_model(prof: HardwareProfile, model: OPTConfig, seconds_per_test: f
     device = prof.compute_device
     dtype = _engine_dtype(prof.has_gpu)
     free = (torch.cuda.mem_get_info()[0] if device == "cuda" else psutil.virtual_memory().available)
-    if calibration_bytes(model, dtype) > free / 10:
+    if calibration_bytes(model, dtype, device) > free / 10:
         return prof
     scale = measure_compute_scale(prof, device, dtype,
-                                  lambda fn: typical(fn, 2 * seconds_per_test, sync_for(device)), model)
+                                  lambda fn, before=None: typical(fn, 2 * seconds_per_test, sync_for(device), before), model)
     return prof.replace(model_compute_scale={**prof.model_compute_scale, model_key(model): scale})
 
 
@@ -134,5 +134,5 @@ def _measure_probes(disk_dir: str | Path, *, disk_bytes: int | None, seconds_per
         cpu_mem_gib=psutil.virtual_memory().total / 2 ** 30,
         disk_free_gib=shutil.disk_usage(disk_dir).free / 2 ** 30, **fields)
     scale = measure_compute_scale(prof, device, dtype,
-                                  lambda fn: typical(fn, 2 * seconds_per_test, sync_for(device)))
+                                  lambda fn, before=None: typical(fn, 2 * seconds_per_test, sync_for(device), before))
     return prof.replace(compute_scale=scale)

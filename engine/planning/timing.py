@@ -118,21 +118,27 @@ def record(timing: Timing) -> Timing:
     return timing
 
 
-def time_calls(fn: Callable[[], object], seconds: float, sync: Callable[[], None] = lambda: None) -> Timing:
-    """Time calls of fn for about `seconds` (at least MIN_CALLS) after a warm-up call. When one
-    call takes the whole allowance, the warm-up and one more call are all (keeps the profile
-    bounded on slow paths; two calls say nothing of the spread, see LoadWatch)."""
-    warm_up = _call_seconds(fn, sync)
+def time_calls(fn: Callable[[], object], seconds: float, sync: Callable[[], None] = lambda: None,
+               before: Callable[[], object] | None = None) -> Timing:
+    """Time calls of fn for about `seconds` (at least MIN_CALLS) after a warm-up call, `before`
+    (untimed) ahead of each. When one call takes the whole allowance, the warm-up and one more call
+    are all (keeps the profile bounded on slow paths; two calls say nothing of the spread, see
+    LoadWatch)."""
+    warm_up = _call_seconds(fn, sync, before)
     if warm_up >= seconds:
-        return record(Timing((warm_up, _call_seconds(fn, sync))))
+        return record(Timing((warm_up, _call_seconds(fn, sync, before))))
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < MIN_CALLS or time.perf_counter() - start < seconds:
-        times.append(_call_seconds(fn, sync))
+        times.append(_call_seconds(fn, sync, before))
     return record(Timing(tuple(times)))
 
 
-def _call_seconds(fn: Callable[[], object], sync: Callable[[], None]) -> float:
+def _call_seconds(fn: Callable[[], object], sync: Callable[[], None],
+                  before: Callable[[], object] | None = None) -> float:
+    if before is not None:
+        before()
+        sync()
     t0 = time.perf_counter()
     fn()
     sync()
@@ -144,10 +150,11 @@ def timed(fn: Callable[[], object], seconds: float, sync: Callable[[], None] = l
     return time_calls(fn, seconds, sync).best
 
 
-def typical(fn: Callable[[], object], seconds: float, sync: Callable[[], None] = lambda: None) -> float:
+def typical(fn: Callable[[], object], seconds: float, sync: Callable[[], None] = lambda: None,
+            before: Callable[[], object] | None = None) -> float:
     """Seconds of the median call of fn over about `seconds` (see time_calls): what a long run of
     such calls averages on this host as it is, where `timed` gives what the host can do at best."""
-    return time_calls(fn, seconds, sync).median
+    return time_calls(fn, seconds, sync, before).median
 
 
 def best_of(measure: Callable[[], float], repeats: int) -> float:
