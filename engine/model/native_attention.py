@@ -67,14 +67,15 @@ def attend_aligned(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, last_key
 
 
 def attend_position_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: torch.Tensor,
-                          last_key: torch.Tensor) -> torch.Tensor:
+                          last_key: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
     """q [n, S, D]; k, v [T, n, D], a cache as read from disk (pair p's first real position at
-    first[p]), attended in place; last_key [n, S] counted from each pair's first. -> [n, S, D]."""
+    first[p]), attended in place; last_key [n, S] counted from each pair's first. -> [n, S, D].
+    `kernel`: as for attend_aligned."""
     first = first.to(torch.int64).cpu()
     if last_key.numel() and int((last_key.amax(dim=1).cpu() + first).max()) >= k.shape[0]:
         raise ValueError(f"attention over {k.shape[0]} positions asked for one past them")
     offsets = first * k.stride(0) + torch.arange(k.shape[1], dtype=torch.int64) * k.stride(1)
-    return _run(q, k, v, offsets, k.stride(0), last_key)
+    return _run(q, k, v, offsets, k.stride(0), last_key, kernel)
 
 
 def _run(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, key_stride: int,
