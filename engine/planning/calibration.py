@@ -18,6 +18,7 @@ import math
 import statistics
 from pathlib import Path
 
+import psutil
 import torch
 
 from engine.model.checkpoint import layer_tensor_specs
@@ -94,7 +95,8 @@ def last_level_cache_bytes() -> int:
 
 
 def _eviction_bytes() -> int:
-    return min(2 * last_level_cache_bytes(), MAX_EVICTION_BYTES)
+    """Twice the last-level cache, at most MAX_EVICTION_BYTES and a tenth of the available RAM."""
+    return min(2 * last_level_cache_bytes(), MAX_EVICTION_BYTES, psutil.virtual_memory().available // 10)
 
 
 def _evictor(device: torch.device):
