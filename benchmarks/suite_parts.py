@@ -104,6 +104,8 @@ def part_planner(cfg: SuiteConfig, model: Path, dtype: str) -> Part:
                            f"blocks <= {cfg.planner_max_block}, median of {cfg.planner_repeats} "
                            f"run{'s' if cfg.planner_repeats > 1 else ''} each)", rows,
                 (("predicted_tokens_per_s", "predicted tokens/s"), ("ratio", "predicted / measured"),
+                 ("prefill_s", "prefill s"), ("predicted_prefill_s", "predicted"),
+                 ("decode_step_s", "decode step s"), ("predicted_decode_step_s", "predicted"),
                  ("peak_rss_gib", "peak RSS GiB"), ("error", "error")))
 
 

@@ -33,7 +33,9 @@ from engine.runtime.budgets import KEEP_FREED_THRESHOLD, configure_allocator
 from engine.runtime.kv_cache import AlignedPairs
 from engine.runtime.policy import Policy
 
-PREFILL_ROWS, PROMPT_LEN = 8, 128      # one prefill micro-batch: 1024 tokens
+PREFILL_ROWS, PROMPT_LEN = 8, 128      # the reference prefill micro-batch: 1024 tokens
+PREFILL_ROW_COUNTS = (2, 8, 32)  # prefill micro-batch sizes timed (log-interpolated by tokens between)
+PREFILL_POINT_MAX_S = 1.0  # a larger prefill micro-batch is timed only where its call is predicted shorter
 DECODE_ROWS, GEN_LEN = 32, 16           # one decode step attends over prompt + gen/2 = 136 positions
 DECODE_ROW_COUNTS = (1, 8, 32, 64)  # decode micro-batch sizes timed (log-interpolated between)
 MAX_EVICTION_BYTES = 1 << 30
@@ -124,10 +126,13 @@ def _predicted(cfg, hw: HardwareProfile, phase: str, rows: int, part: str) -> fl
 def measure_compute_scale(hw: HardwareProfile, device: str, dtype: torch.dtype, timed,
                           cfg=None) -> dict[str, float]:
     """Measured / predicted compute time of the engine's own code on `device`, for `cfg`'s
-    dimensions (default: opt-1.3b's): "prefill" (one micro-batch of PREFILL_ROWS x PROMPT_LEN, its
-    intermediates faulted in anew as under a tight budget), PREFILL_KEPT (the same with the
-    allocator keeping freed blocks, as where the budget has room: engine.runtime.budgets),
-    "decode" (DECODE_ROWS), and, per row count of a decode micro-batch, "decode:R" and "head:R"
+    dimensions (default: opt-1.3b's): "prefill:T" per prefill micro-batch of T tokens (PROMPT_LEN
+    tokens a row, PREFILL_ROW_COUNTS rows, those whose call `prefill_row_counts` expects to be
+    short), its intermediates faulted in anew as under a tight budget, and PREFILL_KEPT ":T" (the
+    same with the allocator keeping freed blocks, as where the budget has room:
+    engine.runtime.budgets): one layer's call at 1024 tokens ran at 0.57 of the kernels' sum where a
+    whole engine's 4096-token ones ran at 1.3 (opt-6.7b), so one size does not scale to all;
+    "prefill" and PREFILL_KEPT alone are the PREFILL_ROWS figures; "decode" (DECODE_ROWS), and, per row count of a decode micro-batch, "decode:R" and "head:R"
     (the final LayerNorm and the output head over R rows: a vocabulary-wide matmul whose speed at
     small R the generic linear table, timed on one shape, misses by up to 2x).
     `timed(fn, before)` returns the seconds per call of fn, `before` run untimed ahead of each (None:
@@ -141,17 +146,23 @@ def measure_compute_scale(hw: HardwareProfile, device: str, dtype: torch.dtype, 
     dev = torch.device(device)
     w, head = _layer_weights(cfg, dev, dtype), _head_weights(cfg, dev, dtype)
     evict = _evictor(dev)
+    prefill_rows = prefill_row_counts(cfg, hw)
     rounds = []
     for _ in range(ROUNDS):
         configure_allocator()  # a tight budget's setting: big intermediates cost page faults there
-        points = _time_points(cfg, w, head, timed, evict)
+        points = _time_points(cfg, w, head, timed, evict, prefill_rows)
         configure_allocator(KEEP_FREED_THRESHOLD)  # a budget with room: freed intermediates are reused
-        points[PREFILL_KEPT] = _time_prefill(cfg, w, timed)
+        points.update({f"{PREFILL_KEPT}:{rows * PROMPT_LEN}": _time_prefill(cfg, w, timed, rows)
+                       for rows in prefill_rows})
         rounds.append(points)
     configure_allocator()
     measured = {point: statistics.median(r[point] for r in rounds) for point in rounds[0]}
-    scale = {part: measured[part] / _predicted(cfg, hw, "prefill", PREFILL_ROWS, "layer")
-             for part in ("prefill", PREFILL_KEPT)}
+    scale = {}
+    for part in ("prefill", PREFILL_KEPT):
+        for rows in prefill_rows:
+            tokens = rows * PROMPT_LEN
+            scale[f"{part}:{tokens}"] = measured[f"{part}:{tokens}"] / _predicted(cfg, hw, "prefill", rows, "layer")
+        scale[part] = scale[f"{part}:{PREFILL_ROWS * PROMPT_LEN}"]
     for rows in DECODE_ROW_COUNTS:
         scale[f"decode:{rows}"] = measured[f"decode:{rows}"] / _predicted(cfg, hw, "decode", rows, "layer")
         scale[f"head:{rows}"] = measured[f"head:{rows}"] / _predicted(cfg, hw, "decode", rows, "head")
@@ -159,13 +170,21 @@ def measure_compute_scale(hw: HardwareProfile, device: str, dtype: torch.dtype, 
     return scale
 
 
-def _time_points(cfg, w: dict, head: dict, timed, evict) -> dict[str, float]:
-    """Seconds per call of a prefill micro-batch, decode micro-batches and the head, once each; each
-    decode and head call after `evict` (untimed), as the engine reads them from DRAM."""
+def prefill_row_counts(cfg, hw: HardwareProfile) -> tuple[int, ...]:
+    """The PREFILL_ROW_COUNTS timed for `cfg` on `hw`: PREFILL_ROWS always, the others where the
+    kernels' sum predicts a layer's call under PREFILL_POINT_MAX_S (a 32-row call of opt-6.7b in
+    float32 on two AVX2 cores would take ~10 s, times calls and rounds)."""
+    return tuple(rows for rows in PREFILL_ROW_COUNTS if rows == PREFILL_ROWS
+                 or _predicted(cfg, hw, "prefill", rows, "layer") <= PREFILL_POINT_MAX_S)
+
+
+def _time_points(cfg, w: dict, head: dict, timed, evict, prefill_rows: tuple[int, ...]) -> dict[str, float]:
+    """Seconds per call of prefill micro-batches ("prefill:T", T tokens), decode micro-batches and the
+    head, once each; each decode and head call after `evict` (untimed), as the engine reads them
+    from DRAM."""
     dev, dtype = next(iter(w.values())).device, next(iter(w.values())).dtype
     hid, total = cfg.hidden_size, PROMPT_LEN + GEN_LEN
-    out = {}
-    out["prefill"] = _time_prefill(cfg, w, timed)
+    out = {f"prefill:{rows * PROMPT_LEN}": _time_prefill(cfg, w, timed, rows) for rows in prefill_rows}
     with torch.inference_mode():
         context = PROMPT_LEN + GEN_LEN // 2
         for rows in DECODE_ROW_COUNTS:
@@ -180,12 +199,12 @@ def _time_points(cfg, w: dict, head: dict, timed, evict) -> dict[str, float]:
     return out
 
 
-def _time_prefill(cfg, w: dict, timed) -> float:
-    """Seconds per call of one prefill micro-batch (PREFILL_ROWS x PROMPT_LEN) in one layer."""
+def _time_prefill(cfg, w: dict, timed, rows: int) -> float:
+    """Seconds per call of one prefill micro-batch (`rows` x PROMPT_LEN) in one layer."""
     dev, dtype = next(iter(w.values())).device, next(iter(w.values())).dtype
     with torch.inference_mode():
-        x = torch.full((PREFILL_ROWS, PROMPT_LEN, cfg.hidden_size), 0.1, device=dev, dtype=dtype)
-        cache = _cache(cfg, PREFILL_ROWS, PROMPT_LEN + GEN_LEN, dev, dtype)
+        x = torch.full((rows, PROMPT_LEN, cfg.hidden_size), 0.1, device=dev, dtype=dtype)
+        cache = _cache(cfg, rows, PROMPT_LEN + GEN_LEN, dev, dtype)
         return timed(lambda: _layer_step(cfg, w, x, cache, 0))
 
 

@@ -157,8 +157,10 @@ def _layer_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z
                      _weight_and_activation_terms(cfg, hw, sh, x, z, ws, r, decode=decode, in_place=in_place),
                      decode=decode)
     # The engine's whole layer against the sum of its kernels (measured by the profiler).
+    # A prefill is calibrated by the tokens of a micro-batch (its linear calls' rows), a decode step
+    # by the block's rows.
     compute = t["compute"] * hw.scale_for(model_key(cfg), "decode" if decode else _prefill_part(cfg, hw, sh),
-                                          sh.block_size if decode else sh.gpu_batch_size)
+                                          sh.block_size if decode else sh.gpu_batch_size * sh.prompt_len)
     if sh.compress_weight and not (in_place and decode):
         compute = compute + z.w16 * r.dequant * (sh.num_gpu_batches if in_place else 1)
     if not hw.has_gpu:

@@ -32,7 +32,7 @@ PROFILE_HINT = "write one with engine.planning.profiler.measure_profile(...).sav
 # The calibration point of a prefill layer whose freed intermediates the allocator keeps (the
 # "prefill" point faults each in anew: engine.planning.calibration).
 PREFILL_KEPT = "prefill_kept"
-PROFILE_VERSION = 16  # a stored profile of another version is measured again: its fields mean other things
+PROFILE_VERSION = 17  # a stored profile of another version is measured again: its fields mean other things
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,10 +85,12 @@ class HardwareProfile:
     # (engine.model.four_bit), per byte of the matrix in the compute dtype; empty: the table above.
     linear_4bit_s_per_byte: dict[str, float] = field(default_factory=dict)
     # Measured / predicted compute time of the engine's own decoder layer, by phase ("prefill",
-    # "decode"): what the kernels measured alone leave out (engine.planning.calibration); empty: 1.
+    # "decode"; "prefill:T" per prefill micro-batch of T tokens, "decode:R" and "head:R" per decode
+    # micro-batch of R rows): what the kernels measured alone leave out
+    # (engine.planning.calibration); empty: 1.
     compute_scale: dict[str, float] = field(default_factory=dict)
-    # The same measured for one model's dimensions (`engine.model.config.model_key`), with "decode:R"
-    # and "head:R" per decode micro-batch of R rows: filled in when a model is planned on this host.
+    # The same measured for one model's dimensions (`engine.model.config.model_key`): filled in when
+    # a model is planned on this host.
     model_compute_scale: dict[str, dict[str, float]] = field(default_factory=dict)
     op_overhead_s: float = 2e-5          # fixed cost of one small kernel launch / op dispatch
 
@@ -157,7 +159,8 @@ class HardwareProfile:
 
     def scale_for(self, model: str, part: str, rows: float) -> float:
         """Measured / predicted compute of `part` ("prefill", "decode": a decoder layer; "head": the
-        output head) at `rows` rows per micro-batch: the model's own calibration where there is one
+        output head) at `rows` rows per micro-batch (a prefill's: its tokens, rows x prompt
+        length): the model's own calibration where there is one
         (log-interpolated between the row counts timed), else the generic one (opt-1.3b's dimensions)."""
         own = self.model_compute_scale.get(model) or self.compute_scale
         points = sorted((float(k.split(":")[1]), v) for k, v in own.items() if k.startswith(part + ":"))

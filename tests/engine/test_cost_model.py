@@ -283,6 +283,23 @@ def test_scale_for_interpolates_between_timed_row_counts():
     assert hw.scale_for("mine", "decode", 8) == 1.0  # a model's own entry replaces the generic one whole
 
 
+def test_a_prefill_is_scaled_at_its_micro_batch_tokens():
+    # The calibration times prefill micro-batches of several sizes ("prefill:T", T tokens); a plan's
+    # prefill takes the scale at its own rows x prompt length, whatever the split of rows and tokens.
+    cfg = preset("1.3b")
+    hw = HardwareProfile(cpu_mem_gbps=20, disk_read_gbps=2, compute_dtype="bfloat16",
+                         matmul_flops={"cpu": {"bfloat16": 1e12}})
+    timed = hw.replace(compute_scale={"prefill:1024": 1.0, "prefill:4096": 2.0, "prefill": 1.0, "decode": 1.0})
+
+    def prefill_compute(profile, rows, prompt_len):
+        pol = Policy.from_percents([0, 100, 0, 100, 0, 100], gpu_batch_size=rows)
+        sh, x = Shape.from_policy(pol, prompt_len=prompt_len, gen_len=8), Placement.from_policy(pol)
+        return phase_terms(cfg, profile, sh, x, decode=False)[0][1]["compute"]
+
+    for rows, prompt_len, scale in ((8, 128, 1.0), (32, 128, 2.0), (8, 512, 2.0), (16, 128, 1.5), (1, 128, 1.0)):
+        assert prefill_compute(timed, rows, prompt_len) == pytest.approx(scale * prefill_compute(hw, rows, prompt_len))
+
+
 def test_a_cpu_decode_step_reads_whole_key_groups_and_copies_a_disk_cache_into_the_aligned_layout():
     """On a CPU, decode attention reads every context rounded up to KEY_ALIGN keys, and a cache part
     on disk is copied into attention's aligned layout each step (read and written once, at the

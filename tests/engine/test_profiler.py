@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from engine.model.config import preset
+from engine.planning.calibration import prefill_row_counts
 from engine.planning.hardware import PREFILL_KEPT, HardwareProfile
 from engine.planning.disk_probes import _settled_files, measure_disk
 from engine.planning.profile_store import profile_path
@@ -30,7 +32,9 @@ def test_short_real_measurement_is_stored_and_reused(tmp_path):
     # The engine's own layer was timed against the cost model's sum of kernels (a ratio near 1: a
     # layer is mostly its matmuls; far off would mean the model misses a whole kernel).
     assert set(prof.compute_scale) == {"prefill", PREFILL_KEPT, "decode",
-                                       *(f"{part}:{rows}" for part in ("decode", "head") for rows in (1, 8, 32, 64))}
+                                       *(f"{part}:{rows}" for part in ("decode", "head") for rows in (1, 8, 32, 64)),
+                                       *(f"{part}:{rows * 128}" for part in ("prefill", PREFILL_KEPT)
+                                         for rows in prefill_row_counts(preset("1.3b"), prof))}
     assert all(0.2 < v < 5 for v in prof.compute_scale.values()), prof.compute_scale
     assert prof.model_compute_scale == {}  # no model asked for yet
     method = prof.disk_read_method.removesuffix(", under compute load")  # CPU hosts read beside compute
@@ -69,7 +73,7 @@ def test_a_planned_model_gets_its_own_calibration_once(tmp_path):
     """`load_or_measure_profile(model=...)` times that model's own layer and head on this host and
     stores the result beside the profile; the cost model then uses it for that model only."""
     from engine.planning.cost_model import estimate
-    from engine.model.config import model_key, preset
+    from engine.model.config import model_key
     from engine.runtime.policy import Policy
 
     home, disk = tmp_path / "home", tmp_path / "disk"
