@@ -62,13 +62,17 @@ def _as_resident(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _layer_step(cfg, w, h: torch.Tensor, cache: AlignedPairs, start: int) -> torch.Tensor:
     """What the schedule runs for one micro-batch in one layer (cache in RAM): q/k/v, append to the
-    cache's aligned keys and values, attend over them in place, output projection and MLP."""
+    cache's aligned keys and values (a prefill's straight from the projections' layout, as
+    schedule._attend_step does), attend over them in place, output projection and MLP."""
     layers, s = family_math(cfg), h.shape[1]
     positions = torch.arange(start, start + s, device=h.device).expand(h.shape[0], s)
     prompt = start == 0  # a prefill's tokens are prompt tokens, a decode step's generated ones
     q, k, v = layers.qkv(w, cfg, h, positions, prompt)
-    rows = layers.cache_rows(k, v)
-    cache.write(start, rows.reshape(s, 2, -1, cfg.head_dim))  # (row, KV head) pairs
+    if prompt:  # a prefill writes straight from the projections' layout (kv_cache.AlignedPairs.write_heads)
+        cache.write_heads(start, k.view(*k.shape[:2], -1, cfg.head_dim), v.view(*v.shape[:2], -1, cfg.head_dim), 0)
+    else:
+        rows = layers.cache_rows(k, v)
+        cache.write(start, rows.reshape(s, 2, -1, cfg.head_dim))  # (row, KV head) pairs
     q_pairs = layers.to_pairs(cfg, q)
     query_pos = torch.arange(start, start + s, device=h.device).repeat(q_pairs.shape[1] // s)
     attn = layers.from_pairs(cfg, attend_aligned(q_pairs, cache.keys, cache.values, cache.first, query_pos))

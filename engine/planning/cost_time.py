@@ -17,7 +17,8 @@ import torch
 from engine.model.config import OPTConfig, model_key
 from engine.model.kernel_shapes import (ATTENTION_OPS_PER_QUERY_GROUP, attended_scores, attention_calls,
                                         linear_calls)
-from engine.planning.cost_inputs import (GB, OPS_PER_LAYER, TENSORS_PER_LAYER, Placement, Shape, Sizes,
+from engine.planning.cost_inputs import (CACHE_DISK_PART_OPS, GB, OPS_PER_LAYER, TENSORS_PER_LAYER, Placement,
+                                         Shape, Sizes,
                                          WeightSplit, compression_factor, elem_bytes, four_bit_prompt_copy, sizes,
                                          weight_split)
 from engine.planning.hardware import PREFILL_KEPT, HardwareProfile
@@ -124,6 +125,7 @@ def _cache_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z
             compute = compute + (z.kv_new_pre / compression_factor(sh.compression)) * r.dequant
         return {"disk": disk, "cpu_to_gpu": c_to_g, "gpu_to_cpu": g_to_c, "compute": compute}
     disk = disk + z.kv_dec * x.cd * r.read + z.kv_tok * x.cd * r.write
+    compute = compute + sh.num_gpu_batches * x.has_cache_disk_part * CACHE_DISK_PART_OPS * hw.op_overhead_s
     g_to_c = g_to_c + z.kv_tok * (x.cc + x.cd) * r.g2c
     if sh.cpu_cache_compute and gpu:  # without a GPU all attention is on the CPU anyway
         # The CPU attends over its share (and the disk share, read into RAM): only the query
@@ -165,11 +167,12 @@ def _layer_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z
         compute = compute + z.w16 * r.dequant * (sh.num_gpu_batches if in_place else 1)
     if not hw.has_gpu:
         compute = compute + _convert_s(sh, z.w16 * ws.layers_on_disk, r)
-    # Per-request disk latency (linear stand-in for "one request per tensor / micro-batch when any
-    # of it is on disk"): it dominates when small tensors or one-token cache appends go to disk.
+    # Per-request disk latency: one request per tensor of a layer on disk (linear in the layers
+    # there), per micro-batch's activations (linear stand-in) and per micro-batch's cache part on disk
+    # (whatever its size): it dominates when small tensors or one-token cache appends go to disk.
     r_lat, w_lat, nb = hw.disk_read_latency_s, hw.disk_sync_latency_s, sh.num_gpu_batches
     disk = t["disk"] + TENSORS_PER_LAYER * ws.layers_on_disk * r_lat + nb * x.hd * (r_lat + w_lat)
-    disk = disk + nb * x.cd * (w_lat + (r_lat if decode else 0.0))
+    disk = disk + nb * x.has_cache_disk_part * (w_lat + (r_lat if decode else 0.0))
     return {"disk": disk, "cpu_to_gpu": t["cpu_to_gpu"], "gpu_to_cpu": t["gpu_to_cpu"], "compute": compute}
 
 

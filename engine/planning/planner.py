@@ -107,20 +107,35 @@ def solve_lp(cfg: OPTConfig, hw: HardwareProfile, sh: Shape,
     Placement puts the lookup tables on disk whenever any weights go there, a step the LP cannot
     express, so it solves with them on disk (reading their rows is free in the model, so this is
     never slower while the disk has room for them), and with all weights in memory when that fails
-    or when nothing else would be streamed (then memory is preferred at equal predicted time)."""
-    found = _solve_lp(cfg, hw, sh, budgets_gib, minimise_tier, lookup_on_disk=True)
+    or when nothing else would be streamed (then memory is preferred at equal predicted time).
+    A cache slot with a part on disk costs its per-step requests and ops whatever the part's size
+    (cost_time), a step the LP cannot express either: it solves with the cache in memory, and
+    with a disk part paid for, and keeps the faster (memory at equal time)."""
+    best = None
+    for cache_disk_part in (False, True):
+        found = _solve_lookup_choices(cfg, hw, sh, budgets_gib, minimise_tier, cache_disk_part)
+        if found is not None and (best is None or found[0] < best[0] * (1 - 1e-9)):
+            best = found
+    return best
+
+
+def _solve_lookup_choices(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, budgets_gib: dict[str, float | None],
+                          minimise_tier: str | None, cache_disk_part: bool) -> tuple[float, Placement] | None:
+    found = _solve_lp(cfg, hw, sh, budgets_gib, minimise_tier, True, cache_disk_part)
     if found is not None and found[1].wd > weight_shares(cfg)[0] + 1e-9:
         return found
-    in_memory = _solve_lp(cfg, hw, sh, budgets_gib, minimise_tier, lookup_on_disk=False)
+    in_memory = _solve_lp(cfg, hw, sh, budgets_gib, minimise_tier, False, cache_disk_part)
     if found is None or (in_memory is not None and in_memory[0] <= found[0] * (1 + 1e-9)):
         return in_memory
     return found
 
 
 def _solve_lp(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, budgets_gib: dict[str, float | None],
-              minimise_tier: str | None, lookup_on_disk: bool) -> tuple[float, Placement] | None:
+              minimise_tier: str | None, lookup_on_disk: bool, cache_disk_part: bool) -> tuple[float, Placement] | None:
     prob = pulp.LpProblem("flexjob_placement", pulp.LpMinimize)
     v = {k: _variable(prob, k, 1) for k in FRACTIONS}
+    if not cache_disk_part:
+        prob += v["cd"] == 0, "cache_in_memory"
     for kind in "wch":
         prob += v[kind + "g"] + v[kind + "c"] + v[kind + "d"] == 1
         if _fixed_gpu_zero(hw):
@@ -137,7 +152,7 @@ def _solve_lp(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, budgets_gib: dict[
     split = WeightSplit(layers_on_disk=(v["wd"] - lookup) * (1 / layers) if lookup_on_disk else 0.0 * v["wd"],
                         head_on_disk=0.0, lookup_held=0.0 if lookup_on_disk else 1.0,
                         matmul_on_gpu=v["wg"] * (1 / (1 - lookup)))
-    x = Placement(**v, split=split)
+    x = Placement(**v, split=split, cache_disk_part=1.0 if cache_disk_part else 0.0)
     total = 0
     for phase, repeat in (("pre", 1), ("dec", sh.gen_len - 1)):
         for i, (count, terms) in enumerate(phase_terms(cfg, hw, sh, x, decode=phase == "dec")):
