@@ -26,7 +26,7 @@ Models are random-weight OPT and Llama-family models of the real dimensions (eng
 made once under --work-dir. Measured time of the default CPU suite (opt-1.3b, prompt 128, gen 32) on a
 quiet 2-core AMD Zen4 with AVX512-BF16 (bfloat16): 20 minutes in all (ram 3.5 min for 4 runs, disk
 3-5 min: flexjob, accelerate under the memory limit and without it, llama-ram 3.5 min, planner 7 min
-for 9 runs, compression 2 min, jobrunner under 1 min, plus making the models and the host profile).
+for 9 runs (11 runs, each after a warm-up prefill, in the current list: ~10 min), compression 2 min, jobrunner under 1 min, plus making the models and the host profile).
 (measured with a fixed 32-row block in the disk part; the planner's 64-row pick adds a few minutes). An AVX2-only host computes in float32, 2-3x slower (docs/BENCHMARKS.md, 2-core Zen3:
 the ram part 11.4 minutes, the disk part 18 with the pick and the 16x2 block): the full suite is
 well over 30 minutes there.

@@ -50,10 +50,11 @@ class SuiteConfig:
     # Planner pick vs hand-written policies (names from bench_planner_sweep.HAND_WRITTEN).
     planner_policies: tuple[str, ...] = ("all RAM 8x1", "all RAM 16x1", "cache on disk 16x2", "weights 80% RAM 16x1",
                                          "weights 50% RAM 16x1", "weights 50% RAM 16x2", "weights on disk 16x1",
-                                         "4-bit weights in RAM 16x1")
+                                         "4-bit weights in RAM 16x1", "cache 50% on disk 32x1",
+                                         "weights 80% RAM 32x1")
     planner_max_block: int = 32
     planner_cpu_mem: float = 4.0  # room for the all-in-RAM policies next to the disk-bound ones
-    planner_repeats: int = 1  # rounds over the policies, the median run of each counting (~8 min a round)
+    planner_repeats: int = 1  # rounds over the policies, the median run of each counting (~10 min a round)
     # Compression on/off: weights read from disk each step, uncompressed vs 4-bit.
     compression_block: tuple[int, int] = (8, 1)
     # Job runner overhead: whole path vs engine alone on a small model.
