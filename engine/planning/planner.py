@@ -24,6 +24,7 @@ from engine.planning.cost_memory import memory_peaks, peak_bytes
 from engine.planning.cost_time import phase_terms
 from engine.errors import BudgetError
 from engine.planning.hardware import HardwareProfile
+from engine.planning.lp_solver import lp_variable, solved_to_optimum
 from engine.model.config import OPTConfig
 from engine.runtime.policy import Policy
 
@@ -133,7 +134,7 @@ def _solve_lookup_choices(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, budget
 def _solve_lp(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, budgets_gib: dict[str, float | None],
               minimise_tier: str | None, lookup_on_disk: bool, cache_disk_part: bool) -> tuple[float, Placement] | None:
     prob = pulp.LpProblem("flexjob_placement", pulp.LpMinimize)
-    v = {k: _variable(prob, k, 1) for k in FRACTIONS}
+    v = {k: lp_variable(prob, k, 1) for k in FRACTIONS}
     if not cache_disk_part:
         prob += v["cd"] == 0, "cache_in_memory"
     for kind in "wch":
@@ -157,7 +158,7 @@ def _solve_lp(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, budgets_gib: dict[
     for phase, repeat in (("pre", 1), ("dec", sh.gen_len - 1)):
         for i, (count, terms) in enumerate(phase_terms(cfg, hw, sh, x, decode=phase == "dec")):
             if sh.overlap:  # linearised max: t >= every resource's busy time
-                t = _variable(prob, f"t_{phase}_{i}")
+                t = lp_variable(prob, f"t_{phase}_{i}")
                 for name, term in terms.items():
                     prob += t >= term, f"max_{phase}_{i}_{name}"
             else:
@@ -167,44 +168,18 @@ def _solve_lp(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, budgets_gib: dict[
     for tier, cands in memory_peaks(cfg, hw, sh, x).items():
         limit = budgets_gib.get(tier)
         if tier == minimise_tier:
-            peak_vars[tier] = _variable(prob, f"peak_{tier}")
+            peak_vars[tier] = lp_variable(prob, f"peak_{tier}")
             for j, c in enumerate(cands):
                 prob += peak_vars[tier] >= c, f"peak_{tier}_{j}"
         elif limit is not None:
             for j, c in enumerate(cands):
                 prob += c <= limit * GIB, f"mem_{tier}_{j}"
     prob += peak_vars[minimise_tier] if minimise_tier else total
-    if not _optimal(prob.solve(_solver())):
+    if not solved_to_optimum(prob):
         return None
     fr = {k: min(1.0, max(0.0, float(v[k].value() or 0.0))) for k in FRACTIONS}
     value = pulp.value(prob.objective)
     return float(value), Placement(**fr)
-
-
-def _variable(prob: pulp.LpProblem, name: str, up: float | None = None):
-    # PuLP >= 3.3 creates variables through the problem (the only way in 4.0); older ones directly.
-    if hasattr(prob, "add_variable"):
-        return prob.add_variable(name, lowBound=0, upBound=up)
-    return pulp.LpVariable(name, lowBound=0, upBound=up)
-
-
-def _solver():
-    """CBC: the copy bundled with PuLP < 4, else a `cbc` on PATH (pip install pulp[cbc])."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        if hasattr(pulp, "PULP_CBC_CMD"):
-            bundled = pulp.PULP_CBC_CMD(msg=False)
-            if bundled.available():
-                return bundled
-    return pulp.COIN_CMD(msg=False)
-
-
-def _optimal(result) -> bool:
-    status = getattr(result, "status", result)  # PuLP 4: LpSolveStats; before: an int code
-    name = pulp.LpStatus.get(status, str(status)) if isinstance(status, int) else getattr(status, "name", status)
-    return str(name).lower() == "optimal"
 
 
 def to_policy(sh: Shape, x: Placement) -> Policy:
