@@ -116,9 +116,9 @@ def sweep(opts: argparse.Namespace) -> tuple[list[dict], str, object]:
             runs[name].append(r)
             print(f"  {name:28} {r.get('tokens_per_s', 0):7.2f} tok/s {r.get('error', '')}", flush=True)
 
+    from engine.planning.planner import tensor_cpu_budget
     from jobrunner.worker.replan import worker_reserved_gib
-    # The CPU budget for the engine's tensors, as the planner counts it (the process's own memory off).
-    cpu_budget = None if opts.cpu_mem is None else max(0.0, opts.cpu_mem - worker_reserved_gib())
+    cpu_budget = tensor_cpu_budget(opts.cpu_mem, worker_reserved_gib())
     rows = []
     for name, policy in candidates:
         ok = [r for r in runs[name] if "tokens_per_s" in r]

@@ -69,7 +69,7 @@ def _layer_step(cfg, w, h: torch.Tensor, cache: AlignedPairs, start: int) -> tor
     prompt = start == 0  # a prefill's tokens are prompt tokens, a decode step's generated ones
     q, k, v = layers.qkv(w, cfg, h, positions, prompt)
     if prompt:  # a prefill writes straight from the projections' layout (kv_cache.AlignedPairs.write_heads)
-        cache.write_heads(start, k.view(*k.shape[:2], -1, cfg.head_dim), v.view(*v.shape[:2], -1, cfg.head_dim), 0)
+        cache.write_heads(start, k, v, 0)
     else:
         rows = layers.cache_rows(k, v)
         cache.write(start, rows.reshape(s, 2, -1, cfg.head_dim))  # (row, KV head) pairs
@@ -106,7 +106,7 @@ def _eviction_bytes() -> int:
 
 
 def _evictor(device: torch.device):
-    """A pass over a buffer twice the last-level cache (at most MAX_EVICTION_BYTES), run before each
+    """A pass over a buffer of `_eviction_bytes` (twice the last-level cache, capped), run before each
     timed decode call on a CPU: the engine's decode step reads every layer's weights and cache from
     DRAM (opt-1.3b's 24 layers are 2.4 GB in bfloat16), where one layer timed over and over stays
     in a large cache (a 2-vCPU Xeon VM reports 480 MB: a layer's six 32-row linear calls took 7.9 ms
@@ -136,7 +136,8 @@ def measure_compute_scale(hw: HardwareProfile, device: str, dtype: torch.dtype, 
     same with the allocator keeping freed blocks, as where the budget has room:
     engine.runtime.budgets): one layer's call at 1024 tokens ran at 0.57 of the kernels' sum where a
     whole engine's 4096-token ones ran at 1.3 (opt-6.7b), so one size does not scale to all;
-    "prefill" and PREFILL_KEPT alone are the PREFILL_ROWS figures; "decode" (DECODE_ROWS), and, per row count of a decode micro-batch, "decode:R" and "head:R"
+    "prefill" and PREFILL_KEPT alone are the PREFILL_ROWS figures; "decode" (DECODE_ROWS), and, per
+    row count of a decode micro-batch, "decode:R" and "head:R"
     (the final LayerNorm and the output head over R rows: a vocabulary-wide matmul whose speed at
     small R the generic linear table, timed on one shape, misses by up to 2x).
     `timed(fn, before)` returns the seconds per call of fn, `before` run untimed ahead of each (None:

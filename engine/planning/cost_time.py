@@ -18,9 +18,8 @@ from engine.model.config import OPTConfig, model_key
 from engine.model.kernel_shapes import (ATTENTION_OPS_PER_QUERY_GROUP, attended_scores, attention_calls,
                                         linear_calls)
 from engine.planning.cost_inputs import (CACHE_DISK_PART_OPS, GB, OPS_PER_LAYER, TENSORS_PER_LAYER, Placement,
-                                         Shape, Sizes,
-                                         WeightSplit, compression_factor, elem_bytes, four_bit_prompt_copy, sizes,
-                                         weight_split)
+                                         Shape, Sizes, WeightSplit, compression_factor, elem_bytes,
+                                         four_bit_prompt_copy, sizes, weight_split)
 from engine.planning.hardware import PREFILL_KEPT, HardwareProfile
 from engine.runtime.devices import torch_dtype
 from engine.runtime.weight_tiers import streams_converted_copies

@@ -204,6 +204,12 @@ def _lower_bound_s(cfg: OPTConfig, hw: HardwareProfile, sh: Shape) -> float:
     return float(block_time(cfg, hw, sh, best))
 
 
+def tensor_cpu_budget(cpu_mem_gib: float | None, cpu_reserved_gib: float) -> float | None:
+    """The CPU budget (GiB) left to the engine's tensors once the process's own memory is off it
+    (None: no budget): what `plan` plans under and `estimate` takes as `cpu_budget_gib`."""
+    return None if cpu_mem_gib is None else max(0.0, cpu_mem_gib - cpu_reserved_gib)
+
+
 def plan(config: OPTConfig, hardware: HardwareProfile, *, gpu_mem_gib: float | None,
          cpu_mem_gib: float | None, disk_mem_gib: float | None = None, prompt_len: int,
          gen_len: int, compress_options=(False, True), gpu_batch_sizes=DEFAULT_GPU_BATCH_SIZES,
@@ -214,9 +220,7 @@ def plan(config: OPTConfig, hardware: HardwareProfile, *, gpu_mem_gib: float | N
     tokenizer); the engine counts its whole RSS against the CPU budget, so the caller passes it here.
     The peaks a plan reports include it: what the engine's check compares with the budgets as given."""
     given = budgets_bytes(hardware, gpu_mem_gib, cpu_mem_gib, disk_mem_gib)
-    if cpu_mem_gib is not None and cpu_reserved_gib:
-        cpu_mem_gib = max(0.0, cpu_mem_gib - cpu_reserved_gib)
-    budgets = budgets_bytes(hardware, gpu_mem_gib, cpu_mem_gib, disk_mem_gib)
+    budgets = budgets_bytes(hardware, gpu_mem_gib, tensor_cpu_budget(cpu_mem_gib, cpu_reserved_gib), disk_mem_gib)
     cands: list[tuple[float, Candidate, float]] = []
     best_tps, solved, skipped = 0.0, 0, 0
     all_shapes = shapes(hardware, prompt_len=prompt_len, gen_len=gen_len, gpu_batch_sizes=gpu_batch_sizes,

@@ -116,10 +116,12 @@ class AlignedPairs:
             self.values[pairs, at:at + s - skip] = rows[skip:, 1, pairs].transpose(0, 1)
 
     def write_heads(self, start: int, k: torch.Tensor, v: torch.Tensor, first_pair: int) -> None:
-        """`write` from the projections' own layout: k, v [B, s, H, D] of a micro-batch (pair = row * H
-        + head), of which these are pairs first_pair .. first_pair + count - 1. One strided copy per
-        whole rows of a run, none through the position-major layout (for a 32-row opt-1.3b prefill
-        in bfloat16 that detour cost 39 ms a layer, this 1.5)."""
+        """`write` from the projections' own layout: k, v [B, s, H * D] (or [B, s, H, D]) of a
+        micro-batch (pair = row * H + head), of which these are pairs first_pair .. first_pair +
+        count - 1. One strided copy per whole rows of a run, none through the position-major layout
+        (for a 32-row opt-1.3b prefill in bfloat16 that detour cost 39 ms a layer, this 1.5)."""
+        head_dim = self.keys.shape[-1]
+        k, v = k.view(*k.shape[:2], -1, head_dim), v.view(*v.shape[:2], -1, head_dim)
         s, H = k.shape[1], k.shape[2]
         for shift, lo, run in self.runs:
             skip = max(shift - start, 0)
@@ -229,7 +231,7 @@ class CachePart:
 
     def append_heads(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """`append` for a part in the aligned layout, from the micro-batch's keys and values as the
-        projections give them: k, v [B, s, H, D] (this part's pairs are taken from them)."""
+        projections give them: k, v [B, s, H * D] (this part's pairs are taken from them)."""
         self.aligned.write_heads(self.length, k, v, self.pairs.start)
         self.length += k.shape[1]
 

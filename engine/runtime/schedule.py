@@ -277,7 +277,6 @@ class BlockRunner:
         """Attention of one micro-batch's projected q, k, v [B, s, .] over its cache slot -> [B, s, h]."""
         cfg = self.ctx.cfg
         layers = self.layers
-        heads = (k.view(*k.shape[:2], -1, cfg.head_dim), v.view(*v.shape[:2], -1, cfg.head_dim))  # [B, s, Hkv, D]
         prefill = mb.length == mb.query_len  # nothing cached yet: attend the new positions whole
         new = None
         if not prefill or any(part.aligned is None for part in slot.parts):
@@ -291,7 +290,7 @@ class BlockRunner:
             out = []
             for part in slot.parts:
                 if part.aligned is not None:
-                    part.append_heads(*heads)
+                    part.append_heads(k, v)
                     out.append(self._attend_aligned_part(part, q_pairs[part.pairs], mb.first[part.pairs], query_pos))
                     continue
                 stored = part.encode(new[:, :, part.pairs])

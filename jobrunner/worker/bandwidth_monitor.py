@@ -21,7 +21,7 @@ from engine.errors import BudgetError
 from engine.planning.hardware import HardwareProfile
 from engine.runtime.tiers import LINKS
 from engine.model.config import OPTConfig
-from engine.planning.planner import plan
+from engine.planning.planner import plan, tensor_cpu_budget
 from engine.runtime.policy import Policy
 
 DEFAULT_THRESHOLD = 0.30
@@ -123,9 +123,7 @@ class BandwidthMonitor:
         self.reference = new_hw
         budgets = dict(gpu_mem_gib=self.gpu_mem_gib, cpu_mem_gib=self.cpu_mem_gib,
                        disk_mem_gib=self.disk_mem_gib)
-        cpu_budget = self.cpu_mem_gib
-        if cpu_budget is not None:  # as plan() counts it: without the process's own memory
-            cpu_budget = max(0.0, cpu_budget - self.plan_kwargs.get("cpu_reserved_gib", 0.0))
+        cpu_budget = tensor_cpu_budget(self.cpu_mem_gib, self.plan_kwargs.get("cpu_reserved_gib", 0.0))
         old = estimate(self.config, new_hw, self.policy, prompt_len=self.prompt_len, gen_len=self.gen_len,
                        cpu_budget_gib=cpu_budget)
         try:
