@@ -169,7 +169,7 @@ def _layer_terms(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, x: Placement, z
     # Per-request disk latency: one request per tensor of a layer on disk (linear in the layers
     # there), per micro-batch's activations (linear stand-in) and per micro-batch's cache part on disk
     # (whatever its size): it dominates when small tensors or one-token cache appends go to disk.
-    r_lat, w_lat, nb = hw.disk_read_latency_s, hw.disk_sync_latency_s, sh.num_gpu_batches
+    r_lat, w_lat, nb = hw.disk_read_latency_s, hw.disk_write_latency_s, sh.num_gpu_batches
     disk = t["disk"] + TENSORS_PER_LAYER * ws.layers_on_disk * r_lat + nb * x.hd * (r_lat + w_lat)
     disk = disk + nb * x.has_cache_disk_part * (w_lat + (r_lat if decode else 0.0))
     return {"disk": disk, "cpu_to_gpu": t["cpu_to_gpu"], "gpu_to_cpu": t["gpu_to_cpu"], "compute": compute}

@@ -32,7 +32,7 @@ PROFILE_HINT = "write one with engine.planning.profiler.measure_profile(...).sav
 # The calibration point of a prefill layer whose freed intermediates the allocator keeps (the
 # "prefill" point faults each in anew: engine.planning.calibration).
 PREFILL_KEPT = "prefill_kept"
-PROFILE_VERSION = 17  # a stored profile of another version is measured again: its fields mean other things
+PROFILE_VERSION = 18  # a stored profile of another version is measured again: its fields mean other things
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,7 +52,7 @@ class HardwareProfile:
     disk_read_gbps: float = 1.0
     disk_write_gbps: float = 1.0
     disk_read_latency_s: float = 0.0     # one small uncached read: the floor of every disk read
-    disk_sync_latency_s: float = 0.0     # one small write + fdatasync (the engine syncs what it writes)
+    disk_write_latency_s: float = 0.0    # one small page-aligned write as the disk tier does it (O_DIRECT)
     cpu_mem_gbps: float = 20.0           # streaming read of weights by a matmul on the CPU
     cpu_to_gpu_gbps: float = 0.0         # pinned host -> device; 0 without a GPU
     gpu_to_cpu_gbps: float = 0.0

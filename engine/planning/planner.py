@@ -31,6 +31,7 @@ from engine.runtime.policy import Policy
 DEFAULT_GPU_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 DEFAULT_NUM_GPU_BATCHES = (1, 2, 4, 8, 16, 32)
 FRACTIONS = ("wg", "wc", "wd", "cg", "cc", "cd", "hg", "hc", "hd")
+MEMORY_SLACK_BYTES = 2 ** 20  # a budget within this of its peak binds the LP
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,17 +112,21 @@ def solve_lp(cfg: OPTConfig, hw: HardwareProfile, sh: Shape,
     or when nothing else would be streamed (then memory is preferred at equal predicted time).
     A cache slot with a part on disk costs its per-step requests and ops whatever the part's size
     (cost_time), a step the LP cannot express either: it solves with the cache in memory, and
-    with a disk part paid for, and keeps the faster (memory at equal time)."""
+    with a disk part paid for, and keeps the faster (memory at equal time). A disk part only ever
+    adds time, and buys memory: where the cache in memory leaves every budget slack, it is the answer
+    and the second solve is skipped."""
     best = None
     for cache_disk_part in (False, True):
         found = _solve_lookup_choices(cfg, hw, sh, budgets_gib, minimise_tier, cache_disk_part)
         if found is not None and (best is None or found[0] < best[0] * (1 - 1e-9)):
             best = found
-    return best
+        if minimise_tier is None and found is not None and not found[2]:
+            break
+    return best[:2] if best is not None else None
 
 
 def _solve_lookup_choices(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, budgets_gib: dict[str, float | None],
-                          minimise_tier: str | None, cache_disk_part: bool) -> tuple[float, Placement] | None:
+                          minimise_tier: str | None, cache_disk_part: bool) -> tuple[float, Placement, bool] | None:
     found = _solve_lp(cfg, hw, sh, budgets_gib, minimise_tier, True, cache_disk_part)
     if found is not None and found[1].wd > weight_shares(cfg)[0] + 1e-9:
         return found
@@ -132,7 +137,9 @@ def _solve_lookup_choices(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, budget
 
 
 def _solve_lp(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, budgets_gib: dict[str, float | None],
-              minimise_tier: str | None, lookup_on_disk: bool, cache_disk_part: bool) -> tuple[float, Placement] | None:
+              minimise_tier: str | None, lookup_on_disk: bool, cache_disk_part: bool
+              ) -> tuple[float, Placement, bool] | None:
+    """(block seconds, fractions, whether a memory budget binds at the optimum), or None."""
     prob = pulp.LpProblem("flexjob_placement", pulp.LpMinimize)
     v = {k: lp_variable(prob, k, 1) for k in FRACTIONS}
     if not cache_disk_part:
@@ -179,7 +186,8 @@ def _solve_lp(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, budgets_gib: dict[
         return None
     fr = {k: min(1.0, max(0.0, float(v[k].value() or 0.0))) for k in FRACTIONS}
     value = pulp.value(prob.objective)
-    return float(value), Placement(**fr)
+    binds = any(c.value() > -MEMORY_SLACK_BYTES for name, c in prob.constraints.items() if name.startswith("mem_"))
+    return float(value), Placement(**fr), binds
 
 
 def to_policy(sh: Shape, x: Placement) -> Policy:

@@ -107,7 +107,7 @@ def _measure_probes(disk_dir: str | Path, *, disk_bytes: int | None, seconds_per
             disk = measure_disk(disk_dir, disk_bytes)
         disk = dataclasses.replace(disk, method=disk.method + ", under compute load")
         fields["io_compute_interference"] = measure_io_interference(disk_dir, dtype, seconds_per_test)
-    read_lat, sync_lat = measure_disk_latency(disk_dir, seconds_per_test)
+    read_lat, write_lat = measure_disk_latency(disk_dir, seconds_per_test)
     flops = {"cpu": {dtype_name(dt): matmul_flops("cpu", dt, seconds_per_test) for dt in CPU_DTYPES}}
     if has_gpu:
         flops["cuda"] = {name: matmul_flops("cuda", torch_dtype(name), seconds_per_test) for name in DTYPE_NAMES}
@@ -121,7 +121,7 @@ def _measure_probes(disk_dir: str | Path, *, disk_bytes: int | None, seconds_per
         created_at=time.time(), disk_dir=str(disk_dir.resolve()), disk_read_method=disk.method,
         compute_dtype=dtype_name(dtype),
         disk_read_gbps=disk.read_gbps, disk_write_gbps=disk.write_gbps, disk_read_latency_s=read_lat,
-        disk_sync_latency_s=sync_lat,
+        disk_write_latency_s=write_lat,
         cpu_mem_gbps=weight_stream_gbps(seconds_per_test, dtype=cpu_dtype),
         cpu_attention_gbps=cpu_attention_gbps(seconds_per_test, dtype=cpu_dtype),
         cpu_attention_in_place=native_attention.available(),

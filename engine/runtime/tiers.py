@@ -9,6 +9,7 @@ bandwidth (a test knob for re-planning).
 """
 from __future__ import annotations
 
+import errno
 import math
 import mmap
 import os
@@ -87,6 +88,13 @@ def write_once(path: Path, write: Callable[[BinaryIO], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def drop_cached_pages(fd: int, offset: int, nbytes: int) -> None:
+    """Drop a range's clean pages from the page cache, the pages it only partly covers included
+    (the kernel drops only the pages wholly inside the range it is given)."""
+    first = offset - offset % ALIGN
+    os.posix_fadvise(fd, first, align_up(offset + nbytes) - first, os.POSIX_FADV_DONTNEED)
+
+
 def aligned_empty(nbytes: int, *, pin: bool = False) -> torch.Tensor:
     """A uint8 tensor of `nbytes` whose data starts at a 4 KiB boundary (O_DIRECT needs it)."""
     size = align_up(nbytes)
@@ -158,25 +166,20 @@ class DiskTier:
         """Read (offset, uint8 buffer) spans of one file, with O_DIRECT when all are aligned."""
         aligned = all(off % ALIGN == 0 and buf.numel() % ALIGN == 0 and buf.data_ptr() % ALIGN == 0
                       for off, buf in spans)
-        if self.bypass_page_cache and aligned and self._direct_ok is not False:
+        fd = self._open_direct(path, os.O_RDONLY) if aligned else None
+        if fd is not None:
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-            except OSError:
-                self._direct_ok = False  # e.g. tmpfs: fall back to fadvise
-            else:
-                try:
-                    for off, buf in spans:
-                        self._read_fully(fd, memoryview(buf.numpy()).cast("B"), off)
-                    self._direct_ok = True
-                finally:
-                    os.close(fd)
-                return
+                for off, buf in spans:
+                    self._read_fully(fd, memoryview(buf.numpy()).cast("B"), off)
+            finally:
+                os.close(fd)
+            return
         fd = os.open(path, os.O_RDONLY)
         try:
             for off, buf in spans:
                 self._read_fully(fd, memoryview(buf.numpy()).cast("B"), off)
                 if self.bypass_page_cache:
-                    os.posix_fadvise(fd, off, buf.numel(), os.POSIX_FADV_DONTNEED)
+                    drop_cached_pages(fd, off, buf.numel())
         finally:
             os.close(fd)
 
@@ -190,21 +193,48 @@ class DiskTier:
             done += n
 
     def write(self, path: Path, offset: int, data: torch.Tensor, *, sync: bool = False) -> None:
-        """Write a tensor's bytes at `offset`; with `bypass_page_cache`, the pages are flushed and
-        dropped so that the next read really comes from the disk."""
+        """Write a tensor's bytes at `offset`; with `bypass_page_cache` they do not stay in the page
+        cache, so that the next read really comes from the disk. Whole pages at a page offset go
+        with O_DIRECT (staged through an aligned buffer where the tensor is not aligned): no flush
+        and no cached copy. Other writes are flushed, then dropped (posix_fadvise only drops clean
+        pages). `sync` adds a flush for durability; the engine's own files are scratch and need none."""
         started = time.perf_counter()
-        buf = data.contiguous().reshape(-1).view(torch.uint8).numpy()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        raw = data.contiguous().reshape(-1).view(torch.uint8)
+        nbytes = raw.numel()
+        fd = None
+        if self.bypass_page_cache and offset % ALIGN == 0 and nbytes % ALIGN == 0:
+            fd = self._open_direct(path, os.O_WRONLY | os.O_CREAT)
+            if fd is not None and raw.data_ptr() % ALIGN:
+                raw = aligned_empty(nbytes).copy_(raw)
+        direct = fd is not None
+        if fd is None:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
-            view, done = memoryview(buf).cast("B"), 0
-            while done < len(view):
+            view, done = memoryview(raw.numpy()).cast("B"), 0
+            while done < nbytes:
                 done += os.pwrite(fd, view[done:], offset + done)
-            if self.bypass_page_cache or sync:
+            if sync or (self.bypass_page_cache and not direct):
                 os.fdatasync(fd)
-                os.posix_fadvise(fd, offset, len(view), os.POSIX_FADV_DONTNEED)
+            if self.bypass_page_cache and not direct:
+                drop_cached_pages(fd, offset, nbytes)
         finally:
             os.close(fd)
-        self._account(DISK_WRITE, len(buf), started)
+        self._account(DISK_WRITE, nbytes, started)
+
+    def _open_direct(self, path: Path, flags: int) -> int | None:
+        """A descriptor opened with O_DIRECT, or None where the file system refuses it (tmpfs):
+        remembered, so that such a tier goes buffered from then on."""
+        if not self.bypass_page_cache or self._direct_ok is False:
+            return None
+        try:
+            fd = os.open(path, flags | os.O_DIRECT, 0o600)
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # a missing file or a full disk is the caller's error
+                raise
+            self._direct_ok = False
+            return None
+        self._direct_ok = True
+        return fd
 
     def read(self, path: Path, offset: int, nbytes: int) -> torch.Tensor:
         # Page-aligned, so that aligned reads (a cache slot's whole positions) can bypass the page

@@ -325,7 +325,7 @@ def test_a_sliver_of_cache_on_disk_costs_each_slot_its_requests_and_ops_and_the_
     RAM): the planner keeps the whole cache in memory where that fits, even when the LP's linear
     terms would find a sliver on disk free."""
     hw = HardwareProfile(cpu_mem_gbps=20, cpu_attention_gbps=10, matmul_flops={"cpu": {"bfloat16": 1e12}},
-                         disk_read_gbps=2, disk_write_gbps=2, disk_read_latency_s=5e-5, disk_sync_latency_s=1e-4,
+                         disk_read_gbps=2, disk_write_gbps=2, disk_read_latency_s=5e-5, disk_write_latency_s=1e-4,
                          io_compute_interference=0.0, compute_dtype="bfloat16", cpu_attention_in_place=True)
     cfg = preset("1.3b")
     ram = Policy.from_percents([0, 100, 0, 100, 0, 100], gpu_batch_size=8, num_gpu_batches=4)

@@ -12,7 +12,7 @@ from engine.planning.cost_model import estimate
 from engine.errors import BudgetError
 from engine.planning.hardware import HardwareProfile, t4_flexgen
 from engine.model.config import preset
-from engine.planning.planner import budgets_bytes, plan, solve_lp
+from engine.planning.planner import _solve_lookup_choices, budgets_bytes, plan, solve_lp
 from tests.support.planner_grid import grid_plan, grid_search
 from engine.runtime.policy import Policy
 
@@ -45,6 +45,26 @@ def _random_case(rng: random.Random):
                compress_weight=(c := rng.random() < 0.4), compress_cache=c,
                cpu_cache_compute=hw.has_gpu and rng.random() < 0.5, overlap=rng.random() < 0.8)
     return cfg, hw, budgets, sh
+
+
+def test_skipping_the_disk_part_solve_where_memory_is_slack_loses_nothing():
+    """solve_lp skips the solve with a cache part on disk when the cache in memory leaves every budget
+    slack: on random cases its answer is the better of both solves, each made in full."""
+    rng = random.Random(20261204)
+    skipped = 0
+    for _ in range(30):
+        cfg, hw, budgets, sh = _random_case(rng)
+        limits = budgets_bytes(hw, budgets["gpu_mem_gib"], budgets["cpu_mem_gib"], budgets["disk_mem_gib"])
+        in_memory, disk_part = (_solve_lookup_choices(cfg, hw, sh, limits, None, part) for part in (False, True))
+        both = [found for found in (in_memory, disk_part) if found is not None]
+        lp = solve_lp(cfg, hw, sh, limits)
+        if not both:
+            assert lp is None
+            continue
+        best = min(found[0] for found in both)
+        assert lp is not None and lp[0] == pytest.approx(best, rel=1e-6), (cfg.name, sh, limits)
+        skipped += in_memory is not None and not in_memory[2]
+    assert skipped >= 3, f"too few cases with slack memory to test the skip: {skipped}"
 
 
 def test_lp_matches_grid_search_on_random_cases():
