@@ -6,7 +6,8 @@
 (a) All weights in RAM: this engine at several block shapes vs transformers `generate` at batch 8,
     16, 32. Metric: generated tokens/s over the whole run, prefill included (FlexGen's metric). Each
     side first runs one prefill of the same batch (one new token), not counted: a process's first
-    calls pay one-off costs (kernel choices, fresh pages). `prefill_s` is that first prefill.
+    calls pay one-off costs (kernel choices, fresh pages). `prefill_s` is that first prefill. Each
+    run's fraction of the compute roofline (`compute_roofline`).
 (b) Weights on disk under --cpu-mem: this engine (page cache bypassed: O_DIRECT reads) vs
     transformers + accelerate disk offload (`device_map` with `max_memory`), whose measured peak RSS
     must fit the same budget. Also the fraction of the roofline reached: per step
@@ -195,6 +196,7 @@ def main() -> None:
 
     if "a" not in opts.skip:
         rows += run_in_ram(base, [int(b) for b in opts.hf_batches.split(",")], parse_blocks(opts.blocks), offload)
+        compute_roofline(rows, cfg, opts)
     if "b" not in opts.skip:
         runs = hand_written_runs(opts.disk_percent, parse_blocks(opts.disk_blocks) if opts.disk_blocks else [])
         if opts.disk_planned:
@@ -318,46 +320,73 @@ def run_over_capacity(base: dict, runs: list[DiskRun], work_dir: Path, *, cpu_me
     return rows
 
 
-def roofline(rows: list[dict], cfg, opts) -> None:
-    """Per-run roofline, step by step: the sum over the prefill and each decode step of
-    max(disk seconds, FLOPs / FLOP/s). Disk seconds charge the weights read from the disk tier (once
-    per step) at the read bandwidth of files that have sat a while and the KV cache (the rest of
-    what the run read, growing with the position) at that of a file read back right after it was
-    written, as the cache is one step later: both probed now, alone on the machine (the profile's
-    figures are taken beside a compute load, for the planner), and never below the rate the run's
-    own reads reached. FLOP/s: the fastest dense matmul the profile saw, the probe's or a row count
-    of its linear-layer table (they differ by up to 40 % on a shared 2-core VM)."""
-    from engine.planning.disk_probes import measure_disk
-    from engine.planning.profiler import load_or_measure_profile
+def fastest_flops(profile, dtype: str) -> float:
+    """FLOP/s of the fastest dense matmul the profile saw, the probe's or a row count of its
+    linear-layer table (they differ by up to 40 % on a shared 2-core VM)."""
     from engine.runtime.devices import torch_dtype
-    offload = opts.work_dir / "offload"
-    profile = load_or_measure_profile(offload)
-    element = torch_dtype(opts.dtype).itemsize
-    flops_per_s = max([profile.flops("cpu", opts.dtype)] + [2 * int(rows) / element / s_per_byte for rows, s_per_byte
-                                                            in profile.linear_s_per_byte.items()])
-    probe = measure_disk(offload)
+    element = torch_dtype(dtype).itemsize
+    return max([profile.flops("cpu", dtype)] + [2 * int(rows) / element / s_per_byte for rows, s_per_byte
+                                                in profile.linear_s_per_byte.items()])
+
+
+def step_flops(cfg, block_rows: int, prompt_len: int, gen_len: int) -> list[float]:
+    """The linear layers' FLOPs of the prefill, then of each decode step (attention left out: a
+    roofline from these is a bound no run can beat)."""
     head = cfg.vocab_size * cfg.embed_dim  # the LM head runs on each row's last position only
     # Multiplied weights per token: not the lookup tables, and the head apart (untied, it is counted)
     body = cfg.param_count() - cfg.lookup_table_param_count() - (0 if cfg.tie_word_embeddings else head)
+    return [2 * (body * prompt_len + head) * block_rows] + [2 * (body + head) * block_rows] * (gen_len - 1)
+
+
+def compute_roofline(rows: list[dict], cfg, opts) -> None:
+    """Part (a)'s roofline, step by step: max(weight bytes / the profile's weight-streaming
+    bandwidth, FLOPs / the fastest matmul's FLOP/s), the weights all in RAM; for every system's
+    run (its rows: generated tokens / gen_len)."""
+    from engine.planning.profiler import load_or_measure_profile
+    from engine.runtime.devices import torch_dtype
+    profile = load_or_measure_profile(opts.work_dir / "offload")
+    flops_per_s = fastest_flops(profile, opts.dtype)
+    weight_bytes = (cfg.param_count() - cfg.lookup_table_param_count()) * torch_dtype(opts.dtype).itemsize
+    memory_s = weight_bytes / (profile.cpu_mem_gbps * 1e9)
+    for row in rows:
+        if row["part"] != "a" or "error" in row or not row.get("seconds"):
+            continue
+        block_rows = round(row["tokens_per_s"] * row["seconds"] / opts.gen_len)
+        per_step = [max(memory_s, f / flops_per_s) for f in step_flops(cfg, block_rows, opts.prompt_len, opts.gen_len)]
+        row.update(roofline_s=sum(per_step), roofline_fraction=sum(per_step) / row["seconds"],
+                   measured_flops=flops_per_s, roofline_prefill_s=per_step[0])
+
+
+def roofline(rows: list[dict], cfg, opts) -> None:
+    """Per-run roofline over capacity, step by step: the sum over the prefill and each decode step
+    of max(disk seconds, FLOPs / FLOP/s). Disk seconds charge the weights read from the disk tier
+    (once per step) at the read bandwidth of files that have sat a while and the KV cache (the rest
+    of what the run read, growing with the position) at that of a file read back right after it
+    was written, as the cache is one step later: both probed now, alone on the machine (the
+    profile's figures are taken beside a compute load, for the planner), and never below the rate
+    the run's own reads reached. FLOP/s: `fastest_flops`."""
+    from engine.planning.disk_probes import measure_disk
+    from engine.planning.profiler import load_or_measure_profile
+    offload = opts.work_dir / "offload"
+    flops_per_s = fastest_flops(load_or_measure_profile(offload), opts.dtype)
+    probe = measure_disk(offload)
     for row in rows:
         if row["part"] != "b" or row["system"] != "flexjob" or "error" in row:
             continue
         seen = row["disk_read_bytes"] / row["disk_read_s"] if row.get("disk_read_s") else 0.0
         settled_bw, fresh_bw = max(probe.read_gbps * 1e9, seen), max(probe.fresh_read_gbps * 1e9, seen)
-        block_rows = row["block_rows"]
         steps = opts.gen_len
         weight_bytes = min(row["weights_disk_bytes"], row["disk_read_bytes"] / steps)
         cache_bytes = row["disk_read_bytes"] - weight_bytes * steps  # and the embedding's rows: KiB a step
         # Decode step i (1 .. gen-1) reads the cache of prompt + i positions.
         positions = [opts.prompt_len + i for i in range(1, steps)]
-        step_flops = [2 * (body * opts.prompt_len + head) * block_rows] + \
-                     [2 * (body + head) * block_rows] * len(positions)
+        flops = step_flops(cfg, row["block_rows"], opts.prompt_len, steps)
         step_io = [weight_bytes / settled_bw] + [weight_bytes / settled_bw + cache_bytes * p / sum(positions) / fresh_bw
                                                  for p in positions]
-        per_step = [max(io, f / flops_per_s) for io, f in zip(step_io, step_flops)]
+        per_step = [max(io, f / flops_per_s) for io, f in zip(step_io, flops)]
         row["roofline_s"] = sum(per_step)
         row["roofline_fraction"] = row["roofline_s"] / row["seconds"] if row["seconds"] else None
-        row["roofline_disk_bound_steps"] = sum(io > f / flops_per_s for io, f in zip(step_io, step_flops))
+        row["roofline_disk_bound_steps"] = sum(io > f / flops_per_s for io, f in zip(step_io, flops))
         row.update(measured_read_gbps=settled_bw / 1e9, measured_fresh_read_gbps=fresh_bw / 1e9,
                    measured_flops=flops_per_s, weights_read_bytes=weight_bytes * steps, cache_read_bytes=cache_bytes,
                    roofline_prefill_s=per_step[0])

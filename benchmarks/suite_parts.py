@@ -46,14 +46,20 @@ def _rss(row: dict) -> float:
 
 
 def part_ram(cfg: SuiteConfig, model: Path, dtype: str) -> Part:
+    from engine.model.config import load_config
+
     rows = bench_engine.run_in_ram(_base(cfg, model, dtype), list(cfg.hf_batches), list(cfg.ram_blocks),
                                    cfg.work_dir / "offload")
+    opts = argparse.Namespace(work_dir=cfg.work_dir, dtype=dtype, gen_len=cfg.gen_len, prompt_len=cfg.prompt_len)
+    bench_engine.compute_roofline(rows, load_config(model), opts)
     for r in rows:
         r["peak_rss_gib"] = _rss(r)
     return Part("ram", f"All weights in RAM: flexjob vs transformers `generate` (prompt {cfg.prompt_len}, "
                        f"gen {cfg.gen_len}; each after one prefill of the same batch, whose time is the "
-                       f"first prefill column)", rows,
-                (("prefill_s", "first prefill s"), ("seconds", "seconds"), ("peak_rss_gib", "peak RSS GiB")))
+                       f"first prefill column; roofline: per step max(weight bytes / RAM bandwidth, linear "
+                       f"layers' FLOPs / fastest matmul))", rows,
+                (("roofline_fraction", "roofline fraction"), ("prefill_s", "first prefill s"),
+                 ("seconds", "seconds"), ("peak_rss_gib", "peak RSS GiB")))
 
 
 def part_disk(cfg: SuiteConfig, model: Path, dtype: str) -> Part:
