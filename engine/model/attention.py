@@ -20,12 +20,13 @@ from __future__ import annotations
 import torch
 
 from engine.model import native_attention
+from engine.model.key_span import KeySpan, key_span
 from engine.model.kernel_shapes import KEY_ALIGN, QUERIES_PER_CALL, key_capacity, query_plan
 from engine.model.scratch import reused
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: torch.Tensor,
-           query_pos: torch.Tensor | None = None) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: torch.Tensor | None = None,
+           query_pos: torch.Tensor | None = None, span: KeySpan | None = None) -> torch.Tensor:
     """Causal attention over a position-major cache, one (row, head) pair at a time.
 
     q: [n, S, D] (pre-scaled); k, v: [T, n, D] (the cache layout); first: [n] long, each pair's first
@@ -34,43 +35,42 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: torch.Tenso
     several heads' queries of one pair, so positions repeat). A query attends to its row's
     positions first .. its own. Returns [n, S, D] in q's dtype. The native kernel reads a decode
     step's cache where it is; a prefill, and the library path, copy it into the aligned layout of
-    `attend_aligned` first (the same sums: the same bits).
+    `attend_aligned` first (the same sums: the same bits). `span`: the same (first, query_pos) as a
+    KeySpan made once for the step (then first and query_pos are not read).
     """
-    T = k.shape[0]
-    if query_pos is None:
-        query_pos = torch.arange(T - q.shape[1], T, device=q.device)
-    last_key = _last_keys(q, first, query_pos)
+    if span is None:
+        T = k.shape[0]
+        if query_pos is None:
+            query_pos = torch.arange(T - q.shape[1], T, device=q.device)
+        span = key_span(first, query_pos)
+    span = span.to(q.device)
+    last_key, first = span.last_key, span.first
     native = native_attention.supports(q, k, v)
     if native and q.shape[1] <= native_attention.IN_PLACE_QUERIES:  # reads the position-major cache in place
-        return native_attention.attend_position_major(q, k, v, first, last_key)
+        return native_attention.attend_position_major(q, k, v, first, span)
     # Many queries per pair (a prefill) read a pair's keys once per query: position-major, those
     # rows lie a whole position apart (64 KB in an 8-row block of opt-1.3b), and a pair-major copy
     # first is faster (opt-1.3b, 8 rows x 128 positions, bf16 on Zen4: 21 against 26-30 ms).
     runs = pair_runs(first)
     kh, vh = _aligned(k, runs, q.dtype, "keys"), _aligned(v, runs, q.dtype, "values")  # [n, T', D]
     if native:
-        return native_attention.attend_aligned(q, kh, vh, last_key)
+        return native_attention.attend_aligned(q, kh, vh, span)
     return attend_aligned_library(q, kh, vh, last_key)
 
 
-def attend_aligned(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, first: torch.Tensor,
-                   query_pos: torch.Tensor) -> torch.Tensor:
+def attend_aligned(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, first: torch.Tensor | None = None,
+                   query_pos: torch.Tensor | None = None, span: KeySpan | None = None) -> torch.Tensor:
     """`attend` over keys and values already in the aligned layout: kh, vh [n, C, D] (any stride
     between pairs), each pair's first real position at index 0, finite numbers (zeros) past its
     last, and C a multiple of KEY_ALIGN that covers every query's position. This is the layout a
     memory-resident cache keeps (engine.runtime.kv_cache), so attention reads it in place.
     On a CPU it runs on the native kernel (engine.model.native_attention) where that is built,
-    else, and on a GPU, on the library's batched products (`attend_aligned_library`)."""
-    last_key = _last_keys(q, first, query_pos)
+    else, and on a GPU, on the library's batched products (`attend_aligned_library`). `span`: as
+    for `attend`."""
+    span = (span or key_span(first, query_pos)).to(q.device)
     if native_attention.supports(q, kh, vh):
-        return native_attention.attend_aligned(q, kh, vh, last_key)
-    return attend_aligned_library(q, kh, vh, last_key)
-
-
-def _last_keys(q: torch.Tensor, first: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
-    """[n, S]: each query's aligned position, the last key it attends (a padding query, before its
-    row's first real position, sees that first key only)."""
-    return (query_pos.to(q.device)[None, :] - first[:, None]).clamp_(min=0)
+        return native_attention.attend_aligned(q, kh, vh, span)
+    return attend_aligned_library(q, kh, vh, span.last_key)
 
 
 def attend_aligned_library(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, last_key: torch.Tensor) -> torch.Tensor:

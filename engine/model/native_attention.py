@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from engine.model import native_build
+from engine.model.key_span import KeySpan
 
 SOURCE = Path(__file__).with_name("native_attention.c")
 # bfloat16 on AVX512-BF16: keys 16 at a time in vdpbf16ps dot products (native_attention_bf16.c);
@@ -55,22 +56,34 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and q.shape[-1] % LANES == 0 and k.stride(-1) == 1 and v.stride() == k.stride() and available())
 
 
-def attend_aligned(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, last_key: torch.Tensor,
+def attend_aligned(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, last_key: torch.Tensor | KeySpan,
                    kernel: str | None = None) -> torch.Tensor:
     """q [n, S, D]; kh, vh [n, C, D], the aligned layout (pair p's first real position at index 0);
-    last_key [n, S]: the last aligned key each query attends (it attends 0 .. last_key). -> [n, S, D].
+    last_key [n, S]: the last aligned key each query attends (it attends 0 .. last_key), or the
+    step's KeySpan, whose indices are made once. -> [n, S, D].
     `kernel` ("generic" or "avx512-bf16") picks one for bfloat16 (benchmarks); None: `bf16_kernel()`."""
-    if last_key.numel() and int(last_key.max()) >= kh.shape[1]:
-        raise ValueError(f"attention over {kh.shape[1]} keys asked for key {int(last_key.max())}")
-    offsets = torch.arange(kh.shape[0], dtype=torch.int64) * kh.stride(0)
-    return _run(q, kh, vh, offsets, kh.stride(1), last_key, kernel)
+    span = last_key if isinstance(last_key, KeySpan) else None
+    if span is None:
+        if last_key.numel() and int(last_key.max()) >= kh.shape[1]:
+            raise ValueError(f"attention over {kh.shape[1]} keys asked for key {int(last_key.max())}")
+        offsets = torch.arange(kh.shape[0], dtype=torch.int64) * kh.stride(0)
+        return _run(q, kh, vh, offsets, kh.stride(1), last_key, kernel)
+    if span.key_count > kh.shape[1]:
+        raise ValueError(f"attention over {kh.shape[1]} keys asked for key {span.key_count - 1}")
+    return _run(q, kh, vh, span.offsets(0, kh.stride(0)), kh.stride(1), span.last_key, kernel, span.key_count)
 
 
 def attend_position_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: torch.Tensor,
-                          last_key: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
+                          last_key: torch.Tensor | KeySpan, kernel: str | None = None) -> torch.Tensor:
     """q [n, S, D]; k, v [T, n, D], a cache as read from disk (pair p's first real position at
-    first[p]), attended in place; last_key [n, S] counted from each pair's first. -> [n, S, D].
-    `kernel`: as for attend_aligned."""
+    first[p]), attended in place; last_key [n, S] counted from each pair's first, or the step's
+    KeySpan (of these `first`). -> [n, S, D]. `kernel`: as for attend_aligned."""
+    if isinstance(last_key, KeySpan):
+        span = last_key
+        if span.last_position >= k.shape[0]:
+            raise ValueError(f"attention over {k.shape[0]} positions asked for one past them")
+        return _run(q, k, v, span.offsets(k.stride(0), k.stride(1)), k.stride(0), span.last_key, kernel,
+                    span.key_count)
     first = first.to(torch.int64).cpu()
     if last_key.numel() and int((last_key.amax(dim=1).cpu() + first).max()) >= k.shape[0]:
         raise ValueError(f"attention over {k.shape[0]} positions asked for one past them")
@@ -79,22 +92,26 @@ def attend_position_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fir
 
 
 def _run(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, key_stride: int,
-         last_key: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
+         last_key: torch.Tensor, kernel: str | None = None, key_count: int | None = None) -> torch.Tensor:
+    """The kernel over pairs at `offsets` (elements) of keys and values; key_count: max(last_key) + 1
+    where the caller knows it (a KeySpan, whose last keys are never negative)."""
     n, S, D = q.shape
     q, last_key = q.contiguous(), last_key.to(torch.int64).contiguous()
     out = torch.empty_like(q)
     if out.numel() == 0:
         return out
-    if int(last_key.min()) < 0:
-        raise ValueError("a query attends no key")
+    if key_count is None:
+        if int(last_key.min()) < 0:
+            raise ValueError("a query attends no key")
+        key_count = int(last_key.max()) + 1
     if q.dtype == torch.bfloat16 and D in BF16_HEAD_DIMS and (kernel or bf16_kernel()) == "avx512-bf16":
         function = _bf16_library().attend_bf16_avx512
     else:
         function = getattr(_library(), _DTYPES[q.dtype])
     pointer = ctypes.c_void_p
     failed = function(pointer(q.data_ptr()), pointer(keys.data_ptr()), pointer(values.data_ptr()),
-                    pointer(offsets.data_ptr()), key_stride, pointer(last_key.data_ptr()), pointer(out.data_ptr()),
-                    n, S, D, int(last_key.max()) + 1, torch.get_num_threads())
+                      pointer(offsets.data_ptr()), key_stride, pointer(last_key.data_ptr()), pointer(out.data_ptr()),
+                      n, S, D, key_count, torch.get_num_threads())
     if failed == 2:
         raise ValueError(f"the bfloat16 attention kernel takes head_dim {BF16_HEAD_DIMS}, not {D}")
     if failed:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.model.key_span import KeySpan, key_span
 from engine.runtime.rows import RowResult
 
 
@@ -49,10 +50,23 @@ class MicroBatch:
                                                       (self.input_ids, self.positions, self.first))
         self.length = 0  # positions in the cache after this step
         self.next_ids = self.input_ids  # the step's input: the prompt first, then the sampled tokens
+        self.key_spans: dict[tuple, KeySpan] = {}  # this step's, by (pairs, device): the same in every layer
 
     def begin_step(self, query_len: int) -> None:
         self.length += query_len
         self.query_len = query_len
+        self.key_spans.clear()
+
+    def key_span(self, pairs: slice, queries_per_pair: int, device: torch.device) -> KeySpan:
+        """The keys each query of this step reads, for cache pairs `pairs` (a part of the slot) with
+        `queries_per_pair` queries a pair (the step's positions, once per query head of a KV head),
+        made on the first layer's call and reused by the others."""
+        key = (pairs.start, pairs.stop, queries_per_pair, device)
+        if key not in self.key_spans:
+            query_pos = torch.arange(self.length - self.query_len, self.length,
+                                     device=device).repeat(queries_per_pair // self.query_len)
+            self.key_spans[key] = key_span(self.first[pairs].to(device), query_pos)
+        return self.key_spans[key]
 
     @property
     def step_positions(self) -> torch.Tensor:

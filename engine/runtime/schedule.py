@@ -21,6 +21,7 @@ from engine.model.families import family_math
 from engine.model.kernel_shapes import key_capacity
 from engine.model.attention import attend, attend_aligned
 from engine.runtime.budgets import STORES_IN_FLIGHT, cache_read_sets
+from engine.runtime.compression import QuantizedTensor
 from engine.runtime.kv_cache import CachePart, CacheSlot
 from engine.model.config import ModelConfig
 from engine.runtime.placed_weights import PlacedWeights
@@ -53,6 +54,12 @@ class _Done(Future):
         self.set_result(value)
 
 
+def _held_bytes(args: tuple) -> int:
+    """Bytes of the tensors a queued write holds (each plane of a quantised one)."""
+    tensors = [t for a in args for t in ((a.data, a.scale, a.minimum) if isinstance(a, QuantizedTensor) else (a,))]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
 class BlockRunner:
     def __init__(self, ctx: ScheduleContext, rows: list[BlockRow], workdir) -> None:
         self.ctx = ctx
@@ -82,7 +89,9 @@ class BlockRunner:
         self.act_path = [workdir / f"act-{k}.bin" for k in range(K)]
         self.acts: list[Future | None] = [None] * K
         self.store_error: BaseException | None = None  # set on the I/O thread by a failed store
-        self.stores_in_flight: deque[Future] = deque()
+        self.stores_in_flight: deque[tuple[Future, int]] = deque()  # queued writes and the bytes each holds
+        self.store_bytes_in_flight = 0
+        self.largest_store = 0
 
     # -- I/O helpers: submitted to the I/O thread with overlap, run inline without -------------
     def submit(self, fn, *args) -> Future:
@@ -93,15 +102,24 @@ class BlockRunner:
     def submit_store(self, fn, *args) -> None:
         """A write nobody waits for: if it fails (a full disk), every later I/O call and the next
         layer raise its error, rather than what reading the missing data back would lead to.
-        At most STORES_IN_FLIGHT wait on the I/O thread: each holds a copy of what it writes (a
-        prefill's keys and values of a micro-batch), and a disk slower than the compute thread
-        would otherwise queue one per micro-batch and layer, past the CPU budget."""
+        Queued writes hold at most STORES_IN_FLIGHT times the largest one's bytes (the budget's
+        reserve): each holds a copy of what it writes (a prefill's keys and values of a
+        micro-batch), and a disk slower than the compute thread would otherwise queue one per
+        micro-batch and layer, past the CPU budget. A decode step's one position is a hundredth of
+        that, so its writes queue behind the step's reads instead of holding the compute thread
+        until the I/O thread reaches them."""
         if self.ctx.io is None:
             fn(*args)
             return
-        while len(self.stores_in_flight) >= STORES_IN_FLIGHT:
-            self.stores_in_flight.popleft().exception()  # waits; a failure is in store_error
-        self.stores_in_flight.append(self.ctx.io.submit(self._recording_failure, fn, *args))
+        held = _held_bytes(args)
+        self.largest_store = max(self.largest_store, held)
+        while self.stores_in_flight and (self.stores_in_flight[0][0].done() or
+                                         self.store_bytes_in_flight + held > STORES_IN_FLIGHT * self.largest_store):
+            done, nbytes = self.stores_in_flight.popleft()
+            done.exception()  # waits; a failure is in store_error
+            self.store_bytes_in_flight -= nbytes
+        self.stores_in_flight.append((self.ctx.io.submit(self._recording_failure, fn, *args), held))
+        self.store_bytes_in_flight += held
 
     def _unless_a_store_failed(self, fn, *args):
         if self.store_error is not None:
@@ -283,23 +301,21 @@ class BlockRunner:
             rows = layers.cache_rows(k, v)  # [s, 2, B, Hkv*D]
             new = rows.reshape(rows.shape[0], 2, -1, cfg.head_dim)  # [s, 2, B*Hkv, D]: the (row, KV head) pairs
         q_pairs = layers.to_pairs(cfg, q)  # [B*Hkv, G*s, D]: the G query heads of each pair, head-major
-        # Every query's cache position: the step's s positions, once per query head of the pair.
-        query_pos = torch.arange(mb.length - mb.query_len, mb.length,
-                                 device=q.device).repeat(q_pairs.shape[1] // mb.query_len)
         if prefill:
             out = []
             for part in slot.parts:
                 if part.aligned is not None:
                     part.append_heads(k, v)
-                    out.append(self._attend_aligned_part(part, q_pairs[part.pairs], mb.first[part.pairs], query_pos))
+                    out.append(self._attend_aligned_part(part, q_pairs[part.pairs], mb))
                     continue
                 stored = part.encode(new[:, :, part.pairs])
                 self._append(part, stored)
                 seen = part.attended(stored)
-                out.append(attend(q_pairs[part.pairs], seen[:, 0], seen[:, 1], mb.first[part.pairs], query_pos))
+                out.append(attend(q_pairs[part.pairs], seen[:, 0], seen[:, 1],
+                                  span=mb.key_span(part.pairs, q_pairs.shape[1], q.device)))
         else:
-            out = [self._attend_part(part, q_pairs[part.pairs], new[:, :, part.pairs], mb.first[part.pairs],
-                                     query_pos, read if part.tier == Tier.DISK else None) for part in slot.parts]
+            out = [self._attend_part(part, q_pairs[part.pairs], new[:, :, part.pairs], mb,
+                                     read if part.tier == Tier.DISK else None) for part in slot.parts]
         return layers.from_pairs(cfg, out[0] if len(out) == 1 else torch.cat(out))
 
     def _append(self, part: CachePart, stored) -> None:
@@ -310,12 +326,14 @@ class BlockRunner:
         else:
             part.append(stored)
 
-    def _attend_part(self, part: CachePart, q: torch.Tensor, new: torch.Tensor, first: torch.Tensor,
-                     query_pos: torch.Tensor, read: Future | None) -> torch.Tensor:
-        """One part's attention for a decode step: q [n, G, D], new [1, 2, n, D], first [n], query_pos [G]."""
+    def _attend_part(self, part: CachePart, q: torch.Tensor, new: torch.Tensor, mb: MicroBatch,
+                     read: Future | None) -> torch.Tensor:
+        """One part's attention for a decode step: q [n, G, D], new [1, 2, n, D]; the step's key span
+        of the part's pairs comes from the micro-batch (made once a step)."""
         ctx = self.ctx
         if part.aligned is not None:
-            return self._attend_in_place(part, q, new, first, query_pos)
+            part.append(new)
+            return self._attend_aligned_part(part, q, mb)
         # A disk or compressed part: the cache read so far plus the new position as the cache will hold it.
         where = self._cache_device(part)
         prev = read.result() if read is not None else part.read(where, ctx.stats)
@@ -329,29 +347,25 @@ class BlockRunner:
         self._append(part, stored)
         if ctx.policy.cpu_cache_compute and full.device.type == "cpu" and q.device.type != "cpu":
             # Attention where the cache lives: ship q (small) instead of the cache (large).
-            return attend(q.cpu(), full[:, 0], full[:, 1], first.cpu(), query_pos.cpu()).to(q.device)
+            span = mb.key_span(part.pairs, q.shape[1], full.device)
+            return attend(q.cpu(), full[:, 0], full[:, 1], span=span).to(q.device)
         full = to_device(full, ctx.device, ctx.stats)
-        return attend(q, full[:, 0], full[:, 1], first, query_pos)
+        return attend(q, full[:, 0], full[:, 1], span=mb.key_span(part.pairs, q.shape[1], q.device))
 
-    def _attend_in_place(self, part: CachePart, q: torch.Tensor, new: torch.Tensor, first: torch.Tensor,
-                         query_pos: torch.Tensor) -> torch.Tensor:
-        """Append the step's positions to a memory part and attend over its aligned keys and values."""
-        part.append(new)
-        return self._attend_aligned_part(part, q, first, query_pos)
-
-    def _attend_aligned_part(self, part: CachePart, q: torch.Tensor, first: torch.Tensor,
-                             query_pos: torch.Tensor) -> torch.Tensor:
+    def _attend_aligned_part(self, part: CachePart, q: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
         """Attention over a memory part's aligned keys and values where they are (a prefill's S
         queries or a decode step's one)."""
         keys, values = part.aligned.keys, part.aligned.values
         if keys.device == q.device:
-            return attend_aligned(q, keys, values, first, query_pos)
+            return attend_aligned(q, keys, values, span=mb.key_span(part.pairs, q.shape[1], q.device))
         if self.ctx.policy.cpu_cache_compute and keys.device.type == "cpu":
             # Attention where the cache lives: ship q (small) instead of the cache (large).
-            return attend_aligned(q.cpu(), keys, values, first.cpu(), query_pos.cpu()).to(q.device)
-        used = min(key_capacity(part.length - int(first.min())), keys.shape[1])
+            span = mb.key_span(part.pairs, q.shape[1], keys.device)
+            return attend_aligned(q.cpu(), keys, values, span=span).to(q.device)
+        span = mb.key_span(part.pairs, q.shape[1], q.device)
+        used = min(key_capacity(part.length - int(span.first.min())), keys.shape[1])
         keys, values = (to_device(t[:, :used], self.ctx.device, self.ctx.stats) for t in (keys, values))
-        return attend_aligned(q, keys, values, first, query_pos)
+        return attend_aligned(q, keys, values, span=span)
 
     def _sample(self, mb: MicroBatch, logits: torch.Tensor, params: GenerationParams) -> None:
         results = [r.result for r in mb.rows]

@@ -109,6 +109,50 @@ def test_a_cache_read_from_disk_is_attended_in_place_as_one_held_in_memory_is(dt
     assert torch.equal(in_place, attend("native", q, k, v, first))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_step_key_span_made_once_attends_as_indices_made_per_call(dtype):
+    """Every layer of a step reuses its micro-batch's KeySpan (made on the first call): attention
+    over a position-major read and over the aligned layout gives the bits it gives with indices
+    made per call, the span's bounds are the call's, and a span past the cache is refused."""
+    from engine.model.attention import attend as attend_cache, attend_aligned
+    from engine.model.key_span import key_span
+    q, k, v = cache(150, 24, dtype, seed=5)
+    q = q[:, -1:]
+    first = torch.arange(24) % 6 * 11
+    query_pos = torch.tensor([149])
+    span = key_span(first, query_pos)
+    assert span.key_count == 150 - int(first.min()) and span.last_position == 149
+    as_read = torch.stack((k, v), dim=1)
+    for _ in range(2):  # the second call reuses the span's offsets
+        assert torch.equal(attend_cache(q, as_read[:, 0], as_read[:, 1], span=span),
+                           attend_cache(q, as_read[:, 0], as_read[:, 1], first, query_pos))
+    kh, vh = (torch.zeros(24, key_capacity(150), D, dtype=dtype) for _ in range(2))
+    for p in range(24):
+        kh[p, :150 - first[p]], vh[p, :150 - first[p]] = k[first[p]:, p], v[first[p]:, p]
+    assert torch.equal(attend_aligned(q, kh, vh, span=span), attend_aligned(q, kh, vh, first, query_pos))
+    if native_attention.available():
+        with pytest.raises(ValueError, match="positions"):
+            native_attention.attend_position_major(q, as_read[:149, 0], as_read[:149, 1], first, span)
+
+
+def test_a_micro_batch_makes_each_step_key_span_once():
+    from engine.model.families import family_math
+    from engine.model.config import preset
+    from engine.runtime.micro_batch import BlockRow, MicroBatch
+    from engine.runtime.rows import RowResult
+    rows = [BlockRow(RowResult(row_id=i, generated_ids=[]), list(range(1, 4 + i)), 4, 3 + i) for i in range(3)]
+    mb = MicroBatch(rows, prompt_len=5, max_len=9, pad_id=0, kv_heads=2, layers=family_math(preset("125m")),
+                    device=torch.device("cpu"))
+    mb.begin_step(5)
+    cpu = torch.device("cpu")
+    span = mb.key_span(slice(0, 6), 5, cpu)
+    assert mb.key_span(slice(0, 6), 5, cpu) is span and mb.key_span(slice(2, 6), 5, cpu) is not span
+    assert torch.equal(span.last_key, (torch.arange(5)[None, :] - mb.first[:, None]).clamp(min=0))
+    mb.begin_step(1)
+    step = mb.key_span(slice(0, 6), 1, cpu)
+    assert step is not span and torch.equal(step.last_key, (5 - mb.first)[:, None])
+
+
 @pytest.mark.parametrize("head_dim", [32, 64, 128, 256])
 def test_bfloat16_on_avx512_bf16_gives_every_position_its_decode_bits_at_every_head_dim(head_dim):
     # The AVX512-BF16 kernel weighs values for up to 4 queries per pass in a prefill and for one in

@@ -9,7 +9,7 @@ import pytest
 from engine.model.config import preset
 from engine.planning.calibration import PROMPT_LEN, prefill_row_counts
 from engine.planning.hardware import PREFILL_KEPT, HardwareProfile
-from engine.planning.disk_probes import _settled_files, measure_disk
+from engine.planning.disk_probes import READ_GROUPS, _groups_of, _settled_files, measure_disk
 from engine.planning.profile_store import profile_path
 from engine.planning.profiler import load_or_measure_profile
 
@@ -119,6 +119,26 @@ def test_disk_read_is_measured_on_files_written_earlier_when_the_directory_has_t
         assert probe.method == "O_DIRECT, files written earlier"
     assert sorted(p.name for p in disk.rglob("*") if p.is_file()) == ["decoder.0.bin", "decoder.1.bin"]
 
+
+
+def test_settled_reads_are_timed_in_groups_and_the_median_group_counts(tmp_path):
+    """Reads in order fall into groups of at least the probe's size; with enough settled files the
+    probe reads READ_GROUPS such groups, one group's worth where the directory holds less."""
+    mib = 2 ** 20
+    reads = [(8 * mib, 0.01), (8 * mib, 0.01), (16 * mib, 0.1), (4 * mib, 0.5), (12 * mib, 0.01), (2 * mib, 0.2)]
+    assert _groups_of(reads, 16 * mib) == [reads[:2], reads[2:3], reads[3:]]
+    assert _groups_of(reads[:1], 16 * mib) == [reads[:1]]
+    disk = tmp_path / "disk"
+    (disk / "weights").mkdir(parents=True)
+    for i in range(READ_GROUPS):
+        path = disk / "weights" / f"decoder.{i}.bin"
+        path.write_bytes(os.urandom(8 * mib))
+        os.utime(path, (0, 0))
+    assert len(_settled_files(disk, 8 * mib * READ_GROUPS)) == READ_GROUPS
+    probe = measure_disk(disk, 8 * mib)
+    assert probe.read_gbps > 0
+    if probe.method.startswith("O_DIRECT"):
+        assert probe.method == "O_DIRECT, files written earlier"
 
 
 def test_engine_runs_teach_the_stored_profile_the_disk_bandwidth_they_saw(tmp_path, monkeypatch):
