@@ -50,7 +50,7 @@ class MicroBatch:
                                                       (self.input_ids, self.positions, self.first))
         self.length = 0  # positions in the cache after this step
         self.next_ids = self.input_ids  # the step's input: the prompt first, then the sampled tokens
-        self.key_spans: dict[tuple, KeySpan] = {}  # this step's, by (pairs, device): the same in every layer
+        self.key_spans: dict[tuple, KeySpan] = {}  # this step's, by (pairs, queries a pair, device): every layer's
 
     def begin_step(self, query_len: int) -> None:
         self.length += query_len

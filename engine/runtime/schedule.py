@@ -115,8 +115,8 @@ class BlockRunner:
         self.largest_store = max(self.largest_store, held)
         while self.stores_in_flight and (self.stores_in_flight[0][0].done() or
                                          self.store_bytes_in_flight + held > STORES_IN_FLIGHT * self.largest_store):
-            done, nbytes = self.stores_in_flight.popleft()
-            done.exception()  # waits; a failure is in store_error
+            queued, nbytes = self.stores_in_flight.popleft()
+            queued.exception()  # waits; a failure is in store_error
             self.store_bytes_in_flight -= nbytes
         self.stores_in_flight.append((self.ctx.io.submit(self._recording_failure, fn, *args), held))
         self.store_bytes_in_flight += held
@@ -363,7 +363,7 @@ class BlockRunner:
             span = mb.key_span(part.pairs, q.shape[1], keys.device)
             return attend_aligned(q.cpu(), keys, values, span=span).to(q.device)
         span = mb.key_span(part.pairs, q.shape[1], q.device)
-        used = min(key_capacity(part.length - int(span.first.min())), keys.shape[1])
+        used = min(key_capacity(span.key_count), keys.shape[1])  # the step's keys: length - min(first)
         keys, values = (to_device(t[:, :used], self.ctx.device, self.ctx.stats) for t in (keys, values))
         return attend_aligned(q, keys, values, span=span)
 
