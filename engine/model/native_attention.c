@@ -131,3 +131,18 @@ static inline int64_t tile_pairs(int64_t n, int64_t S, int64_t key_stride, int64
 
 ATTEND(attend_f32, float, f32_load, f32_store)
 ATTEND(attend_bf16, uint16_t, bf16_load, bf16_store)
+
+/* A decode step's new position of every pair into the aligned layout, keys and values at once:
+ * row p of new_keys and new_values (row_bytes each, contiguous) goes to keys + p * pair_bytes +
+ * at[p] * row_bytes (and the same in values). One pass over the pairs in parallel: the rows lie a
+ * pair's whole capacity apart, each on its own page, so torch's scatter (index_put) paid a TLB
+ * miss per pair in a single thread. */
+void write_positions(const char *new_keys, const char *new_values, char *keys, char *values, const int64_t *at,
+                     int64_t n, int64_t pair_bytes, int64_t row_bytes, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t p = 0; p < n; p++) {
+        const int64_t to = p * pair_bytes + at[p] * row_bytes;
+        memcpy(keys + to, new_keys + p * row_bytes, (size_t)row_bytes);
+        memcpy(values + to, new_values + p * row_bytes, (size_t)row_bytes);
+    }
+}

@@ -119,6 +119,29 @@ def _run(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offsets: tor
     return out
 
 
+def write_positions(keys: torch.Tensor, values: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor,
+                    at: torch.Tensor) -> bool:
+    """keys[p, at[p]] = new_keys[p] and values[p, at[p]] = new_values[p] for every pair p of an
+    aligned cache (keys, values [n, capacity, D] contiguous, alike; new ones [n, D]), in one parallel
+    pass; False (nothing written) where the kernel cannot take them: the caller scatters instead."""
+    n, capacity, d = keys.shape
+    if not (available() and keys.device.type == "cpu" and keys.is_contiguous() and values.is_contiguous()
+            and values.shape == keys.shape and new_keys.dtype == new_values.dtype == values.dtype == keys.dtype
+            and new_keys.shape == new_values.shape == (n, d) and new_keys.device == new_values.device == keys.device):
+        return False
+    if n == 0:
+        return True
+    at = at.to(torch.int64).contiguous()
+    if int(at.min()) < 0 or int(at.max()) >= capacity:
+        raise ValueError(f"a new position falls outside the cache's {capacity} positions")
+    new_keys, new_values = new_keys.contiguous(), new_values.contiguous()
+    pointer, row_bytes = ctypes.c_void_p, d * keys.element_size()
+    _library().write_positions(pointer(new_keys.data_ptr()), pointer(new_values.data_ptr()), pointer(keys.data_ptr()),
+                               pointer(values.data_ptr()), pointer(at.data_ptr()), n, capacity * row_bytes, row_bytes,
+                               torch.get_num_threads())
+    return True
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     lib = native_build.load(SOURCE, "attention", switch=ENV_SWITCH,
@@ -129,6 +152,8 @@ def _library() -> ctypes.CDLL | None:
     for name in _DTYPES.values():
         getattr(lib, name).argtypes = [ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
         getattr(lib, name).restype = ctypes.c_int
+    lib.write_positions.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.write_positions.restype = None
     return lib
 
 

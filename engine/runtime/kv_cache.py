@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from engine.model.kernel_shapes import key_capacity
+from engine.model import native_attention
 from engine.model.attention import pair_runs
 from engine.runtime.compression import QuantizedTensor, dequantize, quantize
 from engine.runtime.placement import cache_pair_split
@@ -104,8 +105,9 @@ class AlignedPairs:
         rows = rows.to(self.keys.device)
         if s == 1 and start >= self.last_shift:  # a decode step: one position per pair, scattered
             at = start - self.first
-            self.keys[self.pair_index, at] = rows[0, 0]
-            self.values[self.pair_index, at] = rows[0, 1]
+            if not native_attention.write_positions(self.keys, self.values, rows[0, 0], rows[0, 1], at):
+                self.keys[self.pair_index, at] = rows[0, 0]
+                self.values[self.pair_index, at] = rows[0, 1]
             return
         for shift, lo, run in self.runs:
             skip = max(shift - start, 0)

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from engine.model import native_attention
 from engine.runtime.compression import dequantize, quantize
 from engine.runtime.kv_cache import CacheSlot
 from engine.runtime.placement import cache_pair_split
@@ -125,3 +126,27 @@ def test_a_prefill_written_from_the_projections_layout_stores_what_the_position_
         assert torch.equal(by_heads.read(), position_major[:, :, by_rows.pairs] * real[:, None, :, None])
     for slot in slots:
         slot.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decode_steps_position_written_in_one_pass_lands_where_the_scatter_puts_it(dtype):
+    """native_attention.write_positions against torch's own scatter (index_put) on the same cache,
+    pairs with different first positions; a position outside the capacity is refused."""
+    if not native_attention.available():
+        pytest.skip("no native attention kernel in this process (no C compiler, or switched off)")
+    gen = torch.Generator().manual_seed(3)
+    pairs, capacity, head_dim = 40, 64, 32
+    keys = torch.randn(pairs, capacity, head_dim, generator=gen).to(dtype)
+    values = torch.randn(pairs, capacity, head_dim, generator=gen).to(dtype)
+    new_keys = torch.randn(pairs, head_dim, generator=gen).to(dtype)
+    new_values = torch.randn(pairs, head_dim, generator=gen).to(dtype)
+    at = torch.randint(0, capacity, (pairs,), generator=gen)
+    want_keys, want_values = keys.clone(), values.clone()
+    want_keys[torch.arange(pairs), at] = new_keys
+    want_values[torch.arange(pairs), at] = new_values
+    assert native_attention.write_positions(keys, values, new_keys, new_values, at)
+    assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
+    with pytest.raises(ValueError, match="outside the cache"):
+        native_attention.write_positions(keys, values, new_keys, new_values, at + capacity)
+    assert torch.equal(keys, want_keys)  # nothing written by the refused call
+    assert not native_attention.write_positions(keys, values, new_keys.t().contiguous().t()[:, :16], new_values, at)

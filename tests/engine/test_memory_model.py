@@ -229,3 +229,40 @@ def test_a_run_that_fits_only_compressed_stays_within_its_budget(tmp_path):
     out = _run_child(model, tmp_path, "cache", "16", "512")
     assert out["refused"] and "kv cache" in out["refused"]
     assert out["peak"] <= out["budget"]
+
+
+TRIM_SCRIPT = r"""
+import json, psutil, torch
+from engine.model.config import preset
+from engine.runtime.budgets import GIB, StoreLayout, check_budgets, configure_allocator
+from engine.runtime.policy import Policy
+configure_allocator(512 << 20)
+rss = lambda: psutil.Process().memory_info().rss
+held = torch.ones(300 << 20, dtype=torch.uint8)
+del held  # freed into the heap, which keeps it for reuse
+kept = rss()
+cfg, cpu = preset("125m"), torch.device("cpu")
+policy = Policy(gpu_batch_size=1, num_gpu_batches=1, weights_gpu_percent=0, weights_cpu_percent=100,
+                cache_gpu_percent=0, cache_cpu_percent=100, activations_gpu_percent=0, activations_cpu_percent=100)
+check = lambda budget: check_budgets(cfg, StoreLayout.of(cfg), policy, cpu, torch.float32, None, budget,
+                                     prompt_len=8, gen_len=2)
+need = check(None).cpu_total
+after_unbudgeted = rss()
+within = check(need / GIB + 0.5)  # room to spare: the heap is left as it is
+after_within = rss()
+tight = check((need - (200 << 20)) / GIB)  # fits only once the freed 300 MB go back to the system
+print(json.dumps({"kept": kept, "after_unbudgeted": after_unbudgeted, "after_within": after_within,
+                  "after_tight": rss(), "need": need, "tight_need": tight.cpu_total}))
+"""
+
+
+def test_the_budget_check_returns_freed_heap_memory_only_where_the_budget_needs_it():
+    """Freed heap memory that the allocator keeps counts as the process's own; the check trims it
+    (malloc_trim) only when the budget would fail with it, then passes on what is left."""
+    out = subprocess.run([sys.executable, "-c", TRIM_SCRIPT], capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    mib = 1 << 20
+    assert got["after_unbudgeted"] > got["kept"] - 50 * mib  # no budget: nothing returned
+    assert got["after_within"] > got["kept"] - 50 * mib  # within the budget: nothing returned
+    assert got["after_tight"] < got["kept"] - 250 * mib  # the 300 MB went back to the system
+    assert got["tight_need"] < got["need"] - 250 * mib  # and the check counted the process without them
