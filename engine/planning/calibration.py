@@ -84,7 +84,7 @@ def calibration_bytes(cfg, dtype: torch.dtype, device: str = "cpu") -> int:
     CPU the buffer that evicts them from its caches (`_evictor`)."""
     size = torch.empty((), dtype=dtype).element_size()
     layer = sum(math.prod(shape) for _, shape in layer_tensor_shapes(cfg))
-    return size * (layer + cfg.vocab_size * cfg.embed_dim) + (_eviction_bytes() if device == "cpu" else 0)
+    return size * (layer + cfg.vocab_size * cfg.embed_dim) + (eviction_bytes() if device == "cpu" else 0)
 
 
 def last_level_cache_bytes() -> int:
@@ -100,18 +100,18 @@ def last_level_cache_bytes() -> int:
     return largest
 
 
-def _eviction_bytes() -> int:
+def eviction_bytes() -> int:
     """Twice the last-level cache, at most MAX_EVICTION_BYTES and a tenth of the available RAM."""
     return min(2 * last_level_cache_bytes(), MAX_EVICTION_BYTES, psutil.virtual_memory().available // 10)
 
 
 def _evictor(device: torch.device):
-    """A pass over a buffer of `_eviction_bytes` (twice the last-level cache, capped), run before each
+    """A pass over a buffer of `eviction_bytes` (twice the last-level cache, capped), run before each
     timed decode call on a CPU: the engine's decode step reads every layer's weights and cache from
     DRAM (opt-1.3b's 24 layers are 2.4 GB in bfloat16), where one layer timed over and over stays
     in a large cache (a 2-vCPU Xeon VM reports 480 MB: a layer's six 32-row linear calls took 7.9 ms
     repeated on one layer's matrices against 10.4 ms over 12 layers' in turn). None elsewhere."""
-    nbytes = _eviction_bytes() // 4 * 4
+    nbytes = eviction_bytes() // 4 * 4
     if device.type != "cpu" or nbytes == 0:
         return None
     buffer = torch.ones(nbytes // 4, dtype=torch.float32)

@@ -32,7 +32,7 @@ PROFILE_HINT = "write one with engine.planning.profiler.measure_profile(...).sav
 # The calibration point of a prefill layer whose freed intermediates the allocator keeps (the
 # "prefill" point faults each in anew: engine.planning.calibration).
 PREFILL_KEPT = "prefill_kept"
-PROFILE_VERSION = 18  # a stored profile of another version is measured again: its fields mean other things
+PROFILE_VERSION = 19  # a stored profile of another version is measured again: its fields mean other things
 
 
 @dataclass(frozen=True, kw_only=True)

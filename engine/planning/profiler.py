@@ -18,7 +18,7 @@ import psutil
 import torch
 
 from engine.model.config import OPTConfig, model_key
-from engine.planning.calibration import calibration_bytes, measure_compute_scale
+from engine.planning.calibration import calibration_bytes, eviction_bytes, measure_compute_scale
 from engine.model import native_attention
 from engine.planning.compute_probes import (convert_gbps, cpu_attention_gbps, dequant_gbps, device_copy_gbps,
                                             four_bit_linear_table, linear_table, matmul_flops, op_overhead_s,
@@ -122,7 +122,7 @@ def _measure_probes(disk_dir: str | Path, *, disk_bytes: int | None, seconds_per
         compute_dtype=dtype_name(dtype),
         disk_read_gbps=disk.read_gbps, disk_write_gbps=disk.write_gbps, disk_read_latency_s=read_lat,
         disk_write_latency_s=write_lat,
-        cpu_mem_gbps=weight_stream_gbps(seconds_per_test, dtype=cpu_dtype),
+        cpu_mem_gbps=weight_stream_gbps(seconds_per_test, dtype=cpu_dtype, stream_bytes=eviction_bytes()),
         cpu_attention_gbps=cpu_attention_gbps(seconds_per_test, dtype=cpu_dtype),
         cpu_attention_in_place=native_attention.available(),
         dequant_gbps=dequant_gbps(device, dtype, seconds_per_test),
