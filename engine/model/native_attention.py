@@ -62,15 +62,11 @@ def attend_aligned(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, last_key
     last_key [n, S]: the last aligned key each query attends (it attends 0 .. last_key), or the
     step's KeySpan, whose indices are made once. -> [n, S, D].
     `kernel` ("generic" or "avx512-bf16") picks one for bfloat16 (benchmarks); None: `bf16_kernel()`."""
-    span = last_key if isinstance(last_key, KeySpan) else None
-    if span is None:
-        if last_key.numel() and int(last_key.max()) >= kh.shape[1]:
-            raise ValueError(f"attention over {kh.shape[1]} keys asked for key {int(last_key.max())}")
-        offsets = torch.arange(kh.shape[0], dtype=torch.int64) * kh.stride(0)
-        return _run(q, kh, vh, offsets, kh.stride(1), last_key, kernel)
+    span = last_key if isinstance(last_key, KeySpan) else _span_of(
+        torch.zeros(kh.shape[0], dtype=torch.int64), last_key)
     if span.key_count > kh.shape[1]:
         raise ValueError(f"attention over {kh.shape[1]} keys asked for key {span.key_count - 1}")
-    return _run(q, kh, vh, span.offsets(0, kh.stride(0)), kh.stride(1), span.last_key, kernel, span.key_count)
+    return _run(q, kh, vh, span.offsets(0, kh.stride(0)), kh.stride(1), span, kernel)
 
 
 def attend_position_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: torch.Tensor,
@@ -78,32 +74,31 @@ def attend_position_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fir
     """q [n, S, D]; k, v [T, n, D], a cache as read from disk (pair p's first real position at
     first[p]), attended in place; last_key [n, S] counted from each pair's first, or the step's
     KeySpan (of these `first`). -> [n, S, D]. `kernel`: as for attend_aligned."""
-    if isinstance(last_key, KeySpan):
-        span = last_key
-        if span.last_position >= k.shape[0]:
-            raise ValueError(f"attention over {k.shape[0]} positions asked for one past them")
-        return _run(q, k, v, span.offsets(k.stride(0), k.stride(1)), k.stride(0), span.last_key, kernel,
-                    span.key_count)
-    first = first.to(torch.int64).cpu()
-    if last_key.numel() and int((last_key.amax(dim=1).cpu() + first).max()) >= k.shape[0]:
+    span = last_key if isinstance(last_key, KeySpan) else _span_of(first, last_key)
+    if span.last_position >= k.shape[0]:
         raise ValueError(f"attention over {k.shape[0]} positions asked for one past them")
-    offsets = first * k.stride(0) + torch.arange(k.shape[1], dtype=torch.int64) * k.stride(1)
-    return _run(q, k, v, offsets, k.stride(0), last_key, kernel)
+    return _run(q, k, v, span.offsets(k.stride(0), k.stride(1)), k.stride(0), span, kernel)
+
+
+def _span_of(first: torch.Tensor, last_key: torch.Tensor) -> KeySpan:
+    """The KeySpan of last keys given as they are (callers other than the engine's step)."""
+    first, last_key = first.to(torch.int64).cpu(), last_key.to(torch.int64).cpu().contiguous()
+    if last_key.numel() == 0:
+        return KeySpan(first, last_key, 0, -1)
+    if int(last_key.min()) < 0:
+        raise ValueError("a query attends no key")
+    return KeySpan(first, last_key, int(last_key.max()) + 1, int((last_key + first[:, None]).max()))
 
 
 def _run(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, key_stride: int,
-         last_key: torch.Tensor, kernel: str | None = None, key_count: int | None = None) -> torch.Tensor:
-    """The kernel over pairs at `offsets` (elements) of keys and values; key_count: max(last_key) + 1
-    where the caller knows it (a KeySpan, whose last keys are never negative)."""
+         span: KeySpan, kernel: str | None = None) -> torch.Tensor:
+    """The kernel over pairs at `offsets` (elements) of keys and values, each query reading the
+    keys the span gives it."""
     n, S, D = q.shape
-    q, last_key = q.contiguous(), last_key.to(torch.int64).contiguous()
+    q, last_key = q.contiguous(), span.last_key.to(torch.int64).contiguous()
     out = torch.empty_like(q)
     if out.numel() == 0:
         return out
-    if key_count is None:
-        if int(last_key.min()) < 0:
-            raise ValueError("a query attends no key")
-        key_count = int(last_key.max()) + 1
     if q.dtype == torch.bfloat16 and D in BF16_HEAD_DIMS and (kernel or bf16_kernel()) == "avx512-bf16":
         function = _bf16_library().attend_bf16_avx512
     else:
@@ -111,7 +106,7 @@ def _run(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offsets: tor
     pointer = ctypes.c_void_p
     failed = function(pointer(q.data_ptr()), pointer(keys.data_ptr()), pointer(values.data_ptr()),
                       pointer(offsets.data_ptr()), key_stride, pointer(last_key.data_ptr()), pointer(out.data_ptr()),
-                      n, S, D, key_count, torch.get_num_threads())
+                      n, S, D, span.key_count, torch.get_num_threads())
     if failed == 2:
         raise ValueError(f"the bfloat16 attention kernel takes head_dim {BF16_HEAD_DIMS}, not {D}")
     if failed:
