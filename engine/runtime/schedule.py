@@ -346,9 +346,7 @@ class BlockRunner:
             full = torch.cat((prev.to(where, new.dtype), seen.to(where)))
         self._append(part, stored)
         if ctx.policy.cpu_cache_compute and full.device.type == "cpu" and q.device.type != "cpu":
-            # Attention where the cache lives: ship q (small) instead of the cache (large).
-            span = mb.key_span(part.pairs, q.shape[1], full.device)
-            return attend(q.cpu(), full[:, 0], full[:, 1], span=span).to(q.device)
+            return self._attend_on_cpu(attend, q, full[:, 0], full[:, 1], part, mb)
         full = to_device(full, ctx.device, ctx.stats)
         return attend(q, full[:, 0], full[:, 1], span=mb.key_span(part.pairs, q.shape[1], q.device))
 
@@ -359,13 +357,19 @@ class BlockRunner:
         if keys.device == q.device:
             return attend_aligned(q, keys, values, span=mb.key_span(part.pairs, q.shape[1], q.device))
         if self.ctx.policy.cpu_cache_compute and keys.device.type == "cpu":
-            # Attention where the cache lives: ship q (small) instead of the cache (large).
-            span = mb.key_span(part.pairs, q.shape[1], keys.device)
-            return attend_aligned(q.cpu(), keys, values, span=span).to(q.device)
+            return self._attend_on_cpu(attend_aligned, q, keys, values, part, mb)
         span = mb.key_span(part.pairs, q.shape[1], q.device)
         used = min(key_capacity(span.key_count), keys.shape[1])  # the step's keys: length - min(first)
         keys, values = (to_device(t[:, :used], self.ctx.device, self.ctx.stats) for t in (keys, values))
         return attend_aligned(q, keys, values, span=span)
+
+    @staticmethod
+    def _attend_on_cpu(attention: Callable, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       part: CachePart, mb: MicroBatch) -> torch.Tensor:
+        """Attention where the cache lives (cpu_cache_compute): q (small) goes to the CPU instead of
+        the cache (large), and the output comes back to q's device."""
+        span = mb.key_span(part.pairs, q.shape[1], keys.device)
+        return attention(q.cpu(), keys, values, span=span).to(q.device)
 
     def _sample(self, mb: MicroBatch, logits: torch.Tensor, params: GenerationParams) -> None:
         results = [r.result for r in mb.rows]
