@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Union
 
 import torch
@@ -76,6 +77,7 @@ class PlacedWeights:
         self._kernel_buffers: dict[tuple, torch.Tensor] = {}  # read buffers of tensors used in place, by slot
         self._stream_buffers: dict[tuple, torch.Tensor] = {}  # converted streamed tensors, by slot
         self._raw_buffers: dict[str, torch.Tensor] = {}  # aligned read buffers of one decoder layer, by tensor
+        self._converted_layers: set[str] = set()  # layers whose converted copy is on disk (ConvertedFiles)
         self.replace(policy)
 
     def replace(self, policy: Policy) -> int:
@@ -97,6 +99,7 @@ class PlacedWeights:
                     elif self._converted(entry):
                         self._converted_files.ensure(layer, self.store.layers[layer],
                                                      lambda e, layer=layer: self._read_raw(layer, e, reuse=False))
+                        self._converted_layers.add(layer)
                 elif old in (Tier.GPU, Tier.CPU):
                     resident[entry.name] = self._place(resident[entry.name], new)
                 else:
@@ -123,23 +126,23 @@ class PlacedWeights:
     def _spans(self, layer: str) -> dict[str, Span]:
         return spans(self._fused_entries(layer))
 
-    def _read_in_place(self, layer: str, entry: TensorEntry) -> torch.Tensor:
-        """A streamed tensor used where it lies (a 4-bit matrix in the fused kernel's copy or as
-        stored, a tensor in its converted copy), read into a buffer kept per (layer parity, tensor):
-        the math uses it while the next layer is read."""
+    def _in_place_span(self, layer: str, entry: TensorEntry) -> tuple[Path, int, torch.Tensor]:
+        """Where a streamed tensor used where it lies (a 4-bit matrix in the fused kernel's copy or as
+        stored, a tensor in its converted copy) is read from, and the buffer it is read into, kept per
+        (layer parity, tensor): the math uses it while the next layer is read. A stored 4-bit matrix
+        of a layer that has a converted copy is read from that copy (the same bytes at the same
+        offset), so that a layer's streamed tensors lie back to back in one file (one read)."""
         if self._fused(entry):
             span = self._spans(layer)[entry.name]
             path, offset, nbytes = self._kernel_files.path(layer), span.offset, span.nbytes
-        elif self._converted(entry):
+        elif self._converted(entry) or layer in self._converted_layers:
             path, offset, nbytes = self._converted_files.path(layer), entry.offset, align_up(entry.nbytes)
         else:
             path, offset, nbytes = self.store.path(layer), entry.offset, align_up(entry.nbytes)
         key = (self._slot(layer), entry.name, entry.shape)
         if key not in self._kernel_buffers:
             self._kernel_buffers[key] = aligned_empty(nbytes)
-        buf = self._kernel_buffers[key][:nbytes]
-        self.disk.read_into(path, offset, buf)
-        return buf
+        return path, offset, self._kernel_buffers[key][:nbytes]
 
     def _held(self, layer: str, entry: TensorEntry, t: torch.Tensor) -> LayerTensor:
         """What a resident tensor is kept as: the fused kernel's operands (repacked once), the stored
@@ -186,16 +189,18 @@ class PlacedWeights:
         layer for one use): one buffer per tensor name, kept: fresh multi-MB buffers twice per
         tensor per step cost page faults (with 50 % of opt-1.3b streamed, a decode step spent more
         time faulting pages in than reading the disk)."""
+        buf = self._raw_buffer(entry, reuse=reuse)
+        self.disk.read_into(self.store.path(layer), entry.offset, buf)
+        return buf
+
+    def _raw_buffer(self, entry: TensorEntry, *, reuse: bool) -> torch.Tensor:
         size = align_up(entry.nbytes)
         if reuse and not entry.compressed:
             buf = self._raw_buffers.get(entry.name)
             if buf is None or buf.numel() < size:
                 buf = self._raw_buffers[entry.name] = aligned_empty(size)
-            buf = buf[:size]
-        else:
-            buf = aligned_empty(size)
-        self.disk.read_into(self.store.path(layer), entry.offset, buf)
-        return buf
+            return buf[:size]
+        return aligned_empty(size)
 
     def _ready(self, entry: TensorEntry, packed: torch.Tensor, slot: int) -> torch.Tensor:
         """Dequantise a packed tensor on the compute device (only the packed bytes cross the link),
@@ -227,10 +232,15 @@ class PlacedWeights:
         threads it only oversubscribes the cores (opt-1.3b 4-bit, fp32 on 2 cores: dequantisation ran
         at 1.3 GB/s on the I/O thread against 2.5 inline, and each decode step took 18 % longer)."""
         decoder = layer.startswith("decoder.")  # the embedding and head are read once a step: no pinned copies
-        raw = {e.name: (self._read_in_place(layer, e) if read_in_place(e, self.dtype, self.device)
-                        else self._read_raw(layer, e, reuse=decoder))
-               for e in self.store.layers[layer]
-               if self.tiers[layer][e.name] == Tier.DISK and e.name not in ROW_LOOKUP_TABLES}
+        raw, spans_by_file = {}, {}
+        for e in self.store.layers[layer]:
+            if self.tiers[layer][e.name] != Tier.DISK or e.name in ROW_LOOKUP_TABLES:
+                continue
+            path, offset, raw[e.name] = (self._in_place_span(layer, e) if read_in_place(e, self.dtype, self.device)
+                                         else (self.store.path(layer), e.offset, self._raw_buffer(e, reuse=decoder)))
+            spans_by_file.setdefault(path, []).append((offset, raw[e.name]))
+        for path, file_spans in spans_by_file.items():  # tensors back to back in a file: one read
+            self.disk.read_spans_into(path, sorted(file_spans, key=lambda span: span[0]))
         if self.device.type == "cuda":
             return FetchedLayer(layer, ready=self.finish(FetchedLayer(layer, raw=raw)))
         return FetchedLayer(layer, raw=raw)

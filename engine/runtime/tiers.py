@@ -140,9 +140,15 @@ class DiskTier:
 
     def read_into(self, path: Path, offset: int, out: torch.Tensor) -> None:
         """Fill the uint8 tensor `out` from `path` at `offset`."""
+        self.read_spans_into(path, [(offset, out)])
+
+    def read_spans_into(self, path: Path, spans: list[tuple[int, torch.Tensor]]) -> None:
+        """Fill each uint8 buffer of the (offset, buffer) spans from `path`, counted as one disk read.
+        Spans that follow one another in the file go in one call, each into its own buffer
+        (`_read_spans`)."""
         started = time.perf_counter()
-        self._read_spans(path, [(offset, out)])
-        self._account(DISK_READ, out.numel(), started)
+        self._read_spans(path, spans)
+        self._account(DISK_READ, sum(buf.numel() for _, buf in spans), started)
 
     def read_rows(self, path: Path, offset: int, row_bytes: int, rows: list[int]) -> torch.Tensor:
         """Rows of a row-major table stored at `offset`, as a uint8 tensor
@@ -163,34 +169,38 @@ class DiskTier:
         return out
 
     def _read_spans(self, path: Path, spans: list[tuple[int, torch.Tensor]]) -> None:
-        """Read (offset, uint8 buffer) spans of one file, with O_DIRECT when all are aligned."""
+        """Read (offset, uint8 buffer) spans of one file, with O_DIRECT when all are aligned. Each run
+        of spans that follow one another in the file is one vectored read (preadv): the disk sees one
+        long request, not one per buffer (a layer of opt-1.3b with 4-bit weights, 16 tensors of 4 KiB
+        to 9 MiB, read back to back: 2.25 GB/s tensor by tensor, 2.67 in one preadv; in 16 bits
+        2.68 and 2.90; 2-vCPU Zen4 VM)."""
         aligned = all(off % ALIGN == 0 and buf.numel() % ALIGN == 0 and buf.data_ptr() % ALIGN == 0
                       for off, buf in spans)
         fd = self._open_direct(path, os.O_RDONLY) if aligned else None
-        if fd is not None:
-            try:
-                for off, buf in spans:
-                    self._read_fully(fd, memoryview(buf.numpy()).cast("B"), off)
-            finally:
-                os.close(fd)
-            return
-        fd = os.open(path, os.O_RDONLY)
+        direct = fd is not None
+        if not direct:
+            fd = os.open(path, os.O_RDONLY)
         try:
-            for off, buf in spans:
-                self._read_fully(fd, memoryview(buf.numpy()).cast("B"), off)
-                if self.bypass_page_cache:
-                    drop_cached_pages(fd, off, buf.numel())
+            for start, views in _runs(spans):
+                self._read_fully(fd, views, start)
+                if not direct and self.bypass_page_cache:
+                    drop_cached_pages(fd, start, sum(len(v) for v in views))
         finally:
             os.close(fd)
 
     @staticmethod
-    def _read_fully(fd: int, view: memoryview, offset: int) -> None:
-        done = 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
+    def _read_fully(fd: int, views: list[memoryview], offset: int) -> None:
+        """Fill `views` in turn from the file's `offset` on (a read may return fewer bytes than asked)."""
+        views = [v for v in views if len(v)]
+        while views:
+            n = os.preadv(fd, views, offset)
             if n <= 0:
-                raise OSError(f"short read at offset {offset + done}")
-            done += n
+                raise OSError(f"short read at offset {offset}")
+            offset += n
+            while views and n >= len(views[0]):
+                n -= len(views.pop(0))
+            if n:
+                views[0] = views[0][n:]
 
     def write(self, path: Path, offset: int, data: torch.Tensor, *, sync: bool = False) -> None:
         """Write a tensor's bytes at `offset`; with `bypass_page_cache` they do not stay in the page
@@ -246,6 +256,24 @@ class DiskTier:
     def _account(self, link: str, nbytes: int, started: float) -> None:
         self._throttle(link, nbytes, started)
         self.stats.add(link, nbytes, time.perf_counter() - started)
+
+
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024  # buffers one preadv takes
+
+
+def _runs(spans: list[tuple[int, torch.Tensor]]) -> list[tuple[int, list[memoryview]]]:
+    """(file offset, buffers) per run of spans, in the given order, each span starting where the one
+    before it in the run ends."""
+    runs: list[tuple[int, list[memoryview]]] = []
+    end = None
+    for offset, buf in spans:
+        view = memoryview(buf.numpy()).cast("B")
+        if offset == end and len(runs[-1][1]) < _IOV_MAX:
+            runs[-1][1].append(view)
+        else:
+            runs.append((offset, [view]))
+        end = offset + len(view)
+    return runs
 
 
 def to_device(t: torch.Tensor, device: torch.device, stats: TransferStats, link: str = CPU_TO_GPU) -> torch.Tensor:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.runtime.tiers import ALIGN, DISK_WRITE, DiskTier, TransferStats, aligned_empty
+from engine.runtime.tiers import ALIGN, DISK_READ, DISK_WRITE, DiskTier, TransferStats, aligned_empty
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mmap.restype = ctypes.c_void_p
@@ -91,3 +91,37 @@ def test_a_missing_directory_is_an_error_not_a_fallback(tmp_path):
         disk.write(tmp_path / "gone" / "part.bin", 0, torch.zeros(ALIGN, dtype=torch.uint8))
     disk.write(tmp_path / "part.bin", 0, torch.zeros(ALIGN, dtype=torch.uint8))
     assert resident_pages(tmp_path / "part.bin") == 0
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("short_reads", [False, True])
+def test_spans_back_to_back_are_read_in_one_call_each_into_its_own_buffer(tmp_path, monkeypatch, direct, short_reads):
+    """Spans that follow one another in the file are one vectored read; a gap or an overlap starts
+    another; a read that returns fewer bytes than asked goes on where it stopped."""
+    if direct and not direct_io_allowed(tmp_path):
+        pytest.skip(f"{tmp_path} does not allow O_DIRECT (tmpfs?)")
+    path = tmp_path / "layer.bin"
+    content = torch.randint(0, 256, (40 * ALIGN,), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    path.write_bytes(content.numpy().tobytes())
+    # (offset, pages): three back to back, a gap, two back to back, then one overlapping the last
+    layout = [(0, 2), (2, 5), (7, 1), (12, 3), (15, 4), (17, 2)]
+    spans = [(page * ALIGN, aligned_empty(pages * ALIGN)) for page, pages in layout]
+    calls = []
+    real_preadv = os.preadv
+
+    def counting_preadv(fd, views, offset):
+        calls.append((offset, len(views)))
+        if short_reads:  # one page at a time
+            return real_preadv(fd, [views[0][:ALIGN]], offset)
+        return real_preadv(fd, views, offset)
+
+    monkeypatch.setattr(os, "preadv", counting_preadv)
+    disk = DiskTier(tmp_path, TransferStats(), bypass_page_cache=direct)
+    disk.read_spans_into(path, spans)
+    for offset, buf in spans:
+        assert torch.equal(buf, content[offset:offset + buf.numel()])
+    if short_reads:
+        assert len(calls) == sum(pages for _, pages in layout)
+    else:
+        assert calls == [(0, 3), (12 * ALIGN, 2), (17 * ALIGN, 1)]
+    assert disk.stats.snapshot_and_reset()[DISK_READ][0] == sum(buf.numel() for _, buf in spans)
