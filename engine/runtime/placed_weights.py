@@ -236,9 +236,12 @@ class PlacedWeights:
         for e in self.store.layers[layer]:
             if self.tiers[layer][e.name] != Tier.DISK or e.name in ROW_LOOKUP_TABLES:
                 continue
-            path, offset, raw[e.name] = (self._in_place_span(layer, e) if read_in_place(e, self.dtype, self.device)
-                                         else (self.store.path(layer), e.offset, self._raw_buffer(e, reuse=decoder)))
-            spans_by_file.setdefault(path, []).append((offset, raw[e.name]))
+            if read_in_place(e, self.dtype, self.device):
+                path, offset, buf = self._in_place_span(layer, e)
+            else:
+                path, offset, buf = self.store.path(layer), e.offset, self._raw_buffer(e, reuse=decoder)
+            raw[e.name] = buf
+            spans_by_file.setdefault(path, []).append((offset, buf))
         for path, file_spans in spans_by_file.items():  # tensors back to back in a file: one read
             self.disk.read_spans_into(path, sorted(file_spans, key=lambda span: span[0]))
         if self.device.type == "cuda":

@@ -152,9 +152,9 @@ class DiskTier:
 
     def read_rows(self, path: Path, offset: int, row_bytes: int, rows: list[int]) -> torch.Tensor:
         """Rows of a row-major table stored at `offset`, as a uint8 tensor
-        [len(rows), row_bytes]: each row's page-aligned span is read on its own (O_DIRECT works
-        in whole pages), through one open file, and the whole gather counts as one disk read."""
-        started = time.perf_counter()
+        [len(rows), row_bytes]: each row's page-aligned span is read into its own buffer (O_DIRECT
+        works in whole pages; spans that follow one another in one call), through one open file, and
+        the whole gather counts as one disk read (its copy into the result is not disk time)."""
         out = torch.empty(len(rows), row_bytes, dtype=torch.uint8)
         spans, starts = [], []
         for r in rows:
@@ -162,10 +162,9 @@ class DiskTier:
             first = start - start % ALIGN
             spans.append((first, aligned_empty(start + row_bytes - first)))
             starts.append(start - first)
-        self._read_spans(path, spans)
+        self.read_spans_into(path, spans)
         for i, ((_, buf), at) in enumerate(zip(spans, starts)):
             out[i] = buf[at:at + row_bytes]
-        self._account(DISK_READ, sum(buf.numel() for _, buf in spans), started)
         return out
 
     def _read_spans(self, path: Path, spans: list[tuple[int, torch.Tensor]]) -> None:
