@@ -57,6 +57,12 @@ def fastest(calls: dict, repeat: int) -> dict[str, float]:
     return best
 
 
+def cycled(operands: list, call):
+    """A call without arguments that passes `call` the next of `operands` each time, round and round."""
+    turn = itertools.cycle(operands)
+    return lambda: call(next(turn))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -95,22 +101,16 @@ def main() -> None:
         bias = torch.randn(n, generator=gen).to(dtype)
         for rows in rows_list:
             x = torch.randn(rows, k, generator=gen).to(dtype)
-            turn = {}  # each variant's own cycle over the copies
-
-            def cycled(name: str, operands: list, call):
-                turn[name] = itertools.cycle(operands)
-                return lambda: call(next(turn[name]))
-
             calls = {
-                "4-bit kernel": cycled("4-bit kernel", weights, lambda w: four_bit.multiply(x, w, bias)),
-                "dense": cycled("dense", dense, lambda d: kernels.library_linear(x, d, bias)),
-                "dequantise + dense": cycled("dequantise + dense", quantized,
+                "4-bit kernel": cycled(weights, lambda w: four_bit.multiply(x, w, bias)),
+                "dense": cycled(dense, lambda d: kernels.library_linear(x, d, bias)),
+                "dequantise + dense": cycled(quantized,
                                              lambda w: kernels.library_linear(x, dequantize(w, dtype, out=buffer), bias)),
             }
             if isinstance(packed[0], packed_weight.PackedWeight):
-                calls["dense packed"] = cycled("dense packed", packed, lambda p: kernels.library_linear(x, p, bias))
+                calls["dense packed"] = cycled(packed, lambda p: kernels.library_linear(x, p, bias))
             if repacked is not None:
-                calls["torch int4"] = cycled("torch int4", repacked, lambda w: int4_matmul.linear(x, w, bias))
+                calls["torch int4"] = cycled(repacked, lambda w: int4_matmul.linear(x, w, bias))
             gflops = {name: 2 * rows * n * k / s / 1e9 for name, s in fastest(calls, args.repeat * copies).items()}
             records.append({"shape": [n, k], "rows": rows, "copies": copies, "gflops": gflops})
             optional = {name: f"{gflops[name]:.0f}" if name in gflops else "-" for name in ("torch int4", "dense packed")}

@@ -32,7 +32,12 @@ fetch() {
 run() {
   local out=${OUT:-/tmp/gpu-check} status=0
   mkdir -p "$out"
-  exec > >(tee "$out/gpu-check.log") 2>&1
+  checks "$out" 2>&1 | tee "$out/gpu-check.log" || status=1
+  return $status
+}
+
+checks() {
+  local out=$1 status=0
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheels"/*.whl
   export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
