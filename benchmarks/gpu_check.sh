@@ -40,6 +40,7 @@ checks() {
   local out=$1 status=0
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheels"/*.whl
   export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+  python3 -m pip list --path /tmp/site 2>/dev/null | tail -n +3 | tr -s ' ' | paste -sd, -  # what was installed
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
