@@ -171,7 +171,7 @@ def _solve_lp(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, budgets_gib: dict[
             else:
                 t = pulp.lpSum(terms.values())
             total = total + repeat * count * t
-    peak_vars = {}
+    peak_vars, memory_limits = {}, []
     for tier, cands in memory_peaks(cfg, hw, sh, x).items():
         limit = budgets_gib.get(tier)
         if tier == minimise_tier:
@@ -180,13 +180,14 @@ def _solve_lp(cfg: OPTConfig, hw: HardwareProfile, sh: Shape, budgets_gib: dict[
                 prob += peak_vars[tier] >= c, f"peak_{tier}_{j}"
         elif limit is not None:
             for j, c in enumerate(cands):
-                prob += c <= limit * GIB, f"mem_{tier}_{j}"
+                memory_limits.append(c <= limit * GIB)
+                prob += memory_limits[-1], f"mem_{tier}_{j}"
     prob += peak_vars[minimise_tier] if minimise_tier else total
     if not solved_to_optimum(prob):
         return None
     fr = {k: min(1.0, max(0.0, float(v[k].value() or 0.0))) for k in FRACTIONS}
     value = pulp.value(prob.objective)
-    binds = any(c.value() > -MEMORY_SLACK_BYTES for name, c in prob.constraints.items() if name.startswith("mem_"))
+    binds = any(limit.value() > -MEMORY_SLACK_BYTES for limit in memory_limits)
     return float(value), Placement(**fr), binds
 
 
@@ -259,8 +260,7 @@ def plan(config: OPTConfig, hardware: HardwareProfile, *, gpu_mem_gib: float | N
             alts.append(Candidate(policy=cand.policy, estimate=_with_process(cand.estimate, cpu_reserved_gib)))
     chosen = _with_process(best.estimate, cpu_reserved_gib)
     return Plan(policy=best.policy, tokens_per_s=best.tokens_per_s, peak_gib=chosen.peak_gib,
-                estimate=chosen, budgets_gib=given,
-                alternatives=tuple(alts),
+                estimate=chosen, budgets_gib=given, alternatives=tuple(alts),
                 lp_objective_s=lp_s, solved=solved, skipped=skipped)
 
 
