@@ -46,12 +46,15 @@ checks() {
 
   python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 300 --junitxml "$out/pytest-gpu.xml" tests || status=1
 
+  # The hub cache's layout: refs/main names the snapshot; AutoTokenizer reads the config beside the tokenizer.
   local hub=/tmp/gpu-check-hub/hub/models--facebook--opt-30b snapshot=0000000000000000000000000000000000000000
-  python3 -c "from engine.model.config import preset; from engine.model.synthetic import make_model
-make_model(preset('125m', num_layers=1), '/tmp/gpu-check-tokenizer')"
   mkdir -p "$hub/refs" "$hub/snapshots/$snapshot"
   printf %s "$snapshot" >"$hub/refs/main"
-  cp /tmp/gpu-check-tokenizer/{tokenizer.json,tokenizer_config.json,config.json} "$hub/snapshots/$snapshot/"
+  python3 -c "import json, sys; from pathlib import Path
+from engine.model.config import preset; from engine.model.synthetic_tokenizer import write_tokenizer
+cfg, into = preset('1.3b'), Path(sys.argv[1])
+write_tokenizer(into, cfg.vocab_size); (into / 'config.json').write_text(json.dumps(cfg.to_hf_dict()))" \
+    "$hub/snapshots/$snapshot"
   HF_HOME=/tmp/gpu-check-hub HF_HUB_OFFLINE=1 python3 -m benchmarks --suite gpu --parts flexgen \
     --work-dir /tmp/gpu-check-suite --out "$out" || status=1
   return $status
